@@ -1,0 +1,317 @@
+"""Backend registry: what each backend supports, declared as data, and the per-call choice.
+
+A call is summarised as a :class:`Call` (device, dtype, sizes and the set of features it needs,
+such as ``"dropout"`` or ``"gqa"``). Each backend declares, per op, a :class:`Support` record. The
+reasons a backend cannot take a call are derived from those two records alone, so adding a kernel
+means adding data, not ``if`` statements.
+
+Selection order for ``backend=None``: the forced backend (``backend=`` argument, then
+:func:`use_backend`, then ``FASTFORMER_BACKEND``) if any, otherwise the first backend of
+:data:`PREFERENCE` that supports the call. ``"torch"`` supports every valid call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from typing import Callable, Iterator
+
+import torch
+
+__all__ = [
+    "BACKEND_NAMES",
+    "Backend",
+    "BackendUnavailableError",
+    "Call",
+    "PREFERENCE",
+    "Selection",
+    "Support",
+    "backend_unavailable_reasons",
+    "get_backend",
+    "not_supported_reasons",
+    "probe",
+    "select_backend",
+    "use_backend",
+]
+
+BACKEND_NAMES = ("cuda", "triton", "torch")
+# Fastest first: hand-written CUDA, then Triton, then the PyTorch composition.
+PREFERENCE = BACKEND_NAMES
+OPS = ("attention", "residual_layer_norm", "residual_rms_norm", "bias_gelu")
+
+# Human-readable text of each feature a call may need; reasons are built from it.
+FEATURES = {
+    "dropout": "dropout_p > 0",
+    "causal": "is_causal=True",
+    "bool_mask": "a boolean attn_mask",
+    "float_mask": "an additive float attn_mask",
+    "mask_grad": "a gradient for attn_mask (it requires grad)",
+    "key_padding_mask": "key_padding_mask",
+    "gqa": "grouped-query attention (Hq != Hk)",
+    "value_dim": "a value head dim different from the query/key head dim",
+    "residual": "a residual input",
+    "weight": "a weight",
+    "bias": "a bias",
+    "tanh": 'approximate="tanh"',
+    "erf": 'approximate="none" (erf)',
+}
+
+
+class BackendUnavailableError(ValueError):
+    """A forced backend cannot take the call; the message lists every reason."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Call:
+    """What a backend must know to decide whether it can take one call of one op."""
+
+    op: str
+    device: torch.device
+    dtype: torch.dtype
+    needs: frozenset = frozenset()
+    head_dim: int | None = None  # attention: query/key head dim
+    hidden: int | None = None  # norms and bias_gelu: size of the last dim
+
+    def describe(self) -> str:
+        parts = [f"{self.device.type}", str(self.dtype).replace("torch.", "")]
+        if self.head_dim is not None:
+            parts.append(f"head_dim={self.head_dim}")
+        if self.hidden is not None:
+            parts.append(f"hidden={self.hidden}")
+        parts += sorted(self.needs)
+        return ", ".join(parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class Support:
+    """What one backend supports for one op. Anything not listed is not supported."""
+
+    devices: frozenset
+    dtypes: frozenset
+    features: frozenset = frozenset()
+    head_dims: tuple[int, int] | None = None  # inclusive (min, max); None = any
+    max_hidden: int | None = None
+    min_compute_capability: tuple[int, int] | None = None  # on CUDA devices
+
+
+@dataclasses.dataclass
+class Backend:
+    """One implementation family, described by two functions that :func:`probe` calls once.
+
+    ``ops()`` maps op name -> (Support, implementation module path); ``unavailable_reasons()``
+    says why the backend cannot run anything on this machine (empty list when it can).
+    """
+
+    name: str
+    description: str
+    ops: Callable[[], dict[str, tuple[Support, str]]]
+    unavailable_reasons: Callable[[], list[str]]
+
+
+# --------------------------------------------------------------------------------------------
+# The registry. Kernel issues fill in the triton and cuda tables.
+# --------------------------------------------------------------------------------------------
+_FLOAT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+
+
+def _torch_ops() -> dict[str, tuple[Support, str]]:
+    everything = Support(
+        devices=frozenset({"cpu", "cuda", "mps", "xpu", "meta"}),
+        dtypes=_FLOAT_DTYPES,
+        features=frozenset(FEATURES),
+    )
+    return {
+        "attention": (everything, "fastformer.torch_backend.attention"),
+        "residual_layer_norm": (everything, "fastformer.torch_backend.layer_norm"),
+        "residual_rms_norm": (everything, "fastformer.torch_backend.layer_norm"),
+        "bias_gelu": (everything, "fastformer.torch_backend.gelu"),
+    }
+
+
+def _triton_ops() -> dict[str, tuple[Support, str]]:
+    from fastformer import triton as triton_backend
+
+    return triton_backend.op_table()
+
+
+def _cuda_ops() -> dict[str, tuple[Support, str]]:
+    from fastformer import cuda as cuda_backend
+
+    table = getattr(cuda_backend, "op_table", None)
+    return table() if table is not None else {}
+
+
+def _triton_unavailable_reasons() -> list[str]:
+    from fastformer import triton as triton_backend
+
+    return triton_backend.unavailable_reasons()
+
+
+def _cuda_unavailable_reasons() -> list[str]:
+    from fastformer import cuda as cuda_backend
+
+    return cuda_backend.extension_unavailable_reasons()
+
+
+_REGISTRY: dict[str, Backend] = {
+    "cuda": Backend(
+        "cuda",
+        "hand-written CUDA C++ kernels (the compiled extension fastformer._C)",
+        _cuda_ops,
+        _cuda_unavailable_reasons,
+    ),
+    "triton": Backend("triton", "Triton kernels", _triton_ops, _triton_unavailable_reasons),
+    "torch": Backend("torch", "composed from PyTorch ops (SDPA, native_layer_norm, gelu)",
+                     _torch_ops, lambda: []),
+}
+
+
+def get_backend(name: str) -> Backend:
+    if name not in _REGISTRY:
+        raise ValueError(f"backend must be one of {BACKEND_NAMES} or None, got {name!r}")
+    return _REGISTRY[name]
+
+
+# What probe() found: backend -> reasons it is unavailable, backend -> op table. Filled once, at
+# `import fastformer`, so that the per-call path (which torch.compile traces) only reads dicts.
+_UNAVAILABLE: dict[str, tuple[str, ...]] = {}
+_OP_TABLES: dict[str, dict[str, tuple[Support, str]]] = {}
+
+
+def probe() -> None:
+    """Find out once which backends can run here and what they implement."""
+    for name, backend in _REGISTRY.items():
+        _UNAVAILABLE[name] = tuple(backend.unavailable_reasons())
+        _OP_TABLES[name] = backend.ops()
+
+
+def backend_unavailable_reasons(name: str) -> tuple[str, ...]:
+    """Why backend ``name`` cannot run anything on this machine (empty when it can)."""
+    get_backend(name)
+    return _UNAVAILABLE[name]
+
+
+def implementation_module(backend: str, op: str) -> str:
+    """The import path of the module implementing ``op`` on ``backend``."""
+    return _OP_TABLES[backend][op][1]
+
+
+def _compute_capability(device: torch.device) -> tuple[int, int] | None:
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_capability(device)
+
+
+def not_supported_reasons(backend: str, call: Call) -> tuple[str, ...]:
+    """Every reason why ``backend`` cannot take ``call``; empty when it can."""
+    reasons = list(backend_unavailable_reasons(backend))
+    if reasons:
+        return tuple(reasons)
+    table = _OP_TABLES[backend]
+    if call.op not in table:
+        return (f"{call.op} is not implemented by the {backend} backend",)
+    support = table[call.op][0]
+    if call.device.type not in support.devices:
+        reasons.append(f"device {call.device.type} not supported (supports: "
+                       f"{', '.join(sorted(support.devices))})")
+    if call.dtype not in support.dtypes:
+        names = ", ".join(sorted(str(d).replace("torch.", "") for d in support.dtypes))
+        reasons.append(f"dtype {str(call.dtype).replace('torch.', '')} not supported "
+                       f"(supports: {names})")
+    for feature in sorted(call.needs - support.features):
+        reasons.append(f"{FEATURES[feature]} not supported")
+    if support.head_dims is not None and call.head_dim is not None:
+        low, high = support.head_dims
+        if not low <= call.head_dim <= high:
+            reasons.append(f"head_dim {call.head_dim} not supported (supports {low}..{high})")
+    if support.max_hidden is not None and call.hidden is not None and call.hidden > support.max_hidden:
+        reasons.append(f"hidden size {call.hidden} not supported (max {support.max_hidden})")
+    if support.min_compute_capability is not None and call.device.type == "cuda":
+        capability = _compute_capability(call.device)
+        if capability < support.min_compute_capability:
+            reasons.append(
+                "compute capability %d.%d not supported (needs >= %d.%d)"
+                % (*capability, *support.min_compute_capability))
+    return tuple(reasons)
+
+
+# --------------------------------------------------------------------------------------------
+# Forcing a backend: argument > use_backend() > FASTFORMER_BACKEND
+# --------------------------------------------------------------------------------------------
+_forced_stack: list[str | None] = []
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None) -> Iterator[None]:
+    """Force backend ``name`` for every fastformer op in this block.
+
+    ``None`` restores the automatic choice inside the block, even if ``FASTFORMER_BACKEND`` is set.
+    The ``backend=`` argument of an op still wins. Not thread-local: meant for a block of code.
+    """
+    if name is not None:
+        get_backend(name)  # validate now, not at the first call
+    _forced_stack.append(name)
+    try:
+        yield
+    finally:
+        _forced_stack.pop()
+
+
+def _env_backend(value: str | None) -> str | None:
+    if value is None or value.strip() == "":
+        return None
+    value = value.strip().lower()
+    if value not in _REGISTRY:
+        raise ValueError(f"FASTFORMER_BACKEND must be one of {BACKEND_NAMES}, got {value!r}")
+    return value
+
+
+def forced_backend(argument: str | None, op: str = "") -> str | None:
+    """The backend the user forced for this call, if any (innermost use_backend(None): none)."""
+    if argument is not None:
+        if argument not in _REGISTRY:
+            raise ValueError(f"fastformer.{op}: backend must be one of {BACKEND_NAMES} or None, "
+                             f"got {argument!r}")
+        return argument
+    if _forced_stack:
+        return _forced_stack[-1]
+    return _env_backend(os.environ.get("FASTFORMER_BACKEND"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    """The backend a call goes to, and why the others were passed over."""
+
+    call: Call
+    backend: str
+    forced: bool
+    rejected: dict  # backend name -> tuple of reasons, for every backend not chosen that can't
+
+    def __str__(self) -> str:
+        how = "forced" if self.forced else "fastest that supports the call"
+        lines = [f"{self.call.op}({self.call.describe()}) -> {self.backend} ({how})"]
+        for name, reasons in self.rejected.items():
+            lines.append(f"  {name}: passed over")
+            lines += [f"    - {reason}" for reason in reasons]
+        return "\n".join(lines)
+
+
+def select_backend(call: Call, requested: str | None = None) -> Selection:
+    """Choose the backend for ``call``; raise :class:`BackendUnavailableError` if a forced one can't."""
+    forced = forced_backend(requested, call.op)
+    if forced is not None:
+        reasons = not_supported_reasons(forced, call)
+        if reasons:
+            listed = "\n".join(f"  - {reason}" for reason in reasons)
+            raise BackendUnavailableError(
+                f"fastformer.{call.op}: backend {forced!r} cannot take this call "
+                f"({call.describe()}):\n{listed}")
+        return Selection(call, forced, True, {})
+    rejected = {}
+    for name in PREFERENCE:
+        reasons = not_supported_reasons(name, call)
+        if not reasons:
+            return Selection(call, name, False, rejected)
+        rejected[name] = reasons
+    raise AssertionError(f"no backend supports {call}: {rejected}")  # torch supports every call

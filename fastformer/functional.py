@@ -1,0 +1,234 @@
+"""The public ops: validate the inputs, choose a backend, call the custom op.
+
+Each op has a ``_prepare_*`` function that checks and normalises the arguments and describes the
+call for dispatch; the op itself and :func:`explain` share it, so ``explain`` answers exactly what
+a call would do.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from fastformer import dispatch, library
+from fastformer import validation as check
+
+__all__ = ["attention", "residual_layer_norm", "residual_rms_norm", "bias_gelu", "explain"]
+
+
+def _draw_seed(dropout_p: float) -> torch.Tensor | None:
+    """A dropout seed from PyTorch's default generator (so torch.manual_seed reproduces it)."""
+    if dropout_p == 0.0:
+        return None
+    return torch.randint(0, 2**62, (), dtype=torch.int64)
+
+
+def _needs(**flags: bool) -> frozenset:
+    return frozenset(name for name, on in flags.items() if on)
+
+
+# --------------------------------------------------------------------------------------------
+# attention
+# --------------------------------------------------------------------------------------------
+def _prepare_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                       *, key_padding_mask=None):
+    op = "attention"
+    layout = "(batch, heads, seq_len, head_dim)"
+    check.check_tensor(op, "query", query, ndim=4, layout=layout)
+    check.check_tensor(op, "key", key, ndim=4, layout=layout)
+    check.check_tensor(op, "value", value, ndim=4, layout=layout)
+    check.check_same_device(op, "query", query, key=key, value=value)
+    check.check_same_dtype(op, "query", query, key=key, value=value)
+    batch, heads_q, len_q, head_dim = query.shape
+    _, heads_k, len_k, _ = key.shape
+    problem = None
+    if key.shape[0] != batch or value.shape[0] != batch:
+        problem = "batch sizes differ"
+    elif value.shape[1] != heads_k:
+        problem = "key and value must have the same number of heads"
+    elif value.shape[2] != len_k:
+        problem = "key and value must have the same sequence length"
+    elif key.shape[3] != head_dim:
+        problem = "query and key must have the same head dim"
+    elif head_dim == 0 or value.shape[3] == 0:
+        problem = "head dims must be >= 1"
+    elif heads_k == 0 or heads_q % heads_k != 0:
+        problem = f"query heads (Hq={heads_q}) must be a multiple of key/value heads (Hk={heads_k})"
+    if problem is not None:
+        raise ValueError(f"{op}: {problem}: query {check.shape_of(query)}, key {check.shape_of(key)}, "
+                         f"value {check.shape_of(value)}")
+    mask = check.broadcast_mask_4d(op, "attn_mask", attn_mask, (batch, heads_q, len_q, len_k),
+                                   query.dtype, query.device)
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor):
+            raise TypeError(f"{op}: key_padding_mask must be a torch.Tensor or None, "
+                            f"got {type(key_padding_mask).__name__}")
+        if key_padding_mask.dtype != torch.bool:
+            raise TypeError(f"{op}: key_padding_mask must be a bool tensor (True = padding), "
+                            f"got dtype {key_padding_mask.dtype}")
+        if tuple(key_padding_mask.shape) != (batch, len_k):
+            raise ValueError(f"{op}: key_padding_mask must have shape (B, Lk) = ({batch}, {len_k}), "
+                             f"got {check.shape_of(key_padding_mask)}")
+        check.check_same_device(op, "query", query, key_padding_mask=key_padding_mask)
+    dropout_p = check.check_probability(op, "dropout_p", dropout_p)
+    is_causal = check.check_bool(op, "is_causal", is_causal)
+    if scale is None:
+        scale = 1.0 / math.sqrt(head_dim)
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"{op}: scale must be a float or None, got {type(scale).__name__} {scale!r}")
+    elif not math.isfinite(scale):
+        raise ValueError(f"{op}: scale must be finite, got {scale}")
+    float_mask = mask is not None and mask.dtype != torch.bool
+    needs = _needs(
+        dropout=dropout_p > 0.0,
+        causal=is_causal,
+        bool_mask=mask is not None and mask.dtype == torch.bool,
+        float_mask=float_mask,
+        mask_grad=float_mask and mask.requires_grad and torch.is_grad_enabled(),
+        key_padding_mask=key_padding_mask is not None,
+        gqa=heads_q != heads_k,
+        value_dim=value.shape[3] != head_dim,
+    )
+    call = dispatch.Call(op, query.device, query.dtype, needs, head_dim=head_dim)
+    args = (query, key, value, mask, key_padding_mask, dropout_p, is_causal, float(scale))
+    return call, args
+
+
+def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, *,
+              key_padding_mask=None, backend=None):
+    """Scaled dot-product attention with the semantics of ``torch.nn.functional.scaled_dot_product_attention``.
+
+    Args:
+        query: (B, Hq, Lq, D); key: (B, Hk, Lk, D); value: (B, Hk, Lk, Dv); Hq % Hk == 0 (GQA/MQA).
+            Any strides (e.g. views of a (B, L, H, D) projection).
+        attn_mask: bool (True = may attend) or additive float, broadcastable to (B, Hq, Lq, Lk).
+        dropout_p: dropout probability on the attention weights (applied whenever > 0, as SDPA).
+        is_causal: top-left aligned causal mask (query i attends keys j <= i), as SDPA.
+        scale: softmax scale, default 1/sqrt(D).
+        key_padding_mask: bool (B, Lk), True = padding (as ``nn.MultiheadAttention``).
+        backend: "cuda", "triton", "torch" or None (fastest that supports the call).
+
+    Returns (B, Hq, Lq, Dv). A query row with no key left to attend to returns 0 and gets zero
+    gradients, never NaN.
+    """
+    call, args = _prepare_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
+                                    key_padding_mask=key_padding_mask)
+    chosen = dispatch.select_backend(call, backend).backend
+    out, _ = library.attention(*args, _draw_seed(args[5]), chosen)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# residual + dropout + LayerNorm / RMSNorm
+# --------------------------------------------------------------------------------------------
+def _prepare_residual_norm(op, x, residual, weight, bias, eps, dropout_p, rms):
+    check.check_tensor(op, "x", x, min_ndim=1)
+    hidden = x.shape[-1]
+    if hidden == 0:
+        raise ValueError(f"{op}: the last dim of x (the normalised size) must be >= 1, "
+                         f"got shape {check.shape_of(x)}")
+    if residual is not None:
+        check.check_tensor(op, "residual", residual)
+        if residual.shape != x.shape:
+            raise ValueError(f"{op}: residual must have the shape of x {check.shape_of(x)}, "
+                             f"got {check.shape_of(residual)}")
+        check.check_same_dtype(op, "x", x, residual=residual)
+        check.check_same_device(op, "x", x, residual=residual)
+    check.check_vector(op, "weight", weight, hidden, x.dtype, x.device)
+    check.check_vector(op, "bias", bias, hidden, x.dtype, x.device)
+    eps = check.check_positive(op, "eps", eps)
+    dropout_p = check.check_probability(op, "dropout_p", dropout_p)
+    needs = _needs(dropout=dropout_p > 0.0, residual=residual is not None, weight=weight is not None,
+                   bias=bias is not None)
+    call = dispatch.Call(op, x.device, x.dtype, needs, hidden=hidden)
+    rows = x.reshape(-1, hidden)
+    residual_rows = None if residual is None else residual.reshape(-1, hidden)
+    store_residual = residual is not None or dropout_p > 0.0
+    args = (rows, residual_rows, weight, bias, eps, dropout_p, rms)
+    return call, args, store_residual
+
+
+def _residual_norm(op, x, residual, weight, bias, eps, dropout_p, rms, backend):
+    call, args, store_residual = _prepare_residual_norm(op, x, residual, weight, bias, eps, dropout_p, rms)
+    chosen = dispatch.select_backend(call, backend).backend
+    out, residual_out, _, _ = library.residual_norm(*args, _draw_seed(args[5]), store_residual, chosen)
+    # Without residual and dropout the residual stream is x itself: return it, don't copy it.
+    residual_out = residual_out.view(x.shape) if store_residual else x
+    return out.view(x.shape), residual_out
+
+
+def residual_layer_norm(x, residual, weight, bias, eps=1e-5, dropout_p=0.0, *, backend=None):
+    """``residual_out = dropout(x) + residual``; ``out = layer_norm(residual_out) * weight + bias``.
+
+    x: (..., N); residual: same shape and dtype, or None; weight, bias: (N,) in x's dtype or
+    float32, or None. Statistics in float32 whatever the input dtype. Returns (out, residual_out),
+    both in x's dtype.
+    """
+    return _residual_norm("residual_layer_norm", x, residual, weight, bias, eps, dropout_p, False, backend)
+
+
+def residual_rms_norm(x, residual, weight, eps=1e-6, dropout_p=0.0, *, backend=None):
+    """As :func:`residual_layer_norm` with RMSNorm: ``out = r * rsqrt(mean(r^2) + eps) * weight``."""
+    return _residual_norm("residual_rms_norm", x, residual, weight, None, eps, dropout_p, True, backend)
+
+
+# --------------------------------------------------------------------------------------------
+# bias + GELU
+# --------------------------------------------------------------------------------------------
+def _prepare_bias_gelu(x, bias=None, approximate="none"):
+    op = "bias_gelu"
+    check.check_tensor(op, "x", x, min_ndim=1)
+    hidden = x.shape[-1]
+    if hidden == 0:
+        raise ValueError(f"{op}: the last dim of x must be >= 1, got shape {check.shape_of(x)}")
+    check.check_vector(op, "bias", bias, hidden, x.dtype, x.device)
+    if not isinstance(approximate, str):
+        raise TypeError(f"{op}: approximate must be 'none' or 'tanh', got {type(approximate).__name__}")
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"{op}: approximate must be 'none' or 'tanh', got {approximate!r}")
+    needs = _needs(bias=bias is not None, tanh=approximate == "tanh", erf=approximate == "none")
+    call = dispatch.Call(op, x.device, x.dtype, needs, hidden=hidden)
+    return call, (x, bias, approximate)
+
+
+def bias_gelu(x, bias=None, approximate="none", *, backend=None):
+    """``gelu(x + bias)``; approximate is "none" (erf) or "tanh", as ``torch.nn.functional.gelu``.
+
+    x: (..., N); bias: (N,) in x's dtype or float32, or None. Returns x's shape and dtype.
+    """
+    call, args = _prepare_bias_gelu(x, bias, approximate)
+    chosen = dispatch.select_backend(call, backend).backend
+    return library.bias_gelu(*args, chosen)
+
+
+# --------------------------------------------------------------------------------------------
+# explain: which backend a call would use, and why the others were passed over
+# --------------------------------------------------------------------------------------------
+def _prepare_layer_norm_call(x, residual, weight, bias, eps=1e-5, dropout_p=0.0):
+    return _prepare_residual_norm("residual_layer_norm", x, residual, weight, bias, eps, dropout_p, False)[0]
+
+
+def _prepare_rms_norm_call(x, residual, weight, eps=1e-6, dropout_p=0.0):
+    return _prepare_residual_norm("residual_rms_norm", x, residual, weight, None, eps, dropout_p, True)[0]
+
+
+_CALL_DESCRIBERS: dict[str, Callable[..., dispatch.Call]] = {
+    "attention": lambda *a, **k: _prepare_attention(*a, **k)[0],
+    "residual_layer_norm": _prepare_layer_norm_call,
+    "residual_rms_norm": _prepare_rms_norm_call,
+    "bias_gelu": lambda *a, **k: _prepare_bias_gelu(*a, **k)[0],
+}
+
+
+def explain(op, *args, backend=None, **kwargs) -> dispatch.Selection:
+    """The backend that ``op(*args, **kwargs)`` would run on, and why the others were passed over.
+
+    ``op`` is a public op or its name, e.g. ``fastformer.explain(fastformer.attention, q, k, v,
+    key_padding_mask=pad)``. ``print()`` the result for a readable report. Runs nothing.
+    """
+    name = op if isinstance(op, str) else getattr(op, "__name__", None)
+    if name not in _CALL_DESCRIBERS:
+        raise ValueError(f"explain: op must be one of {sorted(_CALL_DESCRIBERS)}, got {op!r}")
+    return dispatch.select_backend(_CALL_DESCRIBERS[name](*args, **kwargs), backend)

@@ -1,0 +1,316 @@
+"""The ops' autograd layer, in two wrappers around one forward and one backward per op.
+
+- ``torch.library`` custom ops (schema, fake implementation, autograd registration): what
+  ``torch.compile`` sees. Each op is one opaque node whose output shapes come from the fake
+  implementation, so a model calling fastformer compiles with ``fullgraph=True`` whatever
+  backend runs, and ``torch.library.opcheck`` checks them.
+- ``torch.autograd.Function`` classes (``AttentionFunction``, ...): the eager path. A custom op
+  call costs tens of microseconds of Python wrapping, as long as a whole attention kernel at
+  fine-tuning sizes; the Function costs a few.
+
+Both call the same ``_*_forward`` / ``_*_backward`` bodies, and those call the backend module that
+``fastformer.dispatch`` chose (the ``backend`` argument), so every backend plugs in underneath.
+
+Ops (all in namespace ``fastformer``):
+    attention_fwd(q, k, v, attn_mask?, key_padding_mask?, dropout_p, is_causal, scale, seed?, backend)
+        -> (out, lse)            out: (B, Hq, Lq, Dv) stored as (B, Lq, Hq, Dv), so that merging
+                                 heads for the output projection is a free view
+    attention_bwd(...)           -> (grad_q, grad_k, grad_v, grad_attn_mask or empty)
+    residual_norm_fwd(x, residual?, weight?, bias?, eps, dropout_p, rms, seed?, store_residual, backend)
+        -> (out, residual_out or empty, mean or empty, rstd)        x: (rows, N)
+    residual_norm_bwd(...)       -> (grad_x, grad_residual, grad_weight, grad_bias), absent = empty
+    bias_gelu_fwd(x, bias?, approximate, backend) -> out
+    bias_gelu_bwd(...)           -> (grad_x, grad_bias or empty)
+
+Custom ops cannot return None, so an absent tensor is returned as an empty one; the backward
+formulas turn those back into None from flags they know, never from sizes.
+"""
+
+import functools
+import importlib
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from fastformer import dispatch
+
+
+def _implementation(backend: str, op: str):
+    return importlib.import_module(dispatch.implementation_module(backend, op))
+
+
+def _absent(like: Tensor) -> Tensor:
+    return like.new_empty(0)
+
+
+def _or_absent(t: Optional[Tensor], like: Tensor) -> Tensor:
+    return _absent(like) if t is None else t.contiguous()
+
+
+def _empty(t: Tensor) -> Tensor:
+    """A contiguous tensor of ``t``'s shape, dtype and device (what backward ops return)."""
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device)
+
+
+def _blhd(t: Tensor) -> Tensor:
+    """(B, H, L, D) tensor whose memory is laid out as (B, L, H, D)."""
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def _eager_or_compiled(function, op):
+    """The op while torch.compile traces (an opaque node), the autograd.Function otherwise."""
+    def call(*args):
+        if torch.compiler.is_compiling():
+            return op(*args)
+        return function.apply(*args)
+    return call
+
+
+# --------------------------------------------------------------------------------------------
+# attention
+# --------------------------------------------------------------------------------------------
+def _attention_forward(query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal, scale,
+                       seed, backend):
+    out, lse = _implementation(backend, "attention").attention_fwd(
+        query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed)
+    return _blhd(out), lse.contiguous()
+
+
+def _attention_backward(grad_out, query, key, value, out, lse, attn_mask, key_padding_mask, dropout_p,
+                        is_causal, scale, seed, mask_needs_grad, backend):
+    grad_q, grad_k, grad_v, grad_mask = _implementation(backend, "attention").attention_bwd(
+        grad_out, query, key, value, out, lse, attn_mask, key_padding_mask, dropout_p, is_causal,
+        scale, seed, mask_needs_grad)
+    return grad_q.contiguous(), grad_k.contiguous(), grad_v.contiguous(), _or_absent(grad_mask, query)
+
+
+def _attention_save(ctx, inputs, output):
+    query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(query, key, value, out, lse, attn_mask, key_padding_mask, seed)
+    ctx.options = (dropout_p, is_causal, scale)
+    ctx.backend = backend
+    ctx.mask_needs_grad = bool(ctx.needs_input_grad[3])
+
+
+def _attention_grads(ctx, grad_out, grad_lse, *, backward):
+    query, key, value, out, lse, attn_mask, key_padding_mask, seed = ctx.saved_tensors
+    dropout_p, is_causal, scale = ctx.options
+    grad_q, grad_k, grad_v, grad_mask = backward(
+        grad_out, query, key, value, out, lse, attn_mask, key_padding_mask, dropout_p, is_causal,
+        scale, seed, ctx.mask_needs_grad, ctx.backend)
+    grad_mask = grad_mask if ctx.mask_needs_grad else None
+    return grad_q, grad_k, grad_v, grad_mask, None, None, None, None, None, None
+
+
+@torch.library.custom_op("fastformer::attention_fwd", mutates_args=())
+def attention_fwd(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor],
+                  key_padding_mask: Optional[Tensor], dropout_p: float, is_causal: bool, scale: float,
+                  seed: Optional[Tensor], backend: str) -> Tuple[Tensor, Tensor]:
+    return _attention_forward(query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal,
+                              scale, seed, backend)
+
+
+@attention_fwd.register_fake
+def _(query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed, backend):
+    batch, heads, length, _ = query.shape
+    out = query.new_empty(batch, length, heads, value.shape[-1]).transpose(1, 2)
+    # The torch backend recomputes in the backward and keeps no log-sum-exp.
+    lse_shape = (0,) if backend == "torch" else query.shape[:3]
+    return out, query.new_empty(lse_shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("fastformer::attention_bwd", mutates_args=())
+def attention_bwd(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse: Tensor,
+                  attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor], dropout_p: float,
+                  is_causal: bool, scale: float, seed: Optional[Tensor], mask_needs_grad: bool,
+                  backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _attention_backward(grad_out, query, key, value, out, lse, attn_mask, key_padding_mask,
+                               dropout_p, is_causal, scale, seed, mask_needs_grad, backend)
+
+
+@attention_bwd.register_fake
+def _(grad_out, query, key, value, out, lse, attn_mask, key_padding_mask, dropout_p, is_causal, scale,
+      seed, mask_needs_grad, backend):
+    grad_mask = _empty(attn_mask) if mask_needs_grad else _absent(query)
+    return _empty(query), _empty(key), _empty(value), grad_mask
+
+
+attention_fwd.register_autograd(functools.partial(_attention_grads, backward=attention_bwd),
+                                setup_context=_attention_save)
+
+
+class AttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, *inputs):
+        out, lse = _attention_forward(*inputs)
+        _attention_save(ctx, inputs, (out, lse))
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        return _attention_grads(ctx, grad_out, grad_lse, backward=_attention_backward)
+
+
+attention = _eager_or_compiled(AttentionFunction, attention_fwd)
+
+
+# --------------------------------------------------------------------------------------------
+# residual + dropout + LayerNorm / RMSNorm
+# --------------------------------------------------------------------------------------------
+def _norm_name(rms: bool) -> str:
+    return "residual_rms_norm" if rms else "residual_layer_norm"
+
+
+def _residual_norm_forward(x, residual, weight, bias, eps, dropout_p, rms, seed, store_residual, backend):
+    outputs = _implementation(backend, _norm_name(rms)).residual_norm_fwd(
+        x, residual, weight, bias, eps, dropout_p, rms, seed, store_residual)
+    return tuple(t.contiguous() for t in outputs)
+
+
+def _residual_norm_backward(grad_out, grad_residual_out, normed, weight, bias, mean, rstd, dropout_p,
+                            rms, seed, has_residual, backend):
+    grad_x, grad_residual, grad_weight, grad_bias = _implementation(backend, _norm_name(rms)) \
+        .residual_norm_bwd(grad_out, grad_residual_out, normed, weight, bias, mean, rstd, dropout_p,
+                           rms, seed, has_residual)
+    return (grad_x.contiguous(), _or_absent(grad_residual, normed), _or_absent(grad_weight, normed),
+            _or_absent(grad_bias, normed))
+
+
+def _residual_norm_save(ctx, inputs, output):
+    x, residual, weight, bias, eps, dropout_p, rms, seed, store_residual, backend = inputs
+    out, residual_out, mean, rstd = output
+    normed = residual_out if store_residual else x
+    ctx.save_for_backward(normed, weight, bias, mean, rstd, seed)
+    ctx.options = (dropout_p, rms, residual is not None, store_residual)
+    ctx.backend = backend
+
+
+def _residual_norm_grads(ctx, grad_out, grad_residual_out, grad_mean, grad_rstd, *, backward):
+    normed, weight, bias, mean, rstd, seed = ctx.saved_tensors
+    dropout_p, rms, has_residual, store_residual = ctx.options
+    grad_x, grad_residual, grad_weight, grad_bias = backward(
+        grad_out, grad_residual_out if store_residual else None, normed, weight, bias, mean, rstd,
+        dropout_p, rms, seed, has_residual, ctx.backend)
+    return (grad_x, grad_residual if has_residual else None,
+            grad_weight if weight is not None else None, grad_bias if bias is not None else None,
+            None, None, None, None, None, None)
+
+
+@torch.library.custom_op("fastformer::residual_norm_fwd", mutates_args=())
+def residual_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
+                      bias: Optional[Tensor], eps: float, dropout_p: float, rms: bool,
+                      seed: Optional[Tensor], store_residual: bool,
+                      backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _residual_norm_forward(x, residual, weight, bias, eps, dropout_p, rms, seed, store_residual,
+                                  backend)
+
+
+@residual_norm_fwd.register_fake
+def _(x, residual, weight, bias, eps, dropout_p, rms, seed, store_residual, backend):
+    rows = x.shape[0]
+    return (_empty(x), _empty(x) if store_residual else _absent(x),
+            x.new_empty(0 if rms else rows, dtype=torch.float32), x.new_empty(rows, dtype=torch.float32))
+
+
+@torch.library.custom_op("fastformer::residual_norm_bwd", mutates_args=())
+def residual_norm_bwd(grad_out: Tensor, grad_residual_out: Optional[Tensor], normed: Tensor,
+                      weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, rstd: Tensor,
+                      dropout_p: float, rms: bool, seed: Optional[Tensor], has_residual: bool,
+                      backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _residual_norm_backward(grad_out, grad_residual_out, normed, weight, bias, mean, rstd,
+                                   dropout_p, rms, seed, has_residual, backend)
+
+
+@residual_norm_bwd.register_fake
+def _(grad_out, grad_residual_out, normed, weight, bias, mean, rstd, dropout_p, rms, seed,
+      has_residual, backend):
+    def maybe(t):
+        return _absent(normed) if t is None else _empty(t)
+    return _empty(normed), maybe(normed if has_residual else None), maybe(weight), maybe(bias)
+
+
+residual_norm_fwd.register_autograd(functools.partial(_residual_norm_grads, backward=residual_norm_bwd),
+                                    setup_context=_residual_norm_save)
+
+
+class ResidualNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, *inputs):
+        outputs = _residual_norm_forward(*inputs)
+        _residual_norm_save(ctx, inputs, outputs)
+        ctx.mark_non_differentiable(outputs[2], outputs[3])
+        return outputs
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return _residual_norm_grads(ctx, *grads, backward=_residual_norm_backward)
+
+
+residual_norm = _eager_or_compiled(ResidualNormFunction, residual_norm_fwd)
+
+
+# --------------------------------------------------------------------------------------------
+# bias + GELU
+# --------------------------------------------------------------------------------------------
+def _bias_gelu_forward(x, bias, approximate, backend):
+    return _implementation(backend, "bias_gelu").bias_gelu_fwd(x, bias, approximate).contiguous()
+
+
+def _bias_gelu_backward(grad_out, x, bias, approximate, backend):
+    grad_x, grad_bias = _implementation(backend, "bias_gelu").bias_gelu_bwd(grad_out, x, bias, approximate)
+    return grad_x.contiguous(), _or_absent(grad_bias, x)
+
+
+def _bias_gelu_save(ctx, inputs, output):
+    x, bias, approximate, backend = inputs
+    ctx.save_for_backward(x, bias)
+    ctx.approximate, ctx.backend = approximate, backend
+
+
+def _bias_gelu_grads(ctx, grad_out, *, backward):
+    x, bias = ctx.saved_tensors
+    grad_x, grad_bias = backward(grad_out, x, bias, ctx.approximate, ctx.backend)
+    return grad_x, grad_bias if bias is not None else None, None, None
+
+
+@torch.library.custom_op("fastformer::bias_gelu_fwd", mutates_args=())
+def bias_gelu_fwd(x: Tensor, bias: Optional[Tensor], approximate: str, backend: str) -> Tensor:
+    return _bias_gelu_forward(x, bias, approximate, backend)
+
+
+@bias_gelu_fwd.register_fake
+def _(x, bias, approximate, backend):
+    return _empty(x)
+
+
+@torch.library.custom_op("fastformer::bias_gelu_bwd", mutates_args=())
+def bias_gelu_bwd(grad_out: Tensor, x: Tensor, bias: Optional[Tensor], approximate: str,
+                  backend: str) -> Tuple[Tensor, Tensor]:
+    return _bias_gelu_backward(grad_out, x, bias, approximate, backend)
+
+
+@bias_gelu_bwd.register_fake
+def _(grad_out, x, bias, approximate, backend):
+    return _empty(x), _absent(x) if bias is None else _empty(bias)
+
+
+bias_gelu_fwd.register_autograd(functools.partial(_bias_gelu_grads, backward=bias_gelu_bwd),
+                                setup_context=_bias_gelu_save)
+
+
+class BiasGeluFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, *inputs):
+        out = _bias_gelu_forward(*inputs)
+        _bias_gelu_save(ctx, inputs, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return _bias_gelu_grads(ctx, grad_out, backward=_bias_gelu_backward)
+
+
+bias_gelu = _eager_or_compiled(BiasGeluFunction, bias_gelu_fwd)

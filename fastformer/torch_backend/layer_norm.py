@@ -1,0 +1,92 @@
+"""Residual + dropout + LayerNorm / RMSNorm composed from PyTorch ops, in float32 statistics.
+
+Forward, on rows of size N (x and residual are (rows, N)):
+    r   = dropout(x) + residual            (residual_out, rounded to the input dtype)
+    LN:  y = (r - mean(r)) * rstd * weight + bias,   rstd = 1 / sqrt(var(r) + eps)
+    RMS: y = r * rstd * weight,                      rstd = 1 / sqrt(mean(r^2) + eps)
+r is rounded to the input dtype (that is residual_out) before it is normalised in float32, so the
+backward, which recomputes xhat from the stored residual_out, sees exactly what the forward saw.
+
+Backward, with xhat the normalised r (recomputed from r and rstd) and g = dy * weight:
+    LN:  dr = rstd * (g - mean(g) - xhat * mean(g * xhat))
+    RMS: dr = rstd * (g - xhat * mean(g * xhat))
+    dr += d(residual_out);  dx = dr * keep / (1 - p);  dresidual = dr
+    dweight = sum_rows(dy * xhat);  dbias = sum_rows(dy)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastformer.torch_backend.dropout import dropout_keep_mask
+
+
+def _compute_dtype(dtype):
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _to(t, dtype):
+    return None if t is None else t.to(dtype)
+
+
+def _dropped(x, dropout_p, seed, dtype):
+    """dropout(x) in ``dtype``, with the keep-mask regenerated from ``seed``."""
+    x = x.to(dtype)
+    if dropout_p == 0.0:
+        return x
+    keep = dropout_keep_mask(seed, x.shape, dropout_p, x.device)
+    return x * keep / (1.0 - dropout_p)
+
+
+def residual_norm_fwd(x, residual, weight, bias, eps, dropout_p, rms, seed, store_residual):
+    """Returns (out, residual_out or empty, mean or empty, rstd), mean/rstd float32 of shape (rows,)."""
+    dtype = _compute_dtype(x.dtype)
+    r = _dropped(x, dropout_p, seed, dtype)
+    if residual is not None:
+        r = r + residual.to(dtype)
+    residual_out = r.to(x.dtype) if store_residual else x.new_empty(0)
+    r = r.to(x.dtype).to(dtype)  # normalise what is stored (a no-op in float32 and float64)
+    if rms:
+        rstd = torch.rsqrt(r.square().mean(dim=-1) + eps)
+        y = r * rstd[:, None]
+        if weight is not None:
+            y = y * weight.to(dtype)
+        mean = r.new_empty(0)
+    else:
+        y, mean, rstd = torch.native_layer_norm(r, [r.shape[-1]], _to(weight, dtype), _to(bias, dtype), eps)
+        mean, rstd = mean.view(-1), rstd.view(-1)
+    return y.to(x.dtype), residual_out, mean.float(), rstd.float()
+
+
+def _centred(r):
+    """r - mean(r), shifted by the row's first element first: with mean 1e3 and spread 1e-2 in
+    float32, subtracting a stored float32 mean would leave an offset of up to 3e-5, 0.3% of the
+    spread; differences of nearby floats are exact, so the shifted mean is accurate."""
+    shifted = r - r[:, :1]
+    return shifted - shifted.mean(dim=-1, keepdim=True)
+
+
+def residual_norm_bwd(grad_out, grad_residual_out, normed, weight, bias, mean, rstd, dropout_p, rms,
+                      seed, has_residual):
+    """Returns (grad_x, grad_residual or None, grad_weight or None, grad_bias or None).
+
+    ``normed`` is the tensor that was normalised: residual_out, or x itself when it was not stored
+    (no residual, no dropout). x, residual and residual_out share one dtype.
+    """
+    dtype = _compute_dtype(normed.dtype)
+    r, dy, rstd = normed.to(dtype), grad_out.to(dtype), rstd.to(dtype)[:, None]
+    xhat = r * rstd if rms else _centred(r) * rstd
+    g = dy if weight is None else dy * weight.to(dtype)
+    dr = rstd * (g - xhat * (g * xhat).mean(dim=-1, keepdim=True))
+    if not rms:
+        dr = dr - rstd * g.mean(dim=-1, keepdim=True)
+    grad_weight = None if weight is None else (dy * xhat).sum(dim=0)
+    grad_bias = None if bias is None else dy.sum(dim=0)
+    if grad_residual_out is not None:
+        dr = dr + grad_residual_out.to(dtype)
+    grad_x = _dropped(dr, dropout_p, seed, dtype)
+    # copy=True: without dropout grad_x is dr itself, and op outputs may not alias each other.
+    grad_residual = dr.to(normed.dtype, copy=True) if has_residual else None
+    grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
+    grad_bias = None if grad_bias is None else grad_bias.to(bias.dtype)
+    return grad_x.to(normed.dtype), grad_residual, grad_weight, grad_bias

@@ -1,0 +1,36 @@
+"""The "triton" backend: Triton kernels, one op per file (kernels -> launcher -> autograd glue).
+
+Under ``TRITON_INTERPRET=1`` the kernels also accept CPU tensors and run in Triton's interpreter;
+that is how they are tested on machines without a GPU. The kernels themselves land op by op;
+:func:`op_table` declares what exists, as data for ``fastformer.dispatch``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def supported_devices() -> frozenset:
+    return frozenset({"cuda", "cpu"}) if interpreter_enabled() else frozenset({"cuda"})
+
+
+def unavailable_reasons() -> list[str]:
+    """Why Triton kernels cannot run on this machine at all (empty when they can)."""
+    if importlib.util.find_spec("triton") is None:
+        return ["the triton package is not installed (pip install triton)"]
+    if not interpreter_enabled() and not torch.cuda.is_available():
+        return ["no CUDA device is visible (set TRITON_INTERPRET=1 to run the kernels on the CPU "
+                "in Triton's interpreter)"]
+    return []
+
+
+def op_table() -> dict:
+    """op name -> (dispatch.Support, implementation module). No Triton kernel has landed yet."""
+    return {}

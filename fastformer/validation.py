@@ -1,0 +1,99 @@
+"""Input checks shared by the public ops. Each error names the argument and what was seen."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def shape_of(t: torch.Tensor) -> str:
+    return str(tuple(t.shape))
+
+
+def check_tensor(op: str, name: str, t, *, ndim: int | None = None, min_ndim: int | None = None,
+                 layout: str = "") -> None:
+    """A floating-point tensor, with ``ndim`` dims exactly or at least ``min_ndim``."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} must be a floating-point tensor (float16, bfloat16, float32 "
+                        f"or float64), got dtype {t.dtype}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{op}: {name} must be {ndim}-D {layout}, got shape {shape_of(t)}")
+    if min_ndim is not None and t.dim() < min_ndim:
+        raise ValueError(f"{op}: {name} must have at least {min_ndim} dim(s), got shape {shape_of(t)}")
+
+
+def check_same_device(op: str, reference_name: str, reference: torch.Tensor, **others) -> None:
+    for name, t in others.items():
+        if t is not None and t.device != reference.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but {reference_name} is on "
+                             f"{reference.device}; all tensors must be on one device")
+
+
+def check_same_dtype(op: str, reference_name: str, reference: torch.Tensor, **others) -> None:
+    for name, t in others.items():
+        if t is not None and t.dtype != reference.dtype:
+            raise TypeError(f"{op}: {name} has dtype {t.dtype} but {reference_name} has dtype "
+                            f"{reference.dtype}; they must match")
+
+
+def check_vector(op: str, name: str, t, size: int, dtype: torch.dtype, device) -> None:
+    """weight / bias: None, or a 1-D float tensor of ``size``, in the input's dtype or float32."""
+    if t is None:
+        return
+    check_tensor(op, name, t)
+    if t.dim() != 1 or t.shape[0] != size:
+        raise ValueError(f"{op}: {name} must have shape ({size},) to match the last dim of x, "
+                         f"got shape {shape_of(t)}")
+    if t.dtype not in (dtype, torch.float32):
+        raise TypeError(f"{op}: {name} must have the dtype of x ({dtype}) or float32, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{op}: {name} is on {t.device} but x is on {device}")
+
+
+def check_probability(op: str, name: str, p) -> float:
+    if isinstance(p, bool) or not isinstance(p, (int, float)):
+        raise TypeError(f"{op}: {name} must be a float in [0, 1), got {type(p).__name__} {p!r}")
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"{op}: {name} must be in [0, 1), got {p}")
+    return float(p)
+
+
+def check_positive(op: str, name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{op}: {name} must be a positive float, got {type(value).__name__} {value!r}")
+    if not (value > 0.0 and math.isfinite(value)):
+        raise ValueError(f"{op}: {name} must be a positive finite float, got {value}")
+    return float(value)
+
+
+def check_bool(op: str, name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{op}: {name} must be a bool, got {type(value).__name__} {value!r}")
+    return value
+
+
+def broadcast_mask_4d(op: str, name: str, mask, target: tuple[int, int, int, int], dtype: torch.dtype,
+                      device) -> torch.Tensor | None:
+    """Check that ``mask`` is bool or float and broadcastable to ``target``; view it as 4-D.
+
+    The result keeps size-1 dims (no copy); backends broadcast them.
+    """
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool and mask.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} must be bool (True = may attend) or a floating-point additive "
+                        f"mask, got dtype {mask.dtype}")
+    if mask.device != device:
+        raise ValueError(f"{op}: {name} is on {mask.device} but query is on {device}")
+    expected = "(B, Hq, Lq, Lk) = (" + ", ".join(map(str, target)) + ")"
+    if mask.dim() > 4 or mask.dim() == 0 or any(
+            size not in (1, want) for size, want in zip(reversed(mask.shape), reversed(target))):
+        raise ValueError(f"{op}: {name} of shape {shape_of(mask)} is not broadcastable to {expected}")
+    return mask.view((1,) * (4 - mask.dim()) + tuple(mask.shape))
