@@ -1,0 +1,274 @@
+"""fastformer.attention on every backend against a float64 reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastformer
+import reference
+from fastformer.functional import _draw_seed
+from fastformer.torch_backend.dropout import dropout_keep_mask
+from helpers import ATTENTION_TOL, BACKENDS, DEVICES, assert_rel_close, require_backend
+
+# (B, Hq, Hk, Lq, Lk, D, Dv): odd sizes, GQA, MQA, a single key, Dv != D, Lq != Lk.
+SHAPES = [
+    (2, 4, 4, 97, 97, 50, 50),
+    (1, 8, 2, 33, 65, 64, 64),
+    (3, 2, 1, 17, 1, 16, 16),
+    (2, 3, 3, 5, 40, 8, 24),
+]
+MASKS = ["none", "bool", "float", "padding", "bool+padding", "causal", "causal+padding", "causal+float"]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def make_qkv(shape, dtype, device, requires_grad=True):
+    """q, k, v as (B, H, L, D) views of (B, L, H, D) projections, as models pass them."""
+    batch, heads_q, heads_k, len_q, len_k, dim, dim_v = shape
+
+    def projection(length, heads, d):
+        t = torch.randn(batch, length, heads, d, device=device, dtype=dtype).transpose(1, 2)
+        return t.detach().requires_grad_(requires_grad)
+
+    return projection(len_q, heads_q, dim), projection(len_k, heads_k, dim), projection(len_k, heads_k, dim_v)
+
+
+def padding_mask(batch, len_k, device, min_keep=1):
+    """Random key lengths (at least ``min_keep``), True = padding."""
+    lengths = torch.randint(min_keep, len_k + 1, (batch,), device=device)
+    return torch.arange(len_k, device=device)[None, :] >= lengths[:, None]
+
+
+def make_masks(kind, shape, dtype, device):
+    """(attn_mask, key_padding_mask, is_causal) for a mask kind; no query row is left without keys."""
+    batch, heads_q, _, len_q, len_k, _, _ = shape
+    attn_mask, key_padding_mask = None, None
+    if "bool" in kind:
+        attn_mask = torch.rand(batch, 1, len_q, len_k, device=device) > 0.3
+        attn_mask[..., 0] = True  # keep key 0 so that every row has a key
+    if "float" in kind:
+        attn_mask = torch.randn(heads_q, len_q, len_k, device=device, dtype=dtype)
+    if "padding" in kind:
+        key_padding_mask = padding_mask(batch, len_k, device)
+    return attn_mask, key_padding_mask, "causal" in kind
+
+
+def _grads(out, inputs, grad_out):
+    return torch.autograd.grad(out, inputs, grad_out)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mask_kind", MASKS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_matches_float64_reference(shape, mask_kind, dtype, backend, device):
+    q, k, v = make_qkv(shape, dtype, device)
+    attn_mask, key_padding_mask, is_causal = make_masks(mask_kind, shape, dtype, device)
+    kwargs = dict(attn_mask=attn_mask, is_causal=is_causal, key_padding_mask=key_padding_mask)
+    require_backend(backend, "attention", q, k, v, **kwargs)
+
+    out = fastformer.attention(q, k, v, backend=backend, **kwargs)
+    expected = reference.attention(q, k, v, **kwargs)
+    fwd_tol, grad_tol = ATTENTION_TOL[dtype]
+    assert out.dtype == dtype
+    assert_rel_close(out, expected, fwd_tol, "out")
+
+    grad_out = torch.randn_like(expected)
+    grads = _grads(out, (q, k, v), grad_out.to(dtype))
+    expected_grads = _grads(expected, (q, k, v), grad_out)
+    for name, grad, want in zip("qkv", grads, expected_grads):
+        assert grad.dtype == dtype
+        assert_rel_close(grad, want, grad_tol, f"grad {name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mask_kind", ["bool", "float", "causal+padding"])
+def test_same_results_as_sdpa(mask_kind, backend):
+    """Mask polarity, broadcasting and top-left causal alignment are SDPA's (Lq != Lk here)."""
+    shape = (2, 4, 4, 13, 29, 32, 32)
+    q, k, v = make_qkv(shape, torch.float64, "cpu", requires_grad=False)
+    attn_mask, key_padding_mask, is_causal = make_masks(mask_kind, shape, torch.float64, "cpu")
+    require_backend(backend, "attention", q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                    key_padding_mask=key_padding_mask)
+    out = fastformer.attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                               key_padding_mask=key_padding_mask, backend=backend)
+    sdpa_mask = attn_mask
+    if key_padding_mask is not None:  # SDPA has no key_padding_mask and no is_causal + mask
+        sdpa_mask = ~key_padding_mask[:, None, None, :]
+        sdpa_mask = sdpa_mask & torch.ones(13, 29, dtype=torch.bool).tril()
+        is_causal = False
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask, is_causal=is_causal)
+    torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_inputs(backend):
+    """Packed QKV views, transposed layouts and non-contiguous heads give the contiguous result."""
+    batch, length, heads, dim = 2, 19, 4, 24
+    packed = torch.randn(batch, length, 3, heads, dim, dtype=torch.float64)
+    q, k, v = (packed[:, :, i].transpose(1, 2) for i in range(3))
+    assert not q.is_contiguous()
+    require_backend(backend, "attention", q, k, v)
+    out = fastformer.attention(q, k, v, backend=backend)
+    contiguous = fastformer.attention(q.contiguous(), k.contiguous(), v.contiguous(), backend=backend)
+    torch.testing.assert_close(out, contiguous)
+    torch.testing.assert_close(out, reference.attention(q, k, v))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("how", ["padding", "bool", "float", "causal+padding"])
+def test_fully_masked_rows_give_zero_not_nan(how, dtype, backend, device):
+    batch, heads, len_q, len_k, dim = 3, 2, 11, 16, 32
+    shape = (batch, heads, heads, len_q, len_k, dim, dim)
+    q, k, v = make_qkv(shape, dtype, device)
+    attn_mask, key_padding_mask, is_causal = None, padding_mask(batch, len_k, device), False
+    dead = torch.zeros(batch, heads, len_q, dtype=torch.bool, device=device)
+    if how == "padding":
+        key_padding_mask[1] = True  # every key of batch row 1 is padding
+        dead[1] = True
+    elif how == "bool":
+        attn_mask = torch.rand(batch, heads, len_q, len_k, device=device) > 0.5
+        attn_mask[..., 0] = True
+        attn_mask[0, 1, 3] = False
+        attn_mask[2, :, 7] = False
+        key_padding_mask = None
+        dead[0, 1, 3] = dead[2, :, 7] = True
+    elif how == "float":
+        attn_mask = torch.randn(batch, heads, len_q, len_k, device=device, dtype=dtype)
+        attn_mask[1, 0, 5] = float("-inf")
+        key_padding_mask = None
+        dead[1, 0, 5] = True
+    else:  # causal with the first 4 keys of batch row 0 padded: its queries 0..3 see nothing
+        is_causal = True
+        key_padding_mask[0, :4] = True
+        dead[0, :, :4] = True
+    kwargs = dict(attn_mask=attn_mask, is_causal=is_causal, key_padding_mask=key_padding_mask)
+    require_backend(backend, "attention", q, k, v, **kwargs)
+
+    out = fastformer.attention(q, k, v, backend=backend, **kwargs)
+    assert torch.isfinite(out).all()
+    assert (out[dead] == 0).all()
+    grad_out = torch.randn_like(out)
+    grad_q, grad_k, grad_v = torch.autograd.grad(out, (q, k, v), grad_out)
+    for grad in (grad_q, grad_k, grad_v):
+        assert torch.isfinite(grad).all()
+    assert (grad_q[dead] == 0).all()
+
+    expected = reference.attention(q, k, v, **kwargs)
+    fwd_tol, grad_tol = ATTENTION_TOL[dtype]
+    assert_rel_close(out, expected, fwd_tol, "out")
+    expected_grads = torch.autograd.grad(expected, (q, k, v), grad_out.double())
+    for name, grad, want in zip("qkv", (grad_q, grad_k, grad_v), expected_grads):
+        assert_rel_close(grad, want, grad_tol, f"grad {name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mask_shape", [(1, 1, 9, 12), (4, 9, 12), (2, 1, 1, 12), (12,)],
+                         ids=str)
+def test_float_mask_gradient(mask_shape, backend):
+    """A learned additive bias (e.g. relative positions) gets its gradient, summed over broadcasts."""
+    shape = (2, 4, 2, 9, 12, 16, 16)
+    q, k, v = make_qkv(shape, torch.float64, "cpu")
+    bias = torch.randn(mask_shape, dtype=torch.float64, requires_grad=True)
+    pad = padding_mask(2, 12, "cpu")
+    require_backend(backend, "attention", q, k, v, attn_mask=bias, key_padding_mask=pad)
+    out = fastformer.attention(q, k, v, attn_mask=bias, key_padding_mask=pad, backend=backend)
+    expected = reference.attention(q, k, v, attn_mask=bias, key_padding_mask=pad)
+    grad_out = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v, bias), grad_out)
+    want = torch.autograd.grad(expected, (q, k, v, bias), grad_out)
+    for grad, expected_grad in zip(got, want):
+        torch.testing.assert_close(grad, expected_grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_gradcheck_float64(is_causal, backend):
+    q, k, v = make_qkv((2, 4, 2, 5, 7, 6, 3), torch.float64, "cpu")
+    bias = torch.randn(4, 5, 7, dtype=torch.float64, requires_grad=True)
+    pad = padding_mask(2, 7, "cpu", min_keep=2)
+    require_backend(backend, "attention", q, k, v, attn_mask=bias, key_padding_mask=pad,
+                    is_causal=is_causal)
+
+    def run(q, k, v, bias):
+        return fastformer.attention(q, k, v, attn_mask=bias, key_padding_mask=pad, is_causal=is_causal,
+                                    backend=backend)
+
+    assert torch.autograd.gradcheck(run, (q, k, v, bias))
+
+
+def _same_seed_call(seed_value, fn):
+    """Run ``fn`` after seeding, and return (its result, the dropout seed the op drew)."""
+    torch.manual_seed(seed_value)
+    seed = _draw_seed(0.5)
+    torch.manual_seed(seed_value)
+    return fn(), seed
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_dropout_matches_reference_with_the_same_mask(dtype, backend):
+    """The keep-mask used by forward and backward is the one regenerated from the call's seed."""
+    if backend != "torch":
+        pytest.skip("the keep-mask debug path of kernel backends lands with their kernels")
+    shape = (2, 4, 2, 13, 21, 16, 16)
+    p = 0.3
+    q, k, v = make_qkv(shape, dtype, "cpu")
+    pad = padding_mask(2, 21, "cpu")
+    out, seed = _same_seed_call(
+        7, lambda: fastformer.attention(q, k, v, dropout_p=p, is_causal=True, key_padding_mask=pad,
+                                        backend=backend))
+    keep = dropout_keep_mask(seed, (2, 4, 13, 21), p, "cpu")
+    assert 0.6 < keep.float().mean().item() < 0.8
+    expected = reference.attention(q, k, v, key_padding_mask=pad, is_causal=True, keep=keep, dropout_p=p)
+    fwd_tol, grad_tol = ATTENTION_TOL[dtype]
+    assert_rel_close(out, expected, fwd_tol, "out")
+    grad_out = torch.randn_like(expected)
+    got = torch.autograd.grad(out, (q, k, v), grad_out.to(dtype))
+    want = torch.autograd.grad(expected, (q, k, v), grad_out)
+    for name, grad, expected_grad in zip("qkv", got, want):
+        assert_rel_close(grad, expected_grad, grad_tol, f"grad {name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropout_is_reproducible_and_fresh_per_call(backend):
+    q, k, v = make_qkv((2, 2, 2, 16, 16, 8, 8), torch.float32, "cpu", requires_grad=False)
+    require_backend(backend, "attention", q, k, v, dropout_p=0.5)
+    torch.manual_seed(3)
+    first = fastformer.attention(q, k, v, dropout_p=0.5, backend=backend)
+    second = fastformer.attention(q, k, v, dropout_p=0.5, backend=backend)
+    torch.manual_seed(3)
+    again = fastformer.attention(q, k, v, dropout_p=0.5, backend=backend)
+    torch.testing.assert_close(first, again, rtol=0, atol=0)
+    assert not torch.equal(first, second)
+    # Dropout keeps the expectation: the mean over many calls approaches the dropout-free output.
+    mean = torch.stack([fastformer.attention(q, k, v, dropout_p=0.5, backend=backend)
+                        for _ in range(400)]).mean(0)
+    assert_rel_close(mean, fastformer.attention(q, k, v, backend=backend), 0.1, "mean over calls")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("sizes", [(0, 2, 5, 7), (2, 2, 0, 7), (2, 2, 5, 0)], ids=str)
+def test_empty_sizes(sizes, backend):
+    batch, heads, len_q, len_k = sizes
+    q = torch.randn(batch, heads, len_q, 8, requires_grad=True)
+    k = torch.randn(batch, heads, len_k, 8, requires_grad=True)
+    v = torch.randn(batch, heads, len_k, 4, requires_grad=True)
+    require_backend(backend, "attention", q, k, v)
+    out = fastformer.attention(q, k, v, backend=backend)
+    assert out.shape == (batch, heads, len_q, 4)
+    assert (out == 0).all()
+    out.sum().backward()
+    for t in (q, k, v):
+        assert t.grad.shape == t.shape and (t.grad == 0).all()
+
+
+def test_default_backend_on_cpu_is_torch_and_agrees_with_forced():
+    q, k, v = make_qkv((2, 2, 2, 9, 9, 8, 8), torch.float32, "cpu", requires_grad=False)
+    if not torch.cuda.is_available():
+        assert fastformer.explain(fastformer.attention, q, k, v).backend == "torch"
+    torch.testing.assert_close(fastformer.attention(q, k, v), fastformer.attention(q, k, v, backend="torch"))

@@ -1,0 +1,86 @@
+"""fastformer.bias_gelu on every backend against float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastformer
+import reference
+from helpers import BACKENDS, DEVICES, ELEMENTWISE_TOL, PARAM_GRAD_TOL_HALF, assert_rel_close, require_backend
+
+SHAPES = [(1,), (37,), (5, 200), (2, 7, 768), (3, 1000)]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def make_inputs(shape, dtype, device, with_bias=True, bias_dtype=None):
+    x = (2.0 * torch.randn(shape, device=device, dtype=torch.float64)).to(dtype).requires_grad_()
+    bias = None
+    if with_bias:
+        bias = torch.randn(shape[-1], device=device, dtype=torch.float64).to(bias_dtype or dtype)
+        bias.requires_grad_()
+    return x, bias
+
+
+def check_against_reference(x, bias, approximate, backend):
+    out = fastformer.bias_gelu(x, bias, approximate, backend=backend)
+    expected = reference.gelu(x, bias, approximate)
+    fwd_tol, grad_tol = ELEMENTWISE_TOL[x.dtype]
+    assert out.dtype == x.dtype and out.shape == x.shape
+    assert_rel_close(out, expected, fwd_tol, "out")
+    grad_out = torch.randn_like(expected)
+    inputs = (x,) if bias is None else (x, bias)
+    got = torch.autograd.grad(out, inputs, grad_out.to(x.dtype))
+    want = torch.autograd.grad(expected, inputs, grad_out)
+    assert_rel_close(got[0], want[0], grad_tol, "grad x")
+    if bias is not None:
+        half = x.dtype in (torch.float16, torch.bfloat16)
+        assert got[1].dtype == bias.dtype
+        assert_rel_close(got[1], want[1], PARAM_GRAD_TOL_HALF if half else grad_tol, "grad bias")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_matches_float64_reference(shape, approximate, with_bias, dtype, backend, device):
+    x, bias = make_inputs(shape, dtype, device, with_bias)
+    require_backend(backend, "bias_gelu", x, bias, approximate)
+    check_against_reference(x, bias, approximate, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_float32_bias_with_half_inputs(dtype, backend):
+    x, bias = make_inputs((4, 96), dtype, "cpu", bias_dtype=torch.float32)
+    require_backend(backend, "bias_gelu", x, bias)
+    check_against_reference(x, bias, "tanh", backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_same_as_pytorch_gelu_in_float32(approximate, backend):
+    x, bias = make_inputs((6, 130), torch.float32, "cpu")
+    require_backend(backend, "bias_gelu", x, bias, approximate)
+    torch.testing.assert_close(fastformer.bias_gelu(x, bias, approximate, backend=backend),
+                               F.gelu(x + bias, approximate=approximate))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_input(backend):
+    x = torch.randn(64, 48, dtype=torch.float64).t()  # (48, 64), strides (1, 48)
+    bias = torch.randn(64, dtype=torch.float64)
+    require_backend(backend, "bias_gelu", x, bias)
+    torch.testing.assert_close(fastformer.bias_gelu(x, bias, backend=backend), reference.gelu(x, bias))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gradcheck_float64(approximate, backend):
+    x, bias = make_inputs((3, 4, 11), torch.float64, "cpu")
+    require_backend(backend, "bias_gelu", x, bias, approximate)
+    assert torch.autograd.gradcheck(lambda x, b: fastformer.bias_gelu(x, b, approximate, backend=backend),
+                                    (x, bias))

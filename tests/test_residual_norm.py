@@ -1,0 +1,162 @@
+"""fastformer.residual_layer_norm / residual_rms_norm on every backend against float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastformer
+import reference
+from fastformer.functional import _draw_seed
+from fastformer.torch_backend.dropout import dropout_keep_mask
+from helpers import BACKENDS, DEVICES, ELEMENTWISE_TOL, PARAM_GRAD_TOL_HALF, assert_rel_close, require_backend
+
+HIDDEN = [1, 200, 384, 1000]
+LEADING = [(), (7,), (3, 5)]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+PARTS = ["residual+weight+bias", "weight+bias", "residual", "none", "residual+weight"]
+NORMS = ["layer", "rms"]
+
+
+def run_norm(norm, x, residual, weight, bias, eps, dropout_p=0.0, backend=None):
+    if norm == "layer":
+        return fastformer.residual_layer_norm(x, residual, weight, bias, eps, dropout_p, backend=backend)
+    return fastformer.residual_rms_norm(x, residual, weight, eps, dropout_p, backend=backend)
+
+
+def require(backend, norm, x, residual, weight, bias=None):
+    if norm == "layer":
+        require_backend(backend, "residual_layer_norm", x, residual, weight, bias)
+    else:
+        require_backend(backend, "residual_rms_norm", x, residual, weight)
+
+
+def make_inputs(shape, parts, dtype, device, param_dtype=None, offset=0.0, spread=1.0):
+    def tensor(*size, requires_grad=True, dt=dtype):
+        t = torch.randn(*size, device=device, dtype=torch.float64) * spread + offset
+        return t.to(dt).requires_grad_(requires_grad)
+
+    hidden = shape[-1]
+    param_dtype = param_dtype or dtype
+    x = tensor(*shape)
+    residual = tensor(*shape) if "residual" in parts else None
+    weight = (1.0 + 0.5 * torch.randn(hidden, device=device, dtype=torch.float64)).to(param_dtype) \
+        .requires_grad_() if "weight" in parts else None
+    bias = tensor(hidden, dt=param_dtype) if "bias" in parts else None
+    return x, residual, weight, bias
+
+
+def check_against_reference(norm, inputs, dtype, backend, eps=1e-5, keep=None, dropout_p=0.0,
+                            out_and_residual=None):
+    x, residual, weight, bias = inputs
+    rms = norm == "rms"
+    if rms:
+        bias = None
+    if out_and_residual is None:
+        out, residual_out = run_norm(norm, x, residual, weight, bias, eps, dropout_p, backend)
+    else:
+        out, residual_out = out_and_residual
+    expected, expected_residual = reference.residual_norm(x, residual, weight, bias, eps, rms, keep, dropout_p)
+    fwd_tol, grad_tol = ELEMENTWISE_TOL[dtype]
+    assert out.dtype == x.dtype and residual_out.dtype == x.dtype
+    assert_rel_close(out, expected, fwd_tol, "out")
+    assert_rel_close(residual_out, expected_residual, fwd_tol, "residual_out")
+
+    # The loss uses both outputs: the residual stream carries on to the next layer.
+    grad_out, grad_residual = torch.randn_like(expected), torch.randn_like(expected_residual)
+    inputs = [t for t in (x, residual, weight, bias) if t is not None]
+    got = torch.autograd.grad((out, residual_out), inputs, (grad_out.to(dtype), grad_residual.to(dtype)))
+    want = torch.autograd.grad((expected, expected_residual), inputs, (grad_out, grad_residual))
+    names = [n for n, t in zip(("x", "residual", "weight", "bias"), (x, residual, weight, bias)) if t is not None]
+    for name, grad, expected_grad in zip(names, got, want):
+        is_param = name in ("weight", "bias")
+        tol = PARAM_GRAD_TOL_HALF if is_param and dtype in (torch.float16, torch.bfloat16) else grad_tol
+        assert grad.dtype == {"x": x, "residual": residual, "weight": weight, "bias": bias}[name].dtype
+        assert_rel_close(grad, expected_grad, tol, f"grad {name}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("parts", PARTS)
+@pytest.mark.parametrize("hidden", HIDDEN)
+@pytest.mark.parametrize("norm", NORMS)
+def test_matches_float64_reference(norm, hidden, parts, dtype, backend, device):
+    leading = LEADING[hidden % len(LEADING)]
+    inputs = make_inputs((*leading, hidden), parts, dtype, device)
+    require(backend, norm, *inputs)
+    check_against_reference(norm, inputs, dtype, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("norm", NORMS)
+def test_float32_parameters_with_half_inputs(norm, dtype, backend):
+    """Mixed precision: activations in half, master weights in float32."""
+    inputs = make_inputs((6, 256), "residual+weight+bias", dtype, "cpu", param_dtype=torch.float32)
+    require(backend, norm, *inputs)
+    check_against_reference(norm, inputs, dtype, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("norm", NORMS)
+def test_large_mean_small_spread_does_not_cancel(norm, backend):
+    """Mean 1e3, std 1e-2 in float32: a one-pass E[x^2] - E[x]^2 variance would lose every digit."""
+    inputs = make_inputs((16, 768), "weight+bias", torch.float32, "cpu", offset=1e3, spread=1e-2)
+    require(backend, norm, *inputs)
+    check_against_reference(norm, inputs, torch.float32, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("norm", NORMS)
+def test_dropout_matches_reference_with_the_same_mask(norm, dtype, backend):
+    if backend != "torch":
+        pytest.skip("the keep-mask debug path of kernel backends lands with their kernels")
+    p = 0.25
+    inputs = make_inputs((4, 9, 200), "residual+weight+bias", dtype, "cpu")
+    x, residual, weight, bias = inputs
+    torch.manual_seed(11)
+    seed = _draw_seed(p)
+    keep = dropout_keep_mask(seed, (36, 200), p, "cpu").view(4, 9, 200)
+    assert 0.7 < keep.float().mean().item() < 0.8
+    torch.manual_seed(11)
+    outputs = run_norm(norm, x, residual, weight, bias, 1e-5, p, backend)
+    check_against_reference(norm, inputs, dtype, backend, keep=keep, dropout_p=p, out_and_residual=outputs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("norm", NORMS)
+def test_gradcheck_float64(norm, backend):
+    x, residual, weight, bias = make_inputs((3, 4, 13), "residual+weight+bias", torch.float64, "cpu")
+    require(backend, norm, x, residual, weight, bias)
+
+    def run(x, residual, weight, bias):
+        torch.manual_seed(5)  # the same dropout mask at every evaluation
+        return run_norm(norm, x, residual, weight, bias if norm == "layer" else None, 1e-5, 0.2, backend)
+
+    assert torch.autograd.gradcheck(run, (x, residual, weight, bias))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_without_residual_and_dropout_residual_out_is_x(backend):
+    x = torch.randn(5, 64, requires_grad=True)
+    require(backend, "layer", x, None, None, None)
+    out, residual_out = fastformer.residual_layer_norm(x, None, None, None, backend=backend)
+    assert residual_out is x  # no copy of the residual stream
+    torch.testing.assert_close(out, torch.nn.functional.layer_norm(x, (64,)))
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_statistics_are_float32_for_half_inputs(norm, dtype):
+    x = torch.randn(8, 32, dtype=dtype)
+    rms = norm == "rms"
+    _, _, mean, rstd = torch.ops.fastformer.residual_norm_fwd(x, None, None, None, 1e-5, 0.0, rms, None,
+                                                              False, "torch")
+    assert rstd.dtype == torch.float32 and rstd.shape == (8,)
+    expected_rstd = reference.residual_norm(x, None, None, None, 1e-5, rms)[1]
+    centred = expected_rstd - (0 if rms else expected_rstd.mean(-1, keepdim=True))
+    torch.testing.assert_close(rstd.double(), 1 / torch.sqrt((centred**2).mean(-1) + 1e-5), rtol=1e-5, atol=0)
+    if not rms:
+        assert mean.dtype == torch.float32 and mean.shape == (8,)
