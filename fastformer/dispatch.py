@@ -93,6 +93,9 @@ class Support:
     head_dims: tuple[int, int] | None = None  # inclusive (min, max); None = any
     max_hidden: int | None = None
     min_compute_capability: tuple[int, int] | None = None  # on CUDA devices
+    # Devices served only when the backend is forced, never by the automatic choice: Triton's
+    # interpreter runs kernels on the CPU for testing, far slower than the torch backend.
+    forced_only_devices: frozenset = frozenset()
 
 
 @dataclasses.dataclass
@@ -162,7 +165,7 @@ _REGISTRY: dict[str, Backend] = {
         _cuda_unavailable_reasons,
     ),
     "triton": Backend("triton", "Triton kernels", _triton_ops, _triton_unavailable_reasons),
-    "torch": Backend("torch", "composed from PyTorch ops (SDPA, native_layer_norm, gelu)",
+    "torch": Backend("torch", "composed from PyTorch ops (SDPA, tensor math, gelu)",
                      _torch_ops, lambda: []),
 }
 
@@ -203,8 +206,11 @@ def _compute_capability(device: torch.device) -> tuple[int, int] | None:
     return torch.cuda.get_device_capability(device)
 
 
-def not_supported_reasons(backend: str, call: Call) -> tuple[str, ...]:
-    """Every reason why ``backend`` cannot take ``call``; empty when it can."""
+def not_supported_reasons(backend: str, call: Call, forced: bool = True) -> tuple[str, ...]:
+    """Every reason why ``backend`` cannot take ``call``; empty when it can.
+
+    ``forced=False`` asks for the automatic choice, which also passes over emulated devices.
+    """
     reasons = list(backend_unavailable_reasons(backend))
     if reasons:
         return tuple(reasons)
@@ -215,6 +221,8 @@ def not_supported_reasons(backend: str, call: Call) -> tuple[str, ...]:
     if call.device.type not in support.devices:
         reasons.append(f"device {call.device.type} not supported (supports: "
                        f"{', '.join(sorted(support.devices))})")
+    elif call.device.type in support.forced_only_devices and not forced:
+        reasons.append(f"runs on {call.device.type} only when forced (an emulation for testing)")
     if call.dtype not in support.dtypes:
         names = ", ".join(sorted(str(d).replace("torch.", "") for d in support.dtypes))
         reasons.append(f"dtype {str(call.dtype).replace('torch.', '')} not supported "
@@ -310,7 +318,7 @@ def select_backend(call: Call, requested: str | None = None) -> Selection:
         return Selection(call, forced, True, {})
     rejected = {}
     for name in PREFERENCE:
-        reasons = not_supported_reasons(name, call)
+        reasons = not_supported_reasons(name, call, forced=False)
         if not reasons:
             return Selection(call, name, False, rejected)
         rejected[name] = reasons
