@@ -1,9 +1,17 @@
-"""Test hooks: GPU tests are skipped without a GPU; each test gets its own reproducible seed."""
+"""Test hooks: GPU tests are skipped without a GPU; each test gets its own reproducible seed.
 
+Without a GPU, Triton kernels run on the CPU in Triton's interpreter: TRITON_INTERPRET=1 is set
+here, before anything imports triton, unless the caller chose a value.
+"""
+
+import os
 import zlib
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):

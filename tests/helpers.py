@@ -35,8 +35,33 @@ def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return numerator / denominator if denominator > 0 else numerator
 
 
-def assert_rel_close(actual, expected, tol, what=""):
+# DESIGN.md: in half precision a kernel's error may be at most a small multiple of the error of
+# plain PyTorch computing the same thing in that precision (flash-attention's criterion).
+BASELINE_MULTIPLE = 3.0
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def assert_rel_close(actual, expected, tol, what="", baseline=None):
+    """||actual - expected|| / ||expected|| <= tol; with ``baseline`` (plain PyTorch's result in
+    actual's half dtype), also <= BASELINE_MULTIPLE times the baseline's own error."""
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
     assert torch.isfinite(actual).all(), f"{what}: non-finite values"
     error = rel_error(actual, expected)
     assert error <= tol, f"{what}: relative error {error:.3g} > {tol:.3g}"
+    if baseline is not None and actual.dtype in HALF_DTYPES:
+        baseline_error = rel_error(baseline, expected)
+        bound = max(BASELINE_MULTIPLE * baseline_error, torch.finfo(actual.dtype).eps)
+        assert error <= bound, (f"{what}: relative error {error:.3g} > {BASELINE_MULTIPLE} x plain "
+                                f"PyTorch's {baseline_error:.3g} in {actual.dtype}")
+
+
+def keep_mask_function(backend: str):
+    """The backend's debug path: ``f(seed, shape, dropout_p, device)`` -> the bool keep-mask its
+    kernels regenerate for a tensor of ``shape`` (flattened to rows of its last dim)."""
+    if backend == "torch":
+        from fastformer.torch_backend.dropout import dropout_keep_mask
+    elif backend == "triton":
+        from fastformer.triton.dropout import dropout_keep_mask
+    else:
+        pytest.skip(f"no keep-mask debug path for the {backend} backend yet")
+    return dropout_keep_mask

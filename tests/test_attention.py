@@ -9,8 +9,7 @@ import torch.nn.functional as F
 import fastformer
 import reference
 from fastformer.functional import _draw_seed
-from fastformer.torch_backend.dropout import dropout_keep_mask
-from helpers import ATTENTION_TOL, BACKENDS, DEVICES, assert_rel_close, require_backend
+from helpers import ATTENTION_TOL, BACKENDS, DEVICES, assert_rel_close, keep_mask_function, require_backend
 
 # (B, Hq, Hk, Lq, Lk, D, Dv): odd sizes, GQA, MQA, a single key, Dv != D, Lq != Lk.
 SHAPES = [
@@ -213,16 +212,15 @@ def _same_seed_call(seed_value, fn):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 def test_dropout_matches_reference_with_the_same_mask(dtype, backend):
     """The keep-mask used by forward and backward is the one regenerated from the call's seed."""
-    if backend != "torch":
-        pytest.skip("the keep-mask debug path of kernel backends lands with their kernels")
     shape = (2, 4, 2, 13, 21, 16, 16)
     p = 0.3
     q, k, v = make_qkv(shape, dtype, "cpu")
     pad = padding_mask(2, 21, "cpu")
+    require_backend(backend, "attention", q, k, v, dropout_p=p, is_causal=True, key_padding_mask=pad)
     out, seed = _same_seed_call(
         7, lambda: fastformer.attention(q, k, v, dropout_p=p, is_causal=True, key_padding_mask=pad,
                                         backend=backend))
-    keep = dropout_keep_mask(seed, (2, 4, 13, 21), p, "cpu")
+    keep = keep_mask_function(backend)(seed, (2, 4, 13, 21), p, "cpu")
     assert 0.6 < keep.float().mean().item() < 0.8
     expected = reference.attention(q, k, v, key_padding_mask=pad, is_causal=True, keep=keep, dropout_p=p)
     fwd_tol, grad_tol = ATTENTION_TOL[dtype]

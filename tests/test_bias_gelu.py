@@ -10,7 +10,7 @@ import fastformer
 import reference
 from helpers import BACKENDS, DEVICES, ELEMENTWISE_TOL, PARAM_GRAD_TOL_HALF, assert_rel_close, require_backend
 
-SHAPES = [(1,), (37,), (5, 200), (2, 7, 768), (3, 1000)]
+SHAPES = [(1,), (37,), (5, 200), (2, 7, 768), (3, 1000), (67, 72)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
@@ -23,21 +23,29 @@ def make_inputs(shape, dtype, device, with_bias=True, bias_dtype=None):
     return x, bias
 
 
+def plain_pytorch(x, bias, approximate):
+    """What users run without fastformer, in x's dtype: the baseline for half-precision error."""
+    return F.gelu(x if bias is None else x + bias.to(x.dtype), approximate=approximate)
+
+
 def check_against_reference(x, bias, approximate, backend):
     out = fastformer.bias_gelu(x, bias, approximate, backend=backend)
     expected = reference.gelu(x, bias, approximate)
+    baseline = plain_pytorch(x, bias, approximate)
     fwd_tol, grad_tol = ELEMENTWISE_TOL[x.dtype]
     assert out.dtype == x.dtype and out.shape == x.shape
-    assert_rel_close(out, expected, fwd_tol, "out")
+    assert_rel_close(out, expected, fwd_tol, "out", baseline)
     grad_out = torch.randn_like(expected)
     inputs = (x,) if bias is None else (x, bias)
     got = torch.autograd.grad(out, inputs, grad_out.to(x.dtype))
     want = torch.autograd.grad(expected, inputs, grad_out)
-    assert_rel_close(got[0], want[0], grad_tol, "grad x")
+    baseline_grads = torch.autograd.grad(baseline, inputs, grad_out.to(x.dtype))
+    assert_rel_close(got[0], want[0], grad_tol, "grad x", baseline_grads[0])
     if bias is not None:
         half = x.dtype in (torch.float16, torch.bfloat16)
         assert got[1].dtype == bias.dtype
-        assert_rel_close(got[1], want[1], PARAM_GRAD_TOL_HALF if half else grad_tol, "grad bias")
+        assert_rel_close(got[1], want[1], PARAM_GRAD_TOL_HALF if half else grad_tol, "grad bias",
+                         baseline_grads[1].to(bias.dtype) if bias.dtype == x.dtype else None)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -70,11 +78,18 @@ def test_same_as_pytorch_gelu_in_float32(approximate, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_non_contiguous_input(backend):
-    x = torch.randn(64, 48, dtype=torch.float64).t()  # (48, 64), strides (1, 48)
-    bias = torch.randn(64, dtype=torch.float64)
+@pytest.mark.parametrize("layout", ["transposed", "row_strided", "expanded"])
+def test_non_contiguous_input(layout, backend):
+    if layout == "transposed":
+        x = torch.randn(64, 48).t()  # (48, 64), strides (1, 48)
+    elif layout == "row_strided":
+        x = torch.randn(48, 100)[:, 10:74]  # (48, 64), row stride 100
+    else:
+        x = torch.randn(1, 64).expand(48, 64)  # row stride 0
+    x.requires_grad_()
+    bias = torch.randn(64, requires_grad=True)
     require_backend(backend, "bias_gelu", x, bias)
-    torch.testing.assert_close(fastformer.bias_gelu(x, bias, backend=backend), reference.gelu(x, bias))
+    check_against_reference(x, bias, "none", backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

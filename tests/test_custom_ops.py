@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fastformer
-from fastformer import library
+from fastformer import dispatch, library
 
 SEED = torch.tensor(1234)
 
@@ -44,14 +44,20 @@ def _bias_gelu_samples():
     return [(x, torch.randn(7, requires_grad=True), "tanh", "torch"), (x, None, "none", "torch")]
 
 
-@pytest.mark.parametrize("op, samples", [
-    (library.attention_fwd, _attention_samples),
-    (library.residual_norm_fwd, _residual_norm_samples),
-    (library.bias_gelu_fwd, _bias_gelu_samples),
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("op, samples, public_op", [
+    (library.attention_fwd, _attention_samples, "attention"),
+    (library.residual_norm_fwd, _residual_norm_samples, "residual_layer_norm"),
+    (library.bias_gelu_fwd, _bias_gelu_samples, "bias_gelu"),
 ], ids=["attention", "residual_norm", "bias_gelu"])
-def test_opcheck(op, samples):
+def test_opcheck(op, samples, public_op, backend):
+    """Schema, fake implementation, autograd registration and AOT tracing, per backend."""
+    reasons = dispatch.not_supported_reasons(backend, dispatch.Call(public_op, torch.device("cpu"),
+                                                                    torch.float32))
+    if reasons:
+        pytest.skip(f"{backend} cannot run {public_op} here: " + "; ".join(reasons))
     for args in samples():
-        torch.library.opcheck(op, args)
+        torch.library.opcheck(op, args[:-1] + (backend,))
 
 
 def test_ops_are_registered_under_torch_ops():

@@ -18,13 +18,20 @@ from fastformer.dispatch import FEATURES, Call, Support
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
 
-# The CPU-only expectations: no GPU and no Triton interpreter (with TRITON_INTERPRET=1 the triton
-# backend may take CPU tensors).
+# The CPU-only expectations: no GPU. Tests about a machine without the Triton interpreter too
+# use the `no_interpreter` fixture (the test suite itself sets TRITON_INTERPRET=1 on such machines).
 ON_GPU = torch.cuda.is_available()
-TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 cpu_only = pytest.mark.skipif(ON_GPU, reason="expectations of a machine without a CUDA device")
-cpu_only_triton = pytest.mark.skipif(ON_GPU or TRITON_INTERPRET,
-                                     reason="triton can run here (CUDA device or TRITON_INTERPRET=1)")
+
+
+@pytest.fixture
+def no_interpreter(monkeypatch):
+    """The registry as probed with TRITON_INTERPRET=0; probed again as it was afterwards."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    dispatch.probe()
+    yield
+    monkeypatch.undo()
+    dispatch.probe()
 
 
 @pytest.fixture(autouse=True)
@@ -91,8 +98,8 @@ def test_cuda_unavailable_without_gpu():
     assert any("cuda" in r.lower() for r in reasons)
 
 
-@cpu_only_triton
-def test_triton_unavailable_without_gpu():
+@cpu_only
+def test_triton_unavailable_without_gpu(no_interpreter):
     reasons = fastformer.available_backends()["triton"]
     assert reasons
     assert any("TRITON_INTERPRET" in r or "not installed" in r for r in reasons), reasons
@@ -117,7 +124,7 @@ def test_unknown_backend_name_in_registry_lookups():
 # ----------------------------------------------------------------------------------------------
 # explain / Selection
 # ----------------------------------------------------------------------------------------------
-@cpu_only_triton
+@cpu_only
 @pytest.mark.parametrize("by_name", [False, True], ids=["function", "name"])
 def test_explain_attention_on_cpu(by_name):
     q, k, v = qkv()
@@ -129,7 +136,7 @@ def test_explain_attention_on_cpu(by_name):
     assert set(selection.rejected) == {"cuda", "triton"}
     for name, reasons in selection.rejected.items():
         assert reasons, name
-        assert tuple(reasons) == dispatch.not_supported_reasons(name, selection.call)
+        assert tuple(reasons) == dispatch.not_supported_reasons(name, selection.call, forced=False)
     assert selection.call.op == "attention"
     assert selection.call.device == CPU and selection.call.dtype == torch.float32
     assert selection.call.head_dim == 8
@@ -143,7 +150,7 @@ def test_explain_attention_on_cpu(by_name):
             assert reason in text
 
 
-@cpu_only_triton
+@cpu_only
 @pytest.mark.parametrize("op_name", OPS)
 def test_explain_every_op_on_cpu(op_name):
     op, args = op_calls()[op_name]
@@ -240,9 +247,9 @@ def test_forcing_cuda_on_cpu_tensors_fails_with_every_reason(op_name):
         fastformer.explain(op, *args, backend="cuda")
 
 
-@cpu_only_triton
+@cpu_only
 @pytest.mark.parametrize("op_name", OPS)
-def test_forcing_triton_on_cpu_fails_with_every_reason(op_name):
+def test_forcing_triton_on_cpu_fails_with_every_reason(op_name, no_interpreter):
     op, args = op_calls()[op_name]
     call = fastformer.explain(op, *args, backend="torch").call
     with pytest.raises(fastformer.BackendUnavailableError) as info:
@@ -484,3 +491,20 @@ def test_info_module_prints_backends():
         assert re.search(rf"^\s*{name}\b.*\b{status}\b", output, re.MULTILINE), (name, status, output)
         for reason in reasons:
             assert reason in output, (reason, output)
+
+
+@cpu_only
+def test_interpreted_triton_serves_cpu_tensors_only_when_forced(monkeypatch):
+    """Under TRITON_INTERPRET=1 the triton backend takes CPU tensors when forced, and the
+    automatic choice passes it over with that reason (the interpreter is for tests)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    dispatch.probe()
+    try:
+        x = torch.randn(4, 16)
+        assert fastformer.explain("bias_gelu", x, backend="triton").backend == "triton"
+        selection = fastformer.explain("bias_gelu", x)
+        assert selection.backend == "torch"
+        assert any("only when forced" in reason for reason in selection.rejected["triton"])
+    finally:
+        monkeypatch.undo()
+        dispatch.probe()

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import fastformer
 import reference
 from fastformer.functional import _draw_seed
-from fastformer.torch_backend.dropout import dropout_keep_mask
+from helpers import keep_mask_function
 from helpers import BACKENDS, DEVICES, ELEMENTWISE_TOL, PARAM_GRAD_TOL_HALF, assert_rel_close, require_backend
 
 HIDDEN = [1, 200, 384, 1000]
@@ -42,8 +43,20 @@ def make_inputs(shape, parts, dtype, device, param_dtype=None, offset=0.0, sprea
     residual = tensor(*shape) if "residual" in parts else None
     weight = (1.0 + 0.5 * torch.randn(hidden, device=device, dtype=torch.float64)).to(param_dtype) \
         .requires_grad_() if "weight" in parts else None
-    bias = tensor(hidden, dt=param_dtype) if "bias" in parts else None
+    bias = torch.randn(hidden, device=device, dtype=torch.float64).to(param_dtype).requires_grad_() \
+        if "bias" in parts else None
     return x, residual, weight, bias
+
+
+def plain_pytorch(norm, x, residual, weight, bias, eps, keep, dropout_p):
+    """What users run without fastformer, in x's dtype: the baseline for half-precision error."""
+    r = x if keep is None else x * keep / (1.0 - dropout_p)
+    if residual is not None:
+        r = r + residual
+    weight = None if weight is None else weight.to(x.dtype)
+    if norm == "rms":
+        return F.rms_norm(r, (r.shape[-1],), weight, eps), r
+    return F.layer_norm(r, (r.shape[-1],), weight, None if bias is None else bias.to(x.dtype), eps), r
 
 
 def check_against_reference(norm, inputs, dtype, backend, eps=1e-5, keep=None, dropout_p=0.0,
@@ -57,22 +70,25 @@ def check_against_reference(norm, inputs, dtype, backend, eps=1e-5, keep=None, d
     else:
         out, residual_out = out_and_residual
     expected, expected_residual = reference.residual_norm(x, residual, weight, bias, eps, rms, keep, dropout_p)
+    baseline, baseline_residual = plain_pytorch(norm, x, residual, weight, bias, eps, keep, dropout_p)
     fwd_tol, grad_tol = ELEMENTWISE_TOL[dtype]
     assert out.dtype == x.dtype and residual_out.dtype == x.dtype
-    assert_rel_close(out, expected, fwd_tol, "out")
-    assert_rel_close(residual_out, expected_residual, fwd_tol, "residual_out")
+    assert_rel_close(out, expected, fwd_tol, "out", baseline)
+    assert_rel_close(residual_out, expected_residual, fwd_tol, "residual_out", baseline_residual)
 
     # The loss uses both outputs: the residual stream carries on to the next layer.
     grad_out, grad_residual = torch.randn_like(expected), torch.randn_like(expected_residual)
     inputs = [t for t in (x, residual, weight, bias) if t is not None]
     got = torch.autograd.grad((out, residual_out), inputs, (grad_out.to(dtype), grad_residual.to(dtype)))
     want = torch.autograd.grad((expected, expected_residual), inputs, (grad_out, grad_residual))
+    baseline_grads = torch.autograd.grad((baseline, baseline_residual), inputs,
+                                         (grad_out.to(dtype), grad_residual.to(dtype)))
     names = [n for n, t in zip(("x", "residual", "weight", "bias"), (x, residual, weight, bias)) if t is not None]
-    for name, grad, expected_grad in zip(names, got, want):
+    for name, grad, expected_grad, baseline_grad in zip(names, got, want, baseline_grads):
         is_param = name in ("weight", "bias")
         tol = PARAM_GRAD_TOL_HALF if is_param and dtype in (torch.float16, torch.bfloat16) else grad_tol
         assert grad.dtype == {"x": x, "residual": residual, "weight": weight, "bias": bias}[name].dtype
-        assert_rel_close(grad, expected_grad, tol, f"grad {name}")
+        assert_rel_close(grad, expected_grad, tol, f"grad {name}", baseline_grad)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -111,14 +127,14 @@ def test_large_mean_small_spread_does_not_cancel(norm, backend):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("norm", NORMS)
 def test_dropout_matches_reference_with_the_same_mask(norm, dtype, backend):
-    if backend != "torch":
-        pytest.skip("the keep-mask debug path of kernel backends lands with their kernels")
+    """The mask that forward and backward regenerate is the one the backend's debug path returns."""
     p = 0.25
     inputs = make_inputs((4, 9, 200), "residual+weight+bias", dtype, "cpu")
     x, residual, weight, bias = inputs
+    require(backend, norm, *inputs)
     torch.manual_seed(11)
     seed = _draw_seed(p)
-    keep = dropout_keep_mask(seed, (36, 200), p, "cpu").view(4, 9, 200)
+    keep = keep_mask_function(backend)(seed, (36, 200), p, "cpu").view(4, 9, 200)
     assert 0.7 < keep.float().mean().item() < 0.8
     torch.manual_seed(11)
     outputs = run_norm(norm, x, residual, weight, bias, 1e-5, p, backend)
@@ -147,16 +163,38 @@ def test_without_residual_and_dropout_residual_out_is_x(backend):
     torch.testing.assert_close(out, torch.nn.functional.layer_norm(x, (64,)))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_statistics_are_float32_for_half_inputs(norm, dtype):
+def test_statistics_are_float32_for_half_inputs(norm, dtype, backend):
     x = torch.randn(8, 32, dtype=dtype)
     rms = norm == "rms"
+    require(backend, norm, x, None, None, None)
     _, _, mean, rstd = torch.ops.fastformer.residual_norm_fwd(x, None, None, None, 1e-5, 0.0, rms, None,
-                                                              False, "torch")
+                                                              False, backend)
     assert rstd.dtype == torch.float32 and rstd.shape == (8,)
     expected_rstd = reference.residual_norm(x, None, None, None, 1e-5, rms)[1]
     centred = expected_rstd - (0 if rms else expected_rstd.mean(-1, keepdim=True))
     torch.testing.assert_close(rstd.double(), 1 / torch.sqrt((centred**2).mean(-1) + 1e-5), rtol=1e-5, atol=0)
     if not rms:
         assert mean.dtype == torch.float32 and mean.shape == (8,)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rows, hidden", [(8192, 4096), (32 * 512, 768), (1000, 16384)])
+@pytest.mark.parametrize("norm", NORMS)
+def test_real_sizes_on_gpu(norm, rows, hidden, backend):
+    """The benchmark shapes in bfloat16, with dropout, against the same-mask float64 reference."""
+    p = 0.1
+    inputs = make_inputs((rows, hidden), "residual+weight+bias", torch.bfloat16, "cuda",
+                         param_dtype=torch.float32)
+    x, residual, weight, bias = inputs
+    require(backend, norm, *inputs)
+    torch.manual_seed(3)
+    seed = _draw_seed(p)
+    keep = keep_mask_function(backend)(seed, (rows, hidden), p, "cuda")
+    torch.manual_seed(3)
+    outputs = run_norm(norm, x, residual, weight, bias, 1e-5, p, backend)
+    check_against_reference(norm, inputs, torch.bfloat16, backend, keep=keep, dropout_p=p,
+                            out_and_residual=outputs)

@@ -32,5 +32,22 @@ def unavailable_reasons() -> list[str]:
 
 
 def op_table() -> dict:
-    """op name -> (dispatch.Support, implementation module). No Triton kernel has landed yet."""
-    return {}
+    """op name -> (dispatch.Support, implementation module), for ``fastformer.dispatch``."""
+    from fastformer.dispatch import Support
+
+    devices = supported_devices()
+    emulated = frozenset({"cpu"}) & devices  # the interpreter: tests only, never chosen automatically
+    dtypes = frozenset({torch.float16, torch.bfloat16, torch.float32})
+    norm = Support(devices=devices, dtypes=dtypes, forced_only_devices=emulated,
+                   features=frozenset({"dropout", "residual", "weight", "bias"}), max_hidden=MAX_HIDDEN)
+    gelu = Support(devices=devices, dtypes=dtypes, forced_only_devices=emulated,
+                   features=frozenset({"bias", "tanh", "erf"}))
+    return {
+        "residual_layer_norm": (norm, "fastformer.triton.layer_norm"),
+        "residual_rms_norm": (norm, "fastformer.triton.layer_norm"),
+        "bias_gelu": (gelu, "fastformer.triton.bias_gelu"),
+    }
+
+
+# One row of a norm lives in registers: 16384 float32 values is 64 KiB per program.
+MAX_HIDDEN = 16384

@@ -1,0 +1,265 @@
+"""Bias + GELU in Triton: one memory-bound kernel for the forward, one for the backward.
+
+Forward:  h = x + bias;  y = gelu(h)                  (exact erf or tanh approximation)
+Backward: dh = dy * gelu'(h);  dx = dh;  dbias = sum of dh over every leading dim
+h is recomputed from x and bias in the backward instead of being stored.
+
+x is viewed as (rows, N) with a row stride (``reshape(-1, N)`` copies only when no such view
+exists) and tiled in 2-D blocks of BLOCK_M rows x BLOCK_N columns; each program loads its slice of
+bias once. The forward reads x once and writes y once. The backward reads dy and x once and writes
+dx once; its programs each walk a group of row blocks and keep a float32 column sum of dh in
+registers, written once per program to a (groups, N) float32 buffer that the launcher sums over
+dim 0: a fixed reduction order, so the bias gradient is deterministic (no float atomics).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from fastformer.triton import interpreter_enabled
+
+
+# --------------------------------------------------------------------------------------------
+# kernels
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _gelu(h, APPROXIMATE_TANH: tl.constexpr):
+    """gelu(h) in float32 (see _bias_gelu_fwd_kernel for the math)."""
+    if APPROXIMATE_TANH:
+        # 0.5 (1 + tanh(u)) = sigmoid(2u): saturates to 0 or 1 for large |u|, never inf / inf.
+        u = 0.7978845608028654 * (h + 0.044715 * h * h * h)  # sqrt(2/pi) (h + 0.044715 h^3)
+        y = h * tl.sigmoid(2.0 * u)
+    else:
+        y = 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476))  # h Phi(h); 0.707.. = 1/sqrt(2)
+    return y
+
+
+@triton.jit
+def _gelu_grad(h, APPROXIMATE_TANH: tl.constexpr):
+    """gelu'(h) in float32 (see _bias_gelu_fwd_kernel for the math)."""
+    if APPROXIMATE_TANH:
+        u = 0.7978845608028654 * (h + 0.044715 * h * h * h)
+        s = tl.sigmoid(2.0 * u)  # s = 0.5 (1 + t), 1 - t^2 = 4 s (1 - s), t = tanh(u)
+        # 0.5 (1 + t) + 0.5 h (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 h^2); 3 * 0.044715 = 0.134145.
+        # s (1 - s) is exactly 0 in float32 once |h| > 20; clamping h there keeps 0 * inf (NaN)
+        # out of the second term for huge |h| and changes nothing else.
+        hc = tl.minimum(tl.maximum(h, -20.0), 20.0)
+        g = s + 2.0 * hc * s * (1.0 - s) * 0.7978845608028654 * (1.0 + 0.134145 * hc * hc)
+    else:
+        cdf = 0.5 * (1.0 + tl.erf(h * 0.7071067811865476))  # Phi(h)
+        pdf = 0.3989422804014327 * tl.exp(-0.5 * h * h)  # phi(h); 0.398.. = 1/sqrt(2 pi)
+        g = cdf + h * pdf
+    return g
+
+
+@triton.jit
+def _bias_gelu_fwd_kernel(
+    X,  # in: (rows, N) input, row stride stride_x_row, unit column stride
+    BIAS,  # in: (N,) contiguous, x's dtype or float32; not read unless HAS_BIAS
+    OUT,  # out: (rows, N), row stride stride_out_row, unit column stride, x's dtype
+    rows, N,
+    stride_x_row,  # elements between consecutive rows of X (may be 0 for a broadcast input)
+    stride_out_row,  # elements between consecutive rows of OUT
+    APPROXIMATE_TANH: tl.constexpr,  # tanh approximation instead of the exact erf form
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # rows per tile
+    BLOCK_N: tl.constexpr,  # columns per tile (a power of two)
+):
+    """out = gelu(x + bias) on one BLOCK_M x BLOCK_N tile; math in float32, rounded once.
+
+    With h = x + bias, Phi the standard normal CDF and phi its density:
+      erf:  gelu(h) = h Phi(h) = 0.5 h (1 + erf(h / sqrt(2)))
+            gelu'(h) = Phi(h) + h phi(h),  phi(h) = exp(-h^2 / 2) / sqrt(2 pi)
+      tanh: gelu(h) = 0.5 h (1 + tanh(u)),  u = sqrt(2/pi) (h + 0.044715 h^3)
+            gelu'(h) = 0.5 (1 + t) + 0.5 h (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 h^2),  t = tanh(u)
+      computed with 0.5 (1 + t) = sigmoid(2u) and 1 - t^2 = 4 sigmoid(2u) (1 - sigmoid(2u)).
+    Backward (_bias_gelu_bwd_kernel): dh = dy gelu'(h); dx = dh; dbias = sum over rows of dh.
+    """
+    row_block = tl.program_id(0)
+    col_block = tl.program_id(1)
+    rows_in_tile = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    mask = (rows_in_tile < rows)[:, None] & col_mask[None, :]
+    row_index = rows_in_tile.to(tl.int64)[:, None]  # int64: rows * stride may pass 2^31
+
+    h = tl.load(X + row_index * stride_x_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(BIAS + cols, mask=col_mask, other=0.0).to(tl.float32)
+        h += bias[None, :]
+    y = _gelu(h, APPROXIMATE_TANH)
+    tl.store(OUT + row_index * stride_out_row + cols[None, :], y.to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bias_gelu_bwd_kernel(
+    GRAD_OUT,  # in: (rows, N) dy, row stride stride_dy_row, unit column stride
+    X,  # in: (rows, N) input of the forward, row stride stride_x_row, unit column stride
+    BIAS,  # in: (N,) contiguous, x's dtype or float32; not read unless HAS_BIAS
+    GRAD_X,  # out: (rows, N) dx, row stride stride_dx_row, unit column stride, x's dtype
+    GRAD_BIAS_PARTIAL,  # out: (num_programs(0), N) float32 contiguous, one row per row group;
+                        # not written unless HAS_BIAS
+    rows, N,
+    rows_per_program,  # rows of one row group, a multiple of BLOCK_M
+    stride_dy_row,  # elements between consecutive rows of GRAD_OUT (0 for a broadcast dy)
+    stride_x_row,  # elements between consecutive rows of X
+    stride_dx_row,  # elements between consecutive rows of GRAD_X
+    APPROXIMATE_TANH: tl.constexpr,  # tanh approximation instead of the exact erf form
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # rows per tile
+    BLOCK_N: tl.constexpr,  # columns per tile (a power of two)
+):
+    """dx = dy gelu'(x + bias) over one group of row blocks x BLOCK_N columns, and that group's
+    partial bias gradient sum over its rows of dx, in float32.
+
+    h = x + bias is recomputed. Math as in _bias_gelu_fwd_kernel:
+      erf:  gelu'(h) = Phi(h) + h phi(h)
+      tanh: gelu'(h) = 0.5 (1 + t) + 0.5 h (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 h^2),  t = tanh(u)
+    Padding lanes load dy = 0, so they add 0 to the bias sum.
+    """
+    group = tl.program_id(0)
+    col_block = tl.program_id(1)
+    cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    if HAS_BIAS:
+        bias = tl.load(BIAS + cols, mask=col_mask, other=0.0).to(tl.float32)
+        grad_bias = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    first_row = group * rows_per_program
+    for offset in range(0, rows_per_program, BLOCK_M):
+        rows_in_tile = first_row + offset + tl.arange(0, BLOCK_M)
+        mask = (rows_in_tile < rows)[:, None] & col_mask[None, :]
+        row_index = rows_in_tile.to(tl.int64)[:, None]
+        dy = tl.load(GRAD_OUT + row_index * stride_dy_row + cols[None, :], mask=mask, other=0.0)
+        h = tl.load(X + row_index * stride_x_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            h += bias[None, :]
+        dh = dy.to(tl.float32) * _gelu_grad(h, APPROXIMATE_TANH)
+        tl.store(GRAD_X + row_index * stride_dx_row + cols[None, :], dh.to(GRAD_X.dtype.element_ty),
+                 mask=mask)
+        if HAS_BIAS:
+            grad_bias += dh
+    if HAS_BIAS:
+        tl.store(GRAD_BIAS_PARTIAL + group.to(tl.int64) * N + cols, tl.sum(grad_bias, axis=0),
+                 mask=col_mask)
+
+
+# --------------------------------------------------------------------------------------------
+# launcher
+# --------------------------------------------------------------------------------------------
+# Elements per tile: ~4K on a GPU (16-byte vectors, a few per thread); small in the interpreter,
+# which runs every program in Python: tests stay fast yet cover several tiles and masked edges.
+_GPU_TILE, _GPU_MAX_BLOCK_N = 4096, 1024
+_INTERPRETER_TILE, _INTERPRETER_MAX_BLOCK_N = 512, 128
+# Backward with a bias: programs per SM of the one-wave grid. ptxas (sm_90, Triton 3.8) gives the
+# heaviest variant (erf, bias) 167 registers a thread at 4 warps, so 3 programs fit on an SM: the
+# grid runs in one wave (no tail) and writes only 3 * SMs * BLOCK_N partial sums. To be re-tuned
+# on a GPU. The interpreter uses 2 row groups, so tests cover the cross-group sum.
+_GPU_BWD_PROGRAMS_PER_SM = 3
+_INTERPRETER_ROW_GROUPS = 2
+_MIN_BLOCK_N = 16
+
+
+def _block_n(n: int, max_block_n: int) -> int:
+    """The widest power of two <= max_block_n that pads N by at most 1/8 (else the least padding)."""
+    candidates = [b for b in (1024, 512, 256, 128, 64, 32, 16) if _MIN_BLOCK_N <= b <= max_block_n]
+    for block in candidates:
+        if triton.cdiv(n, block) * block <= n + n // 8:
+            return block
+    return min(candidates, key=lambda block: (triton.cdiv(n, block) * block, -block))
+
+
+def _tiles(rows: int, n: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) for a (rows, N) problem."""
+    interpret = interpreter_enabled()
+    tile = _INTERPRETER_TILE if interpret else _GPU_TILE
+    block_n = _block_n(n, _INTERPRETER_MAX_BLOCK_N if interpret else _GPU_MAX_BLOCK_N)
+    block_m = min(max(1, tile // block_n), triton.next_power_of_2(rows))
+    num_warps = max(1, min(8, block_m * block_n // 1024))  # 32 elements a thread: 4 x 16 bytes in bf16
+    return block_m, block_n, num_warps
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _row_groups(rows: int, block_m: int, col_blocks: int, device: torch.device,
+                has_bias: bool) -> tuple[int, int]:
+    """(groups, rows_per_program) of the backward grid (groups, col_blocks).
+
+    Without a bias, one tile per program, as the forward. With one, one wave of programs, each
+    walking a run of row blocks, so that few partial bias sums are written.
+    """
+    row_blocks = triton.cdiv(rows, block_m)
+    if not has_bias:
+        return row_blocks, block_m
+    if device.type == "cuda":
+        wanted = max(1, _num_sms(device.index) * _GPU_BWD_PROGRAMS_PER_SM // col_blocks)
+    else:
+        wanted = _INTERPRETER_ROW_GROUPS
+    blocks_per_program = triton.cdiv(row_blocks, wanted)
+    return triton.cdiv(row_blocks, blocks_per_program), blocks_per_program * block_m
+
+
+def _as_rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    """``t`` as (rows, N) with a row stride and unit column stride, copying only when needed."""
+    t = t.reshape(-1, n)
+    return t.contiguous() if n > 1 and t.stride(1) != 1 else t
+
+
+def _on_device(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def bias_gelu_fwd(x, bias, approximate):
+    """gelu(x + bias): x (..., N) any strides; bias (N,) in x's dtype or float32, or None.
+
+    Returns a contiguous tensor of x's shape and dtype.
+    """
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if x.numel() == 0:
+        return out
+    n = x.shape[-1]
+    x2 = _as_rows(x, n)
+    rows = x2.shape[0]
+    block_m, block_n, num_warps = _tiles(rows, n)
+    grid = (triton.cdiv(rows, block_m), triton.cdiv(n, block_n))
+    bias_arg = x2 if bias is None else bias.contiguous()  # never read without a bias
+    with _on_device(x):
+        _bias_gelu_fwd_kernel[grid](
+            x2, bias_arg, out, rows, n, x2.stride(0), n,
+            APPROXIMATE_TANH=approximate == "tanh", HAS_BIAS=bias is not None,
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+    return out
+
+
+def bias_gelu_bwd(grad_out, x, bias, approximate):
+    """Returns (grad_x, grad_bias or None): grad_x contiguous in x's dtype, grad_bias in bias's."""
+    grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if x.numel() == 0:
+        grad_bias = None if bias is None else torch.zeros_like(bias, memory_format=torch.contiguous_format)
+        return grad_x, grad_bias
+    n = x.shape[-1]
+    x2, dy2 = _as_rows(x, n), _as_rows(grad_out, n)
+    rows = x2.shape[0]
+    block_m, block_n, num_warps = _tiles(rows, n)
+    col_blocks = triton.cdiv(n, block_n)
+    groups, rows_per_program = _row_groups(rows, block_m, col_blocks, x.device, bias is not None)
+    if bias is None:
+        bias_arg = partial = x2  # never read or written without a bias
+    else:
+        bias_arg = bias.contiguous()
+        partial = torch.empty((groups, n), dtype=torch.float32, device=x.device)
+    with _on_device(x):
+        _bias_gelu_bwd_kernel[(groups, col_blocks)](
+            dy2, x2, bias_arg, grad_x, partial, rows, n, rows_per_program,
+            dy2.stride(0), x2.stride(0), n,
+            APPROXIMATE_TANH=approximate == "tanh", HAS_BIAS=bias is not None,
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+    grad_bias = None if bias is None else partial.sum(dim=0).to(bias.dtype)
+    return grad_x, grad_bias

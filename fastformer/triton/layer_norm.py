@@ -1,0 +1,228 @@
+"""Fused residual + dropout + LayerNorm / RMSNorm in Triton: one kernel per pass.
+
+Read top-down: the forward kernel, the backward kernel, then the launchers
+(``residual_norm_fwd`` / ``residual_norm_bwd``, the interface every backend implements; the
+autograd layer is shared, in ``fastformer/library.py``).
+
+Each input is read once and each output written once: a row of N values lives in registers, so
+the statistics take no second pass over memory. Statistics are float32 whatever the input dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastformer.triton import MAX_HIDDEN, interpreter_enabled
+from fastformer.triton.dropout import dropout_keep, wide_offsets
+
+
+@triton.jit
+def _centred(r, cols, inside, N):
+    """r - mean(r) over the row, shifted by the row's first element before the mean is taken.
+
+    With mean 1e3 and spread 1e-2 in float32 a plain mean is off by up to ~3e-5 (0.3% of the
+    spread) and E[r^2] - E[r]^2 loses every digit; differences of nearby floats are exact, so
+    the shifted sum is accurate. Also returns the mean.
+    """
+    shift = tl.sum(tl.where(cols == 0, r, 0.0), axis=0)  # exactly r[0]
+    shifted = tl.where(inside, r - shift, 0.0)
+    mean_shifted = tl.sum(shifted, axis=0) / N
+    return tl.where(inside, shifted - mean_shifted, 0.0), shift + mean_shifted
+
+
+@triton.jit
+def _residual_norm_fwd_kernel(
+    X,             # in: x (rows, N), row stride stride_x, columns contiguous
+    RESIDUAL,      # in: residual (rows, N), row stride stride_residual; unused without HAS_RESIDUAL
+    WEIGHT, BIAS,  # in: (N,) in x's dtype or float32; unused without HAS_WEIGHT / HAS_BIAS
+    OUT,           # out: (rows, N) contiguous, x's dtype
+    RESIDUAL_OUT,  # out: (rows, N) contiguous, x's dtype; unused without STORE_RESIDUAL
+    MEAN, RSTD,    # out: (rows,) float32; MEAN unused with IS_RMS
+    stride_x, stride_residual,
+    N, eps, dropout_p, seed,
+    IS_RMS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, STORE_RESIDUAL: tl.constexpr,
+    WIDE_OFFSETS: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One program per row.
+
+        r = dropout(x) + residual               dropout(x) = x * keep / (1 - p)
+        residual_out = r, rounded to x's dtype  (and r is that rounded value from here on)
+        LayerNorm: y = (r - mean(r)) * rstd * weight + bias,  rstd = 1 / sqrt(var(r) + eps)
+        RMSNorm:   y = r * rstd * weight,                     rstd = 1 / sqrt(mean(r^2) + eps)
+    """
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    inside = cols < N
+    r = tl.load(X + row * stride_x + cols, mask=inside, other=0.0).to(tl.float32)
+    if HAS_DROPOUT:
+        keep = dropout_keep(seed, row * N + cols, dropout_p, WIDE_OFFSETS)
+        r = tl.where(keep, r / (1.0 - dropout_p), 0.0)
+    if HAS_RESIDUAL:
+        r += tl.load(RESIDUAL + row * stride_residual + cols, mask=inside, other=0.0).to(tl.float32)
+    if STORE_RESIDUAL:
+        rounded = r.to(RESIDUAL_OUT.dtype.element_ty)
+        tl.store(RESIDUAL_OUT + row * N + cols, rounded, mask=inside)
+        r = rounded.to(tl.float32)  # normalise exactly what is stored, as the backward will
+    if IS_RMS:
+        rstd = 1.0 / tl.sqrt(tl.sum(r * r, axis=0) / N + eps)
+        xhat = r * rstd
+    else:
+        centred, mean = _centred(r, cols, inside, N)
+        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / N + eps)
+        xhat = centred * rstd
+        tl.store(MEAN + row, mean)
+    tl.store(RSTD + row, rstd)
+    y = xhat
+    if HAS_WEIGHT:
+        y = y * tl.load(WEIGHT + cols, mask=inside, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        y = y + tl.load(BIAS + cols, mask=inside, other=0.0).to(tl.float32)
+    tl.store(OUT + row * N + cols, y.to(OUT.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _residual_norm_bwd_kernel(
+    GRAD_OUT,           # in: d out (rows, N), row stride stride_grad_out
+    GRAD_RESIDUAL_OUT,  # in: d residual_out (rows, N), row stride stride_grad_residual_out
+    NORMED,             # in: what was normalised (residual_out, or x), row stride stride_normed
+    WEIGHT,             # in: (N,); unused without HAS_WEIGHT
+    RSTD,               # in: (rows,) float32 from the forward
+    GRAD_X,             # out: (rows, N) contiguous, x's dtype
+    GRAD_RESIDUAL,      # out: (rows, N) contiguous; unused without HAS_RESIDUAL
+    PARTIAL_GRAD_WEIGHT, PARTIAL_GRAD_BIAS,  # out: (programs, N) float32 partial sums over rows
+    stride_grad_out, stride_grad_residual_out, stride_normed,
+    rows, N, rows_per_program, dropout_p, seed,
+    IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, HAS_GRAD_RESIDUAL_OUT: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    WIDE_OFFSETS: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Each program takes ``rows_per_program`` consecutive rows. With xhat recomputed from r and
+    rstd, and g = dy * weight:
+
+        LayerNorm: dr = rstd * (g - mean(g) - xhat * mean(g * xhat))
+        RMSNorm:   dr = rstd * (g - xhat * mean(g * xhat))
+        dr += d residual_out;  d residual = dr;  dx = dr * keep / (1 - p)
+        d weight = sum over rows of dy * xhat,  d bias = sum over rows of dy
+
+    d weight and d bias are summed in registers over the program's rows and written as one
+    partial row per program; the launcher sums the partials (no atomics: run-to-run identical).
+    """
+    program = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    inside = cols < N
+    weight = tl.full((BLOCK_N,), 1.0, tl.float32)
+    if HAS_WEIGHT:
+        weight = tl.load(WEIGHT + cols, mask=inside, other=0.0).to(tl.float32)
+    grad_weight = tl.zeros((BLOCK_N,), tl.float32)
+    grad_bias = tl.zeros((BLOCK_N,), tl.float32)
+    first = program.to(tl.int64) * rows_per_program
+    for i in range(rows_per_program):
+        row = first + i
+        if row < rows:
+            r = tl.load(NORMED + row * stride_normed + cols, mask=inside, other=0.0).to(tl.float32)
+            dy = tl.load(GRAD_OUT + row * stride_grad_out + cols, mask=inside, other=0.0).to(tl.float32)
+            rstd = tl.load(RSTD + row)
+            if IS_RMS:
+                xhat = r * rstd
+            else:
+                centred, _ = _centred(r, cols, inside, N)
+                xhat = centred * rstd
+            g = dy * weight
+            dr = g - xhat * (tl.sum(g * xhat, axis=0) / N)
+            if not IS_RMS:
+                dr -= tl.sum(g, axis=0) / N
+            dr *= rstd
+            if HAS_GRAD_RESIDUAL_OUT:
+                dr += tl.load(GRAD_RESIDUAL_OUT + row * stride_grad_residual_out + cols, mask=inside,
+                              other=0.0).to(tl.float32)
+            if HAS_RESIDUAL:
+                tl.store(GRAD_RESIDUAL + row * N + cols, dr.to(GRAD_RESIDUAL.dtype.element_ty), mask=inside)
+            if HAS_DROPOUT:
+                keep = dropout_keep(seed, row * N + cols, dropout_p, WIDE_OFFSETS)
+                dr = tl.where(keep, dr / (1.0 - dropout_p), 0.0)
+            tl.store(GRAD_X + row * N + cols, dr.to(GRAD_X.dtype.element_ty), mask=inside)
+            grad_weight += dy * xhat
+            grad_bias += dy
+    if HAS_WEIGHT:
+        tl.store(PARTIAL_GRAD_WEIGHT + program * N + cols, grad_weight, mask=inside)
+    if HAS_BIAS:
+        tl.store(PARTIAL_GRAD_BIAS + program * N + cols, grad_bias, mask=inside)
+
+
+# --------------------------------------------------------------------------------------------
+# launchers
+# --------------------------------------------------------------------------------------------
+def _columns_contiguous(t):
+    """Kernels take a row stride and contiguous columns."""
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
+def _launch_config(n: int) -> dict:
+    block = triton.next_power_of_2(n)
+    if block > triton.next_power_of_2(MAX_HIDDEN):
+        raise ValueError(f"residual norm (triton): hidden size {n} exceeds {MAX_HIDDEN}")
+    num_warps = 4 if block <= 1024 else 8 if block <= 4096 else 16
+    return {"BLOCK_N": block, "num_warps": num_warps}
+
+
+def _backward_programs(rows: int, device: torch.device) -> int:
+    """Enough programs to fill the GPU a few times over; few under the interpreter."""
+    if interpreter_enabled() or device.type != "cuda":
+        return max(1, min(rows, 4))
+    return max(1, min(rows, 4 * torch.cuda.get_device_properties(device).multi_processor_count))
+
+
+def residual_norm_fwd(x, residual, weight, bias, eps, dropout_p, rms, seed, store_residual):
+    """Returns (out, residual_out or empty, mean or empty, rstd); x and residual are (rows, N)."""
+    x, residual = _columns_contiguous(x), _columns_contiguous(residual)
+    rows, n = x.shape
+    out = torch.empty((rows, n), dtype=x.dtype, device=x.device)
+    residual_out = torch.empty_like(out) if store_residual else x.new_empty(0)
+    mean = x.new_empty(0 if rms else rows, dtype=torch.float32)
+    rstd = x.new_empty(rows, dtype=torch.float32)
+    if rows == 0:
+        return out, residual_out, mean, rstd
+    _residual_norm_fwd_kernel[(rows,)](
+        x, x if residual is None else residual, x if weight is None else weight,
+        x if bias is None else bias, out, out if not store_residual else residual_out,
+        rstd if rms else mean, rstd,
+        x.stride(0), 0 if residual is None else residual.stride(0),
+        n, eps, dropout_p, 0 if seed is None else int(seed.item()),
+        IS_RMS=rms, HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None,
+        HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0.0, STORE_RESIDUAL=store_residual,
+        WIDE_OFFSETS=wide_offsets(rows * n), **_launch_config(n))
+    return out, residual_out, mean, rstd
+
+
+def residual_norm_bwd(grad_out, grad_residual_out, normed, weight, bias, mean, rstd, dropout_p, rms,
+                      seed, has_residual):
+    """Returns (grad_x, grad_residual or None, grad_weight or None, grad_bias or None)."""
+    grad_out, grad_residual_out = _columns_contiguous(grad_out), _columns_contiguous(grad_residual_out)
+    normed = _columns_contiguous(normed)
+    rows, n = normed.shape
+    grad_x = torch.empty((rows, n), dtype=normed.dtype, device=normed.device)
+    grad_residual = torch.empty_like(grad_x) if has_residual else None
+    programs = _backward_programs(rows, normed.device)
+    partial_weight = torch.zeros((programs, n), dtype=torch.float32, device=normed.device) \
+        if weight is not None else None
+    partial_bias = torch.zeros((programs, n), dtype=torch.float32, device=normed.device) \
+        if bias is not None else None
+    if rows > 0:
+        _residual_norm_bwd_kernel[(programs,)](
+            grad_out, grad_out if grad_residual_out is None else grad_residual_out, normed,
+            normed if weight is None else weight, rstd, grad_x,
+            grad_x if grad_residual is None else grad_residual,
+            grad_x if partial_weight is None else partial_weight,
+            grad_x if partial_bias is None else partial_bias,
+            grad_out.stride(0), 0 if grad_residual_out is None else grad_residual_out.stride(0),
+            normed.stride(0), rows, n, triton.cdiv(rows, programs), dropout_p,
+            0 if seed is None else int(seed.item()),
+            IS_RMS=rms, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+            HAS_RESIDUAL=has_residual, HAS_GRAD_RESIDUAL_OUT=grad_residual_out is not None,
+            HAS_DROPOUT=dropout_p > 0.0, WIDE_OFFSETS=wide_offsets(rows * n), **_launch_config(n))
+    grad_weight = None if weight is None else partial_weight.sum(dim=0).to(weight.dtype)
+    grad_bias = None if bias is None else partial_bias.sum(dim=0).to(bias.dtype)
+    return grad_x, grad_residual, grad_weight, grad_bias
