@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import fastformer
 import reference
+from fastformer import dispatch
 from fastformer.functional import _draw_seed
 from helpers import keep_mask_function
 from helpers import BACKENDS, DEVICES, ELEMENTWISE_TOL, PARAM_GRAD_TOL_HALF, assert_rel_close, require_backend
@@ -198,3 +199,24 @@ def test_real_sizes_on_gpu(norm, rows, hidden, backend):
     outputs = run_norm(norm, x, residual, weight, bias, 1e-5, p, backend)
     check_against_reference(norm, inputs, torch.bfloat16, backend, keep=keep, dropout_p=p,
                             out_and_residual=outputs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("norm", NORMS)
+def test_widest_rows(norm, backend):
+    """16384 is the widest row the Triton kernels keep in registers: it must still be exact."""
+    inputs = make_inputs((2, 16384), "residual+weight+bias", torch.float32, "cpu")
+    require(backend, norm, *inputs)
+    check_against_reference(norm, inputs, torch.float32, backend)
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_rows_wider_than_a_backend_supports_fall_back_or_explain(norm):
+    x = torch.randn(2, 16385)
+    args = (x, None, None, None) if norm == "layer" else (x, None, None)
+    op = f"residual_{norm}_norm"
+    assert fastformer.explain(op, *args).backend == "torch"  # CPU tensors: the automatic choice
+    if dispatch.backend_unavailable_reasons("triton"):
+        pytest.skip("triton cannot run here at all")
+    with pytest.raises(fastformer.BackendUnavailableError, match="hidden size 16385 not supported"):
+        fastformer.explain(op, *args, backend="triton")

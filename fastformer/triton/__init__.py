@@ -7,6 +7,8 @@ that is how they are tested on machines without a GPU. The kernels themselves la
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import os
 
@@ -51,3 +53,16 @@ def op_table() -> dict:
 
 # One row of a norm lives in registers: 16384 float32 values is 64 KiB per program.
 MAX_HIDDEN = 16384
+
+
+# --------------------------------------------------------------------------------------------
+# helpers shared by the launchers
+# --------------------------------------------------------------------------------------------
+def on_device(t: torch.Tensor):
+    """Launch on ``t``'s GPU (Triton launches on the current device), or do nothing on the CPU."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+@functools.lru_cache(maxsize=None)
+def num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count

@@ -14,14 +14,11 @@ dim 0: a fixed reduction order, so the bias gradient is deterministic (no float 
 
 from __future__ import annotations
 
-import contextlib
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from fastformer.triton import interpreter_enabled
+from fastformer.triton import interpreter_enabled, num_sms, on_device
 
 
 # --------------------------------------------------------------------------------------------
@@ -183,11 +180,6 @@ def _tiles(rows: int, n: int) -> tuple[int, int, int]:
     return block_m, block_n, num_warps
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _row_groups(rows: int, block_m: int, col_blocks: int, device: torch.device,
                 has_bias: bool) -> tuple[int, int]:
     """(groups, rows_per_program) of the backward grid (groups, col_blocks).
@@ -199,7 +191,7 @@ def _row_groups(rows: int, block_m: int, col_blocks: int, device: torch.device,
     if not has_bias:
         return row_blocks, block_m
     if device.type == "cuda":
-        wanted = max(1, _num_sms(device.index) * _GPU_BWD_PROGRAMS_PER_SM // col_blocks)
+        wanted = max(1, num_sms(device.index) * _GPU_BWD_PROGRAMS_PER_SM // col_blocks)
     else:
         wanted = _INTERPRETER_ROW_GROUPS
     blocks_per_program = triton.cdiv(row_blocks, wanted)
@@ -210,10 +202,6 @@ def _as_rows(t: torch.Tensor, n: int) -> torch.Tensor:
     """``t`` as (rows, N) with a row stride and unit column stride, copying only when needed."""
     t = t.reshape(-1, n)
     return t.contiguous() if n > 1 and t.stride(1) != 1 else t
-
-
-def _on_device(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 def bias_gelu_fwd(x, bias, approximate):
@@ -230,7 +218,7 @@ def bias_gelu_fwd(x, bias, approximate):
     block_m, block_n, num_warps = _tiles(rows, n)
     grid = (triton.cdiv(rows, block_m), triton.cdiv(n, block_n))
     bias_arg = x2 if bias is None else bias.contiguous()  # never read without a bias
-    with _on_device(x):
+    with on_device(x):
         _bias_gelu_fwd_kernel[grid](
             x2, bias_arg, out, rows, n, x2.stride(0), n,
             APPROXIMATE_TANH=approximate == "tanh", HAS_BIAS=bias is not None,
@@ -255,7 +243,7 @@ def bias_gelu_bwd(grad_out, x, bias, approximate):
     else:
         bias_arg = bias.contiguous()
         partial = torch.empty((groups, n), dtype=torch.float32, device=x.device)
-    with _on_device(x):
+    with on_device(x):
         _bias_gelu_bwd_kernel[(groups, col_blocks)](
             dy2, x2, bias_arg, grad_x, partial, rows, n, rows_per_program,
             dy2.stride(0), x2.stride(0), n,

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastformer.triton import MAX_HIDDEN, interpreter_enabled
+from fastformer.triton import MAX_HIDDEN, interpreter_enabled, num_sms, on_device
 from fastformer.triton.dropout import dropout_keep, wide_offsets
 
 
@@ -172,7 +172,7 @@ def _backward_programs(rows: int, device: torch.device) -> int:
     """Enough programs to fill the GPU a few times over; few under the interpreter."""
     if interpreter_enabled() or device.type != "cuda":
         return max(1, min(rows, 4))
-    return max(1, min(rows, 4 * torch.cuda.get_device_properties(device).multi_processor_count))
+    return max(1, min(rows, 4 * num_sms(device.index)))
 
 
 def residual_norm_fwd(x, residual, weight, bias, eps, dropout_p, rms, seed, store_residual):
@@ -185,15 +185,16 @@ def residual_norm_fwd(x, residual, weight, bias, eps, dropout_p, rms, seed, stor
     rstd = x.new_empty(rows, dtype=torch.float32)
     if rows == 0:
         return out, residual_out, mean, rstd
-    _residual_norm_fwd_kernel[(rows,)](
-        x, x if residual is None else residual, x if weight is None else weight,
-        x if bias is None else bias, out, out if not store_residual else residual_out,
-        rstd if rms else mean, rstd,
-        x.stride(0), 0 if residual is None else residual.stride(0),
-        n, eps, dropout_p, 0 if seed is None else int(seed.item()),
-        IS_RMS=rms, HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None,
-        HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0.0, STORE_RESIDUAL=store_residual,
-        WIDE_OFFSETS=wide_offsets(rows * n), **_launch_config(n))
+    with on_device(x):
+        _residual_norm_fwd_kernel[(rows,)](
+            x, x if residual is None else residual, x if weight is None else weight,
+            x if bias is None else bias, out, out if not store_residual else residual_out,
+            rstd if rms else mean, rstd,
+            x.stride(0), 0 if residual is None else residual.stride(0),
+            n, eps, dropout_p, 0 if seed is None else int(seed.item()),
+            IS_RMS=rms, HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None,
+            HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0.0, STORE_RESIDUAL=store_residual,
+            WIDE_OFFSETS=wide_offsets(rows * n), **_launch_config(n))
     return out, residual_out, mean, rstd
 
 
@@ -211,18 +212,19 @@ def residual_norm_bwd(grad_out, grad_residual_out, normed, weight, bias, mean, r
     partial_bias = torch.zeros((programs, n), dtype=torch.float32, device=normed.device) \
         if bias is not None else None
     if rows > 0:
-        _residual_norm_bwd_kernel[(programs,)](
-            grad_out, grad_out if grad_residual_out is None else grad_residual_out, normed,
-            normed if weight is None else weight, rstd, grad_x,
-            grad_x if grad_residual is None else grad_residual,
-            grad_x if partial_weight is None else partial_weight,
-            grad_x if partial_bias is None else partial_bias,
-            grad_out.stride(0), 0 if grad_residual_out is None else grad_residual_out.stride(0),
-            normed.stride(0), rows, n, triton.cdiv(rows, programs), dropout_p,
-            0 if seed is None else int(seed.item()),
-            IS_RMS=rms, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-            HAS_RESIDUAL=has_residual, HAS_GRAD_RESIDUAL_OUT=grad_residual_out is not None,
-            HAS_DROPOUT=dropout_p > 0.0, WIDE_OFFSETS=wide_offsets(rows * n), **_launch_config(n))
+        with on_device(normed):
+            _residual_norm_bwd_kernel[(programs,)](
+                grad_out, grad_out if grad_residual_out is None else grad_residual_out, normed,
+                normed if weight is None else weight, rstd, grad_x,
+                grad_x if grad_residual is None else grad_residual,
+                grad_x if partial_weight is None else partial_weight,
+                grad_x if partial_bias is None else partial_bias,
+                grad_out.stride(0), 0 if grad_residual_out is None else grad_residual_out.stride(0),
+                normed.stride(0), rows, n, triton.cdiv(rows, programs), dropout_p,
+                0 if seed is None else int(seed.item()),
+                IS_RMS=rms, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+                HAS_RESIDUAL=has_residual, HAS_GRAD_RESIDUAL_OUT=grad_residual_out is not None,
+                HAS_DROPOUT=dropout_p > 0.0, WIDE_OFFSETS=wide_offsets(rows * n), **_launch_config(n))
     grad_weight = None if weight is None else partial_weight.sum(dim=0).to(weight.dtype)
     grad_bias = None if bias is None else partial_bias.sum(dim=0).to(bias.dtype)
     return grad_x, grad_residual, grad_weight, grad_bias
