@@ -58,11 +58,21 @@ def _blhd(t: Tensor) -> Tensor:
     return t.transpose(1, 2).contiguous().transpose(1, 2)
 
 
-def _eager_or_compiled(function, op):
-    """The op while torch.compile traces (an opaque node), the autograd.Function otherwise."""
+def _eager_or_compiled(function, op, public_op, forward_name):
+    """The op while torch.compile traces (an opaque node), the autograd.Function otherwise.
+
+    A backend whose module sets ``DIFFERENTIABLE = True`` (the torch backend, composed of PyTorch
+    ops) runs its forward under PyTorch's own autograd in eager mode: no recomputation, and
+    PyTorch's backward kernels (SDPA's among them) instead of the explicit backward, which then
+    serves the custom op only.
+    """
     def call(*args):
         if torch.compiler.is_compiling():
             return op(*args)
+        name = public_op(*args) if callable(public_op) else public_op
+        implementation = _implementation(args[-1], name)
+        if getattr(implementation, "DIFFERENTIABLE", False):
+            return getattr(implementation, forward_name)(*args[:-1])
         return function.apply(*args)
     return call
 
@@ -154,7 +164,7 @@ class AttentionFunction(torch.autograd.Function):
         return _attention_grads(ctx, grad_out, grad_lse, backward=_attention_backward)
 
 
-attention = _eager_or_compiled(AttentionFunction, attention_fwd)
+attention = _eager_or_compiled(AttentionFunction, attention_fwd, "attention", "attention_fwd")
 
 
 # --------------------------------------------------------------------------------------------
@@ -249,7 +259,8 @@ class ResidualNormFunction(torch.autograd.Function):
         return _residual_norm_grads(ctx, *grads, backward=_residual_norm_backward)
 
 
-residual_norm = _eager_or_compiled(ResidualNormFunction, residual_norm_fwd)
+residual_norm = _eager_or_compiled(ResidualNormFunction, residual_norm_fwd,
+                                   lambda *args: _norm_name(args[6]), "residual_norm_fwd")
 
 
 # --------------------------------------------------------------------------------------------
@@ -313,4 +324,4 @@ class BiasGeluFunction(torch.autograd.Function):
         return _bias_gelu_grads(ctx, grad_out, backward=_bias_gelu_backward)
 
 
-bias_gelu = _eager_or_compiled(BiasGeluFunction, bias_gelu_fwd)
+bias_gelu = _eager_or_compiled(BiasGeluFunction, bias_gelu_fwd, "bias_gelu", "bias_gelu_fwd")

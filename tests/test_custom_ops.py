@@ -125,3 +125,44 @@ def test_compile_fullgraph_with_dropout_draws_a_fresh_mask_each_step():
     assert not torch.equal(first, second)  # the seed is a graph input, not a baked-in constant
     first.sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("mask_kind", ["none", "float", "causal+padding", "dead rows", "dropout"])
+def test_torch_backend_explicit_backward(mask_kind, dtype):
+    """In eager mode the torch backend runs under PyTorch's autograd; inside the custom op
+    (torch.compile) its explicit backward runs instead: check that one against float64."""
+    import reference
+    from fastformer.functional import _draw_seed
+    from fastformer.torch_backend.dropout import dropout_keep_mask
+    from helpers import ATTENTION_TOL, assert_rel_close
+
+    batch, heads_q, heads_k, len_q, len_k, dim = 2, 4, 2, 9, 13, 16
+    q = torch.randn(batch, heads_q, len_q, dim, dtype=dtype, requires_grad=True)
+    k = torch.randn(batch, heads_k, len_k, dim, dtype=dtype, requires_grad=True)
+    v = torch.randn(batch, heads_k, len_k, dim, dtype=dtype, requires_grad=True)
+    mask = padding = seed = keep = None
+    causal, p = False, 0.0
+    if mask_kind == "float":
+        mask = torch.randn(1, heads_q, len_q, len_k, dtype=dtype, requires_grad=True)
+    if mask_kind in ("causal+padding", "dead rows"):
+        causal = True
+        padding = torch.zeros(batch, len_k, dtype=torch.bool)
+        padding[0, 7:] = True
+        if mask_kind == "dead rows":
+            padding[1, :3] = True  # queries 0..2 of batch row 1 see no key
+    if mask_kind == "dropout":
+        p = 0.3
+        seed = _draw_seed(p)
+        keep = dropout_keep_mask(seed, (batch, heads_q, len_q, len_k), p, "cpu")
+    out, _ = library.AttentionFunction.apply(q, k, v, mask, padding, p, causal, dim**-0.5, seed, "torch")
+    expected = reference.attention(q, k, v, attn_mask=mask, key_padding_mask=padding, is_causal=causal,
+                                   keep=keep, dropout_p=p)
+    inputs = [t for t in (q, k, v, mask) if t is not None]
+    grad_out = torch.randn_like(expected)
+    got = torch.autograd.grad(out, inputs, grad_out.to(dtype))
+    want = torch.autograd.grad(expected, inputs, grad_out)
+    fwd_tol, grad_tol = ATTENTION_TOL[dtype]
+    assert_rel_close(out, expected, fwd_tol, "out")
+    for name, grad, expected_grad in zip("qkvm", got, want):
+        assert_rel_close(grad, expected_grad, grad_tol, f"grad {name}")

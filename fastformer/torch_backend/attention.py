@@ -25,6 +25,10 @@ from fastformer.torch_backend.dropout import dropout_keep_mask
 
 _CHUNK_BYTES = 256 * 2**20
 
+# The forward is composed of differentiable PyTorch ops: in eager mode fastformer runs it under
+# PyTorch's autograd; the explicit backward below serves the custom op (torch.compile).
+DIFFERENTIABLE = True
+
 
 def _folded_mask(query, key, attn_mask, key_padding_mask, is_causal):
     """One mask holding attn_mask, key_padding_mask and causality, plus the rows still alive.
@@ -102,7 +106,9 @@ def attention_fwd(query, key, value, attn_mask, key_padding_mask, dropout_p, is_
     len_k, dim_v = key.shape[-2], value.shape[-1]
     no_lse = query.new_empty(0, dtype=torch.float32)
     if query.numel() == 0 or len_k == 0:  # nothing to attend to
-        return query.new_zeros(batch, heads_q, len_q, dim_v), no_lse
+        # Zeros that autograd connects to the inputs, so that they get (zero) gradients.
+        connected = (query.sum() + key.sum() + value.sum()) * 0.0
+        return query.new_zeros(batch, heads_q, len_q, dim_v) + connected, no_lse
     mask, alive = _folded_mask(query, key, attn_mask, key_padding_mask, is_causal)
     if dropout_p == 0.0:
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask,

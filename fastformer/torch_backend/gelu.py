@@ -12,6 +12,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+# The forward is composed of differentiable PyTorch ops: in eager mode fastformer runs it under
+# PyTorch's autograd; the explicit backward below serves the custom op (torch.compile).
+DIFFERENTIABLE = True
+
 
 def _pre_activation(x, bias):
     h = x.to(torch.promote_types(x.dtype, torch.float32))

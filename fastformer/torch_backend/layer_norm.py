@@ -20,6 +20,10 @@ import torch
 
 from fastformer.torch_backend.dropout import dropout_keep_mask
 
+# The forward is composed of differentiable PyTorch ops: in eager mode fastformer runs it under
+# PyTorch's autograd; the explicit backward below serves the custom op (torch.compile).
+DIFFERENTIABLE = True
+
 
 def _compute_dtype(dtype):
     return torch.promote_types(dtype, torch.float32)
