@@ -12,6 +12,8 @@ from fastformer import dispatch as _dispatch
 from fastformer import library as _library  # registers torch.ops.fastformer.*
 from fastformer.dispatch import BackendUnavailableError, use_backend
 from fastformer.functional import attention, bias_gelu, explain, residual_layer_norm, residual_rms_norm
+from fastformer.nn import FastMultiheadAttention, FastTransformerEncoderLayer
+from fastformer.optimize import OptimizeReport, optimize
 
 try:
     __version__ = _metadata.version("fastformer")
@@ -29,10 +31,14 @@ def available_backends() -> dict:
 
 __all__ = [
     "BackendUnavailableError",
+    "FastMultiheadAttention",
+    "FastTransformerEncoderLayer",
+    "OptimizeReport",
     "attention",
     "available_backends",
     "bias_gelu",
     "explain",
+    "optimize",
     "residual_layer_norm",
     "residual_rms_norm",
     "use_backend",

@@ -1,0 +1,9 @@
+"""Drop-in ``torch.nn`` modules whose hot spots run on fastformer's fused ops."""
+
+from fastformer.nn.encoder import FastTransformerEncoderLayer
+from fastformer.nn.multihead_attention import FastMultiheadAttention
+
+__all__ = [
+    "FastMultiheadAttention",
+    "FastTransformerEncoderLayer",
+]

