@@ -91,7 +91,8 @@ def _prepare_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_caus
         gqa=heads_q != heads_k,
         value_dim=value.shape[3] != head_dim,
     )
-    call = dispatch.Call(op, query.device, query.dtype, needs, head_dim=head_dim)
+    # A kernel must hold both the query/key and the value head dims: check the larger.
+    call = dispatch.Call(op, query.device, query.dtype, needs, head_dim=max(head_dim, value.shape[3]))
     args = (query, key, value, mask, key_padding_mask, dropout_p, is_causal, float(scale))
     return call, args
 

@@ -243,10 +243,11 @@ def test_dropout_is_reproducible_and_fresh_per_call(backend):
     again = fastformer.attention(q, k, v, dropout_p=0.5, backend=backend)
     torch.testing.assert_close(first, again, rtol=0, atol=0)
     assert not torch.equal(first, second)
-    # Dropout keeps the expectation: the mean over many calls approaches the dropout-free output.
+    # Dropout keeps the expectation: the mean over many calls approaches the dropout-free output
+    # (relative error about 1/sqrt(calls); a missing 1/(1-p) rescale would be off by 50%).
     mean = torch.stack([fastformer.attention(q, k, v, dropout_p=0.5, backend=backend)
-                        for _ in range(400)]).mean(0)
-    assert_rel_close(mean, fastformer.attention(q, k, v, backend=backend), 0.1, "mean over calls")
+                        for _ in range(100)]).mean(0)
+    assert_rel_close(mean, fastformer.attention(q, k, v, backend=backend), 0.25, "mean over calls")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -44,7 +44,12 @@ def op_table() -> dict:
                    features=frozenset({"dropout", "residual", "weight", "bias"}), max_hidden=MAX_HIDDEN)
     gelu = Support(devices=devices, dtypes=dtypes, forced_only_devices=emulated,
                    features=frozenset({"bias", "tanh", "erf"}))
+    attention = Support(devices=devices, dtypes=dtypes, forced_only_devices=emulated,
+                        features=frozenset({"dropout", "causal", "bool_mask", "float_mask",
+                                            "key_padding_mask", "gqa", "value_dim"}),
+                        head_dims=(1, 256))
     return {
+        "attention": (attention, "fastformer.triton.attention"),
         "residual_layer_norm": (norm, "fastformer.triton.layer_norm"),
         "residual_rms_norm": (norm, "fastformer.triton.layer_norm"),
         "bias_gelu": (gelu, "fastformer.triton.bias_gelu"),

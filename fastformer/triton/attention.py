@@ -1,0 +1,598 @@
+"""Flash attention in Triton: the forward never materialises the Lq x Lk score matrix.
+
+Read top-down: shared tile helpers, the forward kernel, the three backward kernels (preprocess,
+dK/dV, dQ), then the launchers (``attention_fwd`` / ``attention_bwd``, the interface every backend
+implements; the autograd layer is shared, in ``fastformer/library.py``).
+
+Forward (FlashAttention-2): one program per (block of BLOCK_M query rows, batch, query head). Key
+and value tiles of BLOCK_N rows stream through an online softmax; the program keeps the running
+row max, row sum and a float32 output accumulator, and writes the output and the row's
+log-sum-exp (lse, float32, (B, Hq, Lq)) for the backward. Backward: recompute the probabilities
+from lse, a preprocess kernel for delta = rowsum(dO * O), one kernel over key blocks for dK, dV
+(GQA: a program sums over the query heads of its key/value head, so no atomics) and one over
+query blocks for dQ. No atomics anywhere: the results are run-to-run identical.
+
+What the kernels handle (everything the op table declares for "attention"):
+- float16 / bfloat16 / float32 inputs, float32 accumulation; head dims 1..256, D != Dv, each padded
+  to a power of two >= 16 (masked loads: 50 -> 64);
+- any strides (all four of every tensor are passed, e.g. views of (B, L, H, D) projections);
+- GQA / MQA: key/value head = query head // (Hq // Hk), K and V never repeated in memory;
+- is_causal, top-left aligned (query i attends keys j <= i): key tiles above the diagonal are
+  skipped (forward, dQ) and query tiles below it start the dK/dV loop;
+- key_padding_mask: a right-padding mask (a prefix of each row kept) becomes one key length per
+  batch row, and key tiles past it are skipped; any other key_padding_mask is folded into a bool
+  / additive attn_mask by the launcher;
+- attn_mask, bool (True = attend) or additive float, broadcastable to (B, Hq, Lq, Lk), loaded tile
+  by tile with stride 0 on its broadcast dims;
+- dropout from Philox, element (b, h, i, j) kept when rand(seed, ((b Hq + h) Lq + i) Lk + j) >= p,
+  exactly ``fastformer.triton.dropout.dropout_keep_mask(seed, (B, Hq, Lq, Lk), p)``, regenerated in
+  the backward;
+- rows with no key left: output 0, lse = -inf, gradients 0 (never NaN).
+Not handled (the op falls back to the torch backend): a gradient for a float attn_mask.
+
+Under Triton's interpreter (DOT_IN_FP32) the tiles that feed tl.dot are upcast to float32 as
+they are loaded: the interpreter multiplies the raw bits of bfloat16 operands (triton #11584). On
+the GPU they stay in the input dtype: float16 / bfloat16 on the tensor cores, float32 as tf32.
+
+Launch configuration: under Triton's interpreter (CPU tests) a plain launch with small fixed
+blocks; on the GPU ``triton.autotune`` over Hopper/Ampere-sized configs, keyed on the padded head
+dims, the mask/causal/dropout switches and the sequence lengths rounded up to powers of two (so
+that variable-length batches do not re-tune on every new length).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from fastformer.triton import interpreter_enabled, on_device
+from fastformer.triton.dropout import dropout_keep, wide_offsets
+
+LOG2E = 1.4426950408889634  # exp(x) = exp2(x * LOG2E)
+
+# MASK_KIND values
+NO_MASK, BOOL_MASK, FLOAT_MASK = 0, 1, 2
+
+# The largest head dim the kernels take (a tile of BLOCK x 256 float32 per operand).
+MAX_HEAD_DIM = 256
+
+
+# --------------------------------------------------------------------------------------------
+# tile helpers
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _scores(qk, q_idx, k_idx, MASK_TILE, stride_mask_q, stride_mask_k, len_q, key_len, qk_scale,
+            IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr):
+    """Scores in the log2 domain, -inf where key k_idx is not attended by query q_idx.
+
+    qk is a tile of q . k products; q_idx / k_idx are the query / key indices broadcast to its
+    shape ([:, None] and [None, :], or transposed: the tile may be (queries, keys) or (keys,
+    queries)). MASK_TILE points at the attn_mask of this (batch, query head).
+        s = (scale * q.k + attn_mask) * log2(e)
+    """
+    valid = (q_idx < len_q) & (k_idx < key_len)
+    if IS_CAUSAL:
+        valid = valid & (k_idx <= q_idx)
+    s = qk * qk_scale
+    if MASK_KIND == 1:  # bool, stored as uint8: nonzero = may attend
+        allowed = tl.load(MASK_TILE + q_idx * stride_mask_q + k_idx * stride_mask_k, mask=valid, other=0)
+        valid = valid & (allowed != 0)
+    if MASK_KIND == 2:  # additive
+        bias = tl.load(MASK_TILE + q_idx * stride_mask_q + k_idx * stride_mask_k, mask=valid, other=0.0)
+        s += bias.to(tl.float32) * 1.4426950408889634
+    return tl.where(valid, s, float("-inf"))
+
+
+@triton.jit
+def _keep(seed, row_base, q_idx, k_idx, len_k, dropout_p, WIDE_OFFSETS: tl.constexpr):
+    """The dropout keep-mask of a tile: element (b, h, i, j) has offset ((b Hq + h) Lq + i) Lk + j,
+    with row_base = (b Hq + h) Lq (int64)."""
+    return dropout_keep(seed, (row_base + q_idx) * len_k + k_idx, dropout_p, WIDE_OFFSETS)
+
+
+# --------------------------------------------------------------------------------------------
+# forward
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _attention_fwd_kernel(
+    Q,            # in: query (B, Hq, Lq, D), strides stride_q*
+    K,            # in: key (B, Hk, Lk, D), strides stride_k*
+    V,            # in: value (B, Hk, Lk, Dv), strides stride_v*
+    MASK,         # in: attn_mask viewed as (B, Hq, Lq, Lk), stride 0 on broadcast dims; bool as
+                  #     uint8 or additive float; unused when MASK_KIND == 0
+    KEY_LENGTHS,  # in: (B,) int32 keys kept per batch row (right padding); unused without HAS_KEY_LENGTHS
+    OUT,          # out: (B, Hq, Lq, Dv) in the query dtype, strides stride_o*
+    LSE,          # out: (B, Hq, Lq) float32 contiguous, natural log; -inf on rows with no key
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_ob, stride_oh, stride_om, stride_od,
+    heads_q, group, len_q, len_k, dim, dim_v,
+    bucket_q, bucket_k,  # unused: the sequence lengths rounded to powers of two, autotuning keys
+    qk_scale,            # scale * log2(e)
+    dropout_p, seed,
+    IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KEY_LENGTHS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, WIDE_OFFSETS: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """One program per (block of BLOCK_M query rows, query head, batch). For each query row i:
+
+        s_j = scale * q_i . k_j + mask_ij        (-inf where masked, causal j > i, or padding)
+        m = max_j s_j;  l = sum_j exp(s_j - m);  lse = m + log(l)
+        o_i = sum_j exp(s_j - lse) * keep_ij / (1 - p) * v_j        (keep = 1 without dropout)
+
+    computed online over key tiles: with m' the new running max, l <- l exp(m - m') + sum exp(s - m')
+    and acc <- acc exp(m - m') + exp(s - m') keep / (1 - p) @ v; o = acc / l at the end. A row
+    whose scores are all -inf keeps m = -inf (its exponentials use 0 as the base: no NaN), l = 0,
+    and writes o = 0, lse = -inf. Key tiles past the row block's last visible key are not visited.
+    Works in base 2 (exp2) with log2(e) folded into the scale.
+    """
+    start_m = tl.program_id(0) * BLOCK_M
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    hk = h // group
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=(offs_m[:, None] < len_q) & (offs_d[None, :] < dim), other=0.0)
+    if DOT_IN_FP32:  # the interpreter's tl.dot wants float32 (module docstring)
+        q = q.to(tl.float32)
+    K_TILE = K + b * stride_kb + hk * stride_kh + offs_d[None, :] * stride_kd
+    V_TILE = V + b * stride_vb + hk * stride_vh + offs_dv[None, :] * stride_vd
+    MASK_TILE = MASK + b * stride_mb + h * stride_mh
+    row_base = (b * heads_q + h) * len_q
+
+    key_len = len_k
+    if HAS_KEY_LENGTHS:
+        key_len = tl.load(KEY_LENGTHS + b)
+    end_n = key_len
+    if IS_CAUSAL:
+        end_n = tl.minimum(end_n, start_m + BLOCK_M)
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
+    for start_n in range(0, end_n, BLOCK_N):
+        idx_n = start_n + offs_n
+        k = tl.load(K_TILE + idx_n[:, None] * stride_kn,
+                    mask=(idx_n[:, None] < key_len) & (offs_d[None, :] < dim), other=0.0)
+        if DOT_IN_FP32:  # the interpreter's tl.dot wants float32 (module docstring)
+            k = k.to(tl.float32)
+        qk = tl.dot(q, tl.trans(k))
+        s = _scores(qk, offs_m[:, None], idx_n[None, :], MASK_TILE, stride_mm, stride_mn, len_q, key_len,
+                    qk_scale, IS_CAUSAL, MASK_KIND)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        base = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: exp2(-inf - 0) = 0
+        p = tl.math.exp2(s - base[:, None])
+        alpha = tl.math.exp2(m_i - base)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None]
+        if HAS_DROPOUT:
+            keep = _keep(seed, row_base, offs_m[:, None], idx_n[None, :], len_k, dropout_p, WIDE_OFFSETS)
+            p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+        v = tl.load(V_TILE + idx_n[:, None] * stride_vn,
+                    mask=(idx_n[:, None] < key_len) & (offs_dv[None, :] < dim_v), other=0.0)
+        if DOT_IN_FP32:  # the interpreter's tl.dot wants float32 (module docstring)
+            v = v.to(tl.float32)
+        acc += tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    alive = l_i > 0.0
+    out = acc / tl.where(alive, l_i, 1.0)[:, None]
+    lse = tl.where(alive, (m_i + tl.math.log2(tl.where(alive, l_i, 1.0))) * 0.6931471805599453,
+                   float("-inf"))
+    tl.store(LSE + row_base + offs_m, lse, mask=offs_m < len_q)
+    tl.store(OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
+             out.to(OUT.dtype.element_ty), mask=(offs_m[:, None] < len_q) & (offs_dv[None, :] < dim_v))
+
+
+# --------------------------------------------------------------------------------------------
+# backward
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _attention_bwd_preprocess_kernel(
+    OUT,       # in: forward output (B, Hq, Lq, Dv), strides stride_o*
+    GRAD_OUT,  # in: dO (B, Hq, Lq, Dv), strides stride_g*
+    DELTA,     # out: (B, Hq, Lq) float32 contiguous
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_gb, stride_gh, stride_gm, stride_gd,
+    heads_q, len_q, dim_v,
+    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """delta_i = rowsum(dO_i * O_i) = sum_j P_ij dP_ij (the softmax backward's row term, with
+    P the probabilities and dP the gradient of the dropped-out probabilities times keep / (1-p))."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    inside = (offs_m[:, None] < len_q) & (offs_dv[None, :] < dim_v)
+    o = tl.load(OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om
+                + offs_dv[None, :] * stride_od,
+                mask=inside, other=0.0).to(tl.float32)
+    do = tl.load(GRAD_OUT + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gm
+                 + offs_dv[None, :] * stride_gd, mask=inside, other=0.0).to(tl.float32)
+    tl.store(DELTA + (b * heads_q + h) * len_q + offs_m, tl.sum(o * do, axis=1), mask=offs_m < len_q)
+
+
+@triton.jit
+def _row_lse_log2(LSE_ROW, idx, len_q):
+    """lse * log2(e) of the rows idx, +inf where lse = -inf (no key) or idx >= len_q: there
+    P = exp2(s - lse * log2(e)) is exp2(-inf) = 0, never NaN."""
+    lse = tl.load(LSE_ROW + idx, mask=idx < len_q, other=float("-inf"))
+    return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+
+
+@triton.jit
+def _attention_bwd_dkdv_kernel(
+    Q, K, V,      # in: as in the forward (strides stride_q*, stride_k*, stride_v*)
+    MASK,         # in: attn_mask as in the forward (strides stride_m*)
+    KEY_LENGTHS,  # in: (B,) int32 as in the forward
+    GRAD_OUT,     # in: dO (B, Hq, Lq, Dv), strides stride_g*
+    LSE, DELTA,   # in: (B, Hq, Lq) float32 contiguous
+    GRAD_K,       # out: dK (B, Hk, Lk, D) contiguous, key dtype
+    GRAD_V,       # out: dV (B, Hk, Lk, Dv) contiguous, value dtype
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_gb, stride_gh, stride_gm, stride_gd,
+    heads_q, heads_k, group, len_q, len_k, dim, dim_v,
+    bucket_q, bucket_k,  # unused: autotuning keys
+    qk_scale, scale, dropout_p, seed,
+    IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KEY_LENGTHS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, WIDE_OFFSETS: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """One program per (block of BLOCK_N keys, key/value head, batch); it loops over the `group`
+    query heads sharing that key/value head and over their query blocks, transposed tiles (keys x
+    queries):
+
+        P = exp(s - lse)  (s as in the forward);  Pd = P * keep / (1 - p)
+        dV = sum over heads of Pd^T dO
+        dPd = dO V^T;  dP = dPd * keep / (1 - p);  dS = P * (dP - delta)
+        dK = scale * sum over heads of dS^T Q
+
+    Causal: query blocks before the key block's first key are not visited; key blocks past the
+    batch row's key length visit nothing and write zeros.
+    """
+    start_n = tl.program_id(0) * BLOCK_N
+    hk = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+
+    key_len = len_k
+    if HAS_KEY_LENGTHS:
+        key_len = tl.load(KEY_LENGTHS + b)
+    k = tl.load(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn
+                + offs_d[None, :] * stride_kd,
+                mask=(offs_n[:, None] < key_len) & (offs_d[None, :] < dim), other=0.0)
+    if DOT_IN_FP32:  # the interpreter's tl.dot wants float32 (module docstring)
+        k = k.to(tl.float32)
+    v = tl.load(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn
+                + offs_dv[None, :] * stride_vd,
+                mask=(offs_n[:, None] < key_len) & (offs_dv[None, :] < dim_v), other=0.0)
+    if DOT_IN_FP32:  # the interpreter's tl.dot wants float32 (module docstring)
+        v = v.to(tl.float32)
+    begin_m = 0
+    if IS_CAUSAL:
+        begin_m = (start_n // BLOCK_M) * BLOCK_M  # rows i < start_n see none of these keys
+    end_m = tl.where(start_n < key_len, len_q, 0)  # a block of padding keys: nothing to visit
+
+    grad_k = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    grad_v = tl.zeros((BLOCK_N, BLOCK_DV), tl.float32)
+    for g in range(0, group):
+        h = hk * group + g
+        Q_TILE = Q + b * stride_qb + h * stride_qh + offs_d[:, None] * stride_qd      # (D, M): Q^T
+        DO_TILE = GRAD_OUT + b * stride_gb + h * stride_gh + offs_dv[None, :] * stride_gd  # (M, Dv)
+        MASK_TILE = MASK + b * stride_mb + h * stride_mh
+        row_base = (b * heads_q + h) * len_q
+        for start_m in range(begin_m, end_m, BLOCK_M):
+            idx_m = start_m + offs_m
+            q_t = tl.load(Q_TILE + idx_m[None, :] * stride_qm,
+                          mask=(idx_m[None, :] < len_q) & (offs_d[:, None] < dim), other=0.0)
+            if DOT_IN_FP32:  # the interpreter's tl.dot wants float32 (module docstring)
+                q_t = q_t.to(tl.float32)
+            s_t = _scores(tl.dot(k, q_t), idx_m[None, :], offs_n[:, None], MASK_TILE, stride_mm,
+                          stride_mn, len_q, key_len, qk_scale, IS_CAUSAL, MASK_KIND)
+            p_t = tl.math.exp2(s_t - _row_lse_log2(LSE + row_base, idx_m, len_q)[None, :])
+            do = tl.load(DO_TILE + idx_m[:, None] * stride_gm,
+                         mask=(idx_m[:, None] < len_q) & (offs_dv[None, :] < dim_v), other=0.0)
+            if DOT_IN_FP32:  # the interpreter's tl.dot wants float32 (module docstring)
+                do = do.to(tl.float32)
+            dp_t = tl.dot(v, tl.trans(do))  # dPd^T (N, M)
+            if HAS_DROPOUT:
+                keep_t = _keep(seed, row_base, idx_m[None, :], offs_n[:, None], len_k, dropout_p,
+                               WIDE_OFFSETS)
+                pd_t = tl.where(keep_t, p_t / (1.0 - dropout_p), 0.0)
+                dp_t = tl.where(keep_t, dp_t / (1.0 - dropout_p), 0.0)
+            else:
+                pd_t = p_t
+            grad_v += tl.dot(pd_t.to(do.dtype), do)
+            delta = tl.load(DELTA + row_base + idx_m, mask=idx_m < len_q, other=0.0)
+            ds_t = p_t * (dp_t - delta[None, :])
+            grad_k += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t))
+
+    grad_k *= scale
+    base = (b * heads_k + hk) * len_k
+    tl.store(GRAD_K + (base + offs_n[:, None]) * dim + offs_d[None, :], grad_k.to(GRAD_K.dtype.element_ty),
+             mask=(offs_n[:, None] < len_k) & (offs_d[None, :] < dim))
+    tl.store(GRAD_V + (base + offs_n[:, None]) * dim_v + offs_dv[None, :], grad_v.to(GRAD_V.dtype.element_ty),
+             mask=(offs_n[:, None] < len_k) & (offs_dv[None, :] < dim_v))
+
+
+@triton.jit
+def _attention_bwd_dq_kernel(
+    Q, K, V,      # in: as in the forward (strides stride_q*, stride_k*, stride_v*)
+    MASK,         # in: attn_mask as in the forward (strides stride_m*)
+    KEY_LENGTHS,  # in: (B,) int32 as in the forward
+    GRAD_OUT,     # in: dO (B, Hq, Lq, Dv), strides stride_g*
+    LSE, DELTA,   # in: (B, Hq, Lq) float32 contiguous
+    GRAD_Q,       # out: dQ (B, Hq, Lq, D) contiguous, query dtype
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_gb, stride_gh, stride_gm, stride_gd,
+    heads_q, group, len_q, len_k, dim, dim_v,
+    bucket_q, bucket_k,  # unused: autotuning keys
+    qk_scale, scale, dropout_p, seed,
+    IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KEY_LENGTHS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, WIDE_OFFSETS: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """One program per (block of BLOCK_M query rows, query head, batch), visiting the key tiles
+    the forward visits:
+
+        P = exp(s - lse);  dP = (dO V^T) * keep / (1 - p);  dS = P * (dP - delta)
+        dQ = scale * dS K
+    """
+    start_m = tl.program_id(0) * BLOCK_M
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    hk = h // group
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_base = (b * heads_q + h) * len_q
+
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=(offs_m[:, None] < len_q) & (offs_d[None, :] < dim), other=0.0)
+    if DOT_IN_FP32:  # the interpreter's tl.dot wants float32 (module docstring)
+        q = q.to(tl.float32)
+    do = tl.load(GRAD_OUT + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gm
+                 + offs_dv[None, :] * stride_gd, mask=(offs_m[:, None] < len_q) & (offs_dv[None, :] < dim_v),
+                 other=0.0)
+    if DOT_IN_FP32:  # the interpreter's tl.dot wants float32 (module docstring)
+        do = do.to(tl.float32)
+    lse_log2 = _row_lse_log2(LSE + row_base, offs_m, len_q)
+    delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < len_q, other=0.0)
+    K_TILE = K + b * stride_kb + hk * stride_kh + offs_d[None, :] * stride_kd
+    V_TILE = V + b * stride_vb + hk * stride_vh + offs_dv[None, :] * stride_vd
+    MASK_TILE = MASK + b * stride_mb + h * stride_mh
+
+    key_len = len_k
+    if HAS_KEY_LENGTHS:
+        key_len = tl.load(KEY_LENGTHS + b)
+    end_n = key_len
+    if IS_CAUSAL:
+        end_n = tl.minimum(end_n, start_m + BLOCK_M)
+
+    grad_q = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    for start_n in range(0, end_n, BLOCK_N):
+        idx_n = start_n + offs_n
+        k = tl.load(K_TILE + idx_n[:, None] * stride_kn,
+                    mask=(idx_n[:, None] < key_len) & (offs_d[None, :] < dim), other=0.0)
+        if DOT_IN_FP32:  # the interpreter's tl.dot wants float32 (module docstring)
+            k = k.to(tl.float32)
+        v = tl.load(V_TILE + idx_n[:, None] * stride_vn,
+                    mask=(idx_n[:, None] < key_len) & (offs_dv[None, :] < dim_v), other=0.0)
+        if DOT_IN_FP32:  # the interpreter's tl.dot wants float32 (module docstring)
+            v = v.to(tl.float32)
+        s = _scores(tl.dot(q, tl.trans(k)), offs_m[:, None], idx_n[None, :], MASK_TILE, stride_mm,
+                    stride_mn, len_q, key_len, qk_scale, IS_CAUSAL, MASK_KIND)
+        p = tl.math.exp2(s - lse_log2[:, None])
+        dp = tl.dot(do, tl.trans(v))
+        if HAS_DROPOUT:
+            keep = _keep(seed, row_base, offs_m[:, None], idx_n[None, :], len_k, dropout_p, WIDE_OFFSETS)
+            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        ds = p * (dp - delta[:, None])
+        grad_q += tl.dot(ds.to(k.dtype), k)
+
+    grad_q *= scale
+    tl.store(GRAD_Q + (row_base + offs_m[:, None]) * dim + offs_d[None, :],
+             grad_q.to(GRAD_Q.dtype.element_ty),
+             mask=(offs_m[:, None] < len_q) & (offs_d[None, :] < dim))
+
+
+# --------------------------------------------------------------------------------------------
+# launch configurations
+# --------------------------------------------------------------------------------------------
+# Under the interpreter: small fixed tiles (fast on the CPU, and odd lengths cross tile edges).
+_INTERPRETER_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32}
+
+# On the GPU: (BLOCK_M, BLOCK_N, num_warps, num_stages) for Hopper / Ampere, by padded head dim
+# (the larger of D and Dv). Configs that do not fit in shared memory (float32 inputs need about
+# twice the bytes of 16-bit ones) are skipped by the autotuner; each list ends with a small
+# single-stage config that fits every dtype and head dim in under 99 KiB (checked by compiling
+# for sm_90 with ptxas), so that some config always runs.
+_GPU_CONFIGS = {
+    "fwd": {
+        64: [(128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 4, 4), (128, 32, 4, 4), (64, 64, 4, 3),
+             (64, 64, 4, 4), (64, 32, 4, 3)],
+        128: [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3),
+              (64, 64, 4, 2), (64, 32, 4, 3)],
+        256: [(128, 64, 8, 2), (64, 64, 4, 2), (64, 64, 8, 2), (64, 32, 4, 2), (32, 32, 4, 2)],
+        "small": [(32, 32, 4, 1)],
+    },
+    "dkdv": {  # (BLOCK_M: query rows streamed, BLOCK_N: keys held by the program)
+        64: [(32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 2), (64, 64, 4, 3), (32, 64, 4, 3),
+             (64, 64, 4, 2)],
+        128: [(32, 128, 8, 2), (32, 128, 4, 2), (64, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3),
+              (64, 64, 8, 3)],
+        256: [(32, 64, 4, 2), (32, 64, 8, 2), (16, 64, 4, 2), (32, 32, 4, 2), (16, 32, 4, 2)],
+        "small": [(16, 32, 4, 1)],
+    },
+    "dq": {  # (BLOCK_M: query rows held by the program, BLOCK_N: keys streamed)
+        64: [(128, 32, 4, 3), (128, 64, 8, 3), (128, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3),
+             (128, 128, 8, 2)],
+        128: [(128, 32, 8, 2), (128, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3)],
+        256: [(64, 32, 4, 2), (64, 32, 8, 2), (32, 32, 4, 2), (64, 16, 4, 2), (32, 64, 4, 2)],
+        "small": [(32, 16, 4, 1)],
+    },
+}
+_TUNING_KEY = ["bucket_q", "bucket_k", "group", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "MASK_KIND",
+               "HAS_KEY_LENGTHS", "HAS_DROPOUT"]
+_KERNELS = {"fwd": _attention_fwd_kernel, "dkdv": _attention_bwd_dkdv_kernel, "dq": _attention_bwd_dq_kernel}
+
+
+@functools.lru_cache(maxsize=None)
+def _autotuned(kind: str, head_class: int):
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+               for m, n, w, s in _GPU_CONFIGS[kind][head_class] + _GPU_CONFIGS[kind]["small"]]
+    return triton.autotune(configs=configs, key=_TUNING_KEY)(_KERNELS[kind])
+
+
+def _launch(kind: str, rows: int, heads: int, batch: int, args: tuple, meta: dict, interpret: bool):
+    """Launch kernel ``kind`` over (cdiv(rows, BLOCK), heads, batch) programs; BLOCK is BLOCK_M for
+    the forward and dQ (query blocks), BLOCK_N for dK/dV (key blocks). Row blocks vary fastest, so
+    programs reading the same K/V run together (L2 reuse); heads and batch on their own grid axes
+    keep each under CUDA's 65535 limit."""
+    tiled = "BLOCK_N" if kind == "dkdv" else "BLOCK_M"
+    if interpret:
+        grid = (triton.cdiv(rows, _INTERPRETER_BLOCKS[tiled]), heads, batch)
+        _KERNELS[kind][grid](*args, **meta, **_INTERPRETER_BLOCKS, num_warps=4)
+        return
+    head_class = max(64, meta["BLOCK_D"], meta["BLOCK_DV"])
+
+    def grid(config):
+        return (triton.cdiv(rows, config[tiled]), heads, batch)
+
+    _autotuned(kind, head_class)[grid](*args, **meta)
+
+
+def _head_block(dim: int) -> int:
+    return max(16, triton.next_power_of_2(dim))
+
+
+# --------------------------------------------------------------------------------------------
+# launchers
+# --------------------------------------------------------------------------------------------
+def _masks(query, key, attn_mask, key_padding_mask):
+    """(mask, mask kind, key lengths or None) for the kernels.
+
+    mask is attn_mask expanded to (B, Hq, Lq, Lk) (a view, stride 0 on broadcast dims), bool viewed
+    as uint8, float in the query dtype; or the query itself as an unused placeholder. A right-
+    padding key_padding_mask becomes int32 key lengths; any other is folded into the mask.
+    """
+    batch, heads_q, len_q, _ = query.shape
+    len_k = key.shape[2]
+    lengths = None
+    if key_padding_mask is not None:
+        lengths = (~key_padding_mask).sum(dim=-1)
+        prefix = torch.arange(len_k, device=key_padding_mask.device)[None, :] >= lengths[:, None]
+        if torch.equal(key_padding_mask, prefix):
+            lengths = lengths.to(torch.int32)
+        else:
+            lengths = None
+            padding = key_padding_mask[:, None, None, :]
+            if attn_mask is None:
+                attn_mask = ~padding
+            elif attn_mask.dtype == torch.bool:
+                attn_mask = attn_mask & ~padding
+            else:
+                attn_mask = attn_mask.masked_fill(padding, float("-inf"))
+    if attn_mask is None:
+        return query, NO_MASK, lengths
+    attn_mask = attn_mask.expand(batch, heads_q, len_q, len_k)
+    if attn_mask.dtype == torch.bool:
+        return attn_mask.view(torch.uint8), BOOL_MASK, lengths
+    return attn_mask.to(query.dtype), FLOAT_MASK, lengths
+
+
+def _strides(t):
+    return tuple(t.stride())
+
+
+def _common(query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal):
+    """What the forward and backward kernels share: (MASK, KEY_LENGTHS, the mask's four strides,
+    the compile-time switches); placeholders (the query, zero strides) for what is absent."""
+    batch, heads_q, len_q, dim = query.shape
+    heads_k, len_k, dim_v = key.shape[1], key.shape[2], value.shape[-1]
+    if dim > MAX_HEAD_DIM or dim_v > MAX_HEAD_DIM:
+        raise ValueError(f"attention (triton): head dims up to {MAX_HEAD_DIM}, got {dim} and {dim_v}")
+    mask, mask_kind, lengths = _masks(query, key, attn_mask, key_padding_mask)
+    meta = dict(IS_CAUSAL=bool(is_causal), MASK_KIND=mask_kind, HAS_KEY_LENGTHS=lengths is not None,
+                HAS_DROPOUT=dropout_p > 0.0,
+                WIDE_OFFSETS=wide_offsets(batch * heads_q * len_q * len_k),
+                DOT_IN_FP32=interpreter_enabled(), BLOCK_D=_head_block(dim), BLOCK_DV=_head_block(dim_v))
+    mask_strides = _strides(mask) if mask_kind != NO_MASK else (0, 0, 0, 0)
+    return mask, query if lengths is None else lengths, mask_strides, meta
+
+
+def _bucket(length: int) -> int:
+    return triton.next_power_of_2(max(1, length))
+
+
+def attention_fwd(query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed):
+    """Returns (out (B, Hq, Lq, Dv) stored as (B, Lq, Hq, Dv), lse (B, Hq, Lq) float32)."""
+    batch, heads_q, len_q, dim = query.shape
+    heads_k, len_k, dim_v = key.shape[1], key.shape[2], value.shape[-1]
+    out = torch.empty((batch, len_q, heads_q, dim_v), dtype=query.dtype, device=query.device).transpose(1, 2)
+    lse = torch.empty((batch, heads_q, len_q), dtype=torch.float32, device=query.device)
+    if out.numel() == 0 or len_k == 0:  # nothing to attend to
+        return out.zero_(), lse.fill_(float("-inf"))
+    mask, lengths, mask_strides, meta = _common(query, key, value, attn_mask, key_padding_mask, dropout_p,
+                                                is_causal)
+    args = (query, key, value, mask, lengths, out, lse,
+            *_strides(query), *_strides(key), *_strides(value), *mask_strides, *_strides(out),
+            heads_q, heads_q // heads_k, len_q, len_k, dim, dim_v, _bucket(len_q), _bucket(len_k),
+            scale * LOG2E, float(dropout_p), 0 if seed is None else int(seed.item()))
+    with on_device(query):
+        _launch("fwd", len_q, heads_q, batch, args, meta, interpreter_enabled())
+    return out, lse
+
+
+def attention_bwd(grad_out, query, key, value, out, lse, attn_mask, key_padding_mask, dropout_p,
+                  is_causal, scale, seed, mask_needs_grad):
+    """Returns (grad_query, grad_key, grad_value, None); contiguous gradients in the input dtypes."""
+    if mask_needs_grad:
+        raise NotImplementedError("attention (triton): no gradient for attn_mask (the op table does "
+                                  "not declare mask_grad, so dispatch sends such calls to the torch backend)")
+    batch, heads_q, len_q, dim = query.shape
+    heads_k, len_k, dim_v = key.shape[1], key.shape[2], value.shape[-1]
+    grad_q = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    grad_k = torch.empty(key.shape, dtype=key.dtype, device=key.device)
+    grad_v = torch.empty(value.shape, dtype=value.dtype, device=value.device)
+    if batch * heads_q * len_q == 0 or len_k == 0:
+        return grad_q.zero_(), grad_k.zero_(), grad_v.zero_(), None
+    mask, lengths, mask_strides, meta = _common(query, key, value, attn_mask, key_padding_mask, dropout_p,
+                                                is_causal)
+    interpret = interpreter_enabled()
+    seed_value = 0 if seed is None else int(seed.item())
+    delta = torch.empty((batch, heads_q, len_q), dtype=torch.float32, device=query.device)
+    with on_device(query):
+        block_m = _INTERPRETER_BLOCKS["BLOCK_M"] if interpret else 64
+        _attention_bwd_preprocess_kernel[(triton.cdiv(len_q, block_m), heads_q, batch)](
+            out, grad_out, delta, *_strides(out), *_strides(grad_out), heads_q, len_q, dim_v,
+            BLOCK_M=block_m, BLOCK_DV=meta["BLOCK_DV"])
+        shared = (query, key, value, mask, lengths, grad_out, lse, delta)
+        strides = (*_strides(query), *_strides(key), *_strides(value), *mask_strides, *_strides(grad_out))
+        group = heads_q // heads_k
+        tail = (_bucket(len_q), _bucket(len_k), scale * LOG2E, scale, float(dropout_p), seed_value)
+        _launch("dkdv", len_k, heads_k, batch,
+                (*shared, grad_k, grad_v, *strides, heads_q, heads_k, group, len_q, len_k, dim, dim_v, *tail),
+                meta, interpret)
+        _launch("dq", len_q, heads_q, batch,
+                (*shared, grad_q, *strides, heads_q, group, len_q, len_k, dim, dim_v, *tail), meta, interpret)
+    return grad_q, grad_k, grad_v, None
