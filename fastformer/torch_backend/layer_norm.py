@@ -42,6 +42,10 @@ def _centred(r):
     return shifted - shifted_mean, (shift + shifted_mean).view(-1)
 
 
+def _cast(t, dtype):
+    return None if t is None else t.to(dtype)
+
+
 def _dropped(x, dropout_p, seed, dtype):
     """dropout(x) in ``dtype``, with the keep-mask regenerated from ``seed``."""
     x = x.to(dtype)
@@ -63,17 +67,17 @@ def residual_norm_fwd(x, residual, weight, bias, eps, dropout_p, rms, seed, stor
         rstd = torch.rsqrt(r.square().mean(dim=-1) + eps)
         y = r * rstd[:, None]
         mean = r.new_empty(0)
+        if weight is not None:
+            y = y * weight.to(dtype)
     else:
-        centred, mean = _centred(r)
-        rstd = torch.rsqrt(centred.square().mean(dim=-1) + eps)
-        y = centred * rstd[:, None]
-    if weight is not None:
-        y = y * weight.to(dtype)
-    if bias is not None:
-        y = y + bias.to(dtype)
+        # LayerNorm is shift-invariant: normalising r - r[:, :1] gives the same result, and keeps
+        # its digits when the rows have a large mean (see _centred); PyTorch's fused kernel does
+        # the rest.
+        shift = r[:, :1]
+        y, mean, rstd = torch.native_layer_norm(r - shift, [r.shape[-1]], _cast(weight, dtype),
+                                                _cast(bias, dtype), eps)
+        mean, rstd = mean.view(-1) + shift.view(-1), rstd.view(-1)
     return y.to(x.dtype), residual_out, mean.float(), rstd.float()
-
-
 
 
 def residual_norm_bwd(grad_out, grad_residual_out, normed, weight, bias, mean, rstd, dropout_p, rms,
