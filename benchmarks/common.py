@@ -205,7 +205,8 @@ def _percentile(sorted_values: Sequence[float], q: float) -> float:
     return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (position - low)
 
 
-def _summary(times_ms: Sequence[float]) -> dict[str, Any]:
+def summary_ms(times_ms: Sequence[float]) -> dict[str, Any]:
+    """dict(median, p20, p80, n) of per-call times in milliseconds."""
     values = sorted(float(t) for t in times_ms)
     return {"median": _percentile(values, 0.5), "p20": _percentile(values, 0.2),
             "p80": _percentile(values, 0.8), "n": len(values)}
@@ -219,7 +220,7 @@ def _time_cpu(fn: Callable[[], Any], warmup: int, repeats: int) -> dict[str, Any
         start = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start) * 1e3)
-    return _summary(times)
+    return summary_ms(times)
 
 
 def _estimate_cuda_ms(fn: Callable[[], Any], flush: torch.Tensor, runs: int = 5) -> float:
@@ -249,7 +250,7 @@ def _time_cuda_events(fn: Callable[[], Any], warmup: int, repeats: int,
         fn()
         end.record()
     torch.cuda.synchronize()
-    return _summary([start.elapsed_time(end) for start, end in zip(starts, ends)])
+    return summary_ms([start.elapsed_time(end) for start, end in zip(starts, ends)])
 
 
 _DO_BENCH_ALL_WORKS: bool | None = None  # whether do_bench(return_mode="all") is accepted
@@ -270,7 +271,7 @@ def _time_do_bench(testing, fn: Callable[[], Any], warmup: int, repeats: int,
             times = testing.do_bench(fn, return_mode="all", **kwargs)
             if isinstance(times, (list, tuple)) and times:
                 _DO_BENCH_ALL_WORKS = True
-                return _summary(times)
+                return summary_ms(times)
         except (AssertionError, ValueError, TypeError, KeyError):
             if _DO_BENCH_ALL_WORKS:  # it worked before: the error came from fn, not the option
                 raise

@@ -8,7 +8,8 @@ Providers, per module: ``torch.nn`` (nn.MultiheadAttention / nn.TransformerEncod
 training step is forward + backward of ``out.square().mean()`` on random (B, L, E) batch-first
 inputs with IMDB-like key padding (per-row lengths between 10% and 100% of L), dropout 0.1 and
 the layer in train mode; ``fwd`` is the forward alone (train mode, grads recorded). Every row is
-the median of ``--repeats`` timed runs after ``--warmup`` runs; ratio = torch.nn ms / fastformer ms.
+the median of ``--repeats`` timed runs after ``--warmup`` runs (on the CPU the two providers
+alternate call by call); ratio = torch.nn ms / fastformer ms.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -56,6 +58,22 @@ def _step(module, x, padding, backward: bool):
     return run
 
 
+def _time_providers(steps: dict, args) -> dict:
+    """provider -> timing. On the CPU the providers alternate call by call, so that the load of a
+    shared machine drifting during the run hits both alike; on CUDA each is timed on its own."""
+    if torch.device(args.device).type == "cuda":
+        return {provider: common.time_ms(step, warmup=args.warmup, repeats=args.repeats, device=args.device)
+                for provider, step in steps.items()}
+    times = {provider: [] for provider in steps}
+    for i in range(args.warmup + args.repeats):
+        for provider, step in steps.items():
+            start = time.perf_counter()
+            step()
+            if i >= args.warmup:
+                times[provider].append((time.perf_counter() - start) * 1e3)
+    return {provider: common.summary_ms(values) for provider, values in times.items()}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cuda = torch.cuda.is_available()
@@ -79,10 +97,10 @@ def main(argv=None) -> int:
     shape = f"B={args.batch} L={args.seq_len} E={args.d_model} H={args.heads} padded"
     rows = []
     for kind in ("MultiheadAttention", "TransformerEncoderLayer"):
-        for provider, module in _modules(kind, args.d_model, args.heads, dtype, args.device).items():
-            for pass_name, backward in (("fwd", False), ("fwd+bwd", True)):
-                timing = common.time_ms(_step(module, x, padding, backward), warmup=args.warmup,
-                                        repeats=args.repeats, device=args.device)
+        modules = _modules(kind, args.d_model, args.heads, dtype, args.device)
+        for pass_name, backward in (("fwd", False), ("fwd+bwd", True)):
+            steps = {provider: _step(module, x, padding, backward) for provider, module in modules.items()}
+            for provider, timing in _time_providers(steps, args).items():
                 rows.append(common.Row(op=kind, provider=provider, shape=shape, dtype=args.dtype,
                                        pass_=pass_name, ms=timing["median"],
                                        spread=timing["p80"] - timing["p20"], n=timing["n"]))
