@@ -58,21 +58,24 @@ def _blhd(t: Tensor) -> Tensor:
     return t.transpose(1, 2).contiguous().transpose(1, 2)
 
 
-def _eager_or_compiled(function, op, public_op, forward_name):
-    """The op while torch.compile traces (an opaque node), the autograd.Function otherwise.
+# Backends whose module has an ``eager_<forward>`` function (the torch backend, composed of PyTorch
+# ops) run it under PyTorch's own autograd in eager mode: no recomputation, PyTorch's backward
+# kernels (SDPA's among them) and PyTorch's dropout. False sends them through the autograd.Function
+# like every kernel backend (their seed-regenerated dropout and explicit backward), as under
+# torch.compile: a switch for tests and debugging.
+NATIVE_AUTOGRAD = True
 
-    A backend whose module sets ``DIFFERENTIABLE = True`` (the torch backend, composed of PyTorch
-    ops) runs its forward under PyTorch's own autograd in eager mode: no recomputation, and
-    PyTorch's backward kernels (SDPA's among them) instead of the explicit backward, which then
-    serves the custom op only.
-    """
+
+def _eager_or_compiled(function, op, public_op, forward_name):
+    """The op while torch.compile traces (an opaque node), the autograd.Function otherwise."""
     def call(*args):
         if torch.compiler.is_compiling():
             return op(*args)
-        name = public_op(*args) if callable(public_op) else public_op
-        implementation = _implementation(args[-1], name)
-        if getattr(implementation, "DIFFERENTIABLE", False):
-            return getattr(implementation, forward_name)(*args[:-1])
+        if NATIVE_AUTOGRAD:
+            name = public_op(*args) if callable(public_op) else public_op
+            eager = getattr(_implementation(args[-1], name), "eager_" + forward_name, None)
+            if eager is not None:
+                return eager(*args[:-1])
         return function.apply(*args)
     return call
 

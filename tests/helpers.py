@@ -55,10 +55,18 @@ def assert_rel_close(actual, expected, tol, what="", baseline=None):
                                 f"PyTorch's {baseline_error:.3g} in {actual.dtype}")
 
 
-def keep_mask_function(backend: str):
+def keep_mask_function(backend: str, monkeypatch):
     """The backend's debug path: ``f(seed, shape, dropout_p, device)`` -> the bool keep-mask its
-    kernels regenerate for a tensor of ``shape`` (flattened to rows of its last dim)."""
+    kernels regenerate for a tensor of ``shape`` (flattened to rows of its last dim).
+
+    The torch backend uses that mask inside the custom op and its autograd.Function (as under
+    torch.compile); in plain eager mode it runs PyTorch's own dropout under PyTorch's autograd, so
+    the test is switched to the Function path.
+    """
     if backend == "torch":
+        from fastformer import library
+
+        monkeypatch.setattr(library, "NATIVE_AUTOGRAD", False)
         from fastformer.torch_backend.dropout import dropout_keep_mask
     elif backend == "triton":
         from fastformer.triton.dropout import dropout_keep_mask

@@ -127,15 +127,16 @@ def test_large_mean_small_spread_does_not_cancel(norm, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("norm", NORMS)
-def test_dropout_matches_reference_with_the_same_mask(norm, dtype, backend):
+def test_dropout_matches_reference_with_the_same_mask(norm, dtype, backend, monkeypatch):
     """The mask that forward and backward regenerate is the one the backend's debug path returns."""
     p = 0.25
     inputs = make_inputs((4, 9, 200), "residual+weight+bias", dtype, "cpu")
     x, residual, weight, bias = inputs
     require(backend, norm, *inputs)
+    keep_mask = keep_mask_function(backend, monkeypatch)
     torch.manual_seed(11)
     seed = _draw_seed(p)
-    keep = keep_mask_function(backend)(seed, (36, 200), p, "cpu").view(4, 9, 200)
+    keep = keep_mask(seed, (36, 200), p, "cpu").view(4, 9, 200)
     assert 0.7 < keep.float().mean().item() < 0.8
     torch.manual_seed(11)
     outputs = run_norm(norm, x, residual, weight, bias, 1e-5, p, backend)
@@ -185,16 +186,17 @@ def test_statistics_are_float32_for_half_inputs(norm, dtype, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("rows, hidden", [(8192, 4096), (32 * 512, 768), (1000, 16384)])
 @pytest.mark.parametrize("norm", NORMS)
-def test_real_sizes_on_gpu(norm, rows, hidden, backend):
+def test_real_sizes_on_gpu(norm, rows, hidden, backend, monkeypatch):
     """The benchmark shapes in bfloat16, with dropout, against the same-mask float64 reference."""
     p = 0.1
     inputs = make_inputs((rows, hidden), "residual+weight+bias", torch.bfloat16, "cuda",
                          param_dtype=torch.float32)
     x, residual, weight, bias = inputs
     require(backend, norm, *inputs)
+    keep_mask = keep_mask_function(backend, monkeypatch)
     torch.manual_seed(3)
     seed = _draw_seed(p)
-    keep = keep_mask_function(backend)(seed, (rows, hidden), p, "cuda")
+    keep = keep_mask(seed, (rows, hidden), p, "cuda")
     torch.manual_seed(3)
     outputs = run_norm(norm, x, residual, weight, bias, 1e-5, p, backend)
     check_against_reference(norm, inputs, torch.bfloat16, backend, keep=keep, dropout_p=p,

@@ -25,9 +25,6 @@ from fastformer.torch_backend.dropout import dropout_keep_mask
 
 _CHUNK_BYTES = 256 * 2**20
 
-# The forward is composed of differentiable PyTorch ops: in eager mode fastformer runs it under
-# PyTorch's autograd; the explicit backward below serves the custom op (torch.compile).
-DIFFERENTIABLE = True
 
 
 def _folded_mask(query, key, attn_mask, key_padding_mask, is_causal):
@@ -100,8 +97,13 @@ def _keep(seed, dropout_p, shape, device):
     return None if dropout_p == 0.0 else dropout_keep_mask(seed, shape, dropout_p, device)
 
 
-def attention_fwd(query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed):
-    """Returns (out, lse); this backend recomputes in the backward, so lse is empty."""
+def attention_fwd(query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed,
+                  *, native_dropout=False):
+    """Returns (out, lse); this backend recomputes in the backward, so lse is empty.
+
+    ``native_dropout``: SDPA's own dropout (PyTorch's generator) instead of the keep-mask
+    regenerated from ``seed`` — for :func:`eager_attention_fwd`, where autograd keeps the mask.
+    """
     batch, heads_q, len_q, _ = query.shape
     len_k, dim_v = key.shape[-2], value.shape[-1]
     no_lse = query.new_empty(0, dtype=torch.float32)
@@ -110,8 +112,8 @@ def attention_fwd(query, key, value, attn_mask, key_padding_mask, dropout_p, is_
         connected = (query.sum() + key.sum() + value.sum()) * 0.0
         return query.new_zeros(batch, heads_q, len_q, dim_v) + connected, no_lse
     mask, alive = _folded_mask(query, key, attn_mask, key_padding_mask, is_causal)
-    if dropout_p == 0.0:
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask,
+    if dropout_p == 0.0 or native_dropout:
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout_p,
                                              is_causal=is_causal and mask is None, scale=scale,
                                              enable_gqa=heads_q != key.shape[1])
     else:
@@ -119,6 +121,11 @@ def attention_fwd(query, key, value, attn_mask, key_padding_mask, dropout_p, is_
                                  _keep(seed, dropout_p, (batch, heads_q, len_q, len_k), query.device),
                                  dropout_p)
     return (out if alive is None else out * alive), no_lse
+
+
+def eager_attention_fwd(*args):
+    """The forward under PyTorch's autograd (eager mode): SDPA, its backward and its dropout."""
+    return attention_fwd(*args, native_dropout=True)
 
 
 def _dropout_attention(query, key, value, mask, is_causal, scale, keep, dropout_p):

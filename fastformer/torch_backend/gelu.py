@@ -12,9 +12,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# The forward is composed of differentiable PyTorch ops: in eager mode fastformer runs it under
-# PyTorch's autograd; the explicit backward below serves the custom op (torch.compile).
-DIFFERENTIABLE = True
 
 
 def _pre_activation(x, bias):
@@ -24,6 +21,10 @@ def _pre_activation(x, bias):
 
 def bias_gelu_fwd(x, bias, approximate):
     return F.gelu(_pre_activation(x, bias), approximate=approximate).to(x.dtype)
+
+
+# Composed of differentiable PyTorch ops: in eager mode it runs under PyTorch's autograd.
+eager_bias_gelu_fwd = bias_gelu_fwd
 
 
 def bias_gelu_bwd(grad_out, x, bias, approximate):

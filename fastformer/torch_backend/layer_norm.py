@@ -17,12 +17,10 @@ Backward, with xhat the normalised r (recomputed from r and rstd) and g = dy * w
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from fastformer.torch_backend.dropout import dropout_keep_mask
 
-# The forward is composed of differentiable PyTorch ops: in eager mode fastformer runs it under
-# PyTorch's autograd; the explicit backward below serves the custom op (torch.compile).
-DIFFERENTIABLE = True
 
 
 def _compute_dtype(dtype):
@@ -46,19 +44,26 @@ def _cast(t, dtype):
     return None if t is None else t.to(dtype)
 
 
-def _dropped(x, dropout_p, seed, dtype):
-    """dropout(x) in ``dtype``, with the keep-mask regenerated from ``seed``."""
+def _dropped(x, dropout_p, seed, dtype, native_dropout=False):
+    """dropout(x) in ``dtype``, with the keep-mask regenerated from ``seed`` (or PyTorch's own)."""
     x = x.to(dtype)
     if dropout_p == 0.0:
         return x
+    if native_dropout:
+        return F.dropout(x, dropout_p, training=True)
     keep = dropout_keep_mask(seed, x.shape, dropout_p, x.device)
     return x * keep / (1.0 - dropout_p)
 
 
-def residual_norm_fwd(x, residual, weight, bias, eps, dropout_p, rms, seed, store_residual):
-    """Returns (out, residual_out or empty, mean or empty, rstd), mean/rstd float32 of shape (rows,)."""
+def residual_norm_fwd(x, residual, weight, bias, eps, dropout_p, rms, seed, store_residual, *,
+                      native_dropout=False):
+    """Returns (out, residual_out or empty, mean or empty, rstd), mean/rstd float32 of shape (rows,).
+
+    ``native_dropout``: PyTorch's own dropout instead of the keep-mask regenerated from ``seed``
+    (for :func:`eager_residual_norm_fwd`, where autograd keeps the mask).
+    """
     dtype = _compute_dtype(x.dtype)
-    r = _dropped(x, dropout_p, seed, dtype)
+    r = _dropped(x, dropout_p, seed, dtype, native_dropout)
     if residual is not None:
         r = r + residual.to(dtype)
     residual_out = r.to(x.dtype) if store_residual else x.new_empty(0)
@@ -78,6 +83,11 @@ def residual_norm_fwd(x, residual, weight, bias, eps, dropout_p, rms, seed, stor
                                                 _cast(bias, dtype), eps)
         mean, rstd = mean.view(-1) + shift.view(-1), rstd.view(-1)
     return y.to(x.dtype), residual_out, mean.float(), rstd.float()
+
+
+def eager_residual_norm_fwd(*args):
+    """The forward under PyTorch's autograd (eager mode), with PyTorch's dropout."""
+    return residual_norm_fwd(*args, native_dropout=True)
 
 
 def residual_norm_bwd(grad_out, grad_residual_out, normed, weight, bias, mean, rstd, dropout_p, rms,
