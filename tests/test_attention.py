@@ -272,3 +272,54 @@ def test_default_backend_on_cpu_is_torch_and_agrees_with_forced():
     if not torch.cuda.is_available():
         assert fastformer.explain(fastformer.attention, q, k, v).backend == "torch"
     torch.testing.assert_close(fastformer.attention(q, k, v), fastformer.attention(q, k, v, backend="torch"))
+
+
+def _random_case(rng, device, real_sizes):
+    """One random draw of (B, Hq, Hk, Lq, Lk, D, dtype, causal, mask kind, layout)."""
+    dims = [16, 32, 50, 64, 80, 96, 128, 256]
+    lengths = [1, 2, 17, 33, 47, 64] if not real_sizes else [1, 128, 257, 512, 1000, 2048]
+    heads_k = int(rng.choice([1, 2, 3]))
+    case = dict(batch=int(rng.integers(1, 4)), heads_k=heads_k, heads_q=heads_k * int(rng.choice([1, 2, 4])),
+                len_q=int(rng.choice(lengths)), len_k=int(rng.choice(lengths)), dim=int(rng.choice(dims)),
+                dtype=[torch.float32, torch.bfloat16, torch.float16][int(rng.integers(3))],
+                causal=bool(rng.integers(2)), mask=str(rng.choice(["none", "bool", "float", "padding"])),
+                layout=str(rng.choice(["bhld", "blhd"])))
+    return case
+
+
+@pytest.mark.parametrize("device, real_sizes, draws", [
+    ("cpu", False, 24), pytest.param("cuda", True, 40, marks=pytest.mark.gpu)], ids=["cpu", "cuda"])
+def test_triton_random_sweep(device, real_sizes, draws):
+    """Random draws over every feature against float64 (and, at real sizes on the GPU, SDPA)."""
+    import numpy
+
+    rng = numpy.random.default_rng(20261128)
+    for _ in range(draws):
+        c = _random_case(rng, device, real_sizes)
+        shape = (c["batch"], c["heads_q"], c["heads_k"], c["len_q"], c["len_k"], c["dim"], c["dim"])
+        q, k, v = make_qkv(shape, c["dtype"], device)
+        if c["layout"] == "bhld":
+            q, k, v = (t.detach().contiguous().requires_grad_() for t in (q, k, v))
+        attn_mask, padding = None, None
+        if c["mask"] == "bool":
+            attn_mask = torch.rand(c["batch"], 1, c["len_q"], c["len_k"], device=device) > 0.3
+        elif c["mask"] == "float":
+            attn_mask = torch.randn(c["heads_q"], c["len_q"], c["len_k"], device=device, dtype=c["dtype"])
+        elif c["mask"] == "padding":
+            padding = padding_mask(c["batch"], c["len_k"], device)
+            padding[0] = True  # one fully padded batch row
+        kwargs = dict(attn_mask=attn_mask, is_causal=c["causal"], key_padding_mask=padding)
+        require_backend("triton", "attention", q, k, v, **kwargs)
+        out = fastformer.attention(q, k, v, backend="triton", **kwargs)
+        expected = reference.attention(q, k, v, **kwargs)
+        fwd_tol, grad_tol = ATTENTION_TOL[c["dtype"]]
+        assert_rel_close(out, expected, fwd_tol, f"out {c}")
+        grad_out = torch.randn_like(expected)
+        got = torch.autograd.grad(out, (q, k, v), grad_out.to(c["dtype"]))
+        want = torch.autograd.grad(expected, (q, k, v), grad_out)
+        scale = max(g.norm().item() for g in want)
+        for name, grad, expected_grad in zip("qkv", got, want):
+            if expected_grad.norm() > 1e-6 * scale:
+                assert_rel_close(grad, expected_grad, grad_tol, f"grad {name} {c}")
+            else:  # e.g. dQ with a single key: zero up to rounding, relative to the other gradients
+                assert grad.double().norm() <= grad_tol * scale, f"grad {name} {c}"
