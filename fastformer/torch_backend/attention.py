@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fastformer.masks import fold_key_padding
 from fastformer.torch_backend.dropout import dropout_keep_mask
 
 _CHUNK_BYTES = 256 * 2**20
@@ -42,13 +43,7 @@ def _folded_mask(query, key, attn_mask, key_padding_mask, is_causal):
     if mask is not None and mask.dtype != torch.bool and mask.dtype != query.dtype:
         mask = mask.to(query.dtype)  # SDPA wants bool or the query dtype
     if key_padding_mask is not None:
-        padding = key_padding_mask[:, None, None, :]
-        if mask is None:
-            mask = ~padding
-        elif mask.dtype == torch.bool:
-            mask = mask & ~padding
-        else:
-            mask = mask.masked_fill(padding, float("-inf"))
+        mask = fold_key_padding(mask, key_padding_mask)
     if is_causal:
         future = _future(query.shape[-2], key.shape[-2], query.device)
         mask = mask & ~future if mask.dtype == torch.bool else mask.masked_fill(future, float("-inf"))

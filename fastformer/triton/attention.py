@@ -48,6 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastformer.masks import fold_key_padding
 from fastformer.triton import interpreter_enabled, on_device
 from fastformer.triton.dropout import dropout_keep, wide_offsets
 
@@ -505,13 +506,7 @@ def _masks(query, key, attn_mask, key_padding_mask):
             lengths = lengths.to(torch.int32)
         else:
             lengths = None
-            padding = key_padding_mask[:, None, None, :]
-            if attn_mask is None:
-                attn_mask = ~padding
-            elif attn_mask.dtype == torch.bool:
-                attn_mask = attn_mask & ~padding
-            else:
-                attn_mask = attn_mask.masked_fill(padding, float("-inf"))
+            attn_mask = fold_key_padding(attn_mask, key_padding_mask)
     if attn_mask is None:
         return query, NO_MASK, lengths
     attn_mask = attn_mask.expand(batch, heads_q, len_q, len_k)
