@@ -232,6 +232,23 @@ def nvidia_include_dirs():
     return sorted(d for d in set(found) if os.path.isdir(d))
 
 
+def cutlass_include_dirs():
+    """CUTLASS/CuTe headers from the ``nvidia-cutlass`` wheel (``cutlass_library/source/include``),
+    so that no git submodule is needed. Empty when the wheel is not installed."""
+    try:
+        spec = importlib.util.find_spec("cutlass_library")
+    except (ImportError, ValueError):
+        return []
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    found = []
+    for location in spec.submodule_search_locations:
+        include = os.path.join(location, "source", "include")
+        if os.path.isfile(os.path.join(include, "cute", "tensor.hpp")):
+            found.append(include)
+    return found
+
+
 # --- The extension ---------------------------------------------------------------------------
 
 
@@ -245,7 +262,7 @@ def cuda_extension():
     ext = CUDAExtension(
         name=EXTENSION_NAME,
         sources=sources(),
-        include_dirs=[str(CSRC)],
+        include_dirs=[str(CSRC)] + cutlass_include_dirs(),
         extra_compile_args=args,
     )
     # After torch's and the toolkit's own include folders, so that they win; these only fill gaps.
