@@ -12,8 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
-# Offsets are int32 (Philox-4x32) while they fit, else int64 (Philox-4x64): another stream, but
-# the kernels of one call agree because the launcher passes the same flag to all of them.
+# Offsets are int32 while they fit, else int64. tl.rand runs Philox-4x32 either way, with the
+# counter (offset_lo, offset_hi, 0, 0), so both give the same mask; int32 is cheaper. The CUDA
+# backend evaluates the same function (csrc/common/philox.cuh).
 INT32_LIMIT = 2**31
 
 
