@@ -165,6 +165,34 @@ def test_fully_masked_rows_give_zero_not_nan(how, dtype, backend, device):
         assert_rel_close(grad, want, grad_tol, f"grad {name}")
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+def test_any_key_padding_pattern(is_causal, dtype, backend, device):
+    """Padding anywhere (left, in the middle, whole rows), not only at the right end; key tiles
+    of 32 and more are crossed (Lk = 70), and one batch row has its only key in the last tile."""
+    batch, heads, len_q, len_k, dim = 4, 2, 13, 70, 16
+    q, k, v = make_qkv((batch, heads, heads, len_q, len_k, dim, dim), dtype, device)
+    pad = torch.rand(batch, len_k, device=device) < 0.4
+    pad[0, :5] = True       # left padding
+    pad[1] = True           # no key at all
+    pad[2] = True
+    pad[2, 66] = False      # a single key, in the last tile
+    kwargs = dict(key_padding_mask=pad, is_causal=is_causal)
+    require_backend(backend, "attention", q, k, v, **kwargs)
+    out = fastformer.attention(q, k, v, backend=backend, **kwargs)
+    expected = reference.attention(q, k, v, **kwargs)
+    fwd_tol, grad_tol = ATTENTION_TOL[dtype]
+    assert_rel_close(out, expected, fwd_tol, "out")
+    assert (out[1] == 0).all()
+    grad_out = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad_out)
+    want = torch.autograd.grad(expected, (q, k, v), grad_out.double())
+    for name, grad, expected_grad in zip("qkv", got, want):
+        assert_rel_close(grad, expected_grad, grad_tol, f"grad {name}")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mask_shape", [(1, 1, 9, 12), (4, 9, 12), (2, 1, 1, 12), (12,)],
                          ids=str)

@@ -19,9 +19,9 @@ What the kernels handle (everything the op table declares for "attention"):
 - GQA / MQA: key/value head = query head // (Hq // Hk), K and V never repeated in memory;
 - is_causal, top-left aligned (query i attends keys j <= i): key tiles above the diagonal are
   skipped (forward, dQ) and query tiles below it start the dK/dV loop;
-- key_padding_mask: a right-padding mask (a prefix of each row kept) becomes one key length per
-  batch row, and key tiles past it are skipped; any other key_padding_mask is folded into a bool
-  / additive attn_mask by the launcher;
+- key_padding_mask: read as one byte per key (nonzero = padding) inside each visited key tile,
+  and key tiles past each batch row's last unpadded key are skipped (right padding, the usual
+  case, costs no work for the padding; any other pattern is exact too). No host synchronisation;
 - attn_mask, bool (True = attend) or additive float, broadcastable to (B, Hq, Lq, Lk), loaded tile
   by tile with stride 0 on its broadcast dims;
 - dropout from Philox, element (b, h, i, j) kept when rand(seed, ((b Hq + h) Lq + i) Lk + j) >= p,
@@ -48,7 +48,6 @@ import torch
 import triton
 import triton.language as tl
 
-from fastformer.masks import fold_key_padding
 from fastformer.triton import interpreter_enabled, on_device
 from fastformer.triton.dropout import dropout_keep, wide_offsets
 
@@ -65,18 +64,22 @@ MAX_HEAD_DIM = 256
 # tile helpers
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _scores(qk, q_idx, k_idx, MASK_TILE, stride_mask_q, stride_mask_k, len_q, key_len, qk_scale,
-            IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr):
+def _scores(qk, q_idx, k_idx, MASK_TILE, stride_mask_q, stride_mask_k, PADDING_ROW, len_q, key_len,
+            qk_scale, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KEY_PADDING: tl.constexpr):
     """Scores in the log2 domain, -inf where key k_idx is not attended by query q_idx.
 
     qk is a tile of q . k products; q_idx / k_idx are the query / key indices broadcast to its
     shape ([:, None] and [None, :], or transposed: the tile may be (queries, keys) or (keys,
-    queries)). MASK_TILE points at the attn_mask of this (batch, query head).
+    queries)). MASK_TILE points at the attn_mask of this (batch, query head), PADDING_ROW at the
+    key_padding_mask row of this batch row (one byte per key, nonzero = padding).
         s = (scale * q.k + attn_mask) * log2(e)
     """
     valid = (q_idx < len_q) & (k_idx < key_len)
     if IS_CAUSAL:
         valid = valid & (k_idx <= q_idx)
+    if HAS_KEY_PADDING:  # one byte per key, loaded along the key axis only
+        padded = tl.load(PADDING_ROW + k_idx, mask=k_idx < key_len, other=1)
+        valid = valid & (padded == 0)
     s = qk * qk_scale
     if MASK_KIND == 1:  # bool, stored as uint8: nonzero = may attend
         allowed = tl.load(MASK_TILE + q_idx * stride_mask_q + k_idx * stride_mask_k, mask=valid, other=0)
@@ -104,19 +107,22 @@ def _attention_fwd_kernel(
     V,            # in: value (B, Hk, Lk, Dv), strides stride_v*
     MASK,         # in: attn_mask viewed as (B, Hq, Lq, Lk), stride 0 on broadcast dims; bool as
                   #     uint8 or additive float; unused when MASK_KIND == 0
-    KEY_LENGTHS,  # in: (B,) int32 keys kept per batch row (right padding); unused without HAS_KEY_LENGTHS
+    KEY_PADDING,  # in: key_padding_mask (B, Lk) as uint8, nonzero = padding, row stride stride_pb
+    KEY_ENDS,     # in: (B,) int32, one past each batch row's last unpadded key: key tiles from there
+                  #     on are skipped. Both unused without HAS_KEY_PADDING
     OUT,          # out: (B, Hq, Lq, Dv) in the query dtype, strides stride_o*
     LSE,          # out: (B, Hq, Lq) float32 contiguous, natural log; -inf on rows with no key
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_pb,
     stride_ob, stride_oh, stride_om, stride_od,
     heads_q, group, len_q, len_k, dim, dim_v,
     bucket_q, bucket_k,  # unused: the sequence lengths rounded to powers of two, autotuning keys
     qk_scale,            # scale * log2(e)
     dropout_p, seed,
-    IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KEY_LENGTHS: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KEY_PADDING: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, WIDE_OFFSETS: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
@@ -151,8 +157,9 @@ def _attention_fwd_kernel(
     row_base = (b * heads_q + h) * len_q
 
     key_len = len_k
-    if HAS_KEY_LENGTHS:
-        key_len = tl.load(KEY_LENGTHS + b)
+    if HAS_KEY_PADDING:
+        key_len = tl.load(KEY_ENDS + b)
+    PADDING_ROW = KEY_PADDING + b * stride_pb
     end_n = key_len
     if IS_CAUSAL:
         end_n = tl.minimum(end_n, start_m + BLOCK_M)
@@ -167,8 +174,8 @@ def _attention_fwd_kernel(
         if DOT_IN_FP32:  # the interpreter's tl.dot wants float32 (module docstring)
             k = k.to(tl.float32)
         qk = tl.dot(q, tl.trans(k))
-        s = _scores(qk, offs_m[:, None], idx_n[None, :], MASK_TILE, stride_mm, stride_mn, len_q, key_len,
-                    qk_scale, IS_CAUSAL, MASK_KIND)
+        s = _scores(qk, offs_m[:, None], idx_n[None, :], MASK_TILE, stride_mm, stride_mn, PADDING_ROW, len_q,
+                    key_len, qk_scale, IS_CAUSAL, MASK_KIND, HAS_KEY_PADDING)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         base = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: exp2(-inf - 0) = 0
         p = tl.math.exp2(s - base[:, None])
@@ -234,7 +241,7 @@ def _row_lse_log2(LSE_ROW, idx, len_q):
 def _attention_bwd_dkdv_kernel(
     Q, K, V,      # in: as in the forward (strides stride_q*, stride_k*, stride_v*)
     MASK,         # in: attn_mask as in the forward (strides stride_m*)
-    KEY_LENGTHS,  # in: (B,) int32 as in the forward
+    KEY_PADDING, KEY_ENDS,  # in: as in the forward
     GRAD_OUT,     # in: dO (B, Hq, Lq, Dv), strides stride_g*
     LSE, DELTA,   # in: (B, Hq, Lq) float32 contiguous
     GRAD_K,       # out: dK (B, Hk, Lk, D) contiguous, key dtype
@@ -243,11 +250,12 @@ def _attention_bwd_dkdv_kernel(
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_pb,
     stride_gb, stride_gh, stride_gm, stride_gd,
     heads_q, heads_k, group, len_q, len_k, dim, dim_v,
     bucket_q, bucket_k,  # unused: autotuning keys
     qk_scale, scale, dropout_p, seed,
-    IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KEY_LENGTHS: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KEY_PADDING: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, WIDE_OFFSETS: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
@@ -272,8 +280,9 @@ def _attention_bwd_dkdv_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
 
     key_len = len_k
-    if HAS_KEY_LENGTHS:
-        key_len = tl.load(KEY_LENGTHS + b)
+    if HAS_KEY_PADDING:
+        key_len = tl.load(KEY_ENDS + b)
+    PADDING_ROW = KEY_PADDING + b * stride_pb
     k = tl.load(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn
                 + offs_d[None, :] * stride_kd,
                 mask=(offs_n[:, None] < key_len) & (offs_d[None, :] < dim), other=0.0)
@@ -304,7 +313,8 @@ def _attention_bwd_dkdv_kernel(
             if DOT_IN_FP32:  # the interpreter's tl.dot wants float32 (module docstring)
                 q_t = q_t.to(tl.float32)
             s_t = _scores(tl.dot(k, q_t), idx_m[None, :], offs_n[:, None], MASK_TILE, stride_mm,
-                          stride_mn, len_q, key_len, qk_scale, IS_CAUSAL, MASK_KIND)
+                          stride_mn, PADDING_ROW, len_q, key_len, qk_scale, IS_CAUSAL, MASK_KIND,
+                          HAS_KEY_PADDING)
             p_t = tl.math.exp2(s_t - _row_lse_log2(LSE + row_base, idx_m, len_q)[None, :])
             do = tl.load(DO_TILE + idx_m[:, None] * stride_gm,
                          mask=(idx_m[:, None] < len_q) & (offs_dv[None, :] < dim_v), other=0.0)
@@ -335,7 +345,7 @@ def _attention_bwd_dkdv_kernel(
 def _attention_bwd_dq_kernel(
     Q, K, V,      # in: as in the forward (strides stride_q*, stride_k*, stride_v*)
     MASK,         # in: attn_mask as in the forward (strides stride_m*)
-    KEY_LENGTHS,  # in: (B,) int32 as in the forward
+    KEY_PADDING, KEY_ENDS,  # in: as in the forward
     GRAD_OUT,     # in: dO (B, Hq, Lq, Dv), strides stride_g*
     LSE, DELTA,   # in: (B, Hq, Lq) float32 contiguous
     GRAD_Q,       # out: dQ (B, Hq, Lq, D) contiguous, query dtype
@@ -343,11 +353,12 @@ def _attention_bwd_dq_kernel(
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_pb,
     stride_gb, stride_gh, stride_gm, stride_gd,
     heads_q, group, len_q, len_k, dim, dim_v,
     bucket_q, bucket_k,  # unused: autotuning keys
     qk_scale, scale, dropout_p, seed,
-    IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KEY_LENGTHS: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KEY_PADDING: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, WIDE_OFFSETS: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
@@ -383,8 +394,9 @@ def _attention_bwd_dq_kernel(
     MASK_TILE = MASK + b * stride_mb + h * stride_mh
 
     key_len = len_k
-    if HAS_KEY_LENGTHS:
-        key_len = tl.load(KEY_LENGTHS + b)
+    if HAS_KEY_PADDING:
+        key_len = tl.load(KEY_ENDS + b)
+    PADDING_ROW = KEY_PADDING + b * stride_pb
     end_n = key_len
     if IS_CAUSAL:
         end_n = tl.minimum(end_n, start_m + BLOCK_M)
@@ -401,7 +413,8 @@ def _attention_bwd_dq_kernel(
         if DOT_IN_FP32:  # the interpreter's tl.dot wants float32 (module docstring)
             v = v.to(tl.float32)
         s = _scores(tl.dot(q, tl.trans(k)), offs_m[:, None], idx_n[None, :], MASK_TILE, stride_mm,
-                    stride_mn, len_q, key_len, qk_scale, IS_CAUSAL, MASK_KIND)
+                    stride_mn, PADDING_ROW, len_q, key_len, qk_scale, IS_CAUSAL, MASK_KIND,
+                    HAS_KEY_PADDING)
         p = tl.math.exp2(s - lse_log2[:, None])
         dp = tl.dot(do, tl.trans(v))
         if HAS_DROPOUT:
@@ -453,7 +466,7 @@ _GPU_CONFIGS = {
     },
 }
 _TUNING_KEY = ["bucket_q", "bucket_k", "group", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "MASK_KIND",
-               "HAS_KEY_LENGTHS", "HAS_DROPOUT"]
+               "HAS_KEY_PADDING", "HAS_DROPOUT"]
 _KERNELS = {"fwd": _attention_fwd_kernel, "dkdv": _attention_bwd_dkdv_kernel, "dq": _attention_bwd_dq_kernel}
 
 
@@ -489,30 +502,33 @@ def _head_block(dim: int) -> int:
 # --------------------------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------------------------
-def _masks(query, key, attn_mask, key_padding_mask):
-    """(mask, mask kind, key lengths or None) for the kernels.
-
-    mask is attn_mask expanded to (B, Hq, Lq, Lk) (a view, stride 0 on broadcast dims), bool viewed
-    as uint8, float in the query dtype; or the query itself as an unused placeholder. A right-
-    padding key_padding_mask becomes int32 key lengths; any other is folded into the mask.
-    """
-    batch, heads_q, len_q, _ = query.shape
-    len_k = key.shape[2]
-    lengths = None
-    if key_padding_mask is not None:
-        lengths = (~key_padding_mask).sum(dim=-1)
-        prefix = torch.arange(len_k, device=key_padding_mask.device)[None, :] >= lengths[:, None]
-        if torch.equal(key_padding_mask, prefix):
-            lengths = lengths.to(torch.int32)
-        else:
-            lengths = None
-            attn_mask = fold_key_padding(attn_mask, key_padding_mask)
+def _attn_mask(query, key, attn_mask):
+    """(mask, mask kind): attn_mask expanded to (B, Hq, Lq, Lk) (a view, stride 0 on broadcast
+    dims), bool viewed as uint8, float in the query dtype; or the query as an unused placeholder."""
     if attn_mask is None:
-        return query, NO_MASK, lengths
-    attn_mask = attn_mask.expand(batch, heads_q, len_q, len_k)
+        return query, NO_MASK
+    attn_mask = attn_mask.expand(query.shape[0], query.shape[1], query.shape[2], key.shape[2])
     if attn_mask.dtype == torch.bool:
-        return attn_mask.view(torch.uint8), BOOL_MASK, lengths
-    return attn_mask.to(query.dtype), FLOAT_MASK, lengths
+        return attn_mask.view(torch.uint8), BOOL_MASK
+    return attn_mask.to(query.dtype), FLOAT_MASK
+
+
+def _key_padding(key_padding_mask):
+    """(padding as uint8 (B, Lk) with unit key stride, int32 key ends (B,)) or (None, None).
+
+    The key end of a batch row is one past its last unpadded key (0 if all are padding): the
+    kernels skip key tiles from there on, so right padding (the usual case) costs nothing, and
+    test the padding byte of each key they visit, so any other pattern is exact too. Computed on
+    the device: no host synchronisation.
+    """
+    if key_padding_mask is None:
+        return None, None
+    padding = key_padding_mask.view(torch.uint8)
+    if padding.stride(-1) != 1:
+        padding = padding.contiguous()
+    positions = torch.arange(1, padding.shape[-1] + 1, device=padding.device, dtype=torch.int32)
+    key_ends = torch.where(key_padding_mask, 0, positions).amax(dim=-1).to(torch.int32)
+    return padding, key_ends
 
 
 def _strides(t):
@@ -520,19 +536,23 @@ def _strides(t):
 
 
 def _common(query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal):
-    """What the forward and backward kernels share: (MASK, KEY_LENGTHS, the mask's four strides,
-    the compile-time switches); placeholders (the query, zero strides) for what is absent."""
+    """What the forward and backward kernels share: (MASK, (KEY_PADDING, KEY_ENDS), the strides of
+    the mask and the padding, the compile-time switches); placeholders (the query, zero strides)
+    for what is absent."""
     batch, heads_q, len_q, dim = query.shape
     heads_k, len_k, dim_v = key.shape[1], key.shape[2], value.shape[-1]
     if dim > MAX_HEAD_DIM or dim_v > MAX_HEAD_DIM:
         raise ValueError(f"attention (triton): head dims up to {MAX_HEAD_DIM}, got {dim} and {dim_v}")
-    mask, mask_kind, lengths = _masks(query, key, attn_mask, key_padding_mask)
-    meta = dict(IS_CAUSAL=bool(is_causal), MASK_KIND=mask_kind, HAS_KEY_LENGTHS=lengths is not None,
+    mask, mask_kind = _attn_mask(query, key, attn_mask)
+    padding, key_ends = _key_padding(key_padding_mask)
+    meta = dict(IS_CAUSAL=bool(is_causal), MASK_KIND=mask_kind, HAS_KEY_PADDING=padding is not None,
                 HAS_DROPOUT=dropout_p > 0.0,
                 WIDE_OFFSETS=wide_offsets(batch * heads_q * len_q * len_k),
                 DOT_IN_FP32=interpreter_enabled(), BLOCK_D=_head_block(dim), BLOCK_DV=_head_block(dim_v))
     mask_strides = _strides(mask) if mask_kind != NO_MASK else (0, 0, 0, 0)
-    return mask, query if lengths is None else lengths, mask_strides, meta
+    if padding is None:  # placeholders, never read
+        padding, key_ends = query, query
+    return mask, (padding, key_ends), (*mask_strides, padding.stride(0)), meta
 
 
 def _bucket(length: int) -> int:
@@ -547,9 +567,9 @@ def attention_fwd(query, key, value, attn_mask, key_padding_mask, dropout_p, is_
     lse = torch.empty((batch, heads_q, len_q), dtype=torch.float32, device=query.device)
     if out.numel() == 0 or len_k == 0:  # nothing to attend to
         return out.zero_(), lse.fill_(float("-inf"))
-    mask, lengths, mask_strides, meta = _common(query, key, value, attn_mask, key_padding_mask, dropout_p,
+    mask, padding, mask_strides, meta = _common(query, key, value, attn_mask, key_padding_mask, dropout_p,
                                                 is_causal)
-    args = (query, key, value, mask, lengths, out, lse,
+    args = (query, key, value, mask, *padding, out, lse,
             *_strides(query), *_strides(key), *_strides(value), *mask_strides, *_strides(out),
             heads_q, heads_q // heads_k, len_q, len_k, dim, dim_v, _bucket(len_q), _bucket(len_k),
             scale * LOG2E, float(dropout_p), 0 if seed is None else int(seed.item()))
@@ -571,7 +591,7 @@ def attention_bwd(grad_out, query, key, value, out, lse, attn_mask, key_padding_
     grad_v = torch.empty(value.shape, dtype=value.dtype, device=value.device)
     if batch * heads_q * len_q == 0 or len_k == 0:
         return grad_q.zero_(), grad_k.zero_(), grad_v.zero_(), None
-    mask, lengths, mask_strides, meta = _common(query, key, value, attn_mask, key_padding_mask, dropout_p,
+    mask, padding, mask_strides, meta = _common(query, key, value, attn_mask, key_padding_mask, dropout_p,
                                                 is_causal)
     interpret = interpreter_enabled()
     seed_value = 0 if seed is None else int(seed.item())
@@ -581,7 +601,7 @@ def attention_bwd(grad_out, query, key, value, out, lse, attn_mask, key_padding_
         _attention_bwd_preprocess_kernel[(triton.cdiv(len_q, block_m), heads_q, batch)](
             out, grad_out, delta, *_strides(out), *_strides(grad_out), heads_q, len_q, dim_v,
             BLOCK_M=block_m, BLOCK_DV=meta["BLOCK_DV"])
-        shared = (query, key, value, mask, lengths, grad_out, lse, delta)
+        shared = (query, key, value, mask, *padding, grad_out, lse, delta)
         strides = (*_strides(query), *_strides(key), *_strides(value), *mask_strides, *_strides(grad_out))
         group = heads_q // heads_k
         tail = (_bucket(len_q), _bucket(len_k), scale * LOG2E, scale, float(dropout_p), seed_value)
