@@ -155,24 +155,51 @@ def _register_attention(transformers) -> bool:
     masks = getattr(transformers, "AttentionMaskInterface", None)
     if masks is not None:  # ask for SDPA's boolean masks (True = may attend), which we take as is
         try:
-            from transformers.masking_utils import sdpa_mask
+            from transformers.masking_utils import sdpa_mask  # noqa: F401
         except ImportError:
             return True  # older versions build the eager additive mask, which we also take
-        masks.register("fastformer", sdpa_mask)
+        masks.register("fastformer", _hf_mask)
     return True
+
+
+def _hf_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+             attention_mask=None, local_size=None, allow_is_bidirectional_skip=False, **kwargs):
+    """transformers' ``sdpa_mask``, except for the padding mask of a bidirectional encoder: that
+    comes back as a broadcast view of the 2-D padding mask (stride 0 over the query rows), which
+    :func:`_hf_attention` reads as ``key_padding_mask`` without looking at its values (a check of
+    the values would wait for the GPU in every layer)."""
+    from transformers import masking_utils
+
+    if mask_function is None:
+        mask_function = masking_utils.causal_mask_function
+    plain_padding = (mask_function is masking_utils.bidirectional_mask_function
+                     and attention_mask is not None and attention_mask.dim() == 2
+                     and attention_mask.shape[-1] == kv_length and q_offset == 0 and kv_offset == 0
+                     and local_size is None)
+    if plain_padding and not (allow_is_bidirectional_skip and masking_utils._ignore_bidirectional_mask_sdpa(
+            attention_mask, kv_length, local_size)):
+        keep = attention_mask.to(torch.bool)
+        return keep[:, None, None, :].expand(batch_size, 1, q_length, kv_length)
+    return masking_utils.sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset,
+                                   mask_function=mask_function, attention_mask=attention_mask,
+                                   local_size=local_size,
+                                   allow_is_bidirectional_skip=allow_is_bidirectional_skip, **kwargs)
 
 
 def _hf_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers' attention-function signature on top of fastformer.attention.
 
     q/k/v are (B, H, L, D); the result is (B, L, H, D) (a free view of fastformer's layout).
-    A boolean mask that is the same for every query row (padding) becomes key_padding_mask, which
-    the kernels turn into per-row key lengths.
+    A boolean (B, 1, Lq, Lk) mask that is the same for every query row (padding) becomes
+    key_padding_mask, which the kernels skip tile by tile: recognised from its strides when it is
+    a broadcast view (what :func:`_hf_mask` builds), else by comparing its rows.
     """
     key_padding_mask = None
-    if attention_mask is not None and attention_mask.dtype == torch.bool and attention_mask.shape[-2] > 1:
-        first_row = attention_mask[..., :1, :]
-        if attention_mask.shape[1] == 1 and torch.equal(attention_mask, first_row.expand_as(attention_mask)):
+    if (attention_mask is not None and attention_mask.dtype == torch.bool and attention_mask.dim() == 4
+            and attention_mask.shape[1] == 1):
+        first_row = attention_mask[:, :, :1, :]
+        if (attention_mask.shape[-2] == 1 or attention_mask.stride(-2) == 0
+                or torch.equal(attention_mask, first_row.expand_as(attention_mask))):
             key_padding_mask, attention_mask = ~first_row[:, 0, 0, :], None
     is_causal = attention_mask is None and key_padding_mask is None and query.shape[2] > 1 and bool(
         kwargs.get("is_causal", getattr(module, "is_causal", False)))

@@ -187,3 +187,27 @@ def test_minilm_fine_tuning_steps_give_the_same_losses():
         runs.append(losses)
     torch.testing.assert_close(torch.tensor(runs[1]), torch.tensor(runs[0]), rtol=1e-4, atol=1e-5)
     assert runs[0][0] != runs[0][-1]  # the steps did train
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
+@pytest.mark.parametrize("kind", ["padding", "no padding", "causal+padding"])
+def test_hf_mask_is_sdpa_mask_and_a_free_view_for_padding(kind):
+    """The masks fastformer asks transformers for: the values of transformers' sdpa_mask; a plain
+    padding mask as a stride-0 view over the query rows, so that reading it needs no host sync."""
+    masking_utils = pytest.importorskip("transformers.masking_utils")
+    optimize_module = importlib.import_module("fastformer.optimize")
+    batch, length = 3, 9
+    padding = torch.ones(batch, length, dtype=torch.long)
+    if kind != "no padding":
+        padding[0, 5:] = 0
+        padding[2, 1:] = 0
+    function = masking_utils.causal_mask_function if "causal" in kind \
+        else masking_utils.bidirectional_mask_function
+    args = dict(batch_size=batch, q_length=length, kv_length=length, mask_function=function,
+                attention_mask=padding, allow_is_bidirectional_skip=True)
+    ours, theirs = optimize_module._hf_mask(**args), masking_utils.sdpa_mask(**args)
+    if theirs is None:
+        assert ours is None
+        return
+    assert torch.equal(ours, theirs)
+    assert (ours.stride(-2) == 0) == (kind == "padding")
