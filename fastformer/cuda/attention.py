@@ -61,8 +61,6 @@ def _ops():
 
 def _check(query, key, value):
     for name, t in (("query", query), ("key", key), ("value", value)):
-        if t.device.type != "cuda":
-            raise ValueError(f"attention (cuda): {name} must be a CUDA tensor, got {t.device}")
         if t.dtype not in DTYPES:
             raise ValueError(f"attention (cuda): dtype must be float16 or bfloat16, got {name} {t.dtype}")
     dim, dim_v = query.shape[-1], value.shape[-1]
@@ -71,6 +69,9 @@ def _check(query, key, value):
     if query.shape[1] % key.shape[1] != 0:
         raise ValueError(f"attention (cuda): query heads ({query.shape[1]}) must be a multiple of key/value "
                          f"heads ({key.shape[1]})")
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if t.device.type != "cuda":
+            raise ValueError(f"attention (cuda): {name} must be a CUDA tensor, got {t.device}")
 
 
 def _last_dim_contiguous(t):
