@@ -82,6 +82,44 @@ def test_matches_float64_reference(shape, mask_kind, dtype, backend, device):
         assert_rel_close(grad, want, grad_tol, f"grad {name}")
 
 
+# On the GPU, in half precision: the head dims the CUDA kernels are compiled for (32, 96, 128; 50 and
+# 64 are in SHAPES), lengths across several tiles, GQA, and key padding that is not a right padding.
+GPU_SHAPES = [
+    (2, 4, 2, 97, 130, 32, 32),
+    (1, 4, 4, 97, 97, 96, 96),
+    (2, 2, 1, 77, 200, 128, 128),
+]
+GPU_MASKS = MASKS + ["scattered", "causal+scattered"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("mask_kind", GPU_MASKS)
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_half_precision_head_dims_on_gpu(shape, mask_kind, dtype, backend):
+    device = "cuda"
+    q, k, v = make_qkv(shape, dtype, device)
+    attn_mask, key_padding_mask, is_causal = make_masks(mask_kind, shape, dtype, device)
+    if "scattered" in mask_kind:  # padding anywhere (key 0 kept so that every row has a key)
+        key_padding_mask = torch.rand(shape[0], shape[4], device=device) > 0.6
+        key_padding_mask[:, 0] = False
+    kwargs = dict(attn_mask=attn_mask, is_causal=is_causal, key_padding_mask=key_padding_mask)
+    require_backend(backend, "attention", q, k, v, **kwargs)
+
+    out = fastformer.attention(q, k, v, backend=backend, **kwargs)
+    expected = reference.attention(q, k, v, **kwargs)
+    fwd_tol, grad_tol = ATTENTION_TOL[dtype]
+    assert out.dtype == dtype
+    assert_rel_close(out, expected, fwd_tol, "out")
+    grad_out = torch.randn_like(expected)
+    grads = _grads(out, (q, k, v), grad_out.to(dtype))
+    expected_grads = _grads(expected, (q, k, v), grad_out)
+    for name, grad, want in zip("qkv", grads, expected_grads):
+        assert grad.dtype == dtype
+        assert_rel_close(grad, want, grad_tol, f"grad {name}")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mask_kind", ["bool", "float", "causal+padding"])
 def test_same_results_as_sdpa(mask_kind, backend):
@@ -250,6 +288,33 @@ def test_dropout_matches_reference_with_the_same_mask(dtype, backend, monkeypatc
         7, lambda: fastformer.attention(q, k, v, dropout_p=p, is_causal=True, key_padding_mask=pad,
                                         backend=backend))
     keep = keep_mask(seed, (2, 4, 13, 21), p, "cpu")
+    assert 0.6 < keep.float().mean().item() < 0.8
+    expected = reference.attention(q, k, v, key_padding_mask=pad, is_causal=True, keep=keep, dropout_p=p)
+    fwd_tol, grad_tol = ATTENTION_TOL[dtype]
+    assert_rel_close(out, expected, fwd_tol, "out")
+    grad_out = torch.randn_like(expected)
+    got = torch.autograd.grad(out, (q, k, v), grad_out.to(dtype))
+    want = torch.autograd.grad(expected, (q, k, v), grad_out)
+    for name, grad, expected_grad in zip("qkv", got, want):
+        assert_rel_close(grad, expected_grad, grad_tol, f"grad {name}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("dim", [32, 64, 96, 128])
+def test_dropout_on_gpu_matches_reference_with_the_same_mask(dim, dtype, backend, monkeypatch):
+    """As above, in half precision on the GPU, over several key/query tiles and the compiled head dims."""
+    shape = (2, 4, 2, 77, 130, dim, dim)
+    p = 0.3
+    q, k, v = make_qkv(shape, dtype, "cuda")
+    pad = padding_mask(2, 130, "cuda")
+    require_backend(backend, "attention", q, k, v, dropout_p=p, is_causal=True, key_padding_mask=pad)
+    keep_mask = keep_mask_function(backend, monkeypatch)
+    out, seed = _same_seed_call(
+        11, lambda: fastformer.attention(q, k, v, dropout_p=p, is_causal=True, key_padding_mask=pad,
+                                         backend=backend))
+    keep = keep_mask(seed, (2, 4, 77, 130), p, "cuda")
     assert 0.6 < keep.float().mean().item() < 0.8
     expected = reference.attention(q, k, v, key_padding_mask=pad, is_causal=True, keep=keep, dropout_p=p)
     fwd_tol, grad_tol = ATTENTION_TOL[dtype]

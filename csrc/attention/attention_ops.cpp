@@ -1,0 +1,266 @@
+// torch side of the CUDA attention: checks, output allocation, the params struct, and the op
+// registrations (fastformer::cuda_attention_fwd / cuda_attention_bwd; CUDA and Meta kernels).
+//
+// The Python module fastformer/cuda/attention.py prepares the arguments: it turns a right-padding
+// key_padding_mask into key_lengths and folds any other one into attn_mask, and passes the dropout
+// seed as an int. Here attn_mask is anything broadcastable to (B, Hq, Lq, Lk): bool (True = may
+// attend) or additive float (read as float32); it is expanded as a view (stride 0 on broadcast
+// dims), never materialised.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <tuple>
+
+#include "attention/launch.h"
+#include "attention/params.h"
+
+namespace fastformer {
+namespace attention {
+namespace {
+
+constexpr const char* kOp = "fastformer attention (cuda): ";
+
+struct Sizes {
+  int64_t batch, heads_q, heads_k, len_q, len_k, dim, dim_v;
+};
+
+Sizes check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, kOp,
+              "query, key and value must be 4-D (batch, heads, seq_len, head_dim), got ", q.sizes(), ", ",
+              k.sizes(), ", ", v.sizes());
+  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, kOp,
+              "dtype must be float16 or bfloat16, got ", q.scalar_type());
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), kOp,
+              "query, key and value must have one dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
+              v.scalar_type());
+  Sizes s{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), v.size(3)};
+  TORCH_CHECK(k.size(0) == s.batch && v.size(0) == s.batch, kOp, "batch sizes differ: ", q.sizes(), ", ",
+              k.sizes(), ", ", v.sizes());
+  TORCH_CHECK(v.size(1) == s.heads_k && v.size(2) == s.len_k, kOp, "key ", k.sizes(), " and value ", v.sizes(),
+              " must agree on heads and seq_len");
+  TORCH_CHECK(k.size(3) == s.dim, kOp, "query and key head dims differ: ", s.dim, " vs ", k.size(3));
+  TORCH_CHECK(s.heads_k > 0 && s.heads_q % s.heads_k == 0, kOp, "query heads (", s.heads_q,
+              ") must be a multiple of key/value heads (", s.heads_k, ")");
+  TORCH_CHECK(s.dim >= 1 && s.dim_v >= 1 && std::max(s.dim, s.dim_v) <= kMaxHeadDim, kOp,
+              "head dims 1..", kMaxHeadDim, " supported, got ", s.dim, " and ", s.dim_v);
+  for (const at::Tensor* t : {&q, &k, &v}) {
+    TORCH_CHECK(t->stride(3) == 1 || t->size(3) == 1, kOp,
+                "the last dim of query, key and value must be contiguous (stride 1), got strides ", t->strides());
+  }
+  TORCH_CHECK(s.len_q <= std::numeric_limits<int>::max() && s.len_k <= std::numeric_limits<int>::max(), kOp,
+              "sequence lengths must fit in int32");
+  TORCH_CHECK(s.batch <= 65535 && s.heads_q <= 65535, kOp, "batch and heads must be at most 65535 (grid limits)");
+  return s;
+}
+
+// A tensor whose rows (all of them, at every batch/head) start at 16-byte boundaries.
+bool rows_16b_aligned(const at::Tensor& t) {
+  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return false;
+  for (int d = 0; d < 3; ++d) {
+    if (t.size(d) > 1 && t.stride(d) % 8 != 0) return false;
+  }
+  return true;
+}
+
+// Two adjacent elements (cols 2t, 2t + 1) at 4-byte boundaries.
+bool pairs_4b_aligned(const at::Tensor& t) {
+  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 4 != 0) return false;
+  for (int d = 0; d < 3; ++d) {
+    if (t.size(d) > 1 && t.stride(d) % 2 != 0) return false;
+  }
+  return true;
+}
+
+void check_same_device(const at::Tensor& ref, const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device() == ref.device(), kOp, name, " is on ", t.device(), " but query is on ", ref.device());
+}
+
+// Fill everything shared by the forward and backward params. Keeps `mask` alive in *holder.
+void fill_common(AttentionParams& p, const Sizes& s, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                 const c10::optional<at::Tensor>& attn_mask, const c10::optional<at::Tensor>& key_lengths,
+                 double scale, bool is_causal, double dropout_p, int64_t seed, at::Tensor* mask_holder) {
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.q_batch_stride = q.stride(0), p.q_head_stride = q.stride(1), p.q_row_stride = q.stride(2);
+  p.k_batch_stride = k.stride(0), p.k_head_stride = k.stride(1), p.k_row_stride = k.stride(2);
+  p.v_batch_stride = v.stride(0), p.v_head_stride = v.stride(1), p.v_row_stride = v.stride(2);
+
+  p.mask = nullptr;
+  p.mask_kind = kNoMask;
+  p.mask_batch_stride = p.mask_head_stride = p.mask_row_stride = p.mask_col_stride = 0;
+  if (attn_mask.has_value() && attn_mask->defined()) {
+    at::Tensor mask = *attn_mask;
+    check_same_device(q, mask, "attn_mask");
+    TORCH_CHECK(mask.dim() <= 4, kOp, "attn_mask must have at most 4 dims, got ", mask.sizes());
+    if (mask.scalar_type() == at::kBool) {
+      mask = mask.view(at::kByte);
+      p.mask_kind = kBoolMask;
+    } else {
+      TORCH_CHECK(at::isFloatingType(mask.scalar_type()), kOp, "attn_mask must be bool or floating point, got ",
+                  mask.scalar_type());
+      mask = mask.to(at::kFloat);  // before expanding: converts only the stored elements
+      p.mask_kind = kFloatMask;
+    }
+    mask = mask.expand({s.batch, s.heads_q, s.len_q, s.len_k});
+    *mask_holder = mask;
+    p.mask = mask.data_ptr();
+    p.mask_batch_stride = mask.stride(0), p.mask_head_stride = mask.stride(1);
+    p.mask_row_stride = mask.stride(2), p.mask_col_stride = mask.stride(3);
+  }
+  p.key_lengths = nullptr;
+  if (key_lengths.has_value() && key_lengths->defined()) {
+    const at::Tensor& lengths = *key_lengths;
+    check_same_device(q, lengths, "key_lengths");
+    TORCH_CHECK(lengths.scalar_type() == at::kInt && lengths.dim() == 1 && lengths.size(0) == s.batch &&
+                    lengths.is_contiguous(),
+                kOp, "key_lengths must be a contiguous int32 tensor of shape (", s.batch, "), got ",
+                lengths.scalar_type(), " ", lengths.sizes());
+    p.key_lengths = lengths.data_ptr<int32_t>();
+  }
+
+  p.batch = static_cast<int>(s.batch);
+  p.heads_q = static_cast<int>(s.heads_q);
+  p.heads_k = static_cast<int>(s.heads_k);
+  p.group = static_cast<int>(s.heads_q / s.heads_k);
+  p.len_q = static_cast<int>(s.len_q);
+  p.len_k = static_cast<int>(s.len_k);
+  p.dim = static_cast<int>(s.dim);
+  p.dim_v = static_cast<int>(s.dim_v);
+  p.scale = static_cast<float>(scale);
+  p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
+  p.is_causal = is_causal;
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, kOp, "dropout_p must be in [0, 1), got ", dropout_p);
+  p.has_dropout = dropout_p > 0.0;
+  p.dropout_p = static_cast<float>(dropout_p);
+  p.dropout_scale = p.has_dropout ? 1.0f / (1.0f - p.dropout_p) : 1.0f;
+  p.seed = static_cast<uint64_t>(seed);
+  p.vector_loads = rows_16b_aligned(q) && rows_16b_aligned(k) && rows_16b_aligned(v);
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                      const c10::optional<at::Tensor>& attn_mask,
+                                                      const c10::optional<at::Tensor>& key_lengths, double scale,
+                                                      bool is_causal, double dropout_p, int64_t seed) {
+  const Sizes s = check_inputs(q, k, v);
+  TORCH_CHECK(q.is_cuda(), kOp, "query must be a CUDA tensor");
+  check_same_device(q, k, "key");
+  check_same_device(q, v, "value");
+  const c10::cuda::CUDAGuard guard(q.device());
+  // (B, Hq, Lq, Dv) stored as (B, Lq, Hq, Dv), as the other backends return it.
+  at::Tensor out = at::empty({s.batch, s.len_q, s.heads_q, s.dim_v}, q.options()).transpose(1, 2);
+  at::Tensor lse = at::empty({s.batch, s.heads_q, s.len_q}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0 || s.len_k == 0) {  // nothing to attend to
+    out.zero_();
+    lse.fill_(-std::numeric_limits<float>::infinity());
+    return {out, lse};
+  }
+  AttentionParams p{};
+  at::Tensor mask;
+  fill_common(p, s, q, k, v, attn_mask, key_lengths, scale, is_causal, dropout_p, seed, &mask);
+  p.out = out.data_ptr();
+  p.o_batch_stride = out.stride(0), p.o_head_stride = out.stride(1), p.o_row_stride = out.stride(2);
+  p.lse = lse.data_ptr<float>();
+  p.pair_stores = pairs_4b_aligned(out);
+  launch_attention_fwd(p, padded_head_dim(std::max(p.dim, p.dim_v)), q.scalar_type() == at::kBFloat16,
+                       at::cuda::getCurrentCUDAStream());
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const c10::optional<at::Tensor>& attn_mask, const c10::optional<at::Tensor>& key_lengths,
+    double scale, bool is_causal, double dropout_p, int64_t seed) {
+  const Sizes s = check_inputs(q, k, v);
+  TORCH_CHECK(q.is_cuda(), kOp, "query must be a CUDA tensor");
+  for (const at::Tensor* t : {&k, &v, &grad_out, &out, &lse}) check_same_device(q, *t, "an input");
+  const std::vector<int64_t> out_shape{s.batch, s.heads_q, s.len_q, s.dim_v};
+  TORCH_CHECK(grad_out.sizes() == out_shape && out.sizes() == out_shape, kOp, "grad_out ", grad_out.sizes(),
+              " and out ", out.sizes(), " must have shape ", at::IntArrayRef(out_shape));
+  TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(), kOp,
+              "grad_out and out must have the query's dtype");
+  TORCH_CHECK(grad_out.stride(3) == 1 || s.dim_v == 1, kOp, "grad_out's last dim must be contiguous");
+  TORCH_CHECK(out.stride(3) == 1 || s.dim_v == 1, kOp, "out's last dim must be contiguous");
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() &&
+                  lse.sizes() == at::IntArrayRef({s.batch, s.heads_q, s.len_q}),
+              kOp, "lse must be a contiguous float32 tensor of shape (B, Hq, Lq), got ", lse.sizes());
+  const c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor grad_q = at::empty(q.sizes(), q.options());
+  at::Tensor grad_k = at::empty(k.sizes(), k.options());
+  at::Tensor grad_v = at::empty(v.sizes(), v.options());
+  if (s.batch * s.heads_q * s.len_q == 0 || s.len_k == 0) {
+    grad_q.zero_(), grad_k.zero_(), grad_v.zero_();
+    return {grad_q, grad_k, grad_v};
+  }
+  AttentionBwdParams p{};
+  at::Tensor mask;
+  fill_common(p, s, q, k, v, attn_mask, key_lengths, scale, is_causal, dropout_p, seed, &mask);
+  p.vector_loads = p.vector_loads && rows_16b_aligned(grad_out);
+  p.out = out.data_ptr();
+  p.o_batch_stride = out.stride(0), p.o_head_stride = out.stride(1), p.o_row_stride = out.stride(2);
+  p.lse = lse.data_ptr<float>();
+  p.grad_out = grad_out.data_ptr();
+  p.do_batch_stride = grad_out.stride(0), p.do_head_stride = grad_out.stride(1);
+  p.do_row_stride = grad_out.stride(2);
+  at::Tensor delta = at::empty({s.batch, s.heads_q, s.len_q}, q.options().dtype(at::kFloat));
+  p.delta = delta.data_ptr<float>();
+  p.grad_q = grad_q.data_ptr();
+  p.dq_batch_stride = grad_q.stride(0), p.dq_head_stride = grad_q.stride(1), p.dq_row_stride = grad_q.stride(2);
+  p.grad_k = grad_k.data_ptr();
+  p.dk_batch_stride = grad_k.stride(0), p.dk_head_stride = grad_k.stride(1), p.dk_row_stride = grad_k.stride(2);
+  p.grad_v = grad_v.data_ptr();
+  p.dv_batch_stride = grad_v.stride(0), p.dv_head_stride = grad_v.stride(1), p.dv_row_stride = grad_v.stride(2);
+  p.pair_stores = pairs_4b_aligned(grad_q) && pairs_4b_aligned(grad_k) && pairs_4b_aligned(grad_v);
+  launch_attention_bwd(p, padded_head_dim(std::max(p.dim, p.dim_v)), q.scalar_type() == at::kBFloat16,
+                       at::cuda::getCurrentCUDAStream());
+  return {grad_q, grad_k, grad_v};
+}
+
+// Meta (fake) kernels: the shapes, dtypes and strides of the CUDA kernels' outputs.
+std::tuple<at::Tensor, at::Tensor> attention_fwd_meta(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                      const c10::optional<at::Tensor>&,
+                                                      const c10::optional<at::Tensor>&, double, bool, double,
+                                                      int64_t) {
+  const Sizes s = check_inputs(q, k, v);
+  at::Tensor out = at::empty({s.batch, s.len_q, s.heads_q, s.dim_v}, q.options()).transpose(1, 2);
+  at::Tensor lse = at::empty({s.batch, s.heads_q, s.len_q}, q.options().dtype(at::kFloat));
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_meta(
+    const at::Tensor&, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor&,
+    const at::Tensor&, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, double, bool, double,
+    int64_t) {
+  check_inputs(q, k, v);
+  return {at::empty(q.sizes(), q.options()), at::empty(k.sizes(), k.options()), at::empty(v.sizes(), v.options())};
+}
+
+}  // namespace
+}  // namespace attention
+}  // namespace fastformer
+
+// The namespace also holds ops defined from Python (fastformer/library.py): a fragment, never
+// TORCH_LIBRARY.
+TORCH_LIBRARY_FRAGMENT(fastformer, m) {
+  m.def(
+      "cuda_attention_fwd(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, Tensor? key_lengths, "
+      "float scale, bool is_causal, float dropout_p, int seed) -> (Tensor out, Tensor lse)");
+  m.def(
+      "cuda_attention_bwd(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor out, Tensor lse, "
+      "Tensor? attn_mask, Tensor? key_lengths, float scale, bool is_causal, float dropout_p, int seed) "
+      "-> (Tensor grad_query, Tensor grad_key, Tensor grad_value)");
+}
+
+TORCH_LIBRARY_IMPL(fastformer, CUDA, m) {
+  m.impl("cuda_attention_fwd", &fastformer::attention::attention_fwd_cuda);
+  m.impl("cuda_attention_bwd", &fastformer::attention::attention_bwd_cuda);
+}
+
+TORCH_LIBRARY_IMPL(fastformer, Meta, m) {
+  m.impl("cuda_attention_fwd", &fastformer::attention::attention_fwd_meta);
+  m.impl("cuda_attention_bwd", &fastformer::attention::attention_bwd_meta);
+}

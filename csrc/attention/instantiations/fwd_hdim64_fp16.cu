@@ -1,0 +1,8 @@
+// Attention forward kernels for head dim 64, fp16 (one translation unit per instantiation).
+#include "attention/launch_template.cuh"
+
+namespace fastformer {
+namespace attention {
+template void run_attention_fwd<64, __half>(const AttentionParams& params, cudaStream_t stream);
+}  // namespace attention
+}  // namespace fastformer

@@ -1,0 +1,37 @@
+// Host entry points of the attention kernels, called by the torch side (attention_ops.cpp).
+// Plain types only: this header is included by host-compiled C++.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include "attention/params.h"
+
+namespace fastformer {
+namespace attention {
+
+// The head dims the kernels are compiled for; a call uses the smallest one >= max(D, Dv) and
+// predicates the rest (zeros loaded past D / Dv, nothing written there).
+constexpr int kHeadDims[] = {32, 64, 96, 128};
+constexpr int kMaxHeadDim = 128;
+
+// Smallest compiled head dim >= dim, or 0 when dim > kMaxHeadDim.
+inline int padded_head_dim(int dim) {
+  for (int hd : kHeadDims) {
+    if (dim <= hd) return hd;
+  }
+  return 0;
+}
+
+// Launch on `stream`; the caller has set the device. bf16: bfloat16 inputs, otherwise float16.
+void launch_attention_fwd(const AttentionParams& params, int head_dim, bool bf16, cudaStream_t stream);
+// delta (preprocess), then dK/dV, then dQ.
+void launch_attention_bwd(const AttentionBwdParams& params, int head_dim, bool bf16, cudaStream_t stream);
+
+// One explicit instantiation per (head dim, dtype), in instantiations/*.cu.
+template <int kHeadDim, typename T>
+void run_attention_fwd(const AttentionParams& params, cudaStream_t stream);
+template <int kHeadDim, typename T>
+void run_attention_bwd(const AttentionBwdParams& params, cudaStream_t stream);
+
+}  // namespace attention
+}  // namespace fastformer

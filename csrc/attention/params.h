@@ -1,0 +1,82 @@
+// The plain struct the torch side (attention_ops.cpp) fills and the kernels read.
+//
+// Shapes: query (B, Hq, Lq, D), key (B, Hk, Lk, D), value (B, Hk, Lk, Dv), Hq % Hk == 0.
+// Every tensor is addressed as base + b * batch_stride + h * head_stride + row * row_stride + col
+// (element strides, int64; the last dim is contiguous). No torch types here, so that the kernels
+// compile without the torch headers.
+#pragma once
+
+#include <cstdint>
+
+namespace fastformer {
+namespace attention {
+
+// What the optional attn_mask holds (a runtime switch: uniform branches inside the kernels).
+enum MaskKind : int {
+  kNoMask = 0,
+  kBoolMask = 1,   // uint8, nonzero = may attend (torch.bool viewed as uint8)
+  kFloatMask = 2,  // float32, added to the scaled scores (-inf = may not attend)
+};
+
+struct AttentionParams {
+  // Inputs, in the dtype of the instantiation (half or bfloat16).
+  const void* q;
+  const void* k;
+  const void* v;
+  int64_t q_batch_stride, q_head_stride, q_row_stride;
+  int64_t k_batch_stride, k_head_stride, k_row_stride;
+  int64_t v_batch_stride, v_head_stride, v_row_stride;
+
+  // Forward output (B, Hq, Lq, Dv), any strides; read again by the backward's preprocess.
+  void* out;
+  int64_t o_batch_stride, o_head_stride, o_row_stride;
+  // Log-sum-exp of each query row's scaled, masked scores (natural log, float32, (B, Hq, Lq)
+  // contiguous); -inf on rows with no key to attend to.
+  float* lse;
+
+  // Optional attn_mask viewed as (B, Hq, Lq, Lk): stride 0 on broadcast dims.
+  const void* mask;
+  int mask_kind;  // MaskKind
+  int64_t mask_batch_stride, mask_head_stride, mask_row_stride, mask_col_stride;
+
+  // Optional (B,) int32: keys kept per batch row (right padding); keys >= key_lengths[b] are
+  // never attended and their tiles are skipped. nullptr = every key.
+  const int32_t* key_lengths;
+
+  int batch, heads_q, heads_k, group;  // group = Hq / Hk
+  int len_q, len_k;
+  int dim, dim_v;  // the real head dims (the kernel's head dim is these padded up)
+
+  float scale;       // softmax scale
+  float scale_log2;  // scale * log2(e): the kernels work with exp2
+
+  bool is_causal;  // top-left aligned: query i attends keys j <= i
+
+  // Dropout: element (b, h, i, j) is kept when Philox::keep(seed, ((b Hq + h) Lq + i) Lk + j, p).
+  bool has_dropout;
+  float dropout_p;
+  float dropout_scale;  // 1 / (1 - p)
+  uint64_t seed;
+
+  // Every row of q, k, v (and grad_out in the backward) starts 16-byte aligned, so tiles can be
+  // loaded with 16-byte cp.async; otherwise the kernels fall back to element-wise loads.
+  bool vector_loads;
+  // Every pair of output elements (col 2t, 2t+1) is 4-byte aligned: stores of two at a time.
+  bool pair_stores;
+};
+
+struct AttentionBwdParams : AttentionParams {
+  const void* grad_out;  // dO (B, Hq, Lq, Dv)
+  int64_t do_batch_stride, do_head_stride, do_row_stride;
+  float* delta;  // (B, Hq, Lq) float32 contiguous: rowsum(dO * O), written by the preprocess
+
+  void* grad_q;  // (B, Hq, Lq, D)
+  int64_t dq_batch_stride, dq_head_stride, dq_row_stride;
+  void* grad_k;  // (B, Hk, Lk, D)
+  int64_t dk_batch_stride, dk_head_stride, dk_row_stride;
+  void* grad_v;  // (B, Hk, Lk, Dv)
+  int64_t dv_batch_stride, dv_head_stride, dv_row_stride;
+};
+
+}  // namespace attention
+}  // namespace fastformer

@@ -1,0 +1,78 @@
+// Which (query i, key j) pairs a CTA's scores keep, and the dropout keep-mask, for one
+// (batch b, query head h). Shared by the forward and both backward kernels, so that all three see
+// exactly the same probabilities.
+//
+//   s_ij = scale * q_i . k_j (+ float mask_ij)        in log2 units (times log2 e), or -inf when
+//   i >= Lq, j >= key_len(b), (causal and j > i), or the bool mask forbids it.
+//   keep_ij = Philox::keep(seed, ((b Hq + h) Lq + i) Lk + j, p)   (the Triton backend's offsets)
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "attention/device.cuh"
+#include "attention/params.h"
+#include "common/philox.cuh"
+
+namespace fastformer {
+namespace attention {
+
+struct ScoreRules {
+  const uint8_t* bool_mask;  // this (b, h)'s mask rows, or nullptr
+  const float* float_mask;   // idem
+  int64_t mask_row_stride, mask_col_stride;
+  int len_q, len_k, key_len;
+  bool is_causal;
+  float scale_log2;
+  uint64_t dropout_row_base;  // (b Hq + h) Lq
+  uint64_t seed;
+  float dropout_p;
+
+  __device__ __forceinline__ ScoreRules(const AttentionParams& p, int b, int h, int key_len_) {
+    const int64_t mask_offset = b * p.mask_batch_stride + h * p.mask_head_stride;
+    bool_mask = p.mask_kind == kBoolMask ? static_cast<const uint8_t*>(p.mask) + mask_offset : nullptr;
+    float_mask = p.mask_kind == kFloatMask ? static_cast<const float*>(p.mask) + mask_offset : nullptr;
+    mask_row_stride = p.mask_row_stride;
+    mask_col_stride = p.mask_col_stride;
+    len_q = p.len_q;
+    len_k = p.len_k;
+    key_len = key_len_;
+    is_causal = p.is_causal;
+    scale_log2 = p.scale_log2;
+    dropout_row_base = (static_cast<uint64_t>(b) * p.heads_q + h) * static_cast<uint64_t>(p.len_q);
+    seed = p.seed;
+    dropout_p = p.dropout_p;
+  }
+
+  // The score of q_i . k_j = acc, in log2 units, -inf where (i, j) is not attended.
+  // kGeneral: an attn_mask may be present (compiled out of the kernels without one).
+  template <bool kGeneral>
+  __device__ __forceinline__ float score(float acc, int i, int j) const {
+    bool ok = i < len_q && j < key_len && (!is_causal || j <= i);
+    float s = acc * scale_log2;
+    if (kGeneral && ok) {
+      const int64_t offset = i * mask_row_stride + j * mask_col_stride;
+      if (bool_mask != nullptr) {
+        ok = bool_mask[offset] != 0;
+      } else if (float_mask != nullptr) {
+        s = fmaf(float_mask[offset], kLog2e, s);
+      }
+    }
+    return ok ? s : -INFINITY;
+  }
+
+  __device__ __forceinline__ bool keep(int i, int j) const {
+    return Philox::keep(seed, (dropout_row_base + static_cast<uint64_t>(i)) * static_cast<uint64_t>(len_k) + j,
+                        dropout_p);
+  }
+};
+
+// The key length of batch row b (right padding), at most Lk.
+__device__ __forceinline__ int key_length(const AttentionParams& p, int b) {
+  if (p.key_lengths == nullptr) return p.len_k;
+  const int n = p.key_lengths[b];
+  return n < 0 ? 0 : (n > p.len_k ? p.len_k : n);
+}
+
+}  // namespace attention
+}  // namespace fastformer

@@ -1,0 +1,65 @@
+// Compile-time shape of the attention kernels for one (head dim, element type).
+//
+// Every kernel runs kWarps = 4 warps; each warp owns 16 rows of the tile it iterates with (the M
+// of one mma.sync m16n8k16), so "rows per CTA" = 16 * kWarps = 64:
+//   forward:  64 query rows per CTA, key/value tiles of kBlockN = 64 keys streamed.
+//   dK/dV:    64 keys per CTA (16 per warp), query tiles of kBwdKvBlockM streamed, over every
+//             query head of the key/value head (GQA).
+//   dQ:       64 query rows per CTA, key/value tiles of kBwdQBlockN streamed.
+// Above head dim 64 the streamed tile of the backward kernels is 32 rows, so that the two
+// float32 score tiles (S and dP) and the two head-dim-wide accumulators fit in registers.
+//
+// Shared memory rows hold kHeadDim elements plus 8 of padding (16 bytes): a row is then an odd
+// number of 16-byte chunks (HD/8 + 1 = 5, 9, 13, 17), so the 8 row addresses of one ldmatrix
+// 8x8 matrix, or of 8 consecutive cp.async chunks down a column, fall in 8 different 16-byte
+// bank groups: no bank conflicts, without a swizzle.
+#pragma once
+
+namespace fastformer {
+namespace attention {
+
+template <int kHeadDim_, typename Element_>
+struct AttentionTraits {
+  using Element = Element_;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kWarps = 4;
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kRowsPerWarp = 16;
+  static constexpr int kSmemStride = kHeadDim + 8;  // elements per shared-memory row
+
+  // forward
+  static constexpr int kBlockM = kRowsPerWarp * kWarps;
+  static constexpr int kBlockN = 64;
+  // backward, dK/dV kernel (keys held, queries streamed)
+  static constexpr int kBwdKvBlockN = kRowsPerWarp * kWarps;
+  static constexpr int kBwdKvBlockM = kHeadDim <= 64 ? 64 : 32;
+  // backward, dQ kernel (queries held, keys streamed)
+  static constexpr int kBwdQBlockM = kRowsPerWarp * kWarps;
+  static constexpr int kBwdQBlockN = kHeadDim <= 64 ? 64 : 32;
+
+  static constexpr int kElementBytes = 2;
+  // forward: Q, K, V tiles (one buffer each: K and V loads interleave, see the kernel)
+  static constexpr int kFwdSmemBytes = (kBlockM + 2 * kBlockN) * kSmemStride * kElementBytes;
+  // dK/dV: K, V, and two buffers each of Q and dO
+  static constexpr int kBwdKvSmemBytes = (2 * kBwdKvBlockN + 4 * kBwdKvBlockM) * kSmemStride * kElementBytes;
+  // dQ: Q, dO, and two buffers each of K and V
+  static constexpr int kBwdQSmemBytes = (2 * kBwdQBlockM + 4 * kBwdQBlockN) * kSmemStride * kElementBytes;
+
+  static_assert(sizeof(Element) == kElementBytes, "16-bit elements only (half, bfloat16)");
+  static_assert(kHeadDim % 16 == 0 && kHeadDim >= 32 && kHeadDim <= 128,
+                "head dim: a multiple of 16 (the k of m16n8k16) in 32..128");
+  static_assert(kBlockN % 16 == 0 && kBwdKvBlockM % 16 == 0 && kBwdQBlockN % 16 == 0,
+                "streamed tiles are whole k16 slices of the P.V / dS.K / P^T.dO products");
+  static_assert(kSmemStride % 8 == 0 && (kSmemStride / 8) % 2 == 1,
+                "shared rows: whole 16-byte chunks, an odd number of them (conflict-free ldmatrix)");
+  // The tile loader hands out 16-byte chunks round-robin: every thread gets the same number.
+  static_assert((kBlockN * kHeadDim / 8) % kThreads == 0, "forward tile loads");
+  static_assert((kBwdKvBlockM * kHeadDim / 8) % kThreads == 0, "dK/dV tile loads");
+  static_assert((kBwdQBlockN * kHeadDim / 8) % kThreads == 0, "dQ tile loads");
+  static_assert(kFwdSmemBytes <= 99 * 1024 && kBwdKvSmemBytes <= 99 * 1024 &&
+                    kBwdQSmemBytes <= 99 * 1024,
+                "shared memory within what every sm_8x/sm_90 GPU grants one block (99 KiB)");
+};
+
+}  // namespace attention
+}  // namespace fastformer

@@ -1,0 +1,127 @@
+"""Flash attention in CUDA C++ (``csrc/attention/``): the Python side of the "cuda" backend.
+
+The kernels (FlashAttention-2 structure, tensor-core ``mma.sync`` m16n8k16 with ``ldmatrix`` and
+``cp.async``; see ``csrc/attention/*.cuh``) are registered by the extension as
+``torch.ops.fastformer.cuda_attention_fwd`` / ``cuda_attention_bwd``. This module implements the
+contract every attention backend implements (``attention_fwd`` / ``attention_bwd``, as
+``fastformer.triton.attention``): the same dropout offsets and keep rule (Philox, bit-identical to
+the Triton backend), the same log-sum-exp convention (float32 (B, Hq, Lq), natural log, -inf on
+rows with no key) and the same results for rows with no key (output 0, gradients 0).
+
+What the kernels handle (declared by :func:`support`):
+- float16 / bfloat16, float32 accumulation;
+- head dims 1..128: compiled for 32, 64, 96 and 128, any other padded up to the next one by
+  predication (zeros loaded past the head dim, nothing stored there; no copies);
+- any strides with a contiguous last dim (others are made contiguous here); 16-byte aligned rows
+  are loaded with cp.async, others element by element;
+- is_causal (top-left aligned, as SDPA), with key tiles past the diagonal skipped;
+- GQA / MQA (Hq % Hk == 0): K and V are never repeated; the dK/dV kernel sums the query heads of
+  a key/value head in registers (no atomics: results are run-to-run identical);
+- key_padding_mask: a right-padding mask becomes int32 key lengths (padded key tiles skipped);
+  any other one is folded into a bool attn_mask (``fastformer.masks.fold_key_padding``);
+- attn_mask, bool or additive float, broadcastable to (B, Hq, Lq, Lk), read tile by tile through
+  a stride-0 view (a float mask is read as float32);
+- dropout, regenerated in the backward from the seed.
+The kernels also take a value head dim different from the query/key one (both up to 128), but
+dispatch only sees the query head dim, so "value_dim" is not declared: such calls go elsewhere.
+Not handled: a gradient for attn_mask (dispatch sends those calls to another backend).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastformer.masks import fold_key_padding
+
+__all__ = ["MAX_HEAD_DIM", "attention_bwd", "attention_fwd", "support"]
+
+# The largest head dim the kernels are compiled for (csrc/attention/launch.h, kMaxHeadDim).
+MAX_HEAD_DIM = 128
+DTYPES = frozenset({torch.float16, torch.bfloat16})
+FEATURES = frozenset({"dropout", "causal", "bool_mask", "float_mask", "key_padding_mask", "gqa"})
+
+
+def support():
+    """What the CUDA attention kernels support, for ``fastformer.dispatch``."""
+    from fastformer.dispatch import Support
+
+    return Support(devices=frozenset({"cuda"}), dtypes=DTYPES, features=FEATURES,
+                   head_dims=(1, MAX_HEAD_DIM), min_compute_capability=(8, 0))
+
+
+def _ops():
+    """``torch.ops.fastformer`` once the extension (which registers the ops) is loaded."""
+    from fastformer.cuda import extension_unavailable_reasons, load_extension
+
+    if load_extension() is None:
+        raise RuntimeError("attention (cuda): the CUDA extension is not available: "
+                           + "; ".join(extension_unavailable_reasons()))
+    return torch.ops.fastformer
+
+
+def _check(query, key, value):
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if t.dtype not in DTYPES:
+            raise ValueError(f"attention (cuda): dtype must be float16 or bfloat16, got {name} {t.dtype}")
+    dim, dim_v = query.shape[-1], value.shape[-1]
+    if max(dim, dim_v) > MAX_HEAD_DIM:
+        raise ValueError(f"attention (cuda): head dims up to {MAX_HEAD_DIM}, got {dim} and {dim_v}")
+    if query.shape[1] % key.shape[1] != 0:
+        raise ValueError(f"attention (cuda): query heads ({query.shape[1]}) must be a multiple of key/value "
+                         f"heads ({key.shape[1]})")
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if t.device.type != "cuda":
+            raise ValueError(f"attention (cuda): {name} must be a CUDA tensor, got {t.device}")
+
+
+def _last_dim_contiguous(t):
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def _masks(query, key, attn_mask, key_padding_mask):
+    """(attn_mask or None, int32 key lengths or None) for the kernels.
+
+    A right-padding key_padding_mask (a prefix of each row kept) becomes one key length per batch
+    row; any other is folded into attn_mask. attn_mask is passed as given (any broadcastable
+    shape); the op expands it as a view.
+    """
+    lengths = None
+    if key_padding_mask is not None:
+        len_k = key.shape[2]
+        kept = (~key_padding_mask).sum(dim=-1)
+        prefix = torch.arange(len_k, device=key_padding_mask.device)[None, :] >= kept[:, None]
+        if torch.equal(key_padding_mask, prefix):
+            lengths = kept.to(device=query.device, dtype=torch.int32)
+        else:
+            attn_mask = fold_key_padding(attn_mask, key_padding_mask)
+    return attn_mask, lengths
+
+
+def _seed(seed) -> int:
+    return 0 if seed is None else int(seed.item())
+
+
+def attention_fwd(query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed):
+    """Returns (out (B, Hq, Lq, Dv) stored as (B, Lq, Hq, Dv), lse (B, Hq, Lq) float32)."""
+    _check(query, key, value)
+    query, key, value = (_last_dim_contiguous(t) for t in (query, key, value))
+    attn_mask, lengths = _masks(query, key, attn_mask, key_padding_mask)
+    return _ops().cuda_attention_fwd(query, key, value, attn_mask, lengths, float(scale), bool(is_causal),
+                                     float(dropout_p), _seed(seed))
+
+
+def attention_bwd(grad_out, query, key, value, out, lse, attn_mask, key_padding_mask, dropout_p,
+                  is_causal, scale, seed, mask_needs_grad):
+    """Returns (grad_query, grad_key, grad_value, None); contiguous gradients in the input dtypes."""
+    if mask_needs_grad:
+        raise NotImplementedError("attention (cuda): no gradient for attn_mask (support() does not declare "
+                                  "mask_grad, so dispatch sends such calls to another backend)")
+    _check(query, key, value)
+    query, key, value, out, grad_out = (_last_dim_contiguous(t) for t in (query, key, value, out, grad_out))
+    if grad_out.dtype != query.dtype:
+        grad_out = grad_out.to(query.dtype)
+    attn_mask, lengths = _masks(query, key, attn_mask, key_padding_mask)
+    grad_q, grad_k, grad_v = _ops().cuda_attention_bwd(
+        grad_out, query, key, value, out, lse.contiguous(), attn_mask, lengths, float(scale), bool(is_causal),
+        float(dropout_p), _seed(seed))
+    return grad_q, grad_k, grad_v, None

@@ -1,0 +1,424 @@
+"""The CUDA attention kernels (csrc/attention/, fastformer/cuda/attention.py).
+
+Without a GPU: what support() declares, the Python-side argument handling, and (once the
+extension is built) the registered ops' schemas and meta shapes. On a GPU (marked ``gpu``): the
+kernels through the backend contract (attention_fwd / attention_bwd) against the float64
+reference, over head dims 8..128 (compiled 32/64/96/128, others padded), odd lengths, causal,
+GQA/MQA, every mask kind, rows with no key, dropout against the regenerated keep-mask, odd strides
+and unaligned rows, and a random sweep at real sizes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import fastformer
+import reference
+from fastformer.cuda import attention as cuda_attention
+from fastformer.cuda import load_extension
+from helpers import ATTENTION_TOL, assert_rel_close, require_backend
+
+HALF = [torch.float16, torch.bfloat16]
+
+FWD_SCHEMA = ("fastformer::cuda_attention_fwd(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, "
+              "Tensor? key_lengths, float scale, bool is_causal, float dropout_p, int seed) "
+              "-> (Tensor out, Tensor lse)")
+BWD_SCHEMA = ("fastformer::cuda_attention_bwd(Tensor grad_out, Tensor query, Tensor key, Tensor value, "
+              "Tensor out, Tensor lse, Tensor? attn_mask, Tensor? key_lengths, float scale, bool is_causal, "
+              "float dropout_p, int seed) -> (Tensor grad_query, Tensor grad_key, Tensor grad_value)")
+
+needs_extension = pytest.mark.skipif(load_extension() is None, reason="fastformer._C is not built")
+
+
+# --------------------------------------------------------------------------------------------
+# no GPU needed
+# --------------------------------------------------------------------------------------------
+def test_support_declares_what_the_kernels_do():
+    support = cuda_attention.support()
+    assert support.devices == frozenset({"cuda"})
+    assert support.dtypes == frozenset({torch.float16, torch.bfloat16})
+    assert support.features == frozenset({"dropout", "causal", "bool_mask", "float_mask", "key_padding_mask",
+                                          "gqa"})
+    assert "mask_grad" not in support.features and "value_dim" not in support.features
+    assert support.head_dims == (1, 128)
+    assert support.min_compute_capability == (8, 0)
+
+
+def test_right_padding_becomes_key_lengths():
+    q = torch.zeros(3, 2, 5, 8)
+    k = torch.zeros(3, 2, 7, 8)
+    padding = torch.arange(7)[None, :] >= torch.tensor([7, 3, 0])[:, None]
+    mask, lengths = cuda_attention._masks(q, k, None, padding)
+    assert mask is None
+    assert lengths.dtype == torch.int32 and lengths.tolist() == [7, 3, 0]
+
+
+@pytest.mark.parametrize("attn_mask_kind", ["none", "bool", "float"])
+def test_other_padding_is_folded_into_the_mask(attn_mask_kind):
+    q = torch.zeros(2, 2, 5, 8)
+    k = torch.zeros(2, 2, 6, 8)
+    padding = torch.tensor([[True, False, False, True, False, False], [False] * 5 + [True]])
+    padding[1] = torch.tensor([False, True, False, False, False, False])  # not a right padding
+    attn_mask = {"none": None, "bool": torch.rand(5, 6) > 0.5, "float": torch.randn(5, 6)}[attn_mask_kind]
+    mask, lengths = cuda_attention._masks(q, k, attn_mask, padding)
+    assert lengths is None
+    allowed = ~padding[:, None, None, :]
+    if attn_mask_kind == "float":
+        expected = attn_mask.masked_fill(~allowed, float("-inf"))
+        torch.testing.assert_close(mask, expected)
+    else:
+        expected = allowed if attn_mask is None else allowed & attn_mask
+        assert mask.dtype == torch.bool and torch.equal(mask.expand(2, 1, 5, 6), expected.expand(2, 1, 5, 6))
+
+
+def test_arguments_the_kernels_cannot_take_are_rejected_clearly():
+    q = torch.zeros(1, 2, 4, 8, dtype=torch.float16)
+    with pytest.raises(ValueError, match="CUDA tensor"):
+        cuda_attention.attention_fwd(q, q, q, None, None, 0.0, False, 1.0, None)
+    half = torch.zeros(1, 2, 4, 8, dtype=torch.float16, device="meta")
+    wide = torch.zeros(1, 2, 4, 130, dtype=torch.float16, device="meta")
+    for args, match in [((half.float(),) * 3, "float16 or bfloat16"),
+                        ((wide,) * 3, "head dims up to 128"),
+                        ((half, half, wide), "head dims up to 128"),
+                        ((torch.zeros(1, 3, 4, 8, dtype=torch.float16, device="meta"), half, half),
+                         "multiple of key/value heads")]:
+        with pytest.raises(ValueError, match=match):
+            cuda_attention._check(*args)
+
+
+@needs_extension
+def test_ops_are_registered_with_their_schemas():
+    assert str(torch.ops.fastformer.cuda_attention_fwd.default._schema) == FWD_SCHEMA
+    assert str(torch.ops.fastformer.cuda_attention_bwd.default._schema) == BWD_SCHEMA
+
+
+@needs_extension
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_meta_shapes(dtype):
+    """The Meta kernels give the CUDA kernels' shapes and layouts (out stored as (B, Lq, Hq, Dv))."""
+    batch, heads_q, heads_k, len_q, len_k, dim = 2, 8, 2, 97, 65, 50
+    q = torch.empty(batch, len_q, heads_q, dim, device="meta", dtype=dtype).transpose(1, 2)
+    k = torch.empty(batch, heads_k, len_k, dim, device="meta", dtype=dtype)
+    v = torch.empty(batch, heads_k, len_k, dim, device="meta", dtype=dtype)
+    mask = torch.empty(len_q, len_k, device="meta", dtype=torch.bool)
+    out, lse = torch.ops.fastformer.cuda_attention_fwd(q, k, v, mask, None, 0.125, True, 0.1, 5)
+    assert out.shape == (batch, heads_q, len_q, dim) and out.dtype == dtype
+    assert out.stride() == (len_q * heads_q * dim, dim, heads_q * dim, 1)
+    assert lse.shape == (batch, heads_q, len_q) and lse.dtype == torch.float32
+    grads = torch.ops.fastformer.cuda_attention_bwd(out, q, k, v, out, lse, None, None, 0.125, False, 0.0, 0)
+    for grad, like in zip(grads, (q, k, v)):
+        assert grad.shape == like.shape and grad.dtype == dtype and grad.is_contiguous()
+
+
+# --------------------------------------------------------------------------------------------
+# on a GPU, through the backend contract (attention_fwd / attention_bwd)
+# --------------------------------------------------------------------------------------------
+def _cuda_ready():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    if load_extension() is None:
+        pytest.skip("fastformer._C is not built")
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("the CUDA attention kernels need compute capability >= 8.0")
+
+
+def _qkv(batch, heads_q, heads_k, len_q, len_k, dim, dim_v, dtype, layout="blhd"):
+    def make(length, heads, d):
+        if layout == "blhd":  # views of (B, L, H, D) projections, as models pass them
+            return torch.randn(batch, length, heads, d, device="cuda", dtype=dtype).transpose(1, 2)
+        return torch.randn(batch, heads, length, d, device="cuda", dtype=dtype)
+
+    return make(len_q, heads_q, dim), make(len_k, heads_k, dim), make(len_k, heads_k, dim_v)
+
+
+def _run(q, k, v, attn_mask=None, key_padding_mask=None, is_causal=False, dropout_p=0.0, seed=None,
+         grad_out=None):
+    """(out, lse, (dq, dk, dv)) from the backend functions, as the autograd layer calls them."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    out, lse = cuda_attention.attention_fwd(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed)
+    grads = None
+    if grad_out is not None:
+        grads = cuda_attention.attention_bwd(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, dropout_p,
+                                             is_causal, scale, seed, False)[:3]
+    return out, lse, grads
+
+
+def _reference(q, k, v, grad_out, **kwargs):
+    """float64 output, log-sum-exp and gradients."""
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    out = reference.attention(q64, k64, v64, **kwargs)
+    grads = torch.autograd.grad(out, (q64, k64, v64), grad_out.double())
+    return out.detach(), grads
+
+
+def _reference_lse(q, k, attn_mask=None, key_padding_mask=None, is_causal=False):
+    q, k = q.double(), k.double()
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)
+    s = torch.einsum("bhqd,bhkd->bhqk", q, k) / math.sqrt(q.shape[-1])
+    allowed = torch.ones_like(s, dtype=torch.bool)
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            allowed = allowed & attn_mask
+        else:
+            s = s + attn_mask.double()
+    if key_padding_mask is not None:
+        allowed = allowed & ~key_padding_mask[:, None, None, :]
+    if is_causal:
+        allowed = allowed & torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril()
+    return torch.logsumexp(s.masked_fill(~allowed, float("-inf")), dim=-1)
+
+
+def _check_grads(got, want, tol, what):
+    scale = max(w.norm().item() for w in want)
+    for name, grad, expected in zip("qkv", got, want):
+        assert grad.shape == expected.shape, f"grad {name} {what}"
+        assert torch.isfinite(grad).all(), f"grad {name} {what}: non-finite"
+        if expected.norm() > 1e-6 * scale:
+            assert_rel_close(grad, expected, tol, f"grad {name} {what}")
+        else:  # e.g. dQ with a single key: zero up to rounding, relative to the other gradients
+            assert grad.double().norm() <= tol * scale, f"grad {name} {what}"
+
+
+def _masks_of(kind, batch, heads_q, len_q, len_k, dtype):
+    """(attn_mask, key_padding_mask, is_causal); every query row keeps at least one key."""
+    attn_mask, padding = None, None
+    if "bool" in kind:
+        attn_mask = torch.rand(batch, 1, len_q, len_k, device="cuda") > 0.3
+        attn_mask[..., 0] = True
+    if "float" in kind:
+        attn_mask = torch.randn(heads_q, len_q, len_k, device="cuda", dtype=dtype)
+    if "padding" in kind:
+        lengths = torch.randint(1, len_k + 1, (batch,), device="cuda")
+        padding = torch.arange(len_k, device="cuda")[None, :] >= lengths[:, None]
+    if "scattered" in kind:  # not a right padding: folded into a bool mask
+        padding = torch.rand(batch, len_k, device="cuda") > 0.6
+        padding[:, 0] = False
+    return attn_mask, padding, "causal" in kind
+
+
+SHAPES = [  # (B, Hq, Hk, Lq, Lk)
+    (2, 4, 4, 97, 97),
+    (1, 8, 2, 33, 200),   # GQA, Lq < Lk
+    (2, 2, 1, 130, 70),   # MQA, Lq > Lk
+    (3, 2, 2, 1, 1),
+]
+MASK_KINDS = ["none", "causal", "padding", "causal+padding", "scattered", "causal+scattered", "bool", "float",
+              "causal+float"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("dim", [8, 32, 50, 64, 96, 100, 128])
+@pytest.mark.parametrize("mask_kind", MASK_KINDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_matches_float64_reference(shape, mask_kind, dim, dtype):
+    _cuda_ready()
+    batch, heads_q, heads_k, len_q, len_k = shape
+    q, k, v = _qkv(batch, heads_q, heads_k, len_q, len_k, dim, dim, dtype)
+    attn_mask, padding, is_causal = _masks_of(mask_kind, batch, heads_q, len_q, len_k, dtype)
+    kwargs = dict(attn_mask=attn_mask, key_padding_mask=padding, is_causal=is_causal)
+    grad_out = torch.randn(batch, heads_q, len_q, dim, device="cuda", dtype=dtype)
+    out, lse, grads = _run(q, k, v, grad_out=grad_out, **kwargs)
+    expected, expected_grads = _reference(q, k, v, grad_out, **kwargs)
+    fwd_tol, grad_tol = ATTENTION_TOL[dtype]
+    assert out.shape == expected.shape and out.dtype == dtype
+    assert_rel_close(out, expected, fwd_tol, "out")
+    want_lse = _reference_lse(q, k, **kwargs)
+    alive = torch.isfinite(want_lse)
+    torch.testing.assert_close(lse[alive].double(), want_lse[alive], atol=2e-2, rtol=2e-3)
+    assert (lse[~alive] == float("-inf")).all()
+    _check_grads(grads, expected_grads, grad_tol, f"{shape} {mask_kind} {dim} {dtype}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("dims", [(32, 64), (64, 24), (50, 128), (128, 8)], ids=str)
+def test_value_head_dim_may_differ(dims, dtype):
+    """The kernels take Dv != D (padded to the larger one); not declared, but the contract holds."""
+    _cuda_ready()
+    dim, dim_v = dims
+    q, k, v = _qkv(2, 4, 2, 70, 90, dim, dim_v, dtype)
+    grad_out = torch.randn(2, 4, 70, dim_v, device="cuda", dtype=dtype)
+    out, _, grads = _run(q, k, v, is_causal=True, grad_out=grad_out)
+    expected, expected_grads = _reference(q, k, v, grad_out, is_causal=True)
+    fwd_tol, grad_tol = ATTENTION_TOL[dtype]
+    assert_rel_close(out, expected, fwd_tol, "out")
+    _check_grads(grads, expected_grads, grad_tol, str(dims))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("how", ["padding", "scattered", "bool", "float", "causal+padding"])
+def test_rows_with_no_key_give_zero_and_zero_gradients(how):
+    _cuda_ready()
+    dtype = torch.bfloat16
+    batch, heads, len_q, len_k, dim = 3, 2, 75, 80, 64
+    q, k, v = _qkv(batch, heads, heads, len_q, len_k, dim, dim, dtype)
+    lengths = torch.tensor([80, 37, 5], device="cuda")
+    padding = torch.arange(len_k, device="cuda")[None, :] >= lengths[:, None]
+    attn_mask, is_causal = None, False
+    dead = torch.zeros(batch, heads, len_q, dtype=torch.bool, device="cuda")
+    if how == "padding":
+        padding[1] = True  # every key of batch row 1
+        dead[1] = True
+    elif how == "scattered":
+        padding[2] = True
+        padding[0, 3] = True
+        padding[0, 40:] = False
+        dead[2] = True
+    elif how == "bool":
+        attn_mask = torch.rand(batch, heads, len_q, len_k, device="cuda") > 0.5
+        attn_mask[..., 0] = True
+        attn_mask[0, 1, 3] = False
+        attn_mask[2, :, 70] = False
+        padding = None
+        dead[0, 1, 3] = dead[2, :, 70] = True
+    elif how == "float":
+        attn_mask = torch.randn(batch, heads, len_q, len_k, device="cuda", dtype=dtype)
+        attn_mask[1, 0, 5] = float("-inf")
+        padding = None
+        dead[1, 0, 5] = True
+    else:  # causal, the first 4 keys of batch row 0 padded: its queries 0..3 see nothing
+        is_causal = True
+        padding = torch.zeros(batch, len_k, dtype=torch.bool, device="cuda")
+        padding[0, :4] = True
+        dead[0, :, :4] = True
+    kwargs = dict(attn_mask=attn_mask, key_padding_mask=padding, is_causal=is_causal)
+    grad_out = torch.randn(batch, heads, len_q, dim, device="cuda", dtype=dtype)
+    out, lse, (grad_q, grad_k, grad_v) = _run(q, k, v, grad_out=grad_out, **kwargs)
+    assert torch.isfinite(out).all() and (out[dead] == 0).all()
+    assert (lse[dead] == float("-inf")).all() and torch.isfinite(lse[~dead]).all()
+    for grad in (grad_q, grad_k, grad_v):
+        assert torch.isfinite(grad).all()
+    assert (grad_q[dead] == 0).all()
+    expected, expected_grads = _reference(q, k, v, grad_out, **kwargs)
+    fwd_tol, grad_tol = ATTENTION_TOL[dtype]
+    assert_rel_close(out, expected, fwd_tol, "out")
+    _check_grads((grad_q, grad_k, grad_v), expected_grads, grad_tol, how)
+
+
+def _keep_mask(seed, shape, p):
+    """The keep-mask the kernels regenerate: the CUDA debug path if there is one, else Triton's
+    (the same Philox function of (seed, offset))."""
+    try:
+        from fastformer.cuda.dropout import dropout_keep_mask
+    except ImportError:
+        from fastformer.triton.dropout import dropout_keep_mask
+    return dropout_keep_mask(seed, shape, p, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("dim", [32, 64, 96, 128])
+@pytest.mark.parametrize("mask_kind", ["none", "causal+padding", "float"])
+def test_dropout_matches_reference_with_the_same_mask(mask_kind, dim, dtype):
+    _cuda_ready()
+    batch, heads_q, heads_k, len_q, len_k, p = 2, 4, 2, 77, 130, 0.3
+    q, k, v = _qkv(batch, heads_q, heads_k, len_q, len_k, dim, dim, dtype)
+    attn_mask, padding, is_causal = _masks_of(mask_kind, batch, heads_q, len_q, len_k, dtype)
+    kwargs = dict(attn_mask=attn_mask, key_padding_mask=padding, is_causal=is_causal)
+    seed = torch.tensor(123456789012345, dtype=torch.int64)
+    grad_out = torch.randn(batch, heads_q, len_q, dim, device="cuda", dtype=dtype)
+    out, _, grads = _run(q, k, v, dropout_p=p, seed=seed, grad_out=grad_out, **kwargs)
+    keep = _keep_mask(seed, (batch, heads_q, len_q, len_k), p)
+    assert 0.6 < keep.float().mean().item() < 0.8
+    expected, expected_grads = _reference(q, k, v, grad_out, keep=keep, dropout_p=p, **kwargs)
+    fwd_tol, grad_tol = ATTENTION_TOL[dtype]
+    assert_rel_close(out, expected, fwd_tol, "out")
+    _check_grads(grads, expected_grads, grad_tol, f"{mask_kind} {dim} {dtype}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dim", [50, 64])
+def test_odd_strides_and_unaligned_rows(dim):
+    """Packed QKV views (rows 16-byte aligned for dim 64, not for 50), a non-contiguous last dim
+    (made contiguous), contiguous inputs and inputs starting off a 16-byte boundary (element-wise
+    loads instead of cp.async) all give bit-identical results."""
+    _cuda_ready()
+    dtype = torch.float16
+    batch, length, heads = 2, 67, 3
+    packed = torch.randn(batch, length, 3, heads, dim, device="cuda", dtype=dtype)
+    q, k, v = (packed[:, :, i].transpose(1, 2) for i in range(3))  # row stride 9 * dim: unaligned for 50
+    grad_out = torch.randn(batch, heads, length, dim, device="cuda", dtype=dtype)
+    out, lse, grads = _run(q, k, v, is_causal=True, grad_out=grad_out)
+    contiguous = _run(*(t.contiguous() for t in (q, k, v)), is_causal=True, grad_out=grad_out)
+    transposed_last = [t.transpose(-1, -2).contiguous().transpose(-1, -2) for t in (q, k, v)]
+    assert transposed_last[0].stride(-1) != 1
+    strided = _run(*transposed_last, is_causal=True, grad_out=grad_out)
+
+    def misaligned(t):  # contiguous, but starting 2 bytes past a 16-byte boundary
+        buffer = torch.empty(t.numel() + 1, device=t.device, dtype=t.dtype)
+        view = buffer[1:].view(t.shape)
+        view.copy_(t)
+        return view
+
+    unaligned = _run(*(misaligned(t) for t in (q, k, v)), is_causal=True, grad_out=misaligned(grad_out))
+    for other in (contiguous, strided, unaligned):
+        torch.testing.assert_close(out, other[0], atol=0, rtol=0)
+        torch.testing.assert_close(lse, other[1], atol=0, rtol=0)
+        for grad, grad_other in zip(grads, other[2]):
+            torch.testing.assert_close(grad, grad_other, atol=0, rtol=0)
+    expected, expected_grads = _reference(q, k, v, grad_out, is_causal=True)
+    assert_rel_close(out, expected, ATTENTION_TOL[dtype][0], "out")
+    _check_grads(grads, expected_grads, ATTENTION_TOL[dtype][1], "strided")
+
+
+@pytest.mark.gpu
+def test_backward_is_deterministic():
+    _cuda_ready()
+    q, k, v = _qkv(2, 8, 2, 300, 300, 64, 64, torch.bfloat16)
+    grad_out = torch.randn(2, 8, 300, 64, device="cuda", dtype=torch.bfloat16)
+    first = _run(q, k, v, is_causal=True, grad_out=grad_out)[2]
+    second = _run(q, k, v, is_causal=True, grad_out=grad_out)[2]
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_random_sweep_at_real_sizes():
+    """Random draws over head dims, lengths up to 2048, GQA, dtypes, causal, masks and layouts."""
+    _cuda_ready()
+    import numpy
+
+    rng = numpy.random.default_rng(20261128)
+    for _ in range(40):
+        heads_k = int(rng.choice([1, 2, 3]))
+        heads_q = heads_k * int(rng.choice([1, 2, 4]))
+        batch = int(rng.integers(1, 4))
+        len_q, len_k = (int(rng.choice([1, 63, 128, 257, 512, 1000, 2048])) for _ in range(2))
+        dim = int(rng.choice([16, 32, 40, 64, 80, 96, 128]))
+        dtype = HALF[int(rng.integers(2))]
+        mask_kind = str(rng.choice(["none", "causal", "padding", "causal+padding", "scattered", "bool", "float"]))
+        layout = str(rng.choice(["bhld", "blhd"]))
+        case = (batch, heads_q, heads_k, len_q, len_k, dim, str(dtype), mask_kind, layout)
+        q, k, v = _qkv(batch, heads_q, heads_k, len_q, len_k, dim, dim, dtype, layout)
+        attn_mask, padding, is_causal = _masks_of(mask_kind, batch, heads_q, len_q, len_k, dtype)
+        kwargs = dict(attn_mask=attn_mask, key_padding_mask=padding, is_causal=is_causal)
+        grad_out = torch.randn(batch, heads_q, len_q, dim, device="cuda", dtype=dtype)
+        out, _, grads = _run(q, k, v, grad_out=grad_out, **kwargs)
+        expected, expected_grads = _reference(q, k, v, grad_out, **kwargs)
+        fwd_tol, grad_tol = ATTENTION_TOL[dtype]
+        assert_rel_close(out, expected, fwd_tol, f"out {case}")
+        _check_grads(grads, expected_grads, grad_tol, str(case))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_public_api_with_the_cuda_backend(dtype):
+    """fastformer.attention(backend="cuda") once the op table lists the kernels (autograd path)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    q, k, v = _qkv(2, 4, 2, 97, 97, 50, 50, dtype)
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    padding = torch.arange(97, device="cuda")[None, :] >= torch.tensor([97, 40], device="cuda")[:, None]
+    require_backend("cuda", "attention", q, k, v, is_causal=True, key_padding_mask=padding)
+    out = fastformer.attention(q, k, v, is_causal=True, key_padding_mask=padding, backend="cuda")
+    grad_out = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad_out)
+    expected, want = _reference(q, k, v, grad_out, is_causal=True, key_padding_mask=padding)
+    fwd_tol, grad_tol = ATTENTION_TOL[dtype]
+    assert_rel_close(out, expected, fwd_tol, "out")
+    _check_grads(got, want, grad_tol, "public api")
