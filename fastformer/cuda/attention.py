@@ -22,8 +22,8 @@ What the kernels handle (declared by :func:`support`):
 - attn_mask, bool or additive float, broadcastable to (B, Hq, Lq, Lk), read tile by tile through
   a stride-0 view (a float mask is read as float32);
 - dropout, regenerated in the backward from the seed.
-The kernels also take a value head dim different from the query/key one (both up to 128), but
-dispatch only sees the query head dim, so "value_dim" is not declared: such calls go elsewhere.
+- a value head dim different from the query/key one (both up to 128; the instantiation is chosen
+  by the larger, which is also the head dim dispatch checks).
 Not handled: a gradient for attn_mask (dispatch sends those calls to another backend).
 """
 
@@ -38,7 +38,8 @@ __all__ = ["MAX_HEAD_DIM", "attention_bwd", "attention_fwd", "support"]
 # The largest head dim the kernels are compiled for (csrc/attention/launch.h, kMaxHeadDim).
 MAX_HEAD_DIM = 128
 DTYPES = frozenset({torch.float16, torch.bfloat16})
-FEATURES = frozenset({"dropout", "causal", "bool_mask", "float_mask", "key_padding_mask", "gqa"})
+FEATURES = frozenset({"dropout", "causal", "bool_mask", "float_mask", "key_padding_mask", "gqa",
+                      "value_dim"})
 
 
 def support():
