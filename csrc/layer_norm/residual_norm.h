@@ -79,12 +79,16 @@ struct Traits {
   // Values per access: 16 bytes, or one value when the data is not aligned for vectors.
   static constexpr int kVec = kVectorized_ ? 16 / static_cast<int>(sizeof(T)) : 1;
   // Accesses per thread per row: the row lives in kChunks * kVec registers of each thread.
-  static constexpr int kChunks = kVectorized_ ? 4 : 16;
+  // A warp holds 4 vectors (or 16 values) a thread; a block 16 values a thread, so that its up
+  // to 1024 threads keep within 64 registers (the backward also holds two column sums).
+  static constexpr int kChunks = kWarpPerRow_ ? (kVectorized_ ? 4 : 16) : 16 / kVec;
   static constexpr bool kWarpPerRow = kWarpPerRow_;
   static constexpr bool kRms = kRms_;
   static constexpr bool kDropout = kDropout_;
   static constexpr bool kResidual = kResidual_;  // forward: a residual input; backward: its grad
   static constexpr int kMaxBlockThreads = 1024;
+  // Threads per block this instantiation is launched with at most (its __launch_bounds__).
+  static constexpr int kLaunchBound = kWarpPerRow_ ? 32 * kWarpsPerBlock : kMaxBlockThreads;
   static constexpr int kWarpCapacity = 32 * kChunks * kVec;
   static constexpr int kBlockCapacity = kMaxBlockThreads * kChunks * kVec;
 
@@ -92,6 +96,10 @@ struct Traits {
   static_assert(kVec * sizeof(T) == 16 || kVec == 1, "vectors are 16 bytes");
   static_assert(kBlockCapacity >= kMaxHidden, "a block must hold the widest row");
   static_assert(kChunks * kVec <= 64, "values per thread bounded to keep registers in check");
+  // launch_shape() below assumes these values per thread.
+  static_assert(kWarpPerRow || kChunks * kVec == 16, "a block holds 16 values a thread");
+  static_assert(!kWarpPerRow || kChunks * kVec == (kVectorized_ ? 4 * kVec : 16),
+                "a warp holds 4 vectors or 16 values a thread");
 };
 
 // Chooses vectorisation, warp or block per row, and threads; pure host logic.
@@ -99,12 +107,14 @@ inline LaunchShape launch_shape(int64_t n, int element_size, bool aligned) {
   LaunchShape shape;
   const int vec = 16 / element_size;
   shape.vectorized = aligned && n % vec == 0;
-  const int per_thread = shape.vectorized ? 4 * vec : 16;  // kChunks * kVec
-  shape.warp_per_row = n <= 32 * per_thread;
+  // kChunks * kVec of the warp and block instantiations (Traits)
+  const int per_warp_thread = shape.vectorized ? 4 * vec : 16;
+  const int per_block_thread = 16;
+  shape.warp_per_row = n <= 32 * per_warp_thread;
   if (shape.warp_per_row) {
     shape.threads = 32 * kWarpsPerBlock;
   } else {
-    const int64_t needed = (n + per_thread - 1) / per_thread;
+    const int64_t needed = (n + per_block_thread - 1) / per_block_thread;
     shape.threads = static_cast<int>(((needed + 31) / 32) * 32);
   }
   return shape;

@@ -24,7 +24,7 @@ __device__ __forceinline__ void row_sum(float (&values)[kValues], float* scratch
 }
 
 template <class K>
-__global__ void __launch_bounds__(K::kMaxBlockThreads) residual_norm_fwd_kernel(const FwdParams p) {
+__global__ void __launch_bounds__(K::kLaunchBound) residual_norm_fwd_kernel(const FwdParams p) {
   using T = typename K::T;
   constexpr int kVec = K::kVec;
   constexpr int kChunks = K::kChunks;

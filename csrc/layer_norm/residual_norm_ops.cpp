@@ -93,6 +93,7 @@ Tensors4 fwd_cuda(const at::Tensor& x, const std::optional<at::Tensor>& residual
                        (!residual.has_value() || rows_vector_aligned(*residual, vec)) &&
                        aligned16(p.weight) && aligned16(p.bias);
   const LaunchShape shape = launch_shape(n, static_cast<int>(x.element_size()), aligned);
+  TORCH_INTERNAL_ASSERT(shape.threads >= 32 && shape.threads <= 1024 && shape.threads % 32 == 0);
   launch_fwd(p, shape, at::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {out, residual_out, mean, rstd};
