@@ -21,6 +21,18 @@ __device__ __forceinline__ void row_sum(float (&values)[kValues], float* scratch
   }
 }
 
+// The weight at columns col .. col + kVec - 1 as float32 (1 without a weight or outside the row).
+template <class K>
+__device__ __forceinline__ void load_weight(const BwdParams& p, bool inside, int64_t col,
+                                            float (&w)[K::kVec]) {
+  if (inside && p.weight != nullptr) {
+    load_param<K::kVec, typename K::T>(p.weight, p.weight_float32, col, w);
+  } else {
+#pragma unroll
+    for (int i = 0; i < K::kVec; ++i) w[i] = 1.0f;
+  }
+}
+
 template <class K>
 __global__ void __launch_bounds__(K::kLaunchBound) residual_norm_bwd_kernel(const BwdParams p) {
   using T = typename K::T;
@@ -48,18 +60,10 @@ __global__ void __launch_bounds__(K::kLaunchBound) residual_norm_bwd_kernel(cons
   const float keep_divisor = 1.0f - p.dropout_p;
 
   bool inside[kChunks];
-  float weight[kChunks][kVec];
 #pragma unroll
-  for (int c = 0; c < kChunks; ++c) {
-    const int64_t col = (static_cast<int64_t>(c) * threads + lane) * kVec;
-    inside[c] = col < n;
-    if (inside[c] && p.weight != nullptr) {
-      load_param<kVec, T>(p.weight, p.weight_float32, col, weight[c]);
-    } else {
-#pragma unroll
-      for (int i = 0; i < kVec; ++i) weight[c][i] = 1.0f;
-    }
-  }
+  for (int c = 0; c < kChunks; ++c) inside[c] = (static_cast<int64_t>(c) * threads + lane) * kVec < n;
+  // Registers hold the two column sums, r (then xhat) and dy of the current row; the weight is
+  // re-read per row (from L1/L2) so that a block's 16 values a thread fit in 64 registers.
   float grad_weight[kChunks][kVec], grad_bias[kChunks][kVec];
 #pragma unroll
   for (int c = 0; c < kChunks; ++c)
@@ -84,15 +88,18 @@ __global__ void __launch_bounds__(K::kLaunchBound) residual_norm_bwd_kernel(cons
     }
     const float rstd = p.rstd[row];
 
-    // xhat and the two row means of the formula.
-    float xhat[kChunks][kVec];
+    // xhat (in place of r) and the two row means of the formula.
+    float (&xhat)[kChunks][kVec] = r;
     float mean_g = 0.0f, mean_g_xhat;
     if constexpr (K::kRms) {
       float sums[1] = {0.0f};  // sum(g * r)
 #pragma unroll
-      for (int c = 0; c < kChunks; ++c)
+      for (int c = 0; c < kChunks; ++c) {
+        float w[kVec];
+        load_weight<K>(p, inside[c], (static_cast<int64_t>(c) * threads + lane) * kVec, w);
 #pragma unroll
-        for (int i = 0; i < kVec; ++i) sums[0] += dy[c][i] * weight[c][i] * r[c][i];
+        for (int i = 0; i < kVec; ++i) sums[0] += dy[c][i] * w[i] * r[c][i];
+      }
       row_sum<K>(sums, scratch);
       mean_g_xhat = sums[0] * rstd * inv_n;
 #pragma unroll
@@ -111,10 +118,12 @@ __global__ void __launch_bounds__(K::kLaunchBound) residual_norm_bwd_kernel(cons
       float moments[3] = {0.0f, 0.0f, 0.0f};
 #pragma unroll
       for (int c = 0; c < kChunks; ++c) {
+        float w[kVec];
+        load_weight<K>(p, inside[c], (static_cast<int64_t>(c) * threads + lane) * kVec, w);
 #pragma unroll
         for (int i = 0; i < kVec; ++i) {
           const float d = inside[c] ? r[c][i] - mean0 : 0.0f;
-          const float g = dy[c][i] * weight[c][i];
+          const float g = dy[c][i] * w[i];
           xhat[c][i] = d;
           moments[0] += d;
           moments[1] += g;
@@ -138,10 +147,12 @@ __global__ void __launch_bounds__(K::kLaunchBound) residual_norm_bwd_kernel(cons
     for (int c = 0; c < kChunks; ++c) {
       if (!inside[c]) continue;
       const int64_t col = (static_cast<int64_t>(c) * threads + lane) * kVec;
+      float w[kVec];
+      load_weight<K>(p, true, col, w);
       float dr[kVec];
 #pragma unroll
       for (int i = 0; i < kVec; ++i) {
-        const float g = dy[c][i] * weight[c][i];
+        const float g = dy[c][i] * w[i];
         dr[i] = (g - mean_g - xhat[c][i] * mean_g_xhat) * rstd;
         grad_weight[c][i] += dy[c][i] * xhat[c][i];
         grad_bias[c][i] += dy[c][i];
@@ -198,15 +209,18 @@ __global__ void __launch_bounds__(K::kLaunchBound) residual_norm_bwd_kernel(cons
       ++sum_index;
     }
   } else {
+    // Each thread writes its own columns (no array selected at run time: that would put the
+    // sums in local memory).
+    const int64_t offset = static_cast<int64_t>(blockIdx.x) * n;
 #pragma unroll
-    for (int which = 0; which < 2; ++which) {
-      if (partials[which] == nullptr) continue;
-      float* out = partials[which] + static_cast<int64_t>(blockIdx.x) * n;
-#pragma unroll
-      for (int c = 0; c < kChunks; ++c) {
-        if (!inside[c]) continue;
-        const int64_t col = (static_cast<int64_t>(c) * threads + lane) * kVec;
-        store_from_float<kVec>(out + col, which == 0 ? grad_weight[c] : grad_bias[c]);
+    for (int c = 0; c < kChunks; ++c) {
+      if (!inside[c]) continue;
+      const int64_t col = (static_cast<int64_t>(c) * threads + lane) * kVec;
+      if (p.partial_grad_weight != nullptr) {
+        store_from_float<kVec>(p.partial_grad_weight + offset + col, grad_weight[c]);
+      }
+      if (p.partial_grad_bias != nullptr) {
+        store_from_float<kVec>(p.partial_grad_bias + offset + col, grad_bias[c]);
       }
     }
   }
