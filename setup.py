@@ -19,15 +19,23 @@ Environment variables:
   CUDA_HOME              The CUDA toolkit root (found from ``nvcc`` on PATH when unset).
   MAX_JOBS               Parallel compile jobs (honoured by torch's BuildExtension).
   NVCC_THREADS           Passed to ``nvcc --threads`` (parallel compilation of the targets).
+  FASTFORMER_BUILD_CACHE A folder (unset: no cache). The built extension is kept there under a
+                         hash of everything that goes into it (the files under csrc/, this
+                         file, the compile flags, the torch, nvcc and host compiler versions);
+                         a later build with the same hash copies it instead of compiling. CI
+                         sets it, so that commits that leave csrc/ alone skip the CUDA build.
 
 torch is not a build requirement (see pyproject.toml): install with
 ``pip install --no-build-isolation -e .`` so that the build sees the installed torch.
 """
 
 import glob
+import hashlib
+import importlib.metadata
 import importlib.util
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -290,6 +298,79 @@ def tolerant_build_ext(base):
     return BuildExtOrSkip
 
 
+# --- Reusing a previous build of the same inputs ----------------------------------------------
+
+CACHE_ENTRIES_KEPT = 8
+
+
+def _tool_version(command):
+    try:
+        out = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return "unavailable"
+    return out.stdout + out.stderr
+
+
+def build_key(ext):
+    """A hash of everything the extension is built from: sources, flags and toolchain."""
+    import torch
+    from torch.utils import cpp_extension
+
+    digest = hashlib.sha256()
+
+    def add(text):
+        digest.update(text.encode() + b"\0")
+
+    for path in sorted(CSRC.rglob("*")):
+        if path.is_file():
+            add(str(path.relative_to(ROOT)))
+            digest.update(path.read_bytes())
+    digest.update(Path(__file__).read_bytes())
+    add(repr((ext.sources, ext.include_dirs, ext.extra_compile_args, ext.define_macros)))
+    add(f"{sys.version} {torch.__version__} {torch.version.cuda} {torch.__file__}")
+    for package in ("nvidia-cutlass",):
+        try:
+            add(f"{package} {importlib.metadata.version(package)}")
+        except importlib.metadata.PackageNotFoundError:
+            add(f"{package} absent")
+    add(_tool_version([os.path.join(cpp_extension.CUDA_HOME or "", "bin", "nvcc"), "--version"]))
+    add(_tool_version([os.environ.get("CXX", "c++"), "--version"]))
+    return digest.hexdigest()[:24]
+
+
+def cached_build_ext(base, cache_root):
+    """build_ext that copies a previous build with the same key instead of compiling, and stores
+    new builds (the newest CACHE_ENTRIES_KEPT are kept)."""
+
+    class CachedBuildExt(base):
+        def build_extension(self, ext):
+            target = Path(self.get_ext_fullpath(ext.name))
+            entry = cache_root / build_key(ext)
+            cached = entry / target.name
+            if cached.is_file():
+                log(f"reusing the build in {entry} (same sources, flags and toolchain)")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                partial = target.with_name(target.name + f".{os.getpid()}.tmp")
+                shutil.copyfile(cached, partial)
+                os.replace(partial, target)  # a new file: a process using the old one keeps it
+                os.utime(entry)
+                return
+            super().build_extension(ext)
+            try:
+                entry.mkdir(parents=True, exist_ok=True)
+                partial = entry / (target.name + f".{os.getpid()}.tmp")
+                shutil.copyfile(target, partial)
+                os.replace(partial, cached)  # atomic: a concurrent build never sees half a file
+                entries = sorted((d for d in cache_root.iterdir() if d.is_dir()),
+                                 key=lambda d: d.stat().st_mtime, reverse=True)
+                for old in entries[CACHE_ENTRIES_KEPT:]:
+                    shutil.rmtree(old, ignore_errors=True)
+            except OSError as exc:  # a cache that cannot be written only costs time
+                log(f"cannot store the build in {entry}: {exc}")
+
+    return CachedBuildExt
+
+
 def extension_setup_kwargs():
     mode = build_mode()
     if mode == "0":
@@ -304,6 +385,9 @@ def extension_setup_kwargs():
     from torch.utils.cpp_extension import BuildExtension
 
     build_ext = BuildExtension.with_options(use_ninja=True)
+    cache = os.environ.get("FASTFORMER_BUILD_CACHE", "").strip()
+    if cache:
+        build_ext = cached_build_ext(build_ext, Path(cache).expanduser().resolve())
     if mode == "auto":
         build_ext = tolerant_build_ext(build_ext)
     return {"ext_modules": [cuda_extension()], "cmdclass": {"build_ext": build_ext}}

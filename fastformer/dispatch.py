@@ -96,6 +96,9 @@ class Support:
     # Devices served only when the backend is forced, never by the automatic choice: Triton's
     # interpreter runs kernels on the CPU for testing, far slower than the torch backend.
     forced_only_devices: frozenset = frozenset()
+    # Why the automatic choice passes over this kernel although it can run the call (e.g. a CUDA
+    # kernel not yet verified on a GPU); forcing the backend still uses it. Empty: no such reason.
+    not_automatic: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass
@@ -209,7 +212,8 @@ def _compute_capability(device: torch.device) -> tuple[int, int] | None:
 def not_supported_reasons(backend: str, call: Call, forced: bool = True) -> tuple[str, ...]:
     """Every reason why ``backend`` cannot take ``call``; empty when it can.
 
-    ``forced=False`` asks for the automatic choice, which also passes over emulated devices.
+    ``forced=False`` asks for the automatic choice, which also passes over emulated devices and
+    kernels whose Support lists ``not_automatic`` reasons (CUDA kernels not yet verified on a GPU).
     """
     reasons = list(backend_unavailable_reasons(backend))
     if reasons:
@@ -241,6 +245,8 @@ def not_supported_reasons(backend: str, call: Call, forced: bool = True) -> tupl
             reasons.append(
                 "compute capability %d.%d not supported (needs >= %d.%d)"
                 % (*capability, *support.min_compute_capability))
+    if not forced:
+        reasons += support.not_automatic
     return tuple(reasons)
 
 

@@ -47,7 +47,18 @@ def _support_text(support: dispatch.Support) -> str:
         text += f" max_hidden={support.max_hidden}"
     if support.min_compute_capability is not None:
         text += " sm>=%d.%d" % support.min_compute_capability
+    if support.not_automatic:
+        text += " (backend=None passes over it: " + "; ".join(support.not_automatic) + ")"
     return text
+
+
+def _verified() -> dict:
+    """op -> record of the GPU run that verified its CUDA kernels, or None (not verified)."""
+    try:
+        record = cuda_backend.verified_record()
+    except ValueError as exc:
+        return {"error": str(exc)}
+    return {op: record.get(op) for op in dispatch.OPS}
 
 
 def collect() -> dict:
@@ -76,6 +87,7 @@ def collect() -> dict:
             "built": cuda_backend.load_extension() is not None,
             "build_info": cuda_backend.extension_build_info(),
         },
+        "cuda_verified": _verified(),
         "backends": backends,
     }
 
@@ -96,6 +108,21 @@ def _print_report(facts: dict) -> None:
     extension = facts["cuda_extension"]
     print(f"CUDA extension fastformer._C: {'built' if extension['built'] else 'not built'}"
           + (f" {extension['build_info']}" if extension["build_info"] else ""))
+    print("CUDA kernels verified on a GPU (fastformer/cuda/verified.json; backend=None uses only "
+          "these, backend='cuda' runs any):")
+    verified = facts["cuda_verified"]
+    if "error" in verified:
+        print(f"  error: {verified['error']}")
+    for op, record in verified.items():
+        if op == "error":
+            continue
+        if record is None:
+            print(f"  {op}: not verified")
+        else:
+            print(f"  {op}: verified {record['date']} on {record['gpu']} at {record['commit']} "
+                  f"({record['command']})")
+    for op, error in cuda_backend.op_table_errors.items():
+        print(f"  {op}: cuda module failed to import ({error})")
     print("backends (preferred first):")
     for name, backend in facts["backends"].items():
         status = "available" if backend["available"] else "unavailable"

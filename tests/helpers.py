@@ -70,6 +70,8 @@ def keep_mask_function(backend: str, monkeypatch):
         from fastformer.torch_backend.dropout import dropout_keep_mask
     elif backend == "triton":
         from fastformer.triton.dropout import dropout_keep_mask
+    elif backend == "cuda":
+        from fastformer.cuda.dropout import dropout_keep_mask
     else:
         pytest.skip(f"no keep-mask debug path for the {backend} backend yet")
     return dropout_keep_mask

@@ -60,34 +60,37 @@ def test_matches_float64_reference(shape, approximate, with_bias, dtype, backend
     check_against_reference(x, bias, approximate, backend)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_float32_bias_with_half_inputs(dtype, backend):
-    x, bias = make_inputs((4, 96), dtype, "cpu", bias_dtype=torch.float32)
+def test_float32_bias_with_half_inputs(dtype, backend, device):
+    x, bias = make_inputs((4, 96), dtype, device, bias_dtype=torch.float32)
     require_backend(backend, "bias_gelu", x, bias)
     check_against_reference(x, bias, "tanh", backend)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
-def test_same_as_pytorch_gelu_in_float32(approximate, backend):
-    x, bias = make_inputs((6, 130), torch.float32, "cpu")
+def test_same_as_pytorch_gelu_in_float32(approximate, backend, device):
+    x, bias = make_inputs((6, 130), torch.float32, device)
     require_backend(backend, "bias_gelu", x, bias, approximate)
     torch.testing.assert_close(fastformer.bias_gelu(x, bias, approximate, backend=backend),
                                F.gelu(x + bias, approximate=approximate))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("layout", ["transposed", "row_strided", "expanded"])
-def test_non_contiguous_input(layout, backend):
+def test_non_contiguous_input(layout, backend, device):
     if layout == "transposed":
-        x = torch.randn(64, 48).t()  # (48, 64), strides (1, 48)
+        x = torch.randn(64, 48, device=device).t()  # (48, 64), strides (1, 48)
     elif layout == "row_strided":
-        x = torch.randn(48, 100)[:, 10:74]  # (48, 64), row stride 100
+        x = torch.randn(48, 100, device=device)[:, 10:74]  # (48, 64), row stride 100 (unaligned)
     else:
-        x = torch.randn(1, 64).expand(48, 64)  # row stride 0
+        x = torch.randn(1, 64, device=device).expand(48, 64)  # row stride 0
     x.requires_grad_()
-    bias = torch.randn(64, requires_grad=True)
+    bias = torch.randn(64, device=device, requires_grad=True)
     require_backend(backend, "bias_gelu", x, bias)
     check_against_reference(x, bias, "none", backend)
 

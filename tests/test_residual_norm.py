@@ -105,38 +105,41 @@ def test_matches_float64_reference(norm, hidden, parts, dtype, backend, device):
     check_against_reference(norm, inputs, dtype, backend)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("norm", NORMS)
-def test_float32_parameters_with_half_inputs(norm, dtype, backend):
+def test_float32_parameters_with_half_inputs(norm, dtype, backend, device):
     """Mixed precision: activations in half, master weights in float32."""
-    inputs = make_inputs((6, 256), "residual+weight+bias", dtype, "cpu", param_dtype=torch.float32)
+    inputs = make_inputs((6, 256), "residual+weight+bias", dtype, device, param_dtype=torch.float32)
     require(backend, norm, *inputs)
     check_against_reference(norm, inputs, dtype, backend)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("norm", NORMS)
-def test_large_mean_small_spread_does_not_cancel(norm, backend):
+def test_large_mean_small_spread_does_not_cancel(norm, backend, device):
     """Mean 1e3, std 1e-2 in float32: a one-pass E[x^2] - E[x]^2 variance would lose every digit."""
-    inputs = make_inputs((16, 768), "weight+bias", torch.float32, "cpu", offset=1e3, spread=1e-2)
+    inputs = make_inputs((16, 768), "weight+bias", torch.float32, device, offset=1e3, spread=1e-2)
     require(backend, norm, *inputs)
     check_against_reference(norm, inputs, torch.float32, backend)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("norm", NORMS)
-def test_dropout_matches_reference_with_the_same_mask(norm, dtype, backend, monkeypatch):
+def test_dropout_matches_reference_with_the_same_mask(norm, dtype, backend, device, monkeypatch):
     """The mask that forward and backward regenerate is the one the backend's debug path returns."""
     p = 0.25
-    inputs = make_inputs((4, 9, 200), "residual+weight+bias", dtype, "cpu")
+    inputs = make_inputs((4, 9, 200), "residual+weight+bias", dtype, device)
     x, residual, weight, bias = inputs
     require(backend, norm, *inputs)
     keep_mask = keep_mask_function(backend, monkeypatch)
     torch.manual_seed(11)
     seed = _draw_seed(p)
-    keep = keep_mask(seed, (36, 200), p, "cpu").view(4, 9, 200)
+    keep = keep_mask(seed, (36, 200), p, device).view(4, 9, 200)
     assert 0.7 < keep.float().mean().item() < 0.8
     torch.manual_seed(11)
     outputs = run_norm(norm, x, residual, weight, bias, 1e-5, p, backend)
@@ -156,20 +159,22 @@ def test_gradcheck_float64(norm, backend):
     assert torch.autograd.gradcheck(run, (x, residual, weight, bias))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_without_residual_and_dropout_residual_out_is_x(backend):
-    x = torch.randn(5, 64, requires_grad=True)
+def test_without_residual_and_dropout_residual_out_is_x(backend, device):
+    x = torch.randn(5, 64, device=device, requires_grad=True)
     require(backend, "layer", x, None, None, None)
     out, residual_out = fastformer.residual_layer_norm(x, None, None, None, backend=backend)
     assert residual_out is x  # no copy of the residual stream
     torch.testing.assert_close(out, torch.nn.functional.layer_norm(x, (64,)))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_statistics_are_float32_for_half_inputs(norm, dtype, backend):
-    x = torch.randn(8, 32, dtype=dtype)
+def test_statistics_are_float32_for_half_inputs(norm, dtype, backend, device):
+    x = torch.randn(8, 32, dtype=dtype, device=device)
     rms = norm == "rms"
     require(backend, norm, x, None, None, None)
     _, _, mean, rstd = torch.ops.fastformer.residual_norm_fwd(x, None, None, None, 1e-5, 0.0, rms, None,
@@ -203,11 +208,12 @@ def test_real_sizes_on_gpu(norm, rows, hidden, backend, monkeypatch):
                             out_and_residual=outputs)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("norm", NORMS)
-def test_widest_rows(norm, backend):
-    """16384 is the widest row the Triton kernels keep in registers: it must still be exact."""
-    inputs = make_inputs((2, 16384), "residual+weight+bias", torch.float32, "cpu")
+def test_widest_rows(norm, backend, device):
+    """16384 is the widest row the Triton and CUDA kernels keep in registers: it must still be exact."""
+    inputs = make_inputs((2, 16384), "residual+weight+bias", torch.float32, device)
     require(backend, norm, *inputs)
     check_against_reference(norm, inputs, torch.float32, backend)
 

@@ -7,15 +7,26 @@ only imported when one of the functions below is first called.
 - ``load_extension()``: the ``fastformer._C`` module, or None.
 - ``extension_unavailable_reasons()``: why the extension cannot be used here ([] when it can).
 - ``extension_build_info()``: how the extension was built, or None.
+- ``op_table()``: op name -> (dispatch.Support, implementation module), for ``fastformer.dispatch``.
+  Each implementation module (``layer_norm``, ``bias_gelu``, ``attention``) declares its
+  ``support()``; a module that does not exist is left out.
+- ``verified_record()``: the hardware runs that verified each op's kernels
+  (``fastformer/cuda/verified.json``). Until an op has a record, the automatic choice
+  (``backend=None``) passes over its CUDA kernel with a reason; forcing ``backend="cuda"`` runs it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import importlib.util
+import json
 import re
 import threading
+from pathlib import Path
 
-__all__ = ["load_extension", "extension_unavailable_reasons", "extension_build_info"]
+__all__ = ["load_extension", "extension_unavailable_reasons", "extension_build_info", "op_table",
+           "require_extension", "verified_record", "VERIFIED_RECORD", "UNVERIFIED_REASON"]
 
 EXTENSION_MODULE = "fastformer._C"
 BUILD_COMMAND = "FASTFORMER_BUILD_CUDA=1 pip install --no-build-isolation -e ."
@@ -131,3 +142,83 @@ def _target_runs_on(target: str, major: int, minor: int) -> bool:
     if suffix == "a":
         return (major, minor) == (t_major, t_minor)
     return major == t_major and minor >= t_minor
+
+
+def require_extension():
+    """The extension module, or RuntimeError with the reasons it cannot be used (for launchers)."""
+    module = load_extension()
+    if module is None:
+        raise RuntimeError("fastformer cuda backend: " + "; ".join(extension_unavailable_reasons()))
+    return module
+
+
+# --------------------------------------------------------------------------------------------
+# What the backend implements, and which kernels have been verified on a GPU
+# --------------------------------------------------------------------------------------------
+# op -> implementation module. attention.py is written separately; op_table() skips it until it
+# exists.
+OP_MODULES = {
+    "attention": "fastformer.cuda.attention",
+    "residual_layer_norm": "fastformer.cuda.layer_norm",
+    "residual_rms_norm": "fastformer.cuda.layer_norm",
+    "bias_gelu": "fastformer.cuda.bias_gelu",
+}
+
+VERIFIED_RECORD = Path(__file__).with_name("verified.json")
+RECORD_FIELDS = ("date", "gpu", "commit", "command")
+UNVERIFIED_REASON = ("not yet verified on a GPU (fastformer/cuda/verified.json); "
+                     "force backend='cuda' to use it")
+
+# op -> why its module could not be imported (shown by python -m fastformer.info)
+op_table_errors: dict[str, str] = {}
+
+
+def verified_record(path: Path | None = None) -> dict[str, dict]:
+    """op -> the record of the hardware run that verified its CUDA kernels.
+
+    The file holds ``{"verified": {op: {"date", "gpu", "commit", "command"}, ...}}``; an op that
+    is absent has not been verified on a GPU. A malformed file raises ValueError (a test checks
+    the shipped one), never silently verifies anything.
+    """
+    path = VERIFIED_RECORD if path is None else Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    entries = data.get("verified") if isinstance(data, dict) else None
+    if not isinstance(entries, dict):
+        raise ValueError(f'{path}: expected {{"verified": {{op: record}}}}')
+    from fastformer.dispatch import OPS
+
+    for op, entry in entries.items():
+        if op not in OPS:
+            raise ValueError(f"{path}: unknown op {op!r} (ops: {', '.join(OPS)})")
+        missing = [f for f in RECORD_FIELDS if not isinstance(entry, dict) or not entry.get(f)]
+        if missing:
+            raise ValueError(f"{path}: the record of {op!r} lacks {', '.join(missing)}")
+    return dict(entries)
+
+
+def op_table() -> dict:
+    """op name -> (dispatch.Support, implementation module) for every CUDA kernel module present.
+
+    Ops without a record in ``verified.json`` get the ``not_automatic`` reason
+    :data:`UNVERIFIED_REASON`: ``backend=None`` passes over them, ``backend="cuda"`` runs them.
+    """
+    record = verified_record()
+    table = {}
+    op_table_errors.clear()
+    for op, module_name in OP_MODULES.items():
+        try:
+            if importlib.util.find_spec(module_name) is None:
+                continue
+            support = importlib.import_module(module_name).support()
+        except Exception as exc:  # a broken module must not break `import fastformer`
+            op_table_errors[op] = f"{module_name}: {type(exc).__name__}: {exc}"
+            continue
+        if op not in record:
+            support = dataclasses.replace(support, not_automatic=(UNVERIFIED_REASON,))
+        table[op] = (support, module_name)
+    return table

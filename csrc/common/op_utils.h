@@ -1,0 +1,69 @@
+// Host-side helpers of the *_ops.cpp files: input checks with clear messages, the storage type of
+// a tensor, alignment for 16-byte vector accesses. Torch headers only; no kernel code.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+#include <optional>
+
+#include "common/dtype.h"
+
+namespace fastformer {
+
+inline DType storage_type(const at::Tensor& t, const char* op, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    default:
+      TORCH_CHECK(false, op, ": ", name, " must be float32, float16 or bfloat16, got ",
+                  t.scalar_type());
+  }
+}
+
+// A CUDA tensor on `device`.
+inline void check_on_device(const at::Tensor& t, const at::Device& device, const char* op,
+                            const char* name) {
+  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got device ", t.device());
+  TORCH_CHECK(t.device() == device, op, ": ", name, " is on ", t.device(), " but the input is on ",
+              device);
+}
+
+// (rows, N) with unit column stride and a non-negative row stride, in `dtype`.
+inline void check_rows(const at::Tensor& t, int64_t rows, int64_t n, at::ScalarType dtype,
+                       const char* op, const char* name) {
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == n, op, ": ", name,
+              " must have shape (", rows, ", ", n, "), got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must have dtype ", dtype, ", got ",
+              t.scalar_type());
+  TORCH_CHECK(n <= 1 || t.stride(1) == 1, op, ": ", name,
+              " must have contiguous columns (stride 1 along the last dim), got strides ",
+              t.strides());
+  TORCH_CHECK(t.stride(0) >= 0, op, ": ", name, " has a negative row stride");
+}
+
+// A per-column parameter: (N,), contiguous, in the activations' dtype or float32.
+inline void check_param(const std::optional<at::Tensor>& t, int64_t n, at::ScalarType dtype,
+                        const char* op, const char* name) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == n, op, ": ", name, " must have shape (", n,
+              ",), got ", t->sizes());
+  TORCH_CHECK(t->is_contiguous(), op, ": ", name, " must be contiguous");
+  TORCH_CHECK(t->scalar_type() == dtype || t->scalar_type() == at::kFloat, op, ": ", name,
+              " must have the input's dtype ", dtype, " or float32, got ", t->scalar_type());
+}
+
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// Whether (rows, N) tensor t can be read with 16-byte vectors of `vec` elements.
+inline bool rows_vector_aligned(const at::Tensor& t, int64_t vec) {
+  return aligned16(t.data_ptr()) && (t.size(0) <= 1 || t.stride(0) % vec == 0);
+}
+
+inline const void* data_or_null(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->data_ptr() : nullptr;
+}
+
+}  // namespace fastformer

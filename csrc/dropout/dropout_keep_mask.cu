@@ -1,0 +1,26 @@
+// The dropout keep-mask kernel: one thread per element, the same Philox function as every
+// kernel that applies dropout (offset = index in the flattened (rows, N) tensor).
+#include "common/philox.cuh"
+#include "dropout/dropout.h"
+
+namespace fastformer {
+namespace dropout {
+
+__global__ void keep_mask_kernel(const KeepMaskParams p) {
+  const uint64_t seed = static_cast<uint64_t>(*p.seed);
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < p.numel;
+       i += stride) {
+    p.keep[i] = Philox::keep(seed, static_cast<uint64_t>(i), p.dropout_p);
+  }
+}
+
+void launch_keep_mask(const KeepMaskParams& p, cudaStream_t stream) {
+  constexpr int kThreads = 256;
+  const int64_t blocks = (p.numel + kThreads - 1) / kThreads;
+  const unsigned grid = static_cast<unsigned>(blocks < 65536 ? blocks : 65536);
+  keep_mask_kernel<<<grid, kThreads, 0, stream>>>(p);
+}
+
+}  // namespace dropout
+}  // namespace fastformer

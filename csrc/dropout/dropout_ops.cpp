@@ -1,0 +1,70 @@
+// torch side of the dropout keep-mask: fastformer::cuda_dropout_keep_mask(seed, shape, dropout_p).
+//
+// The mask is made on the seed's device (a 0-dim int64 tensor): CUDA runs the kernel, CPU runs
+// the same Philox function on the host, so the host path can be checked against the Triton
+// backend's mask on a machine without a GPU. Meta gives the shape only.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "common/philox.cuh"
+#include "dropout/dropout.h"
+
+namespace fastformer {
+namespace dropout {
+namespace {
+
+constexpr const char* kOp = "cuda_dropout_keep_mask";
+
+void check_args(const at::Tensor& seed, double dropout_p) {
+  TORCH_CHECK(seed.dim() == 0 && seed.scalar_type() == at::kLong, kOp,
+              ": seed must be a 0-dim int64 tensor, got ", seed.scalar_type(), " of shape ",
+              seed.sizes());
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p <= 1.0, kOp, ": dropout_p must be in [0, 1], got ",
+              dropout_p);
+}
+
+at::Tensor keep_mask_cpu(const at::Tensor& seed, at::IntArrayRef shape, double dropout_p) {
+  check_args(seed, dropout_p);
+  at::Tensor keep = at::empty(shape, seed.options().dtype(at::kBool));
+  const uint64_t key = static_cast<uint64_t>(seed.item<int64_t>());
+  const float p = static_cast<float>(dropout_p);
+  bool* out = keep.data_ptr<bool>();
+  const int64_t numel = keep.numel();
+  for (int64_t i = 0; i < numel; ++i) out[i] = Philox::keep(key, static_cast<uint64_t>(i), p);
+  return keep;
+}
+
+at::Tensor keep_mask_cuda(const at::Tensor& seed, at::IntArrayRef shape, double dropout_p) {
+  check_args(seed, dropout_p);
+  const c10::cuda::CUDAGuard guard(seed.device());
+  at::Tensor keep = at::empty(shape, seed.options().dtype(at::kBool));
+  if (keep.numel() == 0) return keep;
+  KeepMaskParams p{};
+  p.seed = seed.data_ptr<int64_t>();
+  p.keep = keep.data_ptr<bool>();
+  p.numel = keep.numel();
+  p.dropout_p = static_cast<float>(dropout_p);
+  launch_keep_mask(p, at::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return keep;
+}
+
+at::Tensor keep_mask_meta(const at::Tensor& seed, at::IntArrayRef shape, double dropout_p) {
+  return at::empty(shape, seed.options().dtype(at::kBool));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fastformer, m) {
+  m.def("cuda_dropout_keep_mask(Tensor seed, int[] shape, float dropout_p) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fastformer, CPU, m) { m.impl("cuda_dropout_keep_mask", &keep_mask_cpu); }
+TORCH_LIBRARY_IMPL(fastformer, CUDA, m) { m.impl("cuda_dropout_keep_mask", &keep_mask_cuda); }
+TORCH_LIBRARY_IMPL(fastformer, Meta, m) { m.impl("cuda_dropout_keep_mask", &keep_mask_meta); }
+
+}  // namespace dropout
+}  // namespace fastformer

@@ -1,0 +1,51 @@
+"""Bias + GELU on the CUDA backend: the ops ``torch.ops.fastformer.cuda_bias_gelu_fwd`` / ``_bwd``
+(kernels in ``csrc/gelu/``), behind the Triton launcher's contract
+(``fastformer/triton/bias_gelu.py``); the autograd layer is shared (``fastformer/library.py``).
+
+x is viewed as (rows, N) with a row stride and contiguous columns (copied only when no such view
+exists); the bias gradient is summed from per-row-group partial sums (deterministic).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastformer.cuda import require_extension
+
+DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
+
+
+def support():
+    """What the kernels take, for ``fastformer.dispatch``."""
+    from fastformer.dispatch import Support
+
+    return Support(devices=frozenset({"cuda"}), dtypes=DTYPES,
+                   features=frozenset({"bias", "tanh", "erf"}))
+
+
+def _as_rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    """``t`` as (rows, N) with a row stride and unit column stride, copying only when needed."""
+    t = t.reshape(-1, n)
+    return t.contiguous() if n > 1 and t.stride(1) != 1 else t
+
+
+def bias_gelu_fwd(x, bias, approximate):
+    """gelu(x + bias): x (..., N) any strides; bias (N,) in x's dtype or float32, or None.
+
+    Returns a contiguous tensor of x's shape and dtype.
+    """
+    require_extension()
+    n = x.shape[-1]
+    out = torch.ops.fastformer.cuda_bias_gelu_fwd(
+        _as_rows(x, n), None if bias is None else bias.contiguous(), approximate)
+    return out.view(x.shape)
+
+
+def bias_gelu_bwd(grad_out, x, bias, approximate):
+    """Returns (grad_x, grad_bias or None): grad_x contiguous in x's dtype, grad_bias in bias's."""
+    require_extension()
+    n = x.shape[-1]
+    grad_x, grad_bias = torch.ops.fastformer.cuda_bias_gelu_bwd(
+        _as_rows(grad_out, n), _as_rows(x, n), None if bias is None else bias.contiguous(),
+        approximate)
+    return grad_x.view(x.shape), grad_bias if bias is not None else None

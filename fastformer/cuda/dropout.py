@@ -1,0 +1,20 @@
+"""Dropout keep-masks of the CUDA kernels: ``torch.ops.fastformer.cuda_dropout_keep_mask``.
+
+The CUDA kernels keep element ``i = row * N + column`` of a (rows, N) tensor when
+``Philox::keep(seed, i, p)`` (``csrc/common/philox.cuh``): Triton's ``tl.rand`` bit for bit, so
+the mask equals the Triton backend's (``fastformer.triton.dropout``). The op also runs on the
+CPU (the same function on the host), which is how that equality is tested without a GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastformer.cuda import require_extension
+
+
+def dropout_keep_mask(seed: torch.Tensor, shape, dropout_p: float, device) -> torch.Tensor:
+    """The keep-mask the kernels use for a tensor of ``shape`` (viewed as rows of its last dim)."""
+    require_extension()
+    seed = torch.as_tensor(seed, dtype=torch.int64).reshape(()).to(device)
+    return torch.ops.fastformer.cuda_dropout_keep_mask(seed, [int(s) for s in shape], float(dropout_p))
