@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import sys
 import time
@@ -106,6 +107,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--plot", help="write the loss curves and throughput bars here (PNG, SVG, PDF)")
     add("--table", help="write the results table here (Markdown)")
     add("--no-progress", action="store_true")
+    add("--from-json", metavar="PATH", help="train nothing: print the table of an earlier --json result and "
+                                            "write its --plot / --table")
     args = parser.parse_args(argv)
     settings = dict(PRESETS[args.model])
     if args.quick:
@@ -206,8 +209,26 @@ def compare(variants: dict) -> dict:
     return out
 
 
+def write_outputs(args, results: dict, log=print) -> None:
+    if args.json:
+        report.write_json(args.json, results)
+        log(f"wrote {args.json}")
+    if args.plot and results["variants"] and report.write_plot(args.plot, results):
+        log(f"wrote {args.plot}")
+    if args.table and results["variants"]:
+        Path(args.table).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.table).write_text(f"{results['title']}\n\n{report.markdown_table(*report.table_rows(results))}\n",
+                                    encoding="utf-8")
+        log(f"wrote {args.table}")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.from_json:
+        results = json.loads(Path(args.from_json).read_text(encoding="utf-8"))
+        report.print_table(results, results["title"])
+        write_outputs(argparse.Namespace(json=None, plot=args.plot, table=args.table), results)
+        return 0
     dist_info, device = train_lib.init_distributed(args.device)
     log = print if dist_info.main else (lambda *a, **k: None)
     if device.type == "cuda":
@@ -268,16 +289,7 @@ def main(argv=None) -> int:
             for op, entry in run["backends"].items():
                 log(f"{name}: {op}: {entry['calls']} (first call: {entry['first'].splitlines()[0]})")
     if dist_info.main:
-        if args.json:
-            report.write_json(args.json, results)
-            log(f"wrote {args.json}")
-        if args.plot and results["variants"] and report.write_plot(args.plot, results):
-            log(f"wrote {args.plot}")
-        if args.table and results["variants"]:
-            Path(args.table).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.table).write_text(f"{results['title']}\n\n{report.markdown_table(*report.table_rows(results))}\n",
-                                        encoding="utf-8")
-            log(f"wrote {args.table}")
+        write_outputs(args, results, log)
     train_lib.shutdown_distributed(dist_info)
     return status
 

@@ -267,6 +267,9 @@ def test_quick_end_to_end(tmp_path, capsys):
     assert (tmp_path / "quick.md").read_text().count("|") > 10
     if importlib.util.find_spec("matplotlib"):
         assert (tmp_path / "quick.png").stat().st_size > 10_000
+    # the table again from the JSON, without training
+    assert finetune.main(["--from-json", str(out), "--table", str(tmp_path / "again.md")]) == 0
+    assert (tmp_path / "again.md").read_text() == (tmp_path / "quick.md").read_text()
 
 
 def test_ddp_two_gloo_processes(tmp_path):

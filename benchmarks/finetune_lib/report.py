@@ -140,6 +140,8 @@ def environment(device: torch.device, world_size: int = 1) -> dict[str, Any]:
     else:
         env["cpu_threads"] = torch.get_num_threads()
         env["cpu_count"] = os.cpu_count()
+    if hasattr(os, "getloadavg"):  # other work on the machine slows a run down: say how much there was
+        env["load_average_1min_at_start"] = round(os.getloadavg()[0], 2)
     return env
 
 
@@ -153,7 +155,7 @@ def _fmt(value, spec: str, missing: str = "-") -> str:
 
 
 def table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
-    headers = ["variant", "tokens/s", "speedup", "step ms (p20-p80)", "peak MiB", "attention", "LayerNorm",
+    headers = ["variant", "tokens/s", "padding", "speedup", "step ms (p20-p80)", "peak MiB", "attention", "LayerNorm",
                "GELU", "rest", "test acc", "backends"]
     rows = []
     base = results.get("variants", {}).get("torch", {}).get("tokens_per_s")
@@ -163,7 +165,9 @@ def table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
         speedup = run["tokens_per_s"] / base if base and name != "torch" else (1.0 if base else None)
         used = ", ".join(f"{op}: {'/'.join(entry['calls'])}" for op, entry in run.get("backends", {}).items())
         rows.append([
-            name, _fmt(run.get("tokens_per_s"), ",.0f"), _fmt(speedup, ".2f") + ("x" if speedup else ""),
+            name, _fmt(run.get("tokens_per_s"), ",.0f"),
+            _fmt(100 * run["padding_fraction"], ".0f") + "%" if run.get("padding_fraction") is not None else "-",
+            _fmt(speedup, ".2f") + ("x" if speedup else ""),
             f"{_fmt(step.get('median'), '.1f')} ({_fmt(step.get('p20'), '.1f')}-{_fmt(step.get('p80'), '.1f')})",
             _fmt(run.get("peak_memory_mib"), ",.0f"),
             *(_fmt(100 * shares[k], ".1f") + "%" if k in shares and math.isfinite(shares[k]) else "-"
@@ -281,7 +285,8 @@ def write_plot(path: str | os.PathLike, results: dict) -> bool:
         bottoms = [b + v for b, v in zip(bottoms, values)]
     shares.set_ylabel("% of profiled step time")
     shares.set_title("time shares")
-    shares.legend(loc="upper right", fontsize="small")
+    shares.set_ylim(0, 100)
+    shares.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
     env = results.get("environment", {})
     figure.suptitle(f"{results.get('title', 'IMDB fine-tuning')} - {env.get('device', '')}, "
                     f"torch {env.get('torch', '')}")
