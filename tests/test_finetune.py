@@ -233,6 +233,40 @@ def test_time_share_categories():
     assert train_lib.categorize("aten::addmm") is None
 
 
+def test_time_shares_from_gpu_kernels():
+    """The CUDA branch on hand-made profiler events (no GPU needed): kernels by their own name, else
+    by the operator that launched them; kernels linked to no operator by their name alone."""
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import FunctionEvent
+
+    def cpu(i, name, parent=None):
+        event = FunctionEvent(i, name, thread=0, start_us=0, end_us=1, use_device="cuda")
+        if parent is not None:
+            event.set_cpu_parent(parent)
+            parent.append_cpu_child(event)
+        return event
+
+    def gpu(i, name, us):
+        return FunctionEvent(i, name, thread=7, start_us=0, end_us=us, device_type=DeviceType.CUDA,
+                             use_device="cuda")
+
+    sdpa = cpu(1, "aten::scaled_dot_product_attention")
+    launch_attention = cpu(2, "cudaLaunchKernel", sdpa)
+    launch_attention.append_kernel("fmha_cutlassF_f32_aligned_64x64_rf_sm80", 0, 10.0)
+    matmul = cpu(3, "aten::addmm")
+    launch_matmul = cpu(4, "cudaLaunchKernel", matmul)
+    launch_matmul.append_kernel("sm90_xmma_gemm_f32f32", 0, 20.0)
+    norm = cpu(5, "autograd::engine::evaluate_function: NativeLayerNormBackward0")
+    launch_norm = cpu(6, "cudaLaunchKernel", norm)
+    launch_norm.append_kernel("void at::native::elementwise_kernel", 0, 4.0)  # named by its operator
+    events = [sdpa, launch_attention, matmul, launch_matmul, norm, launch_norm,
+              gpu(10, "fmha_cutlassF_f32_aligned_64x64_rf_sm80", 10), gpu(11, "sm90_xmma_gemm_f32f32", 20),
+              gpu(12, "void at::native::elementwise_kernel", 4), gpu(13, "_bias_gelu_fwd_kernel", 6)]
+    result = train_lib.time_shares(events, torch.device("cuda"))
+    assert result["profiled_ms"] == pytest.approx(0.040)
+    assert result["shares"] == pytest.approx({"attention": 0.25, "layer_norm": 0.1, "gelu": 0.15, "rest": 0.5})
+
+
 # --------------------------------------------------------------------------------------------
 # the script end to end
 # --------------------------------------------------------------------------------------------

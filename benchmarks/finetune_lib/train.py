@@ -323,7 +323,7 @@ def train_variant(kernels: str, base: nn.Module, train_data: data_lib.Encoded, t
                                                        config.bucketing),
                                  dist_info.rank, dist_info.world_size)
         bar = progress(batches, desc=f"{kernels} epoch {epoch + 1}/{config.epochs}", enabled=show)
-        epoch_start = time.perf_counter()
+        epoch_start, first_loss = time.perf_counter(), len(losses)
         for indices in bar:
             if step >= total_steps:
                 break
@@ -367,10 +367,12 @@ def train_variant(kernels: str, base: nn.Module, train_data: data_lib.Encoded, t
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
             step += 1
+        if hasattr(bar, "close"):
+            bar.close()
         train_seconds += time.perf_counter() - epoch_start
         if device.type == "cuda":
             peak_bytes = max(peak_bytes, torch.cuda.max_memory_allocated(device))
-        record = {"epoch": epoch + 1, "steps": step, "train_loss": _mean(losses[-len(batches):])}
+        record = {"epoch": epoch + 1, "steps": step, "train_loss": _mean(losses[first_loss:])}
         if config.evaluate:
             record["test"] = evaluate(model, test_data, pad, config.eval_batch_size, device, config.precision,
                                       dist_info, show, desc=f"{kernels} eval")
