@@ -306,6 +306,17 @@ def test_quick_end_to_end(tmp_path, capsys):
     assert (tmp_path / "again.md").read_text() == (tmp_path / "quick.md").read_text()
 
 
+def test_check_equivalence_mode(tmp_path):
+    out = tmp_path / "check.json"
+    args = ["--synthetic", "--check-equivalence", "--train-size", "64", "--test-size", "8", "--max-length", "32",
+            "--d-model", "32", "--layers", "1", "--ff", "64", "--vocab-size", "300", "--batch-size", "8",
+            "--equivalence-steps", "4", "--no-progress", "--json", str(out), "--plot", str(tmp_path / "none.png")]
+    assert finetune.main(args) == 0
+    results = json.loads(out.read_text())
+    assert results["equivalence"]["passed"] and results["equivalence"]["steps"] == 4
+    assert results["variants"] == {} and not (tmp_path / "none.png").exists()
+
+
 def test_ddp_two_gloo_processes(tmp_path):
     out = tmp_path / "ddp.json"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
