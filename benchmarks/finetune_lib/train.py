@@ -330,8 +330,12 @@ def train_variant(kernels: str, base: nn.Module, train_data: data_lib.Encoded, t
             ids, padding, labels = data_lib.collate(train_data, indices, pad)
             n_useful, n_all = int((~padding).sum()), padding.numel()
             if step == profile_from:
-                profiler = _profiler(device, config.profile_steps)
-                profiler.start()
+                try:
+                    profiler = _profiler(device, config.profile_steps)
+                    profiler.start()
+                except Exception as error:  # e.g. no CUPTI: measure the rest anyway
+                    profiler, shares = None, {"error": f"profiler: {type(error).__name__}: {error}"}
+                    profile_from = profile_to = -1
             recorder = record_backends() if step == 0 else contextlib.nullcontext({})
             synchronize(device)
             start = time.perf_counter()
@@ -352,7 +356,7 @@ def train_variant(kernels: str, base: nn.Module, train_data: data_lib.Encoded, t
                 backends = dict(seen)
             if profiler is not None:
                 profiler.step()
-            if step == profile_to - 1:
+            if profiler is not None and step == profile_to - 1:
                 profiler.stop()
                 try:
                     shares = time_shares(profiler.events(), device)
