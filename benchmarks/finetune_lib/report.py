@@ -1,0 +1,298 @@
+"""Outputs of the fine-tuning benchmark: progress bars, environment, table, JSON, plots.
+
+tqdm, rich and matplotlib are optional: without them progress is a line every 10%, the table is
+plain text and ``--plot`` is skipped with a warning.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+# --------------------------------------------------------------------------------------------
+# progress
+# --------------------------------------------------------------------------------------------
+class _PlainProgress:
+    """A minimal stand-in for tqdm: one line to stderr every 10% (only when stderr is a terminal
+    is a live bar worth it, and then tqdm is what we use)."""
+
+    def __init__(self, iterable: Iterable, total: int | None, desc: str, enabled: bool):
+        self.iterable, self.desc, self.enabled = iterable, desc, enabled
+        self.total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
+        self.postfix = ""
+
+    def __iter__(self):
+        start, next_report = time.perf_counter(), 0.1
+        for done, item in enumerate(self.iterable, start=1):
+            yield item
+            if self.enabled and self.total and done / self.total >= next_report - 1e-9:
+                next_report += 0.1
+                print(f"  {self.desc}: {done}/{self.total} ({time.perf_counter() - start:.0f} s) {self.postfix}",
+                      file=sys.stderr, flush=True)
+
+    def set_postfix(self, refresh: bool = False, **values):
+        self.postfix = " ".join(f"{k}={v}" for k, v in values.items())
+
+    def close(self):
+        pass
+
+
+def progress(iterable: Iterable, desc: str, enabled: bool = True, leave: bool = True, total: int | None = None):
+    """tqdm when installed, else :class:`_PlainProgress`; nothing shown when not ``enabled``."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return _PlainProgress(iterable, total, desc, enabled)
+    return tqdm(iterable, desc=desc, total=total, disable=not enabled, leave=leave, dynamic_ncols=True,
+                mininterval=1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# environment
+# --------------------------------------------------------------------------------------------
+def _package_version(name: str) -> str | None:
+    try:
+        from importlib import metadata
+
+        return metadata.version(name)
+    except Exception:
+        return None
+
+
+def _git(*args: str) -> str | None:
+    try:
+        result = subprocess.run(["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True,
+                                timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def command_line() -> str:
+    """The command as run, the script path relative to the repository (no home folders)."""
+    argv = list(sys.argv)
+    if argv:
+        try:
+            argv[0] = str(Path(argv[0]).resolve().relative_to(REPO_ROOT))
+        except (ValueError, OSError):
+            argv[0] = Path(argv[0]).name
+    return shlex.join(["python", *argv])
+
+
+def environment(device: torch.device, world_size: int = 1) -> dict[str, Any]:
+    """What a run was measured on: versions, device, commit, command. No host names, no paths."""
+    commit = _git("rev-parse", "--short", "HEAD") or "unknown"
+    if commit != "unknown" and _git("status", "--porcelain", "--untracked-files=no"):
+        commit += "-dirty"
+    try:
+        import fastformer
+
+        fastformer_version = fastformer.__version__
+        backends = {name: ("available" if not reasons else "; ".join(reasons))
+                    for name, reasons in fastformer.available_backends().items()}
+    except Exception as error:
+        fastformer_version, backends = f"not importable ({error})", {}
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device_type": device.type,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model(),
+        "world_size": world_size,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda_runtime": torch.version.cuda,
+        "triton": _package_version("triton"),
+        "tokenizers": _package_version("tokenizers"),
+        "transformers": _package_version("transformers"),
+        "fastformer": fastformer_version,
+        "fastformer_backends": backends,
+        "git_commit": commit,
+        "command": command_line(),
+    }
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        env["compute_capability"] = f"{major}.{minor}"
+        env["tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
+    else:
+        env["cpu_threads"] = torch.get_num_threads()
+        env["cpu_count"] = os.cpu_count()
+    if hasattr(os, "getloadavg"):  # other work on the machine slows a run down: say how much there was
+        env["load_average_1min_at_start"] = round(os.getloadavg()[0], 2)
+    return env
+
+
+# --------------------------------------------------------------------------------------------
+# table
+# --------------------------------------------------------------------------------------------
+def _fmt(value, spec: str, missing: str = "-") -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return missing
+    return format(value, spec)
+
+
+def table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
+    headers = ["variant", "tokens/s", "padding", "speedup", "step ms (p20-p80)", "peak MiB", "attention", "LayerNorm",
+               "GELU", "rest", "test acc", "backends"]
+    rows = []
+    base = results.get("variants", {}).get("torch", {}).get("tokens_per_s")
+    for name, run in results.get("variants", {}).items():
+        shares = (run.get("time_shares") or {}).get("shares", {})
+        step = run.get("step_ms", {})
+        speedup = run["tokens_per_s"] / base if base and name != "torch" else (1.0 if base else None)
+        used = ", ".join(f"{op}: {'/'.join(entry['calls'])}" for op, entry in run.get("backends", {}).items())
+        rows.append([
+            name, _fmt(run.get("tokens_per_s"), ",.0f"),
+            _fmt(100 * run["padding_fraction"], ".0f") + "%" if run.get("padding_fraction") is not None else "-",
+            _fmt(speedup, ".2f") + ("x" if speedup else ""),
+            f"{_fmt(step.get('median'), '.1f')} ({_fmt(step.get('p20'), '.1f')}-{_fmt(step.get('p80'), '.1f')})",
+            _fmt(run.get("peak_memory_mib"), ",.0f"),
+            *(_fmt(100 * shares[k], ".1f") + "%" if k in shares and math.isfinite(shares[k]) else "-"
+              for k in ("attention", "layer_norm", "gelu", "rest")),
+            _fmt(100 * run["test_accuracy"], ".2f") + "%" if run.get("test_accuracy") is not None else "-",
+            used or "-"])
+    return headers, rows
+
+
+def format_table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [headers] + rows) for i in range(len(headers))]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip(),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join(lines)
+
+
+def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---" for _ in headers) + " |"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def print_table(results: dict, title: str) -> None:
+    headers, rows = table_rows(results)
+    if sys.stdout.isatty():
+        try:
+            from rich.console import Console
+            from rich.table import Table
+
+            table = Table(title=title)
+            for header in headers:
+                table.add_column(header)
+            for row in rows:
+                table.add_row(*row)
+            Console().print(table)
+            return
+        except ImportError:
+            pass
+    print(title)
+    print(format_table(headers, rows))
+
+
+# --------------------------------------------------------------------------------------------
+# JSON and plots
+# --------------------------------------------------------------------------------------------
+def _clean(value):
+    """JSON-safe: NaN/inf -> None, tuples -> lists, dict keys -> str."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def write_json(path: str | os.PathLike, results: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(_clean(results), f, indent=1)
+        f.write("\n")
+
+
+def _smooth(values: list[float], window: int) -> list[float]:
+    out, total = [], 0.0
+    for i, value in enumerate(values):
+        total += value
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def write_plot(path: str | os.PathLike, results: dict) -> bool:
+    """Loss curves of the variants on one chart; tokens/s and time shares as bars. False (with a
+    warning) when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("warning: --plot needs matplotlib (pip install matplotlib); no plot written", file=sys.stderr)
+        return False
+    variants = results.get("variants", {})
+    colours = {"torch": "tab:blue", "fastformer": "tab:orange"}
+    figure, (curves, speed, shares) = plt.subplots(1, 3, figsize=(16, 4.5),
+                                                    gridspec_kw={"width_ratios": [2.2, 1, 1.2]})
+    for name, run in variants.items():
+        losses = run.get("losses") or []
+        window = max(1, len(losses) // 50)
+        curves.plot(range(1, len(losses) + 1), losses, color=colours.get(name), alpha=0.25, linewidth=0.8)
+        accuracy = run.get("test_accuracy")
+        label = name + (f" (test acc {100 * accuracy:.1f}%)" if accuracy is not None else "")
+        curves.plot(range(1, len(losses) + 1), _smooth(losses, window), color=colours.get(name), label=label)
+    curves.set_xlabel("step")
+    curves.set_ylabel("training loss")
+    curves.set_title("training loss (faint: per step; solid: moving average)")
+    curves.legend()
+    names = list(variants)
+    rates = [variants[n].get("tokens_per_s") or 0.0 for n in names]
+    bars = speed.bar(names, rates, color=[colours.get(n, "grey") for n in names])
+    for bar, rate in zip(bars, rates):
+        speed.annotate(f"{rate:,.0f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
+                       va="bottom")
+    speed.set_ylabel("useful tokens/s (padding excluded)")
+    speed.set_title("training throughput")
+    bottoms = [0.0] * len(names)
+    share_colours = {"attention": "tab:red", "layer_norm": "tab:green", "gelu": "tab:purple", "rest": "tab:grey"}
+    for key, colour in share_colours.items():
+        values = [100 * (((variants[n].get("time_shares") or {}).get("shares") or {}).get(key) or 0.0) for n in names]
+        shares.bar(names, values, bottom=bottoms, color=colour, label=key)
+        bottoms = [b + v for b, v in zip(bottoms, values)]
+    shares.set_ylabel("% of profiled step time")
+    shares.set_title("time shares")
+    shares.set_ylim(0, 100)
+    shares.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
+    env = results.get("environment", {})
+    figure.suptitle(f"{results.get('title', 'IMDB fine-tuning')} - {env.get('device', '')}, "
+                    f"torch {env.get('torch', '')}")
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True

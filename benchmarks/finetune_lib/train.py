@@ -1,0 +1,450 @@
+"""Training, evaluation and measurements for one variant; the step-by-step equivalence check.
+
+What a training step is timed as: moving the padded batch to the device, forward, loss, backward,
+gradient clipping and the optimizer step, with the device synchronised at both ends (wall clock).
+Building the batch on the host is not timed (a DataLoader would do it in the background).
+The first ``warmup_steps`` steps and the profiled steps are not timed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import data as data_lib
+from . import models
+from .report import progress
+
+# Relative tolerances on the loss, step by step, with dropout 0 (DESIGN.md's attention forward
+# tolerances: attention is the loosest op of the chain).
+LOSS_TOLERANCE = {"fp32": 2e-3, "bf16": 2.5e-2}
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    epochs: int = 1
+    batch_size: int = 64
+    eval_batch_size: int = 128
+    lr: float = 1e-4
+    optimizer: str = "adam"          # "adam" or "adamw"
+    weight_decay: float = 0.0
+    schedule: str = "constant"       # "constant" or "linear" (warm-up, then linear decay to 0)
+    warmup_fraction: float = 0.0
+    clip_norm: float = 1.0
+    seed: int = 0
+    bucketing: bool = True
+    precision: str = "fp32"          # "fp32" (TF32 matmuls on GPUs) or "bf16" (autocast)
+    warmup_steps: int = 5            # not timed
+    profile_steps: int = 3           # profiled with torch.profiler after the warm-up (0: none)
+    max_steps: int | None = None     # stop early (equivalence check)
+    evaluate: bool = True
+    progress: bool = True
+    backend: str | None = None       # force a fastformer backend (None: automatic)
+
+
+# --------------------------------------------------------------------------------------------
+# distributed
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Dist:
+    """torchrun's RANK / WORLD_SIZE / LOCAL_RANK; one process: rank 0 of 1."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def reduce(self, values: list[float], op: str = "sum") -> list[float]:
+        """All-reduce a list of numbers across ranks (sum or max); as is with one process."""
+        if not self.enabled or not values:
+            return list(values)
+        import torch.distributed as dist
+
+        device = torch.device("cuda", self.local_rank) if dist.get_backend() == "nccl" else torch.device("cpu")
+        tensor = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+        return tensor.cpu().tolist()
+
+    def broadcast(self, obj):
+        """rank 0's ``obj`` on every rank."""
+        if not self.enabled:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def init_distributed(device_arg: str | None) -> tuple[Dist, torch.device]:
+    """Join the process group when started by torchrun (NCCL on GPUs, gloo on the CPU)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device_arg:
+        device = torch.device(device_arg)
+    else:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank if world_size > 1 else torch.cuda.current_device())
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world_size > 1:
+        import torch.distributed as dist
+
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            dist.init_process_group(backend, device_id=device)
+        else:
+            dist.init_process_group(backend)
+    return Dist(rank, world_size, local_rank), device
+
+
+def shutdown_distributed(dist_info: Dist) -> None:
+    if dist_info.enabled:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------------------------
+# measurements
+# --------------------------------------------------------------------------------------------
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolation percentile, q in [0, 1]."""
+    values = sorted(values)
+    if not values:
+        return math.nan
+    position = q * (len(values) - 1)
+    low = math.floor(position)
+    high = min(low + 1, len(values) - 1)
+    return values[low] + (values[high] - values[low]) * (position - low)
+
+
+# Op categories by name (lower case): kernel names on GPUs (PyTorch's and fastformer's Triton/CUDA
+# kernels), operator and autograd-node names on the CPU. Checked in this order.
+CATEGORIES = (
+    ("attention", ("attention", "attn", "flash", "fmha", "sdpa", "softmax")),
+    ("layer_norm", ("layer_norm", "layernorm", "residual_norm", "residualnorm", "rms_norm", "gammabeta")),
+    ("gelu", ("gelu",)),
+)
+SHARE_KEYS = ("attention", "layer_norm", "gelu", "rest")
+
+
+def categorize(name: str) -> str | None:
+    name = name.lower()
+    for category, patterns in CATEGORIES:
+        if any(p in name for p in patterns):
+            return category
+    return None
+
+
+def _category_of(event) -> str:
+    """The category of the innermost enclosing operator whose name says one, else "rest"."""
+    while event is not None:
+        category = categorize(event.name)
+        if category is not None:
+            return category
+        event = event.cpu_parent
+    return "rest"
+
+
+def time_shares(events, device: torch.device) -> dict:
+    """Share of attention / LayerNorm / GELU / the rest in the profiled steps.
+
+    GPU: device time of every kernel, by the kernel's own name, else by the operators that launched
+    it. CPU: self time of every operator, by its own name or its enclosing operators' names
+    (e.g. the matmuls inside ``aten::scaled_dot_product_attention`` count as attention).
+    """
+    totals = dict.fromkeys(SHARE_KEYS, 0.0)
+    from torch.autograd import DeviceType
+
+    if device.type == "cuda":
+        linked = {}
+        for event in events:
+            if event.device_type == DeviceType.CPU:
+                for kernel in getattr(event, "kernels", ()):
+                    category = categorize(kernel.name) or _category_of(event)
+                    totals[category] += kernel.duration
+                    linked[(kernel.name, kernel.duration)] = linked.get((kernel.name, kernel.duration), 0) + 1
+        for event in events:  # kernels the profiler could not link to an operator
+            if event.device_type != DeviceType.CPU:
+                duration = event.time_range.end - event.time_range.start
+                key = (event.name, duration)
+                if linked.get(key, 0) > 0:
+                    linked[key] -= 1
+                else:
+                    totals[categorize(event.name) or "rest"] += duration
+        clock = "device time of the GPU kernels"
+    else:
+        for event in events:
+            if event.device_type == DeviceType.CPU and not event.is_async:
+                totals[_category_of(event)] += event.self_cpu_time_total
+        clock = "self CPU time of the operators"
+    total = sum(totals.values())
+    shares = {key: (value / total if total > 0 else math.nan) for key, value in totals.items()}
+    return {"shares": shares, "profiled_ms": total / 1e3, "clock": clock}
+
+
+@contextlib.contextmanager
+def record_backends():
+    """Which fastformer backend each op call went to: yields {op: {"calls": {backend: n},
+    "first": explanation of the first call}} (filled while the block runs)."""
+    from fastformer import dispatch
+
+    seen: dict = {}
+    original = dispatch.select_backend
+
+    def spy(call, requested=None):
+        selection = original(call, requested)
+        entry = seen.setdefault(call.op, {"calls": {}, "first": str(selection)})
+        entry["calls"][selection.backend] = entry["calls"].get(selection.backend, 0) + 1
+        return selection
+
+    dispatch.select_backend = spy
+    try:
+        yield seen
+    finally:
+        dispatch.select_backend = original
+
+
+def _profiler(device: torch.device, steps: int):
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    return profile(activities=activities, schedule=schedule(wait=0, warmup=1, active=steps, repeat=1))
+
+
+# --------------------------------------------------------------------------------------------
+# training
+# --------------------------------------------------------------------------------------------
+def _optimizer(model: nn.Module, config: TrainConfig, total_steps: int):
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    else:
+        optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    warmup = int(config.warmup_fraction * total_steps)
+
+    def factor(step: int) -> float:
+        if config.schedule != "linear":
+            return 1.0
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _autocast(device: torch.device, precision: str):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def evaluate(model: nn.Module, data: data_lib.Encoded, pad: int, batch_size: int, device: torch.device,
+             precision: str, dist_info: Dist, show: bool, desc: str = "eval") -> dict:
+    """Accuracy and mean loss on ``data`` (each rank its shard, reduced)."""
+    model = getattr(model, "module", model)  # DistributedDataParallel: the local model
+    was_training = model.training
+    model.eval()
+    batches = data_lib.shard(data_lib.eval_batches(data.lengths, batch_size), dist_info.rank,
+                             dist_info.world_size, equal=False)
+    correct = loss_sum = count = 0.0
+    start = time.perf_counter()
+    with torch.no_grad(), _autocast(device, precision):
+        for indices in progress(batches, desc=desc, enabled=show, leave=False):
+            ids, padding, labels = (t.to(device, non_blocking=True) for t in data_lib.collate(data, indices, pad))
+            logits = model(ids, padding).float()
+            loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+            correct += (logits.argmax(-1) == labels).sum().item()
+            count += len(indices)
+    correct, loss_sum, count = dist_info.reduce([correct, loss_sum, count])
+    model.train(was_training)
+    return {"accuracy": correct / max(count, 1), "loss": loss_sum / max(count, 1), "reviews": int(count),
+            "seconds": time.perf_counter() - start}
+
+
+def train_variant(kernels: str, base: nn.Module, train_data: data_lib.Encoded, test_data: data_lib.Encoded,
+                  pad: int, config: TrainConfig, device: torch.device, dist_info: Dist,
+                  log: Callable[[str], None] = print) -> dict:
+    """Train a copy of ``base`` in the given variant; returns its measurements and results."""
+    model = models.make_variant(base, kernels, config.backend).to(device)
+    model.train()
+    if dist_info.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    data_order = torch.Generator().manual_seed(config.seed)        # same batches for both variants
+    torch.manual_seed(config.seed + 1 + dist_info.rank)              # dropout (and nothing else)
+    steps_per_epoch = len(data_lib.shard(data_lib.make_batches(train_data.lengths, config.batch_size,
+                                                               torch.Generator().manual_seed(0)),
+                                         dist_info.rank, dist_info.world_size))
+    total_steps = steps_per_epoch * config.epochs
+    if config.max_steps is not None:
+        total_steps = min(total_steps, config.max_steps)
+    optimizer, scheduler = _optimizer(model, config, total_steps)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+    # Profiled: one profiler warm-up step, then profile_steps steps, right after the timing warm-up.
+    profile_from = config.warmup_steps
+    profile_to = profile_from + 1 + config.profile_steps
+    if config.profile_steps <= 0 or profile_to > total_steps:  # none asked, or too short a run
+        profile_from = profile_to = -1
+    profiler = shares = None
+    backends: dict = {}
+    losses, step_ms, useful_tokens, all_tokens, epochs = [], [], [], [], []
+    peak_bytes = 0
+    show = config.progress and dist_info.main
+    step = 0
+    train_seconds = 0.0
+    for epoch in range(config.epochs):
+        batches = data_lib.shard(data_lib.make_batches(train_data.lengths, config.batch_size, data_order,
+                                                       config.bucketing),
+                                 dist_info.rank, dist_info.world_size)
+        bar = progress(batches, desc=f"{kernels} epoch {epoch + 1}/{config.epochs}", enabled=show)
+        epoch_start, first_loss = time.perf_counter(), len(losses)
+        for indices in bar:
+            if step >= total_steps:
+                break
+            ids, padding, labels = data_lib.collate(train_data, indices, pad)
+            n_useful, n_all = int((~padding).sum()), padding.numel()
+            if step == profile_from:
+                try:
+                    profiler = _profiler(device, config.profile_steps)
+                    profiler.start()
+                except Exception as error:  # e.g. no CUPTI: measure the rest anyway
+                    profiler, shares = None, {"error": f"profiler: {type(error).__name__}: {error}"}
+                    profile_from = profile_to = -1
+            recorder = record_backends() if step == 0 else contextlib.nullcontext({})
+            synchronize(device)
+            start = time.perf_counter()
+            with recorder as seen:
+                ids, padding, labels = (t.to(device, non_blocking=True) for t in (ids, padding, labels))
+                with _autocast(device, config.precision):
+                    logits = model(ids, padding)
+                loss = F.cross_entropy(logits.float(), labels)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if config.clip_norm:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_norm)
+                optimizer.step()
+                scheduler.step()
+            synchronize(device)
+            elapsed = time.perf_counter() - start
+            if step == 0:
+                backends = dict(seen)
+            if profiler is not None:
+                profiler.step()
+            if profiler is not None and step == profile_to - 1:
+                profiler.stop()
+                try:
+                    shares = time_shares(profiler.events(), device)
+                except Exception as error:  # a measurement must never stop the training
+                    shares = {"error": f"{type(error).__name__}: {error}"}
+                profiler = None
+            elif step >= config.warmup_steps and not profile_from <= step < profile_to:
+                step_ms.append(elapsed * 1e3)
+                useful_tokens.append(n_useful)
+                all_tokens.append(n_all)
+            losses.append(loss.item())
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+            step += 1
+        if hasattr(bar, "close"):
+            bar.close()
+        train_seconds += time.perf_counter() - epoch_start
+        if device.type == "cuda":
+            peak_bytes = max(peak_bytes, torch.cuda.max_memory_allocated(device))
+        record = {"epoch": epoch + 1, "steps": step, "train_loss": _mean(losses[first_loss:])}
+        if config.evaluate:
+            record["test"] = evaluate(model, test_data, pad, config.eval_batch_size, device, config.precision,
+                                      dist_info, show, desc=f"{kernels} eval")
+            if dist_info.main:
+                log(f"{kernels}: epoch {epoch + 1}: train loss {record['train_loss']:.4f}, test accuracy "
+                    f"{100 * record['test']['accuracy']:.2f}% (loss {record['test']['loss']:.4f})")
+        epochs.append(record)
+        if step >= total_steps:
+            break
+    if profiler is not None:  # the run ended inside the profiled window
+        profiler.stop()
+
+    result = {"kernels": kernels, "steps": step, "train_seconds": train_seconds, "epochs": epochs,
+              "optimize_report": models.optimize_report(getattr(model, "module", model)),
+              "backends": backends}
+    result.update(_reduce_measurements(losses, step_ms, useful_tokens, all_tokens, peak_bytes, dist_info))
+    result["time_shares"] = shares
+    if epochs and "test" in epochs[-1]:
+        result["test_accuracy"] = epochs[-1]["test"]["accuracy"]
+        result["test_loss"] = epochs[-1]["test"]["loss"]
+    del model, optimizer
+    return result
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+def _reduce_measurements(losses, step_ms, useful_tokens, all_tokens, peak_bytes, dist_info: Dist) -> dict:
+    """Per-step losses averaged over ranks; tokens summed over ranks; time and memory: the slowest
+    rank (the ranks wait for each other at every step anyway)."""
+    losses = [x / dist_info.world_size for x in dist_info.reduce(losses)]
+    seconds = sum(step_ms) / 1e3
+    useful, total = sum(useful_tokens), sum(all_tokens)
+    useful, total = dist_info.reduce([useful, total])
+    seconds, peak_bytes = dist_info.reduce([seconds, peak_bytes], op="max")
+    median = percentile(step_ms, 0.5)
+    return {
+        "losses": losses,
+        "timed_steps": len(step_ms),
+        "step_ms": {"median": median, "p20": percentile(step_ms, 0.2), "p80": percentile(step_ms, 0.8),
+                    "min": min(step_ms, default=math.nan), "max": max(step_ms, default=math.nan),
+                    "spread": percentile(step_ms, 0.8) - percentile(step_ms, 0.2)},
+        "tokens_per_s": useful / seconds if seconds > 0 else math.nan,
+        "padded_tokens_per_s": total / seconds if seconds > 0 else math.nan,
+        "padding_fraction": 1 - useful / total if total else math.nan,
+        "peak_memory_mib": peak_bytes / 2**20 if peak_bytes else None,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# equivalence
+# --------------------------------------------------------------------------------------------
+def check_equivalence(base: nn.Module, train_data: data_lib.Encoded, pad: int, config: TrainConfig,
+                      steps: int, device: torch.device, dist_info: Dist) -> dict:
+    """Both variants from the same weights (``base`` must have dropout 0) on the same batches for
+    ``steps`` steps: the losses must agree step by step within the tolerance."""
+    config = dataclasses.replace(config, max_steps=steps, epochs=max(1, config.epochs), evaluate=False,
+                                 profile_steps=0, warmup_steps=0, progress=False)
+    runs = {kernels: train_variant(kernels, base, train_data, train_data, pad, config, device, dist_info)["losses"]
+            for kernels in models.KERNELS}
+    reference, candidate = runs["torch"], runs["fastformer"]
+    differences = [abs(a - b) / max(abs(a), 1e-12) for a, b in zip(reference, candidate)]
+    tolerance = LOSS_TOLERANCE[config.precision]
+    worst = max(differences, default=math.nan)
+    finite = all(math.isfinite(x) for x in reference + candidate)
+    return {"steps": len(differences), "tolerance": tolerance, "max_relative_difference": worst,
+            "passed": bool(differences) and finite and worst <= tolerance,
+            "losses": runs, "relative_differences": differences,
+            "criterion": "dropout 0, same weights and batches: |loss_fastformer - loss_torch| / "
+                         "|loss_torch| <= tolerance at every step (DESIGN.md attention forward tolerance)"}

