@@ -135,8 +135,12 @@ def _prepare_residual_norm(op, x, residual, weight, bias, eps, dropout_p, rms):
         if residual.shape != x.shape:
             raise ValueError(f"{op}: residual must have the shape of x {check.shape_of(x)}, "
                              f"got {check.shape_of(residual)}")
-        check.check_same_dtype(op, "x", x, residual=residual)
         check.check_same_device(op, "x", x, residual=residual)
+        if residual.dtype != x.dtype:
+            # As `x + residual` would: PyTorch's type promotion (a bfloat16 sublayer output under
+            # autocast meets a float32 residual stream). Casts are differentiable.
+            dtype = torch.promote_types(x.dtype, residual.dtype)
+            x, residual = x.to(dtype), residual.to(dtype)
     check.check_vector(op, "weight", weight, hidden, x.dtype, x.device)
     check.check_vector(op, "bias", bias, hidden, x.dtype, x.device)
     eps = check.check_positive(op, "eps", eps)
@@ -163,9 +167,10 @@ def _residual_norm(op, x, residual, weight, bias, eps, dropout_p, rms, backend):
 def residual_layer_norm(x, residual, weight, bias, eps=1e-5, dropout_p=0.0, *, backend=None):
     """``residual_out = dropout(x) + residual``; ``out = layer_norm(residual_out) * weight + bias``.
 
-    x: (..., N); residual: same shape and dtype, or None; weight, bias: (N,) in x's dtype or
-    float32, or None. Statistics in float32 whatever the input dtype. Returns (out, residual_out),
-    both in x's dtype.
+    x: (..., N); residual: same shape, or None; weight, bias: (N,) in x's dtype or float32, or
+    None. Statistics in float32 whatever the input dtype. Returns (out, residual_out), both in x's
+    dtype; when residual has another dtype (e.g. a bfloat16 sublayer output under autocast and a
+    float32 residual stream), both are first promoted as ``x + residual`` would be.
     """
     return _residual_norm("residual_layer_norm", x, residual, weight, bias, eps, dropout_p, False, backend)
 

@@ -182,8 +182,6 @@ NORM_ERRORS = [
      r"residual must have the shape of x " + esc(f"(3, 5, {N}), got (3, 5, {N + 1})")),
     ("residual-transposed", dict(residual=randn(5, 3, N)), ValueError,
      r"residual must have the shape of x " + esc(f"(3, 5, {N}), got (5, 3, {N})")),
-    ("residual-dtype", dict(residual=randn(*X_SHAPE, dtype=torch.float64)), TypeError,
-     r"residual has dtype torch\.float64 but x has dtype torch\.float32"),
     ("residual-int", dict(residual=torch.zeros(X_SHAPE, dtype=torch.int32)), TypeError,
      r"residual must be a floating-point tensor.*torch\.int32"),
     ("residual-list", dict(residual=[1.0]), TypeError, r"residual must be a torch\.Tensor, got list"),
@@ -372,6 +370,22 @@ def test_norms_accept_float32_params_with_bfloat16_x(op):
     # also in x's own dtype, with no residual, and with the weight in bfloat16
     out, residual_out = NORMS[op](x, None, weight.bfloat16(), eps=1)
     assert out.shape == X_SHAPE
+
+
+@pytest.mark.parametrize("op", NORMS)
+def test_norms_promote_x_and_residual_of_different_dtypes(op):
+    """A bfloat16 sublayer output meeting a float32 residual stream (autocast): both promoted, as
+    ``x + residual`` would be; gradients reach each input in its own dtype."""
+    x = randn(*X_SHAPE, dtype=torch.bfloat16).requires_grad_()
+    residual = randn(*X_SHAPE).requires_grad_()
+    weight = randn(N)
+    out, residual_out = NORMS[op](x, residual, weight, dropout_p=0)
+    assert out.dtype == residual_out.dtype == torch.float32
+    expected_out, expected_residual = NORMS[op](x.float(), residual, weight, dropout_p=0)
+    torch.testing.assert_close(residual_out, expected_residual)
+    torch.testing.assert_close(out, expected_out)
+    grad_x, grad_residual = torch.autograd.grad(out.sum() + residual_out.sum(), (x, residual))
+    assert grad_x.dtype == torch.bfloat16 and grad_residual.dtype == torch.float32
 
 
 def test_norms_accept_none_params_and_1d_x():
