@@ -12,7 +12,7 @@ from fastformer import dispatch as _dispatch
 from fastformer import library as _library  # registers torch.ops.fastformer.*
 from fastformer.dispatch import BackendUnavailableError, use_backend
 from fastformer.functional import attention, bias_gelu, explain, residual_layer_norm, residual_rms_norm
-from fastformer.nn import FastMultiheadAttention, FastTransformerEncoderLayer
+from fastformer.nn import FastMultiheadAttention, FastTransformerEncoder, FastTransformerEncoderLayer
 from fastformer.optimize import OptimizeReport, optimize
 
 try:
@@ -32,6 +32,7 @@ def available_backends() -> dict:
 __all__ = [
     "BackendUnavailableError",
     "FastMultiheadAttention",
+    "FastTransformerEncoder",
     "FastTransformerEncoderLayer",
     "OptimizeReport",
     "attention",

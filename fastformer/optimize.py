@@ -3,6 +3,8 @@
 torch.nn:
     nn.MultiheadAttention       -> FastMultiheadAttention
     nn.TransformerEncoderLayer  -> FastTransformerEncoderLayer (also inside nn.TransformerEncoder)
+    nn.TransformerEncoder       -> FastTransformerEncoder, when all its layers are fast (it hands
+                                   them a boolean padding mask as is, not as PyTorch's float one)
 The fast classes are subclasses of PyTorch's that only replace ``forward``, so a module is
 converted by changing its class: parameters, buffers, hooks and ``state_dict`` keys stay as
 they are, and checkpoints keep loading both ways.
@@ -30,7 +32,7 @@ from torch import nn
 
 import fastformer
 from fastformer import dispatch
-from fastformer.nn import FastMultiheadAttention, FastTransformerEncoderLayer
+from fastformer.nn import FastMultiheadAttention, FastTransformerEncoder, FastTransformerEncoderLayer
 
 __all__ = ["OptimizeReport", "optimize"]
 
@@ -88,15 +90,21 @@ def optimize(model: nn.Module, *, backend: str | None = None, verify: bool = Fal
                 module, (FastMultiheadAttention, FastTransformerEncoderLayer)):
             report.left_alone[name] = (f"{type(module).__name__} subclasses a supported torch.nn module "
                                        f"but may change its behaviour")
-    hf_original = _optimize_hugging_face(model, report, verify)
+    for name, module in list(model.named_modules()):  # after the layers: it needs them fast
+        if type(module) is nn.TransformerEncoder and all(
+                isinstance(layer, FastTransformerEncoderLayer) for layer in module.layers):
+            module.__class__ = FastTransformerEncoder
+            report.replaced[name] = ("nn.TransformerEncoder -> FastTransformerEncoder (padding masks "
+                                     "reach the layers as given)")
+    hf_originals = _optimize_hugging_face(model, report, verify)
     for name, module in model.named_modules():
         if name in report.replaced or type(module).__name__.endswith("SelfAttention"):
             module.fastformer_backend = backend
     if verify:
         for name, original in originals.items():
             _verify_module(name, original, model.get_submodule(name))
-        if hf_original is not None:
-            _verify_hugging_face(hf_original, model)
+        for name, original in hf_originals.items():
+            _verify_hugging_face(original, model.get_submodule(name))
     model.fastformer_report = report
     logger.info("%s", report)
     return model
@@ -112,25 +120,45 @@ def _to_fast_encoder_layer(layer: nn.TransformerEncoderLayer) -> None:
 # Hugging Face
 # --------------------------------------------------------------------------------------------
 def _optimize_hugging_face(model, report, verify):
-    """Swap BERT-family blocks; returns an unswapped copy of the model when verify is set."""
+    """Swap the BERT-family blocks of every Hugging Face model in ``model`` (the model itself, or
+    models held by a user's module, e.g. an encoder inside a classifier).
+
+    Returns {name: unswapped copy} of those models when verify is set, else {}.
+    """
     try:
         import transformers
     except ImportError:
-        return None
-    if not isinstance(model, transformers.PreTrainedModel):
-        return None
-    original = copy.deepcopy(model) if verify else None
+        return {}
+    found = []  # (name, model) of the outermost PreTrainedModels
+    for name, module in model.named_modules():
+        nested = any(outer == "" or name.startswith(outer + ".") for outer, _ in found)
+        if isinstance(module, transformers.PreTrainedModel) and not nested:
+            found.append((name, module))
+    originals = {}
+    for prefix, hf_model in found:
+        if verify:
+            originals[prefix] = copy.deepcopy(hf_model)
+        _optimize_hugging_face_model(transformers, hf_model, prefix, report)
+    return originals
+
+
+def _optimize_hugging_face_model(transformers, model, prefix, report):
+    def qualified(name):
+        return f"{prefix}.{name}" if prefix and name else (prefix or name)
+
+    attention_key = f"{prefix} (attention)" if prefix else "(attention)"
     if _register_attention(transformers) and hasattr(model, "set_attn_implementation"):
         try:
             model.set_attn_implementation("fastformer")
-            report.replaced["(attention)"] = ("self-attention -> fastformer.attention (transformers "
+            report.replaced[attention_key] = ("self-attention -> fastformer.attention (transformers "
                                               "attention registry)")
         except Exception as error:  # a model class that refuses custom attention functions
-            report.left_alone["(attention)"] = f"set_attn_implementation('fastformer') failed: {error}"
+            report.left_alone[attention_key] = f"set_attn_implementation('fastformer') failed: {error}"
     else:
-        report.left_alone["(attention)"] = (f"transformers {transformers.__version__} has no attention "
+        report.left_alone[attention_key] = (f"transformers {transformers.__version__} has no attention "
                                             f"registry (AttentionInterface)")
     for name, module in list(model.named_modules()):
+        name = qualified(name)
         kind = _hf_block_kind(module)
         if kind == "output":
             module.__class__ = _fast_subclass(type(module), _fused_output_forward)
@@ -144,7 +172,6 @@ def _optimize_hugging_face(model, report, verify):
             module.fastformer_gelu = approximate
             module.__class__ = _fast_subclass(type(module), _fused_intermediate_forward)
             report.replaced[name] = f"{type(module).__mro__[1].__name__}: bias + GELU fused"
-    return original
 
 
 def _register_attention(transformers) -> bool:

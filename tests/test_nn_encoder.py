@@ -374,3 +374,51 @@ def test_deepcopy_keeps_working():
     x = torch.randn(S, B, D_MODEL, dtype=F64)
     fast.eval(), clone.eval()
     torch.testing.assert_close(clone(x), fast(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_optimized_transformer_encoder_passes_bool_padding_to_the_layers(training, monkeypatch):
+    """fastformer.optimize turns nn.TransformerEncoder into FastTransformerEncoder: a boolean
+    padding mask reaches attention as key_padding_mask (PyTorch's encoder would hand the layers an
+    additive float mask); results stay PyTorch's."""
+    ref, _ = make_encoders(False, enable_nested_tensor=True)
+    for layer in ref.layers:
+        layer.dropout.p = layer.dropout1.p = layer.dropout2.p = layer.self_attn.dropout = 0.0
+    fast = fastformer.optimize(copy.deepcopy(ref))
+    assert type(fast) is fastformer.FastTransformerEncoder
+    assert "" in fast.fastformer_report.replaced
+    ref.train(training), fast.train(training)
+    seen = []
+    real = fastformer.functional.attention
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs.get("key_padding_mask") is not None, args[3] if len(args) > 3 else kwargs.get("attn_mask")))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(fastformer.functional, "attention", spy)
+    pad = padding_mask()
+    x = torch.randn(B, S, D_MODEL, dtype=F64)
+    expected = ref(x, src_key_padding_mask=pad)
+    out = fast(x, src_key_padding_mask=pad)
+    assert seen and all(has_padding and attn_mask is None for has_padding, attn_mask in seen)
+    keep = ~pad
+    torch.testing.assert_close(out[keep], expected[keep])
+
+
+def test_layers_run_under_autocast():
+    """torch.autocast: bfloat16 sublayer outputs meet the float32 residual stream (promoted, as
+    PyTorch's `x + sublayer(x)`); outputs close to PyTorch's layer under the same autocast."""
+    ref, fast = make_pair(False, "gelu", batch_first=True, dtype=torch.float32, dropout=0.0)
+    x = torch.randn(B, S, D_MODEL)
+    pad = padding_mask()
+    outputs = []
+    for layer in (ref, fast):
+        xr = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = layer(xr, src_key_padding_mask=pad)
+        out.float().sum().backward()
+        outputs.append((out.float(), xr.grad))
+    (expected, expected_grad), (out, grad) = outputs
+    keep = ~pad
+    assert torch.isfinite(grad).all()
+    error = (out[keep] - expected[keep]).norm() / expected[keep].norm()
+    assert error < 2.5e-2, f"relative error {error:.3g} under bfloat16 autocast"

@@ -211,3 +211,27 @@ def test_hf_mask_is_sdpa_mask_and_a_free_view_for_padding(kind):
         return
     assert torch.equal(ours, theirs)
     assert (ours.stride(-2) == 0) == (kind == "padding")
+
+
+@needs_minilm
+def test_hugging_face_model_inside_a_users_module():
+    """A classifier holding the encoder: its blocks are found and swapped, names qualified."""
+    encoder, batch = _minilm()
+
+    class Classifier(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = encoder
+            self.head = nn.Linear(encoder.config.hidden_size, 2)
+
+        def forward(self, **inputs):
+            return self.head(self.encoder(**inputs).last_hidden_state[:, 0])
+
+    model = Classifier().eval()
+    original = copy.deepcopy(model)
+    fastformer.optimize(model, verify=True)
+    replaced = model.fastformer_report.replaced
+    assert "encoder (attention)" in replaced
+    assert sum(name.startswith("encoder.") and "GELU" in what for name, what in replaced.items()) == 6
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch), original(**batch), rtol=1e-4, atol=1e-5)

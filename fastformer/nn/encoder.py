@@ -6,6 +6,9 @@ subclass of it); only ``forward`` is replaced, by one built from the fused ops:
 * self-attention: ``fastformer.attention`` (through ``self.self_attn``),
 * dropout + residual add + LayerNorm: ``fastformer.residual_layer_norm``,
 * bias + GELU (when the activation is GELU): ``fastformer.bias_gelu``.
+
+``FastTransformerEncoder``: ``torch.nn.TransformerEncoder`` passing its masks to the layers as
+given (a boolean padding mask stays a key-padding mask, whose padded key tiles the kernels skip).
 """
 
 from __future__ import annotations
@@ -13,11 +16,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import transformer as _transformer
 
 import fastformer
 from fastformer.nn.multihead_attention import FastMultiheadAttention
 
-__all__ = ["FastTransformerEncoderLayer"]
+__all__ = ["FastTransformerEncoder", "FastTransformerEncoderLayer"]
 
 
 def _gelu_approximate(activation) -> str | None:
@@ -160,3 +164,41 @@ class FastTransformerEncoderLayer(nn.TransformerEncoderLayer):
         out = self._forward_dense(padded, None, padding, is_causal)
         return torch.nested.as_nested_tensor([out[i, :n] for i, n in enumerate(lengths)],
                                              layout=src.layout)
+
+
+class FastTransformerEncoder(nn.TransformerEncoder):
+    """:class:`torch.nn.TransformerEncoder` that hands its layers the masks as given.
+
+    PyTorch's encoder turns a boolean ``src_key_padding_mask`` into an additive float one before
+    its layers see it; fastformer's layers then could not tell padding from a general additive
+    mask, and the attention kernels could not skip padded key tiles. This subclass (what
+    :func:`fastformer.optimize` turns an ``nn.TransformerEncoder`` of fast layers into) passes both
+    masks through unchanged; the layers accept PyTorch's bool and float conventions alike, so the
+    results are the same. Where PyTorch's encoder may take its nested-tensor inference path (eval,
+    no gradients, a padding mask and no ``mask``), it runs PyTorch's own forward, which the fast
+    layers also take. Same constructor, parameters and ``state_dict`` keys as PyTorch's.
+    """
+
+    def forward(self, src: Tensor, mask: Tensor | None = None, src_key_padding_mask: Tensor | None = None,
+                is_causal: bool | None = None) -> Tensor:
+        first_layer = self.layers[0]
+        if not all(isinstance(layer, FastTransformerEncoderLayer) for layer in self.layers) or \
+                self._may_take_nested_path(first_layer, mask, src_key_padding_mask):
+            return super().forward(src, mask=mask, src_key_padding_mask=src_key_padding_mask,
+                                   is_causal=is_causal)
+        batch_first = first_layer.self_attn.batch_first
+        seq_len = src.shape[1 if batch_first and src.dim() == 3 else 0]
+        is_causal = _transformer._detect_is_causal_mask(mask, is_causal, seq_len)
+        output = src
+        for layer in self.layers:
+            output = layer(output, src_mask=mask, is_causal=is_causal,
+                           src_key_padding_mask=src_key_padding_mask)
+        return output if self.norm is None else self.norm(output)
+
+    def _may_take_nested_path(self, first_layer, mask, src_key_padding_mask) -> bool:
+        """A superset of the conditions of PyTorch's nested-tensor inference path."""
+        if first_layer.training or not getattr(self, "use_nested_tensor", False):
+            return False
+        if src_key_padding_mask is None or mask is not None:
+            return False
+        return not (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()))
