@@ -627,7 +627,7 @@ def measure_ceilings(device: str | torch.device, quick: bool = False) -> dict[st
 def format_ceilings(ceilings: dict[str, Any]) -> str:
     return (f"ceilings measured now: copy {ceilings['copy_gbps']:.0f} GB/s "
             f"({ceilings['copy_bytes'] / 2**20:.0f} MiB buffer), matmul "
-            f"{ceilings['matmul_tflops']:.1f} TFLOP/s ({ceilings['matmul_dtype']} "
+            f"{ceilings['matmul_tflops']:.3g} TFLOP/s ({ceilings['matmul_dtype']} "
             f"{ceilings['matmul_shape']})")
 
 
