@@ -155,7 +155,7 @@ def attention_shapes(args) -> list[Shape]:
             if args.quick:
                 seq_lens, dims = [1024, 4096, 16384], [64]
         else:
-            tokens, seq_lens, dims, width = 2048, [256, 1024], [64], 256
+            tokens, seq_lens, dims, width = 1024, [256, 1024], [64], 256
             if args.quick:
                 seq_lens = [1024]
         seq_lens = args.long_seq_lens or seq_lens
@@ -184,7 +184,7 @@ def module_shapes(args) -> list[ModuleShape]:
     if "modules" not in args.suites:
         return []
     cuda = args.device.type == "cuda"
-    batch, seq_lens, heads, dim = (32, [512, 128], 12, 64) if cuda else (4, [128], 4, 64)
+    batch, seq_lens, heads, dim = (32, [512, 128], 12, 64) if cuda else (4, [64], 4, 32)
     if args.quick:
         seq_lens = seq_lens[:1]
     batch = args.batch or batch

@@ -634,8 +634,12 @@ def format_ceilings(ceilings: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------------------------
 # running providers: time budget, SIGTERM, skipped providers, one measurement per pass
 # --------------------------------------------------------------------------------------------
-class Stop(Exception):
-    """Raised by the SIGTERM handler, so that a script killed by `timeout` still writes results."""
+class Stop(BaseException):
+    """Raised by the SIGTERM handler, so that a script killed by `timeout` still writes results.
+
+    A BaseException, like KeyboardInterrupt, so that no ``except Exception`` on the way (an
+    autotuner's, a provider's) swallows it.
+    """
 
 
 def install_sigterm_handler() -> None:

@@ -19,7 +19,8 @@
 #   memcheck, racecheck
 #               compute-sanitizer --tool memcheck / racecheck on benchmarks/sanitize_cuda.py
 #               (when the script, compute-sanitizer and the CUDA extension are all there)
-#   finetune    benchmarks/finetune.py --quick (when it exists)
+#   finetune    benchmarks/finetune.py --quick (when it exists), on --finetune-data DIR, else on
+#               synthetic reviews when the script offers --synthetic
 #   summary     DIR/summary.md: pass/fail of every step and the headline tables
 #
 # Exit status: 0 when every step passed or was skipped for a reason that is not a fault (no
@@ -36,6 +37,7 @@
 #   --no-install     do not pip install anything (import fastformer from this checkout)
 #   --pytest-args A  extra pytest arguments, e.g. "tests/test_attention.py -k causal"
 #   --skip LIST      comma-separated steps to leave out (reported as skipped)
+#   --finetune-data DIR  the IMDB data for finetune.py --data (also: FASTFORMER_IMDB)
 #   --archive FILE   also pack DIR into FILE (.tar.gz), e.g. to copy one file off the machine
 set -uo pipefail
 
@@ -51,6 +53,7 @@ INSTALL=1
 PYTEST_EXTRA=""
 SKIP=","
 ARCHIVE=""
+FINETUNE_DATA="${FASTFORMER_IMDB:-}"
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -63,6 +66,7 @@ while [ $# -gt 0 ]; do
     --pytest-args) PYTEST_EXTRA="${2?--pytest-args needs a value}"; shift 2 ;;
     --skip) SKIP=",${2:?--skip needs a list},"; shift 2 ;;
     --archive) ARCHIVE="${2:?--archive needs a file name}"; shift 2 ;;
+    --finetune-data) FINETUNE_DATA="${2:?--finetune-data needs a folder}"; shift 2 ;;
     -h|--help) usage; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -319,11 +323,18 @@ if [ ! -f benchmarks/finetune.py ]; then
 else
   help="$(timeout 120 "$PY" benchmarks/finetune.py --help 2>/dev/null || true)"
   fargs=(--quick)
-  for option in json csv plot; do
-    case "$help" in *"--$option"*) [ "$option" = plot ] && ext=png || ext=$option
-                                    fargs+=("--$option" "$OUT/finetune.$ext") ;; esac
-  done
+  has_option() { case "$help" in *"--$1"*) return 0 ;; esac; return 1; }
+  if [ -n "$FINETUNE_DATA" ]; then
+    fargs+=(--data "$FINETUNE_DATA")
+  elif has_option synthetic; then
+    fargs+=(--synthetic); STEP_NOTE="no --finetune-data: synthetic reviews (speed only)"
+  fi
+  has_option json && fargs+=(--json "$OUT/finetune.json")
+  has_option plot && fargs+=(--plot "$OUT/finetune.png")
+  has_option table && fargs+=(--table "$OUT/finetune.md")
+  has_option no-progress && fargs+=(--no-progress)
   run_step finetune 200 "$PY" benchmarks/finetune.py "${fargs[@]}"
+  STEP_NOTE=""
 fi
 
 # ---- summary --------------------------------------------------------------------------------

@@ -151,8 +151,10 @@ def summarize(out: Path, cpu_run: bool) -> str:
     lines += ["## Environment", ""] + _environment_lines(info, payloads) + [""]
     for name in BENCHMARKS:
         lines += _benchmark_section(name, payloads[name])
-    finetune = _load(out / "finetune.json")
-    if finetune is not None:
+    finetune_table = out / "finetune.md"
+    if finetune_table.is_file():
+        lines += ["## finetune", "", finetune_table.read_text(encoding="utf-8", errors="replace").strip(), ""]
+    elif (out / "finetune.json").is_file():
         lines += ["## finetune", "", "See finetune.json and logs/finetune.log.", ""]
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     lines += ["## Files", ""] + [f"- {f}" for f in files if f != "summary.md"] + [""]
