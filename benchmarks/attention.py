@@ -443,12 +443,17 @@ def bench_modules(shape: ModuleShape, args, compile_here: bool, skips, failures)
                 providers[compiled_name] = _module_call(common.compile_fn(module), kind, x, padding)
         # Each provider differentiates w.r.t. x and its own module's parameters (same order).
         grad_inputs = {name: [x] + list(modules[name.split("+")[0]].parameters()) for name in providers}
-        rows += common.run_providers(kind, providers, MODULE_BASELINE, grad_inputs, (grad_out,), args,
-                                     label=label, suite="modules", group=f"{kind} E={shape.embed}",
-                                     size=shape.seq_len, work=None, kind="flops",
-                                     tolerances=TOLERANCES[args.torch_dtype],
-                                     check=args.module_dropout == 0.0, skips=skips,
-                                     failures=failures, refusal=_unsupported)
+        try:
+            new = common.run_providers(kind, providers, MODULE_BASELINE, grad_inputs, (grad_out,), args,
+                                       label=label, suite="modules", group=f"{kind} E={shape.embed}",
+                                       size=shape.seq_len, work=None, kind="flops",
+                                       tolerances=TOLERANCES[args.torch_dtype],
+                                       check=args.module_dropout == 0.0, skips=skips,
+                                       failures=failures, refusal=_unsupported)
+        except common.Stop as stop:
+            stop.partial_rows = rows + getattr(stop, "partial_rows", [])
+            raise
+        rows += new
         del modules, providers
     return rows
 
@@ -536,6 +541,7 @@ def run(args: argparse.Namespace) -> int:
                 common.print_table(members, title=f"{kind}  {members[0].shape}  {args.dtype}",
                                    omit=("op", "shape", "dtype"))
     except (common.Stop, KeyboardInterrupt) as exc:
+        rows += getattr(exc, "partial_rows", [])
         budget.stopped_early = True
         print(f"interrupted ({exc or type(exc).__name__}): writing the results so far")
     for pass_ in args.passes:

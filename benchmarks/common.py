@@ -601,17 +601,22 @@ def measure_ceilings(device: str | torch.device, quick: bool = False) -> dict[st
     cuda = device.type == "cuda"
     generator = torch.Generator(device=device).manual_seed(1234)
     copy_bytes = (2**30 if not quick else 2**29) if cuda else 64 * 2**20
-    src = torch.rand(copy_bytes // 4, device=device, generator=generator)
-    dst = torch.empty_like(src)
     repeats = 10 if quick else 30
-    copy = time_ms(lambda: dst.copy_(src), warmup=3, repeats=repeats, device=device)
-    del src, dst
     n = 8192 if cuda else 1024
     dtype = torch.bfloat16 if cuda else torch.float32
-    a = torch.randn(n, n, device=device, dtype=dtype, generator=generator)
-    b = torch.randn(n, n, device=device, dtype=dtype, generator=generator)
-    matmul = time_ms(lambda: a @ b, warmup=3, repeats=repeats, device=device)
-    del a, b
+
+    def time_copy():
+        src = torch.rand(copy_bytes // 4, device=device, generator=generator)
+        dst = torch.empty_like(src)
+        return time_ms(lambda: dst.copy_(src), warmup=3, repeats=repeats, device=device)
+
+    def time_matmul():
+        a = torch.randn(n, n, device=device, dtype=dtype, generator=generator)
+        b = torch.randn(n, n, device=device, dtype=dtype, generator=generator)
+        return time_ms(lambda: a @ b, warmup=3, repeats=repeats, device=device)
+
+    copy = time_copy()  # each buffer is freed when its function returns
+    matmul = time_matmul()
     if cuda:
         torch.cuda.empty_cache()
     return {
@@ -832,7 +837,9 @@ def run_providers(op: str, providers: dict[str, Callable], baseline: str, grad_i
                 rows += measure_passes(fn, inputs_of(name), grad_outputs, args.passes,
                                        device=args.device, warmup=args.warmup,
                                        repeats=args.repeats, make_row=make_row)
-            except Stop:
+            except Stop as stop:  # keep what this shape measured so far
+                set_ratios(rows, baseline)
+                stop.partial_rows = rows
                 raise
             except torch.cuda.OutOfMemoryError as exc:
                 skips.add(name, label, f"out of memory ({first_line(exc, 120)})")

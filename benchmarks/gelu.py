@@ -149,6 +149,7 @@ def run(args) -> int:
                     common.print_table(new, title=f"{OP}  {new[0].shape}  {args.dtype}",
                                        omit=("op", "shape", "dtype"))
     except (common.Stop, KeyboardInterrupt) as exc:
+        rows += getattr(exc, "partial_rows", [])
         budget.stopped_early = True
         print(f"interrupted ({exc or type(exc).__name__}): writing the results so far")
     for pass_ in args.passes:
