@@ -33,7 +33,8 @@
 #   --python PY      the interpreter (default: $PYTHON, else python3)
 #   --budget S       total seconds for all steps (default 560); a step's timeout is cut to what is
 #                    left, and steps that no longer fit are reported as not run
-#   --cpu-ok         run without a GPU: the GPU steps are reported as skipped (for trying the script)
+#   --cpu-ok         run without a GPU: the GPU steps are reported as skipped (for trying the script;
+#                    it still installs fastformer, without the extension, unless --no-install)
 #   --no-install     do not pip install anything (import fastformer from this checkout)
 #   --pytest-args A  extra pytest arguments, e.g. "tests/test_attention.py -k causal"
 #   --skip LIST      comma-separated steps to leave out (reported as skipped)
@@ -136,7 +137,9 @@ run_step() {
   fi
   [ "$limit" -gt "$left" ] && limit=$left
   t0=$SECONDS
-  { echo "\$ $*"; echo "(timeout ${limit}s, started $(date -u +%H:%M:%S) UTC)"; } > "$log"
+  local shown="$*"
+  [ "${#shown}" -gt 400 ] && shown="${shown:0:200} [...] ${shown: -150}"
+  { echo "\$ $shown"; echo "(timeout ${limit}s, started $(date -u +%H:%M:%S) UTC)"; } > "$log"
   timeout --kill-after=10 "$limit" "$@" >> "$log" 2>&1 < /dev/null
   rc=$?
   case "$rc" in
