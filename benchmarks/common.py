@@ -991,7 +991,7 @@ def int_list(text: str) -> list[int]:
 
 def add_common_arguments(parser) -> None:
     """--device --dtype --passes --providers --repeats --warmup --quick --max-seconds --seed
-    --json --csv --plot --no-ceilings."""
+    --json --csv --plot --no-ceilings --threads."""
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
     parser.add_argument("--device", default=default_device,
                         help=f"device to benchmark on (default: {default_device})")
@@ -1013,10 +1013,15 @@ def add_common_arguments(parser) -> None:
     parser.add_argument("--plot", metavar="PATH", help="write a PNG chart (needs matplotlib)")
     parser.add_argument("--no-ceilings", action="store_true",
                         help="skip measuring the copy bandwidth and matmul rate (no %% of peak)")
+    parser.add_argument("--threads", type=int,
+                        help="CPU threads of PyTorch (torch.set_num_threads; default: PyTorch's "
+                             "choice). 1 gives steadier CPU timings on a machine shared with other "
+                             "work, where spinning OpenMP threads can slow small ops many times over")
 
 
 def resolve_common_arguments(parser, args, *, cuda_repeats=(100, 20), cpu_repeats=(10, 3)) -> None:
-    """Validate --device, fill --dtype / --repeats / --warmup defaults, set args.torch_dtype."""
+    """Validate --device, apply --threads, fill --dtype / --repeats / --warmup defaults, set
+    args.torch_dtype."""
     try:
         device = torch.device(args.device)
     except RuntimeError as exc:
@@ -1026,6 +1031,10 @@ def resolve_common_arguments(parser, args, *, cuda_repeats=(100, 20), cpu_repeat
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     args.device = device
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
     cuda = device.type == "cuda"
     if args.dtype is None:
         args.dtype = "bfloat16" if cuda else "float32"

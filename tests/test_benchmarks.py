@@ -43,7 +43,7 @@ def run(request, tmp_path_factory):
     name = request.param
     out = tmp_path_factory.mktemp(name)
     args = [sys.executable, str(BENCH / f"{name}.py"), "--device", "cpu", "--quick", "--repeats", "2",
-            "--warmup", "0", "--json", str(out / "r.json"), "--csv", str(out / "r.csv"),
+            "--warmup", "0", "--threads", "1", "--json", str(out / "r.json"), "--csv", str(out / "r.csv"),
             "--plot", str(out / "r.png"), *TINY[name]]
     if name != "gelu":
         args.append("--no-ceilings")  # one script measures the ceilings, the others save the time
