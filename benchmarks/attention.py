@@ -40,7 +40,8 @@ default ms / provider ms (> 1 = faster than SDPA's own choice).
 
 Timing: ``triton.testing.do_bench`` (or CUDA events) with the L2 flushed before each run, median
 and p20-p80 spread; on the CPU ``time.perf_counter`` medians. With no GPU the script runs small
-shapes on the CPU and says that the GPU kernels were not measured.
+shapes on the CPU and says that the GPU kernels were not measured; there the torch.compile
+providers run only with ``--compile`` (their compile time would dominate the run).
 
 Exit status: 0, or 1 when a provider that accepted a call failed while running.
 """
@@ -85,8 +86,8 @@ MAX_SCORE_BYTES = 8 * 2**30
 COMPILED = "torch.compile(reference)"
 _NO_COMPILE_HERE = {  # why a torch.compile provider is left out of a shape (on CUDA?)
     True: "--quick: torch.compile providers run on the first shape of each suite only (compile time)",
-    False: "on the CPU torch.compile providers run on the first shape of each suite only, and not "
-           "at all with --quick (compile time)",
+    False: "on the CPU torch.compile providers run only with --compile, on the first shape of each "
+           "suite (compile time)",
 }
 
 
@@ -317,7 +318,7 @@ def attention_providers(shape: Shape, inputs, args, compile_here: bool, skips: c
     except ImportError as exc:
         skips.add("sdpa-<backend>", label, f"torch.nn.attention.sdpa_kernel missing ({exc})")
     if common.wanted(COMPILED, args.providers, BASELINE):
-        if args.no_compile:
+        if args.compile is False:
             skips.add(COMPILED, label, "--no-compile")
         elif not compile_here:
             skips.add(COMPILED, label, _NO_COMPILE_HERE[args.device.type == "cuda"])
@@ -435,7 +436,7 @@ def bench_modules(shape: ModuleShape, args, compile_here: bool, skips, failures)
             compiled_name = f"{name}+compile"
             if not common.wanted(compiled_name, args.providers, MODULE_BASELINE):
                 continue
-            if args.no_compile:
+            if args.compile is False:
                 skips.add(compiled_name, label, "--no-compile")
             elif not compile_here:
                 skips.add(compiled_name, label, _NO_COMPILE_HERE[args.device.type == "cuda"])
@@ -482,7 +483,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="attention suites: dropout_p (default 0; > 0 disables the checks)")
     parser.add_argument("--module-dropout", type=float, default=0.1,
                         help="modules suite: dropout of the layers (default 0.1, as in fine-tuning)")
-    parser.add_argument("--no-compile", action="store_true", help="leave out torch.compile providers")
+    compiled = parser.add_mutually_exclusive_group()
+    compiled.add_argument("--compile", dest="compile", action="store_true", default=None,
+                          help="torch.compile providers also on the CPU (first shape of each suite)")
+    compiled.add_argument("--no-compile", dest="compile", action="store_false",
+                          help="leave out torch.compile providers")
     args = parser.parse_args(argv)
     common.resolve_common_arguments(parser, args, cuda_repeats=(100, 20), cpu_repeats=(10, 3))
     suites = [s.strip() for s in args.suites.split(",") if s.strip()]
@@ -514,10 +519,13 @@ def run(args: argparse.Namespace) -> int:
 
     rows: list[common.Row] = []
     skips, failures = common.Skips(), {}
-    # torch.compile providers: every shape on CUDA; with --quick on CUDA and by default on the CPU
-    # the first shape of each suite only; none with --quick on the CPU (compile time).
+    # torch.compile providers: every shape on CUDA (--quick: the first shape of each suite); on the
+    # CPU only with --compile, on the first shape of each suite (compile time dominates there).
     cuda = args.device.type == "cuda"
-    policy = "none" if (args.quick and not cuda) else ("all" if cuda and not args.quick else "first")
+    if args.compile is False or (not cuda and args.compile is None):
+        policy = "none"
+    else:
+        policy = "all" if cuda and not args.quick else "first"
     seen_suites: set[str] = set()
     try:
         for shape in attention_shapes(args):

@@ -81,13 +81,14 @@ def _git(*args: str) -> str | None:
 def git_commit() -> str:
     """Short commit of the repository these scripts live in, '-dirty' if tracked files changed.
 
-    'unknown' outside a git checkout or before the first commit. Untracked files (such as results
-    written under benchmarks/results/) do not make a checkout dirty.
+    'unknown' outside a git checkout or before the first commit. Untracked files and anything under
+    benchmarks/results/ (results being written) do not make a checkout dirty.
     """
     commit = _git("rev-parse", "--short", "HEAD")
     if not commit:
         return "unknown"
-    changes = _git("status", "--porcelain", "--untracked-files=no")
+    changes = _git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                   ":(exclude)benchmarks/results")
     return commit + ("-dirty" if changes else "")
 
 
