@@ -527,8 +527,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         policy = "all" if cuda and not args.quick else "first"
     seen_suites: set[str] = set()
+    shapes, mshapes = attention_shapes(args), module_shapes(args)
+    total = len(shapes) + len(mshapes)
     try:
-        for shape in attention_shapes(args):
+        for number, shape in enumerate(shapes, 1):
             if budget.exhausted():
                 break
             compile_here = policy == "all" or (policy == "first" and shape.suite not in seen_suites)
@@ -536,9 +538,9 @@ def run(args: argparse.Namespace) -> int:
             new = bench_attention(shape, args, compile_here, skips, failures)
             rows += new
             if new:
-                common.print_table(new, title=f"{OP}  {new[0].shape}  {args.dtype}",
-                                   omit=("op", "shape", "dtype"))
-        for number, mshape in enumerate(module_shapes(args)):
+                common.print_table(new, title=f"[{number}/{total}, {budget.elapsed():.0f} s] {OP}  "
+                                              f"{new[0].shape}  {args.dtype}", omit=("op", "shape", "dtype"))
+        for number, mshape in enumerate(mshapes):
             if budget.exhausted():
                 break
             compile_here = policy == "all" or (policy == "first" and number == 0)
@@ -546,8 +548,9 @@ def run(args: argparse.Namespace) -> int:
             rows += new
             for kind in dict.fromkeys(r.op for r in new):
                 members = [r for r in new if r.op == kind]
-                common.print_table(members, title=f"{kind}  {members[0].shape}  {args.dtype}",
-                                   omit=("op", "shape", "dtype"))
+                common.print_table(members, title=f"[{len(shapes) + number + 1}/{total}, "
+                                                  f"{budget.elapsed():.0f} s] {kind}  {members[0].shape}  "
+                                                  f"{args.dtype}", omit=("op", "shape", "dtype"))
     except (common.Stop, KeyboardInterrupt) as exc:
         rows += getattr(exc, "partial_rows", [])
         budget.stopped_early = True

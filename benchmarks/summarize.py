@@ -1,6 +1,7 @@
 """Write ``summary.md`` for a folder written by ``benchmarks/gpu_check.sh``.
 
     python benchmarks/summarize.py DIR [--cpu-run 1]
+    python benchmarks/summarize.py DIR --readme     # the README's headline block, from DIR's files
 
 Reads DIR/steps.tsv (one line per step: step, status, seconds, note), DIR/info.json, the
 benchmark JSONs (attention.json, layer_norm.json, gelu.json, finetune.json) and DIR/logs/tests.log,
@@ -161,12 +162,46 @@ def summarize(out: Path, cpu_run: bool) -> str:
     return "\n".join(lines)
 
 
+def readme_block(out: Path) -> str:
+    """The README's headline: attention fwd+bwd on the fine-tuning shapes (ms, speed-up, TFLOP/s),
+    the norms' and GELU's GB/s, the plot, with the date, the card and the command (as measured)."""
+    payload = _load(out / "attention.json")
+    if payload is None:
+        raise SystemExit(f"no {out / 'attention.json'}")
+    env = payload.get("environment", {})
+    rows = [r for r in _rows(payload) if r.op == "attention" and r.suite == "finetune"]
+    lines = [f"Measured {env.get('date', '?')[:10]} on {env.get('device', '?')} (driver "
+             f"{env.get('driver', '?')}, torch {env.get('torch', '?')}, triton {env.get('triton', '?')}, "
+             f"CUDA {env.get('cuda_runtime', '?')}, commit {env.get('git_commit', '?')}) by "
+             f"`{env.get('command', '?')}`; folder `{out.as_posix()}`.", ""]
+    ceilings = payload.get("ceilings")
+    if ceilings:
+        lines += [f"Ceilings measured in the same run: {ceilings['matmul_dtype']} matmul "
+                  f"{ceilings['matmul_tflops']:.3g} TFLOP/s, copy {ceilings['copy_gbps']:.0f} GB/s.", ""]
+    lines += ["Attention, forward + backward, fine-tuning shapes: median ms (speed-up over SDPA's "
+              "default)", "", common.markdown_pivot(rows, "fwd+bwd", "ms"), "",
+              "The same in TFLOP/s (useful work only)", "", common.markdown_pivot(rows, "fwd+bwd", "rate"), ""]
+    for name in ("layer_norm", "gelu"):
+        other = _load(out / f"{name}.json")
+        if other is not None:
+            lines += [f"{name}, forward + backward: GB/s", "",
+                      common.markdown_pivot(_rows(other), "fwd+bwd", "rate"), ""]
+    if (out / "attention.png").is_file():
+        lines += [f"![attention throughput]({(out / 'attention.png').as_posix()})", ""]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", help="the folder gpu_check.sh wrote")
     parser.add_argument("--cpu-run", type=int, default=0, help="1 if no GPU was used")
+    parser.add_argument("--readme", action="store_true",
+                        help="print the README's headline block (Markdown) instead of writing summary.md")
     args = parser.parse_args(argv)
     out = Path(args.out)
+    if args.readme:
+        print(readme_block(out))
+        return 0
     text = summarize(out, bool(args.cpu_run))
     (out / "summary.md").write_text(text, encoding="utf-8")
     print(f"wrote {out / 'summary.md'}")
