@@ -228,6 +228,8 @@ fi
 CUDA_BUILT=0
 if [ "$INSTALL" = 0 ]; then
   skip build "--no-install (fastformer imported from this checkout)"
+elif skipped_by_user build; then
+  skip build "--skip"
 elif [ "$HAVE_GPU" = 0 ]; then
   skip build "no GPU: CUDA extension not built"
   run_step install-without-cuda 300 env FASTFORMER_BUILD_CUDA=0 \
