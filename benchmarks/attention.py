@@ -113,6 +113,10 @@ class Shape:
             text += f" pad({100.0 * sum(lengths) / (len(lengths) * self.seq_len):.0f}% real)"
         return text
 
+    def name(self) -> str:
+        return (f"B={self.batch} H={self.heads} L={self.seq_len} D={self.head_dim}"
+                + (" causal" if self.causal else "") + (" padded" if self.padding else ""))
+
     def group(self) -> str:
         """Plot panel: rows differing only in L share a panel; "" = not plotted."""
         if not self.plot:
@@ -535,7 +539,11 @@ def run(args: argparse.Namespace) -> int:
                 break
             compile_here = policy == "all" or (policy == "first" and shape.suite not in seen_suites)
             seen_suites.add(shape.suite)
-            new = bench_attention(shape, args, compile_here, skips, failures)
+            new, keep_going = common.guarded(f"{OP} {shape.name()}", failures, bench_attention, shape, args,
+                                             compile_here, skips, failures)
+            if not keep_going:
+                budget.stopped_early = True
+                break
             rows += new
             if new:
                 common.print_table(new, title=f"[{number}/{total}, {budget.elapsed():.0f} s] {OP}  "
@@ -544,7 +552,11 @@ def run(args: argparse.Namespace) -> int:
             if budget.exhausted():
                 break
             compile_here = policy == "all" or (policy == "first" and number == 0)
-            new = bench_modules(mshape, args, compile_here, skips, failures)
+            new, keep_going = common.guarded(f"modules {mshape.label()}", failures, bench_modules, mshape,
+                                             args, compile_here, skips, failures)
+            if not keep_going:
+                budget.stopped_early = True
+                break
             rows += new
             for kind in dict.fromkeys(r.op for r in new):
                 members = [r for r in new if r.op == kind]

@@ -657,6 +657,22 @@ def install_sigterm_handler() -> None:
         pass
 
 
+def guarded(what: str, failures: dict[str, str], bench: Callable[..., list], *args) -> tuple[list, bool]:
+    """Run one shape's benchmark, ``bench(*args)``; an exception that escapes it (the baseline failing, a CUDA
+    error) becomes a failure entry instead of ending the script. Returns (rows, keep_going):
+    after a CUDA error the device is unusable, so the script should stop and write what it has."""
+    try:
+        return bench(*args), True
+    except Exception as exc:
+        message = first_line(exc)
+        failures[what] = message
+        print(f"FAILED {what}: {message}")
+        fatal = "CUDA error" in str(exc) or "CUBLAS_STATUS" in str(exc) or "device-side assert" in str(exc)
+        if fatal:
+            print("stopping: the CUDA context cannot be trusted after this error")
+        return [], not fatal
+
+
 class Budget:
     """Wall-clock budget of a run (``--max-seconds``): scripts stop starting new shapes past it."""
 
@@ -1085,7 +1101,7 @@ def finish(rows: Sequence[Row], env: dict[str, Any], args, *, ceilings, skips: S
     if mismatches:
         print("WARNING: results differ from the baseline beyond tolerance: " + ", ".join(mismatches))
     if budget.stopped_early:
-        print(f"stopped early after {budget.elapsed():.0f} s (--max-seconds or a signal): "
+        print(f"stopped early after {budget.elapsed():.0f} s (--max-seconds, a signal or a CUDA error): "
               "the shapes not reached were not measured")
     notice = cpu_notice(args.device)
     if notice:

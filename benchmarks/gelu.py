@@ -143,7 +143,12 @@ def run(args) -> int:
             for width in args.width:
                 if budget.exhausted():
                     break
-                new = bench_shape(approximate, args.rows, width, args, skips, failures)
+                new, keep_going = common.guarded(
+                    f"{OP} rows={args.rows} width={width} approximate={approximate}", failures,
+                    bench_shape, approximate, args.rows, width, args, skips, failures)
+                if not keep_going:
+                    budget.stopped_early = True
+                    break
                 rows += new
                 if new:
                     common.print_table(new, title=f"{OP}  {new[0].shape}  {args.dtype}",

@@ -233,7 +233,12 @@ def run(args) -> int:
             for hidden in args.hidden:
                 if budget.exhausted():
                     break
-                new = bench_shape(norm, args.rows, hidden, args, skips, failures)
+                new, keep_going = common.guarded(
+                    f"{NORMS[norm]} rows={args.rows} hidden={hidden}", failures,
+                    bench_shape, norm, args.rows, hidden, args, skips, failures)
+                if not keep_going:
+                    budget.stopped_early = True
+                    break
                 rows += new
                 if new:
                     common.print_table(new, title=f"{new[0].op}  {new[0].shape}  {args.dtype}",
