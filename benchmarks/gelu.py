@@ -74,6 +74,11 @@ def bench_shape(approximate: str, rows_n: int, width: int, args, skips, failures
         else:
             compiled = common.compile_fn(_eager(approximate), dynamic=False)
             providers["torch.compile"] = lambda: compiled(x, bias)
+    for name, module, what in (("apex", "apex", "its fused dense GELU includes the matmul"),
+                               ("liger", "liger_kernel", "its GEGLU is another op")):
+        if common.wanted(name, args.providers, BASELINE):
+            installed = common.optional_import(module) is not None
+            skips.add(name, label, f"no bias + GELU op ({what})" if installed else f"{module} is not installed")
     usable, reasons = common.fastformer_backends_for(fastformer.bias_gelu, x, bias, approximate)
     for backend in fastformer.available_backends():
         name = f"fastformer-{backend}"
