@@ -1,34 +1,57 @@
-"""Benchmark ``fastformer.attention`` against PyTorch's ``scaled_dot_product_attention``.
+"""Benchmark ``fastformer.attention`` and the drop-in modules against what users would otherwise run.
 
-    python benchmarks/attention.py                       # fine-tuning shape on CUDA, small on CPU
-    python benchmarks/attention.py --padding --causal --quick --json benchmarks/results/attn.json
+    python benchmarks/attention.py                  # every suite (a few minutes on a GPU)
+    python benchmarks/attention.py --quick --json r.json --csv r.csv --plot r.png
+    python benchmarks/attention.py --suites finetune --seq-lens 512 --heads 12 --head-dims 64 --padding yes
 
-Providers: every fastformer backend that can take the call on this machine (``fastformer-cuda``,
-``fastformer-triton``, ``fastformer-torch``; the others are listed with the reasons they were
-skipped) and the baseline ``torch-sdpa``: ``torch.nn.functional.scaled_dot_product_attention``
-with PyTorch's default choice of kernel, which is what users would otherwise run.
+Suites (``--suites``, default all three):
+- ``finetune``: the fine-tuning shapes, B=32, L=128/256/512, H=4/8/12, D=50/64, without and with
+  IMDB-like key padding (each row's key length drawn uniformly between 10% and 100% of L, right
+  padding). ``--batch``, ``--seq-lens``, ``--heads``, ``--head-dims``, ``--padding`` override it.
+- ``long``: a long-sequence sweep, L=1k..16k with B*L = 16k tokens, D=64/128 with H*D = 2048
+  (FlashAttention's benchmark set-up), causal and not.
+- ``modules``: ``nn.MultiheadAttention`` vs ``FastMultiheadAttention`` and
+  ``nn.TransformerEncoderLayer`` vs ``FastTransformerEncoderLayer`` (same weights; batch-first
+  (B, L, E) inputs with IMDB-like key padding, dropout 0.1, train mode), eager and under
+  ``torch.compile``. Baseline: the torch.nn module in eager mode. No TFLOP/s for modules.
 
-What is measured, per provider and pass:
-- inputs: q, k, v drawn with ``torch.randn`` as (B, L, H, D) projections and viewed as
-  (B, H, L, D), as a model passes them; ``--padding`` draws each row's key length uniformly
-  between 10% and 100% of L (right padding) and passes ``key_padding_mask`` (fastformer) or the
-  equivalent boolean mask, True = attend, built once outside the timed call (SDPA);
-- "fwd": the forward as in training (inputs require grad, so autograd records the graph);
-  "bwd": the backward alone, through a graph kept from one forward (``retain_graph=True``);
-  "fwd+bwd": both. Gradients come from ``torch.autograd.grad``, so none accumulate in ``.grad``;
-- TFLOP/s in FlashAttention's convention: forward 4 * B * H * Lq * Lk * D, halved for causal;
-  backward 2.5x and fwd+bwd 3.5x the forward. With padding, Lk is each row's useful key count
-  (summed over the batch); padded query rows still count, as every kernel computes them;
-- before timing, every provider's output (and, for backward passes, its gradients) is compared
-  with SDPA's: ``rel err`` is ||x - x_sdpa|| / ||x_sdpa||, and a row above the tolerance is marked
-  MISMATCH (not checked with dropout, whose random masks differ between providers).
+Attention providers: ``fastformer-<backend>`` for every fastformer backend that can take the call
+on this machine (the others are listed with the reasons they were skipped); ``torch-sdpa``,
+``torch.nn.functional.scaled_dot_product_attention`` with PyTorch's own choice of kernel, the
+baseline; ``sdpa-flash``, ``sdpa-efficient``, ``sdpa-cudnn``, ``sdpa-math``: SDPA with one
+backend forced (``torch.nn.attention.sdpa_kernel``); ``torch.compile(reference)``: the textbook
+softmax(QK^T * scale + mask) V compiled by ``torch.compile``; ``flash-attn`` and ``xformers``
+when installed (without key padding only: with padding they need their variable-length APIs on
+unpadded tokens, not benchmarked here). Inputs: q, k, v drawn with ``torch.randn`` as (B, L, H, D)
+projections viewed as (B, H, L, D), as a model passes them; masks are built once, outside the
+timed call (fastformer gets ``key_padding_mask``, SDPA the equivalent boolean mask).
 
-Exit status: 0, or 1 when a provider that accepted the call failed while running.
+Passes: "fwd" (the forward as in training: inputs require grad), "bwd" (the backward alone,
+through a graph kept from one forward) and "fwd+bwd". Before timing, every provider's output and
+gradients are compared with the baseline's: ``rel_err`` = ||x - x_sdpa|| / ||x_sdpa||, marked
+MISMATCH above the tolerance (not checked with dropout).
+
+FLOP convention (FlashAttention's): forward 4 * B * H * Lq * Lk * D, halved for causal; backward
+2.5x and fwd+bwd 3.5x the forward. With key padding only the useful work counts: batch row b with
+n_b real tokens contributes 4 * H * n_b * n_b * D (its padded query rows and padded keys are
+padding too), halved for causal. ``pct_of_peak``: TFLOP/s as a percentage of a bf16 8192^3 matmul
+measured in the same run (on the CPU: a float32 1024^3 matmul). ``ratio_vs_baseline``: SDPA
+default ms / provider ms (> 1 = faster than SDPA's own choice).
+
+Timing: ``triton.testing.do_bench`` (or CUDA events) with the L2 flushed before each run, median
+and p20-p80 spread; on the CPU ``time.perf_counter`` medians. With no GPU the script runs small
+shapes on the CPU and says that the GPU kernels were not measured; there the torch.compile
+providers run only with ``--compile`` (their compile time would dominate the run).
+
+Exit status: 0, or 1 when a provider that accepted a call failed while running.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
+import itertools
 import math
 import sys
 from pathlib import Path
@@ -36,6 +59,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (benchmarks/common.py)
@@ -48,101 +72,138 @@ except ImportError:  # run from a checkout that is not installed and not on PYTH
 
 OP = "attention"
 BASELINE = "torch-sdpa"
-PASSES = ("fwd", "bwd", "fwd+bwd")
+MODULE_BASELINE = "torch.nn"
+BASELINES = {OP: BASELINE, "MultiheadAttention": MODULE_BASELINE,
+             "TransformerEncoderLayer": MODULE_BASELINE}
+SUITES = ("finetune", "long", "modules")
 PASS_FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
-          "float64": torch.float64}
 # Tolerated relative error against SDPA: twice the tolerances against float64 of DESIGN.md, as
 # SDPA has its own rounding error. (forward, gradients)
 TOLERANCES = {torch.float16: (5e-2, 1e-1), torch.bfloat16: (5e-2, 1e-1),
               torch.float32: (4e-3, 8e-3), torch.float64: (1e-6, 1e-6)}
-CUDA_DEFAULTS = {"batch": 32, "heads": 8, "seq_len": 512, "head_dim": 64, "dtype": "bfloat16",
-                 "warmup": 10, "repeats": 100, "quick_repeats": 20}
-CPU_DEFAULTS = {"batch": 4, "heads": 8, "seq_len": 256, "head_dim": 64, "dtype": "float32",
-                "warmup": 2, "repeats": 10, "quick_repeats": 3}
+# Providers that materialise the B x H x L x L scores are skipped above this many bytes of them.
+MAX_SCORE_BYTES = 8 * 2**30
+COMPILED = "torch.compile(reference)"
+_NO_COMPILE_HERE = {  # why a torch.compile provider is left out of a shape (on CUDA?)
+    True: "--quick: torch.compile providers run on the first shape of each suite only (compile time)",
+    False: "on the CPU torch.compile providers run only with --compile, on the first shape of each "
+           "suite (compile time)",
+}
 
 
 # --------------------------------------------------------------------------------------------
-# arguments
+# shapes
 # --------------------------------------------------------------------------------------------
-def _passes(text: str) -> list[str]:
-    passes = [p.strip() for p in text.split(",") if p.strip()]
-    bad = [p for p in passes if p not in PASSES]
-    if bad or not passes:
-        raise argparse.ArgumentTypeError(f"passes must be a comma-separated list of {PASSES}, got {text!r}")
-    return list(dict.fromkeys(passes))
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    suite: str
+    batch: int
+    heads: int
+    seq_len: int
+    head_dim: int
+    causal: bool = False
+    padding: bool = False
+    plot: bool = True  # a line point of the PNG chart (the chart shows the largest H, D=64)
+
+    def label(self, lengths: list[int]) -> str:
+        text = f"B={self.batch} H={self.heads} L={self.seq_len} D={self.head_dim}"
+        if self.causal:
+            text += " causal"
+        if self.padding:
+            text += f" pad({100.0 * sum(lengths) / (len(lengths) * self.seq_len):.0f}% real)"
+        return text
+
+    def name(self) -> str:
+        return (f"B={self.batch} H={self.heads} L={self.seq_len} D={self.head_dim}"
+                + (" causal" if self.causal else "") + (" padded" if self.padding else ""))
+
+    def group(self) -> str:
+        """Plot panel: rows differing only in L share a panel; "" = not plotted."""
+        if not self.plot:
+            return ""
+        if self.suite == "long":
+            return f"long D={self.head_dim}" + (" causal" if self.causal else "")
+        return (f"B={self.batch} H={self.heads} D={self.head_dim}" + (" causal" if self.causal else "")
+                + (" padded" if self.padding else ""))
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def _flags(choice: str) -> list[bool]:
+    return {"no": [False], "yes": [True], "both": [False, True]}[choice]
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    default_device = "cuda" if torch.cuda.is_available() else "cpu"
-    parser = argparse.ArgumentParser(
-        description="Benchmark fastformer.attention against torch.nn.functional.scaled_dot_product_attention.",
-        epilog=f"Defaults on CUDA: B={CUDA_DEFAULTS['batch']} H={CUDA_DEFAULTS['heads']} "
-               f"L={CUDA_DEFAULTS['seq_len']} D={CUDA_DEFAULTS['head_dim']} {CUDA_DEFAULTS['dtype']}, "
-               f"{CUDA_DEFAULTS['repeats']} repeats; on CPU: B={CPU_DEFAULTS['batch']} "
-               f"H={CPU_DEFAULTS['heads']} L={CPU_DEFAULTS['seq_len']} D={CPU_DEFAULTS['head_dim']} "
-               f"{CPU_DEFAULTS['dtype']}, {CPU_DEFAULTS['repeats']} repeats.")
-    parser.add_argument("--device", default=default_device,
-                        help=f"device to benchmark on (default: {default_device})")
-    parser.add_argument("--dtype", choices=sorted(DTYPES),
-                        help="input dtype (default: bfloat16 on CUDA, float32 on CPU)")
-    parser.add_argument("--batch", "-B", type=_positive, help="batch size B")
-    parser.add_argument("--heads", "-H", type=_positive, help="number of heads H")
-    parser.add_argument("--seq-len", "-L", type=_positive, help="sequence length L (queries and keys)")
-    parser.add_argument("--head-dim", "-D", type=_positive, help="head dim D")
-    parser.add_argument("--padding", action="store_true",
-                        help="draw per-row key lengths between 10%% and 100%% of L and pass a key "
-                             "padding mask (TFLOP/s then count only the useful keys)")
-    parser.add_argument("--causal", action="store_true", help="is_causal=True (top-left aligned)")
-    parser.add_argument("--dropout", type=float, default=0.0,
-                        help="dropout_p on the attention weights (default 0)")
-    parser.add_argument("--passes", type=_passes, default=["fwd", "fwd+bwd"],
-                        help="comma-separated passes among fwd, bwd, fwd+bwd (default: fwd,fwd+bwd)")
-    parser.add_argument("--repeats", type=_positive, help="timed runs per measurement")
-    parser.add_argument("--warmup", type=int, help="untimed runs before the timed ones")
-    parser.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
-    parser.add_argument("--json", metavar="PATH", help="write the environment and rows as JSON")
-    parser.add_argument("--csv", metavar="PATH", help="write the rows as CSV")
-    args = parser.parse_args(argv)
+def attention_shapes(args) -> list[Shape]:
+    cuda = args.device.type == "cuda"
+    shapes: list[Shape] = []
+    if "finetune" in args.suites:
+        if cuda:
+            batch, seq_lens, heads, dims = 32, [128, 256, 512], [4, 8, 12], [50, 64]
+            if args.quick:
+                seq_lens, heads, dims = [128, 512], [12], [64, 50]
+        else:
+            batch, seq_lens, heads, dims = 4, [64, 128], [4], [64]
+            if args.quick:
+                seq_lens, dims = [128], [64]
+        batch = args.batch or batch
+        seq_lens, heads, dims = args.seq_lens or seq_lens, args.heads or heads, args.head_dims or dims
+        paddings = _flags(args.padding) if args.padding else [True, False]
+        # Largest L first: the headline shape (L=512, padded) is measured first.
+        plot_dim = 64 if 64 in dims else dims[0]
+        for L, D, H, pad in itertools.product(sorted(seq_lens, reverse=True), dims, heads, paddings):
+            if args.quick and cuda and not (args.head_dims or D == 64 or (L == 512 and pad)):
+                continue  # --quick keeps D=50 only for the padded L=512 shape
+            shapes.append(Shape("finetune", batch, H, L, D, args.causal, pad,
+                                plot=H == max(heads) and D == plot_dim))
+    if "long" in args.suites:
+        if cuda:
+            tokens, seq_lens, dims = 16384, [1024, 2048, 4096, 8192, 16384], [64, 128]
+            width = 2048
+            if args.quick:
+                seq_lens, dims = [1024, 4096, 16384], [64]
+        else:
+            tokens, seq_lens, dims, width = 1024, [256, 1024], [64], 256
+            if args.quick:
+                seq_lens = [1024]
+        seq_lens = args.long_seq_lens or seq_lens
+        tokens = args.long_tokens or tokens
+        for D, causal, L in itertools.product(dims, [False, True], seq_lens):
+            shapes.append(Shape("long", max(1, tokens // L), max(1, width // D), L, D, causal, False))
+    return shapes
 
-    try:
-        device = torch.device(args.device)
-    except RuntimeError as exc:
-        parser.error(f"--device: {exc}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is visible (use --device cpu)")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    args.device = device
-    defaults = CUDA_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
-    for name in ("batch", "heads", "seq_len", "head_dim", "dtype", "warmup"):
-        if getattr(args, name) is None:
-            setattr(args, name, defaults[name])
-    if args.repeats is None:
-        args.repeats = defaults["quick_repeats" if args.quick else "repeats"]
+
+@dataclasses.dataclass(frozen=True)
+class ModuleShape:
+    batch: int
+    seq_len: int
+    heads: int
+    head_dim: int
+
+    @property
+    def embed(self) -> int:
+        return self.heads * self.head_dim
+
+    def label(self) -> str:
+        return f"B={self.batch} L={self.seq_len} E={self.embed} H={self.heads} padded"
+
+
+def module_shapes(args) -> list[ModuleShape]:
+    if "modules" not in args.suites:
+        return []
+    cuda = args.device.type == "cuda"
+    batch, seq_lens, heads, dim = (32, [512, 128], 12, 64) if cuda else (4, [64], 4, 32)
     if args.quick:
-        args.warmup = min(args.warmup, 2)
-    if args.warmup < 0:
-        parser.error("--warmup must be >= 0")
-    if not 0.0 <= args.dropout < 1.0:
-        parser.error(f"--dropout must be in [0, 1), got {args.dropout}")
-    args.torch_dtype = DTYPES[args.dtype]
-    return args
+        seq_lens = seq_lens[:1]
+    batch = args.batch or batch
+    seq_lens = args.seq_lens or seq_lens
+    heads = (args.heads or [heads])[0]
+    dim = (args.head_dims or [dim])[0]
+    return [ModuleShape(batch, L, heads, dim) for L in seq_lens]
 
 
 # --------------------------------------------------------------------------------------------
 # inputs and work
 # --------------------------------------------------------------------------------------------
 def key_lengths(batch: int, seq_len: int, padding: bool, seed: int) -> list[int]:
-    """Each row's number of real (non-padding) keys: all L, or uniform in [ceil(0.1 L), L]."""
+    """Each row's number of real tokens: all L, or uniform in [ceil(0.1 L), L]."""
     if not padding:
         return [seq_len] * batch
     generator = torch.Generator().manual_seed(seed + 1)
@@ -150,224 +211,371 @@ def key_lengths(batch: int, seq_len: int, padding: bool, seed: int) -> list[int]
     return torch.randint(low, seq_len + 1, (batch,), generator=generator).tolist()
 
 
-def make_inputs(args: argparse.Namespace) -> dict:
+def make_inputs(shape: Shape, args) -> dict:
     """q, k, v (leaf views of (B, L, H, D) tensors), the output gradient and the masks."""
-    batch, heads, seq_len, head_dim = args.batch, args.heads, args.seq_len, args.head_dim
+    B, H, L, D = shape.batch, shape.heads, shape.seq_len, shape.head_dim
     device, dtype = args.device, args.torch_dtype
-    torch.manual_seed(args.seed)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
 
-    def projection() -> torch.Tensor:
+    def projection(requires_grad=True) -> torch.Tensor:
         # What a model passes: a (B, L, H*D) projection viewed as (B, H, L, D); not contiguous.
-        x = torch.randn(batch, seq_len, heads, head_dim, device=device, dtype=dtype)
-        return x.transpose(1, 2).requires_grad_()
+        x = torch.randn(B, L, H, D, device=device, dtype=dtype, generator=generator)
+        return x.transpose(1, 2).requires_grad_(requires_grad)
 
     q, k, v = projection(), projection(), projection()
-    grad_out = torch.randn(batch, seq_len, heads, head_dim, device=device, dtype=dtype).transpose(1, 2)
-    lengths = key_lengths(batch, seq_len, args.padding, args.seed)
+    grad_out = projection(False)
+    lengths = key_lengths(B, L, shape.padding, args.seed)
     key_padding_mask = sdpa_mask = None
-    if args.padding:
-        positions = torch.arange(seq_len, device=device)
+    if shape.padding:
+        positions = torch.arange(L, device=device)
         key_padding_mask = positions[None, :] >= torch.tensor(lengths, device=device)[:, None]
         sdpa_mask = ~key_padding_mask[:, None, None, :]  # (B, 1, 1, Lk), True = attend
-        if args.causal:  # SDPA refuses attn_mask together with is_causal: fold causality in
-            causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()
-            sdpa_mask = sdpa_mask & causal
+        if shape.causal:  # SDPA refuses attn_mask together with is_causal: fold causality in
+            sdpa_mask = sdpa_mask & torch.ones(L, L, dtype=torch.bool, device=device).tril()
     return {"q": q, "k": k, "v": v, "grad_out": grad_out, "lengths": lengths,
             "key_padding_mask": key_padding_mask, "sdpa_mask": sdpa_mask}
 
 
-def forward_flops(heads: int, seq_len: int, head_dim: int, lengths: list[int], causal: bool) -> float:
-    """4 * H * D * (query, key) pairs, summed over the batch (FlashAttention's convention).
-
-    A row with ``n`` real keys has L * n pairs, or L * n - n^2 / 2 when causal (L^2 / 2 with no
-    padding: the halved count of FlashAttention, which ignores the diagonal).
-    """
-    pairs = sum(seq_len * n - (n * n / 2 if causal else 0) for n in lengths)
+def forward_flops(heads: int, head_dim: int, lengths: list[int], causal: bool) -> float:
+    """Useful forward FLOPs: sum over rows of 4 * H * n_b * n_b * D, halved when causal."""
+    pairs = sum(n * n for n in lengths) * (0.5 if causal else 1.0)
     return 4.0 * heads * head_dim * pairs
 
 
-def shape_label(args: argparse.Namespace, lengths: list[int]) -> str:
-    label = f"B={args.batch} H={args.heads} L={args.seq_len} D={args.head_dim}"
-    if args.causal:
-        label += " causal"
-    if args.padding:
-        label += f" pad(keys {100.0 * sum(lengths) / (len(lengths) * args.seq_len):.0f}%)"
-    if args.dropout > 0:
-        label += f" p={args.dropout:g}"
-    return label
-
-
 # --------------------------------------------------------------------------------------------
-# providers
+# attention providers: name -> (function of no arguments returning the output, or skip reason)
 # --------------------------------------------------------------------------------------------
-def sdpa_provider(args, inputs) -> Callable:
-    mask, dropout_p = inputs["sdpa_mask"], args.dropout
-    is_causal = args.causal and mask is None
+def _sdpa(inputs, shape: Shape, dropout_p: float, backend=None) -> Callable:
+    q, k, v, mask = inputs["q"], inputs["k"], inputs["v"], inputs["sdpa_mask"]
+    is_causal = shape.causal and mask is None
+    if backend is None:
+        return lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                                      is_causal=is_causal)
+    from torch.nn.attention import sdpa_kernel
 
-    def run(q, k, v):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
-                                              is_causal=is_causal)
+    def run():
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                                  is_causal=is_causal)
     return run
 
 
-def fastformer_provider(args, inputs, backend: str) -> Callable:
-    padding, dropout_p, causal = inputs["key_padding_mask"], args.dropout, args.causal
+def reference_attention(q, k, v, mask, is_causal: bool, dropout_p: float):
+    """softmax(q k^T / sqrt(D) + mask) v, scores in float32: what a model written by hand does."""
+    scores = (q @ k.transpose(-2, -1)).float() * (q.shape[-1] ** -0.5)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    elif is_causal:
+        L = q.shape[-2]
+        causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~causal, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(q.dtype)
+    if dropout_p > 0:
+        probs = F.dropout(probs, dropout_p)
+    return probs @ v
 
-    def run(q, k, v):
-        return fastformer.attention(q, k, v, dropout_p=dropout_p, is_causal=causal,
-                                    key_padding_mask=padding, backend=backend)
-    return run
+
+_COMPILED_REFERENCE = None
 
 
-def _reasons_from_error(message: str) -> list[str]:
-    reasons = [line.strip()[2:] for line in message.splitlines() if line.strip().startswith("- ")]
-    return reasons or [message]
+def _compiled(inputs, shape: Shape, dropout_p: float) -> Callable:
+    global _COMPILED_REFERENCE
+    if _COMPILED_REFERENCE is None:
+        _COMPILED_REFERENCE = common.compile_fn(reference_attention, dynamic=False)
+    q, k, v, mask = inputs["q"], inputs["k"], inputs["v"], inputs["sdpa_mask"]
+    compiled = _COMPILED_REFERENCE
+    return lambda: compiled(q, k, v, mask, shape.causal and mask is None, dropout_p)
 
 
-def fastformer_providers(args, inputs) -> tuple[dict[str, Callable], dict[str, list[str]], str]:
-    """(provider name -> function, skipped provider -> reasons, what backend=None would pick)."""
-    q, k, v = inputs["q"], inputs["k"], inputs["v"]
-    call = {"dropout_p": args.dropout, "is_causal": args.causal,
-            "key_padding_mask": inputs["key_padding_mask"]}
-    available, skipped = {}, {}
-    for backend, reasons in fastformer.available_backends().items():
-        name = f"fastformer-{backend}"
-        if reasons:
-            skipped[name] = list(reasons)
-            continue
-        try:
-            fastformer.explain(fastformer.attention, q, k, v, backend=backend, **call)
-        except fastformer.BackendUnavailableError as exc:
-            skipped[name] = _reasons_from_error(str(exc))
-            continue
-        available[name] = fastformer_provider(args, inputs, backend)
+def _flash_attn(module, inputs, shape: Shape, dropout_p: float) -> Callable:
+    q, k, v = (inputs[name].transpose(1, 2) for name in "qkv")  # (B, L, H, D), contiguous
+    return lambda: module.flash_attn_func(q, k, v, dropout_p=dropout_p, causal=shape.causal).transpose(1, 2)
+
+
+def _xformers(ops, inputs, shape: Shape, dropout_p: float) -> Callable:
+    q, k, v = (inputs[name].transpose(1, 2) for name in "qkv")
+    bias = ops.LowerTriangularMask() if shape.causal else None
+    return lambda: ops.memory_efficient_attention(q, k, v, attn_bias=bias, p=dropout_p).transpose(1, 2)
+
+
+def attention_providers(shape: Shape, inputs, args, compile_here: bool, skips: common.Skips,
+                        label: str) -> dict[str, Callable]:
+    """Every provider that may take this shape (in table order); the others go to ``skips``."""
+    p = args.dropout
+    providers: dict[str, Callable] = {BASELINE: _sdpa(inputs, shape, p)}
+    score_bytes = shape.batch * shape.heads * shape.seq_len**2 * 4
+    too_big = (f"would materialise {score_bytes / 2**30:.0f} GiB of scores (limit "
+               f"{MAX_SCORE_BYTES / 2**30:.0f} GiB)") if score_bytes > MAX_SCORE_BYTES else None
     try:
-        auto = str(fastformer.explain(fastformer.attention, q, k, v, **call)).splitlines()[0]
-    except (fastformer.BackendUnavailableError, ValueError) as exc:  # e.g. FASTFORMER_BACKEND
-        auto = f"error: {exc}"
-    return available, skipped, auto
+        from torch.nn.attention import SDPBackend
+        backends = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-efficient": "EFFICIENT_ATTENTION",
+                    "sdpa-cudnn": "CUDNN_ATTENTION", "sdpa-math": "MATH"}
+        for name, member in backends.items():
+            if not common.wanted(name, args.providers, BASELINE):
+                continue
+            if name == "sdpa-math" and too_big:
+                skips.add(name, label, too_big)
+            elif not hasattr(SDPBackend, member):
+                skips.add(name, label, f"this PyTorch has no SDPBackend.{member}")
+            else:
+                providers[name] = _sdpa(inputs, shape, p, getattr(SDPBackend, member))
+    except ImportError as exc:
+        skips.add("sdpa-<backend>", label, f"torch.nn.attention.sdpa_kernel missing ({exc})")
+    if common.wanted(COMPILED, args.providers, BASELINE):
+        if args.compile is False:
+            skips.add(COMPILED, label, "--no-compile")
+        elif not compile_here:
+            skips.add(COMPILED, label, _NO_COMPILE_HERE[args.device.type == "cuda"])
+        elif too_big:
+            skips.add(COMPILED, label, too_big)
+        else:
+            providers[COMPILED] = _compiled(inputs, shape, p)
+    for name, module_name, factory in (("flash-attn", "flash_attn", _flash_attn),
+                                       ("xformers", "xformers.ops", _xformers)):
+        if not common.wanted(name, args.providers, BASELINE):
+            continue
+        module = common.optional_import(module_name)
+        if module is None:
+            skips.add(name, label, f"{module_name} is not installed")
+        elif shape.padding:
+            skips.add(name, label, "key padding needs its variable-length API on unpadded tokens "
+                                   "(not benchmarked)")
+        elif args.device.type != "cuda":
+            skips.add(name, label, "needs a CUDA device")
+        else:
+            providers[name] = factory(module, inputs, shape, p)
+    q, k, v = inputs["q"], inputs["k"], inputs["v"]
+    usable, reasons = common.fastformer_backends_for(
+        fastformer.attention, q, k, v, dropout_p=p, is_causal=shape.causal,
+        key_padding_mask=inputs["key_padding_mask"])
+    for backend in fastformer.available_backends():
+        name = f"fastformer-{backend}"
+        if not common.wanted(name, args.providers, BASELINE):
+            continue
+        if backend in usable:
+            providers[name] = _fastformer(inputs, shape, p, backend)
+        else:
+            skips.add(name, label, "; ".join(reasons[backend]))
+    return providers
+
+
+def _fastformer(inputs, shape: Shape, dropout_p: float, backend: str) -> Callable:
+    q, k, v, padding = inputs["q"], inputs["k"], inputs["v"], inputs["key_padding_mask"]
+    return lambda: fastformer.attention(q, k, v, dropout_p=dropout_p, is_causal=shape.causal,
+                                        key_padding_mask=padding, backend=backend)
+
+
+def _unsupported(name: str, exc: BaseException, caught: list) -> str | None:
+    """The reason a forced SDPA backend (or an optional library) refused the inputs, else None."""
+    if not (name.startswith("sdpa-") or name in ("flash-attn", "xformers")):
+        return None
+    if not isinstance(exc, (RuntimeError, NotImplementedError, ValueError, TypeError)):
+        return None
+    details = [str(w.message).strip().splitlines()[0] for w in caught if str(w.message).strip()]
+    details = [d for d in details if "not used because" not in d][:4]
+    reason = common.first_line(exc)
+    if details:
+        reason += " [" + "; ".join(dict.fromkeys(details)) + "]"
+    return reason[:400]
 
 
 # --------------------------------------------------------------------------------------------
 # measuring
 # --------------------------------------------------------------------------------------------
-def _relative_error(x: torch.Tensor, ref: torch.Tensor) -> float:
-    x, ref = x.detach().double(), ref.detach().double()
-    denominator = ref.norm().item()
-    difference = (x - ref).norm().item()
-    return difference / denominator if denominator > 0 else difference
-
-
-def _outputs(fn, inputs, backward: bool):
-    q, k, v = inputs["q"], inputs["k"], inputs["v"]
-    out = fn(q, k, v)
-    grads = torch.autograd.grad(out, (q, k, v), inputs["grad_out"]) if backward else None
-    return out.detach(), grads
-
-
-def check_against_baseline(fn, baseline_fn, inputs, passes) -> dict[str, float]:
-    """pass -> relative error against SDPA (forward: output; backward passes: worst gradient)."""
-    backward = any(p != "fwd" for p in passes)
-    out, grads = _outputs(fn, inputs, backward)
-    ref_out, ref_grads = _outputs(baseline_fn, inputs, backward)
-    errors = {"fwd": _relative_error(out, ref_out)}
-    if backward:
-        grad_error = max(_relative_error(g, r) for g, r in zip(grads, ref_grads))
-        errors["bwd"] = errors["fwd+bwd"] = grad_error
-    return {p: errors[p] for p in passes}
-
-
-def timed_call(fn, inputs, pass_: str):
-    """The function to time for one pass (for "bwd", it holds the graph of one forward)."""
-    q, k, v, grad_out = inputs["q"], inputs["k"], inputs["v"], inputs["grad_out"]
-    if pass_ == "fwd":
-        return lambda: fn(q, k, v)
-    if pass_ == "bwd":
-        out = fn(q, k, v)
-        return lambda: torch.autograd.grad(out, (q, k, v), grad_out, retain_graph=True)
-    return lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), grad_out)
-
-
-def measure(provider: str, fn, args, inputs, shape: str, flops: float,
-            errors: dict[str, float] | None) -> list[common.Row]:
-    rows = []
-    for pass_ in args.passes:
-        call = timed_call(fn, inputs, pass_)
-        timing = common.time_ms(call, warmup=args.warmup, repeats=args.repeats, device=args.device)
-        peak = common.peak_memory_mb(call, args.device)
-        del call  # frees the graph kept for "bwd"
-        ms = timing["median"]
-        rel_err = None if errors is None else errors.get(pass_)
-        note = ""
-        if rel_err is not None:
-            tolerance = TOLERANCES[args.torch_dtype][0 if pass_ == "fwd" else 1]
-            if not rel_err <= tolerance:
-                note = f"MISMATCH (tolerance {tolerance:g})"
-        rows.append(common.Row(
-            op=OP, provider=provider, shape=shape, dtype=args.dtype, pass_=pass_, ms=ms,
-            spread=timing["p80"] - timing["p20"],
-            tflops=flops * PASS_FLOP_FACTOR[pass_] / (ms * 1e-3) / 1e12 if ms > 0 else None,
-            gbps=None,  # attention is compute-bound: no bandwidth figure
-            peak_mem_mb=peak, n=timing["n"], rel_err=rel_err, note=note))
+def bench_attention(shape: Shape, args, compile_here: bool, skips, failures) -> list[common.Row]:
+    inputs = make_inputs(shape, args)
+    label = shape.label(inputs["lengths"])
+    providers = attention_providers(shape, inputs, args, compile_here, skips, label)
+    flops = forward_flops(shape.heads, shape.head_dim, inputs["lengths"], shape.causal)
+    work = {pass_: flops * PASS_FLOP_FACTOR[pass_] for pass_ in args.passes}
+    rows = common.run_providers(OP, providers, BASELINE, (inputs["q"], inputs["k"], inputs["v"]),
+                                (inputs["grad_out"],), args, label=label, suite=shape.suite,
+                                group=shape.group(), size=shape.seq_len, work=work, kind="flops",
+                                tolerances=TOLERANCES[args.torch_dtype], check=args.dropout == 0.0,
+                                skips=skips, failures=failures, refusal=_unsupported)
+    del inputs, providers
     return rows
 
 
+# --------------------------------------------------------------------------------------------
+# modules
+# --------------------------------------------------------------------------------------------
+def _module_pair(kind: str, shape: ModuleShape, args) -> dict[str, nn.Module]:
+    E, H, p = shape.embed, shape.heads, args.module_dropout
+    torch.manual_seed(args.seed)
+    if kind == "MultiheadAttention":
+        reference = nn.MultiheadAttention(E, H, dropout=p, batch_first=True)
+    else:
+        reference = nn.TransformerEncoderLayer(E, H, 4 * E, dropout=p, activation="gelu",
+                                               batch_first=True)
+    reference = reference.to(device=args.device, dtype=args.torch_dtype).train()
+    fast = fastformer.optimize(nn.Sequential(copy.deepcopy(reference)))[0].train()
+    return {MODULE_BASELINE: reference, "fastformer": fast}
+
+
+def _module_call(module: nn.Module, kind: str, x, padding) -> Callable:
+    if kind == "MultiheadAttention":
+        return lambda: module(x, x, x, key_padding_mask=padding, need_weights=False)[0]
+    return lambda: module(x, src_key_padding_mask=padding)
+
+
+def bench_modules(shape: ModuleShape, args, compile_here: bool, skips, failures) -> list[common.Row]:
+    device, dtype = args.device, args.torch_dtype
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    x = torch.randn(shape.batch, shape.seq_len, shape.embed, device=device, dtype=dtype,
+                    generator=generator).requires_grad_()
+    grad_out = torch.randn(shape.batch, shape.seq_len, shape.embed, device=device, dtype=dtype,
+                           generator=generator)
+    lengths = key_lengths(shape.batch, shape.seq_len, True, args.seed)
+    padding = torch.arange(shape.seq_len, device=device)[None, :] >= torch.tensor(lengths, device=device)[:, None]
+    label = shape.label()
+    rows = []
+    for kind in ("MultiheadAttention", "TransformerEncoderLayer"):
+        modules = _module_pair(kind, shape, args)
+        providers: dict[str, Callable] = {}
+        for name, module in modules.items():
+            if common.wanted(name, args.providers, MODULE_BASELINE):
+                providers[name] = _module_call(module, kind, x, padding)
+        for name, module in modules.items():
+            compiled_name = f"{name}+compile"
+            if not common.wanted(compiled_name, args.providers, MODULE_BASELINE):
+                continue
+            if args.compile is False:
+                skips.add(compiled_name, label, "--no-compile")
+            elif not compile_here:
+                skips.add(compiled_name, label, _NO_COMPILE_HERE[args.device.type == "cuda"])
+            else:
+                providers[compiled_name] = _module_call(common.compile_fn(module), kind, x, padding)
+        # Each provider differentiates w.r.t. x and its own module's parameters (same order).
+        grad_inputs = {name: [x] + list(modules[name.split("+")[0]].parameters()) for name in providers}
+        try:
+            new = common.run_providers(kind, providers, MODULE_BASELINE, grad_inputs, (grad_out,), args,
+                                       label=label, suite="modules", group=f"{kind} E={shape.embed}",
+                                       size=shape.seq_len, work=None, kind="flops",
+                                       tolerances=TOLERANCES[args.torch_dtype],
+                                       check=args.module_dropout == 0.0, skips=skips,
+                                       failures=failures, refusal=_unsupported)
+        except common.Stop as stop:
+            stop.partial_rows = rows + getattr(stop, "partial_rows", [])
+            raise
+        rows += new
+        del modules, providers
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# command line
+# --------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="See the module docstring (top of this file) for the "
+                                            "shapes, providers and conventions.")
+    common.add_common_arguments(parser)
+    parser.add_argument("--suites", default=",".join(SUITES),
+                        help=f"comma-separated among {', '.join(SUITES)} (default: all)")
+    parser.add_argument("--batch", "-B", type=int, help="finetune and modules suites: batch size")
+    parser.add_argument("--seq-lens", "-L", type=common.int_list, help="finetune/modules: sequence lengths")
+    parser.add_argument("--heads", "-H", type=common.int_list, help="finetune/modules: head counts")
+    parser.add_argument("--head-dims", "-D", type=common.int_list, help="finetune/modules: head dims")
+    parser.add_argument("--padding", choices=["no", "yes", "both"],
+                        help="finetune: IMDB-like key padding (default: both)")
+    parser.add_argument("--causal", action="store_true", help="finetune: is_causal=True (top-left)")
+    parser.add_argument("--long-seq-lens", type=common.int_list, help="long suite: sequence lengths")
+    parser.add_argument("--long-tokens", type=int, help="long suite: B * L (default 16384 on CUDA)")
+    parser.add_argument("--dropout", type=float, default=0.0,
+                        help="attention suites: dropout_p (default 0; > 0 disables the checks)")
+    parser.add_argument("--module-dropout", type=float, default=0.1,
+                        help="modules suite: dropout of the layers (default 0.1, as in fine-tuning)")
+    compiled = parser.add_mutually_exclusive_group()
+    compiled.add_argument("--compile", dest="compile", action="store_true", default=None,
+                          help="torch.compile providers also on the CPU (first shape of each suite)")
+    compiled.add_argument("--no-compile", dest="compile", action="store_false",
+                          help="leave out torch.compile providers")
+    args = parser.parse_args(argv)
+    common.resolve_common_arguments(parser, args, cuda_repeats=(100, 20), cpu_repeats=(10, 3))
+    suites = [s.strip() for s in args.suites.split(",") if s.strip()]
+    bad = [s for s in suites if s not in SUITES]
+    if bad or not suites:
+        parser.error(f"--suites: expected a comma-separated list of {SUITES}, got {args.suites!r}")
+    args.suites = suites
+    if not 0.0 <= args.dropout < 1.0 or not 0.0 <= args.module_dropout < 1.0:
+        parser.error("dropout must be in [0, 1)")
+    if args.batch is not None and args.batch < 1:
+        parser.error("--batch must be >= 1")
+    return args
+
+
 def run(args: argparse.Namespace) -> int:
+    common.install_sigterm_handler()
+    budget = common.Budget(args.max_seconds)
     env = common.environment(args.device)
     print(common.format_environment(env))
-    print()
-
-    inputs = make_inputs(args)
-    lengths = inputs["lengths"]
-    shape = shape_label(args, lengths)
-    flops = forward_flops(args.heads, args.seq_len, args.head_dim, lengths, args.causal)
-    if args.padding:
-        print(f"padding: key lengths {min(lengths)}..{max(lengths)} of {args.seq_len}, "
-              f"{100.0 * sum(lengths) / (len(lengths) * args.seq_len):.1f}% of keys are real")
+    notice = common.cpu_notice(args.device)
+    if notice:
+        print(notice)
+    args.ceilings = None if args.no_ceilings else common.measure_ceilings(args.device, args.quick)
+    if args.ceilings:
+        print(common.format_ceilings(args.ceilings))
     print(f"timing: {args.repeats} runs after {args.warmup} warm-up runs per measurement; "
-          f"passes: {', '.join(args.passes)}")
-
-    fast, skipped, auto = fastformer_providers(args, inputs)
-    print("fastformer backend=None picks: " + auto)
-    if skipped:
-        print("skipped providers:")
-        for name, reasons in skipped.items():
-            print(f"  {name}:")
-            for reason in reasons:
-                print(f"    - {reason}")
+          f"passes: {', '.join(args.passes)}; suites: {', '.join(args.suites)}")
     print()
 
-    baseline_fn = sdpa_provider(args, inputs)
-    providers = {BASELINE: baseline_fn, **fast}
     rows: list[common.Row] = []
-    failures: dict[str, str] = {}
-    for name, fn in providers.items():
-        try:
-            errors = None
-            if name != BASELINE and args.dropout == 0.0:
-                errors = check_against_baseline(fn, baseline_fn, inputs, args.passes)
-            rows += measure(name, fn, args, inputs, shape, flops, errors)
-        except Exception as exc:  # a backend that accepted the call failed: report, go on
-            if name == BASELINE:
-                raise
-            failures[name] = f"{type(exc).__name__}: {exc}"
-            if args.device.type == "cuda":
-                torch.cuda.empty_cache()
-    common.set_ratios(rows, BASELINE)
-    rows.sort(key=lambda r: (args.passes.index(r.pass_), r.provider != BASELINE, r.provider))
-
-    common.print_table(rows, title=f"{OP}: {shape}, {args.dtype}, {args.device.type}")
-    for name, error in failures.items():
-        print(f"FAILED {name}: {error}")
-    mismatches = [f"{r.provider} {r.pass_}" for r in rows if r.note.startswith("MISMATCH")]
-    if mismatches:
-        print("WARNING: results differ from SDPA beyond tolerance: " + ", ".join(mismatches))
-    if args.json:
-        common.write_json(args.json, rows, env)
-        print(f"wrote {args.json}")
-    if args.csv:
-        common.write_csv(args.csv, rows)
-        print(f"wrote {args.csv}")
+    skips, failures = common.Skips(), {}
+    # torch.compile providers: every shape on CUDA (--quick: the first shape of each suite); on the
+    # CPU only with --compile, on the first shape of each suite (compile time dominates there).
+    cuda = args.device.type == "cuda"
+    if args.compile is False or (not cuda and args.compile is None):
+        policy = "none"
+    else:
+        policy = "all" if cuda and not args.quick else "first"
+    seen_suites: set[str] = set()
+    shapes, mshapes = attention_shapes(args), module_shapes(args)
+    total = len(shapes) + len(mshapes)
+    try:
+        for number, shape in enumerate(shapes, 1):
+            if budget.exhausted():
+                break
+            compile_here = policy == "all" or (policy == "first" and shape.suite not in seen_suites)
+            seen_suites.add(shape.suite)
+            new, keep_going = common.guarded(f"{OP} {shape.name()}", failures, bench_attention, shape, args,
+                                             compile_here, skips, failures)
+            if not keep_going:
+                budget.stopped_early = True
+                break
+            rows += new
+            if new:
+                common.print_table(new, title=f"[{number}/{total}, {budget.elapsed():.0f} s] {OP}  "
+                                              f"{new[0].shape}  {args.dtype}", omit=("op", "shape", "dtype"))
+        for number, mshape in enumerate(mshapes):
+            if budget.exhausted():
+                break
+            compile_here = policy == "all" or (policy == "first" and number == 0)
+            new, keep_going = common.guarded(f"modules {mshape.label()}", failures, bench_modules, mshape,
+                                             args, compile_here, skips, failures)
+            if not keep_going:
+                budget.stopped_early = True
+                break
+            rows += new
+            for kind in dict.fromkeys(r.op for r in new):
+                members = [r for r in new if r.op == kind]
+                common.print_table(members, title=f"[{len(shapes) + number + 1}/{total}, "
+                                                  f"{budget.elapsed():.0f} s] {kind}  {members[0].shape}  "
+                                                  f"{args.dtype}", omit=("op", "shape", "dtype"))
+    except (common.Stop, KeyboardInterrupt) as exc:
+        rows += getattr(exc, "partial_rows", [])
+        budget.stopped_early = True
+        print(f"interrupted ({exc or type(exc).__name__}): writing the results so far")
+    for pass_ in args.passes:
+        table = common.markdown_pivot([r for r in rows if r.op == OP], pass_)
+        if table:
+            print(f"\nsummary, {pass_}: ms (speed-up vs {BASELINE})")
+            print(table)
+    print()
+    common.finish(rows, env, args, ceilings=args.ceilings, skips=skips, budget=budget,
+                  plot_x_label="sequence length L", failures=failures,
+                  plot_title=f"attention, {env['device']}, {args.dtype}")
     return 1 if failures else 0
 
 

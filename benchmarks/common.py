@@ -7,8 +7,14 @@
   the CPU, ``time.perf_counter`` around each call. Always median and 20th/80th percentiles of
   ``repeats`` runs after ``warmup`` runs.
 - :func:`peak_memory_mb`: extra CUDA memory one call needs, above what was allocated before it.
+- :func:`measure_ceilings`: this device's copy bandwidth and matmul rate, measured in the same
+  run, so that percentages of peak are against this card rather than a datasheet.
+- :func:`measure_passes`, :func:`compare`: time fwd / bwd / fwd+bwd of one provider, and check its
+  outputs and gradients against the baseline's.
 - :class:`Row`: one result, with the columns every benchmark script writes.
-- :func:`print_table`, :func:`write_json`, :func:`write_csv`: the outputs.
+- :func:`print_grouped`, :func:`write_json`, :func:`write_csv`, :func:`plot_rows`,
+  :func:`markdown_pivot`: the outputs (rich table when rich is installed and stdout is a terminal,
+  plain text otherwise; PNG only with matplotlib).
 
 Conventions: one row per (op, provider, shape, dtype, pass); ``ratio_vs_baseline`` is baseline ms /
 provider ms, so > 1 means faster than the baseline (what users would otherwise run).
@@ -25,6 +31,7 @@ import math
 import os
 import platform
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -34,7 +41,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-JSON_SCHEMA_VERSION = 1
+JSON_SCHEMA_VERSION = 2
 
 # do_bench flushes L2 by zeroing a 256 MiB buffer before each run; the fallback timer does the same.
 _L2_FLUSH_BYTES = 256 * 2**20
@@ -74,13 +81,14 @@ def _git(*args: str) -> str | None:
 def git_commit() -> str:
     """Short commit of the repository these scripts live in, '-dirty' if tracked files changed.
 
-    'unknown' outside a git checkout or before the first commit. Untracked files (such as results
-    written under benchmarks/results/) do not make a checkout dirty.
+    'unknown' outside a git checkout or before the first commit. Untracked files and anything under
+    benchmarks/results/ (results being written) do not make a checkout dirty.
     """
     commit = _git("rev-parse", "--short", "HEAD")
     if not commit:
         return "unknown"
-    changes = _git("status", "--porcelain", "--untracked-files=no")
+    changes = _git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                   ":(exclude)benchmarks/results")
     return commit + ("-dirty" if changes else "")
 
 
@@ -109,6 +117,16 @@ def fastformer_source() -> str:
         return "this checkout"
     except ValueError:
         return "an installed copy outside this checkout"
+
+
+def _nvidia_driver() -> str | None:
+    try:
+        result = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                capture_output=True, text=True, timeout=20, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = result.stdout.strip().splitlines()
+    return lines[0].strip() if result.returncode == 0 and lines else None
 
 
 def device_name(device: str | torch.device) -> str:
@@ -157,6 +175,10 @@ def environment(device: str | torch.device | None = None) -> dict[str, Any]:
         env["compute_capability"] = f"{major}.{minor}"
         env["cudnn"] = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
         env["gpu_count"] = torch.cuda.device_count()
+        props = torch.cuda.get_device_properties(device)
+        env["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
+        env["sm_count"] = props.multi_processor_count
+        env["driver"] = _nvidia_driver()
     else:
         env["cpu_threads"] = torch.get_num_threads()
     env["timer"] = timer_name(device)
@@ -335,8 +357,12 @@ class Row:
 
     ms: median time per call; spread: p80 - p20 of the timed runs, in ms; tflops / gbps: achieved
     rates (None where not meaningful for the op); peak_mem_mb: see :func:`peak_memory_mb` (CUDA
-    only); ratio_vs_baseline: baseline ms / this ms (> 1 = faster than the baseline); n: timed runs;
-    rel_err: ||out - baseline out|| / ||baseline out|| (None if not checked); note: free text.
+    only); pct_of_peak: tflops (or gbps) as a percentage of the ceiling measured in the same run
+    (:func:`measure_ceilings`); ratio_vs_baseline: baseline ms / this ms (> 1 = faster than the
+    baseline); n: timed runs; rel_err: ||out - baseline out|| / ||baseline out|| (None if not
+    checked); suite: the shape set ("finetune", "long", ...); group: rows of one group and pass
+    form one line per provider in the plot, against ``size`` (sequence length, hidden size);
+    note: free text.
     """
 
     op: str
@@ -348,10 +374,14 @@ class Row:
     spread: float
     tflops: float | None = None
     gbps: float | None = None
+    pct_of_peak: float | None = None
     peak_mem_mb: float | None = None
     ratio_vs_baseline: float | None = None
     n: int | None = None
     rel_err: float | None = None
+    suite: str = ""
+    group: str = ""
+    size: int | None = None
     note: str = ""
 
     def as_dict(self) -> dict[str, Any]:
@@ -362,9 +392,15 @@ class Row:
 COLUMNS = [("pass" if f.name == "pass_" else f.name) for f in dataclasses.fields(Row)]
 
 
-def set_ratios(rows: Sequence[Row], baseline: str) -> None:
-    """Fill ratio_vs_baseline: baseline ms / row ms among rows of the same op, shape, dtype, pass."""
-    base = {(r.op, r.shape, r.dtype, r.pass_): r.ms for r in rows if r.provider == baseline}
+def set_ratios(rows: Sequence[Row], baseline: str | dict[str, str]) -> None:
+    """Fill ratio_vs_baseline: baseline ms / row ms among rows of the same op, shape, dtype, pass.
+
+    ``baseline`` is a provider name, or op -> provider name where each op has its own baseline.
+    """
+    def base_of(op: str) -> str | None:
+        return baseline.get(op) if isinstance(baseline, dict) else baseline
+
+    base = {(r.op, r.shape, r.dtype, r.pass_): r.ms for r in rows if r.provider == base_of(r.op)}
     for row in rows:
         ms = base.get((row.op, row.shape, row.dtype, row.pass_))
         row.ratio_vs_baseline = ms / row.ms if ms is not None and row.ms > 0 else None
@@ -388,62 +424,99 @@ def _format_rate(value: float) -> str:
     return f"{value:.3g}"
 
 
-def _cells(row: Row) -> list[str]:
+def _cells(row: Row) -> dict[str, str]:
     def opt(value, fmt):
         return "-" if value is None else fmt.format(value)
 
     def rate(value):
         return "-" if value is None else _format_rate(value)
 
-    return [row.op, row.provider, row.shape, row.dtype, row.pass_, _format_ms(row.ms),
-            _format_ms(row.spread), rate(row.tflops), rate(row.gbps),
-            opt(row.peak_mem_mb, "{:.1f}"), opt(row.ratio_vs_baseline, "{:.2f}x"),
-            opt(row.rel_err, "{:.1e}"), row.note]
+    return {"op": row.op, "provider": row.provider, "shape": row.shape, "dtype": row.dtype,
+            "pass": row.pass_, "ms": _format_ms(row.ms), "spread": _format_ms(row.spread),
+            "TFLOP/s": rate(row.tflops), "GB/s": rate(row.gbps),
+            "% peak": opt(row.pct_of_peak, "{:.1f}"), "peak MiB": opt(row.peak_mem_mb, "{:.1f}"),
+            "vs base": opt(row.ratio_vs_baseline, "{:.2f}x"), "rel err": opt(row.rel_err, "{:.1e}"),
+            "note": row.note}
 
 
-_HEADERS = ["op", "provider", "shape", "dtype", "pass", "ms", "spread", "TFLOP/s", "GB/s",
+_HEADERS = ["op", "provider", "shape", "dtype", "pass", "ms", "spread", "TFLOP/s", "GB/s", "% peak",
             "peak MiB", "vs base", "rel err", "note"]
-_RIGHT = {"ms", "spread", "TFLOP/s", "GB/s", "peak MiB", "vs base", "rel err"}
+_RIGHT = {"ms", "spread", "TFLOP/s", "GB/s", "% peak", "peak MiB", "vs base", "rel err"}
 
 
-def format_table(rows: Sequence[Row]) -> str:
+def _columns(rows: Sequence[Row], omit: Sequence[str] = ()) -> list[str]:
+    """The headers worth showing: no all-empty rate/memory/note column, none in ``omit``."""
+    cells = [_cells(r) for r in rows]
+    keep = []
+    for header in _HEADERS:
+        if header in omit:
+            continue
+        if header in ("TFLOP/s", "GB/s", "% peak", "peak MiB", "rel err", "vs base", "note") and \
+                all(c[header] in ("-", "") for c in cells):
+            continue
+        keep.append(header)
+    return keep
+
+
+def format_table(rows: Sequence[Row], omit: Sequence[str] = ()) -> str:
     """Plain-text table with aligned columns (numbers right-aligned)."""
-    table = [_HEADERS] + [_cells(row) for row in rows]
-    keep = [i for i, header in enumerate(_HEADERS) if header != "note" or any(r.note for r in rows)]
-    widths = {i: max(len(line[i]) for line in table) for i in keep}
+    headers = _columns(rows, omit)
+    table = [headers] + [[_cells(row)[h] for h in headers] for row in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(headers))]
     lines = []
     for number, line in enumerate(table):
-        cells = [line[i].rjust(widths[i]) if _HEADERS[i] in _RIGHT else line[i].ljust(widths[i])
-                 for i in keep]
+        cells = [cell.rjust(w) if h in _RIGHT else cell.ljust(w)
+                 for cell, w, h in zip(line, widths, headers)]
         lines.append("  ".join(cells).rstrip())
         if number == 0:
-            lines.append("  ".join("-" * widths[i] for i in keep))
+            lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
 
-def print_table(rows: Sequence[Row], title: str | None = None) -> None:
+def _rich_console():
+    """A rich Console when rich is importable and stdout is a terminal, else None (plain text)."""
+    if not sys.stdout.isatty():
+        return None
+    try:
+        from rich.console import Console
+    except Exception:
+        return None
+    return Console()
+
+
+def print_table(rows: Sequence[Row], title: str | None = None, omit: Sequence[str] = ()) -> None:
     """Print the rows: with ``rich`` when it is importable and stdout is a terminal, else plain."""
-    rich_table = None
-    if sys.stdout.isatty():
+    if not rows:
+        return
+    console = _rich_console()
+    if console is not None:
         try:
-            from rich.console import Console
             from rich.table import Table
 
-            rich_table = Table(title=title)
-            keep = [i for i, h in enumerate(_HEADERS) if h != "note" or any(r.note for r in rows)]
-            for i in keep:
-                rich_table.add_column(_HEADERS[i], justify="right" if _HEADERS[i] in _RIGHT else "left")
+            headers = _columns(rows, omit)
+            table = Table(title=title, title_justify="left")
+            for header in headers:
+                table.add_column(header, justify="right" if header in _RIGHT else "left")
             for row in rows:
                 cells = _cells(row)
-                rich_table.add_row(*(cells[i] for i in keep))
+                table.add_row(*(cells[h] for h in headers))
+            console.print(table)
+            return
         except Exception:
-            rich_table = None
-    if rich_table is not None:
-        Console().print(rich_table)
-        return
+            pass
     if title:
         print(title)
-    print(format_table(rows))
+    print(format_table(rows, omit))
+    print()
+
+
+def print_grouped(rows: Sequence[Row]) -> None:
+    """One table per (op, shape, dtype): providers x passes, shape in the title."""
+    groups: dict[tuple, list[Row]] = {}
+    for row in rows:
+        groups.setdefault((row.op, row.shape, row.dtype), []).append(row)
+    for (op, shape, dtype), members in groups.items():
+        print_table(members, title=f"{op}  {shape}  {dtype}", omit=("op", "shape", "dtype"))
 
 
 def _json_value(value: Any) -> Any:
@@ -452,8 +525,12 @@ def _json_value(value: Any) -> Any:
     return value
 
 
-def write_json(path: str | os.PathLike, rows: Sequence[Row], env: dict[str, Any]) -> None:
-    """{"schema_version", "environment", "columns", "rows": [{column: value}]}; makes parent dirs."""
+def write_json(path: str | os.PathLike, rows: Sequence[Row], env: dict[str, Any],
+               **extra: Any) -> None:
+    """{"schema_version", "environment", "columns", "rows": [{column: value}], **extra}.
+
+    ``extra`` holds e.g. "ceilings" and "skipped"; parent folders are created.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -461,9 +538,10 @@ def write_json(path: str | os.PathLike, rows: Sequence[Row], env: dict[str, Any]
         "environment": env,
         "columns": COLUMNS,
         "rows": [{k: _json_value(v) for k, v in row.as_dict().items()} for row in rows],
+        **extra,
     }
     with open(path, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2)
+        json.dump(payload, f, indent=2, default=str)
         f.write("\n")
 
 
@@ -476,3 +554,566 @@ def write_csv(path: str | os.PathLike, rows: Sequence[Row]) -> None:
         writer.writeheader()
         for row in rows:
             writer.writerow({k: ("" if v is None else _json_value(v)) for k, v in row.as_dict().items()})
+
+
+def markdown_pivot(rows: Sequence[Row], pass_: str, value: str = "ms") -> str:
+    """A Markdown table: one line per shape, one column per provider, for one pass.
+
+    ``value``: "ms" (median ms, with the ratio to the baseline) or "rate" (TFLOP/s or GB/s).
+    """
+    selected = [r for r in rows if r.pass_ == pass_]
+    if not selected:
+        return ""
+    providers = list(dict.fromkeys(r.provider for r in selected))
+    shapes = list(dict.fromkeys((r.op, r.shape, r.dtype) for r in selected))
+    cell = {(r.op, r.shape, r.dtype, r.provider): r for r in selected}
+    lines = ["| op | shape | dtype | " + " | ".join(providers) + " |",
+             "| --- | --- | --- | " + " | ".join("---:" for _ in providers) + " |"]
+    for op, shape, dtype in shapes:
+        cells = []
+        for provider in providers:
+            row = cell.get((op, shape, dtype, provider))
+            if row is None:
+                cells.append("")
+            elif value == "rate":
+                rate = row.tflops if row.tflops is not None else row.gbps
+                cells.append("-" if rate is None else _format_rate(rate))
+            else:
+                text = _format_ms(row.ms)
+                if row.ratio_vs_baseline is not None:
+                    text += f" ({row.ratio_vs_baseline:.2f}x)"
+                cells.append(text)
+        lines.append(f"| {op} | {shape} | {dtype} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# ceilings: what this device can do, measured in the same run
+# --------------------------------------------------------------------------------------------
+def measure_ceilings(device: str | torch.device, quick: bool = False) -> dict[str, Any]:
+    """The copy bandwidth and the matmul rate of this device, measured now with :func:`time_ms`.
+
+    copy_gbps: bytes read + bytes written per second by ``dst.copy_(src)`` of a large buffer
+    (1 GiB on CUDA, 64 MiB on the CPU). matmul_tflops: 2 n^3 / time of an n x n x n product of
+    random matrices (bfloat16, n = 8192 on CUDA; float32, n = 1024 on the CPU, where it is the
+    reference for the CPU's own rates, not a tensor-core rate).
+    """
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    generator = torch.Generator(device=device).manual_seed(1234)
+    copy_bytes = (2**30 if not quick else 2**29) if cuda else 64 * 2**20
+    repeats = 10 if quick else 30
+    n = 8192 if cuda else 1024
+    dtype = torch.bfloat16 if cuda else torch.float32
+
+    def time_copy():
+        src = torch.rand(copy_bytes // 4, device=device, generator=generator)
+        dst = torch.empty_like(src)
+        return time_ms(lambda: dst.copy_(src), warmup=3, repeats=repeats, device=device)
+
+    def time_matmul():
+        a = torch.randn(n, n, device=device, dtype=dtype, generator=generator)
+        b = torch.randn(n, n, device=device, dtype=dtype, generator=generator)
+        return time_ms(lambda: a @ b, warmup=3, repeats=repeats, device=device)
+
+    copy = time_copy()  # each buffer is freed when its function returns
+    matmul = time_matmul()
+    if cuda:
+        torch.cuda.empty_cache()
+    return {
+        "copy_gbps": 2 * copy_bytes / (copy["median"] * 1e-3) / 1e9,
+        "copy_bytes": copy_bytes,
+        "matmul_tflops": 2 * n**3 / (matmul["median"] * 1e-3) / 1e12,
+        "matmul_shape": f"{n}x{n}x{n}",
+        "matmul_dtype": str(dtype).replace("torch.", ""),
+        "method": "median of timed runs of dst.copy_(src) and a @ b on random data",
+    }
+
+
+def format_ceilings(ceilings: dict[str, Any]) -> str:
+    return (f"ceilings measured now: copy {ceilings['copy_gbps']:.0f} GB/s "
+            f"({ceilings['copy_bytes'] / 2**20:.0f} MiB buffer), matmul "
+            f"{ceilings['matmul_tflops']:.3g} TFLOP/s ({ceilings['matmul_dtype']} "
+            f"{ceilings['matmul_shape']})")
+
+
+# --------------------------------------------------------------------------------------------
+# running providers: time budget, SIGTERM, skipped providers, one measurement per pass
+# --------------------------------------------------------------------------------------------
+class Stop(BaseException):
+    """Raised by the SIGTERM handler, so that a script killed by `timeout` still writes results.
+
+    A BaseException, like KeyboardInterrupt, so that no ``except Exception`` on the way (an
+    autotuner's, a provider's) swallows it.
+    """
+
+
+def install_sigterm_handler() -> None:
+    def handler(signum, frame):  # noqa: ARG001
+        raise Stop(f"signal {signum}")
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except (ValueError, OSError):  # not the main thread
+        pass
+
+
+def guarded(what: str, failures: dict[str, str], bench: Callable[..., list], *args) -> tuple[list, bool]:
+    """Run one shape's benchmark, ``bench(*args)``; an exception that escapes it (the baseline failing, a CUDA
+    error) becomes a failure entry instead of ending the script. Returns (rows, keep_going):
+    after a CUDA error the device is unusable, so the script should stop and write what it has."""
+    try:
+        return bench(*args), True
+    except Exception as exc:
+        message = first_line(exc)
+        failures[what] = message
+        print(f"FAILED {what}: {message}")
+        fatal = "CUDA error" in str(exc) or "CUBLAS_STATUS" in str(exc) or "device-side assert" in str(exc)
+        if fatal:
+            print("stopping: the CUDA context cannot be trusted after this error")
+        return [], not fatal
+
+
+class Budget:
+    """Wall-clock budget of a run (``--max-seconds``): scripts stop starting new shapes past it."""
+
+    def __init__(self, seconds: float | None):
+        self.seconds = seconds
+        self.start = time.monotonic()
+        self.stopped_early = False
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def exhausted(self) -> bool:
+        if self.seconds is not None and self.elapsed() > self.seconds:
+            self.stopped_early = True
+        return self.stopped_early
+
+
+class Skips:
+    """Providers that could not run, with reasons; printed once per (provider, reason)."""
+
+    def __init__(self):
+        self.entries: list[dict[str, str]] = []
+
+    def add(self, provider: str, shape: str, reason: str) -> None:
+        self.entries.append({"provider": provider, "shape": shape, "reason": reason})
+
+    def summary(self) -> list[str]:
+        counts: dict[tuple[str, str], int] = {}
+        for entry in self.entries:
+            key = (entry["provider"], entry["reason"])
+            counts[key] = counts.get(key, 0) + 1
+        return [f"{provider}: {reason}" + (f" ({count} shapes)" if count > 1 else "")
+                for (provider, reason), count in counts.items()]
+
+    def print(self) -> None:
+        lines = self.summary()
+        if lines:
+            print("skipped:")
+            for line in lines:
+                print("  - " + line)
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    text = str(exc).strip().splitlines()
+    message = text[0] if text else ""
+    return f"{type(exc).__name__}: {message}"[:limit]
+
+
+def relative_error(x: torch.Tensor, ref: torch.Tensor) -> float:
+    x, ref = x.detach().double(), ref.detach().double()
+    denominator = ref.norm().item()
+    difference = (x - ref).norm().item()
+    return difference / denominator if denominator > 0 else difference
+
+
+def _as_tuple(out) -> tuple:
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+def outputs_and_grads(fn: Callable[[], Any], grad_inputs: Sequence[torch.Tensor],
+                      grad_outputs: Sequence[torch.Tensor], backward: bool):
+    outs = _as_tuple(fn())
+    grads = None
+    if backward:
+        grads = torch.autograd.grad(outs, list(grad_inputs), list(grad_outputs), allow_unused=True)
+    return [o.detach() for o in outs], grads
+
+
+def compare(fn, baseline_fn, grad_inputs, grad_outputs, passes: Sequence[str],
+            baseline_grad_inputs=None) -> dict[str, float]:
+    """pass -> relative error against the baseline (forward: worst output; backward: worst grad).
+
+    ``baseline_grad_inputs``: what the baseline's gradients are taken w.r.t., when not the same
+    tensors (e.g. each module's own parameters, in the same order); default ``grad_inputs``.
+    """
+    backward = any(p != "fwd" for p in passes)
+    if baseline_grad_inputs is None:
+        baseline_grad_inputs = grad_inputs
+    outs, grads = outputs_and_grads(fn, grad_inputs, grad_outputs, backward)
+    ref_outs, ref_grads = outputs_and_grads(baseline_fn, baseline_grad_inputs, grad_outputs, backward)
+    errors = {"fwd": max(relative_error(o, r) for o, r in zip(outs, ref_outs))}
+    if backward:
+        pairs = [(g, r) for g, r in zip(grads, ref_grads) if g is not None and r is not None]
+        errors["bwd"] = errors["fwd+bwd"] = max((relative_error(g, r) for g, r in pairs), default=0.0)
+    return {p: errors[p] for p in passes}
+
+
+def pass_call(fn: Callable[[], Any], grad_inputs, grad_outputs, pass_: str) -> Callable[[], Any]:
+    """The function to time for one pass: "fwd" (graph recorded, as in training), "bwd" (through
+    a graph kept from one forward, retain_graph=True) or "fwd+bwd". Gradients come from
+    torch.autograd.grad, so nothing accumulates in .grad between runs."""
+    grad_inputs, grad_outputs = list(grad_inputs), list(grad_outputs)
+    if pass_ == "fwd":
+        return fn
+    if pass_ == "bwd":
+        outs = _as_tuple(fn())
+        return lambda: torch.autograd.grad(outs, grad_inputs, grad_outputs, retain_graph=True,
+                                           allow_unused=True)
+    return lambda: torch.autograd.grad(_as_tuple(fn()), grad_inputs, grad_outputs, allow_unused=True)
+
+
+def measure_passes(fn, grad_inputs, grad_outputs, passes, *, device, warmup, repeats,
+                   make_row: Callable[[str, dict, float | None], Row]) -> list[Row]:
+    """Time each pass; ``make_row(pass_, timing, peak_mb)`` turns the numbers into a Row."""
+    rows = []
+    for pass_ in passes:
+        call = pass_call(fn, grad_inputs, grad_outputs, pass_)
+        timing = time_ms(call, warmup=warmup, repeats=repeats, device=device)
+        peak = peak_memory_mb(call, device)
+        del call  # frees the graph kept for "bwd"
+        rows.append(make_row(pass_, timing, peak))
+    return rows
+
+
+def rate_fields(work: float, kind: str, ms: float, ceilings: dict[str, Any] | None) -> dict[str, Any]:
+    """tflops (kind "flops") or gbps (kind "bytes") of ``work`` done in ``ms``, and pct_of_peak."""
+    if not ms > 0 or work <= 0:
+        return {}
+    if kind == "flops":
+        tflops = work / (ms * 1e-3) / 1e12
+        peak = ceilings.get("matmul_tflops") if ceilings else None
+        return {"tflops": tflops, "pct_of_peak": 100.0 * tflops / peak if peak else None}
+    gbps = work / (ms * 1e-3) / 1e9
+    peak = ceilings.get("copy_gbps") if ceilings else None
+    return {"gbps": gbps, "pct_of_peak": 100.0 * gbps / peak if peak else None}
+
+
+def run_providers(op: str, providers: dict[str, Callable], baseline: str, grad_inputs, grad_outputs,
+                  args, *, label: str, suite: str, group: str, size: int | None,
+                  work: dict[str, float] | None, kind: str, tolerances: tuple[float, float],
+                  check: bool, skips: Skips, failures: dict[str, str],
+                  refusal: Callable[[str, BaseException, list], str | None] | None = None) -> list[Row]:
+    """Check and time every provider of one shape, the baseline first (it must run).
+
+    ``grad_inputs``: the tensors gradients are taken w.r.t., or provider -> such a list.
+    ``work``: pass -> FLOPs (``kind="flops"``) or bytes (``kind="bytes"``), None for no rate.
+    ``refusal(name, exc, caught_warnings)``: the reason when a provider merely does not support
+    the inputs (listed as skipped); other exceptions are failures (listed, exit status 1).
+    Rows get ratio_vs_baseline against the baseline of the same pass.
+    """
+    import warnings
+
+    rows: list[Row] = []
+    baseline_fn = providers[baseline]
+    args_ceilings = getattr(args, "ceilings", None)
+
+    def inputs_of(name):
+        return grad_inputs[name] if isinstance(grad_inputs, dict) else grad_inputs
+
+    for name, fn in providers.items():
+        start = time.perf_counter()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                errors = None
+                if check and name != baseline:
+                    errors = compare(fn, baseline_fn, inputs_of(name), grad_outputs, args.passes,
+                                     baseline_grad_inputs=inputs_of(baseline))
+                else:  # run once anyway: compiles, autotunes, and shows a refusal before timing
+                    outputs_and_grads(fn, inputs_of(name), grad_outputs, False)
+                first_s = time.perf_counter() - start
+
+                def make_row(pass_, timing, peak, name=name, errors=errors, first_s=first_s):
+                    ms = timing["median"]
+                    rel_err = None if errors is None else errors.get(pass_)
+                    notes = []
+                    if rel_err is not None:
+                        tolerance = tolerances[0 if pass_ == "fwd" else 1]
+                        if not rel_err <= tolerance:
+                            notes.append(f"MISMATCH (tolerance {tolerance:g})")
+                    if "compile" in name and pass_ == args.passes[0]:
+                        notes.append(f"first call {first_s:.1f} s")
+                    rates = rate_fields(work[pass_], kind, ms, args_ceilings) if work else {}
+                    return Row(op=op, provider=name, shape=label, dtype=args.dtype, pass_=pass_,
+                               ms=ms, spread=timing["p80"] - timing["p20"], peak_mem_mb=peak,
+                               n=timing["n"], rel_err=rel_err, suite=suite, group=group, size=size,
+                               note="; ".join(notes), **rates)
+
+                rows += measure_passes(fn, inputs_of(name), grad_outputs, args.passes,
+                                       device=args.device, warmup=args.warmup,
+                                       repeats=args.repeats, make_row=make_row)
+            except Stop as stop:  # keep what this shape measured so far
+                set_ratios(rows, baseline)
+                stop.partial_rows = rows
+                raise
+            except torch.cuda.OutOfMemoryError as exc:
+                skips.add(name, label, f"out of memory ({first_line(exc, 120)})")
+            except Exception as exc:
+                if name == baseline:
+                    raise
+                reason = refusal(name, exc, caught) if refusal is not None else None
+                if reason is not None:
+                    skips.add(name, label, reason)
+                else:
+                    failures[f"{name} {label}"] = first_line(exc)
+                    print(f"FAILED {name} on {label}: {first_line(exc)}")
+            finally:
+                if torch.device(args.device).type == "cuda":
+                    torch.cuda.empty_cache()
+    set_ratios(rows, baseline)
+    return rows
+
+
+def compile_fn(fn: Callable, **kwargs) -> Callable:
+    """torch.compile(fn) with a larger recompile cache (one graph per benchmarked shape).
+
+    Donated buffers are turned off: the "bwd" pass runs the backward of one graph repeatedly
+    (retain_graph=True), which a backward with donated buffers refuses.
+    """
+    try:
+        import torch._functorch.config
+
+        if hasattr(torch._functorch.config, "donated_buffer"):
+            torch._functorch.config.donated_buffer = False
+    except Exception:
+        pass
+    try:
+        import torch._dynamo
+
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
+        if hasattr(torch._dynamo.config, "accumulated_cache_size_limit"):
+            torch._dynamo.config.accumulated_cache_size_limit = max(
+                torch._dynamo.config.accumulated_cache_size_limit, 1024)
+    except Exception:
+        pass
+    return torch.compile(fn, **kwargs)
+
+
+def optional_import(name: str):
+    """The module, or None when it is not installed or fails to import (optional providers)."""
+    try:
+        return __import__(name, fromlist=["_"])
+    except Exception:
+        return None
+
+
+def cpu_notice(device: torch.device) -> str | None:
+    if torch.device(device).type == "cuda":
+        return None
+    return ("NOTE: no GPU used: these are CPU timings of the CPU code paths (PyTorch's CPU kernels, "
+            "the fastformer torch backend). The GPU kernels (fastformer's Triton and CUDA backends, "
+            "SDPA's flash / efficient / cuDNN kernels) were NOT measured.")
+
+
+# --------------------------------------------------------------------------------------------
+# plots
+# --------------------------------------------------------------------------------------------
+def plot_rows(rows: Sequence[Row], path: str | os.PathLike, *, x_label: str, title: str,
+              passes: Sequence[str] = ("fwd", "fwd+bwd")) -> bool:
+    """PNG: one panel per (group, pass), rate (TFLOP/s, else GB/s) against ``size``, one line per
+    provider. Rows with no group or no size, or of another pass, are left out. False (and a
+    message) without matplotlib.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception as exc:
+        print(f"no plot: matplotlib is not importable ({first_line(exc)})")
+        return False
+    plotted = [r for r in rows if r.group and r.size is not None and (r.tflops or r.gbps)
+               and r.pass_ in passes]
+    if not plotted:
+        print("no plot: no rows with a group, a size and a rate")
+        return False
+    panels = list(dict.fromkeys((r.group, r.pass_) for r in plotted))
+    providers = list(dict.fromkeys(r.provider for r in plotted))
+    colours = {p: f"C{i % 10}" for i, p in enumerate(providers)}
+    ncols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 3.6 * nrows), squeeze=False)
+    for ax, (group, pass_) in zip(axes.flat, panels):
+        members = [r for r in plotted if r.group == group and r.pass_ == pass_]
+        unit = "TFLOP/s" if any(r.tflops for r in members) else "GB/s"
+        for provider in providers:
+            points = sorted((r.size, r.tflops if unit == "TFLOP/s" else r.gbps)
+                            for r in members if r.provider == provider)
+            if points:
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o",
+                        label=provider, color=colours[provider])
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{group} ({pass_})", fontsize=9)
+        ax.set_xlabel(x_label)
+        ax.set_ylabel(unit)
+        ax.grid(True, alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    handles, labels = [], []
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            if label not in labels:
+                handles.append(handle)
+                labels.append(label)
+    fig.legend(handles, labels, loc="lower center", ncol=min(5, len(labels)), fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.06 + 0.02 * (len(labels) // 5), 1, 0.97))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# --------------------------------------------------------------------------------------------
+# command line shared by the scripts
+# --------------------------------------------------------------------------------------------
+PASSES = ("fwd", "bwd", "fwd+bwd")
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
+          "float64": torch.float64}
+
+
+def parse_passes(text: str) -> list[str]:
+    import argparse
+
+    passes = [p.strip() for p in text.split(",") if p.strip()]
+    bad = [p for p in passes if p not in PASSES]
+    if bad or not passes:
+        raise argparse.ArgumentTypeError(f"passes must be a comma-separated list of {PASSES}, got {text!r}")
+    return list(dict.fromkeys(passes))
+
+
+def int_list(text: str) -> list[int]:
+    import argparse
+
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}")
+    return values
+
+
+def add_common_arguments(parser) -> None:
+    """--device --dtype --passes --providers --repeats --warmup --quick --max-seconds --seed
+    --json --csv --plot --no-ceilings --threads."""
+    default_device = "cuda" if torch.cuda.is_available() else "cpu"
+    parser.add_argument("--device", default=default_device,
+                        help=f"device to benchmark on (default: {default_device})")
+    parser.add_argument("--dtype", choices=sorted(DTYPES),
+                        help="input dtype (default: bfloat16 on CUDA, float32 on the CPU)")
+    parser.add_argument("--passes", type=parse_passes, default=list(PASSES),
+                        help="comma-separated passes among fwd, bwd, fwd+bwd (default: all three)")
+    parser.add_argument("--providers", help="comma-separated substrings: run only providers whose "
+                                            "name contains one of them (the baseline always runs)")
+    parser.add_argument("--repeats", type=int, help="timed runs per measurement")
+    parser.add_argument("--warmup", type=int, help="untimed runs before the timed ones")
+    parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats (smoke run)")
+    parser.add_argument("--max-seconds", type=float,
+                        help="stop starting new shapes after this many seconds (results so far "
+                             "are still printed and written)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+    parser.add_argument("--json", metavar="PATH", help="write environment, ceilings and rows as JSON")
+    parser.add_argument("--csv", metavar="PATH", help="write the rows as CSV")
+    parser.add_argument("--plot", metavar="PATH", help="write a PNG chart (needs matplotlib)")
+    parser.add_argument("--no-ceilings", action="store_true",
+                        help="skip measuring the copy bandwidth and matmul rate (no %% of peak)")
+    parser.add_argument("--threads", type=int,
+                        help="CPU threads of PyTorch (torch.set_num_threads; default: PyTorch's "
+                             "choice). 1 gives steadier CPU timings on a machine shared with other "
+                             "work, where spinning OpenMP threads can slow small ops many times over")
+
+
+def resolve_common_arguments(parser, args, *, cuda_repeats=(100, 20), cpu_repeats=(10, 3)) -> None:
+    """Validate --device, apply --threads, fill --dtype / --repeats / --warmup defaults, set
+    args.torch_dtype."""
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as exc:
+        parser.error(f"--device: {exc}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible (use --device cpu)")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    args.device = device
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
+    cuda = device.type == "cuda"
+    if args.dtype is None:
+        args.dtype = "bfloat16" if cuda else "float32"
+    full, quick = cuda_repeats if cuda else cpu_repeats
+    if args.repeats is None:
+        args.repeats = quick if args.quick else full
+    if args.warmup is None:
+        args.warmup = (5 if cuda else 1) if args.quick else (10 if cuda else 2)
+    if args.repeats < 1 or args.warmup < 0:
+        parser.error("need --repeats >= 1 and --warmup >= 0")
+    args.torch_dtype = DTYPES[args.dtype]
+
+
+def wanted(provider: str, selection: str | None, baseline: str | Sequence[str]) -> bool:
+    baselines = [baseline] if isinstance(baseline, str) else list(baseline)
+    if selection is None or provider in baselines:
+        return True
+    return any(part.strip() and part.strip() in provider for part in selection.split(","))
+
+
+def fastformer_backends_for(op, *args, **kwargs) -> tuple[list[str], dict[str, list[str]]]:
+    """(backends that can take this call, backend -> reasons for those that cannot)."""
+    import fastformer
+
+    usable, reasons = [], {}
+    for backend, unavailable in fastformer.available_backends().items():
+        if unavailable:
+            reasons[backend] = list(unavailable)
+            continue
+        try:
+            fastformer.explain(op, *args, backend=backend, **kwargs)
+        except fastformer.BackendUnavailableError as exc:
+            lines = [line.strip()[2:] for line in str(exc).splitlines() if line.strip().startswith("- ")]
+            reasons[backend] = lines or [str(exc)]
+            continue
+        usable.append(backend)
+    return usable, reasons
+
+
+def finish(rows: Sequence[Row], env: dict[str, Any], args, *, ceilings, skips: Skips,
+           budget: Budget, plot_x_label: str, plot_title: str, failures: dict[str, str]) -> None:
+    """Print the skipped providers and write --json / --csv / --plot."""
+    skips.print()
+    for name, error in failures.items():
+        print(f"FAILED {name}: {error}")
+    mismatches = sorted({f"{r.provider} {r.pass_}" for r in rows if r.note.startswith("MISMATCH")})
+    if mismatches:
+        print("WARNING: results differ from the baseline beyond tolerance: " + ", ".join(mismatches))
+    if budget.stopped_early:
+        print(f"stopped early after {budget.elapsed():.0f} s (--max-seconds, a signal or a CUDA error): "
+              "the shapes not reached were not measured")
+    notice = cpu_notice(args.device)
+    if notice:
+        print(notice)
+    extra = {"ceilings": ceilings, "skipped": skips.entries, "failures": failures,
+             "stopped_early": budget.stopped_early, "elapsed_s": round(budget.elapsed(), 1),
+             "gpu_kernels_measured": torch.device(args.device).type == "cuda"}
+    if args.json:
+        write_json(args.json, rows, env, **extra)
+        print(f"wrote {args.json}")
+    if args.csv:
+        write_csv(args.csv, rows)
+        print(f"wrote {args.csv}")
+    if args.plot and plot_rows(rows, args.plot, x_label=plot_x_label, title=plot_title):
+        print(f"wrote {args.plot}")

@@ -1,0 +1,182 @@
+"""Benchmark ``fastformer.bias_gelu`` against what users would otherwise run.
+
+    python benchmarks/gelu.py                       # erf and tanh GELU, every width
+    python benchmarks/gelu.py --quick --json r.json --csv r.csv --plot r.png
+    python benchmarks/gelu.py --approximate tanh --width 3072 --rows 16384
+
+The op (a Transformer feed-forward's first activation): ``gelu(x + bias)``, x of shape (rows,
+width) with rows = B * L tokens (default 32 * 512 = 16384 on CUDA) and width the feed-forward
+size (4 x hidden: 1536 for MiniLM, 3072 for BERT-base, ...). Inputs are random (``torch.randn``).
+
+Providers: ``fastformer-<backend>`` for every fastformer backend that can take the call (the
+others are listed with the reasons they were skipped); ``torch-eager``: ``F.gelu(x + bias,
+approximate=...)`` (the baseline: what a model does); ``torch.compile``: the same compiled.
+apex and Liger-Kernel have no bias + GELU op (Liger's GEGLU is a different op; apex's fused
+dense GELU includes the matmul), so they are not compared here.
+
+Passes: "fwd", "bwd" (through a kept graph) and "fwd+bwd"; every provider's output and gradients
+(x and bias) are checked against the baseline's.
+
+Bytes (GB/s), each input read once and each output written once, s = element size:
+- fwd: read x, write out: 2 * rows * width * s, plus the bias;
+- bwd: read the output gradient and x (the backward recomputes x + bias), write the x gradient:
+  3 * rows * width * s, plus the bias and its gradient;
+- fwd+bwd: the sum of both.
+``pct_of_peak``: GB/s as a percentage of a large device-to-device copy measured in the same run.
+``ratio_vs_baseline``: torch-eager ms / provider ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (benchmarks/common.py)
+
+try:
+    import fastformer
+except ImportError:  # run from a checkout that is not installed and not on PYTHONPATH
+    sys.path.insert(0, str(common.REPO_ROOT))
+    import fastformer
+
+OP = "bias_gelu"
+BASELINE = "torch-eager"
+APPROXIMATE = ("none", "tanh")
+# Twice DESIGN.md's tolerances against float64 (bias gradient: the looser column).
+TOLERANCES = {torch.float16: (4e-2, 4e-1), torch.bfloat16: (4e-2, 4e-1),
+              torch.float32: (2e-4, 2e-3), torch.float64: (1e-8, 1e-8)}
+
+
+def _eager(approximate: str) -> Callable:
+    def run(x, bias):
+        return F.gelu(x + bias, approximate=approximate)
+    return run
+
+
+def bench_shape(approximate: str, rows_n: int, width: int, args, skips, failures) -> list[common.Row]:
+    device, dtype = args.device, args.torch_dtype
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    x = torch.randn(rows_n, width, device=device, dtype=dtype, generator=generator).requires_grad_()
+    bias = (0.1 * torch.randn(width, device=device, dtype=dtype, generator=generator)).requires_grad_()
+    grad_out = torch.randn(rows_n, width, device=device, dtype=dtype, generator=generator)
+    label = f"rows={rows_n} width={width} approximate={approximate}"
+
+    providers: dict[str, Callable] = {BASELINE: lambda: _eager(approximate)(x, bias)}
+    if common.wanted("torch.compile", args.providers, BASELINE):
+        if args.no_compile:
+            skips.add("torch.compile", label, "--no-compile")
+        else:
+            compiled = common.compile_fn(_eager(approximate), dynamic=False)
+            providers["torch.compile"] = lambda: compiled(x, bias)
+    for name, module, what in (("apex", "apex", "its fused dense GELU includes the matmul"),
+                               ("liger", "liger_kernel", "its GEGLU is another op")):
+        if common.wanted(name, args.providers, BASELINE):
+            installed = common.optional_import(module) is not None
+            skips.add(name, label, f"no bias + GELU op ({what})" if installed else f"{module} is not installed")
+    usable, reasons = common.fastformer_backends_for(fastformer.bias_gelu, x, bias, approximate)
+    for backend in fastformer.available_backends():
+        name = f"fastformer-{backend}"
+        if not common.wanted(name, args.providers, BASELINE):
+            continue
+        if backend in usable:
+            providers[name] = lambda backend=backend: fastformer.bias_gelu(x, bias, approximate, backend=backend)
+        else:
+            skips.add(name, label, "; ".join(reasons[backend]))
+
+    size = torch.finfo(dtype).bits // 8
+    fwd = 2 * rows_n * width * size + width * size
+    bwd = 3 * rows_n * width * size + 2 * width * size
+    work = {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}
+    return common.run_providers(OP, providers, BASELINE, (x, bias), (grad_out,), args, label=label,
+                                suite=OP, group=f"rows={rows_n} approximate={approximate}",
+                                size=width, work=work, kind="bytes", tolerances=TOLERANCES[dtype],
+                                check=True, skips=skips, failures=failures)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="See the module docstring for providers and byte counts.")
+    common.add_common_arguments(parser)
+    parser.add_argument("--approximate", default="none,tanh",
+                        help="comma-separated among none (erf), tanh (default: both)")
+    parser.add_argument("--rows", type=int, help="rows = B * L tokens (default 16384 on CUDA, 2048 on CPU)")
+    parser.add_argument("--width", type=common.int_list, help="feed-forward widths")
+    parser.add_argument("--no-compile", action="store_true", help="leave out torch.compile")
+    args = parser.parse_args(argv)
+    common.resolve_common_arguments(parser, args, cuda_repeats=(100, 30), cpu_repeats=(10, 3))
+    modes = [m.strip() for m in args.approximate.split(",") if m.strip()]
+    if not modes or any(m not in APPROXIMATE for m in modes):
+        parser.error(f"--approximate: expected a comma-separated list of {APPROXIMATE}, got {args.approximate!r}")
+    args.approximate = modes
+    cuda = args.device.type == "cuda"
+    if args.rows is None:
+        args.rows = 16384 if cuda else 2048
+    if args.width is None:
+        if cuda:
+            args.width = [3072, 4096] if args.quick else [1536, 3072, 4096, 8192, 16384]
+        else:
+            args.width = [1024] if args.quick else [1024, 3072]
+    if args.rows < 1:
+        parser.error("need --rows >= 1")
+    return args
+
+
+def run(args) -> int:
+    common.install_sigterm_handler()
+    budget = common.Budget(args.max_seconds)
+    env = common.environment(args.device)
+    print(common.format_environment(env))
+    notice = common.cpu_notice(args.device)
+    if notice:
+        print(notice)
+    args.ceilings = None if args.no_ceilings else common.measure_ceilings(args.device, args.quick)
+    if args.ceilings:
+        print(common.format_ceilings(args.ceilings))
+    print(f"timing: {args.repeats} runs after {args.warmup} warm-up runs per measurement; "
+          f"passes: {', '.join(args.passes)}\n")
+    rows: list[common.Row] = []
+    skips, failures = common.Skips(), {}
+    try:
+        for approximate in args.approximate:
+            for width in args.width:
+                if budget.exhausted():
+                    break
+                new, keep_going = common.guarded(
+                    f"{OP} rows={args.rows} width={width} approximate={approximate}", failures,
+                    bench_shape, approximate, args.rows, width, args, skips, failures)
+                if not keep_going:
+                    budget.stopped_early = True
+                    break
+                rows += new
+                if new:
+                    common.print_table(new, title=f"{OP}  {new[0].shape}  {args.dtype}",
+                                       omit=("op", "shape", "dtype"))
+    except (common.Stop, KeyboardInterrupt) as exc:
+        rows += getattr(exc, "partial_rows", [])
+        budget.stopped_early = True
+        print(f"interrupted ({exc or type(exc).__name__}): writing the results so far")
+    for pass_ in args.passes:
+        table = common.markdown_pivot(rows, pass_)
+        if table:
+            print(f"\nsummary, {pass_}: ms (speed-up vs {BASELINE})")
+            print(table)
+    print()
+    common.finish(rows, env, args, ceilings=args.ceilings, skips=skips, budget=budget,
+                  plot_x_label="feed-forward width", failures=failures,
+                  plot_title=f"bias + GELU, {env['device']}, {args.dtype}")
+    return 1 if failures else 0
+
+
+def main(argv=None) -> int:
+    return run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""Micro-benchmarks for tracking regressions with pytest-benchmark.
+
+    pytest benchmarks/micro --benchmark-only                       # time them
+    pytest benchmarks/micro --benchmark-only --benchmark-autosave  # keep a run in .benchmarks/
+    pytest benchmarks/micro --benchmark-only --benchmark-compare   # against the last saved run
+
+One forward + backward step per op and backend that can run here (plus PyTorch's own way, as a
+reference), on one fine-tuning-sized shape on CUDA (bfloat16) or a small one on the CPU
+(float32). Each timed call ends with a CUDA synchronisation, so the times are wall-clock times of
+whole steps, launch overhead included. They live outside tests/, so the normal test run does not
+collect them; without pytest-benchmark the module is skipped.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("pytest_benchmark")
+
+import fastformer  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+DTYPE = torch.bfloat16 if CUDA else torch.float32
+BACKENDS = [name for name, reasons in fastformer.available_backends().items() if not reasons]
+
+
+def _sync():
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def _rand(*shape, requires_grad=False):
+    return torch.randn(*shape, device=DEVICE, dtype=DTYPE).requires_grad_(requires_grad)
+
+
+def _usable(op, backend, *args, **kwargs):
+    try:
+        fastformer.explain(op, *args, backend=backend, **kwargs)
+    except fastformer.BackendUnavailableError as exc:
+        pytest.skip(f"backend {backend} cannot take this call: {exc}")
+
+
+def _step(forward, inputs, grad_outputs):
+    def run():
+        outs = forward()
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        torch.autograd.grad(outs, inputs, grad_outputs)
+        _sync()
+    return run
+
+
+@pytest.fixture(scope="module")
+def attention_inputs():
+    B, H, L, D = (8, 12, 512, 64) if CUDA else (2, 4, 128, 64)
+    torch.manual_seed(0)
+    q, k, v = (_rand(B, L, H, D).transpose(1, 2).requires_grad_() for _ in range(3))
+    lengths = torch.randint(L // 10, L + 1, (B,), device=DEVICE)
+    padding = torch.arange(L, device=DEVICE)[None, :] >= lengths[:, None]
+    return q, k, v, padding, _rand(B, H, L, D)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attention(benchmark, attention_inputs, backend):
+    q, k, v, padding, grad = attention_inputs
+    _usable(fastformer.attention, backend, q, k, v, key_padding_mask=padding)
+    benchmark.group = "attention fwd+bwd"
+    benchmark(_step(lambda: fastformer.attention(q, k, v, key_padding_mask=padding, backend=backend),
+                    (q, k, v), (grad,)))
+
+
+def test_attention_sdpa(benchmark, attention_inputs):
+    q, k, v, padding, grad = attention_inputs
+    mask = ~padding[:, None, None, :]
+    benchmark.group = "attention fwd+bwd"
+    benchmark(_step(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask), (q, k, v), (grad,)))
+
+
+@pytest.fixture(scope="module")
+def norm_inputs():
+    rows, hidden = (16384, 768) if CUDA else (2048, 256)
+    torch.manual_seed(0)
+    x, residual = _rand(rows, hidden, requires_grad=True), _rand(rows, hidden, requires_grad=True)
+    weight, bias = _rand(hidden, requires_grad=True), _rand(hidden, requires_grad=True)
+    return x, residual, weight, bias, _rand(rows, hidden), _rand(rows, hidden)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_residual_layer_norm(benchmark, norm_inputs, backend):
+    x, residual, weight, bias, g1, g2 = norm_inputs
+    _usable(fastformer.residual_layer_norm, backend, x, residual, weight, bias)
+    benchmark.group = "residual_layer_norm fwd+bwd"
+    benchmark(_step(lambda: fastformer.residual_layer_norm(x, residual, weight, bias, backend=backend),
+                    (x, residual, weight, bias), (g1, g2)))
+
+
+def test_residual_layer_norm_eager(benchmark, norm_inputs):
+    x, residual, weight, bias, g1, g2 = norm_inputs
+
+    def forward():
+        r = x + residual
+        return F.layer_norm(r, (x.shape[-1],), weight, bias), r
+    benchmark.group = "residual_layer_norm fwd+bwd"
+    benchmark(_step(forward, (x, residual, weight, bias), (g1, g2)))
+
+
+@pytest.fixture(scope="module")
+def gelu_inputs():
+    rows, width = (16384, 3072) if CUDA else (2048, 1024)
+    torch.manual_seed(0)
+    return _rand(rows, width, requires_grad=True), _rand(width, requires_grad=True), _rand(rows, width)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bias_gelu(benchmark, gelu_inputs, backend):
+    x, bias, grad = gelu_inputs
+    _usable(fastformer.bias_gelu, backend, x, bias)
+    benchmark.group = "bias_gelu fwd+bwd"
+    benchmark(_step(lambda: fastformer.bias_gelu(x, bias, backend=backend), (x, bias), (grad,)))
+
+
+def test_bias_gelu_eager(benchmark, gelu_inputs):
+    x, bias, grad = gelu_inputs
+    benchmark.group = "bias_gelu fwd+bwd"
+    benchmark(_step(lambda: F.gelu(x + bias), (x, bias), (grad,)))

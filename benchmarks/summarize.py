@@ -1,0 +1,212 @@
+"""Write ``summary.md`` for a folder written by ``benchmarks/gpu_check.sh``.
+
+    python benchmarks/summarize.py DIR [--cpu-run 1]
+    python benchmarks/summarize.py DIR --readme     # the README's headline block, from DIR's files
+
+Reads DIR/steps.tsv (one line per step: step, status, seconds, note), DIR/info.json, the
+benchmark JSONs (attention.json, layer_norm.json, gelu.json, finetune.json) and DIR/logs/tests.log,
+and writes DIR/summary.md: the pass/fail table of the steps, the environment, the measured
+ceilings and the headline tables (fwd+bwd: median ms and speed-up over the baseline; throughput).
+Uses only the standard library and benchmarks/common.py; the numbers are copied from the JSON
+files as measured, never edited.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+BENCHMARKS = ("attention", "layer_norm", "gelu")
+
+
+def _load(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _rows(payload) -> list[common.Row]:
+    rows = []
+    fields = {f.name for f in common.dataclasses.fields(common.Row)}
+    for raw in payload.get("rows", []):
+        values = {("pass_" if k == "pass" else k): v for k, v in raw.items()}
+        values = {k: v for k, v in values.items() if k in fields}
+        try:
+            rows.append(common.Row(**values))
+        except TypeError:
+            continue
+    return rows
+
+
+def _steps(out: Path) -> list[dict]:
+    try:
+        with open(out / "steps.tsv", encoding="utf-8") as f:
+            return list(csv.DictReader(f, delimiter="\t"))
+    except OSError:
+        return []
+
+
+def _pytest_line(out: Path) -> str | None:
+    try:
+        text = (out / "logs" / "tests.log").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    lines = [line.strip("= ") for line in text.splitlines()
+             if re.search(r"\d+ (passed|failed|error|skipped)", line)]
+    return lines[-1] if lines else None
+
+
+def _environment_lines(info, payloads) -> list[str]:
+    env = next((p["environment"] for p in payloads.values() if p and "environment" in p), {})
+    lines = []
+    for key in ("date", "device", "driver", "compute_capability", "gpu_memory_gib", "torch", "triton",
+                "cuda_runtime", "cudnn", "python", "git_commit"):
+        if env.get(key) is not None:
+            lines.append(f"- {key}: {env[key]}")
+    if info:
+        built = (info.get("cuda_extension") or {}).get("built")
+        lines.append(f"- fastformer CUDA extension built: {built}")
+        for name, backend in (info.get("backends") or {}).items():
+            state = "available" if backend.get("available") else \
+                "unavailable (" + "; ".join(backend.get("unavailable_reasons", []))[:200] + ")"
+            lines.append(f"- backend {name}: {state}")
+    return lines
+
+
+def _benchmark_section(name: str, payload) -> list[str]:
+    lines = [f"## {name}", ""]
+    if payload is None:
+        return lines + ["No results (see the step table and the log).", ""]
+    env = payload.get("environment", {})
+    lines.append(f"Command: `{env.get('command', '?')}` on {env.get('device', '?')}, "
+                 f"{env.get('date', '?')}, commit {env.get('git_commit', '?')}.")
+    ceilings = payload.get("ceilings")
+    if ceilings:
+        lines.append(f"Ceilings measured in the same run: copy {ceilings['copy_gbps']:.0f} GB/s, "
+                     f"{ceilings['matmul_dtype']} matmul {ceilings['matmul_tflops']:.3g} TFLOP/s.")
+    if not payload.get("gpu_kernels_measured", True):
+        lines.append("**CPU run: the GPU kernels were not measured.**")
+    if payload.get("stopped_early"):
+        lines.append("**Stopped early (time budget): some shapes were not measured.**")
+    lines.append("")
+    rows = _rows(payload)
+    for op in dict.fromkeys(r.op for r in rows):
+        members = [r for r in rows if r.op == op]
+        for pass_ in ("fwd+bwd", "fwd"):
+            table = common.markdown_pivot(members, pass_, "ms")
+            if not table:
+                continue
+            lines += [f"{op}, {pass_}: median ms (speed-up over the baseline)", "", table, ""]
+            if any(r.tflops or r.gbps for r in members if r.pass_ == pass_):
+                unit = "TFLOP/s" if any(r.tflops for r in members) else "GB/s"
+                lines += [f"{op}, {pass_}: {unit}", "",
+                          common.markdown_pivot(members, pass_, "rate"), ""]
+            break  # one pass per op keeps the summary short; the JSON/CSV have all of them
+    mismatches = sorted({f"{r.provider} ({r.pass_}, {r.shape})" for r in rows if r.note.startswith("MISMATCH")})
+    if mismatches:
+        lines += ["**Mismatches against the baseline:** " + "; ".join(mismatches), ""]
+    failures = payload.get("failures") or {}
+    if failures:
+        lines += ["**Failures:**", ""] + [f"- {k}: {v}" for k, v in failures.items()] + [""]
+    skipped = payload.get("skipped") or []
+    if skipped:
+        seen = {}
+        for entry in skipped:
+            seen.setdefault((entry["provider"], entry["reason"]), 0)
+            seen[(entry["provider"], entry["reason"])] += 1
+        lines += ["<details><summary>skipped providers</summary>", ""]
+        lines += [f"- {provider}: {reason}" + (f" ({count}x)" if count > 1 else "")
+                  for (provider, reason), count in seen.items()]
+        lines += ["", "</details>", ""]
+    return lines
+
+
+def summarize(out: Path, cpu_run: bool) -> str:
+    steps = _steps(out)
+    info = _load(out / "info.json")
+    payloads = {name: _load(out / f"{name}.json") for name in BENCHMARKS}
+    failed = [s for s in steps if s.get("status") not in ("pass", "skipped")]
+    lines = ["# fastformer GPU check", ""]
+    if cpu_run:
+        lines += ["**No GPU: the GPU steps were skipped and the benchmarks ran on the CPU "
+                  "(GPU kernels not measured).**", ""]
+    lines += [f"Result: **{'all steps passed' if not failed else f'{len(failed)} step(s) not passed'}**"
+              f" ({sum(float(s.get('seconds') or 0) for s in steps):.0f} s).", ""]
+    lines += ["| step | status | seconds | note |", "| --- | --- | ---: | --- |"]
+    for s in steps:
+        status = s.get("status", "?")
+        shown = status if status in ("pass", "skipped") else f"**{status}**"
+        lines.append(f"| {s.get('step')} | {shown} | {s.get('seconds')} | {s.get('note', '')} |")
+    lines.append("")
+    pytest_line = _pytest_line(out)
+    if pytest_line:
+        lines += [f"pytest: {pytest_line}", ""]
+    lines += ["## Environment", ""] + _environment_lines(info, payloads) + [""]
+    for name in BENCHMARKS:
+        lines += _benchmark_section(name, payloads[name])
+    finetune_table = out / "finetune.md"
+    if finetune_table.is_file():
+        lines += ["## finetune", "", finetune_table.read_text(encoding="utf-8", errors="replace").strip(), ""]
+    elif (out / "finetune.json").is_file():
+        lines += ["## finetune", "", "See finetune.json and logs/finetune.log.", ""]
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    lines += ["## Files", ""] + [f"- {f}" for f in files if f != "summary.md"] + [""]
+    return "\n".join(lines)
+
+
+def readme_block(out: Path) -> str:
+    """The README's headline: attention fwd+bwd on the fine-tuning shapes (ms, speed-up, TFLOP/s),
+    the norms' and GELU's GB/s, the plot, with the date, the card and the command (as measured)."""
+    payload = _load(out / "attention.json")
+    if payload is None:
+        raise SystemExit(f"no {out / 'attention.json'}")
+    env = payload.get("environment", {})
+    rows = [r for r in _rows(payload) if r.op == "attention" and r.suite == "finetune"]
+    lines = [f"Measured {env.get('date', '?')[:10]} on {env.get('device', '?')} (driver "
+             f"{env.get('driver', '?')}, torch {env.get('torch', '?')}, triton {env.get('triton', '?')}, "
+             f"CUDA {env.get('cuda_runtime', '?')}, commit {env.get('git_commit', '?')}) by "
+             f"`{env.get('command', '?')}`; folder `{out.as_posix()}`.", ""]
+    ceilings = payload.get("ceilings")
+    if ceilings:
+        lines += [f"Ceilings measured in the same run: {ceilings['matmul_dtype']} matmul "
+                  f"{ceilings['matmul_tflops']:.3g} TFLOP/s, copy {ceilings['copy_gbps']:.0f} GB/s.", ""]
+    lines += ["Attention, forward + backward, fine-tuning shapes: median ms (speed-up over SDPA's "
+              "default)", "", common.markdown_pivot(rows, "fwd+bwd", "ms"), "",
+              "The same in TFLOP/s (useful work only)", "", common.markdown_pivot(rows, "fwd+bwd", "rate"), ""]
+    for name in ("layer_norm", "gelu"):
+        other = _load(out / f"{name}.json")
+        if other is not None:
+            lines += [f"{name}, forward + backward: GB/s", "",
+                      common.markdown_pivot(_rows(other), "fwd+bwd", "rate"), ""]
+    if (out / "attention.png").is_file():
+        lines += [f"![attention throughput]({(out / 'attention.png').as_posix()})", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", help="the folder gpu_check.sh wrote")
+    parser.add_argument("--cpu-run", type=int, default=0, help="1 if no GPU was used")
+    parser.add_argument("--readme", action="store_true",
+                        help="print the README's headline block (Markdown) instead of writing summary.md")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    if args.readme:
+        print(readme_block(out))
+        return 0
+    text = summarize(out, bool(args.cpu_run))
+    (out / "summary.md").write_text(text, encoding="utf-8")
+    print(f"wrote {out / 'summary.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

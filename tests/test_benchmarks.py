@@ -1,0 +1,151 @@
+"""Smoke tests of the benchmark scripts: each one's --quick run end to end on the CPU, on tiny
+shapes, and the schema of what it writes (JSON, CSV, PNG); the summary writer; gpu_check.sh's
+syntax and its refusal to run without a GPU unless told to."""
+
+import csv
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks"
+sys.path.insert(0, str(BENCH))
+import common  # noqa: E402
+
+HAS_MPL = importlib.util.find_spec("matplotlib") is not None
+TINY = {
+    "attention": ["--suites", "finetune,long,modules", "--batch", "2", "--heads", "2", "--seq-lens", "16",
+                  "--head-dims", "8", "--long-seq-lens", "32", "--long-tokens", "64", "--no-compile"],
+    "layer_norm": ["--rows", "64", "--hidden", "32", "--no-compile"],
+    "gelu": ["--rows", "64", "--width", "48", "--no-compile"],
+}
+BASELINES = {"attention": "torch-sdpa", "layer_norm": "torch-eager", "gelu": "torch-eager"}
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("TRITON_INTERPRET", None)  # what a user's CPU run sees
+    env["MPLBACKEND"] = "Agg"
+    return env
+
+
+@pytest.fixture(scope="module", params=sorted(TINY))
+def run(request, tmp_path_factory):
+    """(script name, completed process, output folder) of one --quick CPU run on tiny shapes."""
+    name = request.param
+    out = tmp_path_factory.mktemp(name)
+    args = [sys.executable, str(BENCH / f"{name}.py"), "--device", "cpu", "--quick", "--repeats", "2",
+            "--warmup", "0", "--threads", "1", "--json", str(out / "r.json"), "--csv", str(out / "r.csv"),
+            "--plot", str(out / "r.png"), *TINY[name]]
+    if name != "gelu":
+        args.append("--no-ceilings")  # one script measures the ceilings, the others save the time
+    result = subprocess.run(args, capture_output=True, text=True, timeout=300, env=_env(), cwd=ROOT)
+    return name, result, out
+
+
+def test_runs_and_says_gpu_not_measured(run):
+    name, result, _ = run
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "were NOT measured" in result.stdout
+    assert BASELINES[name] in result.stdout
+
+
+def test_json_schema(run):
+    name, result, out = run
+    payload = json.loads((out / "r.json").read_text())
+    assert payload["schema_version"] == common.JSON_SCHEMA_VERSION
+    assert payload["columns"] == common.COLUMNS
+    assert payload["gpu_kernels_measured"] is False
+    for key in ("date", "device", "torch", "git_commit", "command", "timer"):
+        assert key in payload["environment"]
+    assert payload["environment"]["command"].startswith(f"python benchmarks/{name}.py")
+    rows = payload["rows"]
+    assert rows
+    for row in rows:
+        assert list(row) == common.COLUMNS
+        assert row["pass"] in common.PASSES
+        assert row["ms"] > 0 and row["spread"] >= 0 and row["n"] >= 1
+    base = [r for r in rows if r["provider"] == BASELINES[name]]
+    assert base and all(abs(r["ratio_vs_baseline"] - 1.0) < 1e-12 for r in base)
+    assert {r["pass"] for r in base} == set(common.PASSES)
+    checked = [r for r in rows if r["rel_err"] is not None]
+    assert checked and not any(r["note"].startswith("MISMATCH") for r in checked)
+    if name == "attention":
+        attention = [r for r in rows if r["op"] == "attention"]
+        assert {r["suite"] for r in attention} == {"finetune", "long"}
+        assert all(r["tflops"] > 0 for r in attention)
+        assert {r["op"] for r in rows} >= {"MultiheadAttention", "TransformerEncoderLayer"}
+        assert any(s["provider"] == "sdpa-cudnn" for s in payload["skipped"])
+    else:
+        assert all(r["gbps"] > 0 for r in rows)
+    if name == "gelu":
+        ceilings = payload["ceilings"]
+        assert ceilings["copy_gbps"] > 0 and ceilings["matmul_tflops"] > 0
+        assert all(r["pct_of_peak"] is not None for r in rows)
+
+
+def test_csv_matches_json(run):
+    _, _, out = run
+    with open(out / "r.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        lines = list(reader)
+    assert reader.fieldnames == common.COLUMNS
+    payload = json.loads((out / "r.json").read_text())
+    assert len(lines) == len(payload["rows"])
+    assert [line["provider"] for line in lines] == [r["provider"] for r in payload["rows"]]
+
+
+@pytest.mark.skipif(not HAS_MPL, reason="needs matplotlib")
+def test_plot(run):
+    _, _, out = run
+    assert (out / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_useful_flops_count_only_real_tokens():
+    import attention
+
+    assert attention.forward_flops(2, 8, [16, 16], False) == 4 * 2 * 8 * 16 * 16 * 2
+    assert attention.forward_flops(2, 8, [4, 16], False) == 4 * 2 * 8 * (4 * 4 + 16 * 16)
+    assert attention.forward_flops(2, 8, [4, 16], True) == 2 * 2 * 8 * (4 * 4 + 16 * 16)
+
+
+@pytest.mark.parametrize("run", ["attention"], indirect=True)
+def test_summary(run, tmp_path):
+    name, _, out = run
+    shutil.copy(out / "r.json", tmp_path / f"{name}.json")
+    (tmp_path / "steps.tsv").write_text("step\tstatus\tseconds\tnote\nbuild\tFAIL\t3\texit 1\n"
+                                        f"{name}\tpass\t9\t\n")
+    result = subprocess.run([sys.executable, str(BENCH / "summarize.py"), str(tmp_path), "--cpu-run", "1"],
+                            capture_output=True, text=True, timeout=120, env=_env())
+    assert result.returncode == 0, result.stderr
+    text = (tmp_path / "summary.md").read_text()
+    assert "1 step(s) not passed" in text and "| build | **FAIL** |" in text
+    assert f"## {name}" in text and BASELINES[name] in text
+    assert "GPU kernels not measured" in text
+
+
+@pytest.mark.parametrize("script", ["gpu_check.sh", "fetch_wheels.sh"])
+def test_shell_scripts(script):
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("no bash")
+    assert subprocess.run([bash, "-n", str(BENCH / script)]).returncode == 0
+    result = subprocess.run([bash, str(BENCH / script), "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "--" in result.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU refusal")
+def test_gpu_check_needs_gpu_or_cpu_ok(tmp_path):
+    env = _env()
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    result = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), "--python", sys.executable,
+                             "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 2 and "--cpu-ok" in result.stderr
