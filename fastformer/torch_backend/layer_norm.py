@@ -77,8 +77,9 @@ def residual_norm_fwd(x, residual, weight, bias, eps, dropout_p, rms, seed, stor
     else:
         # LayerNorm is shift-invariant: normalising r - r[:, :1] gives the same result, and keeps
         # its digits when the rows have a large mean (see _centred); PyTorch's fused kernel does
-        # the rest.
-        shift = r[:, :1]
+        # the rest. The shift is detached: its exact gradient is 0, and under autograd (eager
+        # mode) tracking it would cost a row reduction and a full-size slice backward.
+        shift = r[:, :1].detach()
         y, mean, rstd = torch.native_layer_norm(r - shift, [r.shape[-1]], _cast(weight, dtype),
                                                 _cast(bias, dtype), eps)
         mean, rstd = mean.view(-1) + shift.view(-1), rstd.view(-1)
