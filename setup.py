@@ -311,6 +311,14 @@ def _tool_version(command):
     return out.stdout + out.stderr
 
 
+def _portable(text):
+    """``text`` with the checkout's and the Python environment's absolute paths replaced by
+    placeholders: a fresh clone in another folder (as CI makes) has the same key."""
+    for prefix, placeholder in ((str(ROOT), "<checkout>"), (sys.prefix, "<environment>")):
+        text = text.replace(prefix, placeholder)
+    return text
+
+
 def build_key(ext):
     """A hash of everything the extension is built from: sources, flags and toolchain."""
     import torch
@@ -326,8 +334,8 @@ def build_key(ext):
             add(str(path.relative_to(ROOT)))
             digest.update(path.read_bytes())
     digest.update(Path(__file__).read_bytes())
-    add(repr((ext.sources, ext.include_dirs, ext.extra_compile_args, ext.define_macros)))
-    add(f"{sys.version} {torch.__version__} {torch.version.cuda} {torch.__file__}")
+    add(_portable(repr((ext.sources, ext.include_dirs, ext.extra_compile_args, ext.define_macros))))
+    add(f"{sys.version} {torch.__version__} {torch.version.cuda} {_portable(torch.__file__)}")
     for package in ("nvidia-cutlass",):
         try:
             add(f"{package} {importlib.metadata.version(package)}")
