@@ -51,6 +51,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import itertools
 import math
 import sys
@@ -507,22 +508,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> int:
-    common.install_sigterm_handler()
-    budget = common.Budget(args.max_seconds)
-    env = common.environment(args.device)
-    print(common.format_environment(env))
-    notice = common.cpu_notice(args.device)
-    if notice:
-        print(notice)
-    args.ceilings = None if args.no_ceilings else common.measure_ceilings(args.device, args.quick)
-    if args.ceilings:
-        print(common.format_ceilings(args.ceilings))
-    print(f"timing: {args.repeats} runs after {args.warmup} warm-up runs per measurement; "
-          f"passes: {', '.join(args.passes)}; suites: {', '.join(args.suites)}")
-    print()
-
-    rows: list[common.Row] = []
-    skips, failures = common.Skips(), {}
     # torch.compile providers: every shape on CUDA (--quick: the first shape of each suite); on the
     # CPU only with --compile, on the first shape of each suite (compile time dominates there).
     cuda = args.device.type == "cuda"
@@ -530,53 +515,19 @@ def run(args: argparse.Namespace) -> int:
         policy = "none"
     else:
         policy = "all" if cuda and not args.quick else "first"
-    seen_suites: set[str] = set()
-    shapes, mshapes = attention_shapes(args), module_shapes(args)
-    total = len(shapes) + len(mshapes)
-    try:
-        for number, shape in enumerate(shapes, 1):
-            if budget.exhausted():
-                break
-            compile_here = policy == "all" or (policy == "first" and shape.suite not in seen_suites)
-            seen_suites.add(shape.suite)
-            new, keep_going = common.guarded(f"{OP} {shape.name()}", failures, bench_attention, shape, args,
-                                             compile_here, skips, failures)
-            if not keep_going:
-                budget.stopped_early = True
-                break
-            rows += new
-            if new:
-                common.print_table(new, title=f"[{number}/{total}, {budget.elapsed():.0f} s] {OP}  "
-                                              f"{new[0].shape}  {args.dtype}", omit=("op", "shape", "dtype"))
-        for number, mshape in enumerate(mshapes):
-            if budget.exhausted():
-                break
-            compile_here = policy == "all" or (policy == "first" and number == 0)
-            new, keep_going = common.guarded(f"modules {mshape.label()}", failures, bench_modules, mshape,
-                                             args, compile_here, skips, failures)
-            if not keep_going:
-                budget.stopped_early = True
-                break
-            rows += new
-            for kind in dict.fromkeys(r.op for r in new):
-                members = [r for r in new if r.op == kind]
-                common.print_table(members, title=f"[{len(shapes) + number + 1}/{total}, "
-                                                  f"{budget.elapsed():.0f} s] {kind}  {members[0].shape}  "
-                                                  f"{args.dtype}", omit=("op", "shape", "dtype"))
-    except (common.Stop, KeyboardInterrupt) as exc:
-        rows += getattr(exc, "partial_rows", [])
-        budget.stopped_early = True
-        print(f"interrupted ({exc or type(exc).__name__}): writing the results so far")
-    for pass_ in args.passes:
-        table = common.markdown_pivot([r for r in rows if r.op == OP], pass_)
-        if table:
-            print(f"\nsummary, {pass_}: ms (speed-up vs {BASELINE})")
-            print(table)
-    print()
-    common.finish(rows, env, args, ceilings=args.ceilings, skips=skips, budget=budget,
-                  plot_x_label="sequence length L", failures=failures,
-                  plot_title=f"attention, {env['device']}, {args.dtype}")
-    return 1 if failures else 0
+    cases, seen_suites = [], set()
+    for shape in attention_shapes(args):
+        compile_here = policy == "all" or (policy == "first" and shape.suite not in seen_suites)
+        seen_suites.add(shape.suite)
+        cases.append(common.Case(f"{OP} {shape.name()}",
+                                 functools.partial(bench_attention, shape, args, compile_here)))
+    for number, mshape in enumerate(module_shapes(args)):
+        compile_here = policy == "all" or (policy == "first" and number == 0)
+        cases.append(common.Case(f"modules {mshape.label()}",
+                                 functools.partial(bench_modules, mshape, args, compile_here)))
+    return common.run_cases(args, cases, baseline=BASELINE, plot_x_label="sequence length L",
+                            plot_title=f"attention, {{device}}, {args.dtype}", summary_ops={OP},
+                            timing_note=f"; suites: {', '.join(args.suites)}")
 
 
 def main(argv: list[str] | None = None) -> int:

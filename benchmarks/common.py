@@ -1117,3 +1117,64 @@ def finish(rows: Sequence[Row], env: dict[str, Any], args, *, ceilings, skips: S
         print(f"wrote {args.csv}")
     if args.plot and plot_rows(rows, args.plot, x_label=plot_x_label, title=plot_title):
         print(f"wrote {args.plot}")
+
+
+# --------------------------------------------------------------------------------------------
+# the main loop every benchmark script shares
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Case:
+    """One shape of a script: ``bench(skips, failures)`` measures every provider, returns rows."""
+
+    label: str  # names the shape in failure entries
+    bench: Callable[["Skips", dict], list]
+
+
+def run_cases(args, cases: Sequence[Case], *, baseline: str, plot_x_label: str, plot_title: str,
+              summary_ops: set[str] | None = None, timing_note: str = "") -> int:
+    """Environment and ceilings, then each case under the time budget (a failing case is recorded
+    and the run goes on; SIGTERM or Ctrl-C still writes what was measured), a table per op of each
+    case, the summary pivots (of ``summary_ops``, or every op), and --json / --csv / --plot.
+
+    ``plot_title`` may name ``{device}``. Returns the exit status: 1 if a case failed.
+    """
+    install_sigterm_handler()
+    budget = Budget(args.max_seconds)
+    env = environment(args.device)
+    print(format_environment(env))
+    notice = cpu_notice(args.device)
+    if notice:
+        print(notice)
+    args.ceilings = None if args.no_ceilings else measure_ceilings(args.device, args.quick)
+    if args.ceilings:
+        print(format_ceilings(args.ceilings))
+    print(f"timing: {args.repeats} runs after {args.warmup} warm-up runs per measurement; "
+          f"passes: {', '.join(args.passes)}{timing_note}\n")
+    rows: list[Row] = []
+    skips, failures = Skips(), {}
+    try:
+        for number, case in enumerate(cases, 1):
+            if budget.exhausted():
+                break
+            new, keep_going = guarded(case.label, failures, case.bench, skips, failures)
+            if not keep_going:
+                budget.stopped_early = True
+                break
+            rows += new
+            for op in dict.fromkeys(r.op for r in new):
+                members = [r for r in new if r.op == op]
+                print_table(members, title=f"[{number}/{len(cases)}, {budget.elapsed():.0f} s] {op}  "
+                                           f"{members[0].shape}  {args.dtype}", omit=("op", "shape", "dtype"))
+    except (Stop, KeyboardInterrupt) as exc:
+        rows += getattr(exc, "partial_rows", [])
+        budget.stopped_early = True
+        print(f"interrupted ({exc or type(exc).__name__}): writing the results so far")
+    for pass_ in args.passes:
+        table = markdown_pivot([r for r in rows if summary_ops is None or r.op in summary_ops], pass_)
+        if table:
+            print(f"\nsummary, {pass_}: ms (speed-up vs {baseline})")
+            print(table)
+    print()
+    finish(rows, env, args, ceilings=args.ceilings, skips=skips, budget=budget, plot_x_label=plot_x_label,
+           failures=failures, plot_title=plot_title.format(device=env["device"]))
+    return 1 if failures else 0

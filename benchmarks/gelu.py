@@ -29,6 +29,7 @@ Bytes (GB/s), each input read once and each output written once, s = element siz
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 from typing import Callable
@@ -129,49 +130,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def run(args) -> int:
-    common.install_sigterm_handler()
-    budget = common.Budget(args.max_seconds)
-    env = common.environment(args.device)
-    print(common.format_environment(env))
-    notice = common.cpu_notice(args.device)
-    if notice:
-        print(notice)
-    args.ceilings = None if args.no_ceilings else common.measure_ceilings(args.device, args.quick)
-    if args.ceilings:
-        print(common.format_ceilings(args.ceilings))
-    print(f"timing: {args.repeats} runs after {args.warmup} warm-up runs per measurement; "
-          f"passes: {', '.join(args.passes)}\n")
-    rows: list[common.Row] = []
-    skips, failures = common.Skips(), {}
-    try:
-        for approximate in args.approximate:
-            for width in args.width:
-                if budget.exhausted():
-                    break
-                new, keep_going = common.guarded(
-                    f"{OP} rows={args.rows} width={width} approximate={approximate}", failures,
-                    bench_shape, approximate, args.rows, width, args, skips, failures)
-                if not keep_going:
-                    budget.stopped_early = True
-                    break
-                rows += new
-                if new:
-                    common.print_table(new, title=f"{OP}  {new[0].shape}  {args.dtype}",
-                                       omit=("op", "shape", "dtype"))
-    except (common.Stop, KeyboardInterrupt) as exc:
-        rows += getattr(exc, "partial_rows", [])
-        budget.stopped_early = True
-        print(f"interrupted ({exc or type(exc).__name__}): writing the results so far")
-    for pass_ in args.passes:
-        table = common.markdown_pivot(rows, pass_)
-        if table:
-            print(f"\nsummary, {pass_}: ms (speed-up vs {BASELINE})")
-            print(table)
-    print()
-    common.finish(rows, env, args, ceilings=args.ceilings, skips=skips, budget=budget,
-                  plot_x_label="feed-forward width", failures=failures,
-                  plot_title=f"bias + GELU, {env['device']}, {args.dtype}")
-    return 1 if failures else 0
+    cases = [common.Case(f"{OP} rows={args.rows} width={width} approximate={approximate}",
+                         functools.partial(bench_shape, approximate, args.rows, width, args))
+             for approximate in args.approximate for width in args.width]
+    return common.run_cases(args, cases, baseline=BASELINE, plot_x_label="feed-forward width",
+                            plot_title=f"bias + GELU, {{device}}, {args.dtype}")
 
 
 def main(argv=None) -> int:
