@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.nn.modules import transformer as _transformer
 
 import fastformer
+from fastformer import dispatch as _dispatch
 from fastformer.nn.multihead_attention import FastMultiheadAttention
 
 __all__ = ["FastTransformerEncoder", "FastTransformerEncoderLayer"]
@@ -63,8 +64,10 @@ class FastTransformerEncoderLayer(nn.TransformerEncoderLayer):
     ``self.dropout1`` and ``self.dropout2``, as PyTorch does.
 
     FFN activation: GELU (``"gelu"``, ``F.gelu``, or an ``nn.GELU`` module, exact or tanh) runs
-    ``linear1`` without its bias and fuses the bias into ``fastformer.bias_gelu``; ReLU or any other
-    callable keeps PyTorch's path (``F.linear`` with bias, then the activation).
+    ``linear1`` without its bias and fuses the bias into ``fastformer.bias_gelu`` (where bias_gelu
+    runs on the torch backend, e.g. on the CPU, the bias stays in ``linear1``'s GEMM instead: there
+    the fusion would only add a pass); ReLU or any other callable keeps PyTorch's path
+    (``F.linear`` with bias, then the activation).
 
     Masks, PyTorch's conventions: ``src_mask`` (S, S) or (N * nhead, S, S), bool (True = may NOT
     attend) or additive float; ``src_key_padding_mask`` (N, S) (or (S,) for unbatched input), bool
@@ -133,12 +136,22 @@ class FastTransformerEncoderLayer(nn.TransformerEncoderLayer):
     def _ff(self, x: Tensor) -> Tensor:
         """linear2(dropout(activation(linear1(x)))), without dropout2 (fused by the caller)."""
         approximate = _gelu_approximate(self.activation)
-        if approximate is not None:
+        if approximate is not None and self._gelu_on_torch_backend(x):
+            # PyTorch's GELU: fusing the bias saves nothing and costs a pass, so linear1 keeps it
+            # (one addmm), as in PyTorch's layer.
+            h = fastformer.bias_gelu(self.linear1(x), None, approximate, backend=self.fastformer_backend)
+        elif approximate is not None:
             h = fastformer.bias_gelu(F.linear(x, self.linear1.weight), self.linear1.bias, approximate,
                                      backend=self.fastformer_backend)
         else:
             h = self.activation(self.linear1(x))
         return self.linear2(F.dropout(h, self.dropout.p, self.training))
+
+    def _gelu_on_torch_backend(self, x: Tensor) -> bool:
+        """Whether bias_gelu runs on the torch backend here: when forced to, or on the CPU unless
+        another backend is forced (the automatic choice on the CPU is always the torch backend)."""
+        forced = _dispatch.forced_backend(self.fastformer_backend, "bias_gelu")
+        return forced == "torch" or (forced is None and x.device.type == "cpu")
 
     def _sa(self, x: Tensor, attn_mask, key_padding_mask, is_causal) -> Tensor:
         """Self-attention incl. the output projection, without dropout1 (fused by the caller).
