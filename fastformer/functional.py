@@ -25,6 +25,13 @@ def _draw_seed(dropout_p: float) -> torch.Tensor | None:
     return torch.randint(0, 2**62, (), dtype=torch.int64)
 
 
+def _seed_for(dropout_p: float, backend: str, op: str, forward_name: str) -> torch.Tensor | None:
+    """The call's dropout seed; None when it runs PyTorch's own dropout (nothing to regenerate)."""
+    if dropout_p == 0.0 or library.draws_own_dropout(backend, op, forward_name):
+        return None
+    return _draw_seed(dropout_p)
+
+
 def _needs(**flags: bool) -> frozenset:
     return frozenset(name for name, on in flags.items() if on)
 
@@ -117,7 +124,7 @@ def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
     call, args = _prepare_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
                                     key_padding_mask=key_padding_mask)
     chosen = dispatch.select_backend(call, backend).backend
-    out, _ = library.attention(*args, _draw_seed(args[5]), chosen)
+    out, _ = library.attention(*args, _seed_for(args[5], chosen, "attention", "attention_fwd"), chosen)
     return out
 
 
@@ -158,7 +165,8 @@ def _prepare_residual_norm(op, x, residual, weight, bias, eps, dropout_p, rms):
 def _residual_norm(op, x, residual, weight, bias, eps, dropout_p, rms, backend):
     call, args, store_residual = _prepare_residual_norm(op, x, residual, weight, bias, eps, dropout_p, rms)
     chosen = dispatch.select_backend(call, backend).backend
-    out, residual_out, _, _ = library.residual_norm(*args, _draw_seed(args[5]), store_residual, chosen)
+    seed = _seed_for(args[5], chosen, op, "residual_norm_fwd")
+    out, residual_out, _, _ = library.residual_norm(*args, seed, store_residual, chosen)
     # Without residual and dropout the residual stream is x itself: return it, don't copy it.
     residual_out = residual_out.view(x.shape) if store_residual else x
     return out.view(x.shape), residual_out

@@ -66,6 +66,14 @@ def _blhd(t: Tensor) -> Tensor:
 NATIVE_AUTOGRAD = True
 
 
+def draws_own_dropout(backend: str, op: str, forward_name: str) -> bool:
+    """Whether ``op`` on ``backend`` runs its ``eager_<forward_name>`` function under PyTorch's
+    autograd now, whose dropout draws from PyTorch's generator: then it needs no seed."""
+    if not NATIVE_AUTOGRAD or torch.compiler.is_compiling():
+        return False
+    return hasattr(_implementation(backend, op), "eager_" + forward_name)
+
+
 def _eager_or_compiled(function, op, public_op, forward_name):
     """The op while torch.compile traces (an opaque node), the autograd.Function otherwise."""
     def call(*args):
