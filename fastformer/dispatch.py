@@ -311,9 +311,27 @@ class Selection:
         return "\n".join(lines)
 
 
+# Selections already made: a pure function of the call, the forced backend and what probe() found.
+# The key holds the op tables' identities and the reasons, so that replacing a table (tests do)
+# starts afresh; each entry keeps its tables alive, so that no later table can reuse their ids.
+_SELECTIONS: dict = {}
+_SELECTIONS_KEPT = 4096
+
+
 def select_backend(call: Call, requested: str | None = None) -> Selection:
     """Choose the backend for ``call``; raise :class:`BackendUnavailableError` if a forced one can't."""
     forced = forced_backend(requested, call.op)
+    tables = tuple(_OP_TABLES.values())
+    key = (call, forced, tuple(map(id, tables)), tuple(_UNAVAILABLE.values()))
+    entry = _SELECTIONS.get(key)
+    if entry is None:
+        if len(_SELECTIONS) >= _SELECTIONS_KEPT:
+            _SELECTIONS.clear()
+        entry = _SELECTIONS[key] = (_select(call, forced), tables)
+    return entry[0]
+
+
+def _select(call: Call, forced: str | None) -> Selection:
     if forced is not None:
         reasons = not_supported_reasons(forced, call)
         if reasons:

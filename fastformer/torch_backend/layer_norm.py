@@ -86,9 +86,27 @@ def residual_norm_fwd(x, residual, weight, bias, eps, dropout_p, rms, seed, stor
     return y.to(x.dtype), residual_out, mean.float(), rstd.float()
 
 
-def eager_residual_norm_fwd(*args):
-    """The forward under PyTorch's autograd (eager mode), with PyTorch's dropout."""
-    return residual_norm_fwd(*args, native_dropout=True)
+def eager_residual_norm_fwd(x, residual, weight, bias, eps, dropout_p, rms, seed, store_residual):
+    """The forward under PyTorch's autograd (eager mode), with PyTorch's dropout.
+
+    In float32 / float64 the fewest ops (PyTorch's dropout, add and layer_norm, whose backward
+    autograd records), and mean / rstd come back empty: nothing reads them in eager mode. In half
+    precision the sum is formed in float32 and rounded once, as the other backends do.
+    """
+    if x.dtype not in (torch.float32, torch.float64):
+        return residual_norm_fwd(x, residual, weight, bias, eps, dropout_p, rms, seed, store_residual,
+                                 native_dropout=True)
+    r = F.dropout(x, dropout_p, training=True) if dropout_p > 0.0 else x
+    if residual is not None:
+        r = r + residual
+    weight, bias = _cast(weight, x.dtype), _cast(bias, x.dtype)
+    if rms:
+        y = r * torch.rsqrt(r.square().mean(dim=-1, keepdim=True) + eps)
+        y = y if weight is None else y * weight
+    else:  # shifted as in residual_norm_fwd (large means keep their digits)
+        y = F.layer_norm(r - r[:, :1].detach(), (r.shape[-1],), weight, bias, eps)
+    empty = x.new_empty(0)
+    return y, r if store_residual else empty, empty, empty
 
 
 def residual_norm_bwd(grad_out, grad_residual_out, normed, weight, bias, mean, rstd, dropout_p, rms,
