@@ -20,14 +20,14 @@ help:
 	@echo "variables: VENV=$(VENV) PYTHON=$(PYTHON); build: FASTFORMER_BUILD_CUDA=0|1|auto,"
 	@echo "           FASTFORMER_CUDA_ARCHS='8.0;9.0a', MAX_JOBS, NVCC_THREADS, FASTFORMER_BUILD_CACHE=DIR"
 
-# torch, ninja and nvidia-cutlass (CUTLASS/CuTe headers) come first: the editable install builds the
-# CUDA extension against the torch already in the venv (--no-build-isolation), with ninja.
+# torch and ninja come first: the editable install builds the CUDA extension against the torch
+# already in the venv (--no-build-isolation), with ninja.
 # csrc/ too: a changed kernel is rebuilt by the next `make test` (FASTFORMER_BUILD_CACHE, which
 # .ci/run sets, makes an unchanged csrc/ cost a copy instead of a compilation).
 $(STAMP): pyproject.toml setup.py $(shell find csrc -type f 2>/dev/null)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip setuptools wheel
-	$(PY) -m pip install torch ninja nvidia-cutlass
+	$(PY) -m pip install torch ninja
 	$(PY) -m pip install --no-build-isolation -e ".[dev,bench]"
 	touch $@
 

@@ -242,7 +242,9 @@ def nvidia_include_dirs():
 
 def cutlass_include_dirs():
     """CUTLASS/CuTe headers from the ``nvidia-cutlass`` wheel (``cutlass_library/source/include``),
-    so that no git submodule is needed. Empty when the wheel is not installed."""
+    so that no git submodule is needed. Empty when the wheel is not installed. No kernel includes
+    them today (the attention kernels use inline PTX); a kernel that does must have the wheel
+    installed before the build (Makefile, benchmarks/fetch_wheels.sh)."""
     try:
         spec = importlib.util.find_spec("cutlass_library")
     except (ImportError, ValueError):

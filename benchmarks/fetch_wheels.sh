@@ -7,7 +7,6 @@
 # Default DIR: .wheels (ignored by git). Fetched by default, for Linux x86-64, CPython 3.12, without
 # their dependencies (gpu_check.sh installs each wheel with the dependencies it finds in DIR or
 # already installed, else without them):
-#   nvidia-cutlass    CUTLASS/CuTe headers, which setup.py needs to build the CUDA extension
 #   liger-kernel      Liger-Kernel, an optional provider of benchmarks/layer_norm.py
 #   pytest-timeout    per-test timeouts in the test step
 # Packages that a CUDA machine with PyTorch usually has (rich, matplotlib, tqdm, tokenizers,
@@ -19,7 +18,7 @@ set -euo pipefail
 
 DEST=".wheels"
 PYVER="3.12"
-PACKAGES=("nvidia-cutlass==4.2.0.0" "liger-kernel==0.8.5" "pytest-timeout==2.4.0")
+PACKAGES=("liger-kernel==0.8.5" "pytest-timeout==2.4.0")
 EXTRA=()
 while [ $# -gt 0 ]; do
   case "$1" in
