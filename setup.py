@@ -224,18 +224,22 @@ def sources():
     return sorted(os.path.relpath(f, ROOT) for f in files)
 
 
+def package_locations(name):
+    """The folders of installed package ``name`` (a namespace package may have several); [] if
+    it is not installed."""
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return []
+    return list(spec.submodule_search_locations or []) if spec is not None else []
+
+
 def nvidia_include_dirs():
     """The ``include`` folders of the nvidia-* wheels torch depends on (nvidia/cu13/include,
     nvidia/cublas/include, ...): minimal toolkits lack the cuBLAS/cuSPARSE headers that
     ATen/cuda/CUDAContext.h includes."""
-    try:
-        spec = importlib.util.find_spec("nvidia")
-    except (ImportError, ValueError):
-        return []
-    if spec is None or not spec.submodule_search_locations:
-        return []
     found = []
-    for location in spec.submodule_search_locations:
+    for location in package_locations("nvidia"):
         found += glob.glob(os.path.join(location, "*", "include"))
     return sorted(d for d in set(found) if os.path.isdir(d))
 
@@ -245,18 +249,8 @@ def cutlass_include_dirs():
     so that no git submodule is needed. Empty when the wheel is not installed. No kernel includes
     them today (the attention kernels use inline PTX); a kernel that does must have the wheel
     installed before the build (Makefile, benchmarks/fetch_wheels.sh)."""
-    try:
-        spec = importlib.util.find_spec("cutlass_library")
-    except (ImportError, ValueError):
-        return []
-    if spec is None or not spec.submodule_search_locations:
-        return []
-    found = []
-    for location in spec.submodule_search_locations:
-        include = os.path.join(location, "source", "include")
-        if os.path.isfile(os.path.join(include, "cute", "tensor.hpp")):
-            found.append(include)
-    return found
+    includes = [os.path.join(location, "source", "include") for location in package_locations("cutlass_library")]
+    return [d for d in includes if os.path.isfile(os.path.join(d, "cute", "tensor.hpp"))]
 
 
 # --- The extension ---------------------------------------------------------------------------

@@ -57,6 +57,23 @@ def _grads(out, inputs, grad_out):
     return torch.autograd.grad(out, inputs, grad_out)
 
 
+def assert_matches_reference(q, k, v, dtype, backend, **kwargs):
+    """fastformer.attention (output and q/k/v gradients, in ``dtype``) against the float64
+    reference, within DESIGN.md's tolerances; returns the output."""
+    out = fastformer.attention(q, k, v, backend=backend, **kwargs)
+    expected = reference.attention(q, k, v, **kwargs)
+    fwd_tol, grad_tol = ATTENTION_TOL[dtype]
+    assert out.dtype == dtype
+    assert_rel_close(out, expected, fwd_tol, "out")
+    grad_out = torch.randn_like(expected)
+    grads = _grads(out, (q, k, v), grad_out.to(dtype))
+    expected_grads = _grads(expected, (q, k, v), grad_out)
+    for name, grad, want in zip("qkv", grads, expected_grads):
+        assert grad.dtype == dtype
+        assert_rel_close(grad, want, grad_tol, f"grad {name}")
+    return out
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -67,19 +84,7 @@ def test_matches_float64_reference(shape, mask_kind, dtype, backend, device):
     attn_mask, key_padding_mask, is_causal = make_masks(mask_kind, shape, dtype, device)
     kwargs = dict(attn_mask=attn_mask, is_causal=is_causal, key_padding_mask=key_padding_mask)
     require_backend(backend, "attention", q, k, v, **kwargs)
-
-    out = fastformer.attention(q, k, v, backend=backend, **kwargs)
-    expected = reference.attention(q, k, v, **kwargs)
-    fwd_tol, grad_tol = ATTENTION_TOL[dtype]
-    assert out.dtype == dtype
-    assert_rel_close(out, expected, fwd_tol, "out")
-
-    grad_out = torch.randn_like(expected)
-    grads = _grads(out, (q, k, v), grad_out.to(dtype))
-    expected_grads = _grads(expected, (q, k, v), grad_out)
-    for name, grad, want in zip("qkv", grads, expected_grads):
-        assert grad.dtype == dtype
-        assert_rel_close(grad, want, grad_tol, f"grad {name}")
+    assert_matches_reference(q, k, v, dtype, backend, **kwargs)
 
 
 # On the GPU, in half precision: the head dims the CUDA kernels are compiled for (32, 96, 128; 50 and
@@ -106,18 +111,7 @@ def test_half_precision_head_dims_on_gpu(shape, mask_kind, dtype, backend):
         key_padding_mask[:, 0] = False
     kwargs = dict(attn_mask=attn_mask, is_causal=is_causal, key_padding_mask=key_padding_mask)
     require_backend(backend, "attention", q, k, v, **kwargs)
-
-    out = fastformer.attention(q, k, v, backend=backend, **kwargs)
-    expected = reference.attention(q, k, v, **kwargs)
-    fwd_tol, grad_tol = ATTENTION_TOL[dtype]
-    assert out.dtype == dtype
-    assert_rel_close(out, expected, fwd_tol, "out")
-    grad_out = torch.randn_like(expected)
-    grads = _grads(out, (q, k, v), grad_out.to(dtype))
-    expected_grads = _grads(expected, (q, k, v), grad_out)
-    for name, grad, want in zip("qkv", grads, expected_grads):
-        assert grad.dtype == dtype
-        assert_rel_close(grad, want, grad_tol, f"grad {name}")
+    assert_matches_reference(q, k, v, dtype, backend, **kwargs)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -219,16 +213,8 @@ def test_any_key_padding_pattern(is_causal, dtype, backend, device):
     pad[2, 66] = False      # a single key, in the last tile
     kwargs = dict(key_padding_mask=pad, is_causal=is_causal)
     require_backend(backend, "attention", q, k, v, **kwargs)
-    out = fastformer.attention(q, k, v, backend=backend, **kwargs)
-    expected = reference.attention(q, k, v, **kwargs)
-    fwd_tol, grad_tol = ATTENTION_TOL[dtype]
-    assert_rel_close(out, expected, fwd_tol, "out")
+    out = assert_matches_reference(q, k, v, dtype, backend, **kwargs)
     assert (out[1] == 0).all()
-    grad_out = torch.randn_like(out)
-    got = torch.autograd.grad(out, (q, k, v), grad_out)
-    want = torch.autograd.grad(expected, (q, k, v), grad_out.double())
-    for name, grad, expected_grad in zip("qkv", got, want):
-        assert_rel_close(grad, expected_grad, grad_tol, f"grad {name}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -6,13 +6,9 @@ plain text and ``--plot`` is skipped with a warning.
 
 from __future__ import annotations
 
-import datetime
 import json
 import math
 import os
-import platform
-import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,7 +16,9 @@ from typing import Any, Iterable
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+import common  # benchmarks/common.py: finetune.py and the tests put benchmarks/ on sys.path
+
+REPO_ROOT = common.REPO_ROOT
 
 
 # --------------------------------------------------------------------------------------------
@@ -64,81 +62,16 @@ def progress(iterable: Iterable, desc: str, enabled: bool = True, leave: bool = 
 # --------------------------------------------------------------------------------------------
 # environment
 # --------------------------------------------------------------------------------------------
-def _package_version(name: str) -> str | None:
-    try:
-        from importlib import metadata
-
-        return metadata.version(name)
-    except Exception:
-        return None
-
-
-def _git(*args: str) -> str | None:
-    try:
-        result = subprocess.run(["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True,
-                                timeout=10, check=False)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return result.stdout.strip() if result.returncode == 0 else None
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
-def command_line() -> str:
-    """The command as run, the script path relative to the repository (no home folders)."""
-    argv = list(sys.argv)
-    if argv:
-        try:
-            argv[0] = str(Path(argv[0]).resolve().relative_to(REPO_ROOT))
-        except (ValueError, OSError):
-            argv[0] = Path(argv[0]).name
-    return shlex.join(["python", *argv])
-
-
 def environment(device: torch.device, world_size: int = 1) -> dict[str, Any]:
-    """What a run was measured on: versions, device, commit, command. No host names, no paths."""
-    commit = _git("rev-parse", "--short", "HEAD") or "unknown"
-    if commit != "unknown" and _git("status", "--porcelain", "--untracked-files=no"):
-        commit += "-dirty"
-    try:
-        import fastformer
-
-        fastformer_version = fastformer.__version__
-        backends = {name: ("available" if not reasons else "; ".join(reasons))
-                    for name, reasons in fastformer.available_backends().items()}
-    except Exception as error:
-        fastformer_version, backends = f"not importable ({error})", {}
-    env = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device_type": device.type,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model(),
-        "world_size": world_size,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda_runtime": torch.version.cuda,
-        "triton": _package_version("triton"),
-        "tokenizers": _package_version("tokenizers"),
-        "transformers": _package_version("transformers"),
-        "fastformer": fastformer_version,
-        "fastformer_backends": backends,
-        "git_commit": commit,
-        "command": command_line(),
-    }
+    """What a run was measured on: the benchmarks' common record (versions, device, commit,
+    command; no host names, no paths) plus what training adds."""
+    env = common.environment(device)
+    env["world_size"] = world_size
+    env["tokenizers"] = common._version("tokenizers")
+    env["transformers"] = common._version("transformers")
     if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        env["compute_capability"] = f"{major}.{minor}"
         env["tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
     else:
-        env["cpu_threads"] = torch.get_num_threads()
         env["cpu_count"] = os.cpu_count()
     if hasattr(os, "getloadavg"):  # other work on the machine slows a run down: say how much there was
         env["load_average_1min_at_start"] = round(os.getloadavg()[0], 2)

@@ -136,7 +136,7 @@ class FastTransformerEncoderLayer(nn.TransformerEncoderLayer):
     def _ff(self, x: Tensor) -> Tensor:
         """linear2(dropout(activation(linear1(x)))), without dropout2 (fused by the caller)."""
         approximate = _gelu_approximate(self.activation)
-        if approximate is not None and self._gelu_on_torch_backend(x):
+        if approximate is not None and self._gelu_on_torch_backend(x, approximate):
             # PyTorch's GELU: fusing the bias saves nothing and costs a pass, so linear1 keeps it
             # (one addmm), as in PyTorch's layer.
             h = fastformer.bias_gelu(self.linear1(x), None, approximate, backend=self.fastformer_backend)
@@ -147,11 +147,11 @@ class FastTransformerEncoderLayer(nn.TransformerEncoderLayer):
             h = self.activation(self.linear1(x))
         return self.linear2(F.dropout(h, self.dropout.p, self.training))
 
-    def _gelu_on_torch_backend(self, x: Tensor) -> bool:
-        """Whether bias_gelu runs on the torch backend here: when forced to, or on the CPU unless
-        another backend is forced (the automatic choice on the CPU is always the torch backend)."""
-        forced = _dispatch.forced_backend(self.fastformer_backend, "bias_gelu")
-        return forced == "torch" or (forced is None and x.device.type == "cpu")
+    def _gelu_on_torch_backend(self, x: Tensor, approximate: str) -> bool:
+        """Whether dispatch sends this layer's bias_gelu call to the torch backend."""
+        needs = frozenset({"bias", "tanh" if approximate == "tanh" else "erf"})
+        call = _dispatch.Call("bias_gelu", x.device, x.dtype, needs, hidden=self.linear1.out_features)
+        return _dispatch.select_backend(call, self.fastformer_backend).backend == "torch"
 
     def _sa(self, x: Tensor, attn_mask, key_padding_mask, is_causal) -> Tensor:
         """Self-attention incl. the output projection, without dropout1 (fused by the caller).
