@@ -57,11 +57,9 @@ def _grads(out, inputs, grad_out):
     return torch.autograd.grad(out, inputs, grad_out)
 
 
-def assert_matches_reference(q, k, v, dtype, backend, **kwargs):
-    """fastformer.attention (output and q/k/v gradients, in ``dtype``) against the float64
-    reference, within DESIGN.md's tolerances; returns the output."""
-    out = fastformer.attention(q, k, v, backend=backend, **kwargs)
-    expected = reference.attention(q, k, v, **kwargs)
+def assert_close_to_reference(out, expected, q, k, v, dtype):
+    """An attention output (in ``dtype``) and its q/k/v gradients against the float64 reference's
+    ``expected`` and its gradients, within DESIGN.md's tolerances."""
     fwd_tol, grad_tol = ATTENTION_TOL[dtype]
     assert out.dtype == dtype
     assert_rel_close(out, expected, fwd_tol, "out")
@@ -71,6 +69,13 @@ def assert_matches_reference(q, k, v, dtype, backend, **kwargs):
     for name, grad, want in zip("qkv", grads, expected_grads):
         assert grad.dtype == dtype
         assert_rel_close(grad, want, grad_tol, f"grad {name}")
+
+
+def assert_matches_reference(q, k, v, dtype, backend, **kwargs):
+    """fastformer.attention against the float64 reference (:func:`assert_close_to_reference`);
+    returns the output."""
+    out = fastformer.attention(q, k, v, backend=backend, **kwargs)
+    assert_close_to_reference(out, reference.attention(q, k, v, **kwargs), q, k, v, dtype)
     return out
 
 
@@ -276,13 +281,7 @@ def test_dropout_matches_reference_with_the_same_mask(dtype, backend, monkeypatc
     keep = keep_mask(seed, (2, 4, 13, 21), p, "cpu")
     assert 0.6 < keep.float().mean().item() < 0.8
     expected = reference.attention(q, k, v, key_padding_mask=pad, is_causal=True, keep=keep, dropout_p=p)
-    fwd_tol, grad_tol = ATTENTION_TOL[dtype]
-    assert_rel_close(out, expected, fwd_tol, "out")
-    grad_out = torch.randn_like(expected)
-    got = torch.autograd.grad(out, (q, k, v), grad_out.to(dtype))
-    want = torch.autograd.grad(expected, (q, k, v), grad_out)
-    for name, grad, expected_grad in zip("qkv", got, want):
-        assert_rel_close(grad, expected_grad, grad_tol, f"grad {name}")
+    assert_close_to_reference(out, expected, q, k, v, dtype)
 
 
 @pytest.mark.gpu
@@ -303,13 +302,7 @@ def test_dropout_on_gpu_matches_reference_with_the_same_mask(dim, dtype, backend
     keep = keep_mask(seed, (2, 4, 77, 130), p, "cuda")
     assert 0.6 < keep.float().mean().item() < 0.8
     expected = reference.attention(q, k, v, key_padding_mask=pad, is_causal=True, keep=keep, dropout_p=p)
-    fwd_tol, grad_tol = ATTENTION_TOL[dtype]
-    assert_rel_close(out, expected, fwd_tol, "out")
-    grad_out = torch.randn_like(expected)
-    got = torch.autograd.grad(out, (q, k, v), grad_out.to(dtype))
-    want = torch.autograd.grad(expected, (q, k, v), grad_out)
-    for name, grad, expected_grad in zip("qkv", got, want):
-        assert_rel_close(grad, expected_grad, grad_tol, f"grad {name}")
+    assert_close_to_reference(out, expected, q, k, v, dtype)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

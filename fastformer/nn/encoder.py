@@ -21,6 +21,7 @@ from torch.nn.modules import transformer as _transformer
 import fastformer
 from fastformer import dispatch as _dispatch
 from fastformer.nn.multihead_attention import FastMultiheadAttention
+from fastformer.torch_backend.dropout import dropout, dropout_add
 
 __all__ = ["FastTransformerEncoder", "FastTransformerEncoderLayer"]
 
@@ -61,7 +62,9 @@ class FastTransformerEncoderLayer(nn.TransformerEncoderLayer):
 
     Dropout (attention weights, after the activation, dropout1/dropout2) is applied only in
     training mode, with the probabilities of ``self.self_attn.dropout``, ``self.dropout``,
-    ``self.dropout1`` and ``self.dropout2``, as PyTorch does.
+    ``self.dropout1`` and ``self.dropout2``, as PyTorch does. On the CPU in float32/float64 the
+    masks are drawn by ``fastformer.torch_backend.dropout`` (32 random bits per element, twice as
+    fast as ``bernoulli_``), so they differ from PyTorch's draws for the same seed.
 
     FFN activation: GELU (``"gelu"``, ``F.gelu``, or an ``nn.GELU`` module, exact or tanh) runs
     ``linear1`` without its bias and fuses the bias into ``fastformer.bias_gelu`` (where bias_gelu
@@ -124,7 +127,7 @@ class FastTransformerEncoderLayer(nn.TransformerEncoderLayer):
             h2, x1 = fastformer.residual_layer_norm(self._sa(h1, src_mask, padding, is_causal), x,
                                                     self.norm2.weight, self.norm2.bias,
                                                     self.norm2.eps, p1, backend=self.fastformer_backend)
-            return x1 + F.dropout(self._ff(h2), p2, self.training)
+            return dropout_add(self._ff(h2), x1, p2, self.training)
         x1, _ = fastformer.residual_layer_norm(self._sa(x, src_mask, padding, is_causal), x,
                                                self.norm1.weight, self.norm1.bias, self.norm1.eps, p1,
                                                backend=self.fastformer_backend)
@@ -145,7 +148,7 @@ class FastTransformerEncoderLayer(nn.TransformerEncoderLayer):
                                      backend=self.fastformer_backend)
         else:
             h = self.activation(self.linear1(x))
-        return self.linear2(F.dropout(h, self.dropout.p, self.training))
+        return self.linear2(dropout(h, self.dropout.p, self.training))
 
     def _gelu_on_torch_backend(self, x: Tensor, approximate: str) -> bool:
         """Whether dispatch sends this layer's bias_gelu call to the torch backend."""

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from fastformer.masks import fold_key_padding
-from fastformer.torch_backend.dropout import dropout_keep_mask
+from fastformer.torch_backend.dropout import dropout, dropout_keep_mask, uses_own_sampler
 
 _CHUNK_BYTES = 256 * 2**20
 
@@ -96,8 +96,9 @@ def attention_fwd(query, key, value, attn_mask, key_padding_mask, dropout_p, is_
                   *, native_dropout=False):
     """Returns (out, lse); this backend recomputes in the backward, so lse is empty.
 
-    ``native_dropout``: SDPA's own dropout (PyTorch's generator) instead of the keep-mask
-    regenerated from ``seed`` — for :func:`eager_attention_fwd`, where autograd keeps the mask.
+    ``native_dropout``: a mask drawn now from PyTorch's generator (by SDPA, or on the CPU by
+    ``torch_backend.dropout``) instead of the keep-mask regenerated from ``seed`` — for
+    :func:`eager_attention_fwd`, where autograd keeps the mask.
     """
     batch, heads_q, len_q, _ = query.shape
     len_k, dim_v = key.shape[-2], value.shape[-1]
@@ -107,7 +108,9 @@ def attention_fwd(query, key, value, attn_mask, key_padding_mask, dropout_p, is_
         connected = (query.sum() + key.sum() + value.sum()) * 0.0
         return query.new_zeros(batch, heads_q, len_q, dim_v) + connected, no_lse
     mask, alive = _folded_mask(query, key, attn_mask, key_padding_mask, is_causal)
-    if dropout_p == 0.0 or native_dropout:
+    if native_dropout and dropout_p > 0.0 and uses_own_sampler(query):
+        out = _eager_dropout_attention(query, key, value, mask, is_causal, scale, dropout_p)
+    elif dropout_p == 0.0 or native_dropout:
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout_p,
                                              is_causal=is_causal and mask is None, scale=scale,
                                              enable_gqa=heads_q != key.shape[1])
@@ -119,8 +122,21 @@ def attention_fwd(query, key, value, attn_mask, key_padding_mask, dropout_p, is_
 
 
 def eager_attention_fwd(*args):
-    """The forward under PyTorch's autograd (eager mode): SDPA, its backward and its dropout."""
+    """The forward under PyTorch's autograd (eager mode): SDPA and its backward; with dropout, on
+    the CPU, SDPA's math with a mask from ``torch_backend.dropout`` (faster than SDPA's own)."""
     return attention_fwd(*args, native_dropout=True)
+
+
+def _eager_dropout_attention(query, key, value, mask, is_causal, scale, dropout_p):
+    """SDPA's math with the dropout mask drawn by ``torch_backend.dropout.dropout``, under autograd.
+
+    Not chunked: autograd keeps every probability for the backward anyway, as SDPA's math does.
+    """
+    dtype = _compute_dtype(query.dtype)
+    group = query.shape[1] // key.shape[1]
+    probs = _probabilities(query.to(dtype), _repeat_kv(key, group, dtype), mask, is_causal, scale)
+    out = torch.matmul(dropout(probs, dropout_p), _repeat_kv(value, group, dtype))
+    return out.to(query.dtype)
 
 
 def _dropout_attention(query, key, value, mask, is_causal, scale, keep, dropout_p):

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastformer.torch_backend.dropout import dropout_keep_mask
+from fastformer.torch_backend.dropout import dropout, dropout_add, dropout_keep_mask
 
 
 
@@ -45,12 +45,12 @@ def _cast(t, dtype):
 
 
 def _dropped(x, dropout_p, seed, dtype, native_dropout=False):
-    """dropout(x) in ``dtype``, with the keep-mask regenerated from ``seed`` (or PyTorch's own)."""
+    """dropout(x) in ``dtype``, with the keep-mask regenerated from ``seed`` (or one drawn now)."""
     x = x.to(dtype)
     if dropout_p == 0.0:
         return x
     if native_dropout:
-        return F.dropout(x, dropout_p, training=True)
+        return dropout(x, dropout_p)
     keep = dropout_keep_mask(seed, x.shape, dropout_p, x.device)
     return x * keep / (1.0 - dropout_p)
 
@@ -59,8 +59,9 @@ def residual_norm_fwd(x, residual, weight, bias, eps, dropout_p, rms, seed, stor
                       native_dropout=False):
     """Returns (out, residual_out or empty, mean or empty, rstd), mean/rstd float32 of shape (rows,).
 
-    ``native_dropout``: PyTorch's own dropout instead of the keep-mask regenerated from ``seed``
-    (for :func:`eager_residual_norm_fwd`, where autograd keeps the mask).
+    ``native_dropout``: a mask drawn now under autograd (``torch_backend.dropout.dropout``)
+    instead of the one regenerated from ``seed`` (for :func:`eager_residual_norm_fwd`, where
+    autograd keeps the mask).
     """
     dtype = _compute_dtype(x.dtype)
     r = _dropped(x, dropout_p, seed, dtype, native_dropout)
@@ -87,18 +88,16 @@ def residual_norm_fwd(x, residual, weight, bias, eps, dropout_p, rms, seed, stor
 
 
 def eager_residual_norm_fwd(x, residual, weight, bias, eps, dropout_p, rms, seed, store_residual):
-    """The forward under PyTorch's autograd (eager mode), with PyTorch's dropout.
+    """The forward under PyTorch's autograd (eager mode), with a dropout mask drawn now.
 
-    In float32 / float64 the fewest ops (PyTorch's dropout, add and layer_norm, whose backward
-    autograd records), and mean / rstd come back empty: nothing reads them in eager mode. In half
+    In float32 / float64 the fewest ops (dropout and add, fused on the CPU, and layer_norm, whose
+    backward autograd records), and mean / rstd come back empty: nothing reads them in eager mode. In half
     precision the sum is formed in float32 and rounded once, as the other backends do.
     """
     if x.dtype not in (torch.float32, torch.float64):
         return residual_norm_fwd(x, residual, weight, bias, eps, dropout_p, rms, seed, store_residual,
                                  native_dropout=True)
-    r = F.dropout(x, dropout_p, training=True) if dropout_p > 0.0 else x
-    if residual is not None:
-        r = r + residual
+    r = dropout(x, dropout_p) if residual is None else dropout_add(x, residual, dropout_p)
     weight, bias = _cast(weight, x.dtype), _cast(bias, x.dtype)
     if rms:
         y = r * torch.rsqrt(r.square().mean(dim=-1, keepdim=True) + eps)

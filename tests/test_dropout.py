@@ -1,0 +1,182 @@
+"""The torch backend's dropout: its Bernoulli sampler, the eager dropout, and the eager ops using it.
+
+The eager paths draw their masks inside the op, so the tests capture each mask as it is drawn
+(by wrapping ``bernoulli_keep_mask``) and check the op against the float64 reference with it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastformer
+import reference
+from fastformer.torch_backend import dropout as torch_dropout
+from helpers import ELEMENTWISE_TOL, assert_rel_close
+from test_attention import assert_close_to_reference, make_qkv, padding_mask
+
+PROBABILITIES = [1e-3, 0.1, 0.3, 0.5, 0.9]
+
+
+def within_sigmas(count, trials, probability, sigmas=5.0):
+    """Whether ``count`` successes in ``trials`` is within ``sigmas`` standard deviations of the mean."""
+    spread = math.sqrt(trials * probability * (1.0 - probability))
+    return abs(count - trials * probability) <= sigmas * spread + 1.0
+
+
+@pytest.fixture
+def captured_masks(monkeypatch):
+    """Every keep-mask the torch backend's dropout draws, in order."""
+    masks = []
+    draw = torch_dropout.bernoulli_keep_mask
+
+    def recording(*args, **kwargs):
+        masks.append(draw(*args, **kwargs))
+        return masks[-1]
+
+    monkeypatch.setattr(torch_dropout, "bernoulli_keep_mask", recording)
+    return masks
+
+
+# --------------------------------------------------------------------------------------------
+# The sampler
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("p", PROBABILITIES)
+def test_keep_mask_is_uniform_bits_against_the_threshold(p):
+    """Element i is kept iff its 32 random bits, read as an unsigned fraction u in [0, 1), are >= p:
+    recomputed here from the same generator state, independently of the implementation."""
+    numel = 10_001  # odd: the last 64-bit word is half used
+    generator = torch.Generator().manual_seed(1234)
+    keep = torch_dropout.bernoulli_keep_mask((numel,), p, "cpu", generator)
+    words = torch.empty((numel + 1) // 2, dtype=torch.int64)
+    words.random_(-(2**63), None, generator=torch.Generator().manual_seed(1234))
+    fractions = (words.view(torch.int32)[:numel].double() + 2**31) / 2**32
+    assert torch.equal(keep, fractions >= p)
+
+
+@pytest.mark.parametrize("p", PROBABILITIES)
+def test_keep_mask_frequency(p):
+    trials = 2_000_003
+    keep = torch_dropout.bernoulli_keep_mask((trials,), p, "cpu")
+    assert within_sigmas(int((~keep).sum()), trials, p)
+
+
+def test_keep_mask_neighbours_are_independent():
+    """The two elements drawn from one 64-bit word: P(both dropped) = p^2, P(one of each) = 2 p (1 - p)."""
+    p, pairs = 0.3, 1_000_000
+    keep = torch_dropout.bernoulli_keep_mask((pairs, 2), p, "cpu")
+    dropped = ~keep
+    assert within_sigmas(int((dropped[:, 0] & dropped[:, 1]).sum()), pairs, p * p)
+    assert within_sigmas(int((dropped[:, 0] ^ dropped[:, 1]).sum()), pairs, 2 * p * (1 - p))
+
+
+@pytest.mark.parametrize("shape", [(), (0, 5), (1,), (3, 7, 5)], ids=str)
+def test_keep_mask_shapes_and_extremes(shape):
+    assert torch_dropout.bernoulli_keep_mask(shape, 0.0, "cpu").all()
+    assert not torch_dropout.bernoulli_keep_mask(shape, 1.0, "cpu").any()
+    keep = torch_dropout.bernoulli_keep_mask(shape, 0.5, "cpu")
+    assert keep.shape == shape and keep.dtype == torch.bool
+
+
+def test_keep_mask_reproducible_from_the_default_generator_and_from_a_seed():
+    torch.manual_seed(5)
+    first = torch_dropout.bernoulli_keep_mask((64, 33), 0.5, "cpu")
+    second = torch_dropout.bernoulli_keep_mask((64, 33), 0.5, "cpu")
+    torch.manual_seed(5)
+    assert torch.equal(first, torch_dropout.bernoulli_keep_mask((64, 33), 0.5, "cpu"))
+    assert not torch.equal(first, second)
+    seed = torch.tensor(2**62 - 3)
+    assert torch.equal(torch_dropout.dropout_keep_mask(seed, (97, 3), 0.4, "cpu"),
+                       torch_dropout.dropout_keep_mask(seed, (97, 3), 0.4, "cpu"))
+
+
+# --------------------------------------------------------------------------------------------
+# The eager dropout
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_dropout_scales_kept_elements_and_its_gradient_is_the_scaled_mask(dtype, captured_masks):
+    p = 0.3
+    x = (torch.rand(37, 129, dtype=torch.float64) + 0.5).to(dtype).requires_grad_()
+    out = torch_dropout.dropout(x, p)
+    (keep,) = captured_masks
+    expected = x.detach().double() * keep / (1.0 - p)
+    assert_rel_close(out, expected, ELEMENTWISE_TOL[dtype][0], "out")
+    assert torch.equal(out != 0, keep)
+    grad_out = torch.randn_like(x)
+    (grad,) = torch.autograd.grad(out, x, grad_out)
+    assert_rel_close(grad, grad_out.double() * keep / (1.0 - p), ELEMENTWISE_TOL[dtype][1], "grad")
+
+
+def test_dropout_add_draws_like_dropout_and_adds(captured_masks):
+    p = 0.2
+    x, residual = torch.randn(2, 50, 33), torch.randn(2, 50, 33)
+    torch.manual_seed(9)
+    fused = torch_dropout.dropout_add(x, residual, p)
+    torch.manual_seed(9)
+    unfused = torch_dropout.dropout(x, p) + residual
+    torch.testing.assert_close(fused, unfused, rtol=1e-6, atol=1e-6)
+    assert torch.equal(captured_masks[0], captured_masks[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_precision_and_eval_use_pytorchs_dropout(dtype, captured_masks):
+    x = torch.randn(8, 64, dtype=dtype)
+    assert not torch_dropout.uses_own_sampler(x)
+    torch.manual_seed(3)
+    got = torch_dropout.dropout(x, 0.4)
+    torch.manual_seed(3)
+    assert torch.equal(got, F.dropout(x, 0.4, training=True))
+    assert torch_dropout.dropout(x, 0.4, training=False) is x
+    assert not captured_masks
+
+
+# --------------------------------------------------------------------------------------------
+# The eager ops that use it (plain eager mode, backend="torch", on the CPU)
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_eager_attention_dropout_matches_reference_with_its_mask(dtype, captured_masks):
+    p = 0.25
+    q, k, v = make_qkv((2, 4, 2, 13, 21, 16, 12), dtype, "cpu")
+    pad = padding_mask(2, 21, "cpu")
+    out = fastformer.attention(q, k, v, dropout_p=p, is_causal=True, key_padding_mask=pad, backend="torch")
+    (keep,) = captured_masks
+    assert keep.shape == (2, 4, 13, 21)
+    expected = reference.attention(q, k, v, key_padding_mask=pad, is_causal=True, keep=keep, dropout_p=p)
+    assert_close_to_reference(out, expected, q, k, v, dtype)
+
+
+@pytest.mark.parametrize("with_residual", [True, False], ids=["residual", "no_residual"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_eager_residual_layer_norm_dropout_matches_reference_with_its_mask(dtype, with_residual,
+                                                                          captured_masks):
+    p = 0.3
+    x = torch.randn(3, 7, 200, dtype=dtype, requires_grad=True)
+    residual = torch.randn(3, 7, 200, dtype=dtype, requires_grad=True) if with_residual else None
+    weight = (1.0 + 0.5 * torch.randn(200, dtype=dtype)).requires_grad_()
+    bias = torch.randn(200, dtype=dtype, requires_grad=True)
+    out, residual_out = fastformer.residual_layer_norm(x, residual, weight, bias, 1e-5, p, backend="torch")
+    (keep,) = captured_masks
+    expected, expected_residual = reference.residual_norm(
+        x, residual, weight, bias, 1e-5, keep=keep.view(x.shape), dropout_p=p)
+    fwd_tol, grad_tol = ELEMENTWISE_TOL[dtype]
+    assert_rel_close(out, expected, fwd_tol, "out")
+    assert_rel_close(residual_out, expected_residual, fwd_tol, "residual_out")
+    grad_out, grad_residual_out = torch.randn_like(expected), torch.randn_like(expected)
+    inputs = [t for t in (x, residual, weight, bias) if t is not None]
+    got = torch.autograd.grad((out, residual_out), inputs, (grad_out.to(dtype), grad_residual_out.to(dtype)))
+    want = torch.autograd.grad((expected, expected_residual), inputs, (grad_out, grad_residual_out))
+    for index, (grad, expected_grad) in enumerate(zip(got, want)):
+        assert_rel_close(grad, expected_grad, grad_tol, f"grad {index}")
+
+
+def test_encoder_layer_training_draws_its_masks_here(captured_masks):
+    """FastTransformerEncoderLayer in training on the CPU: the attention, activation, dropout1 and
+    dropout2 masks all come from the torch backend's sampler (each of the expected shape)."""
+    layer = fastformer.FastTransformerEncoderLayer(32, 4, 64, dropout=0.1, activation="gelu",
+                                                   batch_first=True).train()
+    layer(torch.randn(2, 9, 32), src_key_padding_mask=padding_mask(2, 9, "cpu")).sum().backward()
+    shapes = sorted(tuple(mask.shape) for mask in captured_masks)
+    assert shapes == sorted([(2, 4, 9, 9), (2, 9, 64), (18, 32), (18, 32)])
