@@ -4,8 +4,8 @@
   with no machine names in it, so that results can be published as they are.
 - :func:`time_ms`: the timer. On CUDA, ``triton.testing.do_bench`` (L2 cache flushed before every
   run) when Triton is importable, otherwise CUDA events around each run with the same L2 flush; on
-  the CPU, ``time.perf_counter`` around each call. Always median and 20th/80th percentiles of
-  ``repeats`` runs after ``warmup`` runs.
+  the CPU, ``time.perf_counter`` around each call (:func:`time_interleaved_cpu`: several calls in
+  rounds). Always median and 20th/80th percentiles of ``repeats`` runs after ``warmup`` runs.
 - :func:`peak_memory_mb`: extra CUDA memory one call needs, above what was allocated before it.
 - :func:`measure_ceilings`: this device's copy bandwidth and matmul rate, measured in the same
   run, so that percentages of peak are against this card rather than a datasheet.
@@ -243,6 +243,24 @@ def _time_cpu(fn: Callable[[], Any], warmup: int, repeats: int) -> dict[str, Any
         fn()
         times.append((time.perf_counter() - start) * 1e3)
     return summary_ms(times)
+
+
+def time_interleaved_cpu(fns: Sequence[Callable[[], Any]], *, warmup: int,
+                         repeats: int) -> list[dict[str, Any]]:
+    """CPU timing of several calls in rounds: each round times every call once, starting one
+    further along each time, so that the machine's drift (other processes, frequency changes)
+    falls on all of them alike. Returns time_ms's dict for each call, in order."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for round_ in range(repeats):
+        for offset in range(len(fns)):
+            index = (round_ + offset) % len(fns)
+            start = time.perf_counter()
+            fns[index]()
+            times[index].append((time.perf_counter() - start) * 1e3)
+    return [summary_ms(values) for values in times]
 
 
 def _estimate_cuda_ms(fn: Callable[[], Any], flush: torch.Tensor, runs: int = 5) -> float:
@@ -811,13 +829,16 @@ def run_providers(op: str, providers: dict[str, Callable], baseline: str, grad_i
     ``work``: pass -> FLOPs (``kind="flops"``) or bytes (``kind="bytes"``), None for no rate.
     ``refusal(name, exc, caught_warnings)``: the reason when a provider merely does not support
     the inputs (listed as skipped); other exceptions are failures (listed, exit status 1).
-    Rows get ratio_vs_baseline against the baseline of the same pass.
+    Rows get ratio_vs_baseline against the baseline of the same pass. On the CPU all providers'
+    passes are timed together, interleaved (:func:`time_interleaved_cpu`), after every check.
     """
     import warnings
 
     rows: list[Row] = []
     baseline_fn = providers[baseline]
     args_ceilings = getattr(args, "ceilings", None)
+    interleave = torch.device(args.device).type == "cpu"
+    deferred = []  # CPU: (pass call, make_row, pass) of each checked provider, timed together
 
     def inputs_of(name):
         return grad_inputs[name] if isinstance(grad_inputs, dict) else grad_inputs
@@ -851,9 +872,13 @@ def run_providers(op: str, providers: dict[str, Callable], baseline: str, grad_i
                                n=timing["n"], rel_err=rel_err, suite=suite, group=group, size=size,
                                note="; ".join(notes), **rates)
 
-                rows += measure_passes(fn, inputs_of(name), grad_outputs, args.passes,
-                                       device=args.device, warmup=args.warmup,
-                                       repeats=args.repeats, make_row=make_row)
+                if interleave:
+                    deferred += [(pass_call(fn, inputs_of(name), grad_outputs, pass_), make_row, pass_)
+                                 for pass_ in args.passes]
+                else:
+                    rows += measure_passes(fn, inputs_of(name), grad_outputs, args.passes,
+                                           device=args.device, warmup=args.warmup,
+                                           repeats=args.repeats, make_row=make_row)
             except Stop as stop:  # keep what this shape measured so far
                 set_ratios(rows, baseline)
                 stop.partial_rows = rows
@@ -872,6 +897,10 @@ def run_providers(op: str, providers: dict[str, Callable], baseline: str, grad_i
             finally:
                 if torch.device(args.device).type == "cuda":
                     torch.cuda.empty_cache()
+    if deferred:
+        timings = time_interleaved_cpu([call for call, _, _ in deferred], warmup=args.warmup,
+                                       repeats=args.repeats)
+        rows += [make_row(pass_, timing, None) for (_, make_row, pass_), timing in zip(deferred, timings)]
     set_ratios(rows, baseline)
     return rows
 
