@@ -24,10 +24,10 @@ from helpers import ATTENTION_TOL, assert_rel_close, require_backend
 HALF = [torch.float16, torch.bfloat16]
 
 FWD_SCHEMA = ("fastformer::cuda_attention_fwd(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, "
-              "Tensor? key_lengths, float scale, bool is_causal, float dropout_p, int seed) "
+              "Tensor? key_padding_mask, float scale, bool is_causal, float dropout_p, int seed) "
               "-> (Tensor out, Tensor lse)")
 BWD_SCHEMA = ("fastformer::cuda_attention_bwd(Tensor grad_out, Tensor query, Tensor key, Tensor value, "
-              "Tensor out, Tensor lse, Tensor? attn_mask, Tensor? key_lengths, float scale, bool is_causal, "
+              "Tensor out, Tensor lse, Tensor? attn_mask, Tensor? key_padding_mask, float scale, bool is_causal, "
               "float dropout_p, int seed) -> (Tensor grad_query, Tensor grad_key, Tensor grad_value)")
 
 needs_extension = pytest.mark.skipif(load_extension() is None, reason="fastformer._C is not built")
@@ -45,33 +45,6 @@ def test_support_declares_what_the_kernels_do():
     assert "mask_grad" not in support.features
     assert support.head_dims == (1, 128)
     assert support.min_compute_capability == (8, 0)
-
-
-def test_right_padding_becomes_key_lengths():
-    q = torch.zeros(3, 2, 5, 8)
-    k = torch.zeros(3, 2, 7, 8)
-    padding = torch.arange(7)[None, :] >= torch.tensor([7, 3, 0])[:, None]
-    mask, lengths = cuda_attention._masks(q, k, None, padding)
-    assert mask is None
-    assert lengths.dtype == torch.int32 and lengths.tolist() == [7, 3, 0]
-
-
-@pytest.mark.parametrize("attn_mask_kind", ["none", "bool", "float"])
-def test_other_padding_is_folded_into_the_mask(attn_mask_kind):
-    q = torch.zeros(2, 2, 5, 8)
-    k = torch.zeros(2, 2, 6, 8)
-    padding = torch.tensor([[True, False, False, True, False, False], [False] * 5 + [True]])
-    padding[1] = torch.tensor([False, True, False, False, False, False])  # not a right padding
-    attn_mask = {"none": None, "bool": torch.rand(5, 6) > 0.5, "float": torch.randn(5, 6)}[attn_mask_kind]
-    mask, lengths = cuda_attention._masks(q, k, attn_mask, padding)
-    assert lengths is None
-    allowed = ~padding[:, None, None, :]
-    if attn_mask_kind == "float":
-        expected = attn_mask.masked_fill(~allowed, float("-inf"))
-        torch.testing.assert_close(mask, expected)
-    else:
-        expected = allowed if attn_mask is None else allowed & attn_mask
-        assert mask.dtype == torch.bool and torch.equal(mask.expand(2, 1, 5, 6), expected.expand(2, 1, 5, 6))
 
 
 def test_arguments_the_kernels_cannot_take_are_rejected_clearly():
@@ -108,9 +81,22 @@ def test_meta_shapes(dtype):
     assert out.shape == (batch, heads_q, len_q, dim) and out.dtype == dtype
     assert out.stride() == (len_q * heads_q * dim, dim, heads_q * dim, 1)
     assert lse.shape == (batch, heads_q, len_q) and lse.dtype == torch.float32
-    grads = torch.ops.fastformer.cuda_attention_bwd(out, q, k, v, out, lse, None, None, 0.125, False, 0.0, 0)
+    padding = torch.empty(batch, len_k, device="meta", dtype=torch.bool)
+    grads = torch.ops.fastformer.cuda_attention_bwd(out, q, k, v, out, lse, None, padding, 0.125, False, 0.0, 0)
     for grad, like in zip(grads, (q, k, v)):
         assert grad.shape == like.shape and grad.dtype == dtype and grad.is_contiguous()
+
+
+@needs_extension
+@pytest.mark.parametrize("shape, dtype", [((2, 64), torch.bool), ((2, 65, 1), torch.bool), ((1, 65), torch.bool),
+                                          ((2, 65), torch.uint8)], ids=str)
+def test_a_bad_key_padding_mask_is_rejected_by_the_op(shape, dtype):
+    """The op itself (its Meta kernel, which runs here) checks key_padding_mask: bool (B, Lk)."""
+    q = torch.empty(2, 4, 97, 64, device="meta", dtype=torch.float16)
+    k = torch.empty(2, 4, 65, 64, device="meta", dtype=torch.float16)
+    padding = torch.empty(shape, device="meta", dtype=dtype)
+    with pytest.raises(RuntimeError, match=r"key_padding_mask must be a bool tensor of shape \(B, Lk\) = \(2, 65\)"):
+        torch.ops.fastformer.cuda_attention_fwd(q, k, k, None, padding, 0.125, False, 0.0, 0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -194,7 +180,7 @@ def _masks_of(kind, batch, heads_q, len_q, len_k, dtype):
     if "padding" in kind:
         lengths = torch.randint(1, len_k + 1, (batch,), device="cuda")
         padding = torch.arange(len_k, device="cuda")[None, :] >= lengths[:, None]
-    if "scattered" in kind:  # not a right padding: folded into a bool mask
+    if "scattered" in kind:  # not a right padding: padding bytes tested inside the key end
         padding = torch.rand(batch, len_k, device="cuda") > 0.6
         padding[:, 0] = False
     return attn_mask, padding, "causal" in kind

@@ -1,11 +1,11 @@
 // torch side of the CUDA attention: checks, output allocation, the params struct, and the op
 // registrations (fastformer::cuda_attention_fwd / cuda_attention_bwd; CUDA and Meta kernels).
 //
-// The Python module fastformer/cuda/attention.py prepares the arguments: it turns a right-padding
-// key_padding_mask into key_lengths and folds any other one into attn_mask, and passes the dropout
-// seed as an int. Here attn_mask is anything broadcastable to (B, Hq, Lq, Lk): bool (True = may
-// attend) or additive float (read as float32); it is expanded as a view (stride 0 on broadcast
-// dims), never materialised.
+// attn_mask is anything broadcastable to (B, Hq, Lq, Lk): bool (True = may attend) or additive
+// float (read as float32); it is expanded as a view (stride 0 on broadcast dims), never
+// materialised. key_padding_mask is bool (B, Lk), True = padding: read by the kernels as bytes,
+// with each batch row's key end and whether it has padding before it computed here on the device
+// (no host synchronisation; see params.h). The dropout seed comes as an int.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -79,10 +79,40 @@ void check_same_device(const at::Tensor& ref, const at::Tensor& t, const char* n
   TORCH_CHECK(t.device() == ref.device(), kOp, name, " is on ", t.device(), " but query is on ", ref.device());
 }
 
-// Fill everything shared by the forward and backward params. Keeps `mask` alive in *holder.
+// The device tensors behind the key-padding params (kept alive by the caller until the launch).
+struct KeyPadding {
+  at::Tensor bytes;  // (B, Lk) uint8, nonzero = padding, unit key stride
+  at::Tensor ends;   // (B,) int32: one past the last unpadded key, 0 if none
+  at::Tensor holes;  // (B,) uint8: padding before the key end (not a right padding)
+};
+
+void check_key_padding_mask(const c10::optional<at::Tensor>& key_padding_mask, const Sizes& s) {
+  if (!key_padding_mask.has_value() || !key_padding_mask->defined()) return;
+  const at::Tensor& mask = *key_padding_mask;
+  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 2 && mask.size(0) == s.batch &&
+                  mask.size(1) == s.len_k,
+              kOp, "key_padding_mask must be a bool tensor of shape (B, Lk) = (", s.batch, ", ", s.len_k, "), got ",
+              mask.scalar_type(), " ", mask.sizes());
+}
+
+KeyPadding prepare_key_padding(const at::Tensor& mask) {
+  KeyPadding padding;
+  padding.bytes = mask.view(at::kByte);
+  if (padding.bytes.stride(1) != 1) padding.bytes = padding.bytes.contiguous();
+  const at::Tensor positions = at::arange(1, mask.size(1) + 1, mask.options().dtype(at::kInt));
+  const at::Tensor ends_or_zero = at::where(mask, at::zeros({}, positions.options()), positions);
+  padding.ends = ends_or_zero.amax(at::IntArrayRef{1}).contiguous();
+  const at::Tensor kept = mask.logical_not().sum(at::IntArrayRef{1}, /*keepdim=*/false, at::kInt);
+  padding.holes = padding.ends.ne(kept).to(at::kByte).contiguous();
+  return padding;
+}
+
+// Fill everything shared by the forward and backward params. Keeps the device tensors the params
+// point to (mask, key padding) alive in *mask_holder and *padding_holder.
 void fill_common(AttentionParams& p, const Sizes& s, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                 const c10::optional<at::Tensor>& attn_mask, const c10::optional<at::Tensor>& key_lengths,
-                 double scale, bool is_causal, double dropout_p, int64_t seed, at::Tensor* mask_holder) {
+                 const c10::optional<at::Tensor>& attn_mask, const c10::optional<at::Tensor>& key_padding_mask,
+                 double scale, bool is_causal, double dropout_p, int64_t seed, at::Tensor* mask_holder,
+                 KeyPadding* padding_holder) {
   p.q = q.data_ptr();
   p.k = k.data_ptr();
   p.v = v.data_ptr();
@@ -112,15 +142,18 @@ void fill_common(AttentionParams& p, const Sizes& s, const at::Tensor& q, const 
     p.mask_batch_stride = mask.stride(0), p.mask_head_stride = mask.stride(1);
     p.mask_row_stride = mask.stride(2), p.mask_col_stride = mask.stride(3);
   }
-  p.key_lengths = nullptr;
-  if (key_lengths.has_value() && key_lengths->defined()) {
-    const at::Tensor& lengths = *key_lengths;
-    check_same_device(q, lengths, "key_lengths");
-    TORCH_CHECK(lengths.scalar_type() == at::kInt && lengths.dim() == 1 && lengths.size(0) == s.batch &&
-                    lengths.is_contiguous(),
-                kOp, "key_lengths must be a contiguous int32 tensor of shape (", s.batch, "), got ",
-                lengths.scalar_type(), " ", lengths.sizes());
-    p.key_lengths = lengths.data_ptr<int32_t>();
+  p.key_ends = nullptr;
+  p.key_padding_holes = nullptr;
+  p.key_padding = nullptr;
+  p.key_padding_batch_stride = 0;
+  check_key_padding_mask(key_padding_mask, s);
+  if (key_padding_mask.has_value() && key_padding_mask->defined()) {
+    check_same_device(q, *key_padding_mask, "key_padding_mask");
+    *padding_holder = prepare_key_padding(*key_padding_mask);
+    p.key_ends = padding_holder->ends.data_ptr<int32_t>();
+    p.key_padding_holes = padding_holder->holes.data_ptr<uint8_t>();
+    p.key_padding = padding_holder->bytes.data_ptr<uint8_t>();
+    p.key_padding_batch_stride = padding_holder->bytes.stride(0);
   }
 
   p.batch = static_cast<int>(s.batch);
@@ -144,8 +177,8 @@ void fill_common(AttentionParams& p, const Sizes& s, const at::Tensor& q, const 
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                       const c10::optional<at::Tensor>& attn_mask,
-                                                      const c10::optional<at::Tensor>& key_lengths, double scale,
-                                                      bool is_causal, double dropout_p, int64_t seed) {
+                                                      const c10::optional<at::Tensor>& key_padding_mask,
+                                                      double scale, bool is_causal, double dropout_p, int64_t seed) {
   const Sizes s = check_inputs(q, k, v);
   TORCH_CHECK(q.is_cuda(), kOp, "query must be a CUDA tensor");
   check_same_device(q, k, "key");
@@ -161,7 +194,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const
   }
   AttentionParams p{};
   at::Tensor mask;
-  fill_common(p, s, q, k, v, attn_mask, key_lengths, scale, is_causal, dropout_p, seed, &mask);
+  KeyPadding padding;
+  fill_common(p, s, q, k, v, attn_mask, key_padding_mask, scale, is_causal, dropout_p, seed, &mask, &padding);
   p.out = out.data_ptr();
   p.o_batch_stride = out.stride(0), p.o_head_stride = out.stride(1), p.o_row_stride = out.stride(2);
   p.lse = lse.data_ptr<float>();
@@ -173,8 +207,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, const c10::optional<at::Tensor>& attn_mask, const c10::optional<at::Tensor>& key_lengths,
-    double scale, bool is_causal, double dropout_p, int64_t seed) {
+    const at::Tensor& lse, const c10::optional<at::Tensor>& attn_mask,
+    const c10::optional<at::Tensor>& key_padding_mask, double scale, bool is_causal, double dropout_p, int64_t seed) {
   const Sizes s = check_inputs(q, k, v);
   TORCH_CHECK(q.is_cuda(), kOp, "query must be a CUDA tensor");
   for (const at::Tensor* t : {&k, &v, &grad_out, &out, &lse}) check_same_device(q, *t, "an input");
@@ -198,7 +232,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   }
   AttentionBwdParams p{};
   at::Tensor mask;
-  fill_common(p, s, q, k, v, attn_mask, key_lengths, scale, is_causal, dropout_p, seed, &mask);
+  KeyPadding padding;
+  fill_common(p, s, q, k, v, attn_mask, key_padding_mask, scale, is_causal, dropout_p, seed, &mask, &padding);
   p.vector_loads = p.vector_loads && rows_16b_aligned(grad_out);
   p.out = out.data_ptr();
   p.o_batch_stride = out.stride(0), p.o_head_stride = out.stride(1), p.o_row_stride = out.stride(2);
@@ -223,9 +258,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
 // Meta (fake) kernels: the shapes, dtypes and strides of the CUDA kernels' outputs.
 std::tuple<at::Tensor, at::Tensor> attention_fwd_meta(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                       const c10::optional<at::Tensor>&,
-                                                      const c10::optional<at::Tensor>&, double, bool, double,
-                                                      int64_t) {
+                                                      const c10::optional<at::Tensor>& key_padding_mask, double,
+                                                      bool, double, int64_t) {
   const Sizes s = check_inputs(q, k, v);
+  check_key_padding_mask(key_padding_mask, s);
   at::Tensor out = at::empty({s.batch, s.len_q, s.heads_q, s.dim_v}, q.options()).transpose(1, 2);
   at::Tensor lse = at::empty({s.batch, s.heads_q, s.len_q}, q.options().dtype(at::kFloat));
   return {out, lse};
@@ -233,9 +269,9 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_meta(const at::Tensor& q, const
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_meta(
     const at::Tensor&, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor&,
-    const at::Tensor&, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, double, bool, double,
-    int64_t) {
-  check_inputs(q, k, v);
+    const at::Tensor&, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>& key_padding_mask, double,
+    bool, double, int64_t) {
+  check_key_padding_mask(key_padding_mask, check_inputs(q, k, v));
   return {at::empty(q.sizes(), q.options()), at::empty(k.sizes(), k.options()), at::empty(v.sizes(), v.options())};
 }
 
@@ -247,11 +283,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_meta(
 // TORCH_LIBRARY.
 TORCH_LIBRARY_FRAGMENT(fastformer, m) {
   m.def(
-      "cuda_attention_fwd(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, Tensor? key_lengths, "
-      "float scale, bool is_causal, float dropout_p, int seed) -> (Tensor out, Tensor lse)");
+      "cuda_attention_fwd(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, "
+      "Tensor? key_padding_mask, float scale, bool is_causal, float dropout_p, int seed) -> (Tensor out, Tensor lse)");
   m.def(
       "cuda_attention_bwd(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor out, Tensor lse, "
-      "Tensor? attn_mask, Tensor? key_lengths, float scale, bool is_causal, float dropout_p, int seed) "
+      "Tensor? attn_mask, Tensor? key_padding_mask, float scale, bool is_causal, float dropout_p, int seed) "
       "-> (Tensor grad_query, Tensor grad_key, Tensor grad_value)");
 }
 

@@ -162,7 +162,8 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dkdv_kernel(const 
     }
 
     // P^T (in place) and the keep bits.
-    const bool need_mask = kGeneral || n0 + BN > key_len || (p.is_causal && n0 + BN - 1 > m0);
+    const bool need_mask =
+        kGeneral || rules.has_padding_holes() || n0 + BN > key_len || (p.is_causal && n0 + BN - 1 > m0);
     uint32_t keep_bits = 0xffffffffu;
     const bool dropout = kGeneral && p.has_dropout;
     if (dropout) keep_bits = 0u;
@@ -372,7 +373,8 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dq_kernel(const At
     }
 
     // P (in place) and the keep bits.
-    const bool need_mask = kGeneral || n0 + BN > key_len || (p.is_causal && n0 + BN - 1 > m0);
+    const bool need_mask =
+        kGeneral || rules.has_padding_holes() || n0 + BN > key_len || (p.is_causal && n0 + BN - 1 > m0);
     const bool dropout = kGeneral && p.has_dropout;
     uint32_t keep_bits = dropout ? 0u : 0xffffffffu;
 #pragma unroll

@@ -39,9 +39,17 @@ struct AttentionParams {
   int mask_kind;  // MaskKind
   int64_t mask_batch_stride, mask_head_stride, mask_row_stride, mask_col_stride;
 
-  // Optional (B,) int32: keys kept per batch row (right padding); keys >= key_lengths[b] are
-  // never attended and their tiles are skipped. nullptr = every key.
-  const int32_t* key_lengths;
+  // Optional key padding, all three made on the device from key_padding_mask (B, Lk), True =
+  // padding (attention_ops.cpp; no host synchronisation), or all nullptr = every key attended:
+  //   key_ends[b]: one past batch row b's last unpadded key (0 if none); key tiles from there on
+  //     are skipped, so right padding (the usual case) costs no work;
+  //   key_padding_holes[b]: nonzero when row b has padding before key_ends[b] (not a right
+  //     padding): only then are the padding bytes of the keys it visits tested;
+  //   key_padding: the mask as bytes (nonzero = padding), key_padding_batch_stride per batch row.
+  const int32_t* key_ends;
+  const uint8_t* key_padding_holes;
+  const uint8_t* key_padding;
+  int64_t key_padding_batch_stride;
 
   int batch, heads_q, heads_k, group;  // group = Hq / Hk
   int len_q, len_k;

@@ -3,7 +3,7 @@
 // exactly the same probabilities.
 //
 //   s_ij = scale * q_i . k_j (+ float mask_ij)        in log2 units (times log2 e), or -inf when
-//   i >= Lq, j >= key_len(b), (causal and j > i), or the bool mask forbids it.
+//   i >= Lq, j >= key_end(b), key j is padding, (causal and j > i), or the bool mask forbids it.
 //   keep_ij = Philox::keep(seed, ((b Hq + h) Lq + i) Lk + j, p)   (the Triton backend's offsets)
 #pragma once
 
@@ -20,6 +20,7 @@ namespace attention {
 struct ScoreRules {
   const uint8_t* bool_mask;  // this (b, h)'s mask rows, or nullptr
   const float* float_mask;   // idem
+  const uint8_t* padding;    // this batch row's key padding bytes when it has holes, else nullptr
   int64_t mask_row_stride, mask_col_stride;
   int len_q, len_k, key_len;
   bool is_causal;
@@ -34,6 +35,9 @@ struct ScoreRules {
     float_mask = p.mask_kind == kFloatMask ? static_cast<const float*>(p.mask) + mask_offset : nullptr;
     mask_row_stride = p.mask_row_stride;
     mask_col_stride = p.mask_col_stride;
+    padding = p.key_padding != nullptr && p.key_padding_holes[b] != 0
+                  ? p.key_padding + b * p.key_padding_batch_stride
+                  : nullptr;
     len_q = p.len_q;
     len_k = p.len_k;
     key_len = key_len_;
@@ -44,11 +48,14 @@ struct ScoreRules {
     dropout_p = p.dropout_p;
   }
 
+  // Whether a tile may hold padding keys before the key end (then every score must be masked).
+  __device__ __forceinline__ bool has_padding_holes() const { return padding != nullptr; }
+
   // The score of q_i . k_j = acc, in log2 units, -inf where (i, j) is not attended.
   // kGeneral: an attn_mask may be present (compiled out of the kernels without one).
   template <bool kGeneral>
   __device__ __forceinline__ float score(float acc, int i, int j) const {
-    bool ok = i < len_q && j < key_len && (!is_causal || j <= i);
+    bool ok = i < len_q && j < key_len && (!is_causal || j <= i) && (padding == nullptr || padding[j] == 0);
     float s = acc * scale_log2;
     if (kGeneral && ok) {
       const int64_t offset = i * mask_row_stride + j * mask_col_stride;
@@ -67,10 +74,11 @@ struct ScoreRules {
   }
 };
 
-// The key length of batch row b (right padding), at most Lk.
+// One past the last key batch row b attends (its key end), at most Lk: keys from there on are
+// padding, and their tiles are skipped.
 __device__ __forceinline__ int key_length(const AttentionParams& p, int b) {
-  if (p.key_lengths == nullptr) return p.len_k;
-  const int n = p.key_lengths[b];
+  if (p.key_ends == nullptr) return p.len_k;
+  const int n = p.key_ends[b];
   return n < 0 ? 0 : (n > p.len_k ? p.len_k : n);
 }
 

@@ -17,8 +17,9 @@ What the kernels handle (declared by :func:`support`):
 - is_causal (top-left aligned, as SDPA), with key tiles past the diagonal skipped;
 - GQA / MQA (Hq % Hk == 0): K and V are never repeated; the dK/dV kernel sums the query heads of
   a key/value head in registers (no atomics: results are run-to-run identical);
-- key_padding_mask: a right-padding mask becomes int32 key lengths (padded key tiles skipped);
-  any other one is folded into a bool attn_mask (``fastformer.masks.fold_key_padding``);
+- key_padding_mask: read as one byte per key; key tiles past each batch row's last unpadded key
+  are skipped (right padding, the usual case, costs no work), and the bytes are tested only in
+  batch rows with padding before that key end. Computed on the device: no host synchronisation;
 - attn_mask, bool or additive float, broadcastable to (B, Hq, Lq, Lk), read tile by tile through
   a stride-0 view (a float mask is read as float32);
 - dropout, regenerated in the backward from the seed.
@@ -30,8 +31,6 @@ Not handled: a gradient for attn_mask (dispatch sends those calls to another bac
 from __future__ import annotations
 
 import torch
-
-from fastformer.masks import fold_key_padding
 
 __all__ = ["MAX_HEAD_DIM", "attention_bwd", "attention_fwd", "support"]
 
@@ -79,25 +78,6 @@ def _last_dim_contiguous(t):
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
-def _masks(query, key, attn_mask, key_padding_mask):
-    """(attn_mask or None, int32 key lengths or None) for the kernels.
-
-    A right-padding key_padding_mask (a prefix of each row kept) becomes one key length per batch
-    row; any other is folded into attn_mask. attn_mask is passed as given (any broadcastable
-    shape); the op expands it as a view.
-    """
-    lengths = None
-    if key_padding_mask is not None:
-        len_k = key.shape[2]
-        kept = (~key_padding_mask).sum(dim=-1)
-        prefix = torch.arange(len_k, device=key_padding_mask.device)[None, :] >= kept[:, None]
-        if torch.equal(key_padding_mask, prefix):
-            lengths = kept.to(device=query.device, dtype=torch.int32)
-        else:
-            attn_mask = fold_key_padding(attn_mask, key_padding_mask)
-    return attn_mask, lengths
-
-
 def _seed(seed) -> int:
     return 0 if seed is None else int(seed.item())
 
@@ -106,9 +86,8 @@ def attention_fwd(query, key, value, attn_mask, key_padding_mask, dropout_p, is_
     """Returns (out (B, Hq, Lq, Dv) stored as (B, Lq, Hq, Dv), lse (B, Hq, Lq) float32)."""
     _check(query, key, value)
     query, key, value = (_last_dim_contiguous(t) for t in (query, key, value))
-    attn_mask, lengths = _masks(query, key, attn_mask, key_padding_mask)
-    return _ops().cuda_attention_fwd(query, key, value, attn_mask, lengths, float(scale), bool(is_causal),
-                                     float(dropout_p), _seed(seed))
+    return _ops().cuda_attention_fwd(query, key, value, attn_mask, key_padding_mask, float(scale),
+                                     bool(is_causal), float(dropout_p), _seed(seed))
 
 
 def attention_bwd(grad_out, query, key, value, out, lse, attn_mask, key_padding_mask, dropout_p,
@@ -121,8 +100,7 @@ def attention_bwd(grad_out, query, key, value, out, lse, attn_mask, key_padding_
     query, key, value, out, grad_out = (_last_dim_contiguous(t) for t in (query, key, value, out, grad_out))
     if grad_out.dtype != query.dtype:
         grad_out = grad_out.to(query.dtype)
-    attn_mask, lengths = _masks(query, key, attn_mask, key_padding_mask)
     grad_q, grad_k, grad_v = _ops().cuda_attention_bwd(
-        grad_out, query, key, value, out, lse.contiguous(), attn_mask, lengths, float(scale), bool(is_causal),
-        float(dropout_p), _seed(seed))
+        grad_out, query, key, value, out, lse.contiguous(), attn_mask, key_padding_mask, float(scale),
+        bool(is_causal), float(dropout_p), _seed(seed))
     return grad_q, grad_k, grad_v, None
