@@ -2,8 +2,9 @@
 
 Both draw their masks with :func:`bernoulli_keep_mask`: 32 random bits per element, two elements
 per full-range 64-bit draw of PyTorch's generator. On the CPU that is about twice as fast as
-``torch.bernoulli_`` (one double drawn per element), and mask drawing is the largest single cost
-of a small encoder's training step there (a quarter of it, ahead of every GEMM but one).
+``bernoulli_``, which in ``torch.profiler`` took 26% of the CPU time of a training step of
+``nn.TransformerEncoderLayer`` (B=8, L=128, E=256, dropout 0.1), second only to the matrix
+products.
 """
 
 from __future__ import annotations
