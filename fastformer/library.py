@@ -83,7 +83,11 @@ def _eager_or_compiled(function, op, public_op, forward_name):
             name = public_op(*args) if callable(public_op) else public_op
             eager = getattr(_implementation(args[-1], name), "eager_" + forward_name, None)
             if eager is not None:
-                return eager(*args[:-1])
+                if not torch.autograd._profiler_enabled():
+                    return eager(*args[:-1])
+                # Under a profiler, PyTorch ops composing the forward show under the op's name.
+                with torch.autograd.profiler.record_function(f"fastformer::{name}"):
+                    return eager(*args[:-1])
         return function.apply(*args)
     return call
 

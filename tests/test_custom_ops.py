@@ -67,6 +67,18 @@ def test_ops_are_registered_under_torch_ops():
         assert hasattr(torch.ops.fastformer, name)
 
 
+def test_eager_torch_backend_ops_are_named_under_a_profiler():
+    """In eager mode the torch backend runs plain PyTorch ops (no custom op); under a profiler they
+    are grouped under fastformer::<op> ranges, so time shares can be attributed to the ops."""
+    x, padding = _inputs()
+    layer = TinyEncoderLayer(dropout_p=0.1)
+    with torch.profiler.profile() as profiler:
+        layer(x, padding).sum().backward()
+    names = {event.name for event in profiler.events()}
+    assert {"fastformer::attention", "fastformer::residual_layer_norm", "fastformer::residual_rms_norm",
+            "fastformer::bias_gelu"} <= names
+
+
 class TinyEncoderLayer(torch.nn.Module):
     """Calls every public op the way an encoder layer does (packed QKV, pre- and post-norm)."""
 
