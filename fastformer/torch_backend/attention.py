@@ -71,7 +71,8 @@ def _rows(t, rows):
 
 def _probabilities(q, k, mask, is_causal, scale):
     """softmax(scale * Q K^T + mask) in q's (float32 or wider) dtype; K already repeated for GQA."""
-    scores = torch.matmul(q, k.transpose(-2, -1)) * scale
+    # Scaling Q (Lq x D) rather than the scores (Lq x Lk) is the smaller pass, forward and backward.
+    scores = torch.matmul(q * scale, k.transpose(-2, -1))
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     elif is_causal:
@@ -134,6 +135,9 @@ def _eager_dropout_attention(query, key, value, mask, is_causal, scale, dropout_
     """
     dtype = _compute_dtype(query.dtype)
     group = query.shape[1] // key.shape[1]
+    if mask is not None and mask.dtype == torch.bool:
+        # Additive: the backward of an add passes the gradient through, a masked_fill's costs a pass.
+        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
     probs = _probabilities(query.to(dtype), _repeat_kv(key, group, dtype), mask, is_causal, scale)
     out = torch.matmul(dropout(probs, dropout_p), _repeat_kv(value, group, dtype))
     return out.to(query.dtype)
