@@ -217,6 +217,16 @@ def bias_gelu(x, bias=None, approximate="none", *, backend=None):
     return library.bias_gelu(*args, chosen)
 
 
+def keeps_bias_in_gemm(x, hidden, approximate="none", backend=None) -> bool:
+    """Whether a ``linear -> GELU`` should keep the linear's bias in its GEMM rather than hand it to
+    :func:`bias_gelu`: when dispatch sends that bias_gelu call (x's device and dtype, ``hidden``
+    features, with a bias) to the torch backend, which computes PyTorch's GELU — fusing the bias
+    there saves nothing and costs a pass, while the GEMM adds it for free (``addmm``)."""
+    needs = _needs(bias=True, tanh=approximate == "tanh", erf=approximate == "none")
+    call = dispatch.Call("bias_gelu", x.device, x.dtype, needs, hidden=hidden)
+    return dispatch.select_backend(call, backend).backend == "torch"
+
+
 # --------------------------------------------------------------------------------------------
 # explain: which backend a call would use, and why the others were passed over
 # --------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from torch import nn
 
 import fastformer
 from fastformer import dispatch
+from fastformer.functional import keeps_bias_in_gemm
 from fastformer.nn import FastMultiheadAttention, FastTransformerEncoder, FastTransformerEncoderLayer
 
 __all__ = ["OptimizeReport", "optimize"]
@@ -284,10 +285,14 @@ def _fused_output_forward(self, hidden_states, input_tensor):
 
 
 def _fused_intermediate_forward(self, hidden_states):
-    """gelu(dense(h)): the GEMM without its bias, the bias fused into the GELU."""
+    """gelu(dense(h)): the GEMM without its bias, the bias fused into the GELU (where bias_gelu
+    runs on the torch backend, the bias stays in the GEMM: see ``keeps_bias_in_gemm``)."""
+    backend = getattr(self, "fastformer_backend", None)
+    if self.dense.bias is None or keeps_bias_in_gemm(hidden_states, self.dense.out_features,
+                                                     self.fastformer_gelu, backend):
+        return fastformer.bias_gelu(self.dense(hidden_states), None, self.fastformer_gelu, backend=backend)
     h = F.linear(hidden_states, self.dense.weight)
-    return fastformer.bias_gelu(h, self.dense.bias, self.fastformer_gelu,
-                                backend=getattr(self, "fastformer_backend", None))
+    return fastformer.bias_gelu(h, self.dense.bias, self.fastformer_gelu, backend=backend)
 
 
 # --------------------------------------------------------------------------------------------

@@ -75,3 +75,16 @@ def keep_mask_function(backend: str, monkeypatch):
     else:
         pytest.skip(f"no keep-mask debug path for the {backend} backend yet")
     return dropout_keep_mask
+
+
+def record_bias_gelu_biases(monkeypatch) -> list:
+    """The ``bias`` argument of every ``fastformer.bias_gelu`` call from now on, in order."""
+    biases = []
+    real = fastformer.bias_gelu
+
+    def spy(x, bias=None, *args, **kwargs):
+        biases.append(bias)
+        return real(x, bias, *args, **kwargs)
+
+    monkeypatch.setattr(fastformer, "bias_gelu", spy)
+    return biases

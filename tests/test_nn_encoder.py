@@ -13,6 +13,7 @@ from torch import nn
 import fastformer
 from fastformer.nn.encoder import FastTransformerEncoderLayer
 from fastformer.nn.multihead_attention import FastMultiheadAttention
+from helpers import record_bias_gelu_biases, require_backend
 
 # PyTorch warns when a float causal mask meets a bool padding mask ("causal+padding"); so does
 # FastMultiheadAttention, as PyTorch's MultiheadAttention.
@@ -185,6 +186,21 @@ def test_uses_fused_ops(monkeypatch):
         _, fast = make_pair(norm_first, activation)
         fast(torch.randn(S, B, D_MODEL, dtype=F64))
         assert tuple(calls.values()) == expected, (norm_first, activation, calls)
+
+
+@pytest.mark.parametrize("backend, bias_fused", [(None, False), ("triton", True)])
+def test_linear1_bias_goes_where_it_is_cheapest(backend, bias_fused, monkeypatch):
+    """On the torch backend (the CPU's choice) linear1 keeps its bias in the GEMM; on a kernel
+    backend (Triton here, in its interpreter) bias_gelu gets it. Same results either way."""
+    biases = record_bias_gelu_biases(monkeypatch)
+    ref, fast = make_pair(False, "gelu", dtype=torch.float32, dropout=0.0)
+    fast.fastformer_backend = backend
+    if backend is not None:
+        require_backend(backend, "bias_gelu", torch.randn(2, D_FF), fast.linear1.bias)
+    x = torch.randn(S, B, D_MODEL)
+    torch.testing.assert_close(fast(x), ref(x), atol=1e-4, rtol=1e-4)
+    assert len(biases) == 1 and (biases[0] is fast.linear1.bias) == bias_fused
+    assert bias_fused or biases[0] is None
 
 
 def test_self_attn_is_fast_and_shares_parameters():

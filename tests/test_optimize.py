@@ -12,6 +12,7 @@ from torch import nn
 
 import fastformer
 from fastformer.nn import FastMultiheadAttention, FastTransformerEncoderLayer
+from helpers import record_bias_gelu_biases
 
 
 class Classifier(nn.Module):
@@ -187,6 +188,30 @@ def test_minilm_fine_tuning_steps_give_the_same_losses():
         runs.append(losses)
     torch.testing.assert_close(torch.tensor(runs[1]), torch.tensor(runs[0]), rtol=1e-4, atol=1e-5)
     assert runs[0][0] != runs[0][-1]  # the steps did train
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
+@pytest.mark.parametrize("backend, bias_fused", [(None, False), ("triton", True)])
+def test_hf_intermediate_bias_goes_where_it_is_cheapest(backend, bias_fused, monkeypatch):
+    """BERT's intermediate dense + GELU: on the torch backend (the CPU's choice) the dense keeps its
+    bias in the GEMM; on a kernel backend (Triton here, in its interpreter) bias_gelu gets it."""
+    import transformers
+
+    config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                     intermediate_size=48, hidden_dropout_prob=0.0,
+                                     attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    model = transformers.BertModel(config, add_pooling_layer=False).eval()
+    original = copy.deepcopy(model)
+    fastformer.optimize(model, backend=backend)
+    biases = record_bias_gelu_biases(monkeypatch)
+    ids = torch.randint(0, 50, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).last_hidden_state, original(ids).last_hidden_state,
+                                   rtol=1e-4, atol=1e-4)
+    dense = model.encoder.layer[0].intermediate.dense
+    assert len(biases) == 1 and (biases[0] is dense.bias) == bias_fused
+    assert bias_fused or biases[0] is None
 
 
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.nn.modules import transformer as _transformer
 
 import fastformer
-from fastformer import dispatch as _dispatch
+from fastformer.functional import keeps_bias_in_gemm
 from fastformer.nn.multihead_attention import FastMultiheadAttention
 from fastformer.torch_backend.dropout import dropout, dropout_add
 
@@ -139,7 +139,8 @@ class FastTransformerEncoderLayer(nn.TransformerEncoderLayer):
     def _ff(self, x: Tensor) -> Tensor:
         """linear2(dropout(activation(linear1(x)))), without dropout2 (fused by the caller)."""
         approximate = _gelu_approximate(self.activation)
-        if approximate is not None and self._gelu_on_torch_backend(x, approximate):
+        if approximate is not None and keeps_bias_in_gemm(x, self.linear1.out_features, approximate,
+                                                          self.fastformer_backend):
             # PyTorch's GELU: fusing the bias saves nothing and costs a pass, so linear1 keeps it
             # (one addmm), as in PyTorch's layer.
             h = fastformer.bias_gelu(self.linear1(x), None, approximate, backend=self.fastformer_backend)
@@ -149,12 +150,6 @@ class FastTransformerEncoderLayer(nn.TransformerEncoderLayer):
         else:
             h = self.activation(self.linear1(x))
         return self.linear2(dropout(h, self.dropout.p, self.training))
-
-    def _gelu_on_torch_backend(self, x: Tensor, approximate: str) -> bool:
-        """Whether dispatch sends this layer's bias_gelu call to the torch backend."""
-        needs = frozenset({"bias", "tanh" if approximate == "tanh" else "erf"})
-        call = _dispatch.Call("bias_gelu", x.device, x.dtype, needs, hidden=self.linear1.out_features)
-        return _dispatch.select_backend(call, self.fastformer_backend).backend == "torch"
 
     def _sa(self, x: Tensor, attn_mask, key_padding_mask, is_causal) -> Tensor:
         """Self-attention incl. the output projection, without dropout1 (fused by the caller).
