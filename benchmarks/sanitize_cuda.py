@@ -99,6 +99,7 @@ def attention_cases():
         (2, 4, 2, 37, 45, 64, torch.bfloat16, True, True, 0.0),
         (2, 2, 2, 33, 33, 64, torch.float16, False, True, 0.1),
         (1, 2, 1, 17, 29, 128, torch.bfloat16, True, False, 0.0),
+        (2, 2, 2, 33, 40, 50, torch.float16, False, True, 0.0),  # rows 4-byte aligned: 4-byte cp.async
     ]
 
 

@@ -237,6 +237,20 @@ def test_value_head_dim_may_differ(dims, dtype):
 
 
 @pytest.mark.gpu
+def test_a_float32_mask_is_rounded_to_the_query_dtype_as_the_other_backends_do():
+    """-1e9 in a float32 mask is -inf in float16: that row has no key (output 0, lse -inf), as on
+    the torch backend (SDPA takes the mask in the query dtype) and the Triton backend."""
+    _cuda_ready()
+    q, k, v = _qkv(2, 2, 2, 9, 11, 64, 64, torch.float16)
+    mask = torch.randn(2, 1, 9, 11, device="cuda")
+    mask[0, 0, 3] = -1e9
+    out, lse = cuda_attention.attention_fwd(q, k, v, mask, None, 0.0, False, 0.125, None)
+    assert (out[0, :, 3] == 0).all() and (lse[0, :, 3] == float("-inf")).all()
+    expected = fastformer.attention(q, k, v, attn_mask=mask, scale=0.125, backend="torch")
+    assert_rel_close(out, expected, ATTENTION_TOL[torch.float16][0], "out")
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("how", ["padding", "scattered", "bool", "float", "causal+padding"])
 def test_rows_with_no_key_give_zero_and_zero_gradients(how):
     _cuda_ready()
@@ -320,9 +334,9 @@ def test_dropout_matches_reference_with_the_same_mask(mask_kind, dim, dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dim", [50, 64])
 def test_odd_strides_and_unaligned_rows(dim):
-    """Packed QKV views (rows 16-byte aligned for dim 64, not for 50), a non-contiguous last dim
-    (made contiguous), contiguous inputs and inputs starting off a 16-byte boundary (element-wise
-    loads instead of cp.async) all give bit-identical results."""
+    """Packed QKV views (rows 16-byte aligned for dim 64: 16-byte cp.async; 4-byte aligned for 50:
+    4-byte cp.async), a non-contiguous last dim (made contiguous), contiguous inputs and inputs
+    starting 2 bytes off (element-wise loads) all give bit-identical results."""
     _cuda_ready()
     dtype = torch.float16
     batch, length, heads = 2, 67, 3

@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <initializer_list>
 #include <limits>
 #include <tuple>
 
@@ -57,13 +58,24 @@ Sizes check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   return s;
 }
 
-// A tensor whose rows (all of them, at every batch/head) start at 16-byte boundaries.
-bool rows_16b_aligned(const at::Tensor& t) {
-  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return false;
+// A 2-byte-element tensor whose rows (all of them, at every batch/head) start at multiples of
+// `bytes`.
+bool rows_aligned(const at::Tensor& t, int64_t bytes) {
+  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % bytes != 0) return false;
   for (int d = 0; d < 3; ++d) {
-    if (t.size(d) > 1 && t.stride(d) % 8 != 0) return false;
+    if (t.size(d) > 1 && (t.stride(d) * 2) % bytes != 0) return false;
   }
   return true;
+}
+
+// AttentionParams::load_bytes for tiles read from all of `tensors`: the widest alignment they share.
+int load_bytes(std::initializer_list<const at::Tensor*> tensors) {
+  for (int bytes : {16, 4}) {
+    bool all = true;
+    for (const at::Tensor* t : tensors) all = all && rows_aligned(*t, bytes);
+    if (all) return bytes;
+  }
+  return 0;
 }
 
 // Two adjacent elements (cols 2t, 2t + 1) at 4-byte boundaries.
@@ -133,7 +145,10 @@ void fill_common(AttentionParams& p, const Sizes& s, const at::Tensor& q, const 
     } else {
       TORCH_CHECK(at::isFloatingType(mask.scalar_type()), kOp, "attn_mask must be bool or floating point, got ",
                   mask.scalar_type());
-      mask = mask.to(at::kFloat);  // before expanding: converts only the stored elements
+      // Rounded to the query dtype first, as the other backends and SDPA see it (in half precision
+      // -1e9 becomes -inf, so a row masked that way has no key), then read as float32. Before
+      // expanding: converts only the stored elements.
+      mask = mask.to(q.scalar_type()).to(at::kFloat);
       p.mask_kind = kFloatMask;
     }
     mask = mask.expand({s.batch, s.heads_q, s.len_q, s.len_k});
@@ -172,7 +187,7 @@ void fill_common(AttentionParams& p, const Sizes& s, const at::Tensor& q, const 
   p.dropout_p = static_cast<float>(dropout_p);
   p.dropout_scale = p.has_dropout ? 1.0f / (1.0f - p.dropout_p) : 1.0f;
   p.seed = static_cast<uint64_t>(seed);
-  p.vector_loads = rows_16b_aligned(q) && rows_16b_aligned(k) && rows_16b_aligned(v);
+  p.load_bytes = load_bytes({&q, &k, &v});
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -234,7 +249,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   at::Tensor mask;
   KeyPadding padding;
   fill_common(p, s, q, k, v, attn_mask, key_padding_mask, scale, is_causal, dropout_p, seed, &mask, &padding);
-  p.vector_loads = p.vector_loads && rows_16b_aligned(grad_out);
+  p.load_bytes = load_bytes({&q, &k, &v, &grad_out});
   p.out = out.data_ptr();
   p.o_batch_stride = out.stride(0), p.o_head_stride = out.stride(1), p.o_row_stride = out.stride(2);
   p.lse = lse.data_ptr<float>();

@@ -104,9 +104,9 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dkdv_kernel(const 
     const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride + m0 * p.q_row_stride;
     const T* d = static_cast<const T*>(p.grad_out) + b * p.do_batch_stride + h * p.do_head_stride +
                  m0 * p.do_row_stride;
-    load_tile<BM, HD, LD, kThreads>(sQ + buf * BM * LD, q, p.q_row_stride, p.len_q - m0, p.dim, p.vector_loads);
+    load_tile<BM, HD, LD, kThreads>(sQ + buf * BM * LD, q, p.q_row_stride, p.len_q - m0, p.dim, p.load_bytes);
     load_tile<BM, HD, LD, kThreads>(sdO + buf * BM * LD, d, p.do_row_stride, p.len_q - m0, p.dim_v,
-                                    p.vector_loads);
+                                    p.load_bytes);
   };
 
   float acc_dk[kDTiles][4], acc_dv[kDTiles][4];
@@ -120,8 +120,8 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dkdv_kernel(const 
   if (total > 0) {
     const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride + n0 * p.k_row_stride;
     const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride + n0 * p.v_row_stride;
-    load_tile<BN, HD, LD, kThreads>(sK, k, p.k_row_stride, key_len - n0, p.dim, p.vector_loads);
-    load_tile<BN, HD, LD, kThreads>(sV, v, p.v_row_stride, key_len - n0, p.dim_v, p.vector_loads);
+    load_tile<BN, HD, LD, kThreads>(sK, k, p.k_row_stride, key_len - n0, p.dim, p.load_bytes);
+    load_tile<BN, HD, LD, kThreads>(sV, v, p.v_row_stride, key_len - n0, p.dim_v, p.load_bytes);
     load_q_do(0, 0);
     cp_async_commit();
   }
@@ -323,9 +323,9 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dq_kernel(const At
   auto load_k_v = [&](int j, int buf) {
     const int n0 = j * BN;
     load_tile<BN, HD, LD, kThreads>(sK + buf * BN * LD, k + n0 * p.k_row_stride, p.k_row_stride, key_len - n0,
-                                    p.dim, p.vector_loads);
+                                    p.dim, p.load_bytes);
     load_tile<BN, HD, LD, kThreads>(sV + buf * BN * LD, v + n0 * p.v_row_stride, p.v_row_stride, key_len - n0,
-                                    p.dim_v, p.vector_loads);
+                                    p.dim_v, p.load_bytes);
   };
 
   float acc[kDTiles][4];
@@ -336,8 +336,8 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dq_kernel(const At
     const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride + m0 * p.q_row_stride;
     const T* d = static_cast<const T*>(p.grad_out) + b * p.do_batch_stride + h * p.do_head_stride +
                  m0 * p.do_row_stride;
-    load_tile<BM, HD, LD, kThreads>(sQ, q, p.q_row_stride, p.len_q - m0, p.dim, p.vector_loads);
-    load_tile<BM, HD, LD, kThreads>(sdO, d, p.do_row_stride, p.len_q - m0, p.dim_v, p.vector_loads);
+    load_tile<BM, HD, LD, kThreads>(sQ, q, p.q_row_stride, p.len_q - m0, p.dim, p.load_bytes);
+    load_tile<BM, HD, LD, kThreads>(sdO, d, p.do_row_stride, p.len_q - m0, p.dim_v, p.load_bytes);
     load_k_v(0, 0);
     cp_async_commit();
   }

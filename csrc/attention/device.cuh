@@ -130,6 +130,11 @@ __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, int sr
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_address(smem)), "l"(gmem),
                "r"(src_bytes));
 }
+// The same with 4 bytes (two elements; `src_bytes` 0, 2 or 4), for rows aligned to 4 bytes only.
+__device__ __forceinline__ void cp_async_4(void* smem, const void* gmem, int src_bytes) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_address(smem)), "l"(gmem),
+               "r"(src_bytes));
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 // Wait until at most N of this thread's committed groups are still in flight.
 template <int N>
@@ -145,7 +150,7 @@ __device__ __forceinline__ void cp_async_wait() {
 // loads stored synchronously (rows or the base not 16-byte aligned).
 template <int ROWS, int HD, int LD, int THREADS, typename T>
 __device__ __forceinline__ void load_tile(T* smem, const T* gmem, int64_t row_stride, int rows_valid,
-                                          int cols_valid, bool vector) {
+                                          int cols_valid, int load_bytes) {
   constexpr int kChunksPerRow = HD / 8;
   constexpr int kChunks = ROWS * kChunksPerRow;
   static_assert(kChunks % THREADS == 0, "every thread loads the same number of chunks");
@@ -158,8 +163,15 @@ __device__ __forceinline__ void load_tile(T* smem, const T* gmem, int64_t row_st
     n = n < 0 ? 0 : (n > 8 ? 8 : n);
     T* dst = smem + row * LD + col;
     const T* src = gmem + row * row_stride + col;
-    if (vector) {
+    if (load_bytes == 16) {
       cp_async_16(dst, n > 0 ? src : gmem, n * 2);
+    } else if (load_bytes == 4) {
+#pragma unroll
+      for (int pair = 0; pair < 4; ++pair) {
+        const int m = n - 2 * pair;  // valid elements of this pair: 0, 1 or 2
+        const int valid = m < 0 ? 0 : (m > 2 ? 2 : m);
+        cp_async_4(dst + 2 * pair, valid > 0 ? src + 2 * pair : gmem, valid * 2);
+      }
     } else {
       alignas(16) T vals[8];
 #pragma unroll

@@ -67,8 +67,8 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_fwd_kernel(const Atten
   float row_sum[2] = {0.0f, 0.0f};            // this thread's part of the row sums
 
   if (n_tiles > 0) {
-    load_tile<BM, HD, LD, kThreads>(sQ, q, p.q_row_stride, p.len_q - m0, p.dim, p.vector_loads);
-    load_tile<BN, HD, LD, kThreads>(sK, k, p.k_row_stride, key_len, p.dim, p.vector_loads);
+    load_tile<BM, HD, LD, kThreads>(sQ, q, p.q_row_stride, p.len_q - m0, p.dim, p.load_bytes);
+    load_tile<BN, HD, LD, kThreads>(sK, k, p.k_row_stride, key_len, p.dim, p.load_bytes);
     cp_async_commit();
   }
 
@@ -77,7 +77,7 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_fwd_kernel(const Atten
     cp_async_wait<0>();
     __syncthreads();  // Q, K_j visible; every warp is done with V_j-1
     load_tile<BN, HD, LD, kThreads>(sV, v + n0 * p.v_row_stride, p.v_row_stride, key_len - n0, p.dim_v,
-                                    p.vector_loads);
+                                    p.load_bytes);
     cp_async_commit();
 
     // S = Q K_j^T: the warp's 16 rows x BN keys
@@ -152,7 +152,7 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_fwd_kernel(const Atten
     __syncthreads();  // V_j visible; every warp is done with K_j
     if (j + 1 < n_tiles) {
       load_tile<BN, HD, LD, kThreads>(sK, k + (n0 + BN) * p.k_row_stride, p.k_row_stride, key_len - n0 - BN,
-                                      p.dim, p.vector_loads);
+                                      p.dim, p.load_bytes);
       cp_async_commit();
     }
 

@@ -66,9 +66,10 @@ struct AttentionParams {
   float dropout_scale;  // 1 / (1 - p)
   uint64_t seed;
 
-  // Every row of q, k, v (and grad_out in the backward) starts 16-byte aligned, so tiles can be
-  // loaded with 16-byte cp.async; otherwise the kernels fall back to element-wise loads.
-  bool vector_loads;
+  // How tiles of q, k, v (and grad_out in the backward) are loaded, by the alignment of every
+  // row start: 16 (16-byte aligned: 16-byte cp.async), 4 (4-byte aligned, e.g. head dim 50 in a
+  // (B, L, H, D) projection: 4-byte cp.async, still asynchronous) or 0 (element-wise loads).
+  int load_bytes;
   // Every pair of output elements (col 2t, 2t+1) is 4-byte aligned: stores of two at a time.
   bool pair_stores;
 };

@@ -12,8 +12,9 @@ What the kernels handle (declared by :func:`support`):
 - float16 / bfloat16, float32 accumulation;
 - head dims 1..128: compiled for 32, 64, 96 and 128, any other padded up to the next one by
   predication (zeros loaded past the head dim, nothing stored there; no copies);
-- any strides with a contiguous last dim (others are made contiguous here); 16-byte aligned rows
-  are loaded with cp.async, others element by element;
+- any strides with a contiguous last dim (others are made contiguous here); rows are loaded with
+  16-byte cp.async when 16-byte aligned, 4-byte cp.async when 4-byte aligned (head dim 50 in a
+  (B, L, H, D) projection), element by element otherwise;
 - is_causal (top-left aligned, as SDPA), with key tiles past the diagonal skipped;
 - GQA / MQA (Hq % Hk == 0): K and V are never repeated; the dK/dV kernel sums the query heads of
   a key/value head in registers (no atomics: results are run-to-run identical);
@@ -21,7 +22,8 @@ What the kernels handle (declared by :func:`support`):
   are skipped (right padding, the usual case, costs no work), and the bytes are tested only in
   batch rows with padding before that key end. Computed on the device: no host synchronisation;
 - attn_mask, bool or additive float, broadcastable to (B, Hq, Lq, Lk), read tile by tile through
-  a stride-0 view (a float mask is read as float32);
+  a stride-0 view (a float mask is rounded to the query dtype, as the other backends see it, and
+  read as float32);
 - dropout, regenerated in the backward from the seed.
 - a value head dim different from the query/key one (both up to 128; the instantiation is chosen
   by the larger, which is also the head dim dispatch checks).
@@ -66,7 +68,7 @@ def _check(query, key, value):
     dim, dim_v = query.shape[-1], value.shape[-1]
     if max(dim, dim_v) > MAX_HEAD_DIM:
         raise ValueError(f"attention (cuda): head dims up to {MAX_HEAD_DIM}, got {dim} and {dim_v}")
-    if query.shape[1] % key.shape[1] != 0:
+    if key.shape[1] == 0 or query.shape[1] % key.shape[1] != 0:
         raise ValueError(f"attention (cuda): query heads ({query.shape[1]}) must be a multiple of key/value "
                          f"heads ({key.shape[1]})")
     for name, t in (("query", query), ("key", key), ("value", value)):
