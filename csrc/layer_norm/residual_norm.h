@@ -80,7 +80,8 @@ struct Traits {
   static constexpr int kVec = kVectorized_ ? 16 / static_cast<int>(sizeof(T)) : 1;
   // Accesses per thread per row: the row lives in kChunks * kVec registers of each thread.
   // A warp holds 4 vectors (or 16 values) a thread; a block 16 values a thread, so that its up
-  // to 1024 threads keep within 64 registers (the backward also holds two column sums).
+  // to 1024 threads keep within 64 registers in the forward (the backward, which also holds two
+  // column sums, bounds rows up to 8192 values at 512 threads: see residual_norm_bwd.cu).
   static constexpr int kChunks = kWarpPerRow_ ? (kVectorized_ ? 4 : 16) : 16 / kVec;
   static constexpr bool kWarpPerRow = kWarpPerRow_;
   static constexpr bool kRms = kRms_;

@@ -33,8 +33,13 @@ __device__ __forceinline__ void load_weight(const BwdParams& p, bool inside, int
   }
 }
 
-template <class K>
-__global__ void __launch_bounds__(K::kLaunchBound) residual_norm_bwd_kernel(const BwdParams p) {
+// kMaxThreads: the most threads per block this instantiation is launched with. A block per row
+// keeps four arrays of its values (r, dy and the two column sums) live across the row loop, about
+// 64 floats a thread: under a 1024-thread bound (64 registers a thread) they spill, so rows of up
+// to kSmallBlockThreads * 16 values (N <= 8192) get an instantiation bounded at 512 threads (128
+// registers a thread); only wider rows take the 1024-thread one.
+template <class K, int kMaxThreads>
+__global__ void __launch_bounds__(kMaxThreads) residual_norm_bwd_kernel(const BwdParams p) {
   using T = typename K::T;
   constexpr int kVec = K::kVec;
   constexpr int kChunks = K::kChunks;
@@ -63,7 +68,7 @@ __global__ void __launch_bounds__(K::kLaunchBound) residual_norm_bwd_kernel(cons
 #pragma unroll
   for (int c = 0; c < kChunks; ++c) inside[c] = (static_cast<int64_t>(c) * threads + lane) * kVec < n;
   // Registers hold the two column sums, r (then xhat) and dy of the current row; the weight is
-  // re-read per row (from L1/L2) so that a block's 16 values a thread fit in 64 registers.
+  // re-read per row (from L1/L2) to spare registers (see kMaxThreads above).
   float grad_weight[kChunks][kVec], grad_bias[kChunks][kVec];
 #pragma unroll
   for (int c = 0; c < kChunks; ++c)
@@ -230,10 +235,19 @@ __global__ void __launch_bounds__(K::kLaunchBound) residual_norm_bwd_kernel(cons
 // launch: the runtime switches become template arguments. Residual inputs and outputs of the
 // backward are plain pointer checks (a store more or less), not instantiations.
 // --------------------------------------------------------------------------------------------
+constexpr int kSmallBlockThreads = 512;
+
 template <typename T, bool kVectorized, bool kWarpPerRow, bool kRms, bool kDropout>
 void launch(const BwdParams& p, const LaunchShape& shape, cudaStream_t stream) {
   using K = Traits<T, kVectorized, kWarpPerRow, kRms, kDropout, false>;
-  residual_norm_bwd_kernel<K><<<p.partials, shape.threads, bwd_shared_bytes(p, shape), stream>>>(p);
+  const size_t shared = bwd_shared_bytes(p, shape);
+  if constexpr (K::kWarpPerRow) {
+    residual_norm_bwd_kernel<K, K::kLaunchBound><<<p.partials, shape.threads, shared, stream>>>(p);
+  } else if (shape.threads <= kSmallBlockThreads) {
+    residual_norm_bwd_kernel<K, kSmallBlockThreads><<<p.partials, shape.threads, shared, stream>>>(p);
+  } else {
+    residual_norm_bwd_kernel<K, K::kLaunchBound><<<p.partials, shape.threads, shared, stream>>>(p);
+  }
 }
 
 template <typename T, bool kVectorized, bool kWarpPerRow, bool kRms>
