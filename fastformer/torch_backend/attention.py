@@ -132,6 +132,8 @@ def _eager_dropout_attention(query, key, value, mask, is_causal, scale, dropout_
     """SDPA's math with the dropout mask drawn by ``torch_backend.dropout.dropout``, under autograd.
 
     Not chunked: autograd keeps every probability for the backward anyway, as SDPA's math does.
+    It also keeps the scaled keep-mask in float32 (SDPA's math keeps a bool one): as large as the
+    probabilities, the price of the faster mask.
     """
     dtype = _compute_dtype(query.dtype)
     group = query.shape[1] // key.shape[1]
