@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import common  # benchmarks/common.py: finetune.py and the tests put benchmarks/ on sys.path
+
 from . import data as data_lib
 from . import models
 from .report import progress
@@ -128,17 +130,6 @@ def shutdown_distributed(dist_info: Dist) -> None:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Linear-interpolation percentile, q in [0, 1]."""
-    values = sorted(values)
-    if not values:
-        return math.nan
-    position = q * (len(values) - 1)
-    low = math.floor(position)
-    high = min(low + 1, len(values) - 1)
-    return values[low] + (values[high] - values[low]) * (position - low)
 
 
 # Op categories by name (lower case): kernel names on GPUs (PyTorch's and fastformer's Triton/CUDA
@@ -413,13 +404,13 @@ def _reduce_measurements(losses, step_ms, useful_tokens, all_tokens, peak_bytes,
     useful, total = sum(useful_tokens), sum(all_tokens)
     useful, total = dist_info.reduce([useful, total])
     seconds, peak_bytes = dist_info.reduce([seconds, peak_bytes], op="max")
-    median = percentile(step_ms, 0.5)
+    timing = common.summary_ms(step_ms)
     return {
         "losses": losses,
         "timed_steps": len(step_ms),
-        "step_ms": {"median": median, "p20": percentile(step_ms, 0.2), "p80": percentile(step_ms, 0.8),
+        "step_ms": {"median": timing["median"], "p20": timing["p20"], "p80": timing["p80"],
                     "min": min(step_ms, default=math.nan), "max": max(step_ms, default=math.nan),
-                    "spread": percentile(step_ms, 0.8) - percentile(step_ms, 0.2)},
+                    "spread": timing["p80"] - timing["p20"]},
         "tokens_per_s": useful / seconds if seconds > 0 else math.nan,
         "padded_tokens_per_s": total / seconds if seconds > 0 else math.nan,
         "padding_fraction": 1 - useful / total if total else math.nan,
