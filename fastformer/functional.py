@@ -202,9 +202,12 @@ def _prepare_bias_gelu(x, bias=None, approximate="none"):
         raise TypeError(f"{op}: approximate must be 'none' or 'tanh', got {type(approximate).__name__}")
     if approximate not in ("none", "tanh"):
         raise ValueError(f"{op}: approximate must be 'none' or 'tanh', got {approximate!r}")
-    needs = _needs(bias=bias is not None, tanh=approximate == "tanh", erf=approximate == "none")
-    call = dispatch.Call(op, x.device, x.dtype, needs, hidden=hidden)
-    return call, (x, bias, approximate)
+    return _bias_gelu_call(x, hidden, bias is not None, approximate), (x, bias, approximate)
+
+
+def _bias_gelu_call(x, hidden, has_bias, approximate):
+    needs = _needs(bias=has_bias, tanh=approximate == "tanh", erf=approximate == "none")
+    return dispatch.Call("bias_gelu", x.device, x.dtype, needs, hidden=hidden)
 
 
 def bias_gelu(x, bias=None, approximate="none", *, backend=None):
@@ -222,9 +225,7 @@ def keeps_bias_in_gemm(x, hidden, approximate="none", backend=None) -> bool:
     :func:`bias_gelu`: when dispatch sends that bias_gelu call (x's device and dtype, ``hidden``
     features, with a bias) to the torch backend, which computes PyTorch's GELU — fusing the bias
     there saves nothing and costs a pass, while the GEMM adds it for free (``addmm``)."""
-    needs = _needs(bias=True, tanh=approximate == "tanh", erf=approximate == "none")
-    call = dispatch.Call("bias_gelu", x.device, x.dtype, needs, hidden=hidden)
-    return dispatch.select_backend(call, backend).backend == "torch"
+    return dispatch.select_backend(_bias_gelu_call(x, hidden, True, approximate), backend).backend == "torch"
 
 
 # --------------------------------------------------------------------------------------------
