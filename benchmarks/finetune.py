@@ -12,9 +12,11 @@ Models (``--model``):
 
 Variants (``--kernels``): torch (``torch.nn.TransformerEncoderLayer`` / transformers' SDPA
 attention), fastformer (the same model after ``fastformer.optimize``), both (default): same seed,
-initial weights and batch order. Measured for each: useful tokens/s (padding excluded), step time
-(median, p20-p80), peak memory (CUDA), time shares of attention / LayerNorm / GELU / the rest
-(torch.profiler on a few steps), the fastformer backend each op ran on, test accuracy.
+initial weights and batch order, trained one after the other or (``--variant-order alternate``, the
+default on a CPU, whose speed drifts between runs) a step each in turn. Measured for each: useful
+tokens/s (padding excluded), step time (median, p20-p80), peak memory (CUDA, sequential order),
+time shares of attention / LayerNorm / GELU / the rest (torch.profiler on a few steps), the
+fastformer backend each op ran on, test accuracy.
 
 Checks: with ``both``, the first ``--equivalence-steps`` steps are first run with dropout 0 and
 the losses of the two variants must agree step by step (``--check-equivalence`` does only that and
@@ -95,6 +97,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--dropout", type=float)
     add("--activation", choices=("gelu", "relu"), default="gelu", help="scratch: feed-forward activation")
     add("--no-bucketing", action="store_true", help="random batches instead of length-bucketed ones")
+    add("--variant-order", choices=train_lib.VARIANT_ORDERS,
+        help="train the variants one after the other, or a step each in turn (the same machine "
+             "conditions for both; no peak memory). Default: alternate on a CPU, sequential on a GPU")
     add("--precision", choices=("fp32", "bf16"), default="fp32",
         help="fp32 (TF32 matmuls on GPUs unless --no-tf32) or bf16 autocast")
     add("--no-tf32", action="store_true")
@@ -277,9 +282,11 @@ def main(argv=None) -> int:
         if not check["passed"]:
             status = 1
     if not args.check_equivalence:
-        for name in kernels:
-            results["variants"][name] = train_lib.train_variant(name, base, train_data, test_data, pad, config,
-                                                                device, dist_info, log)
+        if args.variant_order is None:
+            args.variant_order = "alternate" if device.type == "cpu" else "sequential"
+            results["config"]["variant_order"] = args.variant_order
+        results["variants"] = train_lib.train_variants(kernels, base, train_data, test_data, pad, config, device,
+                                                       dist_info, log, args.variant_order)
         results["comparison"] = compare(results["variants"])
         if dist_info.main:
             report.print_table(results, results["title"])

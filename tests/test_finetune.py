@@ -223,6 +223,29 @@ def test_training_steps_give_the_same_losses_with_dropout_0():
     assert losses[0] != losses[-1]  # it trained
 
 
+def test_alternating_variant_order_changes_timings_only():
+    """Variants trained a step each in turn draw the same dropout masks, hence the same losses and
+    accuracies, as when trained one after the other; their profiled steps are not interleaved."""
+    train_data, test_data = _tiny_encoded()
+    base = _tiny_scratch(dropout=0.2, vocab_size=200)
+    config = train_lib.TrainConfig(epochs=2, batch_size=8, lr=1e-3, progress=False, warmup_steps=1, profile_steps=2)
+    runs = {order: train_lib.train_variants(list(models.KERNELS), base, train_data, test_data, 0, config,
+                                            torch.device("cpu"), train_lib.Dist(), lambda *a: None, order)
+            for order in train_lib.VARIANT_ORDERS}
+    for name in models.KERNELS:
+        sequential, alternate = runs["sequential"][name], runs["alternate"][name]
+        assert alternate["losses"] == sequential["losses"] and len(alternate["losses"]) == 12
+        for a, b in zip(alternate["epochs"], sequential["epochs"], strict=True):
+            assert (a["test"]["accuracy"], a["test"]["loss"]) == (b["test"]["accuracy"], b["test"]["loss"])
+        assert alternate["timed_steps"] == sequential["timed_steps"] == 12 - 1 - 3
+        assert abs(sum(alternate["time_shares"]["shares"].values()) - 1) < 1e-6
+    # the variants draw different masks: were their random states shared, alternating would show
+    assert runs["sequential"]["torch"]["losses"] != runs["sequential"]["fastformer"]["losses"]
+    with pytest.raises(ValueError, match="order"):
+        train_lib.train_variants(["torch"], base, train_data, test_data, 0, config, torch.device("cpu"),
+                                 train_lib.Dist(), print, "parallel")
+
+
 def test_time_share_categories():
     assert train_lib.categorize("aten::_scaled_dot_product_flash_attention_for_cpu") == "attention"
     assert train_lib.categorize("_attention_bwd_dkdv_kernel") == "attention"

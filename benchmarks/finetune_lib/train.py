@@ -274,10 +274,12 @@ def evaluate(model: nn.Module, data: data_lib.Encoded, pad: int, batch_size: int
             "seconds": time.perf_counter() - start}
 
 
-def train_variant(kernels: str, base: nn.Module, train_data: data_lib.Encoded, test_data: data_lib.Encoded,
-                  pad: int, config: TrainConfig, device: torch.device, dist_info: Dist,
-                  log: Callable[[str], None] = print) -> dict:
-    """Train a copy of ``base`` in the given variant; returns its measurements and results."""
+def _training(kernels: str, base: nn.Module, train_data: data_lib.Encoded, test_data: data_lib.Encoded,
+              pad: int, config: TrainConfig, device: torch.device, dist_info: Dist,
+              log: Callable[[str], None], measure_memory: bool):
+    """Train a copy of ``base`` in the given variant, as a generator: yields after every training
+    step whether this variant's profiler is recording (its next steps must then run without another
+    variant's in between); returns the variant's measurements and results."""
     model = models.make_variant(base, kernels, config.backend).to(device)
     model.train()
     if dist_info.enabled:
@@ -293,7 +295,8 @@ def train_variant(kernels: str, base: nn.Module, train_data: data_lib.Encoded, t
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
     optimizer, scheduler = _optimizer(model, config, total_steps)
-    if device.type == "cuda":
+    measure_memory = measure_memory and device.type == "cuda"
+    if measure_memory:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -308,13 +311,13 @@ def train_variant(kernels: str, base: nn.Module, train_data: data_lib.Encoded, t
     peak_bytes = 0
     show = config.progress and dist_info.main
     step = 0
-    train_seconds = 0.0
+    train_seconds = 0.0  # this variant's own time in the training loops (not another variant's)
     for epoch in range(config.epochs):
         batches = data_lib.shard(data_lib.make_batches(train_data.lengths, config.batch_size, data_order,
                                                        config.bucketing),
                                  dist_info.rank, dist_info.world_size)
         bar = progress(batches, desc=f"{kernels} epoch {epoch + 1}/{config.epochs}", enabled=show)
-        epoch_start, first_loss = time.perf_counter(), len(losses)
+        resumed, first_loss = time.perf_counter(), len(losses)
         for indices in bar:
             if step >= total_steps:
                 break
@@ -362,10 +365,13 @@ def train_variant(kernels: str, base: nn.Module, train_data: data_lib.Encoded, t
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
             step += 1
+            train_seconds += time.perf_counter() - resumed
+            yield profiler is not None
+            resumed = time.perf_counter()
         if hasattr(bar, "close"):
             bar.close()
-        train_seconds += time.perf_counter() - epoch_start
-        if device.type == "cuda":
+        train_seconds += time.perf_counter() - resumed
+        if measure_memory:
             peak_bytes = max(peak_bytes, torch.cuda.max_memory_allocated(device))
         record = {"epoch": epoch + 1, "steps": step, "train_loss": _mean(losses[first_loss:])}
         if config.evaluate:
@@ -390,6 +396,78 @@ def train_variant(kernels: str, base: nn.Module, train_data: data_lib.Encoded, t
         result["test_loss"] = epochs[-1]["test"]["loss"]
     del model, optimizer
     return result
+
+
+def _finish(steps) -> dict:
+    """Runs a :func:`_training` generator to its end; returns its result."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as stop:
+            return stop.value
+
+
+class _OwnRandomState:
+    """Steps a :func:`_training` generator with a random state of its own (PyTorch's CPU and CUDA
+    generators: dropout), swapped in around each step, so that interleaving variants changes
+    nothing they draw."""
+
+    def __init__(self, steps, device: torch.device):
+        self.steps, self.device, self.state = steps, device, None
+
+    def step(self) -> bool:
+        cuda = self.device.type == "cuda"
+        if self.state is not None:
+            torch.set_rng_state(self.state[0])
+            if cuda:
+                torch.cuda.set_rng_state(self.state[1], self.device)
+        try:
+            return next(self.steps)
+        finally:
+            self.state = (torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if cuda else None)
+
+
+VARIANT_ORDERS = ("sequential", "alternate")
+
+
+def train_variants(names: list[str], base: nn.Module, train_data: data_lib.Encoded, test_data: data_lib.Encoded,
+                   pad: int, config: TrainConfig, device: torch.device, dist_info: Dist,
+                   log: Callable[[str], None] = print, order: str = "sequential") -> dict:
+    """Train a copy of ``base`` in each variant; {name: measurements and results}.
+
+    ``sequential`` trains one variant after the other. ``alternate`` gives them a step each in
+    turn, swapping the order every round (a variant's profiled steps run back to back), so that
+    both are timed under the same conditions: a CPU's throughput drifts by tens of percent between
+    runs minutes apart. Each variant keeps its own random state, so the order changes its
+    timings and nothing else. Both models are resident then, so peak memory is not measured.
+    """
+    if order not in VARIANT_ORDERS:
+        raise ValueError(f"order must be one of {VARIANT_ORDERS}, got {order!r}")
+    alternate = order == "alternate" and len(names) > 1
+    runs = {name: _training(name, base, train_data, test_data, pad, config, device, dist_info, log,
+                            measure_memory=not alternate) for name in names}
+    if not alternate:
+        return {name: _finish(steps) for name, steps in runs.items()}
+    stepping = {name: _OwnRandomState(steps, device) for name, steps in runs.items()}
+    results: dict = {}
+    turn = list(names)
+    while len(results) < len(names):
+        for name in turn:
+            while name not in results:
+                try:
+                    if not stepping[name].step():
+                        break
+                except StopIteration as stop:
+                    results[name] = stop.value
+        turn.reverse()
+    return {name: results[name] for name in names}
+
+
+def train_variant(kernels: str, base: nn.Module, train_data: data_lib.Encoded, test_data: data_lib.Encoded,
+                  pad: int, config: TrainConfig, device: torch.device, dist_info: Dist,
+                  log: Callable[[str], None] = print) -> dict:
+    """Train a copy of ``base`` in the given variant; returns its measurements and results."""
+    return train_variants([kernels], base, train_data, test_data, pad, config, device, dist_info, log)[kernels]
 
 
 def _mean(values: list[float]) -> float:
