@@ -105,6 +105,27 @@ def test_triton_unavailable_without_gpu(no_interpreter):
     assert any("TRITON_INTERPRET" in r or "not installed" in r for r in reasons), reasons
 
 
+@pytest.mark.parametrize("triton_version, numpy_version, breaks", [
+    ("3.6.0", "2.4.0", True), ("3.2.0", "2.4.6", True), ("3.6.0", "2.3.5", False),
+    ("3.7.0", "2.4.0", False), ("3.8.0+git1234", "2.5.0", False), ("3.10.0", "2.4.0", False)])
+def test_interpreter_with_numpy_2_4_needs_triton_3_7(monkeypatch, triton_version, numpy_version, breaks):
+    """Triton's interpreter before 3.7 fails on NumPy >= 2.4 (triton-lang/triton#9171): the backend
+    says so instead of failing inside a kernel."""
+    triton = pytest.importorskip("triton")
+    import numpy
+
+    from fastformer import triton as triton_backend
+
+    assert triton_backend.interpreter_breaks_on_numpy(triton_version, numpy_version) == breaks
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(triton, "__version__", triton_version)
+    monkeypatch.setattr(numpy, "__version__", numpy_version)
+    reasons = triton_backend.unavailable_reasons()
+    assert bool(reasons) == breaks
+    if breaks:
+        assert "numpy<2.4" in reasons[0] and triton_version in reasons[0] and numpy_version in reasons[0]
+
+
 def test_available_backends_returns_copies():
     fastformer.available_backends()["torch"].append("mutated")
     assert fastformer.available_backends()["torch"] == []

@@ -11,6 +11,7 @@ import contextlib
 import functools
 import importlib.util
 import os
+import re
 
 import torch
 
@@ -23,6 +24,17 @@ def supported_devices() -> frozenset:
     return frozenset({"cuda", "cpu"}) if interpreter_enabled() else frozenset({"cuda"})
 
 
+def _major_minor(version: str) -> tuple[int, int]:
+    major, minor = re.match(r"(\d+)\.(\d+)", version).groups()
+    return int(major), int(minor)
+
+
+def interpreter_breaks_on_numpy(triton_version: str, numpy_version: str) -> bool:
+    """Triton's interpreter before 3.7 converts one-element arrays to Python ints, which NumPy 2.4
+    made an error: every kernel looping up to a runtime bound fails (triton-lang/triton#9171)."""
+    return _major_minor(triton_version) < (3, 7) and _major_minor(numpy_version) >= (2, 4)
+
+
 def unavailable_reasons() -> list[str]:
     """Why Triton kernels cannot run on this machine at all (empty when they can)."""
     if importlib.util.find_spec("triton") is None:
@@ -30,6 +42,13 @@ def unavailable_reasons() -> list[str]:
     if not interpreter_enabled() and not torch.cuda.is_available():
         return ["no CUDA device is visible (set TRITON_INTERPRET=1 to run the kernels on the CPU "
                 "in Triton's interpreter)"]
+    if interpreter_enabled():
+        import numpy
+        import triton
+
+        if interpreter_breaks_on_numpy(triton.__version__, numpy.__version__):
+            return [f"Triton {triton.__version__}'s interpreter (TRITON_INTERPRET=1) fails with NumPy "
+                    f"{numpy.__version__} (triton-lang/triton#9171): install numpy<2.4 or triton>=3.7"]
     return []
 
 
