@@ -321,6 +321,10 @@ _SELECTIONS_KEPT = 4096
 def select_backend(call: Call, requested: str | None = None) -> Selection:
     """Choose the backend for ``call``; raise :class:`BackendUnavailableError` if a forced one can't."""
     forced = forced_backend(requested, call.op)
+    if torch.compiler.is_compiling():
+        # Traced once into the graph, so nothing to cache; and Dynamo before torch 2.14 cannot
+        # trace the cache key (id() of a dict).
+        return _select(call, forced)
     tables = tuple(_OP_TABLES.values())
     key = (call, forced, tuple(map(id, tables)), tuple(_UNAVAILABLE.values()))
     entry = _SELECTIONS.get(key)
