@@ -157,7 +157,10 @@ class _Recorder:
             kernel = original_run(fn, *args, grid=None, warmup=True, **kwargs)
         except Exception as exc:  # reported, and the launcher goes on to its next kernel
             kernel = None
-            lines = (line.strip() for line in str(exc).splitlines())
+            message = str(exc)
+            if exc.__cause__ is not None:  # older Tritons keep the reason there
+                message += f"\n{type(exc.__cause__).__name__}: {exc.__cause__}"
+            lines = (line.strip() for line in message.splitlines())
             record.error = f"{type(exc).__name__}: {' | '.join(line for line in lines if line)}"[:400]
         record.seconds = time.perf_counter() - start
         if kernel is not None:
