@@ -96,6 +96,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--ff", type=int, help="scratch: feed-forward width")
     add("--dropout", type=float)
     add("--activation", choices=("gelu", "relu"), default="gelu", help="scratch: feed-forward activation")
+    add("--tokenizer", metavar="PATH",
+        help="scratch: the WordPiece tokenizer (JSON) to use; trained and written there if the file does "
+             "not exist. Training is not deterministic (the tokenizers package breaks ties in hash-map "
+             "order), so runs to be compared exactly should share one file")
     add("--no-bucketing", action="store_true", help="random batches instead of length-bucketed ones")
     add("--variant-order", choices=train_lib.VARIANT_ORDERS,
         help="train the variants one after the other, or a step each in turn (the same machine "
@@ -149,8 +153,16 @@ def load_data(args, dist_info):
     else:
         tokenizer_json = None
         if dist_info.main:
-            tokenizer_json = data_lib.train_wordpiece(train.texts, args.vocab_size, args.max_length).to_str()
+            saved = Path(args.tokenizer) if args.tokenizer else None
+            if saved is not None and saved.exists():
+                tokenizer_json = saved.read_text(encoding="utf-8")
+            else:
+                tokenizer_json = data_lib.train_wordpiece(train.texts, args.vocab_size, args.max_length).to_str()
+                if saved is not None:
+                    saved.parent.mkdir(parents=True, exist_ok=True)
+                    saved.write_text(tokenizer_json, encoding="utf-8")
         tokenizer = data_lib.tokenizer_from_json(dist_info.broadcast(tokenizer_json))
+        tokenizer.enable_truncation(max_length=args.max_length)
         strip = False  # the trained tokenizer's normalizer strips <br />
     train_enc = data_lib.Encoded(data_lib.encode(tokenizer, train.texts, strip), train.labels)
     test_enc = data_lib.Encoded(data_lib.encode(tokenizer, test.texts, strip), test.labels)
@@ -159,6 +171,7 @@ def load_data(args, dist_info):
                    "train_positive_fraction": sum(train.labels) / len(train.labels),
                    "tokenizer": "all-MiniLM-L6-v2 WordPiece" if args.model == "minilm" else
                    f"WordPiece trained on the training reviews used, {tokenizer.get_vocab_size()} tokens",
+                   "tokenizer_vocab_sha256": data_lib.vocab_digest(tokenizer),
                    "tokenize_seconds": time.perf_counter() - start}
     return train_enc, test_enc, data_lib.pad_id(tokenizer), tokenizer.get_vocab_size(), description
 

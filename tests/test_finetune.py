@@ -329,6 +329,27 @@ def test_quick_end_to_end(tmp_path, capsys):
     assert (tmp_path / "again.md").read_text() == (tmp_path / "quick.md").read_text()
 
 
+def test_a_saved_tokenizer_makes_runs_repeat_exactly(tmp_path):
+    """The tokenizers package's WordPiece training is not deterministic; a run given --tokenizer
+    trains and writes it once, and later runs given the same file repeat the first exactly."""
+    saved = tmp_path / "vocab" / "tokenizer.json"
+    results = []
+    for run in range(2):
+        out = tmp_path / f"run{run}.json"
+        args = ["--synthetic", "--train-size", "96", "--test-size", "16", "--max-length", "32", "--d-model", "32",
+                "--layers", "1", "--ff", "64", "--vocab-size", "300", "--batch-size", "8", "--epochs", "1",
+                "--kernels", "torch", "--equivalence-steps", "0", "--profile-steps", "0", "--no-progress",
+                "--tokenizer", str(saved), "--json", str(out)]
+        assert finetune.main(args) == 0
+        results.append(json.loads(out.read_text()))
+        assert saved.exists()
+    first, second = results
+    assert first["data"]["tokenizer_vocab_sha256"] == second["data"]["tokenizer_vocab_sha256"]
+    assert first["data"]["tokenizer_vocab_sha256"] == data_lib.vocab_digest(
+        data_lib.tokenizer_from_json(saved.read_text()))
+    assert first["variants"]["torch"]["losses"] == second["variants"]["torch"]["losses"]
+
+
 def test_check_equivalence_mode(tmp_path):
     out = tmp_path / "check.json"
     args = ["--synthetic", "--check-equivalence", "--train-size", "64", "--test-size", "8", "--max-length", "32",

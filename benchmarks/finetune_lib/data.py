@@ -10,6 +10,8 @@ from __future__ import annotations
 import csv
 import dataclasses
 import gzip
+import hashlib
+import json
 import math
 import os
 import random
@@ -217,6 +219,11 @@ def train_wordpiece(texts: Sequence[str], vocab_size: int, max_length: int):
     tokenizer.enable_truncation(max_length=max_length)
     tokenizer.no_padding()
     return tokenizer
+
+
+def vocab_digest(tokenizer) -> str:
+    """SHA-256 of the vocabulary (token -> id): equal for two runs exactly when they tokenized alike."""
+    return hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
 
 
 def tokenizer_from_json(text: str):
