@@ -345,6 +345,8 @@ def package_kernels() -> set[str]:
 # report
 # --------------------------------------------------------------------------------------------
 def problems(results: list[Compiled], expected_kernels: set[str]) -> list[str]:
+    """One line per compile error, per launch of which no configuration fits the target's shared
+    memory, and per target for the expected kernels that no case compiled."""
     found = []
     for r in results:
         if r.error:
