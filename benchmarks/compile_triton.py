@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 os.environ.pop("TRITON_INTERPRET", None)  # the kernels must be JIT functions, not interpreted ones
+os.environ["FASTFORMER_TRITON_AUTOTUNE"] = "1"  # every autotune config, even under the test suite
 
 import torch  # noqa: E402
 

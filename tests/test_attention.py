@@ -119,6 +119,36 @@ def test_half_precision_head_dims_on_gpu(shape, mask_kind, dtype, backend):
     assert_matches_reference(q, k, v, dtype, backend, **kwargs)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dim", [50, 128, 200])  # the three config lists: head dims <= 64, 128, 256
+def test_every_triton_launch_config_on_gpu(dim, dtype):
+    """The tests run one fixed Triton config (FASTFORMER_TRITON_AUTOTUNE=0, conftest.py); here config
+    i of the forward, dK/dV and dQ lists runs for every i, with causal masking, GQA and scattered
+    key padding across several tiles. A config that needs more shared memory than the card has is
+    skipped, as the autotuner skips it."""
+    triton_attention = pytest.importorskip("fastformer.triton.attention")
+    from triton.runtime.errors import OutOfResources
+
+    shape = (2, 4, 2, 150, 270, dim, dim)
+    q, k, v = make_qkv(shape, dtype, "cuda")
+    key_padding_mask = torch.rand(2, 270, device="cuda") > 0.7
+    key_padding_mask[:, 0] = False
+    kwargs = dict(is_causal=True, key_padding_mask=key_padding_mask)
+    count = max(len(triton_attention._configs(kind, max(64, triton_attention._head_block(dim))))
+                for kind in ("fwd", "dkdv", "dq"))
+    ran = 0
+    for index in range(count):
+        with triton_attention.use_config(index):
+            try:
+                out = fastformer.attention(q, k, v, backend="triton", **kwargs)
+                assert_close_to_reference(out, reference.attention(q, k, v, **kwargs), q, k, v, dtype)
+            except OutOfResources:
+                continue
+        ran += 1
+    assert ran >= 1
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mask_kind", ["bool", "float", "causal+padding"])
 def test_same_results_as_sdpa(mask_kind, backend):

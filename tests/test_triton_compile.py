@@ -47,6 +47,40 @@ def test_every_kernel_compiles_for_sm90_and_sm80(tmp_path):
         assert (arch == 90) == any(k["mma"] == "wgmma" for k in matmul_kernels)
 
 
+def test_tests_launch_one_attention_config_unless_told(tmp_path):
+    """FASTFORMER_TRITON_AUTOTUNE=0 (the test suite's setting) compiles one config per attention
+    launch, the small one; use_config(i) picks config i; unset, the autotuner compiles them all."""
+    (tmp_path / "fixed_config.py").write_text(textwrap.dedent(f"""
+        import json, os, sys
+        import torch
+        sys.path.insert(0, {str(SCRIPT.parent)!r})
+        import compile_triton
+        from fastformer.triton import attention
+
+        def blocks(autotune, index=None):
+            os.environ["FASTFORMER_TRITON_AUTOTUNE"] = autotune
+            with compile_triton.compile_only(90) as recorder:
+                recorder.case = autotune
+                q = torch.empty(2, 4, 200, 64, dtype=torch.float16)
+                if index is None:
+                    attention.attention_fwd(q, q, q, None, None, 0.0, False, 0.125, None)
+                else:
+                    with attention.use_config(index):
+                        attention.attention_fwd(q, q, q, None, None, 0.0, False, 0.125, None)
+            return [[r.constants["BLOCK_M"], r.constants["BLOCK_N"], r.num_warps, r.num_stages]
+                    for r in recorder.results]
+
+        print(json.dumps({{"fixed": blocks("0"), "first": blocks("0", 0), "autotuned": blocks("1"),
+                          "configs": attention._configs("fwd", 64)}}))
+    """))
+    result = _run(["fixed_config.py"], tmp_path, 900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    launched = json.loads(result.stdout.strip().splitlines()[-1])
+    configs = launched["configs"]
+    assert launched["fixed"] == [configs[-1]] and launched["first"] == [configs[0]]
+    assert launched["autotuned"] == configs and len(configs) > 2
+
+
 def test_report_names_compile_errors_shared_memory_and_missing_kernels(tmp_path):
     (tmp_path / "bad_kernels.py").write_text(textwrap.dedent(f"""
         import json, sys

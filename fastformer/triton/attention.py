@@ -37,12 +37,17 @@ the GPU they stay in the input dtype: float16 / bfloat16 on the tensor cores, fl
 Launch configuration: under Triton's interpreter (CPU tests) a plain launch with small fixed
 blocks; on the GPU ``triton.autotune`` over Hopper/Ampere-sized configs, keyed on the padded head
 dims, the mask/causal/dropout switches and the sequence lengths rounded up to powers of two (so
-that variable-length batches do not re-tune on every new length).
+that variable-length batches do not re-tune on every new length). Autotuning compiles and times
+every config for each new key, which a test suite pays for without needing the fastest config:
+FASTFORMER_TRITON_AUTOTUNE=0 (set by tests/conftest.py) runs each list's last, small config
+instead, and ``use_config(i)`` runs config i of every list (the GPU tests go through them all).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 
 import torch
 import triton
@@ -470,11 +475,35 @@ _TUNING_KEY = ["bucket_q", "bucket_k", "group", "BLOCK_D", "BLOCK_DV", "IS_CAUSA
 _KERNELS = {"fwd": _attention_fwd_kernel, "dkdv": _attention_bwd_dkdv_kernel, "dq": _attention_bwd_dq_kernel}
 
 
+def _configs(kind: str, head_class: int) -> list[tuple[int, int, int, int]]:
+    return _GPU_CONFIGS[kind][head_class] + _GPU_CONFIGS[kind]["small"]
+
+
 @functools.lru_cache(maxsize=None)
 def _autotuned(kind: str, head_class: int):
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-               for m, n, w, s in _GPU_CONFIGS[kind][head_class] + _GPU_CONFIGS[kind]["small"]]
+               for m, n, w, s in _configs(kind, head_class)]
     return triton.autotune(configs=configs, key=_TUNING_KEY)(_KERNELS[kind])
+
+
+_forced_config: int | None = None
+
+
+@contextlib.contextmanager
+def use_config(index: int):
+    """Launch config ``index`` of each list (modulo its length) instead of autotuning."""
+    global _forced_config
+    previous, _forced_config = _forced_config, index
+    try:
+        yield
+    finally:
+        _forced_config = previous
+
+
+def _fixed_config_index() -> int | None:
+    if _forced_config is not None:
+        return _forced_config
+    return -1 if os.environ.get("FASTFORMER_TRITON_AUTOTUNE", "1") == "0" else None
 
 
 def _launch(kind: str, rows: int, heads: int, batch: int, args: tuple, meta: dict, interpret: bool):
@@ -488,6 +517,14 @@ def _launch(kind: str, rows: int, heads: int, batch: int, args: tuple, meta: dic
         _KERNELS[kind][grid](*args, **meta, **_INTERPRETER_BLOCKS, num_warps=4)
         return
     head_class = max(64, meta["BLOCK_D"], meta["BLOCK_DV"])
+    index = _fixed_config_index()
+    if index is not None:
+        configs = _configs(kind, head_class)
+        block_m, block_n, num_warps, num_stages = configs[index % len(configs)]
+        blocks = {"BLOCK_M": block_m, "BLOCK_N": block_n}
+        _KERNELS[kind][(triton.cdiv(rows, blocks[tiled]), heads, batch)](
+            *args, **meta, **blocks, num_warps=num_warps, num_stages=num_stages)
+        return
 
     def grid(config):
         return (triton.cdiv(rows, config[tiled]), heads, batch)
