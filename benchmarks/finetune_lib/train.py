@@ -463,13 +463,6 @@ def train_variants(names: list[str], base: nn.Module, train_data: data_lib.Encod
     return {name: results[name] for name in names}
 
 
-def train_variant(kernels: str, base: nn.Module, train_data: data_lib.Encoded, test_data: data_lib.Encoded,
-                  pad: int, config: TrainConfig, device: torch.device, dist_info: Dist,
-                  log: Callable[[str], None] = print) -> dict:
-    """Train a copy of ``base`` in the given variant; returns its measurements and results."""
-    return train_variants([kernels], base, train_data, test_data, pad, config, device, dist_info, log)[kernels]
-
-
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else math.nan
 
@@ -505,8 +498,8 @@ def check_equivalence(base: nn.Module, train_data: data_lib.Encoded, pad: int, c
     ``steps`` steps: the losses must agree step by step within the tolerance."""
     config = dataclasses.replace(config, max_steps=steps, epochs=max(1, config.epochs), evaluate=False,
                                  profile_steps=0, warmup_steps=0, progress=False)
-    runs = {kernels: train_variant(kernels, base, train_data, train_data, pad, config, device, dist_info)["losses"]
-            for kernels in models.KERNELS}
+    runs = {kernels: run["losses"] for kernels, run in
+            train_variants(list(models.KERNELS), base, train_data, train_data, pad, config, device, dist_info).items()}
     reference, candidate = runs["torch"], runs["fastformer"]
     differences = [abs(a - b) / max(abs(a), 1e-12) for a, b in zip(reference, candidate)]
     tolerance = LOSS_TOLERANCE[config.precision]

@@ -512,24 +512,22 @@ def _launch(kind: str, rows: int, heads: int, batch: int, args: tuple, meta: dic
     programs reading the same K/V run together (L2 reuse); heads and batch on their own grid axes
     keep each under CUDA's 65535 limit."""
     tiled = "BLOCK_N" if kind == "dkdv" else "BLOCK_M"
+
+    def grid(blocks):
+        return (triton.cdiv(rows, blocks[tiled]), heads, batch)
+
     if interpret:
-        grid = (triton.cdiv(rows, _INTERPRETER_BLOCKS[tiled]), heads, batch)
-        _KERNELS[kind][grid](*args, **meta, **_INTERPRETER_BLOCKS, num_warps=4)
+        _KERNELS[kind][grid(_INTERPRETER_BLOCKS)](*args, **meta, **_INTERPRETER_BLOCKS, num_warps=4)
         return
     head_class = max(64, meta["BLOCK_D"], meta["BLOCK_DV"])
     index = _fixed_config_index()
-    if index is not None:
-        configs = _configs(kind, head_class)
-        block_m, block_n, num_warps, num_stages = configs[index % len(configs)]
-        blocks = {"BLOCK_M": block_m, "BLOCK_N": block_n}
-        _KERNELS[kind][(triton.cdiv(rows, blocks[tiled]), heads, batch)](
-            *args, **meta, **blocks, num_warps=num_warps, num_stages=num_stages)
+    if index is None:
+        _autotuned(kind, head_class)[grid](*args, **meta)
         return
-
-    def grid(config):
-        return (triton.cdiv(rows, config[tiled]), heads, batch)
-
-    _autotuned(kind, head_class)[grid](*args, **meta)
+    configs = _configs(kind, head_class)
+    block_m, block_n, num_warps, num_stages = configs[index % len(configs)]
+    blocks = {"BLOCK_M": block_m, "BLOCK_N": block_n}
+    _KERNELS[kind][grid(blocks)](*args, **meta, **blocks, num_warps=num_warps, num_stages=num_stages)
 
 
 def _head_block(dim: int) -> int:
