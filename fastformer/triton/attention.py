@@ -15,7 +15,9 @@ query blocks for dQ. No atomics anywhere: the results are run-to-run identical.
 What the kernels handle (everything the op table declares for "attention"):
 - float16 / bfloat16 / float32 inputs, float32 accumulation; head dims 1..256, D != Dv, each padded
   to a power of two >= 16 (masked loads: 50 -> 64);
-- any strides (all four of every tensor are passed, e.g. views of (B, L, H, D) projections);
+- any strides (all four of every tensor are passed, e.g. views of (B, L, H, D) projections); the
+  launcher proves how far every row is aligned (ALIGN, ``fastformer.triton.alignment``) so that a
+  head dim of 50 or 56 is still loaded in vectors and pipelined through cp.async;
 - GQA / MQA: key/value head = query head // (Hq // Hk), K and V never repeated in memory;
 - is_causal, top-left aligned (query i attends keys j <= i): key tiles above the diagonal are
   skipped (forward, dQ) and query tiles below it start the dK/dV loop;
@@ -53,7 +55,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastformer.triton import interpreter_enabled, on_device
+from fastformer.triton import alignment, interpreter_enabled, on_device
 from fastformer.triton.dropout import dropout_keep, wide_offsets
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * LOG2E)
@@ -96,6 +98,26 @@ def _scores(qk, q_idx, k_idx, MASK_TILE, stride_mask_q, stride_mask_k, PADDING_R
 
 
 @triton.jit
+def _load_tile(BASE, offsets, row_ok, head_ok, ALIGN: tl.constexpr, HEAD_AXIS: tl.constexpr,
+               DOT_IN_FP32: tl.constexpr):
+    """A tile of q, k, v or dO at BASE + offsets, (rows, head dim) or (head dim, rows) with
+    HEAD_AXIS = 0, zero outside row_ok & head_ok; rows start ALIGN elements aligned (``_common``).
+    Float32 under the interpreter, whose tl.dot wants it (module docstring)."""
+    ptrs, mask = alignment.tile(BASE, offsets, row_ok, head_ok, ALIGN, HEAD_AXIS)
+    tile = tl.load(ptrs, mask=mask, other=0.0)
+    if DOT_IN_FP32:
+        tile = tile.to(tl.float32)
+    return tile
+
+
+@triton.jit
+def _store_tile(BASE, offsets, row_ok, head_ok, values, ALIGN: tl.constexpr):
+    """Stores a (rows, head dim) tile at BASE + offsets in the pointers' dtype (as ``_load_tile``)."""
+    ptrs, mask = alignment.tile(BASE, offsets, row_ok, head_ok, ALIGN, 1)
+    tl.store(ptrs, values.to(ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _keep(seed, row_base, q_idx, k_idx, len_k, dropout_p, WIDE_OFFSETS: tl.constexpr):
     """The dropout keep-mask of a tile: element (b, h, i, j) has offset ((b Hq + h) Lq + i) Lk + j,
     with row_base = (b Hq + h) Lq (int64)."""
@@ -128,7 +150,7 @@ def _attention_fwd_kernel(
     qk_scale,            # scale * log2(e)
     dropout_p, seed,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KEY_PADDING: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, WIDE_OFFSETS: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, WIDE_OFFSETS: tl.constexpr, DOT_IN_FP32: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """One program per (block of BLOCK_M query rows, query head, batch). For each query row i:
@@ -152,10 +174,8 @@ def _attention_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
 
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                mask=(offs_m[:, None] < len_q) & (offs_d[None, :] < dim), other=0.0)
-    if DOT_IN_FP32:  # the interpreter's tl.dot wants float32 (module docstring)
-        q = q.to(tl.float32)
+    q = _load_tile(Q + b * stride_qb + h * stride_qh + offs_d[None, :] * stride_qd, offs_m[:, None] * stride_qm,
+                   offs_m[:, None] < len_q, offs_d[None, :] < dim, ALIGN, 1, DOT_IN_FP32)
     K_TILE = K + b * stride_kb + hk * stride_kh + offs_d[None, :] * stride_kd
     V_TILE = V + b * stride_vb + hk * stride_vh + offs_dv[None, :] * stride_vd
     MASK_TILE = MASK + b * stride_mb + h * stride_mh
@@ -174,10 +194,8 @@ def _attention_fwd_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
     for start_n in range(0, end_n, BLOCK_N):
         idx_n = start_n + offs_n
-        k = tl.load(K_TILE + idx_n[:, None] * stride_kn,
-                    mask=(idx_n[:, None] < key_len) & (offs_d[None, :] < dim), other=0.0)
-        if DOT_IN_FP32:  # the interpreter's tl.dot wants float32 (module docstring)
-            k = k.to(tl.float32)
+        k = _load_tile(K_TILE, idx_n[:, None] * stride_kn, idx_n[:, None] < key_len, offs_d[None, :] < dim,
+                       ALIGN, 1, DOT_IN_FP32)
         qk = tl.dot(q, tl.trans(k))
         s = _scores(qk, offs_m[:, None], idx_n[None, :], MASK_TILE, stride_mm, stride_mn, PADDING_ROW, len_q,
                     key_len, qk_scale, IS_CAUSAL, MASK_KIND, HAS_KEY_PADDING)
@@ -190,10 +208,8 @@ def _attention_fwd_kernel(
         if HAS_DROPOUT:
             keep = _keep(seed, row_base, offs_m[:, None], idx_n[None, :], len_k, dropout_p, WIDE_OFFSETS)
             p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-        v = tl.load(V_TILE + idx_n[:, None] * stride_vn,
-                    mask=(idx_n[:, None] < key_len) & (offs_dv[None, :] < dim_v), other=0.0)
-        if DOT_IN_FP32:  # the interpreter's tl.dot wants float32 (module docstring)
-            v = v.to(tl.float32)
+        v = _load_tile(V_TILE, idx_n[:, None] * stride_vn, idx_n[:, None] < key_len, offs_dv[None, :] < dim_v,
+                       ALIGN, 1, DOT_IN_FP32)
         acc += tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
@@ -202,8 +218,8 @@ def _attention_fwd_kernel(
     lse = tl.where(alive, (m_i + tl.math.log2(tl.where(alive, l_i, 1.0))) * 0.6931471805599453,
                    float("-inf"))
     tl.store(LSE + row_base + offs_m, lse, mask=offs_m < len_q)
-    tl.store(OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
-             out.to(OUT.dtype.element_ty), mask=(offs_m[:, None] < len_q) & (offs_dv[None, :] < dim_v))
+    _store_tile(OUT + b * stride_ob + h * stride_oh + offs_dv[None, :] * stride_od, offs_m[:, None] * stride_om,
+                offs_m[:, None] < len_q, offs_dv[None, :] < dim_v, out, ALIGN)
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,7 +233,7 @@ def _attention_bwd_preprocess_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     stride_gb, stride_gh, stride_gm, stride_gd,
     heads_q, len_q, dim_v,
-    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+    ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """delta_i = rowsum(dO_i * O_i) = sum_j P_ij dP_ij (the softmax backward's row term, with
     P the probabilities and dP the gradient of the dropped-out probabilities times keep / (1-p))."""
@@ -225,12 +241,11 @@ def _attention_bwd_preprocess_kernel(
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     offs_dv = tl.arange(0, BLOCK_DV)
-    inside = (offs_m[:, None] < len_q) & (offs_dv[None, :] < dim_v)
-    o = tl.load(OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om
-                + offs_dv[None, :] * stride_od,
-                mask=inside, other=0.0).to(tl.float32)
-    do = tl.load(GRAD_OUT + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gm
-                 + offs_dv[None, :] * stride_gd, mask=inside, other=0.0).to(tl.float32)
+    row_ok, head_ok = offs_m[:, None] < len_q, offs_dv[None, :] < dim_v
+    o = _load_tile(OUT + b * stride_ob + h * stride_oh + offs_dv[None, :] * stride_od, offs_m[:, None] * stride_om,
+                   row_ok, head_ok, ALIGN, 1, False).to(tl.float32)
+    do = _load_tile(GRAD_OUT + b * stride_gb + h * stride_gh + offs_dv[None, :] * stride_gd,
+                    offs_m[:, None] * stride_gm, row_ok, head_ok, ALIGN, 1, False).to(tl.float32)
     tl.store(DELTA + (b * heads_q + h) * len_q + offs_m, tl.sum(o * do, axis=1), mask=offs_m < len_q)
 
 
@@ -261,7 +276,7 @@ def _attention_bwd_dkdv_kernel(
     bucket_q, bucket_k,  # unused: autotuning keys
     qk_scale, scale, dropout_p, seed,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KEY_PADDING: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, WIDE_OFFSETS: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, WIDE_OFFSETS: tl.constexpr, DOT_IN_FP32: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """One program per (block of BLOCK_N keys, key/value head, batch); it loops over the `group`
@@ -288,16 +303,10 @@ def _attention_bwd_dkdv_kernel(
     if HAS_KEY_PADDING:
         key_len = tl.load(KEY_ENDS + b)
     PADDING_ROW = KEY_PADDING + b * stride_pb
-    k = tl.load(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn
-                + offs_d[None, :] * stride_kd,
-                mask=(offs_n[:, None] < key_len) & (offs_d[None, :] < dim), other=0.0)
-    if DOT_IN_FP32:  # the interpreter's tl.dot wants float32 (module docstring)
-        k = k.to(tl.float32)
-    v = tl.load(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn
-                + offs_dv[None, :] * stride_vd,
-                mask=(offs_n[:, None] < key_len) & (offs_dv[None, :] < dim_v), other=0.0)
-    if DOT_IN_FP32:  # the interpreter's tl.dot wants float32 (module docstring)
-        v = v.to(tl.float32)
+    k = _load_tile(K + b * stride_kb + hk * stride_kh + offs_d[None, :] * stride_kd, offs_n[:, None] * stride_kn,
+                   offs_n[:, None] < key_len, offs_d[None, :] < dim, ALIGN, 1, DOT_IN_FP32)
+    v = _load_tile(V + b * stride_vb + hk * stride_vh + offs_dv[None, :] * stride_vd, offs_n[:, None] * stride_vn,
+                   offs_n[:, None] < key_len, offs_dv[None, :] < dim_v, ALIGN, 1, DOT_IN_FP32)
     begin_m = 0
     if IS_CAUSAL:
         begin_m = (start_n // BLOCK_M) * BLOCK_M  # rows i < start_n see none of these keys
@@ -313,18 +322,14 @@ def _attention_bwd_dkdv_kernel(
         row_base = (b * heads_q + h) * len_q
         for start_m in range(begin_m, end_m, BLOCK_M):
             idx_m = start_m + offs_m
-            q_t = tl.load(Q_TILE + idx_m[None, :] * stride_qm,
-                          mask=(idx_m[None, :] < len_q) & (offs_d[:, None] < dim), other=0.0)
-            if DOT_IN_FP32:  # the interpreter's tl.dot wants float32 (module docstring)
-                q_t = q_t.to(tl.float32)
+            q_t = _load_tile(Q_TILE, idx_m[None, :] * stride_qm, idx_m[None, :] < len_q, offs_d[:, None] < dim,
+                             ALIGN, 0, DOT_IN_FP32)
             s_t = _scores(tl.dot(k, q_t), idx_m[None, :], offs_n[:, None], MASK_TILE, stride_mm,
                           stride_mn, PADDING_ROW, len_q, key_len, qk_scale, IS_CAUSAL, MASK_KIND,
                           HAS_KEY_PADDING)
             p_t = tl.math.exp2(s_t - _row_lse_log2(LSE + row_base, idx_m, len_q)[None, :])
-            do = tl.load(DO_TILE + idx_m[:, None] * stride_gm,
-                         mask=(idx_m[:, None] < len_q) & (offs_dv[None, :] < dim_v), other=0.0)
-            if DOT_IN_FP32:  # the interpreter's tl.dot wants float32 (module docstring)
-                do = do.to(tl.float32)
+            do = _load_tile(DO_TILE, idx_m[:, None] * stride_gm, idx_m[:, None] < len_q, offs_dv[None, :] < dim_v,
+                            ALIGN, 1, DOT_IN_FP32)
             dp_t = tl.dot(v, tl.trans(do))  # dPd^T (N, M)
             if HAS_DROPOUT:
                 keep_t = _keep(seed, row_base, idx_m[None, :], offs_n[:, None], len_k, dropout_p,
@@ -340,10 +345,10 @@ def _attention_bwd_dkdv_kernel(
 
     grad_k *= scale
     base = (b * heads_k + hk) * len_k
-    tl.store(GRAD_K + (base + offs_n[:, None]) * dim + offs_d[None, :], grad_k.to(GRAD_K.dtype.element_ty),
-             mask=(offs_n[:, None] < len_k) & (offs_d[None, :] < dim))
-    tl.store(GRAD_V + (base + offs_n[:, None]) * dim_v + offs_dv[None, :], grad_v.to(GRAD_V.dtype.element_ty),
-             mask=(offs_n[:, None] < len_k) & (offs_dv[None, :] < dim_v))
+    _store_tile(GRAD_K, (base + offs_n[:, None]) * dim + offs_d[None, :], offs_n[:, None] < len_k,
+                offs_d[None, :] < dim, grad_k, ALIGN)
+    _store_tile(GRAD_V, (base + offs_n[:, None]) * dim_v + offs_dv[None, :], offs_n[:, None] < len_k,
+                offs_dv[None, :] < dim_v, grad_v, ALIGN)
 
 
 @triton.jit
@@ -364,7 +369,7 @@ def _attention_bwd_dq_kernel(
     bucket_q, bucket_k,  # unused: autotuning keys
     qk_scale, scale, dropout_p, seed,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KEY_PADDING: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, WIDE_OFFSETS: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, WIDE_OFFSETS: tl.constexpr, DOT_IN_FP32: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """One program per (block of BLOCK_M query rows, query head, batch), visiting the key tiles
@@ -383,15 +388,11 @@ def _attention_bwd_dq_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     row_base = (b * heads_q + h) * len_q
 
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                mask=(offs_m[:, None] < len_q) & (offs_d[None, :] < dim), other=0.0)
-    if DOT_IN_FP32:  # the interpreter's tl.dot wants float32 (module docstring)
-        q = q.to(tl.float32)
-    do = tl.load(GRAD_OUT + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gm
-                 + offs_dv[None, :] * stride_gd, mask=(offs_m[:, None] < len_q) & (offs_dv[None, :] < dim_v),
-                 other=0.0)
-    if DOT_IN_FP32:  # the interpreter's tl.dot wants float32 (module docstring)
-        do = do.to(tl.float32)
+    q = _load_tile(Q + b * stride_qb + h * stride_qh + offs_d[None, :] * stride_qd, offs_m[:, None] * stride_qm,
+                   offs_m[:, None] < len_q, offs_d[None, :] < dim, ALIGN, 1, DOT_IN_FP32)
+    do = _load_tile(GRAD_OUT + b * stride_gb + h * stride_gh + offs_dv[None, :] * stride_gd,
+                    offs_m[:, None] * stride_gm, offs_m[:, None] < len_q, offs_dv[None, :] < dim_v, ALIGN, 1,
+                    DOT_IN_FP32)
     lse_log2 = _row_lse_log2(LSE + row_base, offs_m, len_q)
     delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < len_q, other=0.0)
     K_TILE = K + b * stride_kb + hk * stride_kh + offs_d[None, :] * stride_kd
@@ -409,14 +410,10 @@ def _attention_bwd_dq_kernel(
     grad_q = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     for start_n in range(0, end_n, BLOCK_N):
         idx_n = start_n + offs_n
-        k = tl.load(K_TILE + idx_n[:, None] * stride_kn,
-                    mask=(idx_n[:, None] < key_len) & (offs_d[None, :] < dim), other=0.0)
-        if DOT_IN_FP32:  # the interpreter's tl.dot wants float32 (module docstring)
-            k = k.to(tl.float32)
-        v = tl.load(V_TILE + idx_n[:, None] * stride_vn,
-                    mask=(idx_n[:, None] < key_len) & (offs_dv[None, :] < dim_v), other=0.0)
-        if DOT_IN_FP32:  # the interpreter's tl.dot wants float32 (module docstring)
-            v = v.to(tl.float32)
+        k = _load_tile(K_TILE, idx_n[:, None] * stride_kn, idx_n[:, None] < key_len, offs_d[None, :] < dim,
+                       ALIGN, 1, DOT_IN_FP32)
+        v = _load_tile(V_TILE, idx_n[:, None] * stride_vn, idx_n[:, None] < key_len, offs_dv[None, :] < dim_v,
+                       ALIGN, 1, DOT_IN_FP32)
         s = _scores(tl.dot(q, tl.trans(k)), offs_m[:, None], idx_n[None, :], MASK_TILE, stride_mm,
                     stride_mn, PADDING_ROW, len_q, key_len, qk_scale, IS_CAUSAL, MASK_KIND,
                     HAS_KEY_PADDING)
@@ -429,9 +426,8 @@ def _attention_bwd_dq_kernel(
         grad_q += tl.dot(ds.to(k.dtype), k)
 
     grad_q *= scale
-    tl.store(GRAD_Q + (row_base + offs_m[:, None]) * dim + offs_d[None, :],
-             grad_q.to(GRAD_Q.dtype.element_ty),
-             mask=(offs_m[:, None] < len_q) & (offs_d[None, :] < dim))
+    _store_tile(GRAD_Q, (row_base + offs_m[:, None]) * dim + offs_d[None, :], offs_m[:, None] < len_q,
+                offs_d[None, :] < dim, grad_q, ALIGN)
 
 
 # --------------------------------------------------------------------------------------------
@@ -471,7 +467,7 @@ _GPU_CONFIGS = {
     },
 }
 _TUNING_KEY = ["bucket_q", "bucket_k", "group", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "MASK_KIND",
-               "HAS_KEY_PADDING", "HAS_DROPOUT"]
+               "HAS_KEY_PADDING", "HAS_DROPOUT", "ALIGN"]
 _KERNELS = {"fwd": _attention_fwd_kernel, "dkdv": _attention_bwd_dkdv_kernel, "dq": _attention_bwd_dq_kernel}
 
 
@@ -570,20 +566,24 @@ def _strides(t):
     return tuple(t.stride())
 
 
-def _common(query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal):
+def _common(query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal, tiles):
     """What the forward and backward kernels share: (MASK, (KEY_PADDING, KEY_ENDS), the strides of
     the mask and the padding, the compile-time switches); placeholders (the query, zero strides)
-    for what is absent."""
+    for what is absent. ``tiles``: the other (B, H, L, head dim) tensors the kernels read or write
+    with strides of their own (the forward's output; the backward's output and dO); the kernels'
+    ALIGN is the vector width every row of q, k, v and these starts on (fastformer.triton.alignment)."""
     batch, heads_q, len_q, dim = query.shape
-    heads_k, len_k, dim_v = key.shape[1], key.shape[2], value.shape[-1]
+    len_k, dim_v = key.shape[2], value.shape[-1]
     if dim > MAX_HEAD_DIM or dim_v > MAX_HEAD_DIM:
         raise ValueError(f"attention (triton): head dims up to {MAX_HEAD_DIM}, got {dim} and {dim_v}")
     mask, mask_kind = _attn_mask(query, key, attn_mask)
     padding, key_ends = _key_padding(key_padding_mask)
+    align = alignment.vector_alignment((dim, dim_v), (query, key, value, *tiles))
     meta = dict(IS_CAUSAL=bool(is_causal), MASK_KIND=mask_kind, HAS_KEY_PADDING=padding is not None,
                 HAS_DROPOUT=dropout_p > 0.0,
                 WIDE_OFFSETS=wide_offsets(batch * heads_q * len_q * len_k),
-                DOT_IN_FP32=interpreter_enabled(), BLOCK_D=_head_block(dim), BLOCK_DV=_head_block(dim_v))
+                DOT_IN_FP32=interpreter_enabled(), ALIGN=align,
+                BLOCK_D=_head_block(dim), BLOCK_DV=_head_block(dim_v))
     mask_strides = _strides(mask) if mask_kind != NO_MASK else (0, 0, 0, 0)
     if padding is None:  # placeholders, never read
         padding, key_ends = query, query
@@ -603,7 +603,7 @@ def attention_fwd(query, key, value, attn_mask, key_padding_mask, dropout_p, is_
     if out.numel() == 0 or len_k == 0:  # nothing to attend to
         return out.zero_(), lse.fill_(float("-inf"))
     mask, padding, mask_strides, meta = _common(query, key, value, attn_mask, key_padding_mask, dropout_p,
-                                                is_causal)
+                                                is_causal, (out,))
     args = (query, key, value, mask, *padding, out, lse,
             *_strides(query), *_strides(key), *_strides(value), *mask_strides, *_strides(out),
             heads_q, heads_q // heads_k, len_q, len_k, dim, dim_v, _bucket(len_q), _bucket(len_k),
@@ -627,7 +627,7 @@ def attention_bwd(grad_out, query, key, value, out, lse, attn_mask, key_padding_
     if batch * heads_q * len_q == 0 or len_k == 0:
         return grad_q.zero_(), grad_k.zero_(), grad_v.zero_(), None
     mask, padding, mask_strides, meta = _common(query, key, value, attn_mask, key_padding_mask, dropout_p,
-                                                is_causal)
+                                                is_causal, (out, grad_out))
     interpret = interpreter_enabled()
     seed_value = 0 if seed is None else int(seed.item())
     delta = torch.empty((batch, heads_q, len_q), dtype=torch.float32, device=query.device)
@@ -635,7 +635,7 @@ def attention_bwd(grad_out, query, key, value, out, lse, attn_mask, key_padding_
         block_m = _INTERPRETER_BLOCKS["BLOCK_M"] if interpret else 64
         _attention_bwd_preprocess_kernel[(triton.cdiv(len_q, block_m), heads_q, batch)](
             out, grad_out, delta, *_strides(out), *_strides(grad_out), heads_q, len_q, dim_v,
-            BLOCK_M=block_m, BLOCK_DV=meta["BLOCK_DV"])
+            ALIGN=meta["ALIGN"], BLOCK_M=block_m, BLOCK_DV=meta["BLOCK_DV"])
         shared = (query, key, value, mask, *padding, grad_out, lse, delta)
         strides = (*_strides(query), *_strides(key), *_strides(value), *mask_strides, *_strides(grad_out))
         group = heads_q // heads_k

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastformer.triton import interpreter_enabled, num_sms, on_device
+from fastformer.triton import alignment, interpreter_enabled, num_sms, on_device
 
 
 # --------------------------------------------------------------------------------------------
@@ -64,6 +64,7 @@ def _bias_gelu_fwd_kernel(
     stride_out_row,  # elements between consecutive rows of OUT
     APPROXIMATE_TANH: tl.constexpr,  # tanh approximation instead of the exact erf form
     HAS_BIAS: tl.constexpr,
+    ALIGN: tl.constexpr,  # every row starts ALIGN elements aligned, N a multiple of it (vectors)
     BLOCK_M: tl.constexpr,  # rows per tile
     BLOCK_N: tl.constexpr,  # columns per tile (a power of two)
 ):
@@ -81,16 +82,19 @@ def _bias_gelu_fwd_kernel(
     col_block = tl.program_id(1)
     rows_in_tile = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < N
-    mask = (rows_in_tile < rows)[:, None] & col_mask[None, :]
+    row_ok = (rows_in_tile < rows)[:, None]
     row_index = rows_in_tile.to(tl.int64)[:, None]  # int64: rows * stride may pass 2^31
 
-    h = tl.load(X + row_index * stride_x_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    x_ptrs, mask = alignment.tile(X, row_index * stride_x_row + cols[None, :], row_ok, cols[None, :] < N,
+                                  ALIGN, 1)
+    h = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
-        bias = tl.load(BIAS + cols, mask=col_mask, other=0.0).to(tl.float32)
-        h += bias[None, :]
+        bias_ptrs, col_mask = alignment.row(BIAS, cols, N, ALIGN)
+        h += tl.load(bias_ptrs, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     y = _gelu(h, APPROXIMATE_TANH)
-    tl.store(OUT + row_index * stride_out_row + cols[None, :], y.to(OUT.dtype.element_ty), mask=mask)
+    out_ptrs, _ = alignment.tile(OUT, row_index * stride_out_row + cols[None, :], row_ok, cols[None, :] < N,
+                                 ALIGN, 1)
+    tl.store(out_ptrs, y.to(OUT.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -108,6 +112,7 @@ def _bias_gelu_bwd_kernel(
     stride_dx_row,  # elements between consecutive rows of GRAD_X
     APPROXIMATE_TANH: tl.constexpr,  # tanh approximation instead of the exact erf form
     HAS_BIAS: tl.constexpr,
+    ALIGN: tl.constexpr,  # every row starts ALIGN elements aligned, N a multiple of it (vectors)
     BLOCK_M: tl.constexpr,  # rows per tile
     BLOCK_N: tl.constexpr,  # columns per tile (a power of two)
 ):
@@ -122,27 +127,32 @@ def _bias_gelu_bwd_kernel(
     group = tl.program_id(0)
     col_block = tl.program_id(1)
     cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < N
+    bias_ptrs, col_mask = alignment.row(BIAS, cols, N, ALIGN)
     if HAS_BIAS:
-        bias = tl.load(BIAS + cols, mask=col_mask, other=0.0).to(tl.float32)
+        bias = tl.load(bias_ptrs, mask=col_mask, other=0.0).to(tl.float32)
         grad_bias = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     first_row = group * rows_per_program
     for offset in range(0, rows_per_program, BLOCK_M):
         rows_in_tile = first_row + offset + tl.arange(0, BLOCK_M)
-        mask = (rows_in_tile < rows)[:, None] & col_mask[None, :]
+        row_ok = (rows_in_tile < rows)[:, None]
         row_index = rows_in_tile.to(tl.int64)[:, None]
-        dy = tl.load(GRAD_OUT + row_index * stride_dy_row + cols[None, :], mask=mask, other=0.0)
-        h = tl.load(X + row_index * stride_x_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy_ptrs, mask = alignment.tile(GRAD_OUT, row_index * stride_dy_row + cols[None, :], row_ok,
+                                       cols[None, :] < N, ALIGN, 1)
+        dy = tl.load(dy_ptrs, mask=mask, other=0.0)
+        x_ptrs, _ = alignment.tile(X, row_index * stride_x_row + cols[None, :], row_ok, cols[None, :] < N,
+                                   ALIGN, 1)
+        h = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
         if HAS_BIAS:
             h += bias[None, :]
         dh = dy.to(tl.float32) * _gelu_grad(h, APPROXIMATE_TANH)
-        tl.store(GRAD_X + row_index * stride_dx_row + cols[None, :], dh.to(GRAD_X.dtype.element_ty),
-                 mask=mask)
+        dx_ptrs, _ = alignment.tile(GRAD_X, row_index * stride_dx_row + cols[None, :], row_ok, cols[None, :] < N,
+                                    ALIGN, 1)
+        tl.store(dx_ptrs, dh.to(GRAD_X.dtype.element_ty), mask=mask)
         if HAS_BIAS:
             grad_bias += dh
     if HAS_BIAS:
-        tl.store(GRAD_BIAS_PARTIAL + group.to(tl.int64) * N + cols, tl.sum(grad_bias, axis=0),
-                 mask=col_mask)
+        partial_ptrs, _ = alignment.row(GRAD_BIAS_PARTIAL + group.to(tl.int64) * N, cols, N, ALIGN)
+        tl.store(partial_ptrs, tl.sum(grad_bias, axis=0), mask=col_mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -222,6 +232,7 @@ def bias_gelu_fwd(x, bias, approximate):
         _bias_gelu_fwd_kernel[grid](
             x2, bias_arg, out, rows, n, x2.stride(0), n,
             APPROXIMATE_TANH=approximate == "tanh", HAS_BIAS=bias is not None,
+            ALIGN=alignment.vector_alignment((n,), (x2, bias_arg, out)),
             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
     return out
 
@@ -248,6 +259,7 @@ def bias_gelu_bwd(grad_out, x, bias, approximate):
             dy2, x2, bias_arg, grad_x, partial, rows, n, rows_per_program,
             dy2.stride(0), x2.stride(0), n,
             APPROXIMATE_TANH=approximate == "tanh", HAS_BIAS=bias is not None,
+            ALIGN=alignment.vector_alignment((n,), (dy2, x2, bias_arg, grad_x, partial)),
             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
     grad_bias = None if bias is None else partial.sum(dim=0).to(bias.dtype)
     return grad_x, grad_bias

@@ -15,6 +15,8 @@ import triton
 import triton.language as tl
 
 from fastformer.triton import MAX_HIDDEN, interpreter_enabled, num_sms, on_device
+from fastformer.triton.alignment import row as aligned_row
+from fastformer.triton.alignment import vector_alignment
 from fastformer.triton.dropout import dropout_keep, wide_offsets
 
 
@@ -44,7 +46,7 @@ def _residual_norm_fwd_kernel(
     N, eps, dropout_p, seed,
     IS_RMS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, STORE_RESIDUAL: tl.constexpr,
-    WIDE_OFFSETS: tl.constexpr, BLOCK_N: tl.constexpr,
+    WIDE_OFFSETS: tl.constexpr, ALIGN: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program per row.
 
@@ -55,16 +57,19 @@ def _residual_norm_fwd_kernel(
     """
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
-    inside = cols < N
-    r = tl.load(X + row * stride_x + cols, mask=inside, other=0.0).to(tl.float32)
+    # Every row starts ALIGN elements aligned and N is a multiple of ALIGN (vector loads).
+    x_ptrs, inside = aligned_row(X + row * stride_x, cols, N, ALIGN)
+    r = tl.load(x_ptrs, mask=inside, other=0.0).to(tl.float32)
     if HAS_DROPOUT:
         keep = dropout_keep(seed, row * N + cols, dropout_p, WIDE_OFFSETS)
         r = tl.where(keep, r / (1.0 - dropout_p), 0.0)
     if HAS_RESIDUAL:
-        r += tl.load(RESIDUAL + row * stride_residual + cols, mask=inside, other=0.0).to(tl.float32)
+        residual_ptrs, _ = aligned_row(RESIDUAL + row * stride_residual, cols, N, ALIGN)
+        r += tl.load(residual_ptrs, mask=inside, other=0.0).to(tl.float32)
     if STORE_RESIDUAL:
         rounded = r.to(RESIDUAL_OUT.dtype.element_ty)
-        tl.store(RESIDUAL_OUT + row * N + cols, rounded, mask=inside)
+        residual_out_ptrs, _ = aligned_row(RESIDUAL_OUT + row * N, cols, N, ALIGN)
+        tl.store(residual_out_ptrs, rounded, mask=inside)
         r = rounded.to(tl.float32)  # normalise exactly what is stored, as the backward will
     if IS_RMS:
         rstd = 1.0 / tl.sqrt(tl.sum(r * r, axis=0) / N + eps)
@@ -77,10 +82,13 @@ def _residual_norm_fwd_kernel(
     tl.store(RSTD + row, rstd)
     y = xhat
     if HAS_WEIGHT:
-        y = y * tl.load(WEIGHT + cols, mask=inside, other=0.0).to(tl.float32)
+        weight_ptrs, _ = aligned_row(WEIGHT, cols, N, ALIGN)
+        y = y * tl.load(weight_ptrs, mask=inside, other=0.0).to(tl.float32)
     if HAS_BIAS:
-        y = y + tl.load(BIAS + cols, mask=inside, other=0.0).to(tl.float32)
-    tl.store(OUT + row * N + cols, y.to(OUT.dtype.element_ty), mask=inside)
+        bias_ptrs, _ = aligned_row(BIAS, cols, N, ALIGN)
+        y = y + tl.load(bias_ptrs, mask=inside, other=0.0).to(tl.float32)
+    out_ptrs, _ = aligned_row(OUT + row * N, cols, N, ALIGN)
+    tl.store(out_ptrs, y.to(OUT.dtype.element_ty), mask=inside)
 
 
 @triton.jit
@@ -97,7 +105,7 @@ def _residual_norm_bwd_kernel(
     rows, N, rows_per_program, dropout_p, seed,
     IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, HAS_GRAD_RESIDUAL_OUT: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    WIDE_OFFSETS: tl.constexpr, BLOCK_N: tl.constexpr,
+    WIDE_OFFSETS: tl.constexpr, ALIGN: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Each program takes ``rows_per_program`` consecutive rows. With xhat recomputed from r and
     rstd, and g = dy * weight:
@@ -112,18 +120,21 @@ def _residual_norm_bwd_kernel(
     """
     program = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
-    inside = cols < N
+    # Every row starts ALIGN elements aligned and N is a multiple of ALIGN (vector loads).
+    weight_ptrs, inside = aligned_row(WEIGHT, cols, N, ALIGN)
     weight = tl.full((BLOCK_N,), 1.0, tl.float32)
     if HAS_WEIGHT:
-        weight = tl.load(WEIGHT + cols, mask=inside, other=0.0).to(tl.float32)
+        weight = tl.load(weight_ptrs, mask=inside, other=0.0).to(tl.float32)
     grad_weight = tl.zeros((BLOCK_N,), tl.float32)
     grad_bias = tl.zeros((BLOCK_N,), tl.float32)
     first = program.to(tl.int64) * rows_per_program
     for i in range(rows_per_program):
         row = first + i
         if row < rows:
-            r = tl.load(NORMED + row * stride_normed + cols, mask=inside, other=0.0).to(tl.float32)
-            dy = tl.load(GRAD_OUT + row * stride_grad_out + cols, mask=inside, other=0.0).to(tl.float32)
+            normed_ptrs, _ = aligned_row(NORMED + row * stride_normed, cols, N, ALIGN)
+            r = tl.load(normed_ptrs, mask=inside, other=0.0).to(tl.float32)
+            grad_out_ptrs, _ = aligned_row(GRAD_OUT + row * stride_grad_out, cols, N, ALIGN)
+            dy = tl.load(grad_out_ptrs, mask=inside, other=0.0).to(tl.float32)
             rstd = tl.load(RSTD + row)
             if IS_RMS:
                 xhat = r * rstd
@@ -136,20 +147,24 @@ def _residual_norm_bwd_kernel(
                 dr -= tl.sum(g, axis=0) / N
             dr *= rstd
             if HAS_GRAD_RESIDUAL_OUT:
-                dr += tl.load(GRAD_RESIDUAL_OUT + row * stride_grad_residual_out + cols, mask=inside,
-                              other=0.0).to(tl.float32)
+                extra_ptrs, _ = aligned_row(GRAD_RESIDUAL_OUT + row * stride_grad_residual_out, cols, N, ALIGN)
+                dr += tl.load(extra_ptrs, mask=inside, other=0.0).to(tl.float32)
             if HAS_RESIDUAL:
-                tl.store(GRAD_RESIDUAL + row * N + cols, dr.to(GRAD_RESIDUAL.dtype.element_ty), mask=inside)
+                grad_residual_ptrs, _ = aligned_row(GRAD_RESIDUAL + row * N, cols, N, ALIGN)
+                tl.store(grad_residual_ptrs, dr.to(GRAD_RESIDUAL.dtype.element_ty), mask=inside)
             if HAS_DROPOUT:
                 keep = dropout_keep(seed, row * N + cols, dropout_p, WIDE_OFFSETS)
                 dr = tl.where(keep, dr / (1.0 - dropout_p), 0.0)
-            tl.store(GRAD_X + row * N + cols, dr.to(GRAD_X.dtype.element_ty), mask=inside)
+            grad_x_ptrs, _ = aligned_row(GRAD_X + row * N, cols, N, ALIGN)
+            tl.store(grad_x_ptrs, dr.to(GRAD_X.dtype.element_ty), mask=inside)
             grad_weight += dy * xhat
             grad_bias += dy
     if HAS_WEIGHT:
-        tl.store(PARTIAL_GRAD_WEIGHT + program * N + cols, grad_weight, mask=inside)
+        partial_ptrs, _ = aligned_row(PARTIAL_GRAD_WEIGHT + program * N, cols, N, ALIGN)
+        tl.store(partial_ptrs, grad_weight, mask=inside)
     if HAS_BIAS:
-        tl.store(PARTIAL_GRAD_BIAS + program * N + cols, grad_bias, mask=inside)
+        partial_ptrs, _ = aligned_row(PARTIAL_GRAD_BIAS + program * N, cols, N, ALIGN)
+        tl.store(partial_ptrs, grad_bias, mask=inside)
 
 
 # --------------------------------------------------------------------------------------------
@@ -158,6 +173,11 @@ def _residual_norm_bwd_kernel(
 def _columns_contiguous(t):
     """Kernels take a row stride and contiguous columns."""
     return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
+def _alignment(n: int, *tensors) -> int:
+    """ALIGN of the kernels: the vector width every row of the given tensors starts on."""
+    return vector_alignment((n,), [t for t in tensors if t is not None and t.numel() > 0])
 
 
 def _launch_config(n: int) -> dict:
@@ -194,7 +214,8 @@ def residual_norm_fwd(x, residual, weight, bias, eps, dropout_p, rms, seed, stor
             n, eps, dropout_p, 0 if seed is None else int(seed.item()),
             IS_RMS=rms, HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None,
             HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0.0, STORE_RESIDUAL=store_residual,
-            WIDE_OFFSETS=wide_offsets(rows * n), **_launch_config(n))
+            WIDE_OFFSETS=wide_offsets(rows * n),
+            ALIGN=_alignment(n, x, residual, weight, bias, out, residual_out), **_launch_config(n))
     return out, residual_out, mean, rstd
 
 
@@ -224,7 +245,10 @@ def residual_norm_bwd(grad_out, grad_residual_out, normed, weight, bias, mean, r
                 0 if seed is None else int(seed.item()),
                 IS_RMS=rms, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
                 HAS_RESIDUAL=has_residual, HAS_GRAD_RESIDUAL_OUT=grad_residual_out is not None,
-                HAS_DROPOUT=dropout_p > 0.0, WIDE_OFFSETS=wide_offsets(rows * n), **_launch_config(n))
+                HAS_DROPOUT=dropout_p > 0.0, WIDE_OFFSETS=wide_offsets(rows * n),
+                ALIGN=_alignment(n, grad_out, grad_residual_out, normed, weight, grad_x, grad_residual,
+                                 partial_weight, partial_bias),
+                **_launch_config(n))
     grad_weight = None if weight is None else partial_weight.sum(dim=0).to(weight.dtype)
     grad_bias = None if bias is None else partial_bias.sum(dim=0).to(bias.dtype)
     return grad_x, grad_residual, grad_weight, grad_bias
