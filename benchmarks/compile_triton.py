@@ -11,7 +11,9 @@ autotune configuration, the same argument divisibility. Nothing is computed; ten
 allocated and never touched (the 2**31-element cases of the int64-offset paths cost no memory).
 
 Per compiled kernel it reports the shared memory it needs, registers per thread, bytes spilled to
-local memory (``cuobjdump --dump-resource-usage`` on the cubin) and the MMA instruction used.
+local memory (``cuobjdump --dump-resource-usage`` on the cubin), the MMA instruction used, and the
+widest global load and cp.async copy in bytes (1- or 2-byte accesses to 16-bit data mean that
+Triton could not prove the rows aligned; no cp.async in a multi-stage loop means no pipelining).
 
 Exit status 1 when a kernel fails to compile, when a launch has no configuration that fits the
 target's shared memory (an autotuned launch may keep configurations that do not fit: the autotuner
@@ -29,6 +31,7 @@ import dataclasses
 import itertools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -77,6 +80,8 @@ class Compiled:
     registers: int | None = None
     spill_bytes: int | None = None
     mma: str = ""
+    load_bytes: int = 0         # the widest ld.global
+    async_copy_bytes: int = 0   # the widest cp.async (global to shared) copy; 0: none
     seconds: float = 0.0
     error: str | None = None
 
@@ -137,6 +142,21 @@ def _mma(ptx: str) -> str:
     return "mma.sync" if "mma.sync" in ptx else ""
 
 
+_PTX_BITS = {"b8": 8, "u8": 8, "s8": 8, "b16": 16, "u16": 16, "s16": 16, "f16": 16, "b32": 32,
+             "u32": 32, "s32": 32, "f32": 32, "b64": 64, "u64": 64, "s64": 64, "f64": 64, "b128": 128}
+
+
+def _widest_accesses(ptx: str) -> tuple[int, int]:
+    """(bytes of the widest ld.global, bytes of the widest cp.async copy) in a kernel's PTX."""
+    loads = [0]
+    for match in re.finditer(r"\bld\.global(?:\.[A-Za-z0-9_:]+)*?(?:\.v(\d))?\.([bsuf]\d+)\b", ptx):
+        lanes, kind = match.groups()
+        loads.append(int(lanes or 1) * _PTX_BITS.get(kind, 0) // 8)
+    copy = r"\bcp\.async\.c[ag]\.shared\.global[^;]*?\],\s*\[[^\]]*\],\s*(0x[0-9a-fA-F]+|\d+)"
+    copies = [0] + [int(size, 0) for size in re.findall(copy, ptx)]
+    return max(loads), max(copies)
+
+
 class _Recorder:
     def __init__(self, arch: int):
         self.arch = arch
@@ -169,6 +189,7 @@ class _Recorder:
             record.shared_bytes = kernel.metadata.shared
             record.registers, record.spill_bytes = _resources(kernel.asm["cubin"])
             record.mma = _mma(kernel.asm["ptx"])
+            record.load_bytes, record.async_copy_bytes = _widest_accesses(kernel.asm["ptx"])
         self.results.append(record)
         return kernel
 
@@ -372,7 +393,7 @@ _SWITCHES = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "BLOCK")
 
 def format_results(results: list[Compiled]) -> str:
     header = ["arch", "kernel", "blocks", "warps", "stages", "shared KiB", "regs", "spill B", "mma",
-              "s", "note"]
+              "load B", "cp.async B", "s", "note"]
     rows = [header]
     for r in results:
         blocks = "x".join(str(r.constants[k]) for k in _SWITCHES if k in r.constants)
@@ -380,7 +401,8 @@ def format_results(results: list[Compiled]) -> str:
         rows.append([f"sm_{r.arch}", r.kernel.strip("_"), blocks, str(r.num_warps), str(r.num_stages),
                      "" if r.shared_bytes is None else f"{r.shared_bytes / 1024:.0f}",
                      "" if r.registers is None else str(r.registers),
-                     "" if r.spill_bytes is None else str(r.spill_bytes), r.mma, f"{r.seconds:.1f}", note])
+                     "" if r.spill_bytes is None else str(r.spill_bytes), r.mma, str(r.load_bytes),
+                     str(r.async_copy_bytes), f"{r.seconds:.1f}", note])
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 

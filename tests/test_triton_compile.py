@@ -4,7 +4,8 @@ The interpreter tests check what the kernels compute; they never lower a kernel 
 ``benchmarks/compile_triton.py`` calls the real launchers with Triton's driver replaced by one that
 compiles for sm_90 / sm_80 and launches nothing: every kernel, autotune configuration and
 compile-time switch the launchers produce must compile, some configuration of every launch must fit
-in the target's shared memory, and the attention kernels must use tensor cores. The second test
+in the target's shared memory, the attention kernels must use tensor cores, and rows that are only
+4- or 16-byte aligned (head dim 50, hidden size 200) must still be loaded in vectors. The third test
 checks that the script reports what it claims to (compile errors, shared memory, missing kernels).
 """
 
@@ -45,6 +46,15 @@ def test_every_kernel_compiles_for_sm90_and_sm80(tmp_path):
                           ("_attention_fwd_kernel", "_attention_bwd_dkdv_kernel", "_attention_bwd_dq_kernel")]
         assert all(k["mma"] for k in matmul_kernels), "an attention kernel compiled without tensor cores"
         assert (arch == 90) == any(k["mma"] == "wgmma" for k in matmul_kernels)
+        # Rows of head dim 50 (d_model 200, 4 heads) are only 4-byte aligned, and Triton cannot see
+        # even that without the launchers' ALIGN hints: then every element is its own load and the
+        # multi-stage loops get no cp.async pipelining.
+        head_dim_50 = [k for k in matmul_kernels
+                       if k["case"].startswith("attention fp16 d50") and k["num_stages"] > 1]
+        assert head_dim_50 and all(k["load_bytes"] >= 4 and k["async_copy_bytes"] >= 4 for k in head_dim_50)
+        hidden_200 = [k for k in kernels
+                      if k["arch"] == arch and k["case"] == "layer_norm fp32 N200 residual dropout"]
+        assert hidden_200 and all(k["load_bytes"] >= 8 for k in hidden_200)  # 16-byte rows: vectors
 
 
 def test_tests_launch_one_attention_config_unless_told(tmp_path):
