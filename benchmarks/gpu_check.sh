@@ -13,7 +13,8 @@
 #   extension   whether fastformer._C loads (if not after a good build: setup.py build_ext --inplace)
 #   info        python -m fastformer.info --json > DIR/info.json
 #   tests       the whole pytest suite, GPU tests included (no -x; per-test timeout with
-#               pytest-timeout; parallel workers with pytest-xdist), JUnit XML in DIR/junit.xml
+#               pytest-timeout; parallel workers with pytest-xdist; a line per test), JUnit XML in
+#               DIR/junit.xml
 #   attention, layer_norm, gelu
 #               benchmarks/<name>.py --quick --json/--csv/--plot into DIR
 #   memcheck, racecheck
@@ -277,7 +278,9 @@ fi
 run_step info 120 bash -c "'$PY' -m fastformer.info --json > '$OUT/info.json' && '$PY' -m fastformer.info"
 
 # ---- tests ----------------------------------------------------------------------------------
-PYTEST=("$PY" -m pytest -q -rfEs -p no:cacheprovider --junitxml="$OUT/junit.xml")
+# -v: one line per test as it finishes, so that a run cut short by its timeout (which leaves no
+# JUnit XML and no summary) still shows what passed and what failed.
+PYTEST=("$PY" -m pytest -v -rfEs -p no:cacheprovider --junitxml="$OUT/junit.xml")
 if py_has pytest_timeout; then PYTEST+=(--timeout=180); STEP_NOTE="per-test timeout 180s"; fi
 if [ "$HAVE_GPU" = 1 ] && py_has xdist; then
   workers=$(( $(nproc) / 4 )); [ "$workers" -gt 6 ] && workers=6

@@ -61,7 +61,15 @@ def _pytest_line(out: Path) -> str | None:
         return None
     lines = [line.strip("= ") for line in text.splitlines()
              if re.search(r"\d+ (passed|failed|error|skipped)", line)]
-    return lines[-1] if lines else None
+    if lines:
+        return lines[-1]
+    # No final tally (the run was cut short): count the per-test lines of pytest -v.
+    outcomes = re.findall(r"\b(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b(?= |$)",
+                          "\n".join(line for line in text.splitlines() if "::" in line))
+    if not outcomes:
+        return None
+    counts = {kind: outcomes.count(kind) for kind in dict.fromkeys(outcomes)}
+    return "cut short, per-test lines so far: " + ", ".join(f"{n} {kind.lower()}" for kind, n in counts.items())
 
 
 def _environment_lines(info, payloads) -> list[str]:

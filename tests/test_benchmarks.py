@@ -132,6 +132,22 @@ def test_summary(run, tmp_path):
     assert "GPU kernels not measured" in text
 
 
+def test_summary_tallies_a_test_run_cut_short(tmp_path):
+    """gpu_check.sh runs pytest -v: when its timeout cuts the run short there is no final tally,
+    and the summary counts the per-test lines instead."""
+    import summarize
+
+    (tmp_path / "logs").mkdir()
+    log = tmp_path / "logs" / "tests.log"
+    log.write_text("[gw0] [  1%] PASSED tests/test_a.py::test_x[1-2]\n"
+                   "[gw1] [  2%] FAILED tests/test_b.py::test_y\n"
+                   "tests/test_a.py::test_z SKIPPED (needs a CUDA GPU)         [  3%]\n"
+                   "[gw0] [  4%] PASSED tests/test_a.py::test_x[3-4]\n")
+    assert summarize._pytest_line(tmp_path) == "cut short, per-test lines so far: 2 passed, 1 failed, 1 skipped"
+    log.write_text(log.read_text() + "==== 1 failed, 2 passed, 1 skipped in 9.1s ====\n")
+    assert summarize._pytest_line(tmp_path) == "1 failed, 2 passed, 1 skipped in 9.1s"
+
+
 @pytest.mark.parametrize("script", ["gpu_check.sh", "fetch_wheels.sh"])
 def test_shell_scripts(script):
     bash = shutil.which("bash")
