@@ -1,7 +1,8 @@
-"""The torch backend's dropout: its Bernoulli sampler, the eager dropout, and the eager ops using it.
-
-The eager paths draw their masks inside the op, so the tests capture each mask as it is drawn
-(by wrapping ``bernoulli_keep_mask``) and check the op against the float64 reference with it.
+"""Dropout masks. The torch backend's: its Bernoulli sampler, the eager dropout, and the eager ops
+using it (they draw their masks inside the op, so the tests capture each mask as it is drawn, by
+wrapping ``bernoulli_keep_mask``, and check the op against the float64 reference with it). The
+Triton kernels' (which the CUDA kernels reproduce): the documented Philox function, checked against
+an independent implementation, and its statistics.
 """
 
 from __future__ import annotations
@@ -180,3 +181,38 @@ def test_encoder_layer_training_draws_its_masks_here(captured_masks):
     layer(torch.randn(2, 9, 32), src_key_padding_mask=padding_mask(2, 9, "cpu")).sum().backward()
     shapes = sorted(tuple(mask.shape) for mask in captured_masks)
     assert shapes == sorted([(2, 4, 9, 9), (2, 9, 64), (18, 32), (18, 32)])
+
+
+# ----------------------------------------------------------------------------------------------
+# the Triton kernels' keep-mask (also the CUDA kernels': tests/test_cuda_backend.py)
+# ----------------------------------------------------------------------------------------------
+def _triton_keep_mask():
+    from fastformer import dispatch
+
+    if dispatch.backend_unavailable_reasons("triton"):
+        pytest.skip("triton cannot run here: " + "; ".join(dispatch.backend_unavailable_reasons("triton")))
+    from fastformer.triton.dropout import dropout_keep_mask
+
+    return dropout_keep_mask
+
+
+@pytest.mark.parametrize("seed", [0, 12345, 2**33 + 5])
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_triton_keep_mask_is_the_documented_philox_function(seed, p):
+    keep_mask = _triton_keep_mask()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for shape in [(3, 7), (2, 5, 13), (6,), (1, 1), (33, 64), (2, 300)]:
+        got = keep_mask(torch.tensor(seed), shape, p, device).cpu()
+        assert torch.equal(got, reference.philox_keep_mask(seed, shape, p)), (shape, seed, p)
+
+
+def test_triton_keep_mask_rate_and_independence():
+    """Four neighbours of a row share one Philox call and use its four words: the rate is p and
+    pairs of neighbours, inside and across those groups, are dropped together at rate p^2."""
+    keep_mask = _triton_keep_mask()
+    p, rows, length = 0.3, 400, 203
+    dropped = ~keep_mask(torch.tensor(77), (rows, length), p, "cpu")
+    assert within_sigmas(int(dropped.sum()), rows * length, p)
+    for offset in (1, 2, 3, 4):  # column pairs (c, c + offset)
+        both = dropped[:, :-offset] & dropped[:, offset:]
+        assert within_sigmas(int(both.sum()), both.numel(), p * p), offset

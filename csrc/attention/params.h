@@ -60,7 +60,7 @@ struct AttentionParams {
 
   bool is_causal;  // top-left aligned: query i attends keys j <= i
 
-  // Dropout: element (b, h, i, j) is kept when Philox::keep(seed, ((b Hq + h) Lq + i) Lk + j, p).
+  // Dropout: element (b, h, i, j) is kept when Philox::keep(seed, (b Hq + h) Lq + i, j, Lk, p).
   bool has_dropout;
   float dropout_p;
   float dropout_scale;  // 1 / (1 - p)

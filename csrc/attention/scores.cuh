@@ -4,7 +4,7 @@
 //
 //   s_ij = scale * q_i . k_j (+ float mask_ij)        in log2 units (times log2 e), or -inf when
 //   i >= Lq, j >= key_end(b), key j is padding, (causal and j > i), or the bool mask forbids it.
-//   keep_ij = Philox::keep(seed, ((b Hq + h) Lq + i) Lk + j, p)   (the Triton backend's offsets)
+//   keep_ij = Philox::keep(seed, (b Hq + h) Lq + i, j, Lk, p)   (row, column and row length, as Triton)
 #pragma once
 
 #include <cmath>
@@ -69,8 +69,8 @@ struct ScoreRules {
   }
 
   __device__ __forceinline__ bool keep(int i, int j) const {
-    return Philox::keep(seed, (dropout_row_base + static_cast<uint64_t>(i)) * static_cast<uint64_t>(len_k) + j,
-                        dropout_p);
+    return Philox::keep(seed, dropout_row_base + static_cast<uint64_t>(i), static_cast<uint64_t>(j),
+                        static_cast<uint64_t>(len_k), dropout_p);
   }
 };
 

@@ -1,12 +1,12 @@
-// Counter-based dropout masks, bit-identical to the Triton backend's.
+// Counter-based dropout masks, bit-identical to the Triton backend's (fastformer/triton/dropout.py).
 //
-// Element `offset` of a tensor (its index in the op's logical row-major order) is kept when
-//   uniform(seed, offset) >= p,
-// where uniform is Triton's tl.rand: Philox-4x32 with 10 rounds, key (seed_lo, seed_hi),
-// counter (offset_lo, offset_hi, 0, 0); the first output word w, read as int32, becomes
-// (w < 0 ? ~w : w) * 4.6566127342e-10f, a float in [0, 1). Because both backends evaluate the
-// same function of (seed, offset), a test can build the reference mask with either one, and a
-// backward pass regenerates the forward's mask instead of storing it.
+// A tensor is viewed as rows of its last dim, L long. Element (row, col) is kept when
+//   uniform(word col % 4 of Philox(seed, group)) >= p,   group = row * ceil(L / 4) + col / 4:
+// one Philox-4x32-10 call (key (seed_lo, seed_hi), counter (group_lo, group_hi, 0, 0)) for every
+// 4 consecutive elements of a row, all four output words used, as Triton's tl.rand4x; a word w,
+// read as int32, becomes (w < 0 ? ~w : w) * 4.6566127342e-10f, a float in [0, 1). Because both
+// backends evaluate the same function, a test can build the reference mask with either one, and
+// a backward pass regenerates the forward's mask instead of storing it.
 //
 // Written for host and device, so the host side can be checked against Triton on a CPU.
 #pragma once
@@ -41,10 +41,14 @@ struct Philox {
 #endif
   }
 
-  // First 32-bit output word of Philox-4x32-10 for counter (offset_lo, offset_hi, 0, 0).
-  FASTFORMER_HOST_DEVICE static uint32_t first_word(uint64_t seed, uint64_t offset) {
+  struct Words {
+    uint32_t w[4];
+  };
+
+  // The four 32-bit output words of Philox-4x32-10 for counter (counter_lo, counter_hi, 0, 0).
+  FASTFORMER_HOST_DEVICE static Words words(uint64_t seed, uint64_t counter) {
     uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-    uint32_t c0 = static_cast<uint32_t>(offset), c1 = static_cast<uint32_t>(offset >> 32);
+    uint32_t c0 = static_cast<uint32_t>(counter), c1 = static_cast<uint32_t>(counter >> 32);
     uint32_t c2 = 0, c3 = 0;
     FASTFORMER_UNROLL
     for (int round = 0; round < kRounds; ++round) {
@@ -56,19 +60,44 @@ struct Philox {
       k0 += kKeyA;
       k1 += kKeyB;
     }
-    return c0;
+    return Words{{c0, c1, c2, c3}};
   }
 
-  FASTFORMER_HOST_DEVICE static float uniform(uint64_t seed, uint64_t offset) {
-    int32_t bits = static_cast<int32_t>(first_word(seed, offset));
+  FASTFORMER_HOST_DEVICE static float uniform(uint32_t word) {
+    int32_t bits = static_cast<int32_t>(word);
     bits = bits < 0 ? ~bits : bits;
     return static_cast<float>(bits) * kUniformScale;
   }
 
-  // Whether the element at `offset` survives dropout with probability p (p as float32, like
-  // the Triton kernels, which receive dropout_p as a float32 scalar).
-  FASTFORMER_HOST_DEVICE static bool keep(uint64_t seed, uint64_t offset, float p) {
-    return uniform(seed, offset) >= p;
+  // The Philox counter of the group holding element (row, col) of rows `row_length` long.
+  FASTFORMER_HOST_DEVICE static uint64_t group(uint64_t row, uint64_t col, uint64_t row_length) {
+    return row * ((row_length + 3) / 4) + col / 4;
+  }
+
+  // Word k (0..3) by selects: an index computed at run time would put the words in local memory.
+  FASTFORMER_HOST_DEVICE static uint32_t word(const Words& words, uint64_t k) {
+    return k == 0 ? words.w[0] : k == 1 ? words.w[1] : k == 2 ? words.w[2] : words.w[3];
+  }
+
+  // Whether element (row, col) survives dropout with probability p (p as float32, like the Triton
+  // kernels, which receive dropout_p as a float32 scalar).
+  FASTFORMER_HOST_DEVICE static bool keep(uint64_t seed, uint64_t row, uint64_t col, uint64_t row_length,
+                                          float p) {
+    return uniform(word(words(seed, group(row, col, row_length)), col % 4)) >= p;
+  }
+
+  // keep() of elements col .. col + kCount - 1 of one row, one Philox call per group of 4 they
+  // touch (two for 8 elements starting at a multiple of 4).
+  template <int kCount>
+  FASTFORMER_HOST_DEVICE static void keep_run(uint64_t seed, uint64_t row, uint64_t col, uint64_t row_length,
+                                              float p, bool (&keep)[kCount]) {
+    Words drawn = words(seed, group(row, col, row_length));
+    FASTFORMER_UNROLL
+    for (int i = 0; i < kCount; ++i) {
+      const uint64_t c = col + static_cast<uint64_t>(i);
+      if (i > 0 && c % 4 == 0) drawn = words(seed, group(row, c, row_length));
+      keep[i] = uniform(word(drawn, c % 4)) >= p;
+    }
   }
 };
 

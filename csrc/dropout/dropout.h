@@ -1,6 +1,6 @@
 // Dropout keep-masks from Philox (common/philox.cuh), the debug path that lets tests build a
-// reference with exactly the mask the kernels regenerate: element i of the flattened tensor is
-// kept when Philox::keep(seed, i, p).
+// reference with exactly the mask the kernels regenerate: the tensor viewed as rows of its last
+// dim, element (row, col) is kept when Philox::keep(seed, row, col, row_length, p).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -12,8 +12,8 @@ namespace dropout {
 
 struct KeepMaskParams {
   const int64_t* seed;  // one int64 on the device (read by the kernel: no host sync)
-  bool* keep;           // (numel,) out
-  int64_t numel;
+  bool* keep;           // (numel,) out: rows of row_length
+  int64_t numel, row_length;
   float dropout_p;
 };
 

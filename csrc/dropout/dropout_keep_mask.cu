@@ -1,5 +1,5 @@
 // The dropout keep-mask kernel: one thread per element, the same Philox function as every
-// kernel that applies dropout (offset = index in the flattened (rows, N) tensor).
+// kernel that applies dropout (element i of the flattened tensor is (i / N, i % N) of its rows).
 #include "common/philox.cuh"
 #include "dropout/dropout.h"
 
@@ -11,7 +11,8 @@ __global__ void keep_mask_kernel(const KeepMaskParams p) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < p.numel;
        i += stride) {
-    p.keep[i] = Philox::keep(seed, static_cast<uint64_t>(i), p.dropout_p);
+    p.keep[i] = Philox::keep(seed, static_cast<uint64_t>(i / p.row_length), static_cast<uint64_t>(i % p.row_length),
+                             static_cast<uint64_t>(p.row_length), p.dropout_p);
   }
 }
 

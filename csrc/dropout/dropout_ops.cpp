@@ -26,6 +26,9 @@ void check_args(const at::Tensor& seed, double dropout_p) {
               dropout_p);
 }
 
+// Rows are the last dim (a 0-dim tensor: one row of one element).
+int64_t row_length(const at::Tensor& keep) { return keep.dim() == 0 ? 1 : keep.size(-1); }
+
 at::Tensor keep_mask_cpu(const at::Tensor& seed, at::IntArrayRef shape, double dropout_p) {
   check_args(seed, dropout_p);
   at::Tensor keep = at::empty(shape, seed.options().dtype(at::kBool));
@@ -33,7 +36,10 @@ at::Tensor keep_mask_cpu(const at::Tensor& seed, at::IntArrayRef shape, double d
   const float p = static_cast<float>(dropout_p);
   bool* out = keep.data_ptr<bool>();
   const int64_t numel = keep.numel();
-  for (int64_t i = 0; i < numel; ++i) out[i] = Philox::keep(key, static_cast<uint64_t>(i), p);
+  const uint64_t length = static_cast<uint64_t>(row_length(keep));
+  for (int64_t i = 0; i < numel; ++i) {
+    out[i] = Philox::keep(key, static_cast<uint64_t>(i) / length, static_cast<uint64_t>(i) % length, length, p);
+  }
   return keep;
 }
 
@@ -46,6 +52,7 @@ at::Tensor keep_mask_cuda(const at::Tensor& seed, at::IntArrayRef shape, double 
   p.seed = seed.data_ptr<int64_t>();
   p.keep = keep.data_ptr<bool>();
   p.numel = keep.numel();
+  p.row_length = row_length(keep);
   p.dropout_p = static_cast<float>(dropout_p);
   launch_keep_mask(p, at::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();

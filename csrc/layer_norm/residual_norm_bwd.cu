@@ -172,11 +172,11 @@ __global__ void __launch_bounds__(kMaxThreads) residual_norm_bwd_kernel(const Bw
         store_from_float<kVec>(static_cast<T*>(p.grad_residual) + row * n + col, dr);
       }
       if constexpr (K::kDropout) {
+        bool keep[kVec];
+        Philox::keep_run<kVec>(p.seed, static_cast<uint64_t>(row), static_cast<uint64_t>(col),
+                               static_cast<uint64_t>(n), p.dropout_p, keep);
 #pragma unroll
-        for (int i = 0; i < kVec; ++i) {
-          const bool keep = Philox::keep(p.seed, static_cast<uint64_t>(row * n + col + i), p.dropout_p);
-          dr[i] = keep ? dr[i] / keep_divisor : 0.0f;
-        }
+        for (int i = 0; i < kVec; ++i) dr[i] = keep[i] ? dr[i] / keep_divisor : 0.0f;
       }
       store_from_float<kVec>(static_cast<T*>(p.grad_x) + row * n + col, dr);
     }

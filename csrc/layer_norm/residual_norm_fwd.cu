@@ -62,11 +62,11 @@ __global__ void __launch_bounds__(K::kLaunchBound) residual_norm_fwd_kernel(cons
     }
     load_as_float<kVec>(x + col, r[c]);
     if constexpr (K::kDropout) {
+      bool keep[kVec];
+      Philox::keep_run<kVec>(p.seed, static_cast<uint64_t>(row), static_cast<uint64_t>(col),
+                             static_cast<uint64_t>(n), p.dropout_p, keep);
 #pragma unroll
-      for (int i = 0; i < kVec; ++i) {
-        const bool keep = Philox::keep(p.seed, static_cast<uint64_t>(row * n + col + i), p.dropout_p);
-        r[c][i] = keep ? r[c][i] / keep_divisor : 0.0f;
-      }
+      for (int i = 0; i < kVec; ++i) r[c][i] = keep[i] ? r[c][i] / keep_divisor : 0.0f;
     }
     if constexpr (K::kResidual) {
       float res[kVec];

@@ -26,9 +26,9 @@ What the kernels handle (everything the op table declares for "attention"):
   case, costs no work for the padding; any other pattern is exact too). No host synchronisation;
 - attn_mask, bool (True = attend) or additive float, broadcastable to (B, Hq, Lq, Lk), loaded tile
   by tile with stride 0 on its broadcast dims;
-- dropout from Philox, element (b, h, i, j) kept when rand(seed, ((b Hq + h) Lq + i) Lk + j) >= p,
-  exactly ``fastformer.triton.dropout.dropout_keep_mask(seed, (B, Hq, Lq, Lk), p)``, regenerated in
-  the backward;
+- dropout from Philox, the scores viewed as B Hq Lq rows of Lk keys (``fastformer.triton.dropout``:
+  one Philox call per 4 keys of a row), exactly ``dropout_keep_mask(seed, (B, Hq, Lq, Lk), p)``,
+  regenerated in the backward;
 - rows with no key left: output 0, lse = -inf, gradients 0 (never NaN).
 Not handled (the op falls back to the torch backend): a gradient for a float attn_mask.
 
@@ -118,10 +118,10 @@ def _store_tile(BASE, offsets, row_ok, head_ok, values, ALIGN: tl.constexpr):
 
 
 @triton.jit
-def _keep(seed, row_base, q_idx, k_idx, len_k, dropout_p, WIDE_OFFSETS: tl.constexpr):
-    """The dropout keep-mask of a tile: element (b, h, i, j) has offset ((b Hq + h) Lq + i) Lk + j,
-    with row_base = (b Hq + h) Lq (int64)."""
-    return dropout_keep(seed, (row_base + q_idx) * len_k + k_idx, dropout_p, WIDE_OFFSETS)
+def _keep(seed, row_base, q_idx, start_n, len_k, dropout_p, WIDE_OFFSETS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The dropout keep-mask of a (queries q_idx, keys start_n + arange(BLOCK_N)) tile: the scores
+    are rows (b Hq + h) Lq + i of Lk keys, with row_base = (b Hq + h) Lq (int64)."""
+    return dropout_keep(seed, row_base + q_idx, start_n, len_k, dropout_p, WIDE_OFFSETS, BLOCK_N)
 
 
 # --------------------------------------------------------------------------------------------
@@ -206,7 +206,7 @@ def _attention_fwd_kernel(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None]
         if HAS_DROPOUT:
-            keep = _keep(seed, row_base, offs_m[:, None], idx_n[None, :], len_k, dropout_p, WIDE_OFFSETS)
+            keep = _keep(seed, row_base, offs_m, start_n, len_k, dropout_p, WIDE_OFFSETS, BLOCK_N)
             p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
         v = _load_tile(V_TILE, idx_n[:, None] * stride_vn, idx_n[:, None] < key_len, offs_dv[None, :] < dim_v,
                        ALIGN, 1, DOT_IN_FP32)
@@ -332,8 +332,8 @@ def _attention_bwd_dkdv_kernel(
                             ALIGN, 1, DOT_IN_FP32)
             dp_t = tl.dot(v, tl.trans(do))  # dPd^T (N, M)
             if HAS_DROPOUT:
-                keep_t = _keep(seed, row_base, idx_m[None, :], offs_n[:, None], len_k, dropout_p,
-                               WIDE_OFFSETS)
+                keep_t = tl.trans(_keep(seed, row_base, idx_m, start_n, len_k, dropout_p, WIDE_OFFSETS,
+                                        BLOCK_N))
                 pd_t = tl.where(keep_t, p_t / (1.0 - dropout_p), 0.0)
                 dp_t = tl.where(keep_t, dp_t / (1.0 - dropout_p), 0.0)
             else:
@@ -420,7 +420,7 @@ def _attention_bwd_dq_kernel(
         p = tl.math.exp2(s - lse_log2[:, None])
         dp = tl.dot(do, tl.trans(v))
         if HAS_DROPOUT:
-            keep = _keep(seed, row_base, offs_m[:, None], idx_n[None, :], len_k, dropout_p, WIDE_OFFSETS)
+            keep = _keep(seed, row_base, offs_m, start_n, len_k, dropout_p, WIDE_OFFSETS, BLOCK_N)
             dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
         grad_q += tl.dot(ds.to(k.dtype), k)

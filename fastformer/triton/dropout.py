@@ -1,9 +1,12 @@
 """Dropout keep-masks from Triton's counter-based Philox RNG, regenerated instead of stored.
 
-Element ``i`` of a tensor viewed as (rows, N) is kept when ``rand(seed, i) >= p`` with
-``i = row * N + column``; the forward and backward kernels of an op evaluate the same expression,
-so the backward needs no stored mask. :func:`dropout_keep_mask` evaluates it for a whole tensor:
-the debug path that lets tests build a reference with exactly the kernels' mask.
+A tensor is viewed as rows of its last dim, L long. Element (r, c) is kept when u >= p, where u is
+word c % 4 of ``tl.rand4x(seed, g)`` with g = r * ceil(L / 4) + c // 4: one Philox-4x32-10 call
+for every 4 consecutive elements of a row (each row's groups padded to 4, so that no group
+straddles two rows), all four of its words used. The forward and backward kernels of an op
+evaluate the same function, so the backward needs no stored mask, and :func:`dropout_keep_mask`
+evaluates it for a whole tensor: the debug path that lets tests build a reference with exactly the
+kernels' mask. The CUDA backend evaluates the same function (``csrc/common/philox.cuh``).
 """
 
 from __future__ import annotations
@@ -12,29 +15,43 @@ import torch
 import triton
 import triton.language as tl
 
-# Offsets are int32 while they fit, else int64. tl.rand runs Philox-4x32 either way, with the
-# counter (offset_lo, offset_hi, 0, 0), so both give the same mask; int32 is cheaper. The CUDA
-# backend evaluates the same function (csrc/common/philox.cuh).
+# Group offsets are int32 while the tensor's elements fit, else int64. tl.rand4x runs Philox-4x32
+# either way, with the counter (offset_lo, offset_hi, 0, 0), so both give the same mask; int32 is
+# cheaper.
 INT32_LIMIT = 2**31
+WORDS = 4  # elements per Philox call
 
 
 @triton.jit
-def dropout_keep(seed, offsets, dropout_p, WIDE_OFFSETS: tl.constexpr):
-    """True where the element at ``offsets`` survives dropout with probability 1 - dropout_p."""
+def dropout_keep(seed, rows, col_start, row_length, dropout_p, WIDE_OFFSETS: tl.constexpr,
+                 BLOCK_COLS: tl.constexpr):
+    """The keep-mask of a (rows, BLOCK_COLS) tile: rows holds the tile's row indices (1-D), its
+    columns are col_start .. col_start + BLOCK_COLS - 1 with col_start a multiple of 4, and True
+    marks the elements that survive dropout with probability 1 - dropout_p."""
+    quads = col_start // 4 + tl.arange(0, BLOCK_COLS // 4)
+    groups = rows[:, None] * ((row_length + 3) // 4) + quads[None, :]
     if not WIDE_OFFSETS:
-        offsets = offsets.to(tl.int32)
-    return tl.rand(seed, offsets) >= dropout_p
+        groups = groups.to(tl.int32)
+    u0, u1, u2, u3 = tl.rand4x(seed, groups)
+    # (rows, BLOCK_COLS / 4, 2, 2) with [.., k, l] = u_{2k + l}, flattened: column c takes u_{c % 4}
+    u = tl.join(tl.join(u0, u2), tl.join(u1, u3))
+    return tl.reshape(u, (rows.shape[0], BLOCK_COLS)) >= dropout_p
 
 
 @triton.jit
 def _dropout_keep_mask_kernel(
-    KEEP,  # out: (numel,) bool, the keep-mask of the logical elements 0 .. numel-1
-    numel, dropout_p, seed,
-    WIDE_OFFSETS: tl.constexpr, BLOCK: tl.constexpr,
+    KEEP,  # out: (rows, row_length) bool contiguous, the keep-mask
+    rows, row_length, col_blocks, dropout_p, seed,
+    WIDE_OFFSETS: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
 ):
-    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    keep = dropout_keep(seed, offsets, dropout_p, WIDE_OFFSETS)
-    tl.store(KEEP + offsets, keep, mask=offsets < numel)
+    """One program per (BLOCK_ROWS x BLOCK_COLS) tile, on a 1-D grid (no grid-axis limits)."""
+    tile = tl.program_id(0).to(tl.int64)
+    row_idx = (tile // col_blocks) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    col_start = (tile % col_blocks) * BLOCK_COLS
+    cols = col_start + tl.arange(0, BLOCK_COLS)
+    keep = dropout_keep(seed, row_idx, col_start, row_length, dropout_p, WIDE_OFFSETS, BLOCK_COLS)
+    tl.store(KEEP + row_idx[:, None] * row_length + cols[None, :], keep,
+             mask=(row_idx[:, None] < rows) & (cols[None, :] < row_length))
 
 
 def wide_offsets(numel: int) -> bool:
@@ -44,9 +61,13 @@ def wide_offsets(numel: int) -> bool:
 def dropout_keep_mask(seed: torch.Tensor, shape, dropout_p: float, device) -> torch.Tensor:
     """The keep-mask the kernels use for a tensor of ``shape`` (viewed as rows of its last dim)."""
     keep = torch.empty(shape, dtype=torch.bool, device=device)
-    numel = keep.numel()
-    if numel:
-        block = 1024
-        _dropout_keep_mask_kernel[(triton.cdiv(numel, block),)](
-            keep, numel, dropout_p, int(seed.item()), WIDE_OFFSETS=wide_offsets(numel), BLOCK=block)
+    if keep.numel():
+        row_length = keep.shape[-1] if keep.dim() else 1
+        rows = keep.numel() // row_length
+        block_cols = min(256, max(WORDS, triton.next_power_of_2(row_length)))
+        block_rows = max(1, 1024 // block_cols)
+        col_blocks = triton.cdiv(row_length, block_cols)
+        _dropout_keep_mask_kernel[(triton.cdiv(rows, block_rows) * col_blocks,)](
+            keep, rows, row_length, col_blocks, dropout_p, int(seed.item()),
+            WIDE_OFFSETS=wide_offsets(keep.numel()), BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols)
     return keep

@@ -35,6 +35,13 @@ def _centred(r, cols, inside, N):
 
 
 @triton.jit
+def _row_keep(seed, row, N, dropout_p, WIDE_OFFSETS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The dropout keep-mask of row ``row`` (columns 0 .. BLOCK_N - 1) of the (rows, N) input."""
+    rows = tl.zeros((1,), tl.int64) + row
+    return tl.reshape(dropout_keep(seed, rows, 0, N, dropout_p, WIDE_OFFSETS, BLOCK_N), (BLOCK_N,))
+
+
+@triton.jit
 def _residual_norm_fwd_kernel(
     X,             # in: x (rows, N), row stride stride_x, columns contiguous
     RESIDUAL,      # in: residual (rows, N), row stride stride_residual; unused without HAS_RESIDUAL
@@ -61,7 +68,7 @@ def _residual_norm_fwd_kernel(
     x_ptrs, inside = aligned_row(X + row * stride_x, cols, N, ALIGN)
     r = tl.load(x_ptrs, mask=inside, other=0.0).to(tl.float32)
     if HAS_DROPOUT:
-        keep = dropout_keep(seed, row * N + cols, dropout_p, WIDE_OFFSETS)
+        keep = _row_keep(seed, row, N, dropout_p, WIDE_OFFSETS, BLOCK_N)
         r = tl.where(keep, r / (1.0 - dropout_p), 0.0)
     if HAS_RESIDUAL:
         residual_ptrs, _ = aligned_row(RESIDUAL + row * stride_residual, cols, N, ALIGN)
@@ -153,7 +160,7 @@ def _residual_norm_bwd_kernel(
                 grad_residual_ptrs, _ = aligned_row(GRAD_RESIDUAL + row * N, cols, N, ALIGN)
                 tl.store(grad_residual_ptrs, dr.to(GRAD_RESIDUAL.dtype.element_ty), mask=inside)
             if HAS_DROPOUT:
-                keep = dropout_keep(seed, row * N + cols, dropout_p, WIDE_OFFSETS)
+                keep = _row_keep(seed, row, N, dropout_p, WIDE_OFFSETS, BLOCK_N)
                 dr = tl.where(keep, dr / (1.0 - dropout_p), 0.0)
             grad_x_ptrs, _ = aligned_row(GRAD_X + row * N, cols, N, ALIGN)
             tl.store(grad_x_ptrs, dr.to(GRAD_X.dtype.element_ty), mask=inside)
@@ -181,7 +188,7 @@ def _alignment(n: int, *tensors) -> int:
 
 
 def _launch_config(n: int) -> dict:
-    block = triton.next_power_of_2(n)
+    block = max(16, triton.next_power_of_2(n))  # at least 16: dropout draws 4 columns at a time
     if block > triton.next_power_of_2(MAX_HIDDEN):
         raise ValueError(f"residual norm (triton): hidden size {n} exceeds {MAX_HIDDEN}")
     num_warps = 4 if block <= 1024 else 8 if block <= 4096 else 16
