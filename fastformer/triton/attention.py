@@ -332,8 +332,8 @@ def _attention_bwd_dkdv_kernel(
                             ALIGN, 1, DOT_IN_FP32)
             dp_t = tl.dot(v, tl.trans(do))  # dPd^T (N, M)
             if HAS_DROPOUT:
-                keep_t = tl.trans(_keep(seed, row_base, idx_m, start_n, len_k, dropout_p, WIDE_OFFSETS,
-                                        BLOCK_N))
+                keep_t = dropout_keep(seed, row_base + idx_m, start_n, len_k, dropout_p, WIDE_OFFSETS, BLOCK_N,
+                                      TRANSPOSED=True)
                 pd_t = tl.where(keep_t, p_t / (1.0 - dropout_p), 0.0)
                 dp_t = tl.where(keep_t, dp_t / (1.0 - dropout_p), 0.0)
             else:

@@ -24,18 +24,41 @@ WORDS = 4  # elements per Philox call
 
 @triton.jit
 def dropout_keep(seed, rows, col_start, row_length, dropout_p, WIDE_OFFSETS: tl.constexpr,
-                 BLOCK_COLS: tl.constexpr):
-    """The keep-mask of a (rows, BLOCK_COLS) tile: rows holds the tile's row indices (1-D), its
-    columns are col_start .. col_start + BLOCK_COLS - 1 with col_start a multiple of 4, and True
-    marks the elements that survive dropout with probability 1 - dropout_p."""
+                 BLOCK_COLS: tl.constexpr, TRANSPOSED: tl.constexpr = False):
+    """The keep-mask of a (rows, BLOCK_COLS) tile, or of its transpose (BLOCK_COLS, rows) with
+    TRANSPOSED: rows holds the tile's row indices (1-D), its columns are col_start .. col_start +
+    BLOCK_COLS - 1 with col_start a multiple of 4, and True marks the elements that survive dropout
+    with probability 1 - dropout_p. One tl.rand4x call per group of 4 columns.
+
+    The four words are interleaved with tl.join; the transpose is built in its own orientation
+    (each word broadcast over its group, then each column's word selected), because Triton 3.2
+    cannot lay out a joined tile that is then transposed (tt.join fails to infer its type), and
+    the broadcast form in the untransposed orientation makes Triton 3.8 draw each group twice."""
     quads = col_start // 4 + tl.arange(0, BLOCK_COLS // 4)
-    groups = rows[:, None] * ((row_length + 3) // 4) + quads[None, :]
+    if TRANSPOSED:
+        groups = quads[:, None] + rows[None, :] * ((row_length + 3) // 4)
+    else:
+        groups = rows[:, None] * ((row_length + 3) // 4) + quads[None, :]
     if not WIDE_OFFSETS:
         groups = groups.to(tl.int32)
     u0, u1, u2, u3 = tl.rand4x(seed, groups)
-    # (rows, BLOCK_COLS / 4, 2, 2) with [.., k, l] = u_{2k + l}, flattened: column c takes u_{c % 4}
-    u = tl.join(tl.join(u0, u2), tl.join(u1, u3))
-    return tl.reshape(u, (rows.shape[0], BLOCK_COLS)) >= dropout_p
+    if TRANSPOSED:
+        word = (tl.arange(0, BLOCK_COLS) % 4)[:, None]  # the word each column (here: row) takes
+        u = tl.where(word == 0, _spread(u0, BLOCK_COLS),
+                     tl.where(word == 1, _spread(u1, BLOCK_COLS),
+                              tl.where(word == 2, _spread(u2, BLOCK_COLS), _spread(u3, BLOCK_COLS))))
+    else:
+        # (rows, BLOCK_COLS / 4, 2, 2) with [.., k, l] = u_{2k + l}, flattened: column c takes u_{c % 4}
+        u = tl.reshape(tl.join(tl.join(u0, u2), tl.join(u1, u3)), (rows.shape[0], BLOCK_COLS))
+    return u >= dropout_p
+
+
+@triton.jit
+def _spread(word, BLOCK_COLS: tl.constexpr):
+    """A (BLOCK_COLS / 4, rows) tile of one Philox word repeated over each group's 4 columns:
+    (BLOCK_COLS, rows)."""
+    rows: tl.constexpr = word.shape[1]
+    return tl.reshape(tl.broadcast_to(word[:, None, :], (BLOCK_COLS // 4, 4, rows)), (BLOCK_COLS, rows))
 
 
 @triton.jit
