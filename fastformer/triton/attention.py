@@ -117,13 +117,6 @@ def _store_tile(BASE, offsets, row_ok, head_ok, values, ALIGN: tl.constexpr):
     tl.store(ptrs, values.to(ptrs.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def _keep(seed, row_base, q_idx, start_n, len_k, dropout_p, WIDE_OFFSETS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The dropout keep-mask of a (queries q_idx, keys start_n + arange(BLOCK_N)) tile: the scores
-    are rows (b Hq + h) Lq + i of Lk keys, with row_base = (b Hq + h) Lq (int64)."""
-    return dropout_keep(seed, row_base + q_idx, start_n, len_k, dropout_p, WIDE_OFFSETS, BLOCK_N)
-
-
 # --------------------------------------------------------------------------------------------
 # forward
 # --------------------------------------------------------------------------------------------
@@ -206,7 +199,8 @@ def _attention_fwd_kernel(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None]
         if HAS_DROPOUT:
-            keep = _keep(seed, row_base, offs_m, start_n, len_k, dropout_p, WIDE_OFFSETS, BLOCK_N)
+            # the scores are rows (b Hq + h) Lq + i of Lk keys: row_base = (b Hq + h) Lq
+            keep = dropout_keep(seed, row_base + offs_m, start_n, len_k, dropout_p, WIDE_OFFSETS, BLOCK_N)
             p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
         v = _load_tile(V_TILE, idx_n[:, None] * stride_vn, idx_n[:, None] < key_len, offs_dv[None, :] < dim_v,
                        ALIGN, 1, DOT_IN_FP32)
@@ -420,7 +414,7 @@ def _attention_bwd_dq_kernel(
         p = tl.math.exp2(s - lse_log2[:, None])
         dp = tl.dot(do, tl.trans(v))
         if HAS_DROPOUT:
-            keep = _keep(seed, row_base, offs_m, start_n, len_k, dropout_p, WIDE_OFFSETS, BLOCK_N)
+            keep = dropout_keep(seed, row_base + offs_m, start_n, len_k, dropout_p, WIDE_OFFSETS, BLOCK_N)
             dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
         grad_q += tl.dot(ds.to(k.dtype), k)
