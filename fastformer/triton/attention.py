@@ -465,6 +465,11 @@ _TUNING_KEY = ["bucket_q", "bucket_k", "group", "BLOCK_D", "BLOCK_DV", "IS_CAUSA
 _KERNELS = {"fwd": _attention_fwd_kernel, "dkdv": _attention_bwd_dkdv_kernel, "dq": _attention_bwd_dq_kernel}
 
 
+def _head_class(block_d: int, block_dv: int) -> int:
+    """The config list a launch takes: its larger padded head dim, at least 64."""
+    return max(64, block_d, block_dv)
+
+
 def _configs(kind: str, head_class: int) -> list[tuple[int, int, int, int]]:
     return _GPU_CONFIGS[kind][head_class] + _GPU_CONFIGS[kind]["small"]
 
@@ -509,7 +514,7 @@ def _launch(kind: str, rows: int, heads: int, batch: int, args: tuple, meta: dic
     if interpret:
         _KERNELS[kind][grid(_INTERPRETER_BLOCKS)](*args, **meta, **_INTERPRETER_BLOCKS, num_warps=4)
         return
-    head_class = max(64, meta["BLOCK_D"], meta["BLOCK_DV"])
+    head_class = _head_class(meta["BLOCK_D"], meta["BLOCK_DV"])
     index = _fixed_config_index()
     if index is None:
         _autotuned(kind, head_class)[grid](*args, **meta)
