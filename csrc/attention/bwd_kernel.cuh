@@ -169,6 +169,7 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dkdv_kernel(const 
     if (dropout) keep_bits = 0u;
 #pragma unroll
     for (int n = 0; n < kMTiles; ++n) {
+      const uint32_t keep = dropout ? rules.keep_bits_transposed(m0 + 8 * n + 2 * t, keys[0]) : 0u;
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
         const int i = m0 + 8 * n + 2 * t + c;
@@ -178,9 +179,7 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dkdv_kernel(const 
           const int e = 2 * r + c;
           const float s = need_mask ? rules.score<kGeneral>(st[n][e], i, keys[r]) : st[n][e] * p.scale_log2;
           st[n][e] = fast_exp2(s - l2);
-          if (dropout && i < p.len_q && keys[r] < p.len_k && rules.keep(i, keys[r])) {
-            keep_bits |= 1u << (4 * n + e);
-          }
+          if (dropout && i < p.len_q && keys[r] < p.len_k && ((keep >> e) & 1u)) keep_bits |= 1u << (4 * n + e);
         }
       }
     }
@@ -379,12 +378,13 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dq_kernel(const At
     uint32_t keep_bits = dropout ? 0u : 0xffffffffu;
 #pragma unroll
     for (int n = 0; n < kNTiles; ++n) {
+      const uint32_t keep = dropout ? rules.keep_bits(rows[0], n0 + 8 * n + 2 * t) : 0u;
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int i = rows[e / 2], jj = n0 + 8 * n + 2 * t + e % 2;
         const float sc = need_mask ? rules.score<kGeneral>(s[n][e], i, jj) : s[n][e] * p.scale_log2;
         s[n][e] = fast_exp2(sc - l2[e / 2]);
-        if (dropout && i < p.len_q && jj < p.len_k && rules.keep(i, jj)) keep_bits |= 1u << (4 * n + e);
+        if (dropout && i < p.len_q && jj < p.len_k && ((keep >> e) & 1u)) keep_bits |= 1u << (4 * n + e);
       }
     }
 

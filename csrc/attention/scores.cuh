@@ -5,6 +5,7 @@
 //   s_ij = scale * q_i . k_j (+ float mask_ij)        in log2 units (times log2 e), or -inf when
 //   i >= Lq, j >= key_end(b), key j is padding, (causal and j > i), or the bool mask forbids it.
 //   keep_ij = Philox::keep(seed, (b Hq + h) Lq + i, j, Lk, p)   (row, column and row length, as Triton)
+// (evaluated a group of 4 keys at a time: see keep_bits).
 #pragma once
 
 #include <cmath>
@@ -68,9 +69,41 @@ struct ScoreRules {
     return ok ? s : -INFINITY;
   }
 
-  __device__ __forceinline__ bool keep(int i, int j) const {
-    return Philox::keep(seed, dropout_row_base + static_cast<uint64_t>(i), static_cast<uint64_t>(j),
-                        static_cast<uint64_t>(len_k), dropout_p);
+  // Dropout keep bits (bit e: score e) of one thread's 4 scores of an n8 tile. One Philox call
+  // yields the bits of 4 neighbouring keys (a group) and the lanes that hold a group's scores
+  // share it, so a thread draws one call per 4 scores instead of 4. The call must be made by the
+  // whole warp (shuffles), and indices past Lq / Lk get bits the caller masks.
+  //
+  // Row-major C layout (forward, dQ): score e = 2r + c is (query i0 + 8r, key j0 + c), j0 even.
+  // Lanes t and t ^ 1 (lane ^ 1) hold the same two queries and between them the 4 keys of one
+  // group: each draws its group for one of the queries and the pair swaps the bits.
+  __device__ __forceinline__ uint32_t keep_bits(int i0, int j0) const {
+    const int odd = (j0 >> 1) & 1;  // this lane holds keys 2, 3 of the group and draws query i0 + 8
+    const uint32_t drawn = group_keep_bits(i0 + 8 * odd, j0 & ~3);
+    const uint32_t swapped = __shfl_xor_sync(0xffffffffu, drawn, 1);
+    const uint32_t query0 = odd ? swapped : drawn, query1 = odd ? drawn : swapped;
+    const int shift = 2 * odd;
+    return ((query0 >> shift) & 3u) | (((query1 >> shift) & 3u) << 2);
+  }
+
+  // Transposed C layout (dK/dV): score e = 2r + c is (query i0 + c, key j0 + 8r), j0 = the key of
+  // row g. The 4 lanes g = 4u .. 4u + 3 (lane ^ 4, lane ^ 8; same t) hold the 4 keys of the same 4
+  // (query, group) pairs: lane x = g % 4 draws pair x, and two butterflies give each all 16 bits.
+  __device__ __forceinline__ uint32_t keep_bits_transposed(int i0, int j0) const {
+    const int x = j0 & 3;  // the key's place in its group, and the pair this lane draws
+    uint32_t all = group_keep_bits(i0 + (x & 1), (j0 & ~3) + 8 * (x >> 1)) << (4 * x);
+    all |= __shfl_xor_sync(0xffffffffu, all, 4);
+    all |= __shfl_xor_sync(0xffffffffu, all, 8);
+    uint32_t bits = 0;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) bits |= ((all >> (4 * e + x)) & 1u) << e;
+    return bits;
+  }
+
+  // Bit k: whether score (i, j4 + k) is kept, j4 a multiple of 4.
+  __device__ __forceinline__ uint32_t group_keep_bits(int i, int j4) const {
+    return Philox::keep_group(seed, dropout_row_base + static_cast<uint64_t>(i), static_cast<uint64_t>(j4),
+                              static_cast<uint64_t>(len_k), dropout_p);
   }
 };
 

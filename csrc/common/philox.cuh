@@ -86,6 +86,16 @@ struct Philox {
     return uniform(word(words(seed, group(row, col, row_length)), col % 4)) >= p;
   }
 
+  // The keep bits of one whole group: bit k for element (row, col4 + k), col4 a multiple of 4.
+  FASTFORMER_HOST_DEVICE static uint32_t keep_group(uint64_t seed, uint64_t row, uint64_t col4, uint64_t row_length,
+                                                    float p) {
+    const Words drawn = words(seed, group(row, col4, row_length));
+    uint32_t bits = 0;
+    FASTFORMER_UNROLL
+    for (int k = 0; k < 4; ++k) bits |= static_cast<uint32_t>(uniform(drawn.w[k]) >= p) << k;
+    return bits;
+  }
+
   // keep() of elements col .. col + kCount - 1 of one row, one Philox call per group of 4 they
   // touch (two for 8 elements starting at a multiple of 4).
   template <int kCount>
