@@ -170,6 +170,18 @@ def test_same_results_as_sdpa(mask_kind, backend):
     torch.testing.assert_close(out, expected)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scale", [0.0, -0.6, 3.0])
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+def test_any_finite_scale(is_causal, scale, backend, device):
+    """Zero and negative scales are legal (SDPA's own causal path on the CPU gives NaN for them)."""
+    shape = (2, 4, 2, 13, 21, 16, 16)
+    q, k, v = make_qkv(shape, torch.float32, device)
+    require_backend(backend, "attention", q, k, v, is_causal=is_causal, scale=scale)
+    assert_matches_reference(q, k, v, torch.float32, backend, is_causal=is_causal, scale=scale)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_strided_inputs(backend):
     """Packed QKV views, transposed layouts and non-contiguous heads give the contiguous result."""

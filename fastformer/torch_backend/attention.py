@@ -27,7 +27,6 @@ from fastformer.torch_backend.dropout import dropout, dropout_keep_mask, uses_ow
 _CHUNK_BYTES = 256 * 2**20
 
 
-
 def _folded_mask(query, key, attn_mask, key_padding_mask, is_causal):
     """One mask holding attn_mask, key_padding_mask and causality, plus the rows still alive.
 
@@ -112,8 +111,13 @@ def attention_fwd(query, key, value, attn_mask, key_padding_mask, dropout_p, is_
     if native_dropout and dropout_p > 0.0 and uses_own_sampler(query):
         out = _eager_dropout_attention(query, key, value, mask, is_causal, scale, dropout_p)
     elif dropout_p == 0.0 or native_dropout:
+        sdpa_causal = is_causal and mask is None
+        if sdpa_causal and not scale > 0.0:
+            # SDPA's own causal masking gives NaN rows for scale <= 0 (seen on the CPU, PyTorch 2.6
+            # to 2.14): the masked scores end up times the scale. An explicit mask is exact.
+            mask, sdpa_causal = ~_future(len_q, len_k, query.device), False
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout_p,
-                                             is_causal=is_causal and mask is None, scale=scale,
+                                             is_causal=sdpa_causal, scale=scale,
                                              enable_gqa=heads_q != key.shape[1])
     else:
         out = _dropout_attention(query, key, value, mask, is_causal, scale,
