@@ -39,6 +39,9 @@ __all__ = ["OptimizeReport", "optimize"]
 
 logger = logging.getLogger("fastformer")
 
+# fastformer's own modules: their calls pass their ``fastformer_backend`` attribute on.
+_FAST_MODULES = (FastMultiheadAttention, FastTransformerEncoderLayer)
+
 # Relative error allowed by verify=True (DESIGN.md's attention forward tolerances).
 _VERIFY_TOL = {torch.float64: 1e-8, torch.float32: 2e-3, torch.bfloat16: 2.5e-2, torch.float16: 2.5e-2}
 
@@ -63,8 +66,10 @@ def optimize(model: nn.Module, *, backend: str | None = None, verify: bool = Fal
     """Swap the supported submodules of ``model`` for fastformer's, in place; return ``model``.
 
     Args:
-        backend: force this backend ("cuda", "triton", "torch") for the swapped modules; None
-            lets each call pick the fastest backend that supports it.
+        backend: force this backend ("cuda", "triton", "torch") on the swapped modules and on
+            every fastformer module in the model (those it already had, and the attention inside
+            a swapped encoder layer); None lets each call of the swapped modules pick the fastest
+            backend that supports it, and leaves the others as they were.
         verify: run each swapped torch.nn module (and a Hugging Face model as a whole) against an
             unswapped copy on a small random input and raise ``RuntimeError`` if they differ
             beyond DESIGN.md's tolerances.
@@ -99,7 +104,8 @@ def optimize(model: nn.Module, *, backend: str | None = None, verify: bool = Fal
                                      "reach the layers as given)")
     hf_originals = _optimize_hugging_face(model, report, verify)
     for name, module in model.named_modules():
-        if name in report.replaced or type(module).__name__.endswith("SelfAttention"):
+        swapped = name in report.replaced or type(module).__name__.endswith("SelfAttention")
+        if swapped or (backend is not None and isinstance(module, _FAST_MODULES)):
             module.fastformer_backend = backend
     if verify:
         for name, original in originals.items():

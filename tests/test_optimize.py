@@ -81,16 +81,34 @@ def test_report_lists_replacements_and_what_was_left_alone():
     assert "replaced 1 module(s)" in text and "plain" in text and "mine" in text
 
 
-def test_backend_is_forced_on_swapped_modules_and_checked():
+def test_backend_is_forced_on_swapped_modules_and_checked(monkeypatch):
     model = Classifier()
+    model.extra = FastMultiheadAttention(48, 4, batch_first=True)  # already fastformer's
     with pytest.raises(ValueError, match="backend must be one of"):
         fastformer.optimize(model, backend="nope")
     fastformer.optimize(model, backend="torch")
     assert model.pool.fastformer_backend == "torch"
     assert all(layer.fastformer_backend == "torch" for layer in model.encoder.layers)
+    # The attention inside each swapped layer, and a module that was fastformer's already.
+    assert all(layer.self_attn.fastformer_backend == "torch" for layer in model.encoder.layers)
+    assert model.extra.fastformer_backend == "torch"
+    # ... and the calls really carry it.
+    backends = []
+    attention = fastformer.functional.attention
+    monkeypatch.setattr(fastformer.functional, "attention",
+                        lambda *args, backend=None, **kwargs: backends.append(backend) or attention(
+                            *args, backend=backend, **kwargs))
     model(*_batch(dtype=torch.float32))
+    assert backends and set(backends) == {"torch"}
     with pytest.raises(TypeError, match="torch.nn.Module"):
         fastformer.optimize("not a model")
+
+
+def test_optimize_without_backend_leaves_forced_modules_alone():
+    model = nn.Sequential(FastMultiheadAttention(16, 2))
+    model[0].fastformer_backend = "torch"
+    fastformer.optimize(model)
+    assert model[0].fastformer_backend == "torch"
 
 
 def test_verify_passes_and_catches_a_wrong_module(monkeypatch):
