@@ -40,6 +40,46 @@ def _implementation(backend: str, op: str):
     return importlib.import_module(dispatch.implementation_module(backend, op))
 
 
+class _RefuseDifferentiation(torch.autograd.Function):
+    """Passes first-order gradients through; differentiating them again raises ``message``. The
+    incoming gradients ride along as inputs, so that the graph from the gradients back to the
+    op's inputs runs through this node (PyTorch's ``once_differentiable`` detaches it instead, and
+    ``torch.autograd.grad`` then only says that the inputs look unused)."""
+
+    @staticmethod
+    def forward(ctx, message, count, *tensors):
+        ctx.message = message
+        return tuple(t if t is None else t.view_as(t) for t in tensors[:count])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(ctx.message)
+
+
+def _first_order_unless_differentiable(op: str):
+    """Decorates an autograd.Function's backward. A backend module whose backward is composed of
+    differentiable PyTorch ops says so (``DIFFERENTIABLE_BACKWARD = True``), and autograd can
+    differentiate it again (double backward, e.g. a gradient penalty). A kernel's backward is
+    opaque: there differentiating its gradients again raises, instead of silently treating them as
+    constants (which drops the second-order terms)."""
+    def decorate(backward):
+        @functools.wraps(backward)
+        def run(ctx, *grads):
+            if getattr(_implementation(ctx.backend, op), "DIFFERENTIABLE_BACKWARD", False):
+                return backward(ctx, *grads)
+            with torch.no_grad():
+                outputs = backward(ctx, *grads)
+            incoming = [g for g in grads if isinstance(g, Tensor) and g.requires_grad]
+            if not torch.is_grad_enabled() or not incoming:
+                return outputs
+            message = (f"fastformer.{op} (backend {ctx.backend!r}): its backward is a kernel that cannot be "
+                       f"differentiated again (double backward, create_graph=True); use backend='torch' "
+                       f"for second derivatives")
+            return _RefuseDifferentiation.apply(message, len(outputs), *outputs, *incoming)
+        return run
+    return decorate
+
+
 def _absent(like: Tensor) -> Tensor:
     return like.new_empty(0)
 
@@ -175,6 +215,7 @@ class AttentionFunction(torch.autograd.Function):
         return out, lse
 
     @staticmethod
+    @_first_order_unless_differentiable("attention")
     def backward(ctx, grad_out, grad_lse):
         return _attention_grads(ctx, grad_out, grad_lse, backward=_attention_backward)
 
@@ -270,6 +311,7 @@ class ResidualNormFunction(torch.autograd.Function):
         return outputs
 
     @staticmethod
+    @_first_order_unless_differentiable("residual_layer_norm")
     def backward(ctx, *grads):
         return _residual_norm_grads(ctx, *grads, backward=_residual_norm_backward)
 
@@ -335,6 +377,7 @@ class BiasGeluFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @_first_order_unless_differentiable("bias_gelu")
     def backward(ctx, grad_out):
         return _bias_gelu_grads(ctx, grad_out, backward=_bias_gelu_backward)
 

@@ -7,6 +7,7 @@ import torch
 
 import fastformer
 from fastformer import dispatch, library
+from helpers import require_backend
 
 SEED = torch.tensor(1234)
 
@@ -179,3 +180,58 @@ def test_torch_backend_explicit_backward(mask_kind, dtype):
     assert_rel_close(out, expected, fwd_tol, "out")
     for name, grad, expected_grad in zip("qkvm", got, want):
         assert_rel_close(grad, expected_grad, grad_tol, f"grad {name}")
+
+
+# --------------------------------------------------------------------------------------------
+# double backward (create_graph=True, e.g. a gradient penalty)
+# --------------------------------------------------------------------------------------------
+def _double_backward_case(op, dtype):
+    """(public function of the inputs, inputs) on small random inputs."""
+    def rand(*shape):
+        return torch.randn(*shape, dtype=dtype, requires_grad=True)
+
+    if op == "attention":
+        pad = torch.tensor([[False] * 5 + [True] * 2, [False] * 7])
+        return (lambda q, k, v, backend: fastformer.attention(q, k, v, key_padding_mask=pad, is_causal=True,
+                                                              backend=backend),
+                (rand(2, 2, 5, 4), rand(2, 1, 7, 4), rand(2, 1, 7, 3)))
+    if op == "residual_layer_norm":
+        return (lambda x, residual, weight, bias, backend: torch.cat(fastformer.residual_layer_norm(
+            x, residual, weight, bias, backend=backend), dim=-1), (rand(3, 6), rand(3, 6), rand(6), rand(6)))
+    return (lambda x, bias, backend: fastformer.bias_gelu(x, bias, approximate="tanh", backend=backend),
+            (rand(3, 5), rand(5)))
+
+
+# How each path handles second derivatives: "exact" (checked by gradgradcheck) or "refused"
+# (fastformer raises). PyTorch's own SDPA kernels (the native path without a mask) raise too.
+DOUBLE_BACKWARD = {
+    ("torch", True): dict.fromkeys(["attention", "residual_layer_norm", "bias_gelu"], "exact"),
+    # the autograd.Function path: the torch backend's explicit backward
+    ("torch", False): {"attention": "exact", "residual_layer_norm": "refused", "bias_gelu": "exact"},
+    ("triton", True): dict.fromkeys(["attention", "residual_layer_norm", "bias_gelu"], "refused"),
+    ("cuda", True): dict.fromkeys(["attention", "residual_layer_norm", "bias_gelu"], "refused"),
+}
+
+
+@pytest.mark.parametrize("op", ["attention", "residual_layer_norm", "bias_gelu"])
+@pytest.mark.parametrize("backend, native", DOUBLE_BACKWARD, ids=lambda v: str(v))
+def test_double_backward_is_exact_or_refused(backend, native, op, monkeypatch):
+    """Second derivatives (create_graph=True, e.g. a gradient penalty) are exact, or raise: never
+    silently missing the second-order terms, as a kernel's opaque backward would."""
+    monkeypatch.setattr(library, "NATIVE_AUTOGRAD", native)
+    exact = DOUBLE_BACKWARD[backend, native][op] == "exact"
+    fn, inputs = _double_backward_case(op, torch.float64 if exact else torch.float32)
+    require_backend(backend, op, *inputs)
+    if exact:
+        assert torch.autograd.gradgradcheck(lambda *args: fn(*args, backend=backend), inputs)
+        return
+
+    def penalised_loss():
+        out = fn(*inputs, backend=backend)
+        grads = torch.autograd.grad(out.square().sum(), inputs, create_graph=True)  # first order: fine
+        return out.sum() + sum(g.square().sum() for g in grads)
+
+    with pytest.raises(RuntimeError, match="cannot be differentiated again"):
+        torch.autograd.grad(penalised_loss(), inputs)
+    with pytest.raises(RuntimeError, match="cannot be differentiated again"):
+        penalised_loss().backward()

@@ -26,6 +26,10 @@ from fastformer.torch_backend.dropout import dropout, dropout_keep_mask, uses_ow
 
 _CHUNK_BYTES = 256 * 2**20
 
+# The backward below is composed of differentiable PyTorch ops: autograd can differentiate it
+# again (double backward; fastformer.library reads this).
+DIFFERENTIABLE_BACKWARD = True
+
 
 def _folded_mask(query, key, attn_mask, key_padding_mask, is_causal):
     """One mask holding attn_mask, key_padding_mask and causality, plus the rows still alive.

@@ -12,6 +12,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+# The backward below is composed of differentiable PyTorch ops: autograd can differentiate it
+# again (double backward; fastformer.library reads this).
+DIFFERENTIABLE_BACKWARD = True
 
 
 def _pre_activation(x, bias):

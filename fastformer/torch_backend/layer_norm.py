@@ -21,6 +21,11 @@ import torch.nn.functional as F
 
 from fastformer.torch_backend.dropout import dropout, dropout_add, dropout_keep_mask
 
+# The backward below is made of PyTorch ops but reads the forward's mean and rstd, which are not
+# differentiable outputs: differentiating it again would miss their terms, so fastformer.library
+# refuses double backward through it (eager mode runs the forward under PyTorch's autograd, which
+# has exact second derivatives).
+DIFFERENTIABLE_BACKWARD = False
 
 
 def _compute_dtype(dtype):
