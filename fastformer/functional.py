@@ -83,10 +83,12 @@ def _prepare_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_caus
     is_causal = check.check_bool(op, "is_causal", is_causal)
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim)
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
+    elif not check.is_real_number(scale):
         raise TypeError(f"{op}: scale must be a float or None, got {type(scale).__name__} {scale!r}")
     elif not math.isfinite(scale):
         raise ValueError(f"{op}: scale must be finite, got {scale}")
+    else:
+        scale = float(scale)
     float_mask = mask is not None and mask.dtype != torch.bool
     needs = _needs(
         dropout=dropout_p > 0.0,

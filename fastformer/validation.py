@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -55,8 +56,13 @@ def check_vector(op: str, name: str, t, size: int, dtype: torch.dtype, device) -
         raise ValueError(f"{op}: {name} is on {t.device} but x is on {device}")
 
 
+def is_real_number(value) -> bool:
+    """A Python or NumPy int or float (numbers.Real), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def check_probability(op: str, name: str, p) -> float:
-    if isinstance(p, bool) or not isinstance(p, (int, float)):
+    if not is_real_number(p):
         raise TypeError(f"{op}: {name} must be a float in [0, 1), got {type(p).__name__} {p!r}")
     if not 0.0 <= p < 1.0:
         raise ValueError(f"{op}: {name} must be in [0, 1), got {p}")
@@ -64,7 +70,7 @@ def check_probability(op: str, name: str, p) -> float:
 
 
 def check_positive(op: str, name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not is_real_number(value):
         raise TypeError(f"{op}: {name} must be a positive float, got {type(value).__name__} {value!r}")
     if not (value > 0.0 and math.isfinite(value)):
         raise ValueError(f"{op}: {name} must be a positive finite float, got {value}")

@@ -348,6 +348,19 @@ def test_attention_accepts_scale_int_dropout_and_flags():
     torch.testing.assert_close(out, _sdpa(**inputs, attn_mask=~padding[:, None, None, :]), atol=1e-5, rtol=1e-4)
 
 
+def test_numpy_scalars_are_numbers():
+    """scale, dropout_p and eps computed with NumPy (np.float32 is not a Python float) work."""
+    np = pytest.importorskip("numpy")
+    inputs = _attention_inputs()
+    out = fastformer.attention(**inputs, scale=np.float32(0.5), dropout_p=np.float64(0.0))
+    torch.testing.assert_close(out, _sdpa(**inputs, scale=0.5), atol=1e-5, rtol=1e-4)
+    x = torch.randn(4, 8)
+    out, _ = fastformer.residual_layer_norm(x, None, None, None, eps=np.float32(1e-5))
+    torch.testing.assert_close(out, F.layer_norm(x, (8,), eps=1e-5), atol=1e-5, rtol=1e-4)
+    with pytest.raises(TypeError, match="scale must be a float or None, got bool"):
+        fastformer.attention(**inputs, scale=np.bool_(True))
+
+
 def test_attention_accepts_non_contiguous_views_and_value_dim():
     projected = randn(B, LK, HK, 3 * D)  # (B, L, H, D) projection, viewed as (B, H, L, D)
     query = randn(B, LQ, HQ, D).transpose(1, 2)
