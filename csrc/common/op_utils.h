@@ -23,12 +23,13 @@ inline DType storage_type(const at::Tensor& t, const char* op, const char* name)
   }
 }
 
-// A CUDA tensor on `device`.
+// A CUDA tensor on `device` (the input's). The device is compared first: a CPU tensor next to a
+// CUDA input is reported as on the wrong device, the input itself (device == its own) as not CUDA.
 inline void check_on_device(const at::Tensor& t, const at::Device& device, const char* op,
                             const char* name) {
-  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got device ", t.device());
   TORCH_CHECK(t.device() == device, op, ": ", name, " is on ", t.device(), " but the input is on ",
               device);
+  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got device ", t.device());
 }
 
 // (rows, N) with unit column stride and a non-negative row stride, in `dtype`.
