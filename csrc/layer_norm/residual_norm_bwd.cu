@@ -37,7 +37,9 @@ __device__ __forceinline__ void load_weight(const BwdParams& p, bool inside, int
 // keeps four arrays of its values (r, dy and the two column sums) live across the row loop, about
 // 64 floats a thread: under a 1024-thread bound (64 registers a thread) they spill, so rows of up
 // to kSmallBlockThreads * 16 values (N <= 8192) get an instantiation bounded at 512 threads (128
-// registers a thread); only wider rows take the 1024-thread one.
+// registers a thread); only wider rows take the 1024-thread one. That keeps the vectorised rows
+// in registers; the scalar ones (N not a multiple of the vector width, or unaligned rows) and the
+// 1024-thread ones still spill (ptxas -v; benchmarks/results/tuning-log.md).
 template <class K, int kMaxThreads>
 __global__ void __launch_bounds__(kMaxThreads) residual_norm_bwd_kernel(const BwdParams p) {
   using T = typename K::T;
