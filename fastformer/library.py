@@ -56,12 +56,15 @@ class _RefuseDifferentiation(torch.autograd.Function):
         raise RuntimeError(ctx.message)
 
 
-def _first_order_unless_differentiable(op: str):
+def _first_order_unless_differentiable(op: str, label: Optional[str] = None):
     """Decorates an autograd.Function's backward. A backend module whose backward is composed of
     differentiable PyTorch ops says so (``DIFFERENTIABLE_BACKWARD = True``), and autograd can
     differentiate it again (double backward, e.g. a gradient penalty). A kernel's backward is
     opaque: there differentiating its gradients again raises, instead of silently treating them as
-    constants (which drops the second-order terms)."""
+    constants (which drops the second-order terms). ``op`` names the backend module to ask,
+    ``label`` the op in the error (default: ``op``)."""
+    label = label or op
+
     def decorate(backward):
         @functools.wraps(backward)
         def run(ctx, *grads):
@@ -72,9 +75,9 @@ def _first_order_unless_differentiable(op: str):
             incoming = [g for g in grads if isinstance(g, Tensor) and g.requires_grad]
             if not torch.is_grad_enabled() or not incoming:
                 return outputs
-            message = (f"fastformer.{op} (backend {ctx.backend!r}): its backward is a kernel that cannot be "
-                       f"differentiated again (double backward, create_graph=True); use backend='torch' "
-                       f"for second derivatives")
+            message = (f"fastformer {label} (backend {ctx.backend!r}): this backward cannot be differentiated "
+                       f"again (double backward, create_graph=True); second derivatives need "
+                       f"backend='torch' in eager mode")
             return _RefuseDifferentiation.apply(message, len(outputs), *outputs, *incoming)
         return run
     return decorate
@@ -311,7 +314,7 @@ class ResidualNormFunction(torch.autograd.Function):
         return outputs
 
     @staticmethod
-    @_first_order_unless_differentiable("residual_layer_norm")
+    @_first_order_unless_differentiable("residual_layer_norm", "residual norm")
     def backward(ctx, *grads):
         return _residual_norm_grads(ctx, *grads, backward=_residual_norm_backward)
 
