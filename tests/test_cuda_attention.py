@@ -251,6 +251,26 @@ def test_a_float32_mask_is_rounded_to_the_query_dtype_as_the_other_backends_do()
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32, torch.float16], ids=str)
+def test_expanded_mask_views_give_the_materialised_masks_results(mask_dtype):
+    """A mask passed as an expanded view (stride 0, as Hugging Face builds its 4-d masks) gives
+    exactly the result of the same mask materialised."""
+    _cuda_ready()
+    q, k, v = _qkv(3, 4, 2, 37, 45, 64, 64, torch.float16)
+    per_key = torch.rand(3, 1, 1, 45, device="cuda") > 0.3
+    per_key[..., 0] = True
+    if mask_dtype != torch.bool:
+        per_key = torch.randn(3, 1, 1, 45, device="cuda", dtype=mask_dtype)
+    expanded = per_key.expand(3, 4, 37, 45)
+    grad_out = torch.randn(3, 4, 37, 64, device="cuda", dtype=torch.float16)
+    out, lse, grads = _run(q, k, v, attn_mask=expanded, grad_out=grad_out)
+    want_out, want_lse, want_grads = _run(q, k, v, attn_mask=expanded.contiguous(), grad_out=grad_out)
+    assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
+    for grad, want in zip(grads, want_grads):
+        assert torch.equal(grad, want)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("how", ["padding", "scattered", "bool", "float", "causal+padding"])
 def test_rows_with_no_key_give_zero_and_zero_gradients(how):
     _cuda_ready()

@@ -139,6 +139,11 @@ void fill_common(AttentionParams& p, const Sizes& s, const at::Tensor& q, const 
     at::Tensor mask = *attn_mask;
     check_same_device(q, mask, "attn_mask");
     TORCH_CHECK(mask.dim() <= 4, kOp, "attn_mask must have at most 4 dims, got ", mask.sizes());
+    // Broadcast dims of an expanded view (stride 0, e.g. a padding mask expanded over the queries)
+    // back to size 1, so that the dtype change below converts only the stored elements.
+    for (int64_t d = 0; d < mask.dim(); ++d) {
+      if (mask.stride(d) == 0 && mask.size(d) > 1) mask = mask.narrow(d, 0, 1);
+    }
     if (mask.scalar_type() == at::kBool) {
       mask = mask.view(at::kByte);
       p.mask_kind = kBoolMask;
@@ -146,8 +151,7 @@ void fill_common(AttentionParams& p, const Sizes& s, const at::Tensor& q, const 
       TORCH_CHECK(at::isFloatingType(mask.scalar_type()), kOp, "attn_mask must be bool or floating point, got ",
                   mask.scalar_type());
       // Rounded to the query dtype first, as the other backends and SDPA see it (in half precision
-      // -1e9 becomes -inf, so a row masked that way has no key), then read as float32. Before
-      // expanding: converts only the stored elements.
+      // -1e9 becomes -inf, so a row masked that way has no key), then read as float32.
       mask = mask.to(q.scalar_type()).to(at::kFloat);
       p.mask_kind = kFloatMask;
     }
