@@ -456,7 +456,7 @@ def bench_modules(shape: ModuleShape, args, compile_here: bool, skips, failures)
                                        tolerances=TOLERANCES[args.torch_dtype],
                                        check=args.module_dropout == 0.0, skips=skips,
                                        failures=failures, refusal=_unsupported)
-        except common.Stop as stop:
+        except (common.Stop, Exception) as stop:  # a CUDA error too: keep what was measured
             stop.partial_rows = rows + getattr(stop, "partial_rows", [])
             raise
         rows += new

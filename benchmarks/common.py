@@ -675,20 +675,28 @@ def install_sigterm_handler() -> None:
         pass
 
 
+def fatal_device_error(exc: BaseException) -> bool:
+    """Whether ``exc`` leaves the CUDA context unusable: every later call would fail too."""
+    text = str(exc)
+    return (type(exc).__name__ == "AcceleratorError" or "CUDA error" in text or "CUBLAS_STATUS" in text
+            or "device-side assert" in text or "illegal memory access" in text)
+
+
 def guarded(what: str, failures: dict[str, str], bench: Callable[..., list], *args) -> tuple[list, bool]:
     """Run one shape's benchmark, ``bench(*args)``; an exception that escapes it (the baseline failing, a CUDA
     error) becomes a failure entry instead of ending the script. Returns (rows, keep_going):
-    after a CUDA error the device is unusable, so the script should stop and write what it has."""
+    after a CUDA error the device is unusable, so the script should stop and write what it has
+    (with the rows the shape measured before the error, which run_providers attaches)."""
     try:
         return bench(*args), True
     except Exception as exc:
         message = first_line(exc)
         failures[what] = message
         print(f"FAILED {what}: {message}")
-        fatal = "CUDA error" in str(exc) or "CUBLAS_STATUS" in str(exc) or "device-side assert" in str(exc)
+        fatal = fatal_device_error(exc)
         if fatal:
             print("stopping: the CUDA context cannot be trusted after this error")
-        return [], not fatal
+        return getattr(exc, "partial_rows", []), not fatal
 
 
 class Budget:
@@ -888,6 +896,12 @@ def run_providers(op: str, providers: dict[str, Callable], baseline: str, grad_i
             except Exception as exc:
                 if name == baseline:
                     raise
+                if fatal_device_error(exc):  # the providers after it would fail for its fault
+                    failures[f"{name} {label}"] = first_line(exc)
+                    print(f"FAILED {name} on {label}: {first_line(exc)}")
+                    set_ratios(rows, baseline)
+                    exc.partial_rows = rows
+                    raise
                 reason = refusal(name, exc, caught) if refusal is not None else None
                 if reason is not None:
                     skips.add(name, label, reason)
@@ -896,7 +910,10 @@ def run_providers(op: str, providers: dict[str, Callable], baseline: str, grad_i
                     print(f"FAILED {name} on {label}: {first_line(exc)}")
             finally:
                 if torch.device(args.device).type == "cuda":
-                    torch.cuda.empty_cache()
+                    try:  # after a CUDA error this fails too, and must not hide that error
+                        torch.cuda.empty_cache()
+                    except Exception:  # noqa: BLE001
+                        pass
     if deferred:
         timings = time_interleaved_cpu([call for call, _, _ in deferred], warmup=args.warmup,
                                        repeats=args.repeats)

@@ -109,6 +109,42 @@ def test_plot(run):
     assert (out / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_device_error_stops_the_run_and_keeps_the_rows_measured():
+    """After a CUDA error (the context is then unusable) the providers that follow are not run and
+    blamed for it; the shape's rows measured before it are kept, and the run stops."""
+    import argparse
+
+    x = torch.randn(8, 8, requires_grad=True)
+    calls = []
+
+    def crashes():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    def later():
+        calls.append("later")
+        return x * 2
+
+    providers = {"base": lambda: x * 2, "crashes": crashes, "later": later}
+    args = argparse.Namespace(device="cpu", passes=["fwd"], warmup=0, repeats=1, dtype="float32", ceilings=None)
+    failures = {}
+
+    def bench():
+        return common.run_providers("op", providers, "base", [x], (torch.ones(8, 8),), args, label="s",
+                                    suite="t", group="g", size=None, work=None, kind="flops",
+                                    tolerances=(1e-6, 1e-6), check=False, skips=common.Skips(),
+                                    failures=failures)
+
+    rows, keep_going = common.guarded("s", failures, bench)
+    assert not keep_going and calls == []
+    assert "crashes s" in failures and "illegal memory access" in failures["crashes s"]
+    # on the CPU the passes are timed together at the end, so nothing was measured yet here
+    assert rows == []
+    # a plain failure is recorded and the next provider runs
+    providers["crashes"] = lambda: (_ for _ in ()).throw(ValueError("unsupported"))
+    rows, keep_going = common.guarded("s", failures, bench)
+    assert keep_going and calls and {r.provider for r in rows} == {"base", "later"}
+
+
 def test_useful_flops_count_only_real_tokens():
     import attention
 
