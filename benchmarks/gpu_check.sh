@@ -14,12 +14,14 @@
 #   info        python -m fastformer.info --json > DIR/info.json
 #   tests       the whole pytest suite, GPU tests included (no -x; per-test timeout with
 #               pytest-timeout; parallel workers with pytest-xdist; a line per test), JUnit XML in
-#               DIR/junit.xml
+#               DIR/junit.xml; without tests/test_triton_compile.py, which needs no GPU (CI runs it)
+#               and compiles ~250 Triton kernels one by one on a cold cache (minutes)
 #   attention, layer_norm, gelu
 #               benchmarks/<name>.py --quick --json/--csv/--plot into DIR
 #   memcheck, racecheck
 #               compute-sanitizer --tool memcheck / racecheck on benchmarks/sanitize_cuda.py
-#               (when the script, compute-sanitizer and the CUDA extension are all there)
+#               (when the script, compute-sanitizer and the CUDA extension are all there, and
+#               compute-sanitizer accepts the device: some container runtimes refuse it)
 #   finetune    benchmarks/finetune.py --quick (when it exists), on --finetune-data DIR, else on
 #               synthetic reviews when the script offers --synthetic
 #   summary     DIR/summary.md: pass/fail of every step and the headline tables
@@ -32,8 +34,9 @@
 #   --out DIR        where everything goes (default: benchmarks/results/<date>-<gpu>/)
 #   --wheels DIR     wheels of missing packages (also: FASTFORMER_WHEELS); see fetch_wheels.sh
 #   --python PY      the interpreter (default: $PYTHON, else python3)
-#   --budget S       total seconds for all steps (default 560); a step's timeout is cut to what is
-#                    left, and steps that no longer fit are reported as not run
+#   --budget S       total seconds for all steps (default 500, so that the whole call, summary and
+#                    archive included, fits in 10 minutes); a step's timeout is cut to what is left,
+#                    and steps that no longer fit are reported as not run
 #   --cpu-ok         run without a GPU: the GPU steps are reported as skipped (for trying the script;
 #                    it still installs fastformer, without the extension, unless --no-install)
 #   --no-install     do not pip install anything (import fastformer from this checkout)
@@ -49,7 +52,7 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT=""
 WHEELS="${FASTFORMER_WHEELS:-}"
 PY="${PYTHON:-python3}"
-BUDGET=560
+BUDGET=500
 CPU_OK=0
 INSTALL=1
 PYTEST_EXTRA=""
@@ -280,8 +283,10 @@ run_step info 120 bash -c "'$PY' -m fastformer.info --json > '$OUT/info.json' &&
 # ---- tests ----------------------------------------------------------------------------------
 # -v: one line per test as it finishes, so that a run cut short by its timeout (which leaves no
 # JUnit XML and no summary) still shows what passed and what failed.
-PYTEST=("$PY" -m pytest -v -rfEs -p no:cacheprovider --junitxml="$OUT/junit.xml")
-if py_has pytest_timeout; then PYTEST+=(--timeout=180); STEP_NOTE="per-test timeout 180s"; fi
+PYTEST=("$PY" -m pytest -v -rfEs -p no:cacheprovider --junitxml="$OUT/junit.xml"
+        --ignore=tests/test_triton_compile.py)
+STEP_NOTE="without test_triton_compile.py (CPU-only, in CI)"
+if py_has pytest_timeout; then PYTEST+=(--timeout=180); STEP_NOTE="$STEP_NOTE, per-test timeout 180s"; fi
 if [ "$HAVE_GPU" = 1 ] && py_has xdist; then
   workers=$(( $(nproc) / 4 )); [ "$workers" -gt 6 ] && workers=6
   if [ "$workers" -ge 2 ]; then PYTEST+=(-n "$workers" --dist loadfile); STEP_NOTE="${STEP_NOTE:+$STEP_NOTE, }$workers workers"; fi
@@ -313,11 +318,20 @@ bench gelu 70
 # ---- compute-sanitizer ----------------------------------------------------------------------
 SANITIZER="$(command -v compute-sanitizer || true)"
 [ -z "$SANITIZER" ] && [ -x /usr/local/cuda/bin/compute-sanitizer ] && SANITIZER=/usr/local/cuda/bin/compute-sanitizer
+# Some container runtimes (gVisor) refuse the tool: "Device not supported", then error 999 at the
+# first allocation. Ask once on a one-line program, and skip both checks with that reason.
+SANITIZER_REFUSED=""
+if [ "$HAVE_GPU" = 1 ] && [ -n "$SANITIZER" ] && [ "$EXT_OK" = 1 ] &&
+   [ $((BUDGET - (SECONDS - START) - RESERVE)) -ge 60 ]; then
+  probe="$(timeout 60 "$SANITIZER" --tool memcheck "$PY" -c "import torch; torch.zeros(1, device='cuda')" 2>&1)"
+  case "$probe" in *"Device not supported"*) SANITIZER_REFUSED="compute-sanitizer: Device not supported here" ;; esac
+fi
 for tool in memcheck racecheck; do
   if [ "$HAVE_GPU" = 0 ]; then skip "$tool" "no GPU"
   elif [ ! -f benchmarks/sanitize_cuda.py ]; then skip "$tool" "no benchmarks/sanitize_cuda.py"
   elif [ -z "$SANITIZER" ]; then skip "$tool" "compute-sanitizer not found"
   elif [ "$EXT_OK" = 0 ]; then record "$tool" not-run 0 "fastformer._C not built, nothing to check"
+  elif [ -n "$SANITIZER_REFUSED" ]; then skip "$tool" "$SANITIZER_REFUSED"
   else
     # No caching allocator: each tensor is its own allocation, so out-of-bounds accesses show.
     run_step "$tool" 150 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
@@ -328,6 +342,8 @@ done
 # ---- fine-tuning benchmark ------------------------------------------------------------------
 if [ ! -f benchmarks/finetune.py ]; then
   skip finetune "no benchmarks/finetune.py"
+elif [ $((BUDGET - (SECONDS - START) - RESERVE)) -lt 30 ]; then
+  record finetune not-run 0 "time budget used up"
 else
   help="$(timeout 120 "$PY" benchmarks/finetune.py --help 2>/dev/null || true)"
   fargs=(--quick)
