@@ -109,9 +109,10 @@ def test_plot(run):
     assert (out / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_a_device_error_stops_the_run_and_keeps_the_rows_measured():
+def test_a_device_error_stops_the_run_before_the_next_providers():
     """After a CUDA error (the context is then unusable) the providers that follow are not run and
-    blamed for it; the shape's rows measured before it are kept, and the run stops."""
+    blamed for it, and the run stops, with the rows the shape had measured (attached to the error:
+    on the CPU the passes are timed together at the end, so here there are none yet)."""
     import argparse
 
     x = torch.randn(8, 8, requires_grad=True)
@@ -137,8 +138,15 @@ def test_a_device_error_stops_the_run_and_keeps_the_rows_measured():
     rows, keep_going = common.guarded("s", failures, bench)
     assert not keep_going and calls == []
     assert "crashes s" in failures and "illegal memory access" in failures["crashes s"]
-    # on the CPU the passes are timed together at the end, so nothing was measured yet here
     assert rows == []
+    measured = [common.Row(op="op", provider="base", shape="s", dtype="float32", pass_="fwd", ms=1.0, spread=0.0)]
+
+    def crashes_after_measuring():
+        error = RuntimeError("CUDA error: device-side assert triggered")
+        error.partial_rows = measured
+        raise error
+
+    assert common.guarded("s", failures, crashes_after_measuring) == (measured, False)
     # a plain failure is recorded and the next provider runs
     providers["crashes"] = lambda: (_ for _ in ()).throw(ValueError("unsupported"))
     rows, keep_going = common.guarded("s", failures, bench)
