@@ -157,11 +157,8 @@ def _prepare_residual_norm(op, x, residual, weight, bias, eps, dropout_p, rms):
     needs = _needs(dropout=dropout_p > 0.0, residual=residual is not None, weight=weight is not None,
                    bias=bias is not None)
     call = dispatch.Call(op, x.device, x.dtype, needs, hidden=hidden)
-    rows = x.reshape(-1, hidden)
-    residual_rows = None if residual is None else residual.reshape(-1, hidden)
     store_residual = residual is not None or dropout_p > 0.0
-    args = (rows, residual_rows, weight, bias, eps, dropout_p, rms)
-    return call, args, store_residual
+    return call, (x, residual, weight, bias, eps, dropout_p, rms), store_residual
 
 
 def _residual_norm(op, x, residual, weight, bias, eps, dropout_p, rms, backend):
@@ -170,8 +167,7 @@ def _residual_norm(op, x, residual, weight, bias, eps, dropout_p, rms, backend):
     seed = _seed_for(args[5], chosen, op, "residual_norm_fwd")
     out, residual_out, _, _ = library.residual_norm(*args, seed, store_residual, chosen)
     # Without residual and dropout the residual stream is x itself: return it, don't copy it.
-    residual_out = residual_out.view(x.shape) if store_residual else x
-    return out.view(x.shape), residual_out
+    return out, residual_out if store_residual else x
 
 
 def residual_layer_norm(x, residual, weight, bias, eps=1e-5, dropout_p=0.0, *, backend=None):

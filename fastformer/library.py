@@ -17,7 +17,7 @@ Ops (all in namespace ``fastformer``):
                                  heads for the output projection is a free view
     attention_bwd(...)           -> (grad_q, grad_k, grad_v, grad_attn_mask or empty)
     residual_norm_fwd(x, residual?, weight?, bias?, eps, dropout_p, rms, seed?, store_residual, backend)
-        -> (out, residual_out or empty, mean or empty, rstd)        x: (rows, N)
+        -> (out, residual_out or empty, mean or empty, rstd)        x: (..., N); mean, rstd: (rows,)
     residual_norm_bwd(...)       -> (grad_x, grad_residual, grad_weight, grad_bias), absent = empty
     bias_gelu_fwd(x, bias?, approximate, backend) -> out
     bias_gelu_bwd(...)           -> (grad_x, grad_bias or empty)
@@ -28,6 +28,8 @@ formulas turn those back into None from flags they know, never from sizes.
 
 import functools
 import importlib
+import math
+import sys
 from typing import Optional, Tuple
 
 import torch
@@ -37,7 +39,9 @@ from fastformer import dispatch
 
 
 def _implementation(backend: str, op: str):
-    return importlib.import_module(dispatch.implementation_module(backend, op))
+    path = dispatch.implementation_module(backend, op)
+    # sys.modules first: import_module costs microseconds, and this runs on every op call.
+    return sys.modules.get(path) or importlib.import_module(path)
 
 
 class _RefuseDifferentiation(torch.autograd.Function):
@@ -68,12 +72,14 @@ def _first_order_unless_differentiable(op: str, label: Optional[str] = None):
     def decorate(backward):
         @functools.wraps(backward)
         def run(ctx, *grads):
-            if getattr(_implementation(ctx.backend, op), "DIFFERENTIABLE_BACKWARD", False):
+            # Grad mode is off in a plain backward (no create_graph): nothing to refuse.
+            if not torch.is_grad_enabled() or getattr(_implementation(ctx.backend, op),
+                                                      "DIFFERENTIABLE_BACKWARD", False):
                 return backward(ctx, *grads)
             with torch.no_grad():
                 outputs = backward(ctx, *grads)
             incoming = [g for g in grads if isinstance(g, Tensor) and g.requires_grad]
-            if not torch.is_grad_enabled() or not incoming:
+            if not incoming:
                 return outputs
             message = (f"fastformer {label} (backend {ctx.backend!r}): this backward cannot be differentiated "
                        f"again (double backward, create_graph=True); second derivatives need "
@@ -150,7 +156,7 @@ def _attention_backward(grad_out, query, key, value, out, lse, attn_mask, key_pa
     grad_q, grad_k, grad_v, grad_mask = _implementation(backend, "attention").attention_bwd(
         grad_out, query, key, value, out, lse, attn_mask, key_padding_mask, dropout_p, is_causal,
         scale, seed, mask_needs_grad)
-    return grad_q.contiguous(), grad_k.contiguous(), grad_v.contiguous(), _or_absent(grad_mask, query)
+    return grad_q.contiguous(), grad_k.contiguous(), grad_v.contiguous(), grad_mask
 
 
 def _attention_save(ctx, inputs, output):
@@ -194,8 +200,10 @@ def attention_bwd(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, o
                   attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor], dropout_p: float,
                   is_causal: bool, scale: float, seed: Optional[Tensor], mask_needs_grad: bool,
                   backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _attention_backward(grad_out, query, key, value, out, lse, attn_mask, key_padding_mask,
-                               dropout_p, is_causal, scale, seed, mask_needs_grad, backend)
+    grad_q, grad_k, grad_v, grad_mask = _attention_backward(
+        grad_out, query, key, value, out, lse, attn_mask, key_padding_mask, dropout_p, is_causal, scale,
+        seed, mask_needs_grad, backend)
+    return grad_q, grad_k, grad_v, _or_absent(grad_mask, query)
 
 
 @attention_bwd.register_fake
@@ -233,19 +241,36 @@ def _norm_name(rms: bool) -> str:
     return "residual_rms_norm" if rms else "residual_layer_norm"
 
 
+def _rows(t: Optional[Tensor]) -> Optional[Tensor]:
+    """(..., N) -> (rows, N), the layout the norm kernels take (a view where the strides allow)."""
+    return None if t is None else t.reshape(-1, t.shape[-1])
+
+
+def _shaped(t: Tensor, shape) -> Tensor:
+    """A contiguous (rows, N) result as ``shape``. Reshaped here, inside the op, where autograd
+    does not track it (outside, each view costs a node forward and backward); detached, so that
+    autograd does not take it for a view made inside a custom Function, which may not be
+    modified in place."""
+    return t if t.shape == shape else t.view(shape).detach()
+
+
 def _residual_norm_forward(x, residual, weight, bias, eps, dropout_p, rms, seed, store_residual, backend):
-    outputs = _implementation(backend, _norm_name(rms)).residual_norm_fwd(
-        x, residual, weight, bias, eps, dropout_p, rms, seed, store_residual)
-    return tuple(t.contiguous() for t in outputs)
+    out, residual_out, mean, rstd = _implementation(backend, _norm_name(rms)).residual_norm_fwd(
+        _rows(x), _rows(residual), weight, bias, eps, dropout_p, rms, seed, store_residual)
+    if store_residual:
+        residual_out = _shaped(residual_out.contiguous(), x.shape)
+    return _shaped(out.contiguous(), x.shape), residual_out, mean.contiguous(), rstd.contiguous()
 
 
 def _residual_norm_backward(grad_out, grad_residual_out, normed, weight, bias, mean, rstd, dropout_p,
                             rms, seed, has_residual, backend):
     grad_x, grad_residual, grad_weight, grad_bias = _implementation(backend, _norm_name(rms)) \
-        .residual_norm_bwd(grad_out, grad_residual_out, normed, weight, bias, mean, rstd, dropout_p,
-                           rms, seed, has_residual)
-    return (grad_x.contiguous(), _or_absent(grad_residual, normed), _or_absent(grad_weight, normed),
-            _or_absent(grad_bias, normed))
+        .residual_norm_bwd(_rows(grad_out), _rows(grad_residual_out), _rows(normed), weight, bias, mean,
+                           rstd, dropout_p, rms, seed, has_residual)
+    grad_x = _shaped(grad_x.contiguous(), normed.shape)
+    if grad_residual is not None:
+        grad_residual = _shaped(grad_residual.contiguous(), normed.shape)
+    return grad_x, grad_residual, grad_weight, grad_bias
 
 
 def _residual_norm_save(ctx, inputs, output):
@@ -279,7 +304,7 @@ def residual_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Te
 
 @residual_norm_fwd.register_fake
 def _(x, residual, weight, bias, eps, dropout_p, rms, seed, store_residual, backend):
-    rows = x.shape[0]
+    rows = math.prod(x.shape[:-1])
     return (_empty(x), _empty(x) if store_residual else _absent(x),
             x.new_empty(0 if rms else rows, dtype=torch.float32), x.new_empty(rows, dtype=torch.float32))
 
@@ -289,8 +314,9 @@ def residual_norm_bwd(grad_out: Tensor, grad_residual_out: Optional[Tensor], nor
                       weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, rstd: Tensor,
                       dropout_p: float, rms: bool, seed: Optional[Tensor], has_residual: bool,
                       backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _residual_norm_backward(grad_out, grad_residual_out, normed, weight, bias, mean, rstd,
-                                   dropout_p, rms, seed, has_residual, backend)
+    grads = _residual_norm_backward(grad_out, grad_residual_out, normed, weight, bias, mean, rstd,
+                                    dropout_p, rms, seed, has_residual, backend)
+    return grads[0], *(_or_absent(grad, normed) for grad in grads[1:])
 
 
 @residual_norm_bwd.register_fake
@@ -332,7 +358,7 @@ def _bias_gelu_forward(x, bias, approximate, backend):
 
 def _bias_gelu_backward(grad_out, x, bias, approximate, backend):
     grad_x, grad_bias = _implementation(backend, "bias_gelu").bias_gelu_bwd(grad_out, x, bias, approximate)
-    return grad_x.contiguous(), _or_absent(grad_bias, x)
+    return grad_x.contiguous(), grad_bias
 
 
 def _bias_gelu_save(ctx, inputs, output):
@@ -360,7 +386,8 @@ def _(x, bias, approximate, backend):
 @torch.library.custom_op("fastformer::bias_gelu_bwd", mutates_args=())
 def bias_gelu_bwd(grad_out: Tensor, x: Tensor, bias: Optional[Tensor], approximate: str,
                   backend: str) -> Tuple[Tensor, Tensor]:
-    return _bias_gelu_backward(grad_out, x, bias, approximate, backend)
+    grad_x, grad_bias = _bias_gelu_backward(grad_out, x, bias, approximate, backend)
+    return grad_x, _or_absent(grad_bias, x)
 
 
 @bias_gelu_bwd.register_fake

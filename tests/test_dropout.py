@@ -180,7 +180,7 @@ def test_encoder_layer_training_draws_its_masks_here(captured_masks):
                                                    batch_first=True).train()
     layer(torch.randn(2, 9, 32), src_key_padding_mask=padding_mask(2, 9, "cpu")).sum().backward()
     shapes = sorted(tuple(mask.shape) for mask in captured_masks)
-    assert shapes == sorted([(2, 4, 9, 9), (2, 9, 64), (18, 32), (18, 32)])
+    assert shapes == sorted([(2, 4, 9, 9), (2, 9, 64), (2, 9, 32), (2, 9, 32)])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -170,6 +170,41 @@ def test_without_residual_and_dropout_residual_out_is_x(backend, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("autograd", ["default", "function"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("norm", NORMS)
+def test_strided_inputs_and_an_output_scaled_in_place(norm, backend, autograd, device, monkeypatch):
+    """(L, B, N) views of (B, L, N) tensors (the batch_first=False layout) go in; out comes back
+    as a plain tensor that the caller may modify in place, and its gradient follows. "function"
+    sends the torch backend through the autograd.Function that kernel backends use."""
+    if autograd == "function":
+        if backend != "torch":
+            pytest.skip("only the torch backend has a native-autograd path")
+        from fastformer import library
+
+        monkeypatch.setattr(library, "NATIVE_AUTOGRAD", False)
+    x, residual, weight, bias = make_inputs((3, 5, 48), "residual+weight+bias", torch.float32, device)
+    x_view, residual_view = x.transpose(0, 1), residual.transpose(0, 1)
+    require(backend, norm, x_view, residual_view, weight, bias)
+    bias = bias if norm == "layer" else None
+    out, residual_out = run_norm(norm, x_view, residual_view, weight, bias, 1e-5, backend=backend)
+    out.mul_(2.0)
+    expected, expected_residual = reference.residual_norm(x_view, residual_view, weight, bias, 1e-5,
+                                                          norm == "rms")
+    expected = expected * 2.0
+    fwd_tol, grad_tol = ELEMENTWISE_TOL[torch.float32]
+    assert out.shape == residual_out.shape == x_view.shape
+    assert_rel_close(out, expected, fwd_tol, "out")
+    assert_rel_close(residual_out, expected_residual, fwd_tol, "residual_out")
+    grad_out, grad_residual = torch.randn_like(expected), torch.randn_like(expected)
+    inputs = [t for t in (x, residual, weight, bias) if t is not None]
+    got = torch.autograd.grad((out, residual_out), inputs, (grad_out.float(), grad_residual.float()))
+    want = torch.autograd.grad((expected, expected_residual), inputs, (grad_out, grad_residual))
+    for name, grad, expected_grad in zip(("x", "residual", "weight", "bias"), got, want):
+        assert_rel_close(grad, expected_grad, grad_tol, f"grad {name}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)

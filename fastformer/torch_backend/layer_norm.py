@@ -1,6 +1,6 @@
 """Residual + dropout + LayerNorm / RMSNorm composed from PyTorch ops, in float32 statistics.
 
-Forward, on rows of size N (x and residual are (rows, N)):
+Forward, on rows of size N (x and residual are (..., N); the backward gets them as (rows, N)):
     r   = dropout(x) + residual            (residual_out, rounded to the input dtype)
     LN:  y = (r - mean(r)) * rstd * weight + bias,   rstd = 1 / sqrt(var(r) + eps)
     RMS: y = r * rstd * weight,                      rstd = 1 / sqrt(mean(r^2) + eps)
@@ -76,19 +76,20 @@ def residual_norm_fwd(x, residual, weight, bias, eps, dropout_p, rms, seed, stor
     r = r.to(x.dtype).to(dtype)  # normalise what is stored (a no-op in float32 and float64)
     if rms:
         rstd = torch.rsqrt(r.square().mean(dim=-1) + eps)
-        y = r * rstd[:, None]
+        y = r * rstd[..., None]
+        rstd = rstd.reshape(-1)
         mean = r.new_empty(0)
         if weight is not None:
             y = y * weight.to(dtype)
     else:
-        # LayerNorm is shift-invariant: normalising r - r[:, :1] gives the same result, and keeps
+        # LayerNorm is shift-invariant: normalising r - r[..., :1] gives the same result, and keeps
         # its digits when the rows have a large mean (see _centred); PyTorch's fused kernel does
         # the rest. The shift is detached: its exact gradient is 0, and under autograd (eager
         # mode) tracking it would cost a row reduction and a full-size slice backward.
-        shift = r[:, :1].detach()
+        shift = r[..., :1].detach()
         y, mean, rstd = torch.native_layer_norm(r - shift, [r.shape[-1]], _cast(weight, dtype),
                                                 _cast(bias, dtype), eps)
-        mean, rstd = mean.view(-1) + shift.view(-1), rstd.view(-1)
+        mean, rstd = mean.reshape(-1) + shift.reshape(-1), rstd.reshape(-1)
     return y.to(x.dtype), residual_out, mean.float(), rstd.float()
 
 
@@ -108,7 +109,7 @@ def eager_residual_norm_fwd(x, residual, weight, bias, eps, dropout_p, rms, seed
         y = r * torch.rsqrt(r.square().mean(dim=-1, keepdim=True) + eps)
         y = y if weight is None else y * weight
     else:  # shifted as in residual_norm_fwd (large means keep their digits)
-        y = F.layer_norm(r - r[:, :1].detach(), (r.shape[-1],), weight, bias, eps)
+        y = F.layer_norm(r - r[..., :1].detach(), (r.shape[-1],), weight, bias, eps)
     empty = x.new_empty(0)
     return y, r if store_residual else empty, empty, empty
 
