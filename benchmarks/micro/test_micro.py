@@ -7,8 +7,12 @@
 One forward + backward step per op and backend that can run here (plus PyTorch's own way, as a
 reference), on one fine-tuning-sized shape on CUDA (bfloat16) or a small one on the CPU
 (float32). Each timed call ends with a CUDA synchronisation, so the times are wall-clock times of
-whole steps, launch overhead included. They live outside tests/, so the normal test run does not
-collect them; without pytest-benchmark the module is skipped.
+whole steps, launch overhead included. The "overhead" group times what fastformer itself adds to
+a call (checks, dispatch, the autograd.Function) with kernels that compute nothing
+(``null_backend.py``), beside the least a bare autograd.Function costs.
+
+They live outside tests/, so the normal test run does not collect them; without pytest-benchmark
+the module is skipped.
 """
 
 import pytest
@@ -18,6 +22,8 @@ import torch.nn.functional as F
 pytest.importorskip("pytest_benchmark")
 
 import fastformer  # noqa: E402
+import null_backend  # noqa: E402  (beside this file)
+from fastformer import dispatch  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -123,3 +129,63 @@ def test_bias_gelu_eager(benchmark, gelu_inputs):
     x, bias, grad = gelu_inputs
     benchmark.group = "bias_gelu fwd+bwd"
     benchmark(_step(lambda: F.gelu(x + bias), (x, bias), (grad,)))
+
+
+# --------------------------------------------------------------------------------------------
+# What fastformer itself costs per call, apart from any kernel
+# --------------------------------------------------------------------------------------------
+@pytest.fixture
+def null_kernels(monkeypatch):
+    """The torch backend's ops replaced by ``null_backend``'s kernels, which allocate their outputs
+    and compute nothing, and reached through the autograd.Function as kernel backends are: what
+    is left of a call is fastformer's Python (checks, dispatch) and PyTorch's autograd around it."""
+    support = dispatch._OP_TABLES["torch"]["attention"][0]
+    table = {op: (support, null_backend.__name__) for op in dispatch.OPS}
+    monkeypatch.setitem(dispatch._OP_TABLES, "torch", table)
+
+
+@pytest.fixture(scope="module")
+def tiny_inputs():
+    torch.manual_seed(0)
+    q, k, v = (_rand(2, 2, 8, 16, requires_grad=True) for _ in range(3))
+    x, residual = _rand(2, 8, 32, requires_grad=True), _rand(2, 8, 32, requires_grad=True)
+    weight, bias = _rand(32, requires_grad=True), _rand(32, requires_grad=True)
+    return (q, k, v, _rand(2, 2, 8, 16)), (x, residual, weight, bias, _rand(2, 8, 32), _rand(2, 8, 32))
+
+
+class _NullAttentionFunction(torch.autograd.Function):
+    """The floor: the least an autograd.Function around the null attention kernels costs."""
+
+    @staticmethod
+    def forward(ctx, query, key, value):
+        ctx.save_for_backward(query, key, value)
+        return null_backend.attention_fwd(query, key, value, None, None, 0.0, False, 1.0, None)[0]
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return tuple(torch.empty_like(t) for t in ctx.saved_tensors)
+
+
+def test_overhead_floor_autograd_function(benchmark, tiny_inputs):
+    q, k, v, grad = tiny_inputs[0]
+    benchmark.group = "overhead per call, fwd+bwd, null kernels"
+    benchmark(_step(lambda: _NullAttentionFunction.apply(q, k, v), (q, k, v), (grad,)))
+
+
+def test_overhead_attention(benchmark, tiny_inputs, null_kernels):
+    q, k, v, grad = tiny_inputs[0]
+    benchmark.group = "overhead per call, fwd+bwd, null kernels"
+    benchmark(_step(lambda: fastformer.attention(q, k, v, backend="torch"), (q, k, v), (grad,)))
+
+
+def test_overhead_residual_layer_norm(benchmark, tiny_inputs, null_kernels):
+    x, residual, weight, bias, g1, g2 = tiny_inputs[1]
+    benchmark.group = "overhead per call, fwd+bwd, null kernels"
+    benchmark(_step(lambda: fastformer.residual_layer_norm(x, residual, weight, bias, backend="torch"),
+                    (x, residual, weight, bias), (g1, g2)))
+
+
+def test_overhead_bias_gelu(benchmark, tiny_inputs, null_kernels):
+    x, _, _, bias, grad, _ = tiny_inputs[1]
+    benchmark.group = "overhead per call, fwd+bwd, null kernels"
+    benchmark(_step(lambda: fastformer.bias_gelu(x, bias, backend="torch"), (x, bias), (grad,)))
