@@ -157,10 +157,19 @@ def _optimize_hugging_face_model(transformers, model, prefix, report):
     if _register_attention(transformers) and hasattr(model, "set_attn_implementation"):
         try:
             model.set_attn_implementation("fastformer")
+            refused = None
+        except Exception as error:  # a model class that refuses custom attention functions
+            refused = f"set_attn_implementation('fastformer') failed: {error}"
+        # Some classes (DeBERTa-v2 in transformers 5) only log that they keep their own attention.
+        if refused is None and getattr(model.config, "_attn_implementation", None) != "fastformer":
+            refused = (f"{type(model).__name__} does not take attention functions from transformers' "
+                       f"registry (set_attn_implementation left it as "
+                       f"{getattr(model.config, '_attn_implementation', None)!r})")
+        if refused is None:
             report.replaced[attention_key] = ("self-attention -> fastformer.attention (transformers "
                                               "attention registry)")
-        except Exception as error:  # a model class that refuses custom attention functions
-            report.left_alone[attention_key] = f"set_attn_implementation('fastformer') failed: {error}"
+        else:
+            report.left_alone[attention_key] = refused
     else:
         report.left_alone[attention_key] = (f"transformers {transformers.__version__} has no attention "
                                             f"registry (AttentionInterface)")
@@ -179,6 +188,11 @@ def _optimize_hugging_face_model(transformers, model, prefix, report):
             module.fastformer_gelu = approximate
             module.__class__ = _fast_subclass(type(module), _fused_intermediate_forward)
             report.replaced[name] = f"{type(module).__mro__[1].__name__}: bias + GELU fused"
+    fused = {id(module.LayerNorm) for module in model.modules() if _hf_block_kind(module) == "output"}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.LayerNorm) and id(module) not in fused:
+            report.left_alone[qualified(name)] = ("LayerNorm outside the BERT-style *SelfOutput / *Output "
+                                                  "blocks that fastformer fuses (runs as is)")
 
 
 def _register_attention(transformers) -> bool:
@@ -346,5 +360,8 @@ def _verify_hugging_face(original, model):
     with torch.no_grad():
         expected = original(input_ids=input_ids, attention_mask=attention_mask)
         actual = model(input_ids=input_ids, attention_mask=attention_mask)
-    keep = attention_mask.bool()
-    _check("(model)", actual[0][keep], expected[0][keep])  # padded positions are undefined
+    actual, expected = actual[0], expected[0]
+    if expected.shape[:2] == input_ids.shape:  # per-token outputs: padded positions are undefined
+        keep = attention_mask.bool()
+        actual, expected = actual[keep], expected[keep]
+    _check("(model)", actual, expected)  # else one output per sequence (a classifier's logits)

@@ -233,6 +233,37 @@ def test_hf_intermediate_bias_goes_where_it_is_cheapest(backend, bias_fused, mon
 
 
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
+@pytest.mark.parametrize("family", ["bert", "deberta-v2"])
+def test_hf_sequence_classifier_verifies_and_reports_what_transformers_took(family):
+    """A model with a classification head: verify=True compares its logits (one row per sequence,
+    not per token). The report says attention was replaced only where transformers routes it to
+    fastformer (DeBERTa-v2 keeps its own attention: transformers 5 only logs that it refuses), and
+    names the LayerNorms it leaves as they are (the embeddings')."""
+    import transformers
+
+    sizes = dict(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48)
+    if family == "bert":
+        model = transformers.BertForSequenceClassification(transformers.BertConfig(**sizes))
+    else:
+        model = transformers.DebertaV2ForSequenceClassification(transformers.DebertaV2Config(**sizes))
+    torch.manual_seed(0)
+    model = model.eval()
+    original = copy.deepcopy(model)
+    fastformer.optimize(model, verify=True)
+    report = model.fastformer_report
+    routed = model.config._attn_implementation == "fastformer"
+    assert routed or family != "bert"
+    assert ("(attention)" in report.replaced) == routed and ("(attention)" in report.left_alone) != routed
+    assert sum("LayerNorm fused" in what for what in report.replaced.values()) == 4
+    assert [name.split(".", 1)[1] for name in report.left_alone if "LayerNorm" in name] == ["embeddings.LayerNorm"]
+    ids, mask = torch.randint(0, 50, (3, 8)), torch.ones(3, 8, dtype=torch.long)
+    mask[1, 5:] = 0
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits,
+                                   original(input_ids=ids, attention_mask=mask).logits, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
 @pytest.mark.parametrize("kind", ["padding", "no padding", "causal+padding"])
 def test_hf_mask_is_sdpa_mask_and_a_free_view_for_padding(kind):
     """The masks fastformer asks transformers for: the values of transformers' sdpa_mask; a plain
