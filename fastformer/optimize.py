@@ -104,7 +104,7 @@ def optimize(model: nn.Module, *, backend: str | None = None, verify: bool = Fal
                                      "reach the layers as given)")
     hf_originals = _optimize_hugging_face(model, report, verify)
     for name, module in model.named_modules():
-        swapped = name in report.replaced or type(module).__name__.endswith("SelfAttention")
+        swapped = name in report.replaced or _is_hf_attention(module)
         if swapped or (backend is not None and isinstance(module, _FAST_MODULES)):
             module.fastformer_backend = backend
     if verify:
@@ -255,6 +255,13 @@ def _hf_attention(module, query, key, value, attention_mask, scaling=None, dropo
                                is_causal=is_causal, scale=scaling, key_padding_mask=key_padding_mask,
                                backend=getattr(module, "fastformer_backend", None))
     return out.transpose(1, 2), None
+
+
+def _is_hf_attention(module) -> bool:
+    """A transformers attention module (BertSelfAttention, AlbertAttention, ...): the module that
+    :func:`_hf_attention` receives, where it reads ``fastformer_backend``."""
+    cls = type(module)
+    return cls.__module__.startswith("transformers.") and cls.__name__.endswith("Attention")
 
 
 def _hf_block_kind(module) -> str | None:

@@ -232,6 +232,37 @@ def test_hf_intermediate_bias_goes_where_it_is_cheapest(backend, bias_fused, mon
     assert bias_fused or biases[0] is None
 
 
+def _tiny_hf_model(family):
+    import transformers
+
+    sizes = dict(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48)
+    if family == "distilbert":
+        config = transformers.DistilBertConfig(vocab_size=50, dim=32, n_layers=2, n_heads=4, hidden_dim=48)
+    elif family == "albert":
+        config = transformers.AlbertConfig(embedding_size=16, **sizes)
+    else:
+        config = {"bert": transformers.BertConfig, "electra": transformers.ElectraConfig,
+                  "deberta-v2": transformers.DebertaV2Config}[family](**sizes)
+    torch.manual_seed(0)
+    return transformers.AutoModelForSequenceClassification.from_config(config).eval()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
+@pytest.mark.parametrize("family", ["bert", "electra", "albert", "distilbert"])
+def test_hf_attention_calls_carry_the_forced_backend(family, monkeypatch):
+    """optimize(backend=...) reaches every attention module that transformers routes to fastformer,
+    whatever its class is called (ALBERT's is AlbertAttention, not *SelfAttention)."""
+    model = _tiny_hf_model(family)
+    fastformer.optimize(model, backend="torch")
+    backends = []
+    attention = fastformer.attention
+    monkeypatch.setattr(fastformer, "attention", lambda *args, backend=None, **kwargs: backends.append(
+        backend) or attention(*args, backend=backend, **kwargs))
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, 50, (2, 7)))
+    assert backends == ["torch", "torch"]  # one call per layer
+
+
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
 @pytest.mark.parametrize("family", ["bert", "deberta-v2"])
 def test_hf_sequence_classifier_verifies_and_reports_what_transformers_took(family):
@@ -239,15 +270,7 @@ def test_hf_sequence_classifier_verifies_and_reports_what_transformers_took(fami
     not per token). The report says attention was replaced only where transformers routes it to
     fastformer (DeBERTa-v2 keeps its own attention: transformers 5 only logs that it refuses), and
     names the LayerNorms it leaves as they are (the embeddings')."""
-    import transformers
-
-    sizes = dict(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48)
-    if family == "bert":
-        model = transformers.BertForSequenceClassification(transformers.BertConfig(**sizes))
-    else:
-        model = transformers.DebertaV2ForSequenceClassification(transformers.DebertaV2Config(**sizes))
-    torch.manual_seed(0)
-    model = model.eval()
+    model = _tiny_hf_model(family)
     original = copy.deepcopy(model)
     fastformer.optimize(model, verify=True)
     report = model.fastformer_report
