@@ -9,12 +9,14 @@ The fast classes are subclasses of PyTorch's that only replace ``forward``, so a
 converted by changing its class: parameters, buffers, hooks and ``state_dict`` keys stay as
 they are, and checkpoints keep loading both ways.
 
-Hugging Face BERT-family encoders (BERT, RoBERTa, MiniLM, sentence-transformers models built on
-them), when ``transformers`` is installed:
+Hugging Face BERT-family encoders (BERT, RoBERTa, MiniLM, ELECTRA, sentence-transformers models
+built on them; DistilBERT), when ``transformers`` is installed:
     self-attention       -> ``fastformer.attention``, registered as the attention function
                             "fastformer" of transformers' attention registry
     *SelfOutput/*Output  -> dense, then dropout + residual + LayerNorm in ``residual_layer_norm``
     *Intermediate (GELU) -> dense without bias, then ``bias_gelu``
+    DistilBERT's TransformerBlock (transformers >= 5) -> both residual adds (and the FFN's dropout)
+                            in ``residual_layer_norm``, the FFN's bias + GELU in ``bias_gelu``
 
 Everything else is left alone, and the report says why.
 """
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import logging
 import math
 
@@ -173,12 +176,14 @@ def _optimize_hugging_face_model(transformers, model, prefix, report):
     else:
         report.left_alone[attention_key] = (f"transformers {transformers.__version__} has no attention "
                                             f"registry (AttentionInterface)")
+    fused_norms = set()  # ids of the LayerNorms that run fused
     for name, module in list(model.named_modules()):
         name = qualified(name)
         kind = _hf_block_kind(module)
         if kind == "output":
             module.__class__ = _fast_subclass(type(module), _fused_output_forward)
             report.replaced[name] = f"{type(module).__mro__[1].__name__}: dropout + residual + LayerNorm fused"
+            fused_norms.add(id(module.LayerNorm))
         elif kind == "intermediate":
             approximate = _gelu_kind(module.intermediate_act_fn)
             if approximate is None:
@@ -188,11 +193,19 @@ def _optimize_hugging_face_model(transformers, model, prefix, report):
             module.fastformer_gelu = approximate
             module.__class__ = _fast_subclass(type(module), _fused_intermediate_forward)
             report.replaced[name] = f"{type(module).__mro__[1].__name__}: bias + GELU fused"
-    fused = {id(module.LayerNorm) for module in model.modules() if _hf_block_kind(module) == "output"}
+        elif kind == "distilbert block":
+            reasons = _distilbert_block_unsupported_reasons(module, transformers.__version__)
+            if reasons:
+                report.left_alone[name] = "DistilBERT block: " + "; ".join(reasons)
+                continue
+            module.fastformer_gelu = _gelu_kind(module.ffn.activation)
+            module.__class__ = _fast_subclass(type(module), _fused_distilbert_block_forward)
+            gelu = "" if module.fastformer_gelu is None else ", the FFN's bias + GELU"
+            report.replaced[name] = f"TransformerBlock: both residual adds + LayerNorms fused{gelu}"
+            fused_norms.update((id(module.sa_layer_norm), id(module.output_layer_norm)))
     for name, module in model.named_modules():
-        if isinstance(module, nn.LayerNorm) and id(module) not in fused:
-            report.left_alone[qualified(name)] = ("LayerNorm outside the BERT-style *SelfOutput / *Output "
-                                                  "blocks that fastformer fuses (runs as is)")
+        if isinstance(module, nn.LayerNorm) and id(module) not in fused_norms:
+            report.left_alone[qualified(name)] = "LayerNorm outside the blocks that fastformer fuses (runs as is)"
 
 
 def _register_attention(transformers) -> bool:
@@ -268,12 +281,39 @@ def _hf_block_kind(module) -> str | None:
     name = type(module).__name__
     has = lambda *attrs: all(hasattr(module, a) for a in attrs)  # noqa: E731
     if name.endswith("Output") and has("dense", "LayerNorm", "dropout") and isinstance(
-            module.LayerNorm, nn.LayerNorm) and isinstance(module.dense, nn.Linear):
+            module.LayerNorm, nn.LayerNorm) and isinstance(module.dense, nn.Linear) and isinstance(
+            module.dropout, nn.Dropout):
         return "output"
     if name.endswith("Intermediate") and has("dense", "intermediate_act_fn") and isinstance(
             module.dense, nn.Linear) and module.dense.bias is not None:
         return "intermediate"
+    if name == "TransformerBlock" and type(module).__module__.endswith(".modeling_distilbert"):
+        return "distilbert block"
     return None
+
+
+# The arguments of the DistilBERT TransformerBlock.forward that _fused_distilbert_block_forward
+# replaces (transformers 5); a block whose forward takes others is left alone.
+_DISTILBERT_BLOCK_ARGUMENTS = ("self", "hidden_states", "attention_mask", "kwargs")
+
+
+def _distilbert_block_unsupported_reasons(block, version: str) -> list[str]:
+    reasons = []
+    arguments = tuple(inspect.signature(type(block).forward).parameters)
+    if arguments != _DISTILBERT_BLOCK_ARGUMENTS:
+        reasons.append(f"its forward in transformers {version} takes {arguments}, not the "
+                       f"{_DISTILBERT_BLOCK_ARGUMENTS} that fastformer's replacement takes")
+    parts = {"sa_layer_norm": nn.LayerNorm, "output_layer_norm": nn.LayerNorm, "ffn.lin1": nn.Linear,
+             "ffn.lin2": nn.Linear, "ffn.dropout": nn.Dropout}
+    for path, cls in parts.items():
+        part = block
+        for attribute in path.split("."):
+            part = getattr(part, attribute, None)
+        if not isinstance(part, cls):
+            reasons.append(f"{path} is {type(part).__name__}, not nn.{cls.__name__}")
+    if getattr(getattr(block, "ffn", None), "chunk_size_feed_forward", 0):
+        reasons.append("feed-forward chunking is on (chunk_size_feed_forward)")
+    return reasons
 
 
 def _gelu_kind(activation) -> str | None:
@@ -311,15 +351,36 @@ def _fused_output_forward(self, hidden_states, input_tensor):
     return out
 
 
-def _fused_intermediate_forward(self, hidden_states):
+def _dense_gelu(dense, hidden_states, approximate, backend):
     """gelu(dense(h)): the GEMM without its bias, the bias fused into the GELU (where bias_gelu
     runs on the torch backend, the bias stays in the GEMM: see ``keeps_bias_in_gemm``)."""
+    if dense.bias is None or keeps_bias_in_gemm(hidden_states, dense.out_features, approximate, backend):
+        return fastformer.bias_gelu(dense(hidden_states), None, approximate, backend=backend)
+    return fastformer.bias_gelu(F.linear(hidden_states, dense.weight), dense.bias, approximate, backend=backend)
+
+
+def _fused_intermediate_forward(self, hidden_states):
+    return _dense_gelu(self.dense, hidden_states, self.fastformer_gelu, getattr(self, "fastformer_backend", None))
+
+
+def _fused_distilbert_block_forward(self, hidden_states, attention_mask=None, **kwargs):
+    """DistilBERT's block: x = LayerNorm(attention(h) + h); out = LayerNorm(dropout(FFN(x)) + x),
+    each residual add (with its dropout) fused into its LayerNorm, the FFN's bias into its GELU
+    (``fastformer_gelu``; None: another activation, run as is)."""
     backend = getattr(self, "fastformer_backend", None)
-    if self.dense.bias is None or keeps_bias_in_gemm(hidden_states, self.dense.out_features,
-                                                     self.fastformer_gelu, backend):
-        return fastformer.bias_gelu(self.dense(hidden_states), None, self.fastformer_gelu, backend=backend)
-    h = F.linear(hidden_states, self.dense.weight)
-    return fastformer.bias_gelu(h, self.dense.bias, self.fastformer_gelu, backend=backend)
+    attention_output, _ = self.attention(hidden_states, attention_mask=attention_mask, **kwargs)
+    norm = self.sa_layer_norm
+    x, _ = fastformer.residual_layer_norm(attention_output, hidden_states, norm.weight, norm.bias, norm.eps,
+                                          backend=backend)
+    ffn = self.ffn
+    if self.fastformer_gelu is None:
+        h = ffn.activation(ffn.lin1(x))
+    else:
+        h = _dense_gelu(ffn.lin1, x, self.fastformer_gelu, backend)
+    norm = self.output_layer_norm
+    out, _ = fastformer.residual_layer_norm(ffn.lin2(h), x, norm.weight, norm.bias, norm.eps,
+                                            ffn.dropout.p if ffn.training else 0.0, backend=backend)
+    return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -232,12 +232,13 @@ def test_hf_intermediate_bias_goes_where_it_is_cheapest(backend, bias_fused, mon
     assert bias_fused or biases[0] is None
 
 
-def _tiny_hf_model(family):
+def _tiny_hf_model(family, **config_options):
     import transformers
 
     sizes = dict(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48)
     if family == "distilbert":
-        config = transformers.DistilBertConfig(vocab_size=50, dim=32, n_layers=2, n_heads=4, hidden_dim=48)
+        config = transformers.DistilBertConfig(vocab_size=50, dim=32, n_layers=2, n_heads=4, hidden_dim=48,
+                                               **config_options)
     elif family == "albert":
         config = transformers.AlbertConfig(embedding_size=16, **sizes)
     else:
@@ -261,6 +262,57 @@ def test_hf_attention_calls_carry_the_forced_backend(family, monkeypatch):
     with torch.no_grad():
         model(input_ids=torch.randint(0, 50, (2, 7)))
     assert backends == ["torch", "torch"]  # one call per layer
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
+@pytest.mark.parametrize("activation", ["gelu", "relu"])
+def test_distilbert_blocks_fused_same_logits_gradients_and_dropout(activation, monkeypatch):
+    """DistilBERT's TransformerBlock: both residual + LayerNorm pairs (the second with the FFN's
+    dropout) and the FFN's bias + GELU run fused, with the same logits and gradients (float64,
+    dropout 0), and the FFN's dropout probability reaches the fused op in training."""
+    model = _tiny_hf_model("distilbert", activation=activation, dropout=0.0, attention_dropout=0.0,
+                           seq_classif_dropout=0.0).double()
+    original = copy.deepcopy(model)
+    fastformer.optimize(model, verify=True)
+    report = model.fastformer_report
+    blocks = [name for name, what in report.replaced.items() if what.startswith("TransformerBlock")]
+    assert blocks == ["distilbert.transformer.layer.0", "distilbert.transformer.layer.1"]
+    assert all(("GELU" in report.replaced[name]) == (activation == "gelu") for name in blocks)
+    assert [name for name in report.left_alone if "LayerNorm" in name or "layer_norm" in name] == [
+        "distilbert.embeddings.LayerNorm"]
+    ids, mask = torch.randint(0, 50, (3, 8)), torch.ones(3, 8, dtype=torch.long)
+    mask[2, 3:] = 0
+    logits = [m.train()(input_ids=ids, attention_mask=mask).logits for m in (model, original)]
+    torch.testing.assert_close(logits[0], logits[1])
+    for m, out in zip((model, original), logits):
+        (out * torch.arange(1.0, 3.0, dtype=out.dtype)).sum().backward()
+    for (name, parameter), expected in zip(model.named_parameters(), original.parameters()):
+        torch.testing.assert_close(parameter.grad, expected.grad, msg=name)
+
+    dropout_ps = []
+    residual_layer_norm = fastformer.residual_layer_norm
+
+    def spy(x, residual, weight, bias, eps=1e-5, dropout_p=0.0, **kwargs):
+        dropout_ps.append(dropout_p)
+        return residual_layer_norm(x, residual, weight, bias, eps, dropout_p, **kwargs)
+    monkeypatch.setattr(fastformer, "residual_layer_norm", spy)
+    for block in model.distilbert.transformer.layer:
+        block.ffn.dropout.p = 0.25
+    model(input_ids=ids, attention_mask=mask)
+    assert dropout_ps == [0.0, 0.25, 0.0, 0.25]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
+def test_distilbert_block_of_another_transformers_version_is_left_alone(monkeypatch):
+    optimize_module = importlib.import_module("fastformer.optimize")
+    monkeypatch.setattr(optimize_module, "_DISTILBERT_BLOCK_ARGUMENTS", ("self", "x", "attn_mask"))
+    model = _tiny_hf_model("distilbert")
+    classes = [type(block) for block in model.distilbert.transformer.layer]
+    fastformer.optimize(model)
+    assert [type(block) for block in model.distilbert.transformer.layer] == classes
+    why = model.fastformer_report.left_alone["distilbert.transformer.layer.0"]
+    assert "takes ('self', 'hidden_states', 'attention_mask', 'kwargs')" in why
+    assert "distilbert.transformer.layer.1.output_layer_norm" in model.fastformer_report.left_alone
 
 
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
