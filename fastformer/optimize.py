@@ -35,8 +35,8 @@ from torch import nn
 
 import fastformer
 from fastformer import dispatch
-from fastformer.functional import keeps_bias_in_gemm
 from fastformer.nn import FastMultiheadAttention, FastTransformerEncoder, FastTransformerEncoderLayer
+from fastformer.nn.encoder import linear_bias_gelu
 
 __all__ = ["OptimizeReport", "optimize"]
 
@@ -351,16 +351,10 @@ def _fused_output_forward(self, hidden_states, input_tensor):
     return out
 
 
-def _dense_gelu(dense, hidden_states, approximate, backend):
-    """gelu(dense(h)): the GEMM without its bias, the bias fused into the GELU (where bias_gelu
-    runs on the torch backend, the bias stays in the GEMM: see ``keeps_bias_in_gemm``)."""
-    if dense.bias is None or keeps_bias_in_gemm(hidden_states, dense.out_features, approximate, backend):
-        return fastformer.bias_gelu(dense(hidden_states), None, approximate, backend=backend)
-    return fastformer.bias_gelu(F.linear(hidden_states, dense.weight), dense.bias, approximate, backend=backend)
-
-
 def _fused_intermediate_forward(self, hidden_states):
-    return _dense_gelu(self.dense, hidden_states, self.fastformer_gelu, getattr(self, "fastformer_backend", None))
+    """gelu(dense(h)), the dense's bias fused into the GELU where that saves a pass."""
+    return linear_bias_gelu(hidden_states, self.dense, self.fastformer_gelu,
+                            backend=getattr(self, "fastformer_backend", None))
 
 
 def _fused_distilbert_block_forward(self, hidden_states, attention_mask=None, **kwargs):
@@ -376,7 +370,7 @@ def _fused_distilbert_block_forward(self, hidden_states, attention_mask=None, **
     if self.fastformer_gelu is None:
         h = ffn.activation(ffn.lin1(x))
     else:
-        h = _dense_gelu(ffn.lin1, x, self.fastformer_gelu, backend)
+        h = linear_bias_gelu(x, ffn.lin1, self.fastformer_gelu, backend=backend)
     norm = self.output_layer_norm
     out, _ = fastformer.residual_layer_norm(ffn.lin2(h), x, norm.weight, norm.bias, norm.eps,
                                             ffn.dropout.p if ffn.training else 0.0, backend=backend)

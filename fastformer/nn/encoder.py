@@ -139,14 +139,8 @@ class FastTransformerEncoderLayer(nn.TransformerEncoderLayer):
     def _ff(self, x: Tensor) -> Tensor:
         """linear2(dropout(activation(linear1(x)))), without dropout2 (fused by the caller)."""
         approximate = _gelu_approximate(self.activation)
-        if approximate is not None and keeps_bias_in_gemm(x, self.linear1.out_features, approximate,
-                                                          self.fastformer_backend):
-            # PyTorch's GELU: fusing the bias saves nothing and costs a pass, so linear1 keeps it
-            # (one addmm), as in PyTorch's layer.
-            h = fastformer.bias_gelu(self.linear1(x), None, approximate, backend=self.fastformer_backend)
-        elif approximate is not None:
-            h = fastformer.bias_gelu(F.linear(x, self.linear1.weight), self.linear1.bias, approximate,
-                                     backend=self.fastformer_backend)
+        if approximate is not None:
+            h = linear_bias_gelu(x, self.linear1, approximate, backend=self.fastformer_backend)
         else:
             h = self.activation(self.linear1(x))
         return self.linear2(dropout(h, self.dropout.p, self.training))
@@ -175,6 +169,16 @@ class FastTransformerEncoderLayer(nn.TransformerEncoderLayer):
         out = self._forward_dense(padded, None, padding, is_causal)
         return torch.nested.as_nested_tensor([out[i, :n] for i, n in enumerate(lengths)],
                                              layout=src.layout)
+
+
+def linear_bias_gelu(x: Tensor, linear: nn.Linear, approximate: str, backend: str | None = None) -> Tensor:
+    """``gelu(linear(x))``, the bias where it is cheapest: a GEMM without it, then
+    ``fastformer.bias_gelu`` with it; except where that bias_gelu call would run PyTorch's own GELU
+    (the torch backend, e.g. on the CPU): there fusing the bias saves nothing and costs a pass, so
+    the GEMM keeps it (one addmm), as in PyTorch's layer. Also used by ``fastformer.optimize``."""
+    if linear.bias is None or keeps_bias_in_gemm(x, linear.out_features, approximate, backend):
+        return fastformer.bias_gelu(linear(x), None, approximate, backend=backend)
+    return fastformer.bias_gelu(F.linear(x, linear.weight), linear.bias, approximate, backend=backend)
 
 
 class FastTransformerEncoder(nn.TransformerEncoder):
