@@ -45,10 +45,11 @@ def _implementation(backend: str, op: str):
 
 
 class _RefuseDifferentiation(torch.autograd.Function):
-    """Passes first-order gradients through; differentiating them again raises ``message``. The
-    incoming gradients ride along as inputs, so that the graph from the gradients back to the
-    op's inputs runs through this node (PyTorch's ``once_differentiable`` detaches it instead, and
-    ``torch.autograd.grad`` then only says that the inputs look unused)."""
+    """Passes first-order gradients through; differentiating them again raises ``message``. What
+    the gradients depend on (the incoming gradients, the op's saved inputs) rides along as inputs,
+    so that the graph from the gradients back to the op's inputs runs through this node (PyTorch's
+    ``once_differentiable`` detaches it instead, and ``torch.autograd.grad`` then only says that the
+    inputs look unused)."""
 
     @staticmethod
     def forward(ctx, message, count, *tensors):
@@ -78,13 +79,15 @@ def _first_order_unless_differentiable(op: str, label: Optional[str] = None):
                 return backward(ctx, *grads)
             with torch.no_grad():
                 outputs = backward(ctx, *grads)
-            incoming = [g for g in grads if isinstance(g, Tensor) and g.requires_grad]
-            if not incoming:
+            # The gradients depend on the incoming ones and on the saved inputs (constant incoming
+            # gradients, e.g. grad_outputs=ones, still leave the second-order terms through these).
+            depends_on = [t for t in (*grads, *ctx.saved_tensors) if isinstance(t, Tensor) and t.requires_grad]
+            if not depends_on:
                 return outputs
             message = (f"fastformer {label} (backend {ctx.backend!r}): this backward cannot be differentiated "
                        f"again (double backward, create_graph=True); second derivatives need "
                        f"backend='torch' in eager mode")
-            return _RefuseDifferentiation.apply(message, len(outputs), *outputs, *incoming)
+            return _RefuseDifferentiation.apply(message, len(outputs), *outputs, *depends_on)
         return run
     return decorate
 

@@ -226,12 +226,18 @@ def test_double_backward_is_exact_or_refused(backend, native, op, monkeypatch):
         assert torch.autograd.gradgradcheck(lambda *args: fn(*args, backend=backend), inputs)
         return
 
-    def penalised_loss():
+    def penalised_loss(constant_grad_outputs):
         out = fn(*inputs, backend=backend)
-        grads = torch.autograd.grad(out.square().sum(), inputs, create_graph=True)  # first order: fine
+        # First order: fine. The gradients flowing in depend on the inputs through out (a square),
+        # or not at all (constant): the gradients out still do, through the saved inputs.
+        if constant_grad_outputs:
+            grads = torch.autograd.grad(out, inputs, torch.randn_like(out), create_graph=True)
+        else:
+            grads = torch.autograd.grad(out.square().sum(), inputs, create_graph=True)
         return out.sum() + sum(g.square().sum() for g in grads)
 
-    with pytest.raises(RuntimeError, match="cannot be differentiated again"):
-        torch.autograd.grad(penalised_loss(), inputs)
-    with pytest.raises(RuntimeError, match="cannot be differentiated again"):
-        penalised_loss().backward()
+    for constant_grad_outputs in (False, True):
+        with pytest.raises(RuntimeError, match="cannot be differentiated again"):
+            torch.autograd.grad(penalised_loss(constant_grad_outputs), inputs)
+        with pytest.raises(RuntimeError, match="cannot be differentiated again"):
+            penalised_loss(constant_grad_outputs).backward()
