@@ -23,6 +23,7 @@ Everything else is left alone, and the report says why.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import inspect
@@ -168,6 +169,8 @@ def _optimize_hugging_face_model(transformers, model, prefix, report):
             refused = (f"{type(model).__name__} does not take attention functions from transformers' "
                        f"registry (set_attn_implementation left it as "
                        f"{getattr(model.config, '_attn_implementation', None)!r})")
+        if refused is None and not any(map(_is_hf_attention, model.modules())):
+            refused = f"{type(model).__name__} has no attention module"  # e.g. FNet (Fourier transforms)
         if refused is None:
             report.replaced[attention_key] = ("self-attention -> fastformer.attention (transformers "
                                               "attention registry)")
@@ -177,32 +180,26 @@ def _optimize_hugging_face_model(transformers, model, prefix, report):
         report.left_alone[attention_key] = (f"transformers {transformers.__version__} has no attention "
                                             f"registry (AttentionInterface)")
     fused_norms = set()  # ids of the LayerNorms that run fused
+    checked = {}  # (class, kind) -> what the behaviour check found (the first module of each class)
     for name, module in list(model.named_modules()):
-        name = qualified(name)
         kind = _hf_block_kind(module)
-        if kind == "output":
-            module.__class__ = _fast_subclass(type(module), _fused_output_forward)
-            report.replaced[name] = f"{type(module).__mro__[1].__name__}: dropout + residual + LayerNorm fused"
-            fused_norms.add(id(module.LayerNorm))
-        elif kind == "intermediate":
-            approximate = _gelu_kind(module.intermediate_act_fn)
-            if approximate is None:
-                report.left_alone[name] = (f"activation {type(module.intermediate_act_fn).__name__} is "
-                                           f"not a GELU that bias_gelu computes")
-                continue
-            module.fastformer_gelu = approximate
-            module.__class__ = _fast_subclass(type(module), _fused_intermediate_forward)
-            report.replaced[name] = f"{type(module).__mro__[1].__name__}: bias + GELU fused"
-        elif kind == "distilbert block":
-            reasons = _distilbert_block_unsupported_reasons(module, transformers.__version__)
-            if reasons:
-                report.left_alone[name] = "DistilBERT block: " + "; ".join(reasons)
-                continue
-            module.fastformer_gelu = _gelu_kind(module.ffn.activation)
-            module.__class__ = _fast_subclass(type(module), _fused_distilbert_block_forward)
-            gelu = "" if module.fastformer_gelu is None else ", the FFN's bias + GELU"
-            report.replaced[name] = f"TransformerBlock: both residual adds + LayerNorms fused{gelu}"
-            fused_norms.update((id(module.sa_layer_norm), id(module.output_layer_norm)))
+        if kind is None:
+            continue
+        block, base = _HF_BLOCKS[kind], _original_class(module)
+        reasons = _hf_block_unsupported_reasons(kind, module, base)
+        if not reasons:
+            if kind != "output":
+                module.fastformer_gelu = _gelu_kind(_activation(kind, module))
+            if (base, kind) not in checked:
+                checked[base, kind] = _behaviour_reasons(kind, module, base)
+            reasons = checked[base, kind]
+        if reasons:
+            report.left_alone[qualified(name)] = f"{base.__name__}: " + "; ".join(reasons)
+            continue
+        module.__class__ = _fast_subclass(base, block.forward)
+        gelu = ", the FFN's bias + GELU" if kind == "distilbert block" and module.fastformer_gelu else ""
+        report.replaced[qualified(name)] = f"{base.__name__}: {block.what}{gelu}"
+        fused_norms.update(id(getattr(module, norm)) for norm in block.norms)
     for name, module in model.named_modules():
         if isinstance(module, nn.LayerNorm) and id(module) not in fused_norms:
             report.left_alone[qualified(name)] = "LayerNorm outside the blocks that fastformer fuses (runs as is)"
@@ -278,42 +275,88 @@ def _is_hf_attention(module) -> bool:
 
 
 def _hf_block_kind(module) -> str | None:
-    name = type(module).__name__
-    has = lambda *attrs: all(hasattr(module, a) for a in attrs)  # noqa: E731
-    if name.endswith("Output") and has("dense", "LayerNorm", "dropout") and isinstance(
-            module.LayerNorm, nn.LayerNorm) and isinstance(module.dense, nn.Linear) and isinstance(
-            module.dropout, nn.Dropout):
+    """Which of :data:`_HF_BLOCKS` a module looks like, by its class name (checked in depth by
+    :func:`_hf_block_unsupported_reasons` and :func:`_behaviour_reasons`)."""
+    cls = _original_class(module)
+    if cls.__name__.endswith("Output") and hasattr(module, "LayerNorm"):
         return "output"
-    if name.endswith("Intermediate") and has("dense", "intermediate_act_fn") and isinstance(
-            module.dense, nn.Linear) and module.dense.bias is not None:
+    if cls.__name__.endswith("Intermediate") and hasattr(module, "intermediate_act_fn"):
         return "intermediate"
-    if name == "TransformerBlock" and type(module).__module__.endswith(".modeling_distilbert"):
+    if cls.__name__ == "TransformerBlock" and cls.__module__.endswith(".modeling_distilbert"):
         return "distilbert block"
     return None
 
 
-# The arguments of the DistilBERT TransformerBlock.forward that _fused_distilbert_block_forward
-# replaces (transformers 5); a block whose forward takes others is left alone.
-_DISTILBERT_BLOCK_ARGUMENTS = ("self", "hidden_states", "attention_mask", "kwargs")
+@dataclasses.dataclass(frozen=True)
+class _HFBlock:
+    """A Hugging Face block that optimize fuses: what its original forward must take, what it must
+    consist of, the forward that replaces it, and the LayerNorms that then run fused."""
+
+    arguments: tuple  # of the original forward
+    parts: dict  # attribute path -> the torch.nn class it must be
+    uses: tuple  # the other attributes the fused forward calls; any other child refuses the block
+    forward: object
+    norms: tuple  # the LayerNorms that run fused
+    what: str
 
 
-def _distilbert_block_unsupported_reasons(block, version: str) -> list[str]:
+def _attribute(module, path: str):
+    for name in path.split("."):
+        module = getattr(module, name, None)
+    return module
+
+
+def _activation(kind, module):
+    """The FFN activation of a block (None: the block has none)."""
+    path = {"intermediate": "intermediate_act_fn", "distilbert block": "ffn.activation"}.get(kind)
+    return None if path is None else _attribute(module, path)
+
+
+def _hf_block_unsupported_reasons(kind, module, base) -> list[str]:
+    block = _HF_BLOCKS[kind]
     reasons = []
-    arguments = tuple(inspect.signature(type(block).forward).parameters)
-    if arguments != _DISTILBERT_BLOCK_ARGUMENTS:
-        reasons.append(f"its forward in transformers {version} takes {arguments}, not the "
-                       f"{_DISTILBERT_BLOCK_ARGUMENTS} that fastformer's replacement takes")
-    parts = {"sa_layer_norm": nn.LayerNorm, "output_layer_norm": nn.LayerNorm, "ffn.lin1": nn.Linear,
-             "ffn.lin2": nn.Linear, "ffn.dropout": nn.Dropout}
-    for path, cls in parts.items():
-        part = block
-        for attribute in path.split("."):
-            part = getattr(part, attribute, None)
-        if not isinstance(part, cls):
-            reasons.append(f"{path} is {type(part).__name__}, not nn.{cls.__name__}")
-    if getattr(getattr(block, "ffn", None), "chunk_size_feed_forward", 0):
+    arguments = tuple(inspect.signature(base.forward).parameters)
+    if arguments != block.arguments:
+        reasons.append(f"its forward takes {arguments}, not the {block.arguments} of the forward that "
+                       f"fastformer puts in its place")
+    for path, cls in block.parts.items():
+        if not isinstance(_attribute(module, path), cls):
+            reasons.append(f"{path} is {type(_attribute(module, path)).__name__}, not nn.{cls.__name__}")
+    known = {*block.parts, *block.uses}
+    for prefix in {""} | {path.rsplit(".", 1)[0] + "." for path in known if "." in path}:
+        owner = module if not prefix else _attribute(module, prefix[:-1])
+        for name, _ in owner.named_children() if isinstance(owner, nn.Module) else ():
+            if prefix + name not in known:
+                reasons.append(f"it also has {prefix + name}, which the forward fastformer puts in its "
+                               f"place would not run")
+    if kind == "intermediate" and _gelu_kind(module.intermediate_act_fn) is None:
+        reasons.append(f"activation {type(module.intermediate_act_fn).__name__} is not a GELU that "
+                       f"bias_gelu computes")
+    if kind == "distilbert block" and getattr(getattr(module, "ffn", None), "chunk_size_feed_forward", 0):
         reasons.append("feed-forward chunking is on (chunk_size_feed_forward)")
     return reasons
+
+
+def _behaviour_reasons(kind, module, base) -> list[str]:
+    """Run the original forward and fastformer's on one small random input (eval mode, a private
+    generator): a class whose forward does something else than its structure suggests (e.g. a
+    LayerNorm it never applies) is caught here. Skipped for parameters on the meta device."""
+    parameter = next(module.parameters())
+    if parameter.device.type == "meta":
+        return []
+    width = module.ffn.lin1.in_features if kind == "distilbert block" else module.dense.in_features
+    generator = torch.Generator(device=parameter.device).manual_seed(0)
+
+    def rand(size):
+        return torch.randn(2, 3, size, generator=generator, device=parameter.device, dtype=parameter.dtype)
+    inputs = (rand(width),) if kind != "output" else (rand(width), rand(module.dense.out_features))
+    with _evaluating(module), torch.no_grad():
+        expected, actual = base.forward(module, *inputs), _HF_BLOCKS[kind].forward(module, *inputs)
+    error = _relative_error(actual, expected)
+    tol = _VERIFY_TOL.get(expected.dtype, 2e-3)
+    if math.isfinite(error) and error <= tol:
+        return []
+    return [f"its forward computes something else on a random input (relative error {error:.3g} > {tol:.3g})"]
 
 
 def _gelu_kind(activation) -> str | None:
@@ -330,16 +373,48 @@ def _gelu_kind(activation) -> str | None:
     return None
 
 
-_FAST_SUBCLASSES = {}
+_FAST_SUBCLASSES = {}  # (class, forward) -> subclass
+_MADE_FROM = {}  # subclass -> (class, forward)
 
 
 def _fast_subclass(cls, forward):
-    """A subclass of ``cls`` that only replaces ``forward`` (same parameters and state_dict keys)."""
+    """A subclass of ``cls`` that only replaces ``forward`` (same parameters and state_dict keys).
+    Made at run time, so its instances pickle as (cls, forward) plus their state."""
     key = (cls, forward)
     if key not in _FAST_SUBCLASSES:
-        _FAST_SUBCLASSES[key] = type(f"Fast{cls.__name__}", (cls,), {"forward": forward,
-                                                                      "__module__": __name__})
+        fast = type(f"Fast{cls.__name__}", (cls,), {"forward": forward, "__module__": __name__,
+                                                     "__reduce_ex__": _reduce_fast_module})
+        _FAST_SUBCLASSES[key], _MADE_FROM[fast] = fast, key
     return _FAST_SUBCLASSES[key]
+
+
+def _original_class(module) -> type:
+    """The module's class, or for a module optimize already swapped, the class it had."""
+    return _MADE_FROM.get(type(module), (type(module),))[0]
+
+
+def _reduce_fast_module(self, protocol):
+    # (Not type(self).forward: transformers may wrap the forward of subclasses it sees made.)
+    _, _, *state = object.__reduce_ex__(self, protocol)  # (copyreg.__newobj__, (cls,), state, ...)
+    return (_new_fast_module, _MADE_FROM[type(self)], *state)
+
+
+def _new_fast_module(cls, forward):
+    fast = _fast_subclass(cls, forward)
+    return fast.__new__(fast)
+
+
+@contextlib.contextmanager
+def _evaluating(*modules):
+    """Every submodule in eval mode inside the block, each back in its own mode after it."""
+    modes = [(sub, sub.training) for module in modules for sub in module.modules()]
+    for module in modules:
+        module.eval()
+    try:
+        yield
+    finally:
+        for sub, training in modes:
+            sub.training = training
 
 
 def _fused_output_forward(self, hidden_states, input_tensor):
@@ -377,6 +452,23 @@ def _fused_distilbert_block_forward(self, hidden_states, attention_mask=None, **
     return out
 
 
+# The Hugging Face blocks optimize fuses (see _hf_block_kind).
+_HF_BLOCKS = {
+    "output": _HFBlock(("self", "hidden_states", "input_tensor"),
+                       {"dense": nn.Linear, "LayerNorm": nn.LayerNorm, "dropout": nn.Dropout}, (),
+                       _fused_output_forward, ("LayerNorm",), "dropout + residual + LayerNorm fused"),
+    "intermediate": _HFBlock(("self", "hidden_states"), {"dense": nn.Linear}, ("intermediate_act_fn",),
+                             _fused_intermediate_forward, (), "bias + GELU fused"),
+    # DistilBERT's block in transformers 5 (older versions take other arguments: left alone).
+    "distilbert block": _HFBlock(
+        ("self", "hidden_states", "attention_mask", "kwargs"),
+        {"sa_layer_norm": nn.LayerNorm, "output_layer_norm": nn.LayerNorm, "ffn.lin1": nn.Linear,
+         "ffn.lin2": nn.Linear, "ffn.dropout": nn.Dropout}, ("attention", "ffn", "ffn.activation"),
+        _fused_distilbert_block_forward, ("sa_layer_norm", "output_layer_norm"),
+        "both residual adds + LayerNorms fused"),
+}
+
+
 # --------------------------------------------------------------------------------------------
 # verify=True
 # --------------------------------------------------------------------------------------------
@@ -397,7 +489,7 @@ def _verify_module(name, original, fast):
     parameter = next(fast.parameters())
     like = dict(dtype=parameter.dtype, device=parameter.device)
     batch, length = 2, 7
-    with torch.no_grad():
+    with _evaluating(original, fast), torch.no_grad():  # no dropout
         if isinstance(original, nn.MultiheadAttention):
             def inputs(dim, size):
                 shape = (batch, size, dim) if original.batch_first else (size, batch, dim)
@@ -419,11 +511,11 @@ def _verify_hugging_face(original, model):
     input_ids = torch.randint(0, config.vocab_size, (2, 9), device=parameter.device)
     attention_mask = torch.ones_like(input_ids)
     attention_mask[1, 6:] = 0
-    with torch.no_grad():
+    with _evaluating(original, model), torch.no_grad():  # no dropout
         expected = original(input_ids=input_ids, attention_mask=attention_mask)
         actual = model(input_ids=input_ids, attention_mask=attention_mask)
     actual, expected = actual[0], expected[0]
-    if expected.shape[:2] == input_ids.shape:  # per-token outputs: padded positions are undefined
+    if expected.dim() == 3 and expected.shape[:2] == input_ids.shape:  # per token: padding undefined
         keep = attention_mask.bool()
         actual, expected = actual[keep], expected[keep]
     _check("(model)", actual, expected)  # else one output per sequence (a classifier's logits)

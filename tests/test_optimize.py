@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.util
+import io
 import os
 
 import pytest
@@ -305,7 +307,9 @@ def test_distilbert_blocks_fused_same_logits_gradients_and_dropout(activation, m
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
 def test_distilbert_block_of_another_transformers_version_is_left_alone(monkeypatch):
     optimize_module = importlib.import_module("fastformer.optimize")
-    monkeypatch.setattr(optimize_module, "_DISTILBERT_BLOCK_ARGUMENTS", ("self", "x", "attn_mask"))
+    block = optimize_module._HF_BLOCKS["distilbert block"]
+    monkeypatch.setitem(optimize_module._HF_BLOCKS, "distilbert block",
+                        dataclasses.replace(block, arguments=("self", "x", "attn_mask")))
     model = _tiny_hf_model("distilbert")
     classes = [type(block) for block in model.distilbert.transformer.layer]
     fastformer.optimize(model)
@@ -313,6 +317,80 @@ def test_distilbert_block_of_another_transformers_version_is_left_alone(monkeypa
     why = model.fastformer_report.left_alone["distilbert.transformer.layer.0"]
     assert "takes ('self', 'hidden_states', 'attention_mask', 'kwargs')" in why
     assert "distilbert.transformer.layer.1.output_layer_norm" in model.fastformer_report.left_alone
+
+
+def _tiny_auto_model(model_type, **options):
+    transformers = pytest.importorskip("transformers")
+    try:
+        config = transformers.AutoConfig.for_model(model_type, hidden_size=16, num_hidden_layers=1,
+                                                   num_attention_heads=2, intermediate_size=32, vocab_size=60,
+                                                   max_position_embeddings=40, **options)
+    except (KeyError, ValueError):
+        pytest.skip(f"this transformers has no {model_type}")
+    torch.manual_seed(0)
+    return transformers.AutoModel.from_config(config).eval()
+
+
+@pytest.mark.parametrize("model_type, block, why", [
+    # The intermediate applies a LayerNorm before its dense: the fused forward would skip it.
+    ("roberta-prelayernorm", "encoder.layer.0.intermediate", "also has LayerNorm"),
+    # The self-output holds a LayerNorm its forward never applies: caught by running both forwards.
+    ("xmod", "encoder.layer.0.attention.output", "computes something else on a random input"),
+    # The output takes language ids and runs adapters.
+    ("xmod", "encoder.layer.0.output", "lang_ids"),
+])
+def test_hf_blocks_that_only_look_like_bert_are_left_alone(model_type, block, why):
+    options = dict(languages=["en_XX"], default_language="en_XX") if model_type == "xmod" else {}
+    model = _tiny_auto_model(model_type, **options)
+    for module in model.modules():  # weights far from their initial values, so that a skipped op shows
+        if isinstance(module, nn.LayerNorm):
+            module.weight.data.uniform_(0.5, 3.0)
+    original = copy.deepcopy(model)
+    fastformer.optimize(model)
+    assert why in model.fastformer_report.left_alone[block]
+    assert type(model.get_submodule(block)) is type(original.get_submodule(block))
+    ids = torch.randint(0, 60, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids)[0], original(input_ids=ids)[0])
+
+
+def test_hf_model_without_attention_is_reported_so():
+    model = _tiny_auto_model("fnet")  # Fourier transforms instead of attention
+    fastformer.optimize(model)
+    assert "has no attention module" in model.fastformer_report.left_alone["(attention)"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
+@pytest.mark.parametrize("family", ["bert", "distilbert"])
+def test_hf_optimize_twice_verify_in_training_mode_and_pickle(family, monkeypatch):
+    """A second optimize (e.g. to force a backend) sees the fused blocks for what they were, keeps
+    their classes and reaches them; verify=True compares in eval mode whatever mode the model is
+    in (dropout in both classifiers' heads); and the whole model pickles (torch.save(model))."""
+    model = _tiny_hf_model(family).train()
+    fastformer.optimize(model, verify=True)
+    classes = {name: type(module) for name, module in model.named_modules()}
+    report = dict(model.fastformer_report.replaced)
+    assert model.training and all(module.training for module in model.modules())
+    fastformer.optimize(model, backend="torch", verify=True)
+    assert {name: type(module) for name, module in model.named_modules()} == classes
+    assert model.fastformer_report.replaced == report
+    backends = []
+    residual_layer_norm = fastformer.residual_layer_norm
+    monkeypatch.setattr(fastformer, "residual_layer_norm", lambda *args, backend=None, **kwargs: backends.append(
+        backend) or residual_layer_norm(*args, backend=backend, **kwargs))
+    ids = torch.randint(0, 50, (2, 7))
+    model.eval()
+    with torch.no_grad():
+        out = model(input_ids=ids).logits
+    assert backends and set(backends) == {"torch"}
+    monkeypatch.undo()
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert {name: type(module) for name, module in loaded.named_modules()} == classes
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, out)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
