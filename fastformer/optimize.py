@@ -345,7 +345,7 @@ def _behaviour_reasons(kind, module, base) -> list[str]:
     if parameter.device.type == "meta":
         return []
     width = module.ffn.lin1.in_features if kind == "distilbert block" else module.dense.in_features
-    generator = torch.Generator(device=parameter.device).manual_seed(0)
+    generator = _private_generator(parameter.device)
 
     def rand(size):
         return torch.randn(2, 3, size, generator=generator, device=parameter.device, dtype=parameter.dtype)
@@ -485,9 +485,14 @@ def _check(name, actual, expected):
                            f"relative error {error:.3g} > {tol:.3g}")
 
 
+def _private_generator(device) -> torch.Generator:
+    """Random inputs for checks, drawn without touching the user's random state."""
+    return torch.Generator(device=device).manual_seed(0)
+
+
 def _verify_module(name, original, fast):
     parameter = next(fast.parameters())
-    like = dict(dtype=parameter.dtype, device=parameter.device)
+    like = dict(dtype=parameter.dtype, device=parameter.device, generator=_private_generator(parameter.device))
     batch, length = 2, 7
     with _evaluating(original, fast), torch.no_grad():  # no dropout
         if isinstance(original, nn.MultiheadAttention):
@@ -508,7 +513,8 @@ def _verify_module(name, original, fast):
 def _verify_hugging_face(original, model):
     config = model.config
     parameter = next(model.parameters())
-    input_ids = torch.randint(0, config.vocab_size, (2, 9), device=parameter.device)
+    input_ids = torch.randint(0, config.vocab_size, (2, 9), device=parameter.device,
+                              generator=_private_generator(parameter.device))
     attention_mask = torch.ones_like(input_ids)
     attention_mask[1, 6:] = 0
     with _evaluating(original, model), torch.no_grad():  # no dropout

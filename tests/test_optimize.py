@@ -115,7 +115,11 @@ def test_optimize_without_backend_leaves_forced_modules_alone():
 
 def test_verify_passes_and_catches_a_wrong_module(monkeypatch):
     model = Classifier().eval()
+    torch.manual_seed(3)
+    expected_draw = torch.rand(4)
+    torch.manual_seed(3)
     fastformer.optimize(model, verify=True)  # passes: same results
+    assert torch.equal(torch.rand(4), expected_draw)  # its random inputs leave the user's RNG alone
 
     def wrong_forward(self, *args, **kwargs):
         out, weights = nn.MultiheadAttention.forward(self, *args, **kwargs)
@@ -367,7 +371,11 @@ def test_hf_optimize_twice_verify_in_training_mode_and_pickle(family, monkeypatc
     their classes and reaches them; verify=True compares in eval mode whatever mode the model is
     in (dropout in both classifiers' heads); and the whole model pickles (torch.save(model))."""
     model = _tiny_hf_model(family).train()
+    torch.manual_seed(3)
+    expected_draw = torch.rand(4)
+    torch.manual_seed(3)
     fastformer.optimize(model, verify=True)
+    assert torch.equal(torch.rand(4), expected_draw)  # checks leave the user's RNG alone
     classes = {name: type(module) for name, module in model.named_modules()}
     report = dict(model.fastformer_report.replaced)
     assert model.training and all(module.training for module in model.modules())
