@@ -7,8 +7,6 @@
 // with each batch row's key end and whether it has padding before it computed here on the device
 // (no host synchronisation; see params.h). The dropout seed comes as an int.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -18,6 +16,7 @@
 
 #include "attention/launch.h"
 #include "attention/params.h"
+#include "common/op_device.h"
 
 namespace fastformer {
 namespace attention {
@@ -199,10 +198,10 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const
                                                       const c10::optional<at::Tensor>& key_padding_mask,
                                                       double scale, bool is_causal, double dropout_p, int64_t seed) {
   const Sizes s = check_inputs(q, k, v);
-  TORCH_CHECK(q.is_cuda(), kOp, "query must be a CUDA tensor");
+  TORCH_CHECK(on_kernel_device(q), kOp, "query must be a CUDA tensor");
   check_same_device(q, k, "key");
   check_same_device(q, v, "value");
-  const c10::cuda::CUDAGuard guard(q.device());
+  const KernelDeviceGuard guard(q.device());
   // (B, Hq, Lq, Dv) stored as (B, Lq, Hq, Dv), as the other backends return it.
   at::Tensor out = at::empty({s.batch, s.len_q, s.heads_q, s.dim_v}, q.options()).transpose(1, 2);
   at::Tensor lse = at::empty({s.batch, s.heads_q, s.len_q}, q.options().dtype(at::kFloat));
@@ -220,7 +219,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const
   p.lse = lse.data_ptr<float>();
   p.pair_stores = pairs_4b_aligned(out);
   launch_attention_fwd(p, padded_head_dim(std::max(p.dim, p.dim_v)), q.scalar_type() == at::kBFloat16,
-                       at::cuda::getCurrentCUDAStream());
+                       kernel_stream());
+  FASTFORMER_CHECK_LAUNCH();
   return {out, lse};
 }
 
@@ -229,7 +229,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     const at::Tensor& lse, const c10::optional<at::Tensor>& attn_mask,
     const c10::optional<at::Tensor>& key_padding_mask, double scale, bool is_causal, double dropout_p, int64_t seed) {
   const Sizes s = check_inputs(q, k, v);
-  TORCH_CHECK(q.is_cuda(), kOp, "query must be a CUDA tensor");
+  TORCH_CHECK(on_kernel_device(q), kOp, "query must be a CUDA tensor");
   for (const at::Tensor* t : {&k, &v, &grad_out, &out, &lse}) check_same_device(q, *t, "an input");
   const std::vector<int64_t> out_shape{s.batch, s.heads_q, s.len_q, s.dim_v};
   TORCH_CHECK(grad_out.sizes() == out_shape && out.sizes() == out_shape, kOp, "grad_out ", grad_out.sizes(),
@@ -241,7 +241,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() &&
                   lse.sizes() == at::IntArrayRef({s.batch, s.heads_q, s.len_q}),
               kOp, "lse must be a contiguous float32 tensor of shape (B, Hq, Lq), got ", lse.sizes());
-  const c10::cuda::CUDAGuard guard(q.device());
+  const KernelDeviceGuard guard(q.device());
   at::Tensor grad_q = at::empty(q.sizes(), q.options());
   at::Tensor grad_k = at::empty(k.sizes(), k.options());
   at::Tensor grad_v = at::empty(v.sizes(), v.options());
@@ -270,7 +270,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   p.dv_batch_stride = grad_v.stride(0), p.dv_head_stride = grad_v.stride(1), p.dv_row_stride = grad_v.stride(2);
   p.pair_stores = pairs_4b_aligned(grad_q) && pairs_4b_aligned(grad_k) && pairs_4b_aligned(grad_v);
   launch_attention_bwd(p, padded_head_dim(std::max(p.dim, p.dim_v)), q.scalar_type() == at::kBFloat16,
-                       at::cuda::getCurrentCUDAStream());
+                       kernel_stream());
+  FASTFORMER_CHECK_LAUNCH();  // any of the three launches
   return {grad_q, grad_k, grad_v};
 }
 
@@ -300,7 +301,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_meta(
 
 // The namespace also holds ops defined from Python (fastformer/library.py): a fragment, never
 // TORCH_LIBRARY.
-TORCH_LIBRARY_FRAGMENT(fastformer, m) {
+TORCH_LIBRARY_FRAGMENT(FASTFORMER_OPS_NAMESPACE, m) {
   m.def(
       "cuda_attention_fwd(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, "
       "Tensor? key_padding_mask, float scale, bool is_causal, float dropout_p, int seed) -> (Tensor out, Tensor lse)");
@@ -310,12 +311,12 @@ TORCH_LIBRARY_FRAGMENT(fastformer, m) {
       "-> (Tensor grad_query, Tensor grad_key, Tensor grad_value)");
 }
 
-TORCH_LIBRARY_IMPL(fastformer, CUDA, m) {
+TORCH_LIBRARY_IMPL(FASTFORMER_OPS_NAMESPACE, FASTFORMER_KERNEL_DISPATCH_KEY, m) {
   m.impl("cuda_attention_fwd", &fastformer::attention::attention_fwd_cuda);
   m.impl("cuda_attention_bwd", &fastformer::attention::attention_bwd_cuda);
 }
 
-TORCH_LIBRARY_IMPL(fastformer, Meta, m) {
+TORCH_LIBRARY_IMPL(FASTFORMER_OPS_NAMESPACE, Meta, m) {
   m.impl("cuda_attention_fwd", &fastformer::attention::attention_fwd_meta);
   m.impl("cuda_attention_bwd", &fastformer::attention::attention_bwd_meta);
 }

@@ -78,8 +78,7 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dkdv_kernel(const 
   constexpr int kMTiles = BM / 8;  // n8 tiles of S^T (its columns are queries)
   constexpr int kDTiles = HD / 8;
   static_assert(kMTiles * 4 <= 32, "the keep bits of a tile fit in one uint32");
-  extern __shared__ __align__(128) unsigned char smem_raw[];
-  T* sK = reinterpret_cast<T*>(smem_raw);
+  T* sK = reinterpret_cast<T*>(dynamic_shared_memory());
   T* sV = sK + BN * LD;
   T* sQ = sV + BN * LD;       // two buffers of BM rows
   T* sdO = sQ + 2 * BM * LD;  // two buffers of BM rows
@@ -288,8 +287,7 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dq_kernel(const At
   constexpr int kNTiles = BN / 8;
   constexpr int kDTiles = HD / 8;
   static_assert(kNTiles * 4 <= 32, "the keep bits of a tile fit in one uint32");
-  extern __shared__ __align__(128) unsigned char smem_raw[];
-  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sQ = reinterpret_cast<T*>(dynamic_shared_memory());
   T* sdO = sQ + BM * LD;
   T* sK = sdO + BM * LD;      // two buffers of BN rows
   T* sV = sK + 2 * BN * LD;   // two buffers of BN rows

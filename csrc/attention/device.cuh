@@ -34,6 +34,10 @@
 //     with .trans: lane L points at row k0 + L % 8 + ((L / 8) % 2) * 8, col n0 + (L / 16) * 8
 //     -> matrices (k0, n0), (k0+8, n0), (k0, n0+8), (k0+8, n0+8), transposed = (b0, b1) of
 //     n tile n0 and (b0, b1) of n tile n0 + 8.                              [ldsm_b_trans]
+//
+// The PTX wrappers (mma_16816, ldmatrix_x4[_trans], fast_exp2, cp_async_*) are the only inline
+// assembly of the kernels; the tests' CPU emulator (FASTFORMER_CPU_EMULATION, tests/cuda_emulator)
+// supplies the same functions, emulated from the PTX ISA's definitions, in cuda_emulator_ptx.h.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -41,12 +45,18 @@
 
 #include <cstdint>
 
+#include "common/kernel_runtime.cuh"
+#if defined(FASTFORMER_CPU_EMULATION)
+#include "cuda_emulator_ptx.h"  // the PTX wrappers below, emulated
+#endif
+
 namespace fastformer {
 namespace attention {
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
+#if !defined(FASTFORMER_CPU_EMULATION)
 __device__ __forceinline__ uint32_t smem_address(const void* ptr) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
 }
@@ -87,6 +97,33 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
                : "r"(smem_address(smem)));
 }
 
+// 2^x (MUFU.EX2); exp2(-inf) = +0, so masked scores (-inf) become probability 0.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// 16-byte asynchronous global -> shared copy; the bytes past `src_bytes` (0..16) are zero-filled
+// and not read, so a partial chunk at the head-dim edge or a row past the sequence end costs no
+// out-of-bounds read.
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_address(smem)), "l"(gmem),
+               "r"(src_bytes));
+}
+// The same with 4 bytes (two elements; `src_bytes` 0, 2 or 4), for rows aligned to 4 bytes only.
+__device__ __forceinline__ void cp_async_4(void* smem, const void* gmem, int src_bytes) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_address(smem)), "l"(gmem),
+               "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+// Wait until at most N of this thread's committed groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+#endif  // !FASTFORMER_CPU_EMULATION
+
 // The three ldmatrix patterns of the header comment. `tile` is the shared tile (row stride LD
 // elements); r0/c0 etc. are the fragment's origin in it.
 template <int LD, typename T>
@@ -114,32 +151,6 @@ template <>
 __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float x, float y) {
   __nv_bfloat162 h = __floats2bfloat162_rn(x, y);
   return *reinterpret_cast<uint32_t*>(&h);
-}
-
-// 2^x (MUFU.EX2); exp2(-inf) = +0, so masked scores (-inf) become probability 0.
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
-
-// 16-byte asynchronous global -> shared copy; the bytes past `src_bytes` (0..16) are zero-filled
-// and not read, so a partial chunk at the head-dim edge or a row past the sequence end costs no
-// out-of-bounds read.
-__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_address(smem)), "l"(gmem),
-               "r"(src_bytes));
-}
-// The same with 4 bytes (two elements; `src_bytes` 0, 2 or 4), for rows aligned to 4 bytes only.
-__device__ __forceinline__ void cp_async_4(void* smem, const void* gmem, int src_bytes) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_address(smem)), "l"(gmem),
-               "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-// Wait until at most N of this thread's committed groups are still in flight.
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
 // Cooperative load of a ROWS x HD tile (row stride `row_stride` elements in global memory) into

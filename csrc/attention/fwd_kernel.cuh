@@ -37,8 +37,7 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_fwd_kernel(const Atten
   constexpr int kThreads = Tr::kThreads;
   constexpr int kNTiles = BN / 8;   // n8 tiles of S per warp
   constexpr int kDTiles = HD / 8;   // n8 tiles of the output accumulator
-  extern __shared__ __align__(128) unsigned char smem_raw[];
-  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sQ = reinterpret_cast<T*>(dynamic_shared_memory());
   T* sK = sQ + BM * LD;
   T* sV = sK + BN * LD;
 

@@ -7,11 +7,11 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <cuda_runtime.h>
 
 #include <cstdint>
 
 #include "common/dtype.h"
+#include "common/kernel_runtime.cuh"
 
 namespace fastformer {
 

@@ -9,6 +9,7 @@
 #include <optional>
 
 #include "common/dtype.h"
+#include "common/op_device.h"
 
 namespace fastformer {
 
@@ -29,7 +30,7 @@ inline void check_on_device(const at::Tensor& t, const at::Device& device, const
                             const char* name) {
   TORCH_CHECK(t.device() == device, op, ": ", name, " is on ", t.device(), " but the input is on ",
               device);
-  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got device ", t.device());
+  TORCH_CHECK(on_kernel_device(t), op, ": ", name, " must be a CUDA tensor, got device ", t.device());
 }
 
 // (rows, N) with unit column stride and a non-negative row stride, in `dtype`.

@@ -1,5 +1,6 @@
 // The dropout keep-mask kernel: one thread per element, the same Philox function as every
 // kernel that applies dropout (element i of the flattened tensor is (i / N, i % N) of its rows).
+#include "common/kernel_runtime.cuh"
 #include "common/philox.cuh"
 #include "dropout/dropout.h"
 
@@ -20,7 +21,7 @@ void launch_keep_mask(const KeepMaskParams& p, cudaStream_t stream) {
   constexpr int kThreads = 256;
   const int64_t blocks = (p.numel + kThreads - 1) / kThreads;
   const unsigned grid = static_cast<unsigned>(blocks < 65536 ? blocks : 65536);
-  keep_mask_kernel<<<grid, kThreads, 0, stream>>>(p);
+  FASTFORMER_LAUNCH(keep_mask_kernel, grid, kThreads, 0, stream)(p);
 }
 
 }  // namespace dropout

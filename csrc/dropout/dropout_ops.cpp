@@ -4,11 +4,9 @@
 // the same Philox function on the host, so the host path can be checked against the Triton
 // backend's mask on a machine without a GPU. Meta gives the shape only.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "common/op_device.h"
 #include "common/philox.cuh"
 #include "dropout/dropout.h"
 
@@ -51,7 +49,7 @@ at::Tensor keep_mask_cpu(const at::Tensor& seed, at::IntArrayRef shape, double d
 
 at::Tensor keep_mask_cuda(const at::Tensor& seed, at::IntArrayRef shape, double dropout_p) {
   check_args(seed, dropout_p);
-  const c10::cuda::CUDAGuard guard(seed.device());
+  const KernelDeviceGuard guard(seed.device());
   at::Tensor keep = at::empty(shape, seed.options().dtype(at::kBool));
   if (keep.numel() == 0) return keep;
   KeepMaskParams p{};
@@ -60,8 +58,8 @@ at::Tensor keep_mask_cuda(const at::Tensor& seed, at::IntArrayRef shape, double 
   p.numel = keep.numel();
   p.row_length = row_length(keep);
   p.dropout_p = static_cast<float>(dropout_p);
-  launch_keep_mask(p, at::cuda::getCurrentCUDAStream());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_keep_mask(p, kernel_stream());
+  FASTFORMER_CHECK_LAUNCH();
   return keep;
 }
 
@@ -71,13 +69,19 @@ at::Tensor keep_mask_meta(const at::Tensor& seed, at::IntArrayRef shape, double 
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(fastformer, m) {
+TORCH_LIBRARY_FRAGMENT(FASTFORMER_OPS_NAMESPACE, m) {
   m.def("cuda_dropout_keep_mask(Tensor seed, int[] shape, float dropout_p) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(fastformer, CPU, m) { m.impl("cuda_dropout_keep_mask", &keep_mask_cpu); }
-TORCH_LIBRARY_IMPL(fastformer, CUDA, m) { m.impl("cuda_dropout_keep_mask", &keep_mask_cuda); }
-TORCH_LIBRARY_IMPL(fastformer, Meta, m) { m.impl("cuda_dropout_keep_mask", &keep_mask_meta); }
+// The CPU emulator registers the kernel for CPU tensors (FASTFORMER_KERNEL_DISPATCH_KEY is CPU
+// there), in place of the host implementation.
+#if !defined(FASTFORMER_CPU_EMULATION)
+TORCH_LIBRARY_IMPL(FASTFORMER_OPS_NAMESPACE, CPU, m) { m.impl("cuda_dropout_keep_mask", &keep_mask_cpu); }
+#endif
+TORCH_LIBRARY_IMPL(FASTFORMER_OPS_NAMESPACE, FASTFORMER_KERNEL_DISPATCH_KEY, m) {
+  m.impl("cuda_dropout_keep_mask", &keep_mask_cuda);
+}
+TORCH_LIBRARY_IMPL(FASTFORMER_OPS_NAMESPACE, Meta, m) { m.impl("cuda_dropout_keep_mask", &keep_mask_meta); }
 
 }  // namespace dropout
 }  // namespace fastformer

@@ -146,7 +146,8 @@ template <class K>
 struct Fwd {
   static void run(const FwdParams& p, dim3 grid, dim3 block, int64_t rows_per_group,
                   cudaStream_t stream) {
-    bias_gelu_fwd_kernel<K><<<grid, block, 0, stream>>>(p, rows_per_group);
+    auto kernel = bias_gelu_fwd_kernel<K>;
+    FASTFORMER_LAUNCH(kernel, grid, block, 0, stream)(p, rows_per_group);
   }
 };
 
@@ -154,7 +155,8 @@ template <class K>
 struct Bwd {
   static void run(const BwdParams& p, dim3 grid, dim3 block, int64_t rows_per_group,
                   cudaStream_t stream) {
-    bias_gelu_bwd_kernel<K><<<grid, block, 0, stream>>>(p, rows_per_group);
+    auto kernel = bias_gelu_bwd_kernel<K>;
+    FASTFORMER_LAUNCH(kernel, grid, block, 0, stream)(p, rows_per_group);
   }
 };
 

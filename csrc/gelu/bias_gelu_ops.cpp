@@ -6,14 +6,12 @@
 // x and grad_out are (rows, N) with contiguous columns (the Python side, fastformer/cuda/bias_gelu.py,
 // views any input that way and restores its shape).
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <optional>
 #include <tuple>
 
+#include "common/op_device.h"
 #include "common/op_utils.h"
 #include "gelu/bias_gelu.h"
 
@@ -41,7 +39,7 @@ void check_x(const at::Tensor& x, const char* op) {
 // Row groups wanted per launch: a few waves of 256-thread blocks; fewer with a bias gradient,
 // whose partial rows are summed afterwards.
 int64_t groups_wanted(bool bias_gradient) {
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int sms = multiprocessor_count();
   return static_cast<int64_t>(sms) * (bias_gradient ? 4 : 16);
 }
 
@@ -52,7 +50,7 @@ at::Tensor fwd_cuda(const at::Tensor& x, const std::optional<at::Tensor>& bias,
   if (bias.has_value()) check_on_device(*bias, x.device(), kFwd, "bias");
   check_param(bias, n, x.scalar_type(), kFwd, "bias");
   const bool tanh = is_tanh(approximate, kFwd);
-  const c10::cuda::CUDAGuard guard(x.device());
+  const KernelDeviceGuard guard(x.device());
   at::Tensor out = at::empty({rows, n}, x.options());
   if (rows == 0) return out;
 
@@ -70,8 +68,8 @@ at::Tensor fwd_cuda(const at::Tensor& x, const std::optional<at::Tensor>& bias,
   const bool aligned = rows_vector_aligned(x, vec) && aligned16(p.bias);
   const LaunchShape shape = launch_shape(rows, n, static_cast<int>(x.element_size()), aligned,
                                          groups_wanted(false));
-  launch_fwd(p, shape, at::cuda::getCurrentCUDAStream());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_fwd(p, shape, kernel_stream());
+  FASTFORMER_CHECK_LAUNCH();
   return out;
 }
 
@@ -85,7 +83,7 @@ std::tuple<at::Tensor, at::Tensor> bwd_cuda(const at::Tensor& grad_out, const at
   if (bias.has_value()) check_on_device(*bias, x.device(), kBwd, "bias");
   check_param(bias, n, x.scalar_type(), kBwd, "bias");
   const bool tanh = is_tanh(approximate, kBwd);
-  const c10::cuda::CUDAGuard guard(x.device());
+  const KernelDeviceGuard guard(x.device());
   at::Tensor grad_x = at::empty({rows, n}, x.options());
   if (rows == 0) {
     return {grad_x, bias.has_value() ? at::zeros({n}, bias->options()) : at::empty({0}, x.options())};
@@ -112,8 +110,8 @@ std::tuple<at::Tensor, at::Tensor> bwd_cuda(const at::Tensor& grad_out, const at
   p.stride_grad_out = grad_out.stride(0);
   p.stride_x = x.stride(0);
   p.tanh = tanh;
-  launch_bwd(p, shape, at::cuda::getCurrentCUDAStream());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_bwd(p, shape, kernel_stream());
+  FASTFORMER_CHECK_LAUNCH();
   at::Tensor grad_bias = bias.has_value() ? partial.sum(0).to(bias->scalar_type())
                                           : at::empty({0}, x.options());
   return {grad_x, grad_bias};
@@ -136,17 +134,17 @@ std::tuple<at::Tensor, at::Tensor> bwd_meta(const at::Tensor& grad_out, const at
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(fastformer, m) {
+TORCH_LIBRARY_FRAGMENT(FASTFORMER_OPS_NAMESPACE, m) {
   m.def("cuda_bias_gelu_fwd(Tensor x, Tensor? bias, str approximate) -> Tensor");
   m.def("cuda_bias_gelu_bwd(Tensor grad_out, Tensor x, Tensor? bias, str approximate) -> (Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(fastformer, CUDA, m) {
+TORCH_LIBRARY_IMPL(FASTFORMER_OPS_NAMESPACE, FASTFORMER_KERNEL_DISPATCH_KEY, m) {
   m.impl("cuda_bias_gelu_fwd", &fwd_cuda);
   m.impl("cuda_bias_gelu_bwd", &bwd_cuda);
 }
 
-TORCH_LIBRARY_IMPL(fastformer, Meta, m) {
+TORCH_LIBRARY_IMPL(FASTFORMER_OPS_NAMESPACE, Meta, m) {
   m.impl("cuda_bias_gelu_fwd", &fwd_meta);
   m.impl("cuda_bias_gelu_bwd", &bwd_meta);
 }

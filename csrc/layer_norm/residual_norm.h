@@ -121,7 +121,7 @@ inline LaunchShape launch_shape(int64_t n, int element_size, bool aligned) {
   return shape;
 }
 
-// Launch on `stream`; the caller checks the launch (C10_CUDA_KERNEL_LAUNCH_CHECK).
+// Launch on `stream`; the caller checks the launch (FASTFORMER_CHECK_LAUNCH).
 void launch_fwd(const FwdParams& params, const LaunchShape& shape, cudaStream_t stream);
 void launch_bwd(const BwdParams& params, const LaunchShape& shape, cudaStream_t stream);
 

@@ -46,7 +46,7 @@ __global__ void __launch_bounds__(kMaxThreads) residual_norm_bwd_kernel(const Bw
   constexpr int kVec = K::kVec;
   constexpr int kChunks = K::kChunks;
   __shared__ float scratch[3 * 32];
-  extern __shared__ float warp_partials[];  // warp per row: [sums][warp][N]
+  float* warp_partials = reinterpret_cast<float*>(dynamic_shared_memory());  // warp per row: [sums][warp][N]
 
   const int warp = threadIdx.x >> 5;
   int64_t first_row, row_step;
@@ -243,13 +243,11 @@ template <typename T, bool kVectorized, bool kWarpPerRow, bool kRms, bool kDropo
 void launch(const BwdParams& p, const LaunchShape& shape, cudaStream_t stream) {
   using K = Traits<T, kVectorized, kWarpPerRow, kRms, kDropout, false>;
   const size_t shared = bwd_shared_bytes(p, shape);
-  if constexpr (K::kWarpPerRow) {
-    residual_norm_bwd_kernel<K, K::kLaunchBound><<<p.partials, shape.threads, shared, stream>>>(p);
-  } else if (shape.threads <= kSmallBlockThreads) {
-    residual_norm_bwd_kernel<K, kSmallBlockThreads><<<p.partials, shape.threads, shared, stream>>>(p);
-  } else {
-    residual_norm_bwd_kernel<K, K::kLaunchBound><<<p.partials, shape.threads, shared, stream>>>(p);
+  auto kernel = residual_norm_bwd_kernel<K, K::kLaunchBound>;
+  if constexpr (!K::kWarpPerRow) {
+    if (shape.threads <= kSmallBlockThreads) kernel = residual_norm_bwd_kernel<K, kSmallBlockThreads>;
   }
+  FASTFORMER_LAUNCH(kernel, p.partials, shape.threads, shared, stream)(p);
 }
 
 template <typename T, bool kVectorized, bool kWarpPerRow, bool kRms>

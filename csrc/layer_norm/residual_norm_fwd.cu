@@ -160,7 +160,8 @@ template <typename T, bool kVectorized, bool kWarpPerRow, bool kRms, bool kDropo
 void launch(const FwdParams& p, const LaunchShape& shape, cudaStream_t stream) {
   using K = Traits<T, kVectorized, kWarpPerRow, kRms, kDropout, kResidual>;
   const int64_t blocks = kWarpPerRow ? (p.rows + kWarpsPerBlock - 1) / kWarpsPerBlock : p.rows;
-  residual_norm_fwd_kernel<K><<<static_cast<unsigned>(blocks), shape.threads, 0, stream>>>(p);
+  auto kernel = residual_norm_fwd_kernel<K>;
+  FASTFORMER_LAUNCH(kernel, static_cast<unsigned>(blocks), shape.threads, 0, stream)(p);
 }
 
 template <typename T, bool kVectorized, bool kWarpPerRow, bool kRms, bool kDropout>

@@ -8,9 +8,6 @@
 // The contract is the Triton launcher's (fastformer/triton/layer_norm.py); the Python side
 // (fastformer/cuda/layer_norm.py) turns empty results back into None.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -18,6 +15,7 @@
 #include <optional>
 #include <tuple>
 
+#include "common/op_device.h"
 #include "common/op_utils.h"
 #include "layer_norm/residual_norm.h"
 
@@ -58,7 +56,7 @@ Tensors4 fwd_cuda(const at::Tensor& x, const std::optional<at::Tensor>& residual
               dropout_p);
   TORCH_CHECK(rows <= INT_MAX, kFwd, ": at most ", INT_MAX, " rows, got ", rows);
 
-  const c10::cuda::CUDAGuard guard(x.device());
+  const KernelDeviceGuard guard(x.device());
   const auto options = x.options();
   at::Tensor out = at::empty({rows, n}, options);
   at::Tensor residual_out = store_residual ? at::empty({rows, n}, options) : at::empty({0}, options);
@@ -94,8 +92,8 @@ Tensors4 fwd_cuda(const at::Tensor& x, const std::optional<at::Tensor>& residual
                        aligned16(p.weight) && aligned16(p.bias);
   const LaunchShape shape = launch_shape(n, static_cast<int>(x.element_size()), aligned);
   TORCH_INTERNAL_ASSERT(shape.threads >= 32 && shape.threads <= 1024 && shape.threads % 32 == 0);
-  launch_fwd(p, shape, at::cuda::getCurrentCUDAStream());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_fwd(p, shape, kernel_stream());
+  FASTFORMER_CHECK_LAUNCH();
   return {out, residual_out, mean, rstd};
 }
 
@@ -128,7 +126,7 @@ Tensors4 bwd_cuda(const at::Tensor& grad_out, const std::optional<at::Tensor>& g
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p <= 1.0, kBwd, ": dropout_p must be in [0, 1], got ",
               dropout_p);
 
-  const c10::cuda::CUDAGuard guard(device);
+  const KernelDeviceGuard guard(device);
   const auto options = normed.options();
   at::Tensor grad_x = at::empty({rows, n}, options);
   at::Tensor grad_residual = has_residual ? at::empty({rows, n}, options) : at::empty({0}, options);
@@ -145,7 +143,7 @@ Tensors4 bwd_cuda(const at::Tensor& grad_out, const std::optional<at::Tensor>& g
                        aligned16(data_or_null(weight));
   const LaunchShape shape = launch_shape(n, static_cast<int>(normed.element_size()), aligned);
   // A fixed grid that fills the GPU: its blocks walk the rows, each writes one partial row.
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int sms = multiprocessor_count();
   const int64_t row_units = shape.warp_per_row ? (rows + kWarpsPerBlock - 1) / kWarpsPerBlock : rows;
   const int64_t wanted = shape.warp_per_row ? 4 * sms : sms * std::max(1, 1024 / shape.threads);
   const int partials = static_cast<int>(std::max<int64_t>(1, std::min(row_units, wanted)));
@@ -174,8 +172,8 @@ Tensors4 bwd_cuda(const at::Tensor& grad_out, const std::optional<at::Tensor>& g
   p.dropout_p = static_cast<float>(dropout_p);
   p.seed = static_cast<uint64_t>(seed);
   p.rms = rms;
-  launch_bwd(p, shape, at::cuda::getCurrentCUDAStream());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_bwd(p, shape, kernel_stream());
+  FASTFORMER_CHECK_LAUNCH();
 
   // The partial rows, summed in a fixed order (deterministic), in the parameters' dtypes.
   at::Tensor grad_weight = weight.has_value() ? partial_weight.sum(0).to(weight->scalar_type())
@@ -217,7 +215,7 @@ Tensors4 bwd_meta(const at::Tensor& grad_out, const std::optional<at::Tensor>& g
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(fastformer, m) {
+TORCH_LIBRARY_FRAGMENT(FASTFORMER_OPS_NAMESPACE, m) {
   m.def(
       "cuda_residual_norm_fwd(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps, "
       "float dropout_p, bool rms, int seed, bool store_residual) -> (Tensor, Tensor, Tensor, Tensor)");
@@ -227,12 +225,12 @@ TORCH_LIBRARY_FRAGMENT(fastformer, m) {
       "bool has_residual) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(fastformer, CUDA, m) {
+TORCH_LIBRARY_IMPL(FASTFORMER_OPS_NAMESPACE, FASTFORMER_KERNEL_DISPATCH_KEY, m) {
   m.impl("cuda_residual_norm_fwd", &fwd_cuda);
   m.impl("cuda_residual_norm_bwd", &bwd_cuda);
 }
 
-TORCH_LIBRARY_IMPL(fastformer, Meta, m) {
+TORCH_LIBRARY_IMPL(FASTFORMER_OPS_NAMESPACE, Meta, m) {
   m.impl("cuda_residual_norm_fwd", &fwd_meta);
   m.impl("cuda_residual_norm_bwd", &bwd_meta);
 }
