@@ -10,6 +10,8 @@ only imported when one of the functions below is first called.
 - ``op_table()``: op name -> (dispatch.Support, implementation module), for ``fastformer.dispatch``.
   Each implementation module (``layer_norm``, ``bias_gelu``, ``attention``) declares its
   ``support()``; a module that does not exist is left out.
+- ``kernel_ops()``: ``torch.ops.fastformer`` (the kernels' ops, registered by the extension), for
+  the launchers; with :data:`KERNEL_DEVICE`, the one place the launchers name the device.
 - ``verified_record()``: the hardware runs that verified each op's kernels
   (``fastformer/cuda/verified.json``). Until an op has a record, the automatic choice
   (``backend=None``) passes over its CUDA kernel with a reason; forcing ``backend="cuda"`` runs it.
@@ -26,7 +28,8 @@ import threading
 from pathlib import Path
 
 __all__ = ["load_extension", "extension_unavailable_reasons", "extension_build_info", "op_table",
-           "require_extension", "verified_record", "VERIFIED_RECORD", "UNVERIFIED_REASON"]
+           "require_extension", "kernel_ops", "verified_record", "VERIFIED_RECORD", "UNVERIFIED_REASON",
+           "KERNEL_DEVICE", "OPS_NAMESPACE"]
 
 EXTENSION_MODULE = "fastformer._C"
 BUILD_COMMAND = "FASTFORMER_BUILD_CUDA=1 pip install --no-build-isolation -e ."
@@ -150,6 +153,26 @@ def require_extension():
     if module is None:
         raise RuntimeError("fastformer cuda backend: " + "; ".join(extension_unavailable_reasons()))
     return module
+
+
+# The torch.library namespace of the kernels' ops and the device type of the tensors they take.
+# The tests' CPU emulator of the kernels (tests/cuda_emulator) registers the same ops, compiled
+# for the CPU, as torch.ops.fastformer_emulated and points these two names at them, so that the
+# launchers below run unchanged on CPU tensors there.
+OPS_NAMESPACE = "fastformer"
+KERNEL_DEVICE = "cuda"
+
+
+def kernel_ops():
+    """``torch.ops.<OPS_NAMESPACE>``, once the extension that registers the ops is loaded.
+
+    RuntimeError with the reasons when it cannot be.
+    """
+    import torch
+
+    if OPS_NAMESPACE == "fastformer":
+        require_extension()
+    return getattr(torch.ops, OPS_NAMESPACE)
 
 
 # --------------------------------------------------------------------------------------------

@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import torch
 
+from fastformer import cuda
+
 __all__ = ["MAX_HEAD_DIM", "attention_bwd", "attention_fwd", "support"]
 
 # The largest head dim the kernels are compiled for (csrc/attention/launch.h, kMaxHeadDim).
@@ -51,16 +53,6 @@ def support():
                    head_dims=(1, MAX_HEAD_DIM), min_compute_capability=(8, 0))
 
 
-def _ops():
-    """``torch.ops.fastformer`` once the extension (which registers the ops) is loaded."""
-    from fastformer.cuda import extension_unavailable_reasons, load_extension
-
-    if load_extension() is None:
-        raise RuntimeError("attention (cuda): the CUDA extension is not available: "
-                           + "; ".join(extension_unavailable_reasons()))
-    return torch.ops.fastformer
-
-
 def _check(query, key, value):
     for name, t in (("query", query), ("key", key), ("value", value)):
         if t.dtype not in DTYPES:
@@ -72,7 +64,7 @@ def _check(query, key, value):
         raise ValueError(f"attention (cuda): query heads ({query.shape[1]}) must be a multiple of key/value "
                          f"heads ({key.shape[1]})")
     for name, t in (("query", query), ("key", key), ("value", value)):
-        if t.device.type != "cuda":
+        if t.device.type != cuda.KERNEL_DEVICE:
             raise ValueError(f"attention (cuda): {name} must be a CUDA tensor, got {t.device}")
 
 
@@ -88,7 +80,7 @@ def attention_fwd(query, key, value, attn_mask, key_padding_mask, dropout_p, is_
     """Returns (out (B, Hq, Lq, Dv) stored as (B, Lq, Hq, Dv), lse (B, Hq, Lq) float32)."""
     _check(query, key, value)
     query, key, value = (_last_dim_contiguous(t) for t in (query, key, value))
-    return _ops().cuda_attention_fwd(query, key, value, attn_mask, key_padding_mask, float(scale),
+    return cuda.kernel_ops().cuda_attention_fwd(query, key, value, attn_mask, key_padding_mask, float(scale),
                                      bool(is_causal), float(dropout_p), _seed(seed))
 
 
@@ -102,7 +94,7 @@ def attention_bwd(grad_out, query, key, value, out, lse, attn_mask, key_padding_
     query, key, value, out, grad_out = (_last_dim_contiguous(t) for t in (query, key, value, out, grad_out))
     if grad_out.dtype != query.dtype:
         grad_out = grad_out.to(query.dtype)
-    grad_q, grad_k, grad_v = _ops().cuda_attention_bwd(
+    grad_q, grad_k, grad_v = cuda.kernel_ops().cuda_attention_bwd(
         grad_out, query, key, value, out, lse.contiguous(), attn_mask, key_padding_mask, float(scale),
         bool(is_causal), float(dropout_p), _seed(seed))
     return grad_q, grad_k, grad_v, None

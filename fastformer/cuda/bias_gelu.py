@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from fastformer.cuda import require_extension
+from fastformer import cuda
 
 DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
 
@@ -34,18 +34,16 @@ def bias_gelu_fwd(x, bias, approximate):
 
     Returns a contiguous tensor of x's shape and dtype.
     """
-    require_extension()
     n = x.shape[-1]
-    out = torch.ops.fastformer.cuda_bias_gelu_fwd(
+    out = cuda.kernel_ops().cuda_bias_gelu_fwd(
         _as_rows(x, n), None if bias is None else bias.contiguous(), approximate)
     return out.view(x.shape)
 
 
 def bias_gelu_bwd(grad_out, x, bias, approximate):
     """Returns (grad_x, grad_bias or None): grad_x contiguous in x's dtype, grad_bias in bias's."""
-    require_extension()
     n = x.shape[-1]
-    grad_x, grad_bias = torch.ops.fastformer.cuda_bias_gelu_bwd(
+    grad_x, grad_bias = cuda.kernel_ops().cuda_bias_gelu_bwd(
         _as_rows(grad_out, n), _as_rows(x, n), None if bias is None else bias.contiguous(),
         approximate)
     return grad_x.view(x.shape), grad_bias if bias is not None else None

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from fastformer.cuda import require_extension
+from fastformer import cuda
 
 # The widest row a kernel keeps in registers (csrc/layer_norm/residual_norm.h: kMaxHidden).
 MAX_HIDDEN = 16384
@@ -42,8 +42,7 @@ def _seed(seed) -> int:
 
 def residual_norm_fwd(x, residual, weight, bias, eps, dropout_p, rms, seed, store_residual):
     """Returns (out, residual_out or empty, mean or empty, rstd); x and residual are (rows, N)."""
-    require_extension()
-    return torch.ops.fastformer.cuda_residual_norm_fwd(
+    return cuda.kernel_ops().cuda_residual_norm_fwd(
         _columns_contiguous(x), _columns_contiguous(residual), _param(weight), _param(bias),
         float(eps), float(dropout_p), bool(rms), _seed(seed), bool(store_residual))
 
@@ -55,8 +54,7 @@ def residual_norm_bwd(grad_out, grad_residual_out, normed, weight, bias, mean, r
     ``mean`` is not read: the kernel recomputes the centring from ``normed`` exactly as the
     forward did (more accurate than a stored float32 mean for rows with a large mean).
     """
-    require_extension()
-    grad_x, grad_residual, grad_weight, grad_bias = torch.ops.fastformer.cuda_residual_norm_bwd(
+    grad_x, grad_residual, grad_weight, grad_bias = cuda.kernel_ops().cuda_residual_norm_bwd(
         _columns_contiguous(grad_out), _columns_contiguous(grad_residual_out),
         _columns_contiguous(normed), _param(weight), _param(bias), rstd.contiguous(),
         float(dropout_p), bool(rms), _seed(seed), bool(has_residual))
