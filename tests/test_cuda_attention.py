@@ -111,11 +111,11 @@ def _cuda_ready():
         pytest.skip("the CUDA attention kernels need compute capability >= 8.0")
 
 
-def _qkv(batch, heads_q, heads_k, len_q, len_k, dim, dim_v, dtype, layout="blhd"):
+def _qkv(batch, heads_q, heads_k, len_q, len_k, dim, dim_v, dtype, layout="blhd", device="cuda"):
     def make(length, heads, d):
         if layout == "blhd":  # views of (B, L, H, D) projections, as models pass them
-            return torch.randn(batch, length, heads, d, device="cuda", dtype=dtype).transpose(1, 2)
-        return torch.randn(batch, heads, length, d, device="cuda", dtype=dtype)
+            return torch.randn(batch, length, heads, d, device=device, dtype=dtype).transpose(1, 2)
+        return torch.randn(batch, heads, length, d, device=device, dtype=dtype)
 
     return make(len_q, heads_q, dim), make(len_k, heads_k, dim), make(len_k, heads_k, dim_v)
 
@@ -169,19 +169,19 @@ def _check_grads(got, want, tol, what):
             assert grad.double().norm() <= tol * scale, f"grad {name} {what}"
 
 
-def _masks_of(kind, batch, heads_q, len_q, len_k, dtype):
+def _masks_of(kind, batch, heads_q, len_q, len_k, dtype, device="cuda"):
     """(attn_mask, key_padding_mask, is_causal); every query row keeps at least one key."""
     attn_mask, padding = None, None
     if "bool" in kind:
-        attn_mask = torch.rand(batch, 1, len_q, len_k, device="cuda") > 0.3
+        attn_mask = torch.rand(batch, 1, len_q, len_k, device=device) > 0.3
         attn_mask[..., 0] = True
     if "float" in kind:
-        attn_mask = torch.randn(heads_q, len_q, len_k, device="cuda", dtype=dtype)
+        attn_mask = torch.randn(heads_q, len_q, len_k, device=device, dtype=dtype)
     if "padding" in kind:
-        lengths = torch.randint(1, len_k + 1, (batch,), device="cuda")
-        padding = torch.arange(len_k, device="cuda")[None, :] >= lengths[:, None]
+        lengths = torch.randint(1, len_k + 1, (batch,), device=device)
+        padding = torch.arange(len_k, device=device)[None, :] >= lengths[:, None]
     if "scattered" in kind:  # not a right padding: padding bytes tested inside the key end
-        padding = torch.rand(batch, len_k, device="cuda") > 0.6
+        padding = torch.rand(batch, len_k, device=device) > 0.6
         padding[:, 0] = False
     return attn_mask, padding, "causal" in kind
 
@@ -194,20 +194,18 @@ SHAPES = [  # (B, Hq, Hk, Lq, Lk)
 ]
 MASK_KINDS = ["none", "causal", "padding", "causal+padding", "scattered", "causal+scattered", "bool", "float",
               "causal+float"]
+MASK_DTYPES = [torch.bool, torch.float32, torch.float16]
+NO_KEY_CASES = ["padding", "scattered", "bool", "float", "causal+padding"]
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", HALF, ids=str)
-@pytest.mark.parametrize("dim", [8, 32, 50, 64, 96, 100, 128])
-@pytest.mark.parametrize("mask_kind", MASK_KINDS)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_matches_float64_reference(shape, mask_kind, dim, dtype):
-    _cuda_ready()
+# Each check below runs on `device`: "cuda" in the GPU tests here, "cpu" where tests/
+# test_cuda_emulated.py runs the same checks on the CPU emulator of the kernels (smaller sizes).
+def check_matches_float64_reference(shape, mask_kind, dim, dtype, device="cuda"):
     batch, heads_q, heads_k, len_q, len_k = shape
-    q, k, v = _qkv(batch, heads_q, heads_k, len_q, len_k, dim, dim, dtype)
-    attn_mask, padding, is_causal = _masks_of(mask_kind, batch, heads_q, len_q, len_k, dtype)
+    q, k, v = _qkv(batch, heads_q, heads_k, len_q, len_k, dim, dim, dtype, device=device)
+    attn_mask, padding, is_causal = _masks_of(mask_kind, batch, heads_q, len_q, len_k, dtype, device=device)
     kwargs = dict(attn_mask=attn_mask, key_padding_mask=padding, is_causal=is_causal)
-    grad_out = torch.randn(batch, heads_q, len_q, dim, device="cuda", dtype=dtype)
+    grad_out = torch.randn(batch, heads_q, len_q, dim, device=device, dtype=dtype)
     out, lse, grads = _run(q, k, v, grad_out=grad_out, **kwargs)
     expected, expected_grads = _reference(q, k, v, grad_out, **kwargs)
     fwd_tol, grad_tol = ATTENTION_TOL[dtype]
@@ -222,13 +220,20 @@ def test_matches_float64_reference(shape, mask_kind, dim, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", HALF, ids=str)
-@pytest.mark.parametrize("dims", [(32, 64), (64, 24), (50, 128), (128, 8)], ids=str)
-def test_value_head_dim_may_differ(dims, dtype):
-    """The kernels take Dv != D (padded to the larger one)."""
+@pytest.mark.parametrize("dim", [8, 32, 50, 64, 96, 100, 128])
+@pytest.mark.parametrize("mask_kind", MASK_KINDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_matches_float64_reference(shape, mask_kind, dim, dtype):
     _cuda_ready()
+    check_matches_float64_reference(shape, mask_kind, dim, dtype)
+
+
+def check_value_head_dim_may_differ(dims, dtype, shape=(2, 4, 2, 70, 90), device="cuda"):
+    """The kernels take Dv != D (padded to the larger one)."""
     dim, dim_v = dims
-    q, k, v = _qkv(2, 4, 2, 70, 90, dim, dim_v, dtype)
-    grad_out = torch.randn(2, 4, 70, dim_v, device="cuda", dtype=dtype)
+    batch, heads_q, heads_k, len_q, len_k = shape
+    q, k, v = _qkv(batch, heads_q, heads_k, len_q, len_k, dim, dim_v, dtype, device=device)
+    grad_out = torch.randn(batch, heads_q, len_q, dim_v, device=device, dtype=dtype)
     out, _, grads = _run(q, k, v, is_causal=True, grad_out=grad_out)
     expected, expected_grads = _reference(q, k, v, grad_out, is_causal=True)
     fwd_tol, grad_tol = ATTENTION_TOL[dtype]
@@ -237,12 +242,18 @@ def test_value_head_dim_may_differ(dims, dtype):
 
 
 @pytest.mark.gpu
-def test_a_float32_mask_is_rounded_to_the_query_dtype_as_the_other_backends_do():
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("dims", [(32, 64), (64, 24), (50, 128), (128, 8)], ids=str)
+def test_value_head_dim_may_differ(dims, dtype):
+    _cuda_ready()
+    check_value_head_dim_may_differ(dims, dtype)
+
+
+def check_a_float32_mask_is_rounded_to_the_query_dtype(device="cuda"):
     """-1e9 in a float32 mask is -inf in float16: that row has no key (output 0, lse -inf), as on
     the torch backend (SDPA takes the mask in the query dtype) and the Triton backend."""
-    _cuda_ready()
-    q, k, v = _qkv(2, 2, 2, 9, 11, 64, 64, torch.float16)
-    mask = torch.randn(2, 1, 9, 11, device="cuda")
+    q, k, v = _qkv(2, 2, 2, 9, 11, 64, 64, torch.float16, device=device)
+    mask = torch.randn(2, 1, 9, 11, device=device)
     mask[0, 0, 3] = -1e9
     out, lse = cuda_attention.attention_fwd(q, k, v, mask, None, 0.0, False, 0.125, None)
     assert (out[0, :, 3] == 0).all() and (lse[0, :, 3] == float("-inf")).all()
@@ -251,18 +262,21 @@ def test_a_float32_mask_is_rounded_to_the_query_dtype_as_the_other_backends_do()
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32, torch.float16], ids=str)
-def test_expanded_mask_views_give_the_materialised_masks_results(mask_dtype):
+def test_a_float32_mask_is_rounded_to_the_query_dtype_as_the_other_backends_do():
+    _cuda_ready()
+    check_a_float32_mask_is_rounded_to_the_query_dtype()
+
+
+def check_expanded_mask_views_give_the_materialised_masks_results(mask_dtype, device="cuda"):
     """A mask passed as an expanded view (stride 0, as Hugging Face builds its 4-d masks) gives
     exactly the result of the same mask materialised."""
-    _cuda_ready()
-    q, k, v = _qkv(3, 4, 2, 37, 45, 64, 64, torch.float16)
-    per_key = torch.rand(3, 1, 1, 45, device="cuda") > 0.3
+    q, k, v = _qkv(3, 4, 2, 37, 45, 64, 64, torch.float16, device=device)
+    per_key = torch.rand(3, 1, 1, 45, device=device) > 0.3
     per_key[..., 0] = True
     if mask_dtype != torch.bool:
-        per_key = torch.randn(3, 1, 1, 45, device="cuda", dtype=mask_dtype)
+        per_key = torch.randn(3, 1, 1, 45, device=device, dtype=mask_dtype)
     expanded = per_key.expand(3, 4, 37, 45)
-    grad_out = torch.randn(3, 4, 37, 64, device="cuda", dtype=torch.float16)
+    grad_out = torch.randn(3, 4, 37, 64, device=device, dtype=torch.float16)
     out, lse, grads = _run(q, k, v, attn_mask=expanded, grad_out=grad_out)
     want_out, want_lse, want_grads = _run(q, k, v, attn_mask=expanded.contiguous(), grad_out=grad_out)
     assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
@@ -271,16 +285,20 @@ def test_expanded_mask_views_give_the_materialised_masks_results(mask_dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("how", ["padding", "scattered", "bool", "float", "causal+padding"])
-def test_rows_with_no_key_give_zero_and_zero_gradients(how):
+@pytest.mark.parametrize("mask_dtype", MASK_DTYPES, ids=str)
+def test_expanded_mask_views_give_the_materialised_masks_results(mask_dtype):
     _cuda_ready()
+    check_expanded_mask_views_give_the_materialised_masks_results(mask_dtype)
+
+
+def check_rows_with_no_key_give_zero_and_zero_gradients(how, heads=2, dim=64, device="cuda"):
     dtype = torch.bfloat16
-    batch, heads, len_q, len_k, dim = 3, 2, 75, 80, 64
-    q, k, v = _qkv(batch, heads, heads, len_q, len_k, dim, dim, dtype)
-    lengths = torch.tensor([80, 37, 5], device="cuda")
-    padding = torch.arange(len_k, device="cuda")[None, :] >= lengths[:, None]
+    batch, len_q, len_k = 3, 75, 80
+    q, k, v = _qkv(batch, heads, heads, len_q, len_k, dim, dim, dtype, device=device)
+    lengths = torch.tensor([80, 37, 5], device=device)
+    padding = torch.arange(len_k, device=device)[None, :] >= lengths[:, None]
     attn_mask, is_causal = None, False
-    dead = torch.zeros(batch, heads, len_q, dtype=torch.bool, device="cuda")
+    dead = torch.zeros(batch, heads, len_q, dtype=torch.bool, device=device)
     if how == "padding":
         padding[1] = True  # every key of batch row 1
         dead[1] = True
@@ -290,24 +308,24 @@ def test_rows_with_no_key_give_zero_and_zero_gradients(how):
         padding[0, 40:] = False
         dead[2] = True
     elif how == "bool":
-        attn_mask = torch.rand(batch, heads, len_q, len_k, device="cuda") > 0.5
+        attn_mask = torch.rand(batch, heads, len_q, len_k, device=device) > 0.5
         attn_mask[..., 0] = True
-        attn_mask[0, 1, 3] = False
+        attn_mask[0, heads - 1, 3] = False
         attn_mask[2, :, 70] = False
         padding = None
-        dead[0, 1, 3] = dead[2, :, 70] = True
+        dead[0, heads - 1, 3] = dead[2, :, 70] = True
     elif how == "float":
-        attn_mask = torch.randn(batch, heads, len_q, len_k, device="cuda", dtype=dtype)
+        attn_mask = torch.randn(batch, heads, len_q, len_k, device=device, dtype=dtype)
         attn_mask[1, 0, 5] = float("-inf")
         padding = None
         dead[1, 0, 5] = True
     else:  # causal, the first 4 keys of batch row 0 padded: its queries 0..3 see nothing
         is_causal = True
-        padding = torch.zeros(batch, len_k, dtype=torch.bool, device="cuda")
+        padding = torch.zeros(batch, len_k, dtype=torch.bool, device=device)
         padding[0, :4] = True
         dead[0, :, :4] = True
     kwargs = dict(attn_mask=attn_mask, key_padding_mask=padding, is_causal=is_causal)
-    grad_out = torch.randn(batch, heads, len_q, dim, device="cuda", dtype=dtype)
+    grad_out = torch.randn(batch, heads, len_q, dim, device=device, dtype=dtype)
     out, lse, (grad_q, grad_k, grad_v) = _run(q, k, v, grad_out=grad_out, **kwargs)
     assert torch.isfinite(out).all() and (out[dead] == 0).all()
     assert (lse[dead] == float("-inf")).all() and torch.isfinite(lse[~dead]).all()
@@ -320,30 +338,26 @@ def test_rows_with_no_key_give_zero_and_zero_gradients(how):
     _check_grads((grad_q, grad_k, grad_v), expected_grads, grad_tol, how)
 
 
-def _keep_mask(seed, shape, p):
-    """The keep-mask the kernels regenerate: the CUDA debug path if there is one, else Triton's
-    (the same Philox function of (seed, offset))."""
-    try:
-        from fastformer.cuda.dropout import dropout_keep_mask
-    except ImportError:
-        from fastformer.triton.dropout import dropout_keep_mask
-    return dropout_keep_mask(seed, shape, p, "cuda")
-
-
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", HALF, ids=str)
-@pytest.mark.parametrize("dim", [32, 64, 96, 128])
-@pytest.mark.parametrize("mask_kind", ["none", "causal+padding", "float"])
-def test_dropout_matches_reference_with_the_same_mask(mask_kind, dim, dtype):
+@pytest.mark.parametrize("how", NO_KEY_CASES)
+def test_rows_with_no_key_give_zero_and_zero_gradients(how):
     _cuda_ready()
-    batch, heads_q, heads_k, len_q, len_k, p = 2, 4, 2, 77, 130, 0.3
-    q, k, v = _qkv(batch, heads_q, heads_k, len_q, len_k, dim, dim, dtype)
-    attn_mask, padding, is_causal = _masks_of(mask_kind, batch, heads_q, len_q, len_k, dtype)
+    check_rows_with_no_key_give_zero_and_zero_gradients(how)
+
+
+def check_dropout_matches_reference_with_the_same_mask(mask_kind, dim, dtype, shape=(2, 4, 2, 77, 130),
+                                                       device="cuda"):
+    """The kernels' keep bits (shared between lanes, transposed in the dK/dV kernel) are the
+    documented Philox mask of ((b Hq + h) Lq + i, j), computed independently (reference.py)."""
+    batch, heads_q, heads_k, len_q, len_k = shape
+    p = 0.3
+    q, k, v = _qkv(batch, heads_q, heads_k, len_q, len_k, dim, dim, dtype, device=device)
+    attn_mask, padding, is_causal = _masks_of(mask_kind, batch, heads_q, len_q, len_k, dtype, device=device)
     kwargs = dict(attn_mask=attn_mask, key_padding_mask=padding, is_causal=is_causal)
     seed = torch.tensor(123456789012345, dtype=torch.int64)
-    grad_out = torch.randn(batch, heads_q, len_q, dim, device="cuda", dtype=dtype)
+    grad_out = torch.randn(batch, heads_q, len_q, dim, device=device, dtype=dtype)
     out, _, grads = _run(q, k, v, dropout_p=p, seed=seed, grad_out=grad_out, **kwargs)
-    keep = _keep_mask(seed, (batch, heads_q, len_q, len_k), p)
+    keep = reference.philox_keep_mask(int(seed), (batch, heads_q, len_q, len_k), p).to(device)
     assert 0.6 < keep.float().mean().item() < 0.8
     expected, expected_grads = _reference(q, k, v, grad_out, keep=keep, dropout_p=p, **kwargs)
     fwd_tol, grad_tol = ATTENTION_TOL[dtype]
@@ -352,17 +366,23 @@ def test_dropout_matches_reference_with_the_same_mask(mask_kind, dim, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dim", [50, 64])
-def test_odd_strides_and_unaligned_rows(dim):
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("dim", [32, 64, 96, 128])
+@pytest.mark.parametrize("mask_kind", ["none", "causal+padding", "float"])
+def test_dropout_matches_reference_with_the_same_mask(mask_kind, dim, dtype):
+    _cuda_ready()
+    check_dropout_matches_reference_with_the_same_mask(mask_kind, dim, dtype)
+
+
+def check_odd_strides_and_unaligned_rows(dim, batch=2, heads=3, device="cuda"):
     """Packed QKV views (rows 16-byte aligned for dim 64: 16-byte cp.async; 4-byte aligned for 50:
     4-byte cp.async), a non-contiguous last dim (made contiguous), contiguous inputs and inputs
     starting 2 bytes off (element-wise loads) all give bit-identical results."""
-    _cuda_ready()
     dtype = torch.float16
-    batch, length, heads = 2, 67, 3
-    packed = torch.randn(batch, length, 3, heads, dim, device="cuda", dtype=dtype)
+    length = 67
+    packed = torch.randn(batch, length, 3, heads, dim, device=device, dtype=dtype)
     q, k, v = (packed[:, :, i].transpose(1, 2) for i in range(3))  # row stride 9 * dim: unaligned for 50
-    grad_out = torch.randn(batch, heads, length, dim, device="cuda", dtype=dtype)
+    grad_out = torch.randn(batch, heads, length, dim, device=device, dtype=dtype)
     out, lse, grads = _run(q, k, v, is_causal=True, grad_out=grad_out)
     contiguous = _run(*(t.contiguous() for t in (q, k, v)), is_causal=True, grad_out=grad_out)
     transposed_last = [t.transpose(-1, -2).contiguous().transpose(-1, -2) for t in (q, k, v)]
@@ -384,6 +404,13 @@ def test_odd_strides_and_unaligned_rows(dim):
     expected, expected_grads = _reference(q, k, v, grad_out, is_causal=True)
     assert_rel_close(out, expected, ATTENTION_TOL[dtype][0], "out")
     _check_grads(grads, expected_grads, ATTENTION_TOL[dtype][1], "strided")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dim", [50, 64])
+def test_odd_strides_and_unaligned_rows(dim):
+    _cuda_ready()
+    check_odd_strides_and_unaligned_rows(dim)
 
 
 @pytest.mark.gpu

@@ -1,0 +1,205 @@
+"""The CUDA kernels of csrc/, run on the CPU by the tests' emulator of the CUDA execution model.
+
+``tests/cuda_emulator`` compiles csrc/'s kernels and ops for the CPU (fibers for the threads of a
+block, warp-wide operations and the PTX of the attention kernels emulated from the PTX ISA's
+definitions, shared-memory race checks; see cuda_emulator.h) and registers them as
+``torch.ops.fastformer_emulated.cuda_*``. The fixture below points ``fastformer.cuda`` at them,
+so these tests go through the real launchers (``fastformer/cuda/*.py``), the real op code
+(``csrc/*/*_ops.cpp``: checks, params, launch shapes) and the real kernels, against float64
+references. They check the kernels' logic (indexing, fragment layouts, masking, pipelines,
+dropout bits, reductions) on machines without a GPU; they do not replace the GPU tests (the real
+compiler, tensor-core rounding, timing, memory errors), which stay the record in
+fastformer/cuda/verified.json.
+
+Sizes are small: an emulated attention call takes 0.1-1 s here.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastformer.cuda
+import reference
+import test_cuda_attention as cuda_tests
+from cuda_emulator import build
+from fastformer.cuda import bias_gelu as cuda_bias_gelu
+from fastformer.cuda import layer_norm as cuda_layer_norm
+from helpers import ELEMENTWISE_TOL, PARAM_GRAD_TOL_HALF, assert_rel_close
+
+@pytest.fixture(scope="module", autouse=True)
+def emulated():
+    """fastformer.cuda's launchers on the emulated ops, for CPU tensors."""
+    reason = build.unavailable_reason()
+    if reason:
+        pytest.skip(f"the CUDA emulator cannot be built here: {reason}")
+    ops = build.load()  # a compilation error fails the tests, never skips them
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fastformer.cuda, "OPS_NAMESPACE", build.NAMESPACE)
+        patch.setattr(fastformer.cuda, "KERNEL_DEVICE", "cpu")
+        yield ops
+
+
+def test_every_op_of_the_extension_is_emulated_with_its_schema(emulated):
+    for name in ("cuda_attention_fwd", "cuda_attention_bwd", "cuda_residual_norm_fwd", "cuda_residual_norm_bwd",
+                 "cuda_bias_gelu_fwd", "cuda_bias_gelu_bwd", "cuda_dropout_keep_mask"):
+        schema = str(getattr(emulated, name).default._schema)
+        assert schema.startswith(f"{build.NAMESPACE}::{name}(")
+        if fastformer.cuda.load_extension() is not None:
+            real = str(getattr(torch.ops.fastformer, name).default._schema)
+            assert schema == real.replace("fastformer::", f"{build.NAMESPACE}::", 1)
+
+
+@pytest.mark.parametrize("shape, p", [((3, 5, 70), 0.3), ((1000,), 0.5), ((2, 7), 0.0), ((4, 9), 1.0)], ids=str)
+def test_keep_mask_kernel_gives_the_documented_mask(emulated, shape, p):
+    seed = torch.tensor(2**40 + 12345, dtype=torch.int64)
+    keep = emulated.cuda_dropout_keep_mask(seed, list(shape), p)
+    assert torch.equal(keep, reference.philox_keep_mask(int(seed), shape, p))
+
+
+# ----------------------------------------------------------------------------------------------
+# attention: the GPU tests' checks (test_cuda_attention.py), on the CPU, at smaller sizes
+# ----------------------------------------------------------------------------------------------
+# (B, Hq, Hk, Lq, Lk), mask kind, head dim, dtype: every mask kind, every compiled head dim (50 and
+# 100 padded to 64 and 128, 8 to 32), GQA / MQA, Lq != Lk, lengths that are not multiples of the tiles.
+CASES = [
+    ((2, 2, 2, 97, 97), "none", 64, torch.float16),
+    ((1, 4, 2, 33, 140), "causal", 32, torch.bfloat16),
+    ((2, 2, 1, 130, 70), "padding", 50, torch.float16),
+    ((2, 2, 2, 70, 75), "causal+padding", 96, torch.bfloat16),
+    ((2, 2, 2, 65, 80), "scattered", 128, torch.float16),
+    ((2, 2, 1, 80, 70), "causal+scattered", 64, torch.bfloat16),
+    ((2, 2, 2, 40, 77), "bool", 100, torch.bfloat16),
+    ((1, 3, 3, 50, 66), "float", 32, torch.float16),
+    ((2, 2, 2, 71, 71), "causal+float", 64, torch.bfloat16),
+    ((3, 2, 2, 1, 1), "none", 8, torch.float16),
+]
+
+
+@pytest.mark.parametrize("shape, mask_kind, dim, dtype", CASES, ids=lambda c: str(c).replace("torch.", ""))
+def test_attention_matches_float64_reference(shape, mask_kind, dim, dtype):
+    cuda_tests.check_matches_float64_reference(shape, mask_kind, dim, dtype, device="cpu")
+
+
+@pytest.mark.parametrize("dims", [(32, 64), (100, 24)], ids=str)
+def test_attention_value_head_dim_may_differ(dims):
+    cuda_tests.check_value_head_dim_may_differ(dims, torch.float16, shape=(1, 2, 1, 70, 90), device="cpu")
+
+
+def test_attention_float32_mask_is_rounded_to_the_query_dtype():
+    cuda_tests.check_a_float32_mask_is_rounded_to_the_query_dtype(device="cpu")
+
+
+@pytest.mark.parametrize("mask_dtype", cuda_tests.MASK_DTYPES, ids=str)
+def test_attention_expanded_mask_views_give_the_materialised_masks_results(mask_dtype):
+    cuda_tests.check_expanded_mask_views_give_the_materialised_masks_results(mask_dtype, device="cpu")
+
+
+@pytest.mark.parametrize("how", cuda_tests.NO_KEY_CASES)
+def test_attention_rows_with_no_key_give_zero_and_zero_gradients(how):
+    cuda_tests.check_rows_with_no_key_give_zero_and_zero_gradients(how, heads=1, dim=32, device="cpu")
+
+
+DROPOUT_CASES = [("none", 64, torch.float16), ("causal+padding", 32, torch.bfloat16), ("float", 128, torch.float16)]
+
+
+@pytest.mark.parametrize("mask_kind, dim, dtype", DROPOUT_CASES, ids=str)
+def test_attention_dropout_matches_reference_with_the_same_mask(mask_kind, dim, dtype):
+    cuda_tests.check_dropout_matches_reference_with_the_same_mask(mask_kind, dim, dtype, shape=(2, 2, 1, 45, 70),
+                                                                  device="cpu")
+
+
+@pytest.mark.parametrize("dim", [50, 64])
+def test_attention_odd_strides_and_unaligned_rows(dim):
+    cuda_tests.check_odd_strides_and_unaligned_rows(dim, batch=1, heads=2, device="cpu")
+
+
+# ----------------------------------------------------------------------------------------------
+# residual + dropout + LayerNorm / RMSNorm
+# ----------------------------------------------------------------------------------------------
+# (rows, N, dtype, aligned): warp per row vectorised (N a multiple of 16 bytes) and element-wise,
+# block per row (N above what a warp holds), float32 parameters next to half activations.
+NORM_CASES = [
+    (37, 200, torch.float16, True),
+    (9, 97, torch.bfloat16, True),
+    (5, 2000, torch.float32, True),
+    (3, 1030, torch.bfloat16, False),
+    (70, 64, torch.float32, True),
+]
+
+
+@pytest.mark.parametrize("rows, n, dtype, aligned", NORM_CASES, ids=str)
+@pytest.mark.parametrize("rms", [False, True], ids=["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+def test_residual_norm_matches_float64_reference(rows, n, dtype, aligned, rms, dropout_p):
+    def make(*shape, dtype=dtype):
+        t = torch.randn(*shape, dtype=dtype)
+        if not aligned:  # start 2 bytes off: the element-wise path
+            buffer = torch.empty(t.numel() + 1, dtype=dtype)
+            t = buffer[1:].view(t.shape).copy_(t)
+        return t
+
+    x, residual = make(rows, n), make(rows, n)
+    weight = 1 + 0.1 * torch.randn(n, dtype=torch.float32 if dtype != torch.float32 else dtype)
+    bias = None if rms else 0.1 * torch.randn(n, dtype=dtype)
+    seed = torch.tensor(987654321, dtype=torch.int64)
+    out, residual_out, mean, rstd = cuda_layer_norm.residual_norm_fwd(x, residual, weight, bias, 1e-5, dropout_p,
+                                                                      rms, seed, True)
+    keep = reference.philox_keep_mask(int(seed), (rows, n), dropout_p) if dropout_p else None
+    x64, res64, w64 = (t.detach().double().requires_grad_() for t in (x, residual, weight))
+    b64 = None if bias is None else bias.detach().double().requires_grad_()
+    want, want_residual = reference.residual_norm(x64, res64, w64, b64, 1e-5, rms=rms, keep=keep, dropout_p=dropout_p)
+    fwd_tol, grad_tol = ELEMENTWISE_TOL[dtype]
+    assert_rel_close(out, want, fwd_tol, "out")
+    assert_rel_close(residual_out, want_residual, fwd_tol, "residual_out")
+
+    grad_out, grad_residual_out = torch.randn(rows, n, dtype=dtype), torch.randn(rows, n, dtype=dtype)
+    # the autograd layer passes residual_out as `normed` when it was stored (fastformer/library.py)
+    grads = cuda_layer_norm.residual_norm_bwd(grad_out, grad_residual_out, residual_out, weight, bias, mean, rstd,
+                                              dropout_p, rms, seed, True)
+    inputs = [x64, res64, w64] + ([b64] if b64 is not None else [])
+    want_grads = torch.autograd.grad((want, want_residual), inputs, (grad_out.double(), grad_residual_out.double()))
+    param_tol = grad_tol if dtype == torch.float32 else PARAM_GRAD_TOL_HALF
+    for name, got, expected, tol in zip(("x", "residual", "weight", "bias"), grads, want_grads,
+                                        (grad_tol, grad_tol, param_tol, param_tol)):
+        assert got is not None, name
+        assert_rel_close(got, expected, tol, f"grad {name}")
+
+
+# ----------------------------------------------------------------------------------------------
+# bias + GELU
+# ----------------------------------------------------------------------------------------------
+# (shape, dtype, bias dtype or None): vectorised rows and element-wise ones (N not a multiple of a
+# 16-byte vector), a float32 bias next to half activations, enough rows for several row groups.
+GELU_CASES = [
+    ((4, 33, 256), torch.float16, torch.float16),
+    ((130, 97), torch.bfloat16, torch.float32),
+    ((7, 1030), torch.float32, torch.float32),
+    ((50, 64), torch.float16, None),
+]
+
+
+@pytest.mark.parametrize("shape, dtype, bias_dtype", GELU_CASES, ids=str)
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_bias_gelu_matches_float64_reference(shape, dtype, bias_dtype, approximate):
+    n = shape[-1]
+    x = torch.randn(*shape, dtype=dtype)
+    bias = None if bias_dtype is None else torch.randn(n, dtype=bias_dtype)
+    out = cuda_bias_gelu.bias_gelu_fwd(x, bias, approximate)
+    x64 = x.double().requires_grad_()
+    b64 = None if bias is None else bias.double().requires_grad_()
+    want = reference.gelu(x64, b64, approximate)
+    fwd_tol, grad_tol = ELEMENTWISE_TOL[dtype]
+    assert out.shape == x.shape and out.dtype == dtype
+    assert_rel_close(out, want, fwd_tol, "out")
+
+    grad_out = torch.randn(*shape, dtype=dtype)
+    grad_x, grad_bias = cuda_bias_gelu.bias_gelu_bwd(grad_out, x, bias, approximate)
+    want_grads = torch.autograd.grad(want, [x64] + ([b64] if b64 is not None else []), grad_out.double())
+    assert_rel_close(grad_x, want_grads[0], grad_tol, "grad x")
+    if bias is None:
+        assert grad_bias is None
+    else:
+        assert grad_bias.dtype == bias.dtype
+        tol = grad_tol if dtype == torch.float32 else PARAM_GRAD_TOL_HALF
+        assert_rel_close(grad_bias, want_grads[1], tol, "grad bias")
