@@ -11,6 +11,18 @@ loads it without compiling (about two minutes on 2 cores otherwise).
 What it needs: a C++20 compiler, ninja, and the CUDA headers for the half-precision types
 (cuda_fp16.h, cuda_bf16.h, cuda_runtime_api.h), from a CUDA toolkit or from the nvidia-* wheels
 a CUDA build of PyTorch installs. ``unavailable_reason()`` says what is missing.
+
+``FASTFORMER_EMULATOR_SANITIZE=address`` builds it with AddressSanitizer, which then reports the
+kernels' out-of-bounds reads and writes of CPU tensors (what the emulator itself does not check);
+run Python with the runtime preloaded::
+
+    FASTFORMER_EMULATOR_SANITIZE=address ASAN_OPTIONS=detect_leaks=0 \
+        LD_PRELOAD="$(c++ -print-file-name=libasan.so) $(c++ -print-file-name=libstdc++.so)" \
+        python -m pytest -s tests/test_cuda_emulated.py
+
+(libstdc++ is preloaded too: Triton's extension throws C++ exceptions, which ASan can intercept
+only if libstdc++ was loaded before it started. -s: ASan ends the process at the first error,
+and pytest's output capture would swallow its report; the exit status is 1 either way.)
 """
 
 from __future__ import annotations
@@ -31,6 +43,7 @@ LIBRARY = "fastformer_cuda_emulator"
 # Not emulated: the extension's Python module and its build info (no kernels).
 EXCLUDED = {"extension.cpp", "build_info.cu"}
 FLAGS = ["-O2", "-DFASTFORMER_CPU_EMULATION", "-Wno-unknown-pragmas"]
+SANITIZERS = {"address": ["-fsanitize=address", "-fno-omit-frame-pointer"]}
 
 _lock = threading.Lock()
 _loaded = False
@@ -40,6 +53,14 @@ def sources() -> list[Path]:
     """The csrc/ files the emulator compiles."""
     files = sorted(p for p in CSRC.rglob("*") if p.suffix in (".cu", ".cpp"))
     return [p for p in files if p.relative_to(CSRC).as_posix() not in EXCLUDED]
+
+
+def sanitizer_flags() -> list[str]:
+    """Compile and link flags of FASTFORMER_EMULATOR_SANITIZE (empty when unset)."""
+    name = os.environ.get("FASTFORMER_EMULATOR_SANITIZE", "")
+    if name and name not in SANITIZERS:
+        raise RuntimeError(f"CUDA emulator: FASTFORMER_EMULATOR_SANITIZE={name!r}; known: {', '.join(SANITIZERS)}")
+    return SANITIZERS.get(name, [])
 
 
 def cuda_include_dirs() -> list[str]:
@@ -92,7 +113,8 @@ def build_key() -> str:
         if path.is_file():
             digest.update(str(path.relative_to(ROOT)).encode())
             digest.update(path.read_bytes())
-    for part in (torch.__version__, sys.version, _compiler_version(), " ".join(FLAGS), *cuda_include_dirs()):
+    flags = " ".join(FLAGS + sanitizer_flags())
+    for part in (torch.__version__, sys.version, _compiler_version(), flags, *cuda_include_dirs()):
         digest.update(part.encode())
     return digest.hexdigest()[:16]
 
@@ -140,7 +162,8 @@ def _compile(build_dir: Path) -> None:
         unit = units / (relative.replace("/", "__").replace(".", "_") + ".cpp")
         unit.write_text(f'// CPU emulator build of csrc/{relative}\n#include "{relative}"\n')
         unit_paths.append(str(unit))
-    cpp_extension.load(name=LIBRARY, sources=unit_paths, extra_cflags=FLAGS,
+    cpp_extension.load(name=LIBRARY, sources=unit_paths, extra_cflags=FLAGS + sanitizer_flags(),
+                       extra_ldflags=sanitizer_flags(),
                        extra_include_paths=[str(CSRC), str(HERE), *cuda_include_dirs()],
                        build_directory=str(build_dir), is_python_module=False, verbose=False)
 
