@@ -197,6 +197,7 @@ template <typename T>
 __device__ __forceinline__ void store_pair(T* row_ptr, int col, int cols_valid, float x, float y,
                                            bool pair_stores) {
   if (pair_stores && col + 1 < cols_valid) {
+    FASTFORMER_CHECK_ALIGNED(row_ptr + col, 4);
     *reinterpret_cast<uint32_t*>(row_ptr + col) = pack2<T>(x, y);
   } else {
     if (col < cols_valid) row_ptr[col] = T(x);

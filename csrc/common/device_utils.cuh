@@ -51,6 +51,7 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float value) 
 // Loads kN consecutive values of U starting at p (aligned to the vector) as float32.
 template <int kN, typename U>
 __device__ __forceinline__ void load_as_float(const U* p, float (&out)[kN]) {
+  FASTFORMER_CHECK_ALIGNED(p, alignof(Vec<U, kN>));
   const Vec<U, kN> packed = *reinterpret_cast<const Vec<U, kN>*>(p);
 #pragma unroll
   for (int i = 0; i < kN; ++i) out[i] = to_float(packed.v[i]);
@@ -61,6 +62,7 @@ __device__ __forceinline__ void store_from_float(U* p, const float (&in)[kN]) {
   Vec<U, kN> packed;
 #pragma unroll
   for (int i = 0; i < kN; ++i) packed.v[i] = from_float<U>(in[i]);
+  FASTFORMER_CHECK_ALIGNED(p, alignof(Vec<U, kN>));
   *reinterpret_cast<Vec<U, kN>*>(p) = packed;
 }
 

@@ -1,5 +1,5 @@
 // What kernel code takes from the CUDA runtime beyond plain C++: the launch, the block's dynamic
-// shared memory and the opt-in above 48 KiB of it.
+// shared memory and the opt-in above 48 KiB of it; and the alignment its vector accesses assume.
 //
 // Compiled with FASTFORMER_CPU_EMULATION (the tests' emulator of the CUDA execution model,
 // tests/cuda_emulator), the same names come from cuda_emulator.h instead, which runs the kernels
@@ -28,6 +28,11 @@ cudaError_t allow_dynamic_shared_memory(Kernel kernel, int bytes) {
 }
 
 }  // namespace fastformer
+
+// A vector access (16-byte Vec, 4-byte pair) at `ptr` assumes `bytes` alignment: on a GPU a
+// misaligned one fails the launch ("misaligned address"); on the CPU it would silently work, so
+// the emulator checks it here. Nothing in a CUDA build.
+#define FASTFORMER_CHECK_ALIGNED(ptr, bytes) ((void)0)
 
 // FASTFORMER_LAUNCH(kernel, grid, block, shared_bytes, stream)(args...) launches kernel<<<...>>>.
 // `kernel` must be one token (a function name or a variable; a template-id with commas would be

@@ -82,6 +82,7 @@ __global__ void __launch_bounds__(K::kLaunchBound) residual_norm_fwd_kernel(cons
         rounded.v[i] = from_float<T>(r[c][i]);
         r[c][i] = to_float(rounded.v[i]);  // normalise exactly what is stored, as the backward will
       }
+      FASTFORMER_CHECK_ALIGNED(residual_out, alignof(Vec<T, kVec>));
       *reinterpret_cast<Vec<T, kVec>*>(residual_out) = rounded;
     }
   }

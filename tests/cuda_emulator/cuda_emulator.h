@@ -15,7 +15,8 @@
 //     a GPU; it starts filled with 0xff bytes (NaN in every float type), so reading what was never
 //     written shows;
 //   - ldmatrix row addresses and cp.async addresses: alignment, inside the block's dynamic shared
-//     memory;
+//     memory; the kernels' vector loads and stores of global memory: alignment
+//     (FASTFORMER_CHECK_ALIGNED);
 //   - shared-memory races between cp.async writes and ldmatrix reads: a read of bytes with a copy
 //     in flight or written since the last __syncthreads, a copy over bytes another warp read since
 //     the last __syncthreads (plain C++ loads and stores of shared memory are not tracked).
@@ -383,7 +384,8 @@ class Launch {
   void operator()(Args&&... args) const {
     const unsigned threads = block_.x * block_.y * block_.z;
     if (threads == 0 || threads > 1024) {
-      throw std::runtime_error("CUDA emulator: launch with " + std::to_string(threads) + " threads per block (1..1024)");
+      throw std::runtime_error("CUDA emulator: launch with " + std::to_string(threads) +
+                               " threads per block (1..1024)");
     }
     if (grid_.x == 0 || grid_.y == 0 || grid_.z == 0 || grid_.y > 65535 || grid_.z > 65535) {
       throw std::runtime_error("CUDA emulator: invalid grid (" + std::to_string(grid_.x) + ", " +
@@ -414,6 +416,13 @@ class Launch {
 template <typename... Params>
 Launch<Params...> launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t) {
   return Launch<Params...>(kernel, grid, block, shared_bytes);
+}
+
+// FASTFORMER_CHECK_ALIGNED (csrc/common/kernel_runtime.cuh): a GPU fails misaligned vector accesses.
+inline void check_aligned(const void* ptr, size_t bytes, const char* what) {
+  if (reinterpret_cast<uintptr_t>(ptr) % bytes != 0) {
+    block().fail(std::string("misaligned address: a ") + std::to_string(bytes) + "-byte access at " + what);
+  }
 }
 
 inline uint3 thread_idx() { return block().thread_index(); }
@@ -483,6 +492,8 @@ cudaError_t allow_dynamic_shared_memory(Kernel kernel, int bytes) {
 }
 
 }  // namespace fastformer
+
+#define FASTFORMER_CHECK_ALIGNED(ptr, bytes) ::fastformer_emulator::check_aligned(ptr, bytes, #ptr)
 
 #define FASTFORMER_LAUNCH(kernel, grid, block, shared_bytes, stream) \
   ::fastformer_emulator::launch(kernel, grid, block, shared_bytes, stream)
