@@ -124,6 +124,7 @@ NORM_CASES = [
     (9, 97, torch.bfloat16, True),
     (5, 2000, torch.float32, True),
     (3, 1030, torch.bfloat16, False),
+    (4, 512, torch.float16, False),  # a whole number of vectors, but the rows are not aligned to them
     (70, 64, torch.float32, True),
 ]
 
@@ -172,18 +173,21 @@ def test_residual_norm_matches_float64_reference(rows, n, dtype, aligned, rms, d
 # (shape, dtype, bias dtype or None): vectorised rows and element-wise ones (N not a multiple of a
 # 16-byte vector), a float32 bias next to half activations, enough rows for several row groups.
 GELU_CASES = [
-    ((4, 33, 256), torch.float16, torch.float16),
-    ((130, 97), torch.bfloat16, torch.float32),
-    ((7, 1030), torch.float32, torch.float32),
-    ((50, 64), torch.float16, None),
+    ((4, 33, 256), torch.float16, torch.float16, True),
+    ((130, 97), torch.bfloat16, torch.float32, True),
+    ((7, 1030), torch.float32, torch.float32, True),
+    ((50, 64), torch.float16, None, True),
+    ((6, 256), torch.bfloat16, torch.bfloat16, False),  # rows not aligned to the vectors
 ]
 
 
-@pytest.mark.parametrize("shape, dtype, bias_dtype", GELU_CASES, ids=str)
+@pytest.mark.parametrize("shape, dtype, bias_dtype, aligned", GELU_CASES, ids=str)
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
-def test_bias_gelu_matches_float64_reference(shape, dtype, bias_dtype, approximate):
+def test_bias_gelu_matches_float64_reference(shape, dtype, bias_dtype, aligned, approximate):
     n = shape[-1]
     x = torch.randn(*shape, dtype=dtype)
+    if not aligned:  # start 2 bytes off: the element-wise path
+        x = torch.empty(x.numel() + 1, dtype=dtype)[1:].view(shape).copy_(x)
     bias = None if bias_dtype is None else torch.randn(n, dtype=bias_dtype)
     out = cuda_bias_gelu.bias_gelu_fwd(x, bias, approximate)
     x64 = x.double().requires_grad_()
@@ -203,3 +207,4 @@ def test_bias_gelu_matches_float64_reference(shape, dtype, bias_dtype, approxima
         assert grad_bias.dtype == bias.dtype
         tol = grad_tol if dtype == torch.float32 else PARAM_GRAD_TOL_HALF
         assert_rel_close(grad_bias, want_grads[1], tol, "grad bias")
+
