@@ -245,6 +245,48 @@ def test_fully_masked_rows_give_zero_not_nan(how, dtype, backend, device):
         assert_rel_close(grad, want, grad_tol, f"grad {name}")
 
 
+def finfo_min_mask(batch, length, left_padding, dtype, device):
+    """Hugging Face's additive mask: causal and left padding, filled with finfo(dtype).min, (B, 1, L, L).
+    The first left_padding[b] query rows of batch row b have every key masked that way."""
+    keys = torch.arange(length)
+    pad = torch.tensor(left_padding)
+    allowed = (keys[None, :] <= keys[:, None])[None] & (keys[None, None, :] >= pad[:, None, None])
+    mask = torch.zeros(batch, 1, length, length, dtype=dtype)
+    return mask.masked_fill(~allowed[:, None], torch.finfo(dtype).min).to(device)
+
+
+def check_finfo_min_masks_keep_sdpa_semantics(dtype, backend, device):
+    """finfo(dtype).min is finite: as in SDPA, such keys get weight 0 next to any unmasked key, and
+    a row with every key masked that way still attends (uniformly: the scores vanish next to the
+    mask). |finfo(bfloat16 or float32).min| * log2(e) overflows float32, which a kernel working in
+    log2 units must not turn into -inf (the row would give 0). The gradients are checked where
+    dO is 0 on those rows, as in a model (their outputs reach no loss): with scores of -3.4e38 the
+    log-sum-exp the backward recomputes P from cannot hold log(L) (FlashAttention's limitation too)."""
+    batch, heads, length, dim = 2, 2, 16, 32
+    q, k, v = make_qkv((batch, heads, heads, length, length, dim, dim), dtype, device)
+    mask = finfo_min_mask(batch, length, [0, 3], dtype, device)
+    require_backend(backend, "attention", q, k, v, attn_mask=mask)
+    out = fastformer.attention(q, k, v, attn_mask=mask, backend=backend)
+    expected = reference.attention(q, k, v, attn_mask=mask)
+    fwd_tol, grad_tol = ATTENTION_TOL[dtype]
+    assert_rel_close(out, expected, fwd_tol, "out")
+    if torch.finfo(dtype).max > 1e30:  # bfloat16, float32: the scores vanish next to the mask (not float16's)
+        mean_value = v[1].double().mean(dim=1, keepdim=True).expand(-1, 3, -1)
+        torch.testing.assert_close(out[1, :, :3].double(), mean_value, atol=fwd_tol, rtol=fwd_tol)
+    grad_out = torch.randn_like(expected)
+    grad_out[1, :, :3] = 0
+    grads = torch.autograd.grad(out, (q, k, v), grad_out.to(dtype))
+    for name, grad, want in zip("qkv", grads, torch.autograd.grad(expected, (q, k, v), grad_out)):
+        assert_rel_close(grad, want, grad_tol, f"grad {name}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_finfo_min_masks_keep_sdpa_semantics(dtype, backend, device):
+    check_finfo_min_masks_keep_sdpa_semantics(dtype, backend, device)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)

@@ -20,6 +20,7 @@ import reference
 from fastformer.cuda import attention as cuda_attention
 from fastformer.cuda import load_extension
 from helpers import ATTENTION_TOL, assert_rel_close, require_backend
+from test_attention import finfo_min_mask
 
 HALF = [torch.float16, torch.bfloat16]
 
@@ -265,6 +266,28 @@ def check_a_float32_mask_is_rounded_to_the_query_dtype(device="cuda"):
 def test_a_float32_mask_is_rounded_to_the_query_dtype_as_the_other_backends_do():
     _cuda_ready()
     check_a_float32_mask_is_rounded_to_the_query_dtype()
+
+
+def check_finfo_min_masks_keep_sdpa_semantics(dtype, device="cuda"):
+    """Hugging Face's finfo(dtype).min masks (causal + left padding; test_attention.py says why):
+    the rows with every key masked that way attend as in SDPA, not as rows with no key."""
+    q, k, v = _qkv(2, 2, 2, 16, 16, 32, 32, dtype, device=device)
+    mask = finfo_min_mask(2, 16, [0, 3], dtype, device)
+    grad_out = torch.randn(2, 2, 16, 32, device=device, dtype=dtype)
+    grad_out[1, :, :3] = 0  # those rows reach no loss in a model (test_attention.py)
+    out, lse, grads = _run(q, k, v, attn_mask=mask, grad_out=grad_out)
+    expected, expected_grads = _reference(q, k, v, grad_out, attn_mask=mask)
+    fwd_tol, grad_tol = ATTENTION_TOL[dtype]
+    assert_rel_close(out, expected, fwd_tol, "out")
+    assert torch.isfinite(lse).all()
+    _check_grads(grads, expected_grads, grad_tol, f"finfo.min mask {dtype}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_finfo_min_masks_keep_sdpa_semantics(dtype):
+    _cuda_ready()
+    check_finfo_min_masks_keep_sdpa_semantics(dtype)
 
 
 def check_expanded_mask_views_give_the_materialised_masks_results(mask_dtype, device="cuda"):

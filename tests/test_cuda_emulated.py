@@ -90,6 +90,11 @@ def test_attention_float32_mask_is_rounded_to_the_query_dtype():
     cuda_tests.check_a_float32_mask_is_rounded_to_the_query_dtype(device="cpu")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_attention_finfo_min_masks_keep_sdpa_semantics(dtype):
+    cuda_tests.check_finfo_min_masks_keep_sdpa_semantics(dtype, device="cpu")
+
+
 @pytest.mark.parametrize("mask_dtype", cuda_tests.MASK_DTYPES, ids=str)
 def test_attention_expanded_mask_views_give_the_materialised_masks_results(mask_dtype):
     cuda_tests.check_expanded_mask_views_give_the_materialised_masks_results(mask_dtype, device="cpu")

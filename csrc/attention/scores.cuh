@@ -18,6 +18,12 @@
 namespace fastformer {
 namespace attention {
 
+// The largest magnitude of a float attn_mask value: finite values must stay finite in log2 units,
+// but |m| log2(e) overflows float32 above 2.36e38, e.g. bfloat16's and float32's finfo.min, which
+// Hugging Face fills its masks with; a row masked that way would turn into a row with no key (0
+// instead of SDPA's result). kMaskLimit * log2(e) < FLT_MAX.
+constexpr float kMaskLimit = 2.35e38f;
+
 struct ScoreRules {
   const uint8_t* bool_mask;  // this (b, h)'s mask rows, or nullptr
   const float* float_mask;   // idem
@@ -63,7 +69,8 @@ struct ScoreRules {
       if (bool_mask != nullptr) {
         ok = bool_mask[offset] != 0;
       } else if (float_mask != nullptr) {
-        s = fmaf(float_mask[offset], kLog2e, s);
+        const float m = float_mask[offset];  // -inf forbids the key; finite values stay finite
+        s = m == -INFINITY ? -INFINITY : fmaf(fminf(fmaxf(m, -kMaskLimit), kMaskLimit), kLog2e, s);
       }
     }
     return ok ? s : -INFINITY;
