@@ -213,3 +213,23 @@ def test_bias_gelu_matches_float64_reference(shape, dtype, bias_dtype, aligned, 
         tol = grad_tol if dtype == torch.float32 else PARAM_GRAD_TOL_HALF
         assert_rel_close(grad_bias, want_grads[1], tol, "grad bias")
 
+
+# ----------------------------------------------------------------------------------------------
+# bad inputs: clear errors from the launchers and the ops, never a wrong result
+# ----------------------------------------------------------------------------------------------
+def test_bad_inputs_are_rejected_clearly():
+    from fastformer.cuda import attention as cuda_attention
+
+    q = torch.randn(1, 2, 9, 32, dtype=torch.float16)
+    k = torch.randn(1, 2, 12, 32, dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"query must be 4-D .* got shape \(2, 9, 32\)"):
+        cuda_attention.attention_fwd(q[0], k, k, None, None, 0.0, False, 1.0, None)
+    with pytest.raises(RuntimeError, match=r"attn_mask of shape \[5, 12\] does not broadcast to "
+                                           r"\(B, Hq, Lq, Lk\) = \(1, 2, 9, 12\)"):
+        cuda_attention.attention_fwd(q, k, k, torch.zeros(5, 12), None, 0.0, False, 1.0, None)
+    x = torch.randn(4, 64)
+    with pytest.raises(ValueError, match=r"grad_out must have x's shape \(4, 64\), got \(8, 32\)"):
+        cuda_bias_gelu.bias_gelu_bwd(torch.randn(8, 32), x, None, "none")
+    for bad in (torch.tensor(1.0), torch.randn(3, 0)):
+        with pytest.raises(ValueError, match="x must have a last dim of at least 1"):
+            cuda_bias_gelu.bias_gelu_fwd(bad, None, "none")

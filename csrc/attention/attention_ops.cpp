@@ -138,6 +138,13 @@ void fill_common(AttentionParams& p, const Sizes& s, const at::Tensor& q, const 
     at::Tensor mask = *attn_mask;
     check_same_device(q, mask, "attn_mask");
     TORCH_CHECK(mask.dim() <= 4, kOp, "attn_mask must have at most 4 dims, got ", mask.sizes());
+    const int64_t target[4] = {s.batch, s.heads_q, s.len_q, s.len_k};
+    for (int64_t d = 0; d < mask.dim(); ++d) {
+      const int64_t size = mask.size(mask.dim() - 1 - d), want = target[3 - d];
+      TORCH_CHECK(size == 1 || size == want, kOp, "attn_mask of shape ", mask.sizes(),
+                  " does not broadcast to (B, Hq, Lq, Lk) = (", s.batch, ", ", s.heads_q, ", ", s.len_q, ", ",
+                  s.len_k, ")");
+    }
     // Broadcast dims of an expanded view (stride 0, e.g. a padding mask expanded over the queries)
     // back to size 1, so that the dtype change below converts only the stored elements.
     for (int64_t d = 0; d < mask.dim(); ++d) {

@@ -55,6 +55,9 @@ def support():
 
 def _check(query, key, value):
     for name, t in (("query", query), ("key", key), ("value", value)):
+        if t.dim() != 4:
+            raise ValueError(f"attention (cuda): {name} must be 4-D (batch, heads, seq_len, head_dim), "
+                             f"got shape {tuple(t.shape)}")
         if t.dtype not in DTYPES:
             raise ValueError(f"attention (cuda): dtype must be float16 or bfloat16, got {name} {t.dtype}")
     dim, dim_v = query.shape[-1], value.shape[-1]

@@ -23,6 +23,13 @@ def support():
                    features=frozenset({"bias", "tanh", "erf"}))
 
 
+def _row_length(x: torch.Tensor) -> int:
+    """N, the last dim of x, which the kernels view as (rows, N)."""
+    if x.dim() == 0 or x.shape[-1] == 0:
+        raise ValueError(f"bias_gelu (cuda): x must have a last dim of at least 1, got shape {tuple(x.shape)}")
+    return x.shape[-1]
+
+
 def _as_rows(t: torch.Tensor, n: int) -> torch.Tensor:
     """``t`` as (rows, N) with a row stride and unit column stride, copying only when needed."""
     t = t.reshape(-1, n)
@@ -34,7 +41,7 @@ def bias_gelu_fwd(x, bias, approximate):
 
     Returns a contiguous tensor of x's shape and dtype.
     """
-    n = x.shape[-1]
+    n = _row_length(x)
     out = cuda.kernel_ops().cuda_bias_gelu_fwd(
         _as_rows(x, n), None if bias is None else bias.contiguous(), approximate)
     return out.view(x.shape)
@@ -42,7 +49,10 @@ def bias_gelu_fwd(x, bias, approximate):
 
 def bias_gelu_bwd(grad_out, x, bias, approximate):
     """Returns (grad_x, grad_bias or None): grad_x contiguous in x's dtype, grad_bias in bias's."""
-    n = x.shape[-1]
+    if grad_out.shape != x.shape:
+        raise ValueError(f"bias_gelu (cuda): grad_out must have x's shape {tuple(x.shape)}, "
+                         f"got {tuple(grad_out.shape)}")
+    n = _row_length(x)
     grad_x, grad_bias = cuda.kernel_ops().cuda_bias_gelu_bwd(
         _as_rows(grad_out, n), _as_rows(x, n), None if bias is None else bias.contiguous(),
         approximate)
