@@ -447,32 +447,36 @@ def test_backward_is_deterministic():
         assert torch.equal(a, b)
 
 
-@pytest.mark.gpu
-def test_random_sweep_at_real_sizes():
-    """Random draws over head dims, lengths up to 2048, GQA, dtypes, causal, masks and layouts."""
-    _cuda_ready()
+def check_random_sweep(draws, lengths, seed, device="cuda"):
+    """Random draws over head dims, lengths, GQA, dtypes, causal, masks and layouts."""
     import numpy
 
-    rng = numpy.random.default_rng(20261128)
-    for _ in range(40):
+    rng = numpy.random.default_rng(seed)
+    for _ in range(draws):
         heads_k = int(rng.choice([1, 2, 3]))
         heads_q = heads_k * int(rng.choice([1, 2, 4]))
         batch = int(rng.integers(1, 4))
-        len_q, len_k = (int(rng.choice([1, 63, 128, 257, 512, 1000, 2048])) for _ in range(2))
+        len_q, len_k = (int(rng.choice(lengths)) for _ in range(2))
         dim = int(rng.choice([16, 32, 40, 64, 80, 96, 128]))
         dtype = HALF[int(rng.integers(2))]
         mask_kind = str(rng.choice(["none", "causal", "padding", "causal+padding", "scattered", "bool", "float"]))
         layout = str(rng.choice(["bhld", "blhd"]))
         case = (batch, heads_q, heads_k, len_q, len_k, dim, str(dtype), mask_kind, layout)
-        q, k, v = _qkv(batch, heads_q, heads_k, len_q, len_k, dim, dim, dtype, layout)
-        attn_mask, padding, is_causal = _masks_of(mask_kind, batch, heads_q, len_q, len_k, dtype)
+        q, k, v = _qkv(batch, heads_q, heads_k, len_q, len_k, dim, dim, dtype, layout, device=device)
+        attn_mask, padding, is_causal = _masks_of(mask_kind, batch, heads_q, len_q, len_k, dtype, device=device)
         kwargs = dict(attn_mask=attn_mask, key_padding_mask=padding, is_causal=is_causal)
-        grad_out = torch.randn(batch, heads_q, len_q, dim, device="cuda", dtype=dtype)
+        grad_out = torch.randn(batch, heads_q, len_q, dim, device=device, dtype=dtype)
         out, _, grads = _run(q, k, v, grad_out=grad_out, **kwargs)
         expected, expected_grads = _reference(q, k, v, grad_out, **kwargs)
         fwd_tol, grad_tol = ATTENTION_TOL[dtype]
         assert_rel_close(out, expected, fwd_tol, f"out {case}")
         _check_grads(grads, expected_grads, grad_tol, str(case))
+
+
+@pytest.mark.gpu
+def test_random_sweep_at_real_sizes():
+    _cuda_ready()
+    check_random_sweep(40, [1, 63, 128, 257, 512, 1000, 2048], seed=20261128)
 
 
 @pytest.mark.gpu

@@ -119,6 +119,10 @@ def test_attention_odd_strides_and_unaligned_rows(dim):
     cuda_tests.check_odd_strides_and_unaligned_rows(dim, batch=1, heads=2, device="cpu")
 
 
+def test_attention_random_sweep():
+    cuda_tests.check_random_sweep(12, [1, 17, 63, 64, 65, 130], seed=20261129, device="cpu")
+
+
 # ----------------------------------------------------------------------------------------------
 # residual + dropout + LayerNorm / RMSNorm
 # ----------------------------------------------------------------------------------------------
