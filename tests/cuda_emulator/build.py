@@ -90,11 +90,18 @@ def unavailable_reason() -> str | None:
     if not cuda_include_dirs():
         return ("no CUDA headers (cuda_fp16.h) found: install a CUDA toolkit or a CUDA build of PyTorch "
                 "(its nvidia-* wheels ship them)")
-    if shutil.which("ninja") is None and shutil.which("ninja", path=str(Path(sys.executable).parent)) is None:
+    if _ninja_dir() is None:
         return "ninja is not installed (pip install ninja)"
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         return "no C++ compiler"
     return None
+
+
+def _ninja_dir() -> str | None:
+    """The folder of a ninja executable: on PATH, or next to this Python (a virtual environment's
+    bin, where `pip install ninja` puts it, which need not be on PATH)."""
+    found = shutil.which("ninja") or shutil.which("ninja", path=str(Path(sys.executable).parent))
+    return None if found is None else str(Path(found).parent)
 
 
 def _compiler_version() -> str:
@@ -162,10 +169,15 @@ def _compile(build_dir: Path) -> None:
         unit = units / (relative.replace("/", "__").replace(".", "_") + ".cpp")
         unit.write_text(f'// CPU emulator build of csrc/{relative}\n#include "{relative}"\n')
         unit_paths.append(str(unit))
-    cpp_extension.load(name=LIBRARY, sources=unit_paths, extra_cflags=FLAGS + sanitizer_flags(),
-                       extra_ldflags=sanitizer_flags(),
-                       extra_include_paths=[str(CSRC), str(HERE), *cuda_include_dirs()],
-                       build_directory=str(build_dir), is_python_module=False, verbose=False)
+    path = os.environ.get("PATH", "")
+    os.environ["PATH"] = os.pathsep.join([_ninja_dir(), path])  # torch runs `ninja` from PATH
+    try:
+        cpp_extension.load(name=LIBRARY, sources=unit_paths, extra_cflags=FLAGS + sanitizer_flags(),
+                           extra_ldflags=sanitizer_flags(),
+                           extra_include_paths=[str(CSRC), str(HERE), *cuda_include_dirs()],
+                           build_directory=str(build_dir), is_python_module=False, verbose=False)
+    finally:
+        os.environ["PATH"] = path
 
 
 def _prune(base: Path, keep: Path, kept: int = 3) -> None:
