@@ -20,10 +20,11 @@ Environment variables:
   MAX_JOBS               Parallel compile jobs (honoured by torch's BuildExtension).
   NVCC_THREADS           Passed to ``nvcc --threads`` (parallel compilation of the targets).
   FASTFORMER_BUILD_CACHE A folder (unset: no cache). The built extension is kept there under a
-                         hash of everything that goes into it (the files under csrc/, this
-                         file, the compile flags, the torch, nvcc and host compiler versions);
-                         a later build with the same hash copies it instead of compiling. CI
-                         sets it, so that commits that leave csrc/ alone skip the CUDA build.
+                         hash of everything that goes into it (the source files under csrc/,
+                         this file, the compile flags, the torch, nvcc and host compiler
+                         versions); a later build with the same hash copies it instead of
+                         compiling. CI sets it, so that commits that leave csrc/'s sources
+                         alone skip the CUDA build.
 
 torch is not a build requirement (see pyproject.toml): install with
 ``pip install --no-build-isolation -e .`` so that the build sees the installed torch.
@@ -315,6 +316,9 @@ def _portable(text):
     return text
 
 
+SOURCE_SUFFIXES = {".cpp", ".cu", ".cuh", ".h", ".hpp"}
+
+
 def build_key(ext):
     """A hash of everything the extension is built from: sources, flags and toolchain."""
     import torch
@@ -326,7 +330,7 @@ def build_key(ext):
         digest.update(text.encode() + b"\0")
 
     for path in sorted(CSRC.rglob("*")):
-        if path.is_file():
+        if path.is_file() and path.suffix in SOURCE_SUFFIXES:  # not the READMEs: a doc edit rebuilds nothing
             add(str(path.relative_to(ROOT)))
             digest.update(path.read_bytes())
     digest.update(Path(__file__).read_bytes())
