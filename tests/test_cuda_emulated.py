@@ -50,6 +50,21 @@ def test_every_op_of_the_extension_is_emulated_with_its_schema(emulated):
             assert schema == real.replace("fastformer::", f"{build.NAMESPACE}::", 1)
 
 
+@pytest.mark.parametrize("case, message", [
+    ("missing_wait", "reads shared memory .* with a cp.async to it still in flight"),
+    ("missing_barrier", "written by cp.async since the last __syncthreads"),
+    ("divergent_warp", "the lanes of warp 1 reached different warp-wide operations"),
+    ("misaligned", "misaligned address: a 16-byte access"),
+    ("shared_without_opt_in", "61440 bytes of dynamic shared memory; this kernel is allowed 49152"),
+    ("deadlock", "deadlock: 63 threads wait at __syncthreads and 1 at a warp-wide operation"),
+])
+def test_the_emulator_reports_what_would_go_wrong_on_a_gpu(emulated, case, message):
+    """tests/cuda_emulator/selftest.cpp: one kernel, run clean, then with one step left out."""
+    emulated.emulator_selftest("clean")
+    with pytest.raises(RuntimeError, match=message):
+        emulated.emulator_selftest(case)
+
+
 @pytest.mark.parametrize("shape, p", [((3, 5, 70), 0.3), ((1000,), 0.5), ((2, 7), 0.0), ((4, 9), 1.0)], ids=str)
 def test_keep_mask_kernel_gives_the_documented_mask(emulated, shape, p):
     seed = torch.tensor(2**40 + 12345, dtype=torch.int64)

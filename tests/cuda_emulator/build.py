@@ -169,6 +169,7 @@ def _compile(build_dir: Path) -> None:
         unit = units / (relative.replace("/", "__").replace(".", "_") + ".cpp")
         unit.write_text(f'// CPU emulator build of csrc/{relative}\n#include "{relative}"\n')
         unit_paths.append(str(unit))
+    unit_paths.append(str(HERE / "selftest.cpp"))  # kernels with deliberate bugs, for the emulator's own tests
     path = os.environ.get("PATH", "")
     os.environ["PATH"] = os.pathsep.join([_ninja_dir(), path])  # torch runs `ninja` from PATH
     try:
