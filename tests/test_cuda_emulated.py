@@ -50,6 +50,40 @@ def test_every_op_of_the_extension_is_emulated_with_its_schema(emulated):
             assert schema == real.replace("fastformer::", f"{build.NAMESPACE}::", 1)
 
 
+def _opcheck_cases():
+    """(op name, arguments): small calls of every op, with each optional input present somewhere."""
+    half = torch.float16
+    q = torch.randn(2, 9, 3, 50, dtype=half).transpose(1, 2)  # (B, H, L, D) view of (B, L, H, D)
+    k, v = torch.randn(2, 1, 11, 50, dtype=half), torch.randn(2, 1, 11, 40, dtype=half)
+    padding = torch.arange(11)[None, :] >= torch.tensor([11, 6])[:, None]
+    mask = torch.randn(9, 11)
+    out, lse = torch.ops.fastformer_emulated.cuda_attention_fwd(q, k, v, mask, padding, 0.2, True, 0.1, 5)
+    x, residual = torch.randn(5, 24, dtype=half), torch.randn(5, 24, dtype=half)
+    weight, bias = torch.randn(24), torch.randn(24, dtype=half)
+    normed, residual_out, _, rstd = torch.ops.fastformer_emulated.cuda_residual_norm_fwd(
+        x, residual, weight, bias, 1e-5, 0.1, False, 3, True)
+    seed = torch.tensor(77)
+    return [
+        ("cuda_attention_fwd", (q, k, v, mask, padding, 0.2, True, 0.1, 5)),
+        ("cuda_attention_fwd", (q, k, v, None, None, 0.2, False, 0.0, 0)),
+        ("cuda_attention_bwd", (torch.randn_like(out), q, k, v, out, lse, mask, padding, 0.2, True, 0.1, 5)),
+        ("cuda_residual_norm_fwd", (x, residual, weight, bias, 1e-5, 0.1, False, 3, True)),
+        ("cuda_residual_norm_fwd", (x, None, None, None, 1e-6, 0.0, True, 0, False)),
+        ("cuda_residual_norm_bwd", (torch.randn_like(x), torch.randn_like(x), residual_out, weight, bias, rstd,
+                                    0.1, False, 3, True)),
+        ("cuda_bias_gelu_fwd", (x, bias, "tanh")),
+        ("cuda_bias_gelu_bwd", (torch.randn_like(x), x, weight, "none")),
+        ("cuda_dropout_keep_mask", (seed, [3, 70], 0.3)),
+    ]
+
+
+def test_opcheck_of_every_op(emulated):
+    """torch.library.opcheck on the real kernels: the schemas, and the Meta implementations against
+    what the kernels return (shapes, strides, dtypes), with fake tensors and under AOT autograd."""
+    for name, args in _opcheck_cases():
+        torch.library.opcheck(getattr(emulated, name).default, args)
+
+
 @pytest.mark.parametrize("case, message", [
     ("missing_wait", "reads shared memory .* with a cp.async to it still in flight"),
     ("missing_barrier", "written by cp.async since the last __syncthreads"),
