@@ -88,3 +88,10 @@ def record_bias_gelu_biases(monkeypatch) -> list:
 
     monkeypatch.setattr(fastformer, "bias_gelu", spy)
     return biases
+
+
+def misaligned(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of ``t`` whose data starts one element past an allocation's start (which
+    is 16-byte aligned): no 16-byte vector access fits its rows, so kernels take their scalar path."""
+    buffer = torch.empty(t.numel() + 1, device=t.device, dtype=t.dtype)
+    return buffer[1:].view(t.shape).copy_(t)

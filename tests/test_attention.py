@@ -255,7 +255,10 @@ def finfo_min_mask(batch, length, left_padding, dtype, device):
     return mask.masked_fill(~allowed[:, None], torch.finfo(dtype).min).to(device)
 
 
-def check_finfo_min_masks_keep_sdpa_semantics(dtype, backend, device):
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_finfo_min_masks_keep_sdpa_semantics(dtype, backend, device):
     """finfo(dtype).min is finite: as in SDPA, such keys get weight 0 next to any unmasked key, and
     a row with every key masked that way still attends (uniformly: the scores vanish next to the
     mask). |finfo(bfloat16 or float32).min| * log2(e) overflows float32, which a kernel working in
@@ -278,13 +281,6 @@ def check_finfo_min_masks_keep_sdpa_semantics(dtype, backend, device):
     grads = torch.autograd.grad(out, (q, k, v), grad_out.to(dtype))
     for name, grad, want in zip("qkv", grads, torch.autograd.grad(expected, (q, k, v), grad_out)):
         assert_rel_close(grad, want, grad_tol, f"grad {name}")
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_finfo_min_masks_keep_sdpa_semantics(dtype, backend, device):
-    check_finfo_min_masks_keep_sdpa_semantics(dtype, backend, device)
 
 
 @pytest.mark.parametrize("device", DEVICES)

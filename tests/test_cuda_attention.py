@@ -19,7 +19,7 @@ import fastformer
 import reference
 from fastformer.cuda import attention as cuda_attention
 from fastformer.cuda import load_extension
-from helpers import ATTENTION_TOL, assert_rel_close, require_backend
+from helpers import ATTENTION_TOL, assert_rel_close, misaligned, require_backend
 from test_attention import finfo_min_mask
 
 HALF = [torch.float16, torch.bfloat16]
@@ -411,12 +411,6 @@ def check_odd_strides_and_unaligned_rows(dim, batch=2, heads=3, device="cuda"):
     transposed_last = [t.transpose(-1, -2).contiguous().transpose(-1, -2) for t in (q, k, v)]
     assert transposed_last[0].stride(-1) != 1
     strided = _run(*transposed_last, is_causal=True, grad_out=grad_out)
-
-    def misaligned(t):  # contiguous, but starting 2 bytes past a 16-byte boundary
-        buffer = torch.empty(t.numel() + 1, device=t.device, dtype=t.dtype)
-        view = buffer[1:].view(t.shape)
-        view.copy_(t)
-        return view
 
     unaligned = _run(*(misaligned(t) for t in (q, k, v)), is_causal=True, grad_out=misaligned(grad_out))
     for other in (contiguous, strided, unaligned):

@@ -23,9 +23,10 @@ import fastformer.cuda
 import reference
 import test_cuda_attention as cuda_tests
 from cuda_emulator import build
+from fastformer.cuda import attention as cuda_attention
 from fastformer.cuda import bias_gelu as cuda_bias_gelu
 from fastformer.cuda import layer_norm as cuda_layer_norm
-from helpers import ELEMENTWISE_TOL, PARAM_GRAD_TOL_HALF, assert_rel_close
+from helpers import ELEMENTWISE_TOL, PARAM_GRAD_TOL_HALF, assert_rel_close, misaligned
 
 @pytest.fixture(scope="module", autouse=True)
 def emulated():
@@ -193,10 +194,7 @@ NORM_CASES = [
 def test_residual_norm_matches_float64_reference(rows, n, dtype, aligned, rms, dropout_p):
     def make(*shape, dtype=dtype):
         t = torch.randn(*shape, dtype=dtype)
-        if not aligned:  # start 2 bytes off: the element-wise path
-            buffer = torch.empty(t.numel() + 1, dtype=dtype)
-            t = buffer[1:].view(t.shape).copy_(t)
-        return t
+        return t if aligned else misaligned(t)  # misaligned: the element-wise path
 
     x, residual = make(rows, n), make(rows, n)
     weight = 1 + 0.1 * torch.randn(n, dtype=torch.float32 if dtype != torch.float32 else dtype)
@@ -244,8 +242,8 @@ GELU_CASES = [
 def test_bias_gelu_matches_float64_reference(shape, dtype, bias_dtype, aligned, approximate):
     n = shape[-1]
     x = torch.randn(*shape, dtype=dtype)
-    if not aligned:  # start 2 bytes off: the element-wise path
-        x = torch.empty(x.numel() + 1, dtype=dtype)[1:].view(shape).copy_(x)
+    if not aligned:
+        x = misaligned(x)  # the element-wise path
     bias = None if bias_dtype is None else torch.randn(n, dtype=bias_dtype)
     out = cuda_bias_gelu.bias_gelu_fwd(x, bias, approximate)
     x64 = x.double().requires_grad_()
@@ -271,8 +269,6 @@ def test_bias_gelu_matches_float64_reference(shape, dtype, bias_dtype, aligned, 
 # bad inputs: clear errors from the launchers and the ops, never a wrong result
 # ----------------------------------------------------------------------------------------------
 def test_bad_inputs_are_rejected_clearly():
-    from fastformer.cuda import attention as cuda_attention
-
     q = torch.randn(1, 2, 9, 32, dtype=torch.float16)
     k = torch.randn(1, 2, 12, 32, dtype=torch.float16)
     with pytest.raises(ValueError, match=r"query must be 4-D .* got shape \(2, 9, 32\)"):

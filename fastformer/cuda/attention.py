@@ -84,7 +84,7 @@ def attention_fwd(query, key, value, attn_mask, key_padding_mask, dropout_p, is_
     _check(query, key, value)
     query, key, value = (_last_dim_contiguous(t) for t in (query, key, value))
     return cuda.kernel_ops().cuda_attention_fwd(query, key, value, attn_mask, key_padding_mask, float(scale),
-                                     bool(is_causal), float(dropout_p), _seed(seed))
+                                                bool(is_causal), float(dropout_p), _seed(seed))
 
 
 def attention_bwd(grad_out, query, key, value, out, lse, attn_mask, key_padding_mask, dropout_p,
