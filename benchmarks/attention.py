@@ -504,6 +504,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("dropout must be in [0, 1)")
     if args.batch is not None and args.batch < 1:
         parser.error("--batch must be >= 1")
+    if args.long_tokens is not None and args.long_tokens < 1:
+        parser.error(f"--long-tokens must be >= 1, got {args.long_tokens}")
     return args
 
 

@@ -1203,10 +1203,10 @@ def run_cases(args, cases: Sequence[Case], *, baseline: str, plot_x_label: str, 
             if budget.exhausted():
                 break
             new, keep_going = guarded(case.label, failures, case.bench, skips, failures)
+            rows += new  # after an error that ends the run too: what the case measured before it
             if not keep_going:
                 budget.stopped_early = True
                 break
-            rows += new
             for op in dict.fromkeys(r.op for r in new):
                 members = [r for r in new if r.op == op]
                 print_table(members, title=f"[{number}/{len(cases)}, {budget.elapsed():.0f} s] {op}  "

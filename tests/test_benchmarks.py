@@ -153,6 +153,27 @@ def test_a_device_error_stops_the_run_before_the_next_providers():
     assert keep_going and calls and {r.provider for r in rows} == {"base", "later"}
 
 
+def test_a_fatal_error_keeps_the_rows_measured_before_it(tmp_path):
+    """run_cases stops at a CUDA error but writes what that shape measured before it."""
+    import gelu
+
+    out = tmp_path / "r.json"
+    args = gelu.parse_args(["--device", "cpu", "--no-ceilings", "--no-compile", "--json", str(out)])
+    measured = [common.Row(op="op", provider="base", shape="s", dtype="float32", pass_="fwd", ms=1.0, spread=0.0)]
+
+    def crashes_after_measuring(skips, failures):
+        error = RuntimeError("CUDA error: device-side assert triggered")
+        error.partial_rows = measured
+        raise error
+
+    def never(skips, failures):
+        raise AssertionError("a case after a fatal error ran")
+
+    cases = [common.Case("s", crashes_after_measuring), common.Case("t", never)]
+    assert common.run_cases(args, cases, baseline="base", plot_x_label="x", plot_title="t") == 1
+    assert [row["provider"] for row in json.loads(out.read_text())["rows"]] == ["base"]
+
+
 def test_useful_flops_count_only_real_tokens():
     import attention
 
