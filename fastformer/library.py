@@ -285,12 +285,20 @@ def _residual_norm_save(ctx, inputs, output):
     ctx.backend = backend
 
 
-def _residual_norm_grads(ctx, grad_out, grad_residual_out, grad_mean, grad_rstd, *, backward):
+def _residual_norm_grads(ctx, grad_out, grad_residual_out, grad_mean, grad_rstd, *, backward,
+                         share_residual_grad=True):
+    """``share_residual_grad``: without dropout, x and residual get one and the same gradient (that
+    of ``residual_out = x + residual``); the kernel then writes it once and both inputs receive
+    that tensor, as PyTorch's own ``x + residual`` does: a fifth less memory traffic in the
+    backward. Custom op outputs may not alias, so under torch.compile the kernel writes both."""
     normed, weight, bias, mean, rstd, seed = ctx.saved_tensors
     dropout_p, rms, has_residual, store_residual = ctx.options
+    shared = share_residual_grad and has_residual and dropout_p == 0.0
     grad_x, grad_residual, grad_weight, grad_bias = backward(
         grad_out, grad_residual_out if store_residual else None, normed, weight, bias, mean, rstd,
-        dropout_p, rms, seed, has_residual, ctx.backend)
+        dropout_p, rms, seed, has_residual and not shared, ctx.backend)
+    if shared:
+        grad_residual = grad_x
     return (grad_x, grad_residual if has_residual else None,
             grad_weight if weight is not None else None, grad_bias if bias is not None else None,
             None, None, None, None, None, None)
@@ -345,7 +353,7 @@ class ResidualNormFunction(torch.autograd.Function):
     @staticmethod
     @_first_order_unless_differentiable("residual_layer_norm", "residual norm")
     def backward(ctx, *grads):
-        return _residual_norm_grads(ctx, *grads, backward=_residual_norm_backward)
+        return _residual_norm_grads(ctx, *grads, backward=_residual_norm_backward, share_residual_grad=True)
 
 
 residual_norm = _eager_or_compiled(ResidualNormFunction, residual_norm_fwd,

@@ -204,6 +204,33 @@ def test_strided_inputs_and_an_output_scaled_in_place(norm, backend, autograd, d
         assert_rel_close(grad, expected_grad, grad_tol, f"grad {name}")
 
 
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("norm", NORMS)
+def test_without_dropout_x_and_residual_share_one_gradient(norm, backend, device, monkeypatch):
+    """Without dropout the kernel writes the gradient of residual_out once and x and residual both
+    receive it (eager mode, the autograd.Function), as PyTorch's ``x + residual`` does; the
+    leaves' .grad still end up as separate tensors, and a second backward accumulates into each."""
+    from fastformer import library
+
+    monkeypatch.setattr(library, "NATIVE_AUTOGRAD", False)  # the torch backend too
+    x, residual, weight, _ = make_inputs((6, 40), "residual+weight", torch.float32, device)
+    require(backend, norm, x, residual, weight, None)
+    out, residual_out = run_norm(norm, x, residual, weight, None, 1e-5, backend=backend)
+    expected, expected_residual = reference.residual_norm(x, residual, weight, None, 1e-5, norm == "rms")
+    grads64 = (torch.randn_like(expected), torch.randn_like(expected))
+    grads = tuple(g.float() for g in grads64)
+    grad_x, grad_residual = torch.autograd.grad((out, residual_out), (x, residual), grads, retain_graph=True)
+    assert grad_x.data_ptr() == grad_residual.data_ptr()
+    want = torch.autograd.grad((expected, expected_residual), (x,), grads64)[0]
+    assert_rel_close(grad_x, want, ELEMENTWISE_TOL[torch.float32][1], "grad x")
+    torch.autograd.backward((out, residual_out), grads, retain_graph=True)
+    torch.autograd.backward((out, residual_out), grads)
+    assert x.grad.data_ptr() != residual.grad.data_ptr()
+    assert_rel_close(x.grad, 2 * want, ELEMENTWISE_TOL[torch.float32][1], "x.grad")
+    assert_rel_close(residual.grad, 2 * want, ELEMENTWISE_TOL[torch.float32][1], "residual.grad")
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("norm", NORMS)
