@@ -81,14 +81,7 @@ def _prepare_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_caus
         check.check_same_device(op, "query", query, key_padding_mask=key_padding_mask)
     dropout_p = check.check_probability(op, "dropout_p", dropout_p)
     is_causal = check.check_bool(op, "is_causal", is_causal)
-    if scale is None:
-        scale = 1.0 / math.sqrt(head_dim)
-    elif not check.is_real_number(scale):
-        raise TypeError(f"{op}: scale must be a float or None, got {type(scale).__name__} {scale!r}")
-    elif not math.isfinite(scale):
-        raise ValueError(f"{op}: scale must be finite, got {scale}")
-    else:
-        scale = float(scale)
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else check.check_finite(op, "scale", scale)
     float_mask = mask is not None and mask.dtype != torch.bool
     needs = _needs(
         dropout=dropout_p > 0.0,
@@ -139,6 +132,8 @@ def _prepare_residual_norm(op, x, residual, weight, bias, eps, dropout_p, rms):
     if hidden == 0:
         raise ValueError(f"{op}: the last dim of x (the normalised size) must be >= 1, "
                          f"got shape {check.shape_of(x)}")
+    check.check_vector(op, "weight", weight, hidden, x.dtype, x.device)
+    check.check_vector(op, "bias", bias, hidden, x.dtype, x.device)
     if residual is not None:
         check.check_tensor(op, "residual", residual)
         if residual.shape != x.shape:
@@ -150,8 +145,9 @@ def _prepare_residual_norm(op, x, residual, weight, bias, eps, dropout_p, rms):
             # autocast meets a float32 residual stream). Casts are differentiable.
             dtype = torch.promote_types(x.dtype, residual.dtype)
             x, residual = x.to(dtype), residual.to(dtype)
-    check.check_vector(op, "weight", weight, hidden, x.dtype, x.device)
-    check.check_vector(op, "bias", bias, hidden, x.dtype, x.device)
+            # Parameters in x's own dtype follow it (the kernels take x's dtype or float32).
+            weight, bias = (t if t is None or t.dtype in (dtype, torch.float32) else t.to(dtype)
+                            for t in (weight, bias))
     eps = check.check_positive(op, "eps", eps)
     dropout_p = check.check_probability(op, "dropout_p", dropout_p)
     needs = _needs(dropout=dropout_p > 0.0, residual=residual is not None, weight=weight is not None,

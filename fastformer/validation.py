@@ -69,12 +69,29 @@ def check_probability(op: str, name: str, p) -> float:
     return float(p)
 
 
+def _as_finite_float(op: str, name: str, value, what: str) -> float:
+    # Comparisons rather than math.isfinite, so that torch.compile(dynamic=True) traces them on
+    # symbolic floats; NaN fails both. An int too large for a float passes them, not float().
+    if value < math.inf and value > -math.inf:
+        try:
+            return float(value)
+        except OverflowError:
+            pass
+    raise ValueError(f"{op}: {name} must be a {what}, got {value}")
+
+
 def check_positive(op: str, name: str, value) -> float:
     if not is_real_number(value):
         raise TypeError(f"{op}: {name} must be a positive float, got {type(value).__name__} {value!r}")
-    if not (value > 0.0 and math.isfinite(value)):
+    if not value > 0.0:
         raise ValueError(f"{op}: {name} must be a positive finite float, got {value}")
-    return float(value)
+    return _as_finite_float(op, name, value, "positive finite float")
+
+
+def check_finite(op: str, name: str, value) -> float:
+    if not is_real_number(value):
+        raise TypeError(f"{op}: {name} must be a float or None, got {type(value).__name__} {value!r}")
+    return _as_finite_float(op, name, value, "finite float")
 
 
 def check_bool(op: str, name: str, value) -> bool:

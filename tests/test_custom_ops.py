@@ -129,6 +129,18 @@ def test_compile_fullgraph_matches_eager():
         torch.testing.assert_close(grad, expected)
 
 
+def test_compile_fullgraph_with_dynamic_shapes():
+    """dynamic=True: sizes and Python floats (eps and scale left at their defaults included) are
+    symbolic, and the argument checks must trace on them; a second length reuses the graph."""
+    torch._dynamo.reset()
+    model = TinyEncoderLayer()
+    compiled = torch.compile(model, fullgraph=True, dynamic=True)
+    for length in (11, 7):
+        x, padding = _inputs()
+        x, padding = x[:, :length], padding[:, :length]
+        torch.testing.assert_close(compiled(x, padding), model(x, padding))
+
+
 def test_compile_fullgraph_with_dropout_draws_a_fresh_mask_each_step():
     torch._dynamo.reset()
     model = TinyEncoderLayer(dropout_p=0.2)
@@ -203,7 +215,8 @@ def _double_backward_case(op, dtype):
 
 
 # How each path handles second derivatives: "exact" (checked by gradgradcheck) or "refused"
-# (fastformer raises). PyTorch's own SDPA kernels (the native path without a mask) raise too.
+# (fastformer raises). The attention case has Dv != D, which sends SDPA to its math kernel: SDPA's
+# fused kernels cannot be differentiated twice (next test).
 DOUBLE_BACKWARD = {
     ("torch", True): dict.fromkeys(["attention", "residual_layer_norm", "bias_gelu"], "exact"),
     # the autograd.Function path: the torch backend's explicit backward
@@ -211,6 +224,19 @@ DOUBLE_BACKWARD = {
     ("triton", True): dict.fromkeys(["attention", "residual_layer_norm", "bias_gelu"], "refused"),
     ("cuda", True): dict.fromkeys(["attention", "residual_layer_norm", "bias_gelu"], "refused"),
 }
+
+
+def test_double_backward_of_attention_in_sdpa_math_mode():
+    """Dv == D: PyTorch's fused SDPA kernel would run, whose backward cannot be differentiated
+    again (PyTorch's own error); inside sdpa_kernel(MATH), as the README says, it is exact."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v = (torch.randn(2, 2, 5, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    pad = torch.tensor([[False] * 4 + [True], [False] * 5])
+    with sdpa_kernel([SDPBackend.MATH]):
+        assert torch.autograd.gradgradcheck(
+            lambda q, k, v: fastformer.attention(q, k, v, key_padding_mask=pad, is_causal=True, backend="torch"),
+            (q, k, v))
 
 
 @pytest.mark.parametrize("op", ["attention", "residual_layer_norm", "bias_gelu"])

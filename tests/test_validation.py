@@ -126,10 +126,11 @@ ATTENTION_ERRORS = [
     ("causal-str", dict(is_causal="True"), TypeError, r"is_causal must be a bool, got str"),
     ("causal-none", dict(is_causal=None), TypeError, r"is_causal must be a bool, got NoneType"),
     # scale
-    ("scale-nan", dict(scale=float("nan")), ValueError, r"scale must be finite, got nan"),
-    ("scale-inf", dict(scale=float("inf")), ValueError, r"scale must be finite, got inf"),
-    ("scale-neg-inf", dict(scale=float("-inf")), ValueError, r"scale must be finite, got -inf"),
+    ("scale-nan", dict(scale=float("nan")), ValueError, r"scale must be a finite float, got nan"),
+    ("scale-inf", dict(scale=float("inf")), ValueError, r"scale must be a finite float, got inf"),
+    ("scale-neg-inf", dict(scale=float("-inf")), ValueError, r"scale must be a finite float, got -inf"),
     ("scale-str", dict(scale="a"), TypeError, r"scale must be a float or None, got str"),
+    ("scale-huge-int", dict(scale=10**400), ValueError, r"scale must be a finite float, got 1000"),
     # backend
     ("backend-unknown", dict(backend="nope"), ValueError, r"backend must be one of.*'nope'"),
     ("backend-empty", dict(backend=""), ValueError, r"backend must be one of.*''"),
@@ -204,6 +205,7 @@ NORM_ERRORS = [
     ("eps-negative", dict(eps=-1e-5), ValueError, r"eps must be a positive finite float, got -1e-05"),
     ("eps-nan", dict(eps=float("nan")), ValueError, r"eps must be a positive finite float, got nan"),
     ("eps-inf", dict(eps=float("inf")), ValueError, r"eps must be a positive finite float, got inf"),
+    ("eps-huge-int", dict(eps=10**400), ValueError, r"eps must be a positive finite float, got 1000"),
     ("eps-str", dict(eps="1e-5"), TypeError, r"eps must be a positive float, got str"),
     ("eps-none", dict(eps=None), TypeError, r"eps must be a positive float, got NoneType"),
     ("dropout-negative", dict(dropout_p=-0.5), ValueError, r"dropout_p must be in \[0, 1\), got -0\.5"),
@@ -399,6 +401,12 @@ def test_norms_promote_x_and_residual_of_different_dtypes(op):
     torch.testing.assert_close(out, expected_out)
     grad_x, grad_residual = torch.autograd.grad(out.sum() + residual_out.sum(), (x, residual))
     assert grad_x.dtype == torch.bfloat16 and grad_residual.dtype == torch.float32
+    # parameters in x's own dtype are accepted too (and promoted along), as documented
+    weight = randn(N, dtype=torch.bfloat16).requires_grad_()
+    out, _ = NORMS[op](x, residual, weight, dropout_p=0)
+    expected_out, _ = NORMS[op](x.float(), residual, weight.float(), dropout_p=0)
+    torch.testing.assert_close(out, expected_out)
+    assert torch.autograd.grad(out.sum(), weight)[0].dtype == torch.bfloat16
 
 
 def test_norms_accept_none_params_and_1d_x():
