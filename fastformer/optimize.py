@@ -37,7 +37,7 @@ from torch import nn
 import fastformer
 from fastformer import dispatch
 from fastformer.nn import FastMultiheadAttention, FastTransformerEncoder, FastTransformerEncoderLayer
-from fastformer.nn.encoder import linear_bias_gelu
+from fastformer.nn.encoder import has_hooks, is_plain, linear_bias_gelu
 
 __all__ = ["OptimizeReport", "optimize"]
 
@@ -360,7 +360,9 @@ def _gelu_kind(activation) -> str | None:
     """"none" / "tanh" for the GELUs bias_gelu computes exactly, else None."""
     if activation is F.gelu:
         return "none"
-    if isinstance(activation, nn.GELU):
+    if has_hooks(activation):  # the fused forward would not call it
+        return None
+    if type(activation) is nn.GELU:  # a subclass may compute something else
         return activation.approximate
     name = type(activation).__name__
     if name == "GELUActivation" and getattr(activation, "act", F.gelu) is F.gelu:
@@ -414,8 +416,27 @@ def _evaluating(*modules):
             sub.training = training
 
 
+def _as_optimized(module, kind) -> bool:
+    """Whether a swapped block is still as optimize found it: its parts plain torch.nn modules
+    (none swapped since for a wrapper such as a LoRA adapter, none hooked) and its activation the
+    GELU it fused. If not, the block's original forward runs, calling every part as it is."""
+    for path, cls in _PART_PATHS[kind]:
+        part = module
+        for name in path:  # through _modules: nn.Module.__getattr__ is slow, and this runs every call
+            part = part._modules.get(name)
+        if not is_plain(part, cls):
+            return False
+    return kind == "output" or _gelu_kind(_activation(kind, module)) == module.fastformer_gelu
+
+
+def _original_forward(module, *args, **kwargs):
+    return _original_class(module).forward(module, *args, **kwargs)
+
+
 def _fused_output_forward(self, hidden_states, input_tensor):
     """LayerNorm(dropout(dense(h)) + input) with the last three steps in one fused op."""
+    if not _as_optimized(self, "output"):
+        return _original_forward(self, hidden_states, input_tensor)
     dropout_p = self.dropout.p if self.training else 0.0
     out, _ = fastformer.residual_layer_norm(self.dense(hidden_states), input_tensor, self.LayerNorm.weight,
                                             self.LayerNorm.bias, self.LayerNorm.eps, dropout_p,
@@ -425,6 +446,8 @@ def _fused_output_forward(self, hidden_states, input_tensor):
 
 def _fused_intermediate_forward(self, hidden_states):
     """gelu(dense(h)), the dense's bias fused into the GELU where that saves a pass."""
+    if not _as_optimized(self, "intermediate"):
+        return _original_forward(self, hidden_states)
     return linear_bias_gelu(hidden_states, self.dense, self.fastformer_gelu,
                             backend=getattr(self, "fastformer_backend", None))
 
@@ -433,6 +456,8 @@ def _fused_distilbert_block_forward(self, hidden_states, attention_mask=None, **
     """DistilBERT's block: x = LayerNorm(attention(h) + h); out = LayerNorm(dropout(FFN(x)) + x),
     each residual add (with its dropout) fused into its LayerNorm, the FFN's bias into its GELU
     (``fastformer_gelu``; None: another activation, run as is)."""
+    if not _as_optimized(self, "distilbert block"):
+        return _original_forward(self, hidden_states, attention_mask, **kwargs)
     backend = getattr(self, "fastformer_backend", None)
     attention_output, _ = self.attention(hidden_states, attention_mask=attention_mask, **kwargs)
     norm = self.sa_layer_norm
@@ -466,6 +491,11 @@ _HF_BLOCKS = {
 }
 
 
+# Each block's parts as (attribute names, class), for _as_optimized.
+_PART_PATHS = {kind: tuple((tuple(path.split(".")), cls) for path, cls in block.parts.items())
+               for kind, block in _HF_BLOCKS.items()}
+
+
 # --------------------------------------------------------------------------------------------
 # verify=True
 # --------------------------------------------------------------------------------------------
@@ -492,11 +522,24 @@ def _private_generator(device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(0)
 
 
+@contextlib.contextmanager
+def _pytorch_fast_path_off():
+    """PyTorch's inference fast path of nn.TransformerEncoderLayer / nn.MultiheadAttention (eval,
+    no grad) deviates from their own definition (it takes any nn.GELU for the exact one, e.g.):
+    verify against the definition, which the fast modules follow."""
+    was = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(was)
+
+
 def _verify_module(name, original, fast):
     parameter = next(fast.parameters())
     like = dict(dtype=parameter.dtype, device=parameter.device, generator=_private_generator(parameter.device))
     batch, length = 2, 7
-    with _evaluating(original, fast), torch.no_grad():  # no dropout
+    with _evaluating(original, fast), torch.no_grad(), _pytorch_fast_path_off():  # no dropout
         if isinstance(original, nn.MultiheadAttention):
             def inputs(dim, size):
                 shape = (batch, size, dim) if original.batch_first else (size, batch, dim)

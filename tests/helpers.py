@@ -95,3 +95,21 @@ def misaligned(t: torch.Tensor) -> torch.Tensor:
     is 16-byte aligned): no 16-byte vector access fits its rows, so kernels take their scalar path."""
     buffer = torch.empty(t.numel() + 1, device=t.device, dtype=t.dtype)
     return buffer[1:].view(t.shape).copy_(t)
+
+
+class LoRALinear(torch.nn.Module):
+    """A low-rank adapter around a Linear, as peft puts in place of one: it exposes the wrapped
+    layer's weight and bias, but its forward adds more."""
+
+    def __init__(self, base: torch.nn.Linear, rank=2):
+        super().__init__()
+        self.base = base
+        self.down = torch.nn.Linear(base.in_features, rank, bias=False, dtype=base.weight.dtype)
+        self.up = torch.nn.Linear(rank, base.out_features, bias=False, dtype=base.weight.dtype)
+        torch.nn.init.normal_(self.up.weight)
+
+    weight = property(lambda self: self.base.weight)
+    bias = property(lambda self: self.base.bias)
+
+    def forward(self, x):
+        return self.base(x) + self.up(self.down(x))

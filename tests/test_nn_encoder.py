@@ -13,7 +13,7 @@ from torch import nn
 import fastformer
 from fastformer.nn.encoder import FastTransformerEncoderLayer
 from fastformer.nn.multihead_attention import FastMultiheadAttention
-from helpers import record_bias_gelu_biases, require_backend
+from helpers import LoRALinear, record_bias_gelu_biases, require_backend
 
 # PyTorch warns when a float causal mask meets a bool padding mask ("causal+padding"); so does
 # FastMultiheadAttention, as PyTorch's MultiheadAttention.
@@ -201,6 +201,42 @@ def test_linear1_bias_goes_where_it_is_cheapest(backend, bias_fused, monkeypatch
     torch.testing.assert_close(fast(x), ref(x), atol=1e-4, rtol=1e-4)
     assert len(biases) == 1 and (biases[0] is fast.linear1.bias) == bias_fused
     assert bias_fused or biases[0] is None
+
+
+class DoubledGELU(nn.GELU):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+@pytest.mark.parametrize("backend", [None, "triton"])
+@pytest.mark.parametrize("change", ["lora linear1", "gelu subclass", "rms norm2", "hooked norm1"])
+def test_submodules_changed_after_construction_run_as_they_are(change, backend):
+    """A LoRA adapter put in place of linear1, a GELU subclass, a norm swapped for another kind, a
+    hook: the fused forward would skip them (it reads parameters, not modules), so the layer calls
+    them as PyTorch's does. Triton (in its interpreter) is the backend that fuses linear1's bias."""
+    ref, fast = make_pair(False, "gelu", dtype=torch.float32, dropout=0.0)
+    fast.fastformer_backend = backend
+    if backend is not None:
+        require_backend(backend, "bias_gelu", torch.randn(2, D_FF), fast.linear1.bias)
+    torch.manual_seed(1)
+    calls = []
+    for layer in (ref, fast):
+        if change == "lora linear1":
+            layer.linear1 = LoRALinear(layer.linear1)
+        elif change == "gelu subclass":
+            layer.activation = DoubledGELU()
+        elif change == "rms norm2":
+            layer.norm2 = nn.RMSNorm(D_MODEL, eps=1e-5)
+        else:
+            layer.norm1.register_forward_hook(lambda module, args, out: calls.append(out.sum().item()))
+        if change != "hooked norm1":
+            torch.manual_seed(1)  # the same new weights in both layers
+    if change != "hooked norm1":
+        fast.load_state_dict(ref.state_dict())
+    x = torch.randn(S, B, D_MODEL)
+    torch.testing.assert_close(fast(x), ref(x), atol=1e-4, rtol=1e-4)
+    if change == "hooked norm1":
+        assert len(calls) == 2 and calls[0] == pytest.approx(calls[1], rel=1e-4, abs=1e-3)
 
 
 def test_self_attn_is_fast_and_shares_parameters():

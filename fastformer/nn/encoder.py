@@ -26,11 +26,24 @@ from fastformer.torch_backend.dropout import dropout, dropout_add
 __all__ = ["FastTransformerEncoder", "FastTransformerEncoderLayer"]
 
 
+def is_plain(module, cls: type) -> bool:
+    """Whether ``module`` is exactly a ``cls`` without hooks, so that a fused forward may use its
+    parameters instead of calling it. A subclass, a wrapper put in its place (a LoRA adapter), or
+    a hook would be silently skipped otherwise: those modules are called as they are."""
+    return type(module) is cls and not has_hooks(module)
+
+
+def has_hooks(module) -> bool:
+    """Whether a forward or backward hook is registered on ``module`` (a function: never)."""
+    return isinstance(module, nn.Module) and bool(module._forward_hooks or module._forward_pre_hooks
+                                                  or module._backward_hooks or module._backward_pre_hooks)
+
+
 def _gelu_approximate(activation) -> str | None:
     """"none"/"tanh" when ``activation`` is a GELU that ``bias_gelu`` computes exactly, else None."""
     if activation is F.gelu:
         return "none"
-    if isinstance(activation, nn.GELU):
+    if is_plain(activation, nn.GELU):
         return activation.approximate
     return None
 
@@ -71,6 +84,11 @@ class FastTransformerEncoderLayer(nn.TransformerEncoderLayer):
     runs on the torch backend, e.g. on the CPU, the bias stays in ``linear1``'s GEMM instead: there
     the fusion would only add a pass); ReLU or any other callable keeps PyTorch's path
     (``F.linear`` with bias, then the activation).
+
+    Submodules are read, not called, by the fused ops; so a part that is no longer PyTorch's own
+    plain module (a LoRA adapter put in place of ``linear1``, an ``nn.GELU`` subclass, another norm)
+    or that carries a hook is called as it is: ``linear1`` and the activation unfused, and for
+    the norms and dropouts PyTorch's forward of the whole layer.
 
     Masks, PyTorch's conventions: ``src_mask`` (S, S) or (N * nhead, S, S), bool (True = may NOT
     attend) or additive float; ``src_key_padding_mask`` (N, S) (or (S,) for unbatched input), bool
@@ -115,7 +133,19 @@ class FastTransformerEncoderLayer(nn.TransformerEncoderLayer):
             return self._forward_nested(src, src_mask, src_key_padding_mask, is_causal)
         if src.dim() not in (2, 3):
             raise AssertionError(f"src should be 2-D (unbatched) or 3-D (batched), got {src.dim()}-D")
+        if not self._fusable():
+            return super().forward(src, src_mask=src_mask, src_key_padding_mask=src_key_padding_mask,
+                                   is_causal=is_causal)
         return self._forward_dense(src, src_mask, src_key_padding_mask, is_causal)
+
+    def _fusable(self) -> bool:
+        """Whether the norms and dropouts that the fused ops replace are PyTorch's own, without
+        hooks; else (a module swapped in after construction, a hook) PyTorch's forward runs, which
+        calls every submodule (the attention still through ``self.self_attn``)."""
+        modules = self._modules  # (faster than nn.Module.__getattr__: this runs every call)
+        return (is_plain(modules["norm1"], nn.LayerNorm) and is_plain(modules["norm2"], nn.LayerNorm)
+                and is_plain(modules["dropout1"], nn.Dropout) and is_plain(modules["dropout2"], nn.Dropout)
+                and is_plain(modules["dropout"], nn.Dropout))
 
     def _forward_dense(self, x: Tensor, src_mask, padding, is_causal) -> Tensor:
         """x: (S, N, E), (N, S, E) or (S, E); the per-token ops do not care which."""
@@ -175,8 +205,10 @@ def linear_bias_gelu(x: Tensor, linear: nn.Linear, approximate: str, backend: st
     """``gelu(linear(x))``, the bias where it is cheapest: a GEMM without it, then
     ``fastformer.bias_gelu`` with it; except where that bias_gelu call would run PyTorch's own GELU
     (the torch backend, e.g. on the CPU): there fusing the bias saves nothing and costs a pass, so
-    the GEMM keeps it (one addmm), as in PyTorch's layer. Also used by ``fastformer.optimize``."""
-    if linear.bias is None or keeps_bias_in_gemm(x, linear.out_features, approximate, backend):
+    the GEMM keeps it (one addmm), as in PyTorch's layer. A ``linear`` that is not a plain
+    ``nn.Linear`` (a LoRA wrapper, a hook) is called as it is. Also used by ``fastformer.optimize``."""
+    if not is_plain(linear, nn.Linear) or linear.bias is None or keeps_bias_in_gemm(
+            x, linear.out_features, approximate, backend):
         return fastformer.bias_gelu(linear(x), None, approximate, backend=backend)
     return fastformer.bias_gelu(F.linear(x, linear.weight), linear.bias, approximate, backend=backend)
 
