@@ -170,9 +170,10 @@ def residual_layer_norm(x, residual, weight, bias, eps=1e-5, dropout_p=0.0, *, b
     """``residual_out = dropout(x) + residual``; ``out = layer_norm(residual_out) * weight + bias``.
 
     x: (..., N); residual: same shape, or None; weight, bias: (N,) in x's dtype or float32, or
-    None. Statistics in float32 whatever the input dtype. Returns (out, residual_out), both in x's
-    dtype; when residual has another dtype (e.g. a bfloat16 sublayer output under autocast and a
-    float32 residual stream), both are first promoted as ``x + residual`` would be.
+    None. Statistics in float32 whatever the input dtype (float64 for float64). Returns (out,
+    residual_out), both in x's dtype; when residual has another dtype (e.g. a bfloat16 sublayer
+    output under autocast and a float32 residual stream), both are first promoted as
+    ``x + residual`` would be.
     """
     return _residual_norm("residual_layer_norm", x, residual, weight, bias, eps, dropout_p, False, backend)
 

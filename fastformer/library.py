@@ -316,8 +316,9 @@ def residual_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Te
 @residual_norm_fwd.register_fake
 def _(x, residual, weight, bias, eps, dropout_p, rms, seed, store_residual, backend):
     rows = math.prod(x.shape[:-1])
+    stats = torch.promote_types(x.dtype, torch.float32)  # float64 for float64 inputs (torch backend)
     return (_empty(x), _empty(x) if store_residual else _absent(x),
-            x.new_empty(0 if rms else rows, dtype=torch.float32), x.new_empty(rows, dtype=torch.float32))
+            x.new_empty(0 if rms else rows, dtype=stats), x.new_empty(rows, dtype=stats))
 
 
 @torch.library.custom_op("fastformer::residual_norm_bwd", mutates_args=())

@@ -159,6 +159,23 @@ def test_gradcheck_float64(norm, backend):
     assert torch.autograd.gradcheck(run, (x, residual, weight, bias))
 
 
+@pytest.mark.parametrize("norm", NORMS)
+def test_float64_gradients_keep_float64_digits_through_the_explicit_backward(norm, monkeypatch):
+    """The torch backend's explicit backward (torch.compile's path) reuses the forward's rstd:
+    kept in float64 for float64 inputs, the gradients are exact to float64 rounding."""
+    from fastformer import library
+
+    monkeypatch.setattr(library, "NATIVE_AUTOGRAD", False)
+    x, residual, weight, bias = make_inputs((7, 33), "residual+weight+bias", torch.float64, "cpu")
+    bias = bias if norm == "layer" else None
+    inputs = [t for t in (x, residual, weight, bias) if t is not None]
+    outs = run_norm(norm, x, residual, weight, bias, 1e-5, backend="torch")
+    expected = reference.residual_norm(x, residual, weight, bias, 1e-5, norm == "rms")
+    grads = (torch.randn_like(outs[0]), torch.randn_like(outs[0]))
+    for got, want in zip(torch.autograd.grad(outs, inputs, grads), torch.autograd.grad(expected, inputs, grads)):
+        assert_rel_close(got, want, 1e-12, "gradient")
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_without_residual_and_dropout_residual_out_is_x(backend, device):

@@ -1,4 +1,5 @@
-"""Residual + dropout + LayerNorm / RMSNorm composed from PyTorch ops, in float32 statistics.
+"""Residual + dropout + LayerNorm / RMSNorm composed from PyTorch ops, in float32 statistics
+(float64 for float64 inputs).
 
 Forward, on rows of size N (x and residual are (..., N); the backward gets them as (rows, N)):
     r   = dropout(x) + residual            (residual_out, rounded to the input dtype)
@@ -62,7 +63,9 @@ def _dropped(x, dropout_p, seed, dtype, native_dropout=False):
 
 def residual_norm_fwd(x, residual, weight, bias, eps, dropout_p, rms, seed, store_residual, *,
                       native_dropout=False):
-    """Returns (out, residual_out or empty, mean or empty, rstd), mean/rstd float32 of shape (rows,).
+    """Returns (out, residual_out or empty, mean or empty, rstd), mean/rstd of shape (rows,) in
+    float32 (float64 for float64 inputs: the backward reuses rstd, and float32 would cost half
+    the digits of float64 gradients).
 
     ``native_dropout``: a mask drawn now under autograd (``torch_backend.dropout.dropout``)
     instead of the one regenerated from ``seed`` (for :func:`eager_residual_norm_fwd`, where
@@ -90,7 +93,7 @@ def residual_norm_fwd(x, residual, weight, bias, eps, dropout_p, rms, seed, stor
         y, mean, rstd = torch.native_layer_norm(r - shift, [r.shape[-1]], _cast(weight, dtype),
                                                 _cast(bias, dtype), eps)
         mean, rstd = mean.reshape(-1) + shift.reshape(-1), rstd.reshape(-1)
-    return y.to(x.dtype), residual_out, mean.float(), rstd.float()
+    return y.to(x.dtype), residual_out, mean.to(dtype), rstd.to(dtype)
 
 
 def eager_residual_norm_fwd(x, residual, weight, bias, eps, dropout_p, rms, seed, store_residual):
