@@ -768,22 +768,29 @@ def outputs_and_grads(fn: Callable[[], Any], grad_inputs: Sequence[torch.Tensor]
 
 
 def compare(fn, baseline_fn, grad_inputs, grad_outputs, passes: Sequence[str],
-            baseline_grad_inputs=None) -> dict[str, float]:
+            baseline_grad_inputs=None, param_grads_from: int | None = None) -> dict[str, float]:
     """pass -> relative error against the baseline (forward: worst output; backward: worst grad).
 
     ``baseline_grad_inputs``: what the baseline's gradients are taken w.r.t., when not the same
     tensors (e.g. each module's own parameters, in the same order); default ``grad_inputs``.
+    ``param_grads_from``: the gradients from this index on are of weights and biases (sums over
+    every row, with a looser tolerance): their worst error goes under "params", not the passes.
     """
     backward = any(p != "fwd" for p in passes)
     if baseline_grad_inputs is None:
         baseline_grad_inputs = grad_inputs
     outs, grads = outputs_and_grads(fn, grad_inputs, grad_outputs, backward)
     ref_outs, ref_grads = outputs_and_grads(baseline_fn, baseline_grad_inputs, grad_outputs, backward)
-    errors = {"fwd": max(relative_error(o, r) for o, r in zip(outs, ref_outs))}
+    errors = {p: max(relative_error(o, r) for o, r in zip(outs, ref_outs)) for p in passes}
     if backward:
-        pairs = [(g, r) for g, r in zip(grads, ref_grads) if g is not None and r is not None]
-        errors["bwd"] = errors["fwd+bwd"] = max((relative_error(g, r) for g, r in pairs), default=0.0)
-    return {p: errors[p] for p in passes}
+        split = len(grads) if param_grads_from is None else param_grads_from
+        pairs = [(i, g, r) for i, (g, r) in enumerate(zip(grads, ref_grads)) if g is not None and r is not None]
+        for pass_ in passes:
+            if pass_ != "fwd":
+                errors[pass_] = max((relative_error(g, r) for i, g, r in pairs if i < split), default=0.0)
+        if param_grads_from is not None:
+            errors["params"] = max((relative_error(g, r) for i, g, r in pairs if i >= split), default=0.0)
+    return errors
 
 
 def pass_call(fn: Callable[[], Any], grad_inputs, grad_outputs, pass_: str) -> Callable[[], Any]:
@@ -828,11 +835,15 @@ def rate_fields(work: float, kind: str, ms: float, ceilings: dict[str, Any] | No
 
 def run_providers(op: str, providers: dict[str, Callable], baseline: str, grad_inputs, grad_outputs,
                   args, *, label: str, suite: str, group: str, size: int | None,
-                  work: dict[str, float] | None, kind: str, tolerances: tuple[float, float],
+                  work: dict[str, float] | None, kind: str, tolerances: tuple[float, ...],
                   check: bool, skips: Skips, failures: dict[str, str],
-                  refusal: Callable[[str, BaseException, list], str | None] | None = None) -> list[Row]:
+                  refusal: Callable[[str, BaseException, list], str | None] | None = None,
+                  param_grads_from: int | None = None) -> list[Row]:
     """Check and time every provider of one shape, the baseline first (it must run).
 
+    ``tolerances``: (forward, gradients) or, with ``param_grads_from`` (see :func:`compare`),
+    (forward, input gradients, weight and bias gradients); the rows' ``rel_err`` of a backward
+    pass is that of the input gradients, and a note says when a weight or bias gradient is off.
     ``grad_inputs``: the tensors gradients are taken w.r.t., or provider -> such a list.
     ``work``: pass -> FLOPs (``kind="flops"``) or bytes (``kind="bytes"``), None for no rate.
     ``refusal(name, exc, caught_warnings)``: the reason when a provider merely does not support
@@ -859,7 +870,8 @@ def run_providers(op: str, providers: dict[str, Callable], baseline: str, grad_i
                 errors = None
                 if check and name != baseline:
                     errors = compare(fn, baseline_fn, inputs_of(name), grad_outputs, args.passes,
-                                     baseline_grad_inputs=inputs_of(baseline))
+                                     baseline_grad_inputs=inputs_of(baseline),
+                                     param_grads_from=param_grads_from)
                 else:  # run once anyway: compiles, autotunes, and shows a refusal before timing
                     outputs_and_grads(fn, inputs_of(name), grad_outputs, False)
                 first_s = time.perf_counter() - start
@@ -872,6 +884,10 @@ def run_providers(op: str, providers: dict[str, Callable], baseline: str, grad_i
                         tolerance = tolerances[0 if pass_ == "fwd" else 1]
                         if not rel_err <= tolerance:
                             notes.append(f"MISMATCH (tolerance {tolerance:g})")
+                        params_err = errors.get("params")
+                        if pass_ != "fwd" and params_err is not None and not params_err <= tolerances[2]:
+                            notes.append(f"MISMATCH of a weight/bias gradient ({params_err:.2g}, "
+                                         f"tolerance {tolerances[2]:g})")
                     if "compile" in name and pass_ == args.passes[0]:
                         notes.append(f"first call {first_s:.1f} s")
                     rates = rate_fields(work[pass_], kind, ms, args_ceilings) if work else {}

@@ -109,6 +109,31 @@ def test_plot(run):
     assert (out / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_weight_and_bias_gradients_are_checked_at_their_own_tolerance():
+    """rel_err of a backward pass is that of the input gradients; a weight/bias gradient (a sum
+    over rows, looser tolerance) that is off gets its own note, and does not hide an input's."""
+    import argparse
+
+    x, bias = torch.randn(16, 8, requires_grad=True), torch.randn(8, requires_grad=True)
+
+    # the same output; the bias gradient 5% off, the x gradient exact
+    providers = {"base": lambda: x + bias, "off": lambda: x + bias.detach() + 0.95 * (bias - bias.detach())}
+    args = argparse.Namespace(device="cpu", passes=["fwd", "bwd"], warmup=0, repeats=1, dtype="float32",
+                              ceilings=None)
+
+    def notes(tolerances):
+        rows = common.run_providers("op", providers, "base", [x, bias], (torch.randn(16, 8),), args, label="s",
+                                    suite="t", group="g", size=None, work=None, kind="bytes",
+                                    tolerances=tolerances, check=True, skips=common.Skips(), failures={},
+                                    param_grads_from=1)
+        return {r.pass_: (r.rel_err, r.note) for r in rows if r.provider == "off"}
+
+    loose = notes((1e-6, 1e-6, 1e-1))
+    assert loose["bwd"][0] < 1e-6 and loose["bwd"][1] == "" and loose["fwd"][1] == ""
+    strict = notes((1e-6, 1e-6, 1e-2))
+    assert "MISMATCH of a weight/bias gradient (0.05" in strict["bwd"][1] and strict["fwd"][1] == ""
+
+
 def test_a_device_error_stops_the_run_before_the_next_providers():
     """After a CUDA error (the context is then unusable) the providers that follow are not run and
     blamed for it, and the run stops, with the rows the shape had measured (attached to the error:
