@@ -159,6 +159,7 @@ def _optimize_hugging_face_model(transformers, model, prefix, report):
 
     attention_key = f"{prefix} (attention)" if prefix else "(attention)"
     if _register_attention(transformers) and hasattr(model, "set_attn_implementation"):
+        before = getattr(model.config, "_attn_implementation", None)
         try:
             model.set_attn_implementation("fastformer")
             refused = None
@@ -174,6 +175,9 @@ def _optimize_hugging_face_model(transformers, model, prefix, report):
         if refused is None:
             report.replaced[attention_key] = ("self-attention -> fastformer.attention (transformers "
                                               "attention registry)")
+            if before == "eager":  # the one implementation that returns the attention weights
+                report.replaced[attention_key] += ("; it was 'eager': output_attentions=True now gives no "
+                                                   "weights (as with 'sdpa')")
         else:
             report.left_alone[attention_key] = refused
     else:

@@ -470,6 +470,18 @@ def test_hf_sequence_classifier_verifies_and_reports_what_transformers_took(fami
 
 
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_hf_report_says_when_attention_weights_are_no_longer_returned(implementation):
+    """Of transformers' implementations only 'eager' returns attention weights (output_attentions):
+    the report says that a model set to it no longer does."""
+    model = _tiny_hf_model("bert")
+    model.set_attn_implementation(implementation)
+    fastformer.optimize(model)
+    said = "output_attentions" in model.fastformer_report.replaced["(attention)"]
+    assert said == (implementation == "eager")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
 @pytest.mark.parametrize("kind", ["padding", "no padding", "causal+padding"])
 def test_hf_mask_is_sdpa_mask_and_a_free_view_for_padding(kind):
     """The masks fastformer asks transformers for: the values of transformers' sdpa_mask; a plain
