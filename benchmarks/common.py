@@ -1198,7 +1198,8 @@ def run_cases(args, cases: Sequence[Case], *, baseline: str, plot_x_label: str, 
     and the run goes on; SIGTERM or Ctrl-C still writes what was measured), a table per op of each
     case, the summary pivots (of ``summary_ops``, or every op), and --json / --csv / --plot.
 
-    ``plot_title`` may name ``{device}``. Returns the exit status: 1 if a case failed.
+    ``plot_title`` may name ``{device}``. Returns the exit status: 1 if a case failed, 143 / 130
+    after SIGTERM / Ctrl-C (the files are still written).
     """
     install_sigterm_handler()
     budget = Budget(args.max_seconds)
@@ -1214,6 +1215,7 @@ def run_cases(args, cases: Sequence[Case], *, baseline: str, plot_x_label: str, 
           f"passes: {', '.join(args.passes)}{timing_note}\n")
     rows: list[Row] = []
     skips, failures = Skips(), {}
+    interrupted = 0  # the exit status of a run cut short by a signal: 128 + its number, as a shell's
     try:
         for number, case in enumerate(cases, 1):
             if budget.exhausted():
@@ -1230,6 +1232,7 @@ def run_cases(args, cases: Sequence[Case], *, baseline: str, plot_x_label: str, 
     except (Stop, KeyboardInterrupt) as exc:
         rows += getattr(exc, "partial_rows", [])
         budget.stopped_early = True
+        interrupted = 128 + (signal.SIGTERM if isinstance(exc, Stop) else signal.SIGINT)
         print(f"interrupted ({exc or type(exc).__name__}): writing the results so far")
     for pass_ in args.passes:
         table = markdown_pivot([r for r in rows if summary_ops is None or r.op in summary_ops], pass_)
@@ -1239,4 +1242,4 @@ def run_cases(args, cases: Sequence[Case], *, baseline: str, plot_x_label: str, 
     print()
     finish(rows, env, args, ceilings=args.ceilings, skips=skips, budget=budget, plot_x_label=plot_x_label,
            failures=failures, plot_title=plot_title.format(device=env["device"]))
-    return 1 if failures else 0
+    return interrupted or (1 if failures else 0)

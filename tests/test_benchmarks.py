@@ -199,6 +199,30 @@ def test_a_fatal_error_keeps_the_rows_measured_before_it(tmp_path):
     assert [row["provider"] for row in json.loads(out.read_text())["rows"]] == ["base"]
 
 
+def test_sigterm_writes_the_results_and_exits_143(tmp_path):
+    """SIGTERM (what `timeout` sends) mid-run: the rows measured so far are written, and the exit
+    status says the run was cut short (128 + 15), not that it finished."""
+    import signal
+
+    import gelu
+
+    out = tmp_path / "r.json"
+    args = gelu.parse_args(["--device", "cpu", "--no-ceilings", "--no-compile", "--json", str(out)])
+    measured = [common.Row(op="op", provider="base", shape="s", dtype="float32", pass_="fwd", ms=1.0, spread=0.0)]
+
+    def killed_while_measuring(skips, failures):
+        signal.raise_signal(signal.SIGTERM)  # run_cases' handler raises Stop here
+
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        cases = [common.Case("s", lambda skips, failures: measured), common.Case("t", killed_while_measuring)]
+        assert common.run_cases(args, cases, baseline="base", plot_x_label="x", plot_title="t") == 143
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    payload = json.loads(out.read_text())
+    assert [row["provider"] for row in payload["rows"]] == ["base"] and payload["stopped_early"]
+
+
 def test_useful_flops_count_only_real_tokens():
     import attention
 
