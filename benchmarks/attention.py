@@ -147,9 +147,10 @@ def attention_shapes(args) -> list[Shape]:
         batch = args.batch or batch
         seq_lens, heads, dims = args.seq_lens or seq_lens, args.heads or heads, args.head_dims or dims
         paddings = _flags(args.padding) if args.padding else [True, False]
-        # Largest L first: the headline shape (L=512, padded) is measured first.
+        # The headline shape first (largest L, D=64, most heads, padded): a run cut short has it.
         plot_dim = 64 if 64 in dims else dims[0]
-        for L, D, H, pad in itertools.product(sorted(seq_lens, reverse=True), dims, heads, paddings):
+        for L, D, H, pad in itertools.product(sorted(seq_lens, reverse=True), sorted(dims, key=lambda d: d != 64),
+                                              sorted(heads, reverse=True), paddings):
             if args.quick and cuda and not (args.head_dims or D == 64 or (L == 512 and pad)):
                 continue  # --quick keeps D=50 only for the padded L=512 shape
             shapes.append(Shape("finetune", batch, H, L, D, args.causal, pad,

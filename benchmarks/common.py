@@ -908,6 +908,8 @@ def run_providers(op: str, providers: dict[str, Callable], baseline: str, grad_i
                 stop.partial_rows = rows
                 raise
             except torch.cuda.OutOfMemoryError as exc:
+                if name == baseline:  # every other provider is compared with it: a failed shape
+                    raise
                 skips.add(name, label, f"out of memory ({first_line(exc, 120)})")
             except Exception as exc:
                 if name == baseline:
