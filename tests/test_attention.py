@@ -283,6 +283,34 @@ def test_finfo_min_masks_keep_sdpa_semantics(dtype, backend, device):
         assert_rel_close(grad, want, grad_tol, f"grad {name}")
 
 
+def check_nan_and_inf_mask_values_give_nan_rows(attend, dtype, device):
+    """NaN or +inf in a float mask makes its query row NaN, as in SDPA (softmax of inf - inf),
+    never a silently masked key or a row attending to one key; the other rows are untouched.
+    ``attend(q, k, v, mask)``: the attention under test."""
+    batch, heads, length, dim = 2, 2, 12, 16
+    q, k, v = make_qkv((batch, heads, heads, length, length, dim, dim), dtype, device, requires_grad=False)
+    mask = torch.randn(batch, 1, length, length, dtype=dtype, device=device)
+    mask[0, 0, 3, 5] = float("nan")
+    mask[1, 0, 7, 0] = float("inf")
+    out = attend(q, k, v, mask)
+    expected = reference.attention(q, k, v, attn_mask=mask)
+    poisoned = torch.zeros(batch, heads, length, dtype=torch.bool, device=device)
+    poisoned[0, :, 3] = poisoned[1, :, 7] = True
+    assert expected[poisoned].isnan().all() and out[poisoned].isnan().all()
+    assert_rel_close(out[~poisoned], expected[~poisoned], ATTENTION_TOL[dtype][0], "out")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf - inf, in NumPy
+def test_nan_and_inf_mask_values_give_nan_rows(dtype, backend, device):
+    q = torch.randn(2, 2, 12, 16, dtype=dtype, device=device)
+    require_backend(backend, "attention", q, q, q, attn_mask=torch.zeros(2, 1, 12, 12, dtype=dtype, device=device))
+    check_nan_and_inf_mask_values_give_nan_rows(
+        lambda q, k, v, mask: fastformer.attention(q, k, v, attn_mask=mask, backend=backend), dtype, device)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)

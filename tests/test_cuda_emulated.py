@@ -27,6 +27,7 @@ from fastformer.cuda import attention as cuda_attention
 from fastformer.cuda import bias_gelu as cuda_bias_gelu
 from fastformer.cuda import layer_norm as cuda_layer_norm
 from helpers import ELEMENTWISE_TOL, PARAM_GRAD_TOL_HALF, assert_rel_close, misaligned
+from test_attention import check_nan_and_inf_mask_values_give_nan_rows
 
 @pytest.fixture(scope="module", autouse=True)
 def emulated():
@@ -143,6 +144,13 @@ def test_attention_float32_mask_is_rounded_to_the_query_dtype():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_attention_finfo_min_masks_keep_sdpa_semantics(dtype):
     cuda_tests.check_finfo_min_masks_keep_sdpa_semantics(dtype, device="cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_attention_nan_and_inf_mask_values_give_nan_rows(dtype):
+    def attend(q, k, v, mask):
+        return cuda_attention.attention_fwd(q, k, v, mask, None, 0.0, False, q.shape[-1] ** -0.5, None)[0]
+    check_nan_and_inf_mask_values_give_nan_rows(attend, dtype, device="cpu")
 
 
 @pytest.mark.parametrize("mask_dtype", cuda_tests.MASK_DTYPES, ids=str)

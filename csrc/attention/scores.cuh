@@ -69,8 +69,11 @@ struct ScoreRules {
       if (bool_mask != nullptr) {
         ok = bool_mask[offset] != 0;
       } else if (float_mask != nullptr) {
-        const float m = float_mask[offset];  // -inf forbids the key; finite values stay finite
-        s = m == -INFINITY ? -INFINITY : fmaf(fminf(fmaxf(m, -kMaskLimit), kMaskLimit), kLog2e, s);
+        // -inf forbids the key; finite values stay finite; NaN and +inf pass through (the row
+        // becomes NaN, as in SDPA: fmaxf / fminf would drop a NaN)
+        const float m = float_mask[offset];
+        const float clamped = fabsf(m) < INFINITY ? fminf(fmaxf(m, -kMaskLimit), kMaskLimit) : m;
+        s = m == -INFINITY ? -INFINITY : fmaf(clamped, kLog2e, s);
       }
     }
     return ok ? s : -INFINITY;

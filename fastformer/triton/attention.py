@@ -93,10 +93,11 @@ def _scores(qk, q_idx, k_idx, MASK_TILE, stride_mask_q, stride_mask_k, PADDING_R
         valid = valid & (allowed != 0)
     if MASK_KIND == 2:  # additive; -inf forbids the key, finite values stay finite (clamped to
         # +-2.35e38: |bias| * log2(e) overflows float32 above 2.36e38, e.g. bfloat16's finfo.min,
-        # which Hugging Face fills its masks with, and the row would lose every key)
+        # which Hugging Face fills its masks with, and the row would lose every key); NaN and +inf
+        # pass through and make the row NaN, as in SDPA (tl.maximum would drop a NaN)
         bias = tl.load(MASK_TILE + q_idx * stride_mask_q + k_idx * stride_mask_k, mask=valid, other=0.0)
         bias = bias.to(tl.float32)
-        clamped = tl.minimum(tl.maximum(bias, -2.35e38), 2.35e38)
+        clamped = tl.where(tl.abs(bias) < float("inf"), tl.minimum(tl.maximum(bias, -2.35e38), 2.35e38), bias)
         s += tl.where(bias == float("-inf"), float("-inf"), clamped * 1.4426950408889634)
     return tl.where(valid, s, float("-inf"))
 
