@@ -132,22 +132,23 @@ def _prepare_residual_norm(op, x, residual, weight, bias, eps, dropout_p, rms):
     if hidden == 0:
         raise ValueError(f"{op}: the last dim of x (the normalised size) must be >= 1, "
                          f"got shape {check.shape_of(x)}")
-    check.check_vector(op, "weight", weight, hidden, x.dtype, x.device)
-    check.check_vector(op, "bias", bias, hidden, x.dtype, x.device)
+    sum_dtype = x.dtype
     if residual is not None:
         check.check_tensor(op, "residual", residual)
         if residual.shape != x.shape:
             raise ValueError(f"{op}: residual must have the shape of x {check.shape_of(x)}, "
                              f"got {check.shape_of(residual)}")
         check.check_same_device(op, "x", x, residual=residual)
-        if residual.dtype != x.dtype:
-            # As `x + residual` would: PyTorch's type promotion (a bfloat16 sublayer output under
-            # autocast meets a float32 residual stream). Casts are differentiable.
-            dtype = torch.promote_types(x.dtype, residual.dtype)
-            x, residual = x.to(dtype), residual.to(dtype)
-            # Parameters in x's own dtype follow it (the kernels take x's dtype or float32).
-            weight, bias = (t if t is None or t.dtype in (dtype, torch.float32) else t.to(dtype)
-                            for t in (weight, bias))
+        sum_dtype = torch.promote_types(x.dtype, residual.dtype)
+    check.check_vector(op, "weight", weight, hidden, x.dtype, x.device, sum_dtype=sum_dtype)
+    check.check_vector(op, "bias", bias, hidden, x.dtype, x.device, sum_dtype=sum_dtype)
+    if sum_dtype != x.dtype:
+        # As `x + residual` would: PyTorch's type promotion (a bfloat16 sublayer output under
+        # autocast meets a float32 residual stream). Casts are differentiable. Parameters in x's
+        # own dtype follow (the kernels take x's dtype or float32).
+        x, residual = x.to(sum_dtype), residual.to(sum_dtype)
+        weight, bias = (t if t is None or t.dtype in (sum_dtype, torch.float32) else t.to(sum_dtype)
+                        for t in (weight, bias))
     eps = check.check_positive(op, "eps", eps)
     dropout_p = check.check_probability(op, "dropout_p", dropout_p)
     needs = _needs(dropout=dropout_p > 0.0, residual=residual is not None, weight=weight is not None,

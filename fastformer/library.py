@@ -285,15 +285,15 @@ def _residual_norm_save(ctx, inputs, output):
     ctx.backend = backend
 
 
-def _residual_norm_grads(ctx, grad_out, grad_residual_out, grad_mean, grad_rstd, *, backward,
-                         share_residual_grad=True):
-    """``share_residual_grad``: without dropout, x and residual get one and the same gradient (that
-    of ``residual_out = x + residual``); the kernel then writes it once and both inputs receive
-    that tensor, as PyTorch's own ``x + residual`` does: a fifth less memory traffic in the
-    backward. Custom op outputs may not alias, so under torch.compile the kernel writes both."""
+def _residual_norm_grads(ctx, grad_out, grad_residual_out, grad_mean, grad_rstd, *, backward):
+    """Without dropout, x and residual get one and the same gradient (that of ``residual_out =
+    x + residual``): the kernel writes it once and both inputs receive that tensor, as with
+    PyTorch's own ``x + residual`` (a fifth less memory traffic in the backward). Returning one
+    tensor twice is a matter of this formula, not of the backward op's outputs (which may not
+    alias), so torch.compile takes it too."""
     normed, weight, bias, mean, rstd, seed = ctx.saved_tensors
     dropout_p, rms, has_residual, store_residual = ctx.options
-    shared = share_residual_grad and has_residual and dropout_p == 0.0
+    shared = has_residual and dropout_p == 0.0
     grad_x, grad_residual, grad_weight, grad_bias = backward(
         grad_out, grad_residual_out if store_residual else None, normed, weight, bias, mean, rstd,
         dropout_p, rms, seed, has_residual and not shared, ctx.backend)
@@ -354,7 +354,7 @@ class ResidualNormFunction(torch.autograd.Function):
     @staticmethod
     @_first_order_unless_differentiable("residual_layer_norm", "residual norm")
     def backward(ctx, *grads):
-        return _residual_norm_grads(ctx, *grads, backward=_residual_norm_backward, share_residual_grad=True)
+        return _residual_norm_grads(ctx, *grads, backward=_residual_norm_backward)
 
 
 residual_norm = _eager_or_compiled(ResidualNormFunction, residual_norm_fwd,

@@ -42,16 +42,19 @@ def check_same_dtype(op: str, reference_name: str, reference: torch.Tensor, **ot
                             f"{reference.dtype}; they must match")
 
 
-def check_vector(op: str, name: str, t, size: int, dtype: torch.dtype, device) -> None:
-    """weight / bias: None, or a 1-D float tensor of ``size``, in the input's dtype or float32."""
+def check_vector(op: str, name: str, t, size: int, dtype: torch.dtype, device, *,
+                 sum_dtype: torch.dtype | None = None) -> None:
+    """weight / bias: None, or a 1-D float tensor of ``size``, in the input's dtype or float32 (or
+    ``sum_dtype``, that of ``x + residual`` when they differ)."""
     if t is None:
         return
     check_tensor(op, name, t)
     if t.dim() != 1 or t.shape[0] != size:
         raise ValueError(f"{op}: {name} must have shape ({size},) to match the last dim of x, "
                          f"got shape {shape_of(t)}")
-    if t.dtype not in (dtype, torch.float32):
-        raise TypeError(f"{op}: {name} must have the dtype of x ({dtype}) or float32, got {t.dtype}")
+    if t.dtype not in (dtype, sum_dtype, torch.float32):
+        of_sum = f", that of x + residual ({sum_dtype})" if sum_dtype not in (None, dtype) else ""
+        raise TypeError(f"{op}: {name} must have the dtype of x ({dtype}){of_sum} or float32, got {t.dtype}")
     if t.device != device:
         raise ValueError(f"{op}: {name} is on {t.device} but x is on {device}")
 

@@ -221,14 +221,13 @@ def test_strided_inputs_and_an_output_scaled_in_place(norm, backend, autograd, d
         assert_rel_close(grad, expected_grad, grad_tol, f"grad {name}")
 
 
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("norm", NORMS)
 def test_without_dropout_x_and_residual_share_one_gradient(norm, backend, device, monkeypatch):
     """Without dropout the kernel writes the gradient of residual_out once and x and residual both
-    receive it (eager mode, the autograd.Function), as PyTorch's ``x + residual`` does; the
-    leaves' .grad still end up as separate tensors, and a second backward accumulates into each."""
+    receive it, as with PyTorch's ``x + residual``; the leaves' .grad still end up as separate
+    tensors, and a second backward accumulates into each."""
     from fastformer import library
 
     monkeypatch.setattr(library, "NATIVE_AUTOGRAD", False)  # the torch backend too
@@ -247,6 +246,7 @@ def test_without_dropout_x_and_residual_share_one_gradient(norm, backend, device
     assert x.grad.data_ptr() != residual.grad.data_ptr()
     assert_rel_close(x.grad, 2 * want, ELEMENTWISE_TOL[torch.float32][1], "x.grad")
     assert_rel_close(residual.grad, 2 * want, ELEMENTWISE_TOL[torch.float32][1], "residual.grad")
+
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)

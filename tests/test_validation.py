@@ -407,6 +407,13 @@ def test_norms_promote_x_and_residual_of_different_dtypes(op):
     expected_out, _ = NORMS[op](x.float(), residual, weight.float(), dropout_p=0)
     torch.testing.assert_close(out, expected_out)
     assert torch.autograd.grad(out.sum(), weight)[0].dtype == torch.bfloat16
+    # and in the dtype of x + residual, wider than float32 here; anything else is named
+    residual64 = residual.double()
+    out, _ = NORMS[op](x, residual64, weight.double(), dropout_p=0)
+    assert out.dtype == torch.float64
+    with pytest.raises(TypeError, match=r"weight must have the dtype of x \(torch.bfloat16\), that of x \+ "
+                                        r"residual \(torch.float64\) or float32, got torch.float16"):
+        NORMS[op](x, residual64, weight.half(), dropout_p=0)
 
 
 def test_norms_accept_none_params_and_1d_x():
