@@ -37,7 +37,7 @@ from torch import nn
 import fastformer
 from fastformer import dispatch
 from fastformer.nn import FastMultiheadAttention, FastTransformerEncoder, FastTransformerEncoderLayer
-from fastformer.nn.encoder import has_hooks, is_plain, linear_bias_gelu
+from fastformer.nn.encoder import has_hooks, linear_bias_gelu
 
 __all__ = ["OptimizeReport", "optimize"]
 
@@ -194,6 +194,9 @@ def _optimize_hugging_face_model(transformers, model, prefix, report):
         if not reasons:
             if kind != "output":
                 module.fastformer_gelu = _gelu_kind(_activation(kind, module))
+            # what _as_optimized checks at each call: these parts, as they are now
+            module.fastformer_reads = tuple((tuple(path.split(".")), type(_attribute(module, path)))
+                                            for path in block.reads)
             if (base, kind) not in checked:
                 checked[base, kind] = _behaviour_reasons(kind, module, base)
             reasons = checked[base, kind]
@@ -302,6 +305,7 @@ class _HFBlock:
     forward: object
     norms: tuple  # the LayerNorms that run fused
     what: str
+    reads: tuple = ()  # the parts whose parameters the fused forward uses instead of calling them
 
 
 def _attribute(module, path: str):
@@ -421,14 +425,16 @@ def _evaluating(*modules):
 
 
 def _as_optimized(module, kind) -> bool:
-    """Whether a swapped block is still as optimize found it: its parts plain torch.nn modules
-    (none swapped since for a wrapper such as a LoRA adapter, none hooked) and its activation the
-    GELU it fused. If not, the block's original forward runs, calling every part as it is."""
-    for path, cls in _PART_PATHS[kind]:
+    """Whether a swapped block is still as optimize found it: the parts whose parameters its fused
+    forward uses (norms, dropouts, DistilBERT's FFN) of the same class and without hooks, and its
+    activation the GELU it fused. If not, the block's original forward runs, calling every part as
+    it is. The parts the fused forward calls (the dense layers: a LoRA adapter put in place of one)
+    need no check."""
+    for path, cls in module.fastformer_reads:
         part = module
         for name in path:  # through _modules: nn.Module.__getattr__ is slow, and this runs every call
             part = part._modules.get(name)
-        if not is_plain(part, cls):
+        if type(part) is not cls or has_hooks(part):
             return False
     return kind == "output" or _gelu_kind(_activation(kind, module)) == module.fastformer_gelu
 
@@ -482,7 +488,8 @@ def _fused_distilbert_block_forward(self, hidden_states, attention_mask=None, **
 _HF_BLOCKS = {
     "output": _HFBlock(("self", "hidden_states", "input_tensor"),
                        {"dense": nn.Linear, "LayerNorm": nn.LayerNorm, "dropout": nn.Dropout}, (),
-                       _fused_output_forward, ("LayerNorm",), "dropout + residual + LayerNorm fused"),
+                       _fused_output_forward, ("LayerNorm",), "dropout + residual + LayerNorm fused",
+                       reads=("LayerNorm", "dropout")),
     "intermediate": _HFBlock(("self", "hidden_states"), {"dense": nn.Linear}, ("intermediate_act_fn",),
                              _fused_intermediate_forward, (), "bias + GELU fused"),
     # DistilBERT's block in transformers 5 (older versions take other arguments: left alone).
@@ -491,13 +498,8 @@ _HF_BLOCKS = {
         {"sa_layer_norm": nn.LayerNorm, "output_layer_norm": nn.LayerNorm, "ffn.lin1": nn.Linear,
          "ffn.lin2": nn.Linear, "ffn.dropout": nn.Dropout}, ("attention", "ffn", "ffn.activation"),
         _fused_distilbert_block_forward, ("sa_layer_norm", "output_layer_norm"),
-        "both residual adds + LayerNorms fused"),
+        "both residual adds + LayerNorms fused", reads=("sa_layer_norm", "output_layer_norm", "ffn", "ffn.dropout")),
 }
-
-
-# Each block's parts as (attribute names, class), for _as_optimized.
-_PART_PATHS = {kind: tuple((tuple(path.split(".")), cls) for path, cls in block.parts.items())
-               for kind, block in _HF_BLOCKS.items()}
 
 
 # --------------------------------------------------------------------------------------------

@@ -78,8 +78,8 @@ def _as_finite_float(op: str, name: str, value, what: str) -> float:
     if value < math.inf and value > -math.inf:
         try:
             return float(value)
-        except OverflowError:
-            pass
+        except OverflowError:  # an int too large for a float (and perhaps to print in full)
+            raise ValueError(f"{op}: {name} must be a {what}, got an int of {value.bit_length()} bits") from None
     raise ValueError(f"{op}: {name} must be a {what}, got {value}")
 
 

@@ -251,14 +251,19 @@ def test_hf_intermediate_bias_goes_where_it_is_cheapest(backend, bias_fused, mon
 @pytest.mark.parametrize("backend", [None, "triton"])
 @pytest.mark.parametrize("family, change", [("bert", "lora intermediate"), ("bert", "lora output"),
                                             ("bert", "relu activation"), ("bert", "hooked LayerNorm"),
-                                            ("distilbert", "lora ffn"), ("distilbert", "hooked LayerNorm")])
-def test_hf_blocks_changed_after_optimize_run_as_they_are(family, change, backend):
-    """A LoRA adapter put in place of a dense after optimize (as peft does), another activation, a
-    hook on a LayerNorm: the fused forwards would skip them, so the blocks run their original
-    forward. Triton (in its interpreter) is the backend that moves the dense's bias into bias_gelu."""
+                                            ("distilbert", "lora ffn"), ("distilbert", "hooked LayerNorm"),
+                                            ("distilbert", "hooked ffn")])
+def test_hf_blocks_changed_after_optimize_run_as_they_are(family, change, backend, monkeypatch):
+    """A LoRA adapter put in place of a dense after optimize (as peft does) is called, and the block
+    stays fused; another activation, a hook on a part whose parameters the fused forward reads
+    (a LayerNorm, DistilBERT's FFN): the block runs its original forward. Triton (in its
+    interpreter) is the backend that moves the dense's bias into bias_gelu."""
     model = _tiny_hf_model(family, **({"dropout": 0.0} if family == "distilbert" else {}))
     original = copy.deepcopy(model)
     fastformer.optimize(model, backend=backend)
+    fused_norms, real_norm = [], fastformer.residual_layer_norm
+    monkeypatch.setattr(fastformer, "residual_layer_norm",
+                        lambda *a, **k: fused_norms.append(1) or real_norm(*a, **k))
     calls = []
     for m in (original, model):
         torch.manual_seed(1)
@@ -275,12 +280,18 @@ def test_hf_blocks_changed_after_optimize_run_as_they_are(family, change, backen
             block = m.distilbert.transformer.layer[0]
             if change == "lora ffn":
                 block.ffn.lin1 = LoRALinear(block.ffn.lin1)
+                block.ffn.lin2 = LoRALinear(block.ffn.lin2)
+            elif change == "hooked ffn":
+                block.ffn.register_forward_hook(lambda module, args, out: calls.append(1) or out * 0.5)
             else:
                 block.output_layer_norm.register_forward_hook(lambda *args: calls.append(1))
     ids = torch.randint(0, 50, (2, 7))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, original(ids).logits, rtol=1e-4, atol=1e-4)
     assert len(calls) == (2 if "hooked" in change else 0)
+    # two layers, two fused norms each, less those of the block that runs its original forward
+    unfused = {"hooked LayerNorm": 1 if family == "bert" else 2, "hooked ffn": 2}.get(change, 0)
+    assert len(fused_norms) == 4 - unfused
 
 
 def _tiny_hf_model(family, **config_options):
