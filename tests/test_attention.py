@@ -286,7 +286,8 @@ def test_finfo_min_masks_keep_sdpa_semantics(dtype, backend, device):
 def check_nan_and_inf_mask_values_give_nan_rows(attend, dtype, device):
     """NaN or +inf in a float mask makes its query row NaN, as in SDPA (softmax of inf - inf),
     never a silently masked key or a row attending to one key; the other rows are untouched.
-    ``attend(q, k, v, mask)``: the attention under test."""
+    (The gradients then hold NaN too; the kernels' dV has NaN only in the rows of the poisoned
+    key, where SDPA's is NaN everywhere.) ``attend(q, k, v, mask)``: the attention under test."""
     batch, heads, length, dim = 2, 2, 12, 16
     q, k, v = make_qkv((batch, heads, heads, length, length, dim, dim), dtype, device, requires_grad=False)
     mask = torch.randn(batch, 1, length, length, dtype=dtype, device=device)
