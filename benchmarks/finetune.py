@@ -18,9 +18,10 @@ tokens/s (padding excluded), step time (median, p20-p80), peak memory (CUDA, seq
 time shares of attention / LayerNorm / GELU / the rest (torch.profiler on a few steps), the
 fastformer backend each op ran on, test accuracy.
 
-Checks: with ``both``, the first ``--equivalence-steps`` steps are first run with dropout 0 and
-the losses of the two variants must agree step by step (``--check-equivalence`` does only that and
-exits 1 on failure); after training, the test accuracies must agree within 1 point.
+Checks: with ``both``, dropout 0 first: the two variants' logits and every parameter gradient on
+one padded batch must agree within DESIGN.md's tolerances, then their losses step by step over the
+first ``--equivalence-steps`` steps on random (not bucketed) batches (``--check-equivalence`` does
+only that and exits 1 on failure); after training, the test accuracies must agree within 1 point.
 
 Examples:
   python benchmarks/finetune.py --data path/to/imdb --quick --json q.json --plot q.png
@@ -133,6 +134,23 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.equivalence_steps = 20 if args.check_equivalence else 10
     if args.synthetic and args.data:
         parser.error("give --data or --synthetic, not both")
+    at_least_one = ["epochs", "batch_size", "eval_batch_size", "max_length", "train_size", "test_size",
+                    "vocab_size", "d_model", "nhead", "layers", "ff"]
+    for name in at_least_one:
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    for name in ("warmup_steps", "profile_steps", "equivalence_steps"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.check_equivalence and args.equivalence_steps == 0:
+        parser.error("--check-equivalence needs --equivalence-steps >= 1")
+    if not 0.0 <= args.dropout < 1.0:
+        parser.error(f"--dropout must be in [0, 1), got {args.dropout}")
+    if not args.lr > 0.0:
+        parser.error(f"--lr must be > 0, got {args.lr}")
+    if args.model == "scratch" and args.d_model % args.nhead:
+        parser.error(f"--d-model ({args.d_model}) must be a multiple of --nhead ({args.nhead})")
     return args
 
 
@@ -164,9 +182,14 @@ def load_data(args, dist_info):
         tokenizer = data_lib.tokenizer_from_json(dist_info.broadcast(tokenizer_json))
         tokenizer.enable_truncation(max_length=args.max_length)
         strip = False  # the trained tokenizer's normalizer strips <br />
-    train_enc = data_lib.Encoded(data_lib.encode(tokenizer, train.texts, strip), train.labels)
-    test_enc = data_lib.Encoded(data_lib.encode(tokenizer, test.texts, strip), test.labels)
-    description = {"source": source, "full_sizes": full_sizes, "train": data_lib.length_summary(train_enc.lengths),
+    train_enc, train_empty = data_lib.Encoded(data_lib.encode(tokenizer, train.texts, strip),
+                                              train.labels).without_empty()
+    test_enc, test_empty = data_lib.Encoded(data_lib.encode(tokenizer, test.texts, strip),
+                                            test.labels).without_empty()
+    if train_empty or test_empty:
+        print(f"left out {train_empty} training and {test_empty} test reviews without a single token")
+    description = {"source": source, "full_sizes": full_sizes, "left_out_empty": [train_empty, test_empty],
+                   "train": data_lib.length_summary(train_enc.lengths),
                    "test": data_lib.length_summary(test_enc.lengths),
                    "train_positive_fraction": sum(train.labels) / len(train.labels),
                    "tokenizer": "all-MiniLM-L6-v2 WordPiece" if args.model == "minilm" else
@@ -241,8 +264,8 @@ def write_outputs(args, results: dict, log=print) -> None:
         log(f"wrote {args.plot}")
     if args.table and results["variants"]:
         Path(args.table).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.table).write_text(f"{results['title']}\n\n{report.markdown_table(*report.table_rows(results))}\n",
-                                    encoding="utf-8")
+        Path(args.table).write_text(f"{results['title']}\n\n{report.markdown_table(*report.table_rows(results))}\n"
+                                    f"\n{report.SHARES_NOTE}\n", encoding="utf-8")
         log(f"wrote {args.table}")
 
 
@@ -290,7 +313,11 @@ def main(argv=None) -> int:
         check = train_lib.check_equivalence(build(0.0), train_data, pad, config, args.equivalence_steps, device,
                                             dist_info)
         results["equivalence"] = check
-        log(f"equivalence check: {'PASSED' if check['passed'] else 'FAILED'}: max relative loss difference "
+        first = check["first_step"]
+        log(f"equivalence check: {'PASSED' if check['passed'] else 'FAILED'}: first step on a batch "
+            f"{100 * first['padding_fraction']:.0f}% padding: logits {first['logits_relative_error']:.2e}, "
+            f"worst gradient {first['max_gradient_relative_error']:.2e} ({first['worst_gradient']}) "
+            f"(tolerances {first['tolerances'][0]:g}, {first['tolerances'][1]:g}); max relative loss difference "
             f"{check['max_relative_difference']:.2e} over {check['steps']} steps (tolerance {check['tolerance']:g})")
         if not check["passed"]:
             status = 1
@@ -301,6 +328,10 @@ def main(argv=None) -> int:
         results["variants"] = train_lib.train_variants(kernels, base, train_data, test_data, pad, config, device,
                                                        dist_info, log, args.variant_order)
         results["comparison"] = compare(results["variants"])
+        untimed = [name for name, run in results["variants"].items() if not run["timed_steps"]]
+        if untimed:
+            log(f"no training step was timed for {', '.join(untimed)}: the run has no more steps than "
+                f"--warmup-steps ({args.warmup_steps}) plus the profiled ones; lower them or train longer")
         if dist_info.main:
             report.print_table(results, results["title"])
         comparison = results["comparison"]

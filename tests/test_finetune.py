@@ -79,6 +79,28 @@ def test_csv_with_pos_neg_labels_and_bad_labels(tmp_path):
         data_lib.load_imdb(str(tmp_path))
 
 
+def test_csv_files_as_spreadsheets_write_them_and_broken_ones(tmp_path):
+    """A byte-order mark (spreadsheet programs' UTF-8) and upper-case names are read; a row without
+    its label, a file that is not UTF-8, a missing split: a DataError saying what is wrong."""
+    (tmp_path / "Train.CSV").write_bytes(b"\xef\xbb\xbftext,label\ngood,1\nbad,0\n")
+    with pytest.raises(data_lib.DataError, match=r"it has Train.CSV but no test.csv\[.gz\]"):
+        data_lib.load_imdb(str(tmp_path))
+    (tmp_path / "test.csv").write_text("text,label\nmeh,1\n", encoding="utf-8")
+    assert data_lib.load_imdb(str(tmp_path))[0]["train"].labels == [1, 0]
+    (tmp_path / "test.csv").write_text("text,label\nmeh,1\nno label here\n", encoding="utf-8")
+    with pytest.raises(data_lib.DataError, match="test.csv line 3: label must be"):
+        data_lib.load_imdb(str(tmp_path))
+    (tmp_path / "test.csv").write_bytes("text,label\nd\u00e9j\u00e0 vu,1\n".encode("latin-1"))
+    with pytest.raises(data_lib.DataError, match="not UTF-8"):
+        data_lib.load_imdb(str(tmp_path))
+
+
+def test_reviews_without_a_token_are_left_out():
+    encoded = data_lib.Encoded([[5, 6], [], [7]], [1, 0, 1])
+    kept, dropped = encoded.without_empty()
+    assert (kept.ids, kept.labels, kept.lengths, dropped) == ([[5, 6], [7]], [1, 1], [2, 1], 1)
+
+
 @pytest.mark.parametrize("nested", [False, True])
 def test_aclimdb_folder(tmp_path, nested):
     root = tmp_path / "aclImdb" if nested else tmp_path
@@ -87,6 +109,10 @@ def test_aclimdb_folder(tmp_path, nested):
     assert description == "aclImdb folder"
     assert sorted(splits["train"].labels) == [0, 0, 1, 1]
     assert sorted(splits["test"].texts) == sorted(t for t, _ in REVIEWS)
+    for review in (root / "test" / "neg").iterdir():
+        review.unlink()
+    with pytest.raises(data_lib.DataError, match="one class only"):
+        data_lib.load_imdb(str(tmp_path))
 
 
 def test_missing_or_wrong_data_says_how_to_get_it(tmp_path, monkeypatch):
@@ -135,7 +161,7 @@ def test_wordpiece_tokenizer():
     tokenizer = data_lib.train_wordpiece(texts, vocab_size=300, max_length=12)
     assert tokenizer.get_vocab_size() <= 300
     assert data_lib.pad_id(tokenizer) == 0 and tokenizer.token_to_id("[UNK]") == 1
-    tokens = tokenizer.encode("I LOVED it.<br /><br />Superb").tokens
+    tokens = tokenizer.encode("I LOVED it.<br /><BR/>Superb").tokens
     assert "loved" in tokens and "superb" in tokens
     assert not any(c in "".join(tokens) for c in "<>/")  # markup stripped
     assert len(tokenizer.encode(" ".join(["film"] * 50)).ids) == 12  # truncated
@@ -223,6 +249,49 @@ def test_training_steps_give_the_same_losses_with_dropout_0():
     assert losses[0] != losses[-1]  # it trained
 
 
+def test_kernel_warm_up_runs_one_batch_per_kind_and_changes_nothing():
+    """One untimed forward + backward per (length bucket, length % 16 == 0, padded or not) of the
+    epoch's batches; weights, gradients and the random state are left as they were."""
+    lengths = torch.randint(3, 41, (48,), generator=torch.Generator().manual_seed(0)).tolist()
+    train_data = data_lib.Encoded([[5 + n % 7] * n for n in lengths], [n % 2 for n in lengths])
+    model = models.make_variant(_tiny_scratch(dropout=0.2, vocab_size=200), "fastformer", None)
+    config = train_lib.TrainConfig(batch_size=8, progress=False)
+    expected = set()
+    for indices in data_lib.make_batches(train_data.lengths, 8, torch.Generator().manual_seed(0)):
+        lengths = [train_data.lengths[i] for i in indices]
+        expected.add((1 << (max(lengths) - 1).bit_length(), max(lengths) % 16 == 0, min(lengths) < max(lengths)))
+    weights = {name: p.clone() for name, p in model.state_dict().items()}
+    state = torch.get_rng_state()
+    assert train_lib.warm_up_kernels(model, train_data, 0, config, torch.device("cpu")) == len(expected) > 1
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(weights[name], p) for name, p in model.state_dict().items())
+
+
+@pytest.mark.parametrize("fault", ["attention gradient halved", "padding ignored"])
+def test_equivalence_check_catches_what_losses_alone_miss(fault, monkeypatch):
+    """Adam normalises a gradient off by a constant factor away, and bucketed batches hold little
+    padding: the first-step comparison of logits and gradients on a padded batch catches both."""
+    from fastformer import functional
+
+    real = functional.attention
+
+    def faulty(q, k, v, *args, key_padding_mask=None, **kwargs):
+        if fault == "padding ignored":
+            return real(q, k, v, *args, **kwargs)
+        out = real(q, k, v, *args, key_padding_mask=key_padding_mask, **kwargs)
+        return out.detach() + 0.5 * (out - out.detach())
+
+    monkeypatch.setattr(functional, "attention", faulty)
+    lengths = torch.randint(3, 25, (48,), generator=torch.Generator().manual_seed(0)).tolist()
+    train_data = data_lib.Encoded([[5 + (i * n) % 190 for i in range(n)] for n in lengths], [n % 2 for n in lengths])
+    config = train_lib.TrainConfig(batch_size=8, progress=False)
+    check = train_lib.check_equivalence(_tiny_scratch(dropout=0.0, vocab_size=200), train_data, 0, config, steps=3,
+                                        device=torch.device("cpu"), dist_info=train_lib.Dist())
+    assert not check["passed"] and not check["first_step"]["passed"]
+    assert check["first_step"]["padding_fraction"] > 0.3
+
+
 def test_alternating_variant_order_changes_timings_only():
     """Variants trained a step each in turn draw the same dropout masks, hence the same losses and
     accuracies, as when trained one after the other; their profiled steps are not interleaved."""
@@ -254,6 +323,9 @@ def test_time_share_categories():
     assert train_lib.categorize("_bias_gelu_bwd_kernel") == "gelu"
     assert train_lib.categorize("aten::gelu_backward") == "gelu"
     assert train_lib.categorize("aten::addmm") is None
+    for loss_op in ("aten::_log_softmax", "LogSoftmaxBackward0",
+                    "void cunn_SoftMaxForward<4, float, float, float, LogSoftMaxForwardEpilogue>"):
+        assert train_lib.categorize(loss_op) is None
 
 
 def test_time_shares_from_gpu_kernels():

@@ -34,8 +34,8 @@ then ./aclImdb if it exists."""
 
 DATA_ENV_VAR = "FASTFORMER_IMDB_DATA"
 
-# "<br />" line breaks (and their variants) are markup, not words.
-BR_PATTERN = r"<br\s*/?>"
+# "<br />" line breaks (and their variants, any case) are markup, not words.
+BR_PATTERN = r"(?i)<br\s*/?>"
 
 
 class DataError(RuntimeError):
@@ -88,22 +88,29 @@ def load_imdb(source: str) -> tuple[dict[str, Split], str]:
     for root in (path, path / "aclImdb"):
         if all((root / split / label).is_dir() for split in ("train", "test") for label in ("pos", "neg")):
             return {split: _read_acl_folder(root / split) for split in ("train", "test")}, "aclImdb folder"
+    found = [file.name for file in csv_files.values() if file]
+    missing = [f"{split}.csv[.gz]" for split, file in csv_files.items() if not file]
+    half = f" (it has {', '.join(found)} but no {', '.join(missing)})" if found else ""
     raise DataError(f"--data {source}: found neither train.csv[.gz] + test.csv[.gz] nor an aclImdb "
-                    f"folder (train/pos, train/neg, test/pos, test/neg) there.\n\n{HOW_TO_GET_DATA}")
+                    f"folder (train/pos, train/neg, test/pos, test/neg) there{half}.\n\n{HOW_TO_GET_DATA}")
 
 
 def _find_csv(folder: Path, split: str) -> Path | None:
+    """``split``.csv.gz or ``split``.csv in ``folder``, in any letter case."""
+    if not folder.is_dir():
+        return None
+    files = {file.name.lower(): file for file in folder.iterdir() if file.is_file()}
     for name in (f"{split}.csv.gz", f"{split}.csv"):
-        if (folder / name).is_file():
-            return folder / name
+        if name in files:
+            return files[name]
     return None
 
 
 _LABELS = {"1": 1, "0": 0, "pos": 1, "neg": 0, "positive": 1, "negative": 0}
 
 
-def _label(value: str, where: str) -> int:
-    label = _LABELS.get(value.strip().lower())
+def _label(value: str | None, where: str) -> int:
+    label = None if value is None else _LABELS.get(value.strip().lower())
     if label is None:
         raise DataError(f"{where}: label must be 1/0 (or pos/neg, positive/negative), got {value!r}")
     return label
@@ -113,15 +120,22 @@ def _read_csv(path: Path) -> Split:
     opener = gzip.open if path.suffix == ".gz" else open
     texts, labels = [], []
     csv.field_size_limit(2**27)
-    with opener(path, "rt", encoding="utf-8", newline="") as f:
+    # utf-8-sig: spreadsheet programs start their UTF-8 CSV files with a byte-order mark
+    with opener(path, "rt", encoding="utf-8-sig", newline="") as f:
         reader = csv.DictReader(f)
-        missing = {"text", "label"} - set(reader.fieldnames or ())
-        if missing:
-            raise DataError(f"{path.name}: needs the columns text,label; missing {sorted(missing)} "
-                            f"(columns: {reader.fieldnames})")
-        for number, row in enumerate(reader, start=2):
-            texts.append(row["text"])
-            labels.append(_label(row["label"], f"{path.name} line {number}"))
+        try:
+            missing = {"text", "label"} - set(reader.fieldnames or ())
+            if missing:
+                raise DataError(f"{path.name}: needs the columns text,label; missing {sorted(missing)} "
+                                f"(columns: {reader.fieldnames})")
+            for row in reader:
+                where = f"{path.name} line {reader.line_num}"
+                if row["text"] is None:
+                    raise DataError(f"{where}: no text field")
+                texts.append(row["text"])
+                labels.append(_label(row["label"], where))
+        except UnicodeDecodeError as error:
+            raise DataError(f"{path.name}: not UTF-8 text ({error}); save it as UTF-8") from None
     if not texts:
         raise DataError(f"{path.name}: no rows")
     return Split(texts, labels)
@@ -131,10 +145,15 @@ def _read_acl_folder(folder: Path) -> Split:
     texts, labels = [], []
     for name, label in (("neg", 0), ("pos", 1)):
         for file in sorted((folder / name).glob("*.txt")):
-            texts.append(file.read_text(encoding="utf-8"))
+            try:
+                texts.append(file.read_text(encoding="utf-8"))
+            except UnicodeDecodeError as error:
+                raise DataError(f"{file}: not UTF-8 text ({error})") from None
             labels.append(label)
     if not texts:
         raise DataError(f"{folder}: no *.txt reviews in pos/ and neg/")
+    if len(set(labels)) < 2:
+        raise DataError(f"{folder}: reviews of one class only (pos/ or neg/ is empty)")
     return Split(texts, labels)
 
 
@@ -244,7 +263,7 @@ def pad_id(tokenizer) -> int:
     return 0 if token_id is None else token_id
 
 
-_BR = re.compile(BR_PATTERN, re.IGNORECASE)
+_BR = re.compile(BR_PATTERN)
 
 
 def encode(tokenizer, texts: Sequence[str], strip_markup: bool = False) -> list[list[int]]:
@@ -270,6 +289,12 @@ class Encoded:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def without_empty(self) -> tuple["Encoded", int]:
+        """The reviews that have a token (one with none, e.g. only ``<br />``, would be a row of
+        padding only: NaN in PyTorch's attention), and how many were left out."""
+        keep = [i for i, n in enumerate(self.lengths) if n > 0]
+        return Encoded([self.ids[i] for i in keep], [self.labels[i] for i in keep]), len(self) - len(keep)
 
 
 def make_batches(lengths: Sequence[int], batch_size: int, generator: torch.Generator,

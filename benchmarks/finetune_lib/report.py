@@ -87,6 +87,13 @@ def _fmt(value, spec: str, missing: str = "-") -> str:
     return format(value, spec)
 
 
+# What the time-share columns hold: ops are attributed by name, and a fused op does more than its
+# name says; the step time is the comparable total.
+SHARES_NOTE = ("Time shares by op name: fastformer's LayerNorm column holds its fused dropout and residual "
+               "add, its GELU column the fused bias add; the torch variant counts its separate dropout, add "
+               "and bias kernels in 'rest'. Compare totals by step time.")
+
+
 def table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     headers = ["variant", "tokens/s", "padding", "speedup", "step ms (p20-p80)", "peak MiB", "attention", "LayerNorm",
                "GELU", "rest", "test acc", "backends"]
@@ -137,11 +144,13 @@ def print_table(results: dict, title: str) -> None:
             for row in rows:
                 table.add_row(*row)
             Console().print(table)
+            print(SHARES_NOTE)
             return
         except ImportError:
             pass
     print(title)
     print(format_table(headers, rows))
+    print(SHARES_NOTE)
 
 
 # --------------------------------------------------------------------------------------------
