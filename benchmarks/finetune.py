@@ -186,12 +186,14 @@ def load_data(args, dist_info):
                                               train.labels).without_empty()
     test_enc, test_empty = data_lib.Encoded(data_lib.encode(tokenizer, test.texts, strip),
                                             test.labels).without_empty()
-    if train_empty or test_empty:
+    if (train_empty or test_empty) and dist_info.main:
         print(f"left out {train_empty} training and {test_empty} test reviews without a single token")
+    if not len(train_enc) or not len(test_enc):
+        raise data_lib.DataError("no review with a token left in the training or test split")
     description = {"source": source, "full_sizes": full_sizes, "left_out_empty": [train_empty, test_empty],
                    "train": data_lib.length_summary(train_enc.lengths),
                    "test": data_lib.length_summary(test_enc.lengths),
-                   "train_positive_fraction": sum(train.labels) / len(train.labels),
+                   "train_positive_fraction": sum(train_enc.labels) / len(train_enc.labels),
                    "tokenizer": "all-MiniLM-L6-v2 WordPiece" if args.model == "minilm" else
                    f"WordPiece trained on the training reviews used, {tokenizer.get_vocab_size()} tokens",
                    "tokenizer_vocab_sha256": data_lib.vocab_digest(tokenizer),
@@ -264,8 +266,9 @@ def write_outputs(args, results: dict, log=print) -> None:
         log(f"wrote {args.plot}")
     if args.table and results["variants"]:
         Path(args.table).parent.mkdir(parents=True, exist_ok=True)
+        note = report.shares_note(results)
         Path(args.table).write_text(f"{results['title']}\n\n{report.markdown_table(*report.table_rows(results))}\n"
-                                    f"\n{report.SHARES_NOTE}\n", encoding="utf-8")
+                                    + (f"\n{note}\n" if note else ""), encoding="utf-8")
         log(f"wrote {args.table}")
 
 

@@ -194,9 +194,7 @@ def _optimize_hugging_face_model(transformers, model, prefix, report):
         if not reasons:
             if kind != "output":
                 module.fastformer_gelu = _gelu_kind(_activation(kind, module))
-            # what _as_optimized checks at each call: these parts, as they are now
-            module.fastformer_reads = tuple((tuple(path.split(".")), type(_attribute(module, path)))
-                                            for path in block.reads)
+            module.fastformer_reads = _reads(module, block)
             if (base, kind) not in checked:
                 checked[base, kind] = _behaviour_reasons(kind, module, base)
             reasons = checked[base, kind]
@@ -328,8 +326,12 @@ def _hf_block_unsupported_reasons(kind, module, base) -> list[str]:
         reasons.append(f"its forward takes {arguments}, not the {block.arguments} of the forward that "
                        f"fastformer puts in its place")
     for path, cls in block.parts.items():
-        if not isinstance(_attribute(module, path), cls):
-            reasons.append(f"{path} is {type(_attribute(module, path)).__name__}, not nn.{cls.__name__}")
+        part = _attribute(module, path)
+        if not isinstance(part, cls):
+            reasons.append(f"{path} is {type(part).__name__}, not nn.{cls.__name__}")
+        elif path in block.reads and type(part) is not cls:
+            reasons.append(f"{path} is {type(part).__name__}, a subclass of nn.{cls.__name__} whose forward the "
+                           f"fused block would not run")
     known = {*block.parts, *block.uses}
     for prefix in {""} | {path.rsplit(".", 1)[0] + "." for path in known if "." in path}:
         owner = module if not prefix else _attribute(module, prefix[:-1])
@@ -424,13 +426,23 @@ def _evaluating(*modules):
             sub.training = training
 
 
+def _reads(module, block) -> tuple:
+    """What :func:`_as_optimized` checks at each call: each part the fused forward reads, with the
+    class it must have (torch.nn's own; a part outside ``parts``, DistilBERT's FFN: its class now)."""
+    return tuple((tuple(path.split(".")), block.parts.get(path) or type(_attribute(module, path)))
+                 for path in block.reads)
+
+
 def _as_optimized(module, kind) -> bool:
     """Whether a swapped block is still as optimize found it: the parts whose parameters its fused
     forward uses (norms, dropouts, DistilBERT's FFN) of the same class and without hooks, and its
     activation the GELU it fused. If not, the block's original forward runs, calling every part as
     it is. The parts the fused forward calls (the dense layers: a LoRA adapter put in place of one)
     need no check."""
-    for path, cls in module.fastformer_reads:
+    reads = module.__dict__.get("fastformer_reads")
+    if reads is None:  # swapped (and pickled) by a version that did not record them
+        reads = module.fastformer_reads = _reads(module, _HF_BLOCKS[kind])
+    for path, cls in reads:
         part = module
         for name in path:  # through _modules: nn.Module.__getattr__ is slow, and this runs every call
             part = part._modules.get(name)

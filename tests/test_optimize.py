@@ -294,6 +294,35 @@ def test_hf_blocks_changed_after_optimize_run_as_they_are(family, change, backen
     assert len(fused_norms) == 4 - unfused
 
 
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
+def test_hf_block_with_a_subclassed_norm_is_left_alone_and_older_swaps_still_run():
+    """A LayerNorm subclass in one block (only the first block of a class gets the behaviour
+    check): that block is left alone with the reason, the others fused; a block swapped by a
+    version that recorded nothing of what its fused forward reads still runs."""
+
+    class ScaledLayerNorm(nn.LayerNorm):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model = _tiny_hf_model("bert")
+    layer = model.bert.encoder.layer[1]
+    norm = ScaledLayerNorm(32, eps=layer.output.LayerNorm.eps)
+    norm.load_state_dict(layer.output.LayerNorm.state_dict())
+    layer.output.LayerNorm = norm
+    original = copy.deepcopy(model)
+    fastformer.optimize(model)
+    report = model.fastformer_report
+    assert "subclass of nn.LayerNorm" in report.left_alone["bert.encoder.layer.1.output"]
+    assert "bert.encoder.layer.0.output" in report.replaced
+    ids = torch.randint(0, 50, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, original(ids).logits, rtol=1e-4, atol=1e-5)
+    for module in model.modules():
+        module.__dict__.pop("fastformer_reads", None)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, original(ids).logits, rtol=1e-4, atol=1e-5)
+
+
 def _tiny_hf_model(family, **config_options):
     import transformers
 

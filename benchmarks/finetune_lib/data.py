@@ -96,13 +96,20 @@ def load_imdb(source: str) -> tuple[dict[str, Split], str]:
 
 
 def _find_csv(folder: Path, split: str) -> Path | None:
-    """``split``.csv.gz or ``split``.csv in ``folder``, in any letter case."""
+    """``split``.csv.gz or ``split``.csv in ``folder``; in another letter case if it is the only
+    such file (two that differ only in case: a DataError)."""
     if not folder.is_dir():
         return None
-    files = {file.name.lower(): file for file in folder.iterdir() if file.is_file()}
+    files = [file for file in folder.iterdir() if file.is_file()]
     for name in (f"{split}.csv.gz", f"{split}.csv"):
-        if name in files:
-            return files[name]
+        if (folder / name).is_file():
+            return folder / name
+        alike = sorted(file.name for file in files if file.name.lower() == name)
+        if len(alike) > 1:
+            raise DataError(f"{folder}: {' and '.join(alike)} differ only in letter case: which is the "
+                            f"{split} split?")
+        if alike:
+            return folder / alike[0]
     return None
 
 
@@ -110,7 +117,9 @@ _LABELS = {"1": 1, "0": 0, "pos": 1, "neg": 0, "positive": 1, "negative": 0}
 
 
 def _label(value: str | None, where: str) -> int:
-    label = None if value is None else _LABELS.get(value.strip().lower())
+    if value is None:
+        raise DataError(f"{where}: no label field")
+    label = _LABELS.get(value.strip().lower())
     if label is None:
         raise DataError(f"{where}: label must be 1/0 (or pos/neg, positive/negative), got {value!r}")
     return label

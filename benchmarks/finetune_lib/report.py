@@ -89,9 +89,10 @@ def _fmt(value, spec: str, missing: str = "-") -> str:
 
 # What the time-share columns hold: ops are attributed by name, and a fused op does more than its
 # name says; the step time is the comparable total.
-SHARES_NOTE = ("Time shares by op name: fastformer's LayerNorm column holds its fused dropout and residual "
-               "add, its GELU column the fused bias add; the torch variant counts its separate dropout, add "
-               "and bias kernels in 'rest'. Compare totals by step time.")
+SHARES_NOTE = ("Time shares by op name: fastformer's LayerNorm column holds the dropout and residual add it "
+               "fuses, its GELU column the bias add where bias_gelu takes it (kernel backends); the torch "
+               "variant counts its dropout and add in 'rest', its bias in the GEMM. Compare totals by step "
+               "time.")
 
 
 def table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
@@ -144,13 +145,21 @@ def print_table(results: dict, title: str) -> None:
             for row in rows:
                 table.add_row(*row)
             Console().print(table)
-            print(SHARES_NOTE)
+            if shares_note(results):
+                print(shares_note(results))
             return
         except ImportError:
             pass
     print(title)
     print(format_table(headers, rows))
-    print(SHARES_NOTE)
+    if shares_note(results):
+        print(shares_note(results))
+
+
+def shares_note(results: dict) -> str:
+    """:data:`SHARES_NOTE` when a variant has time shares, else ""."""
+    variants = results.get("variants", {}).values()
+    return SHARES_NOTE if any((run.get("time_shares") or {}).get("shares") for run in variants) else ""
 
 
 # --------------------------------------------------------------------------------------------

@@ -286,14 +286,16 @@ def warm_up_kernels(model: nn.Module, data: data_lib.Encoded, pad: int, config: 
     batch of each kind the training will see; returns how many. Kernels are compiled and autotuned
     per kind on first use: Triton's per sequence-length bucket (powers of two, its autotuning
     key), per length divisibility by 16 (its specialisation) and per padded or not. The batches
-    come from the whole epoch (not a rank's shard), so that every rank runs the same ones."""
+    are those of every epoch, in the training's order (the same generator and seed), taken whole
+    (not a rank's shard), so that every rank runs the same ones."""
     kinds = {}
-    for indices in data_lib.make_batches(data.lengths, config.batch_size, torch.Generator().manual_seed(0),
-                                         config.bucketing):
-        lengths = [data.lengths[i] for i in indices]
-        longest = max(lengths)
-        kind = (1 << max(0, longest - 1).bit_length(), longest % 16 == 0, min(lengths) < longest)
-        kinds.setdefault(kind, indices)
+    order = torch.Generator().manual_seed(config.seed)
+    for _ in range(config.epochs):
+        for indices in data_lib.make_batches(data.lengths, config.batch_size, order, config.bucketing):
+            lengths = [data.lengths[i] for i in indices]
+            longest = max(lengths)
+            kind = (1 << max(0, longest - 1).bit_length(), longest % 16 == 0, min(lengths) < longest)
+            kinds.setdefault(kind, indices)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         for indices in kinds.values():
             ids, padding, labels = (t.to(device) for t in data_lib.collate(data, indices, pad))
@@ -541,6 +543,10 @@ def compare_first_step(base: nn.Module, data: data_lib.Encoded, pad: int, config
     little): this does. A gradient that is zero in exact arithmetic (e.g. of the key projection's
     bias: softmax ignores a score shift shared by a row) is rounding noise in both variants, so
     each one's error is relative to at least 1e-3 of the norm of the whole gradient."""
+    dropping = [name for name, m in base.named_modules() if isinstance(m, nn.Dropout) and m.p > 0]
+    if dropping:
+        raise ValueError(f"compare_first_step: the base model must have dropout 0 (the variants would draw "
+                         f"different masks); {dropping[0]} has p={dict(base.named_modules())[dropping[0]].p}")
     order = sorted(range(len(data)), key=lambda i: data.lengths[i])
     half = min(config.batch_size, len(order)) // 2
     indices = order[:half] + order[len(order) - (min(config.batch_size, len(order)) - half):]
