@@ -454,6 +454,8 @@ def test_ddp_two_gloo_processes(tmp_path):
     assert results["environment"]["world_size"] == 2
     run = results["variants"]["fastformer"]
     assert len(run["losses"]) == 128 // 8 // 2  # each rank its half of the batches
+    # the epoch's training loss is over both ranks' steps, as the per-step losses (rank means)
+    assert run["epochs"][0]["train_loss"] == pytest.approx(sum(run["losses"]) / len(run["losses"]))
     assert run["epochs"][0]["test"]["reviews"] == 40  # every test review once, across ranks
     assert run["tokens_per_s"] > 0 and 0 <= run["test_accuracy"] <= 1
 

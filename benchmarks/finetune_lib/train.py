@@ -407,7 +407,8 @@ def _training(kernels: str, base: nn.Module, train_data: data_lib.Encoded, test_
         train_seconds += time.perf_counter() - resumed
         if measure_memory:
             peak_bytes = max(peak_bytes, torch.cuda.max_memory_allocated(device))
-        record = {"epoch": epoch + 1, "steps": step, "train_loss": _mean(losses[first_loss:])}
+        loss_sum, loss_count = dist_info.reduce([sum(losses[first_loss:]), len(losses) - first_loss])
+        record = {"epoch": epoch + 1, "steps": step, "train_loss": loss_sum / loss_count if loss_count else math.nan}
         if config.evaluate:
             record["test"] = evaluate(model, test_data, pad, config.eval_batch_size, device, config.precision,
                                       dist_info, show, desc=f"{kernels} eval")
@@ -503,8 +504,9 @@ def _mean(values: list[float]) -> float:
 
 
 def _reduce_measurements(losses, step_ms, useful_tokens, all_tokens, peak_bytes, dist_info: Dist) -> dict:
-    """Per-step losses averaged over ranks; tokens summed over ranks; time and memory: the slowest
-    rank (the ranks wait for each other at every step anyway)."""
+    """Per-step losses averaged over ranks; tokens summed over ranks; the timed seconds behind
+    tokens/s and the peak memory: the slowest rank's (the ranks wait for each other at every step
+    anyway); the step-time statistics: this rank's steps (rank 0 reports them)."""
     losses = [x / dist_info.world_size for x in dist_info.reduce(losses)]
     seconds = sum(step_ms) / 1e3
     useful, total = sum(useful_tokens), sum(all_tokens)
