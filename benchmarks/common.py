@@ -747,9 +747,10 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
     return f"{type(exc).__name__}: {message}"[:limit]
 
 
-def relative_error(x: torch.Tensor, ref: torch.Tensor) -> float:
+def relative_error(x: torch.Tensor, ref: torch.Tensor, floor: float = 0.0) -> float:
+    """||x - ref|| / max(||ref||, floor) (the plain difference when that is 0)."""
     x, ref = x.detach().double(), ref.detach().double()
-    denominator = ref.norm().item()
+    denominator = max(ref.norm().item(), floor)
     difference = (x - ref).norm().item()
     return difference / denominator if denominator > 0 else difference
 
@@ -785,9 +786,8 @@ def compare(fn, baseline_fn, grad_inputs, grad_outputs, passes: Sequence[str],
     if backward:
         split = len(grads) if param_grads_from is None else param_grads_from
         pairs = [(i, g, r) for i, (g, r) in enumerate(zip(grads, ref_grads)) if g is not None and r is not None]
-        for pass_ in passes:
-            if pass_ != "fwd":
-                errors[pass_] = max((relative_error(g, r) for i, g, r in pairs if i < split), default=0.0)
+        inputs_error = max((relative_error(g, r) for i, g, r in pairs if i < split), default=0.0)
+        errors.update({pass_: inputs_error for pass_ in passes if pass_ != "fwd"})
         if param_grads_from is not None:
             errors["params"] = max((relative_error(g, r) for i, g, r in pairs if i >= split), default=0.0)
     return errors

@@ -37,7 +37,7 @@ from torch import nn
 import fastformer
 from fastformer import dispatch
 from fastformer.nn import FastMultiheadAttention, FastTransformerEncoder, FastTransformerEncoderLayer
-from fastformer.nn.encoder import has_hooks, linear_bias_gelu
+from fastformer.nn.encoder import gelu_approximate, has_hooks, is_plain, linear_bias_gelu
 
 __all__ = ["OptimizeReport", "optimize"]
 
@@ -367,13 +367,11 @@ def _behaviour_reasons(kind, module, base) -> list[str]:
 
 
 def _gelu_kind(activation) -> str | None:
-    """"none" / "tanh" for the GELUs bias_gelu computes exactly, else None."""
-    if activation is F.gelu:
-        return "none"
-    if has_hooks(activation):  # the fused forward would not call it
-        return None
-    if type(activation) is nn.GELU:  # a subclass may compute something else
-        return activation.approximate
+    """"none" / "tanh" for the GELUs bias_gelu computes exactly (torch's, and transformers' by class
+    name), else None."""
+    approximate = gelu_approximate(activation)
+    if approximate is not None or has_hooks(activation):  # a hooked one: the fused forward would not call it
+        return approximate
     name = type(activation).__name__
     if name == "GELUActivation" and getattr(activation, "act", F.gelu) is F.gelu:
         return "none"
@@ -446,7 +444,7 @@ def _as_optimized(module, kind) -> bool:
         part = module
         for name in path:  # through _modules: nn.Module.__getattr__ is slow, and this runs every call
             part = part._modules.get(name)
-        if type(part) is not cls or has_hooks(part):
+        if not is_plain(part, cls):
             return False
     return kind == "output" or _gelu_kind(_activation(kind, module)) == module.fastformer_gelu
 

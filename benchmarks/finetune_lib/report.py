@@ -134,6 +134,7 @@ def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
 
 def print_table(results: dict, title: str) -> None:
     headers, rows = table_rows(results)
+    note = shares_note(results)
     if sys.stdout.isatty():
         try:
             from rich.console import Console
@@ -145,15 +146,15 @@ def print_table(results: dict, title: str) -> None:
             for row in rows:
                 table.add_row(*row)
             Console().print(table)
-            if shares_note(results):
-                print(shares_note(results))
+            if note:
+                print(note)
             return
         except ImportError:
             pass
     print(title)
     print(format_table(headers, rows))
-    if shares_note(results):
-        print(shares_note(results))
+    if note:
+        print(note)
 
 
 def shares_note(results: dict) -> str:

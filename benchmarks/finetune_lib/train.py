@@ -529,13 +529,6 @@ def _reduce_measurements(losses, step_ms, useful_tokens, all_tokens, peak_bytes,
 # --------------------------------------------------------------------------------------------
 # equivalence
 # --------------------------------------------------------------------------------------------
-def _relative_error(actual: torch.Tensor, expected: torch.Tensor, floor: float = 0.0) -> float:
-    """||actual - expected|| / max(||expected||, floor)."""
-    expected, actual = expected.double(), actual.double()
-    scale = max(expected.norm().item(), floor)
-    return (actual - expected).norm().item() / scale if scale > 0 else (0.0 if actual.norm() == 0 else math.inf)
-
-
 def compare_first_step(base: nn.Module, data: data_lib.Encoded, pad: int, config: TrainConfig,
                        device: torch.device) -> dict:
     """Logits and every parameter's gradient of both variants on one batch, from the same weights
@@ -545,13 +538,13 @@ def compare_first_step(base: nn.Module, data: data_lib.Encoded, pad: int, config
     little): this does. A gradient that is zero in exact arithmetic (e.g. of the key projection's
     bias: softmax ignores a score shift shared by a row) is rounding noise in both variants, so
     each one's error is relative to at least 1e-3 of the norm of the whole gradient."""
-    dropping = [name for name, m in base.named_modules() if isinstance(m, nn.Dropout) and m.p > 0]
+    dropping = [(name, m.p) for name, m in base.named_modules() if isinstance(m, nn.Dropout) and m.p > 0]
     if dropping:
         raise ValueError(f"compare_first_step: the base model must have dropout 0 (the variants would draw "
-                         f"different masks); {dropping[0]} has p={dict(base.named_modules())[dropping[0]].p}")
+                         f"different masks); {dropping[0][0]} has p={dropping[0][1]}")
     order = sorted(range(len(data)), key=lambda i: data.lengths[i])
-    half = min(config.batch_size, len(order)) // 2
-    indices = order[:half] + order[len(order) - (min(config.batch_size, len(order)) - half):]
+    size = min(config.batch_size, len(order))
+    indices = order[:size // 2] + order[len(order) - (size - size // 2):]
     ids, padding, labels = (t.to(device) for t in data_lib.collate(data, indices, pad))
     outputs = {}
     for kernels in models.KERNELS:
@@ -564,10 +557,10 @@ def compare_first_step(base: nn.Module, data: data_lib.Encoded, pad: int, config
         del model
     (ref_logits, ref_grads), (logits, grads) = outputs["torch"], outputs["fastformer"]
     floor = 1e-3 * math.sqrt(sum(g.double().square().sum().item() for g in ref_grads.values()))
-    grad_errors = {name: _relative_error(grads[name], ref, floor) if name in grads else math.inf
+    grad_errors = {name: common.relative_error(grads[name], ref, floor) if name in grads else math.inf
                    for name, ref in ref_grads.items()}
     worst = max(grad_errors, key=grad_errors.get, default=None)
-    logits_error = _relative_error(logits, ref_logits)
+    logits_error = common.relative_error(logits, ref_logits)
     tolerances = (LOSS_TOLERANCE[config.precision], GRAD_TOLERANCE[config.precision])
     return {"logits_relative_error": logits_error, "max_gradient_relative_error": grad_errors.get(worst, 0.0),
             "worst_gradient": worst, "padding_fraction": float(padding.float().mean()),

@@ -39,7 +39,7 @@ def has_hooks(module) -> bool:
                                                   or module._backward_hooks or module._backward_pre_hooks)
 
 
-def _gelu_approximate(activation) -> str | None:
+def gelu_approximate(activation) -> str | None:
     """"none"/"tanh" when ``activation`` is a GELU that ``bias_gelu`` computes exactly, else None."""
     if activation is F.gelu:
         return "none"
@@ -168,7 +168,7 @@ class FastTransformerEncoderLayer(nn.TransformerEncoderLayer):
     # ------------------------------------------------------------------------------------------
     def _ff(self, x: Tensor) -> Tensor:
         """linear2(dropout(activation(linear1(x)))), without dropout2 (fused by the caller)."""
-        approximate = _gelu_approximate(self.activation)
+        approximate = gelu_approximate(self.activation)
         if approximate is not None:
             h = linear_bias_gelu(x, self.linear1, approximate, backend=self.fastformer_backend)
         else:
