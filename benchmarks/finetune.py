@@ -13,7 +13,8 @@ Models (``--model``):
 Variants (``--kernels``): torch (``torch.nn.TransformerEncoderLayer`` / transformers' SDPA
 attention), fastformer (the same model after ``fastformer.optimize``), both (default): same seed,
 initial weights and batch order, trained one after the other or (``--variant-order alternate``, the
-default on a CPU, whose speed drifts between runs) a step each in turn. Measured for each: useful
+default on a CPU, whose speed drifts between runs) a step each in turn; ``--compile`` trains both
+under torch.compile (the torch variant then gets the compiler's own fusions). Measured for each: useful
 tokens/s (padding excluded), step time (median, p20-p80), peak memory (CUDA, sequential order),
 time shares of attention / LayerNorm / GELU / the rest (torch.profiler on a few steps), the
 fastformer backend each op ran on, test accuracy.
@@ -109,6 +110,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="fp32 (TF32 matmuls on GPUs unless --no-tf32) or bf16 autocast")
     add("--no-tf32", action="store_true")
     add("--backend", choices=("triton", "cuda", "torch"), help="force this fastformer backend")
+    add("--compile", action="store_true",
+        help="train both variants under torch.compile (dynamic shapes; compiled in the untimed warm-up; "
+             "evaluation and the equivalence check stay eager)")
+    add("--compile-backend", default="inductor", help="torch.compile's backend (default inductor)")
+    add("--compile-mode", help="torch.compile's mode, e.g. max-autotune-no-cudagraphs (inductor only)")
     add("--device", help="default: cuda if available (cuda:LOCAL_RANK under torchrun), else cpu")
     add("--seed", type=int, default=0)
     add("--warmup-steps", type=int, help="steps not timed at the start (default 5, 3 with --quick)")
@@ -149,6 +155,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--dropout must be in [0, 1), got {args.dropout}")
     if not args.lr > 0.0:
         parser.error(f"--lr must be > 0, got {args.lr}")
+    if (args.compile_backend != "inductor" or args.compile_mode) and not args.compile:
+        parser.error("--compile-backend and --compile-mode need --compile")
+    if args.compile_mode and args.compile_backend != "inductor":
+        parser.error(f"--compile-mode is inductor's; --compile-backend is {args.compile_backend}")
     if args.model == "scratch" and args.d_model % args.nhead:
         parser.error(f"--d-model ({args.d_model}) must be a multiple of --nhead ({args.nhead})")
     return args
@@ -234,7 +244,8 @@ def train_config(args) -> train_lib.TrainConfig:
         optimizer=args.optimizer, weight_decay=args.weight_decay, schedule=args.schedule,
         warmup_fraction=args.warmup_fraction, clip_norm=1.0, seed=args.seed, bucketing=not args.no_bucketing,
         precision=args.precision, warmup_steps=args.warmup_steps, profile_steps=args.profile_steps,
-        progress=not args.no_progress, backend=args.backend)
+        progress=not args.no_progress, backend=args.backend, compile=args.compile,
+        compile_backend=args.compile_backend, compile_mode=args.compile_mode)
 
 
 def compare(variants: dict) -> dict:
@@ -298,7 +309,8 @@ def main(argv=None) -> int:
     config = train_config(args)
     results = {
         "schema": "fastformer-finetune/1",
-        "title": f"IMDB fine-tuning, {args.model}{' (quick)' if args.quick else ''}",
+        "title": f"IMDB fine-tuning, {args.model}{' (quick)' if args.quick else ''}"
+                 f"{', torch.compile' if args.compile else ''}",
         "environment": report.environment(device, dist_info.world_size),
         "config": {**{k: v for k, v in vars(args).items() if k not in ("json", "plot", "table")},
                    "train": dataclasses.asdict(config)},

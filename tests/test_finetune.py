@@ -439,6 +439,50 @@ def test_check_equivalence_mode(tmp_path):
     assert results["variants"] == {} and not (tmp_path / "none.png").exists()
 
 
+def test_compiled_variants(tmp_path, monkeypatch):
+    """--compile: both variants train under torch.compile, compiled in the untimed warm-up (no
+    graph compiled in a training step, the recording of backends included), evaluation eager.
+    aot_eager keeps it fast; inductor is PyTorch's business."""
+    out = tmp_path / "compiled.json"
+    args = ["--synthetic", "--quick", "--train-size", "96", "--test-size", "16", "--epochs", "1",
+            "--max-length", "40", "--d-model", "32", "--layers", "1", "--ff", "64", "--vocab-size", "300", "--batch-size", "8",
+            "--warmup-steps", "1", "--profile-steps", "1", "--equivalence-steps", "2", "--no-progress",
+            "--compile", "--compile-backend", "aot_eager", "--json", str(out)]
+    stepped = []  # the modules the warm-up and the training steps call: the compiled ones
+
+    class Recording(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args):
+            stepped.append(type(self.inner).__name__)
+            return self.inner(*args)
+
+    real = train_lib.compiled
+    monkeypatch.setattr(train_lib, "compiled", lambda model, config: Recording(real(model, config)))
+    graphs = train_lib._graphs_compiled()
+    assert finetune.main(args) == 0
+    assert train_lib._graphs_compiled() >= graphs + 2  # one per variant at least: compile really ran
+    results = json.loads(out.read_text())
+    assert results["equivalence"]["passed"] and "torch.compile" in results["title"]
+    assert results["config"]["train"]["compile"] and results["config"]["compile_backend"] == "aot_eager"
+    for name, run in results["variants"].items():
+        assert run["compile"] == {"backend": "aot_eager", "mode": None, "graphs_compiled_in_training_steps": 0}
+        assert run["warm_up_batches"] >= 1 and run["warm_up_seconds"] > 0
+        assert run["tokens_per_s"] > 0 and len(run["losses"]) == 96 // 8
+        assert "not measured" in run["time_shares"]["note"]  # the CPU profiler sees one op per graph
+    assert set(results["variants"]["fastformer"]["backends"]) == {"attention", "residual_layer_norm", "bias_gelu"}
+    assert results["variants"]["torch"]["backends"] == {}
+    runs = results["variants"].values()
+    assert stepped.count("OptimizedModule") == sum(run["warm_up_batches"] + len(run["losses"]) for run in runs)
+    assert stepped.count("ScratchClassifier") == 2 * 2  # the equivalence check's steps: eager
+    for bad in (["--compile-mode", "max-autotune"], ["--compile", "--compile-backend", "eager", "--compile-mode",
+                                                      "max-autotune"]):
+        with pytest.raises(SystemExit):
+            finetune.parse_args(["--synthetic", *bad])
+
+
 def test_ddp_two_gloo_processes(tmp_path):
     out = tmp_path / "ddp.json"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),

@@ -54,6 +54,9 @@ class TrainConfig:
     evaluate: bool = True
     progress: bool = True
     backend: str | None = None       # force a fastformer backend (None: automatic)
+    compile: bool = False            # train both variants under torch.compile (evaluation stays eager)
+    compile_backend: str = "inductor"
+    compile_mode: str | None = None  # torch.compile's mode (inductor only); None: its default
 
 
 # --------------------------------------------------------------------------------------------
@@ -253,6 +256,25 @@ def _optimizer(model: nn.Module, config: TrainConfig, total_steps: int):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def compiled(model: nn.Module, config: TrainConfig) -> nn.Module:
+    """``model`` under ``torch.compile`` when ``config.compile`` (the same options for both
+    variants), else ``model`` itself. Shapes are dynamic from the start: length-bucketed batches
+    change the sequence length at every bucket, and a first static compile would be thrown away.
+    In the fastformer variant each fastformer op is one opaque node of the graph (its backend
+    chosen at trace time); in the torch variant the compiler fuses the residual adds, dropouts,
+    LayerNorms and GELUs itself: the comparison a user of torch.compile cares about."""
+    if not config.compile:
+        return model
+    return torch.compile(model, backend=config.compile_backend, mode=config.compile_mode, dynamic=True)
+
+
+def _graphs_compiled() -> int:
+    """Graphs torch.compile has compiled in this process so far (its own counter)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 def _autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
@@ -285,7 +307,8 @@ def warm_up_kernels(model: nn.Module, data: data_lib.Encoded, pad: int, config: 
     """Forward and backward, without an optimizer step and with the random state restored, on one
     batch of each kind the training will see; returns how many. Kernels are compiled and autotuned
     per kind on first use: Triton's per sequence-length bucket (powers of two, its autotuning
-    key), per length divisibility by 16 (its specialisation) and per padded or not. The batches
+    key), per length divisibility by 16 (its specialisation) and per padded or not; torch.compile
+    compiles on the first and on any whose shapes its guards reject. The batches
     are those of every epoch, in the training's order (the same generator and seed), taken whole
     (not a rank's shard), so that every rank runs the same ones."""
     kinds = {}
@@ -307,6 +330,19 @@ def warm_up_kernels(model: nn.Module, data: data_lib.Encoded, pad: int, config: 
     return len(kinds)
 
 
+def eager_backends(model: nn.Module, data: data_lib.Encoded, pad: int, config: TrainConfig,
+                   device: torch.device) -> dict:
+    """:func:`record_backends` of one eager forward (gradients on, random state restored) of the
+    training's first batch: the backends torch.compile's trace picks, by the same rules."""
+    order = torch.Generator().manual_seed(config.seed)
+    indices = next(iter(data_lib.make_batches(data.lengths, config.batch_size, order, config.bucketing)))
+    ids, padding, _ = (t.to(device) for t in data_lib.collate(data, indices, pad))
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), record_backends() as seen:
+        with _autocast(device, config.precision):
+            model(ids, padding)
+    return dict(seen)
+
+
 def _training(kernels: str, base: nn.Module, train_data: data_lib.Encoded, test_data: data_lib.Encoded,
               pad: int, config: TrainConfig, device: torch.device, dist_info: Dist,
               log: Callable[[str], None], measure_memory: bool):
@@ -319,6 +355,7 @@ def _training(kernels: str, base: nn.Module, train_data: data_lib.Encoded, test_
         from torch.nn.parallel import DistributedDataParallel
 
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    step_model = compiled(model, config)  # what the training steps call; evaluation calls ``model``
     data_order = torch.Generator().manual_seed(config.seed)        # same batches for both variants
     torch.manual_seed(config.seed + 1 + dist_info.rank)              # dropout (and nothing else)
     steps_per_epoch = len(data_lib.shard(data_lib.make_batches(train_data.lengths, config.batch_size,
@@ -328,7 +365,16 @@ def _training(kernels: str, base: nn.Module, train_data: data_lib.Encoded, test_
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
     optimizer, scheduler = _optimizer(model, config, total_steps)
-    warmed_up = warm_up_kernels(model, train_data, pad, config, device) if device.type == "cuda" else 0
+    # Under torch.compile the backends are chosen while tracing, where record_backends' stand-in
+    # for dispatch would be traced too: they are recorded from one eager forward instead.
+    backends = eager_backends(model, train_data, pad, config, device) if config.compile else {}
+    # Untimed first: kernels compile and autotune (GPU), torch.compile traces and compiles (any device).
+    warmed_up, warm_up_seconds = 0, 0.0
+    if device.type == "cuda" or config.compile:
+        start = time.perf_counter()
+        warmed_up = warm_up_kernels(step_model, train_data, pad, config, device)
+        warm_up_seconds = time.perf_counter() - start
+    graphs_in_steps = 0  # compiled during this variant's own training steps (not its warm-up)
     measure_memory = measure_memory and device.type == "cuda"
     if measure_memory:
         torch.cuda.empty_cache()
@@ -340,7 +386,11 @@ def _training(kernels: str, base: nn.Module, train_data: data_lib.Encoded, test_
     if config.profile_steps <= 0 or profile_to > total_steps:  # none asked, or too short a run
         profile_from = profile_to = -1
     profiler = shares = None
-    backends: dict = {}
+    if config.compile and device.type != "cuda":
+        # On the CPU a compiled graph's generated code runs inside one profiler event: no op names.
+        profile_from = profile_to = -1
+        shares = {"note": "not measured: under torch.compile on the CPU the profiler cannot split a compiled "
+                          "graph's time by op"}
     losses, step_ms, useful_tokens, all_tokens, epochs = [], [], [], [], []
     peak_bytes = 0
     show = config.progress and dist_info.main
@@ -364,13 +414,14 @@ def _training(kernels: str, base: nn.Module, train_data: data_lib.Encoded, test_
                 except Exception as error:  # e.g. no CUPTI: measure the rest anyway
                     profiler, shares = None, {"error": f"profiler: {type(error).__name__}: {error}"}
                     profile_from = profile_to = -1
-            recorder = record_backends() if step == 0 else contextlib.nullcontext({})
+            recorder = record_backends() if step == 0 and not config.compile else contextlib.nullcontext({})
+            graphs_before = _graphs_compiled() if config.compile else 0
             synchronize(device)
             start = time.perf_counter()
             with recorder as seen:
                 ids, padding, labels = (t.to(device, non_blocking=True) for t in (ids, padding, labels))
                 with _autocast(device, config.precision):
-                    logits = model(ids, padding)
+                    logits = step_model(ids, padding)
                 loss = F.cross_entropy(logits.float(), labels)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -380,7 +431,9 @@ def _training(kernels: str, base: nn.Module, train_data: data_lib.Encoded, test_
                 scheduler.step()
             synchronize(device)
             elapsed = time.perf_counter() - start
-            if step == 0:
+            if config.compile:
+                graphs_in_steps += _graphs_compiled() - graphs_before
+            if step == 0 and not config.compile:
                 backends = dict(seen)
             if profiler is not None:
                 profiler.step()
@@ -421,8 +474,13 @@ def _training(kernels: str, base: nn.Module, train_data: data_lib.Encoded, test_
     if profiler is not None:  # the run ended inside the profiled window
         profiler.stop()
 
+    if graphs_in_steps and dist_info.main:
+        log(f"{kernels}: torch.compile compiled {graphs_in_steps} graph(s) during training steps (after the "
+            f"warm-up): those steps' times include compilation")
     result = {"kernels": kernels, "steps": step, "train_seconds": train_seconds, "epochs": epochs,
-              "warm_up_batches": warmed_up,
+              "warm_up_batches": warmed_up, "warm_up_seconds": warm_up_seconds,
+              "compile": {"backend": config.compile_backend, "mode": config.compile_mode,
+                          "graphs_compiled_in_training_steps": graphs_in_steps} if config.compile else None,
               "optimize_report": models.optimize_report(getattr(model, "module", model)),
               "backends": backends}
     result.update(_reduce_measurements(losses, step_ms, useful_tokens, all_tokens, peak_bytes, dist_info))
@@ -572,9 +630,10 @@ def check_equivalence(base: nn.Module, train_data: data_lib.Encoded, pad: int, c
                       steps: int, device: torch.device, dist_info: Dist) -> dict:
     """Both variants from the same weights (``base`` must have dropout 0): the first step's logits
     and gradients on a padded batch (:func:`compare_first_step`), then ``steps`` steps on the same
-    random batches (not length-bucketed: they hold padding), whose losses must agree step by step."""
+    random batches (not length-bucketed: they hold padding), whose losses must agree step by step.
+    Always eager: it checks fastformer's ops against PyTorch's, not torch.compile."""
     config = dataclasses.replace(config, max_steps=steps, epochs=max(1, config.epochs), evaluate=False,
-                                 profile_steps=0, warmup_steps=0, progress=False, bucketing=False)
+                                 profile_steps=0, warmup_steps=0, progress=False, bucketing=False, compile=False)
     first_step = compare_first_step(base, train_data, pad, config, device)
     runs = {kernels: run["losses"] for kernels, run in
             train_variants(list(models.KERNELS), base, train_data, train_data, pad, config, device, dist_info).items()}
