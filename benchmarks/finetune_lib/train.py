@@ -333,13 +333,15 @@ def warm_up_kernels(model: nn.Module, data: data_lib.Encoded, pad: int, config: 
 def eager_backends(model: nn.Module, data: data_lib.Encoded, pad: int, config: TrainConfig,
                    device: torch.device) -> dict:
     """:func:`record_backends` of one eager forward (gradients on, random state restored) of the
-    training's first batch: the backends torch.compile's trace picks, by the same rules."""
+    training's first batch: the backends torch.compile's trace picks, by the same rules. Under
+    DistributedDataParallel, the local model's (DDP's forward prepares a gradient reduction that no
+    backward would finish)."""
     order = torch.Generator().manual_seed(config.seed)
     indices = next(iter(data_lib.make_batches(data.lengths, config.batch_size, order, config.bucketing)))
     ids, padding, _ = (t.to(device) for t in data_lib.collate(data, indices, pad))
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), record_backends() as seen:
         with _autocast(device, config.precision):
-            model(ids, padding)
+            getattr(model, "module", model)(ids, padding)
     return dict(seen)
 
 
