@@ -334,6 +334,18 @@ def test_time_share_categories():
         assert train_lib.categorize(loss_op) is None
 
 
+def test_time_shares_note_says_how_fused_kernels_count():
+    from finetune_lib import report
+
+    eager = {"variants": {"torch": {"time_shares": {"shares": {"rest": 1.0}}, "compile": None}}}
+    assert report.shares_note(eager) == report.SHARES_NOTE
+    compiled = {"variants": {"torch": {"time_shares": {"shares": {"rest": 1.0}}, "compile": {"backend": "inductor"}}}}
+    assert report.shares_note(compiled) == report.COMPILED_SHARES_NOTE
+    unmeasured = {"variants": {"torch": {"time_shares": {"note": "not measured"},
+                                         "compile": {"backend": "inductor"}}}}
+    assert report.shares_note(unmeasured) == ""
+
+
 def test_time_shares_from_gpu_kernels():
     """The CUDA branch on hand-made profiler events (no GPU needed): kernels by their own name, else
     by the operator that launched them; kernels linked to no operator by their name alone."""

@@ -93,6 +93,10 @@ SHARES_NOTE = ("Time shares by op name: fastformer's LayerNorm column holds the 
                "fuses, its GELU column the bias add where bias_gelu takes it (kernel backends); the torch "
                "variant counts its dropout and add in 'rest', its bias in the GEMM. Compare totals by step "
                "time.")
+COMPILED_SHARES_NOTE = ("Time shares by kernel name, under torch.compile: a generated kernel fusing several ops "
+                        "counts as attention if its name mentions it, else LayerNorm, else GELU, so the torch "
+                        "variant's dropout and residual adds can count as LayerNorm, as fastformer's do. Compare "
+                        "totals by step time.")
 
 
 def table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
@@ -158,9 +162,12 @@ def print_table(results: dict, title: str) -> None:
 
 
 def shares_note(results: dict) -> str:
-    """:data:`SHARES_NOTE` when a variant has time shares, else ""."""
+    """What the time-share columns hold (:data:`SHARES_NOTE`, or :data:`COMPILED_SHARES_NOTE` for
+    variants trained under torch.compile) when a variant has time shares, else ""."""
     variants = results.get("variants", {}).values()
-    return SHARES_NOTE if any((run.get("time_shares") or {}).get("shares") for run in variants) else ""
+    if not any((run.get("time_shares") or {}).get("shares") for run in variants):
+        return ""
+    return COMPILED_SHARES_NOTE if any(run.get("compile") for run in variants) else SHARES_NOTE
 
 
 # --------------------------------------------------------------------------------------------
