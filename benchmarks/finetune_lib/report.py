@@ -10,6 +10,7 @@ import json
 import math
 import os
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -245,6 +246,11 @@ def write_plot(path: str | os.PathLike, results: dict) -> bool:
     shares.set_ylabel("% of profiled step time")
     shares.set_title("time shares")
     shares.set_ylim(0, 100)
+    for index, name in enumerate(names):  # say why a variant has no bar
+        record = variants[name].get("time_shares") or {}
+        if not record.get("shares"):
+            why = record.get("note") or record.get("error") or "not measured"
+            shares.text(index, 50, textwrap.fill(why, 24), ha="center", va="center", fontsize="small")
     shares.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
     env = results.get("environment", {})
     figure.suptitle(f"{results.get('title', 'IMDB fine-tuning')} - {env.get('device', '')}, "
