@@ -24,7 +24,8 @@
 #               (when the script, compute-sanitizer and the CUDA extension are all there, and
 #               compute-sanitizer accepts the device: some container runtimes refuse it)
 #   finetune    benchmarks/finetune.py --quick (when it exists), on --finetune-data DIR, else on
-#               synthetic reviews when the script offers --synthetic
+#               .finetune-inputs/imdb (benchmarks/pack_finetune_inputs.py) when the checkout has
+#               it, else on synthetic reviews when the script offers --synthetic
 #   summary     DIR/summary.md: pass/fail of every step and the headline tables
 #
 # Exit status: 0 when every step passed or was skipped for a reason that is not a fault (no
@@ -92,6 +93,9 @@ OUT="$(absolute "$OUT")" WHEELS="$(absolute "$WHEELS")" ARCHIVE="$(absolute "$AR
 FINETUNE_DATA="$(absolute "$FINETUNE_DATA")"
 case "$PY" in */*) PY="$(absolute "$PY")" ;; esac
 cd "$REPO" || exit 2
+if [ -z "$FINETUNE_DATA" ] && [ -d .finetune-inputs/imdb ]; then
+  FINETUNE_DATA="$REPO/.finetune-inputs/imdb"  # what benchmarks/pack_finetune_inputs.py wrote
+fi
 
 # ---- GPU or not -----------------------------------------------------------------------------
 HAVE_GPU=0
