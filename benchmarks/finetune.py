@@ -89,6 +89,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="steps of the equivalence check (default 20 with --check-equivalence, 10 before a 'both' "
              "run; 0: skip)")
     add("--epochs", type=int)
+    add("--max-steps", type=int,
+        help="stop each variant after this many training steps (per process), evaluating the model as it "
+             "is then; the learning-rate schedule spans them. To bound a run's time")
     add("--batch-size", type=int, help="per process")
     add("--eval-batch-size", type=int)
     add("--lr", type=float)
@@ -144,7 +147,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.equivalence_steps = 20 if args.check_equivalence else 10
     if args.synthetic and args.data:
         parser.error("give --data or --synthetic, not both")
-    at_least_one = ["epochs", "batch_size", "eval_batch_size", "max_length", "train_size", "test_size",
+    at_least_one = ["epochs", "max_steps", "batch_size", "eval_batch_size", "max_length", "train_size", "test_size",
                     "vocab_size", "d_model", "nhead", "layers", "ff"]
     for name in at_least_one:
         value = getattr(args, name, None)
@@ -249,7 +252,7 @@ def train_config(args) -> train_lib.TrainConfig:
         optimizer=args.optimizer, weight_decay=args.weight_decay, schedule=args.schedule,
         warmup_fraction=args.warmup_fraction, clip_norm=1.0, seed=args.seed, bucketing=not args.no_bucketing,
         precision=args.precision, warmup_steps=args.warmup_steps, profile_steps=args.profile_steps,
-        progress=not args.no_progress, backend=args.backend, compile=args.compile,
+        progress=not args.no_progress, backend=args.backend, max_steps=args.max_steps, compile=args.compile,
         compile_backend=args.compile_backend, compile_mode=args.compile_mode)
 
 

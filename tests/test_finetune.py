@@ -441,6 +441,20 @@ def test_a_saved_tokenizer_makes_runs_repeat_exactly(tmp_path):
     assert first["variants"]["torch"]["losses"] == second["variants"]["torch"]["losses"]
 
 
+def test_max_steps_bounds_a_run_and_still_evaluates(tmp_path):
+    out = tmp_path / "bounded.json"
+    args = ["--synthetic", "--train-size", "96", "--test-size", "16", "--max-length", "32", "--d-model", "32",
+            "--layers", "1", "--ff", "64", "--vocab-size", "300", "--batch-size", "8", "--epochs", "2",
+            "--max-steps", "5", "--warmup-steps", "1", "--profile-steps", "0", "--equivalence-steps", "0",
+            "--no-progress", "--json", str(out)]
+    assert finetune.main(args) == 0
+    for run in json.loads(out.read_text())["variants"].values():
+        assert run["steps"] == len(run["losses"]) == 5 and run["timed_steps"] == 4
+        assert [epoch["steps"] for epoch in run["epochs"]] == [5] and run["epochs"][0]["test"]["reviews"] == 16
+    with pytest.raises(SystemExit):
+        finetune.parse_args(["--synthetic", "--max-steps", "0"])
+
+
 def test_check_equivalence_mode(tmp_path):
     out = tmp_path / "check.json"
     args = ["--synthetic", "--check-equivalence", "--train-size", "64", "--test-size", "8", "--max-length", "32",

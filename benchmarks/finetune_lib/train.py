@@ -50,7 +50,7 @@ class TrainConfig:
     precision: str = "fp32"          # "fp32" (TF32 matmuls on GPUs) or "bf16" (autocast)
     warmup_steps: int = 5            # not timed
     profile_steps: int = 3           # profiled with torch.profiler after the warm-up (0: none)
-    max_steps: int | None = None     # stop early (equivalence check)
+    max_steps: int | None = None     # stop each variant after this many steps (the schedule spans them)
     evaluate: bool = True
     progress: bool = True
     backend: str | None = None       # force a fastformer backend (None: automatic)
@@ -635,7 +635,8 @@ def check_equivalence(base: nn.Module, train_data: data_lib.Encoded, pad: int, c
     random batches (not length-bucketed: they hold padding), whose losses must agree step by step.
     Always eager: it checks fastformer's ops against PyTorch's, not torch.compile."""
     config = dataclasses.replace(config, max_steps=steps, epochs=max(1, config.epochs), evaluate=False,
-                                 profile_steps=0, warmup_steps=0, progress=False, bucketing=False, compile=False)
+                                 profile_steps=0, warmup_steps=0, progress=False, bucketing=False,
+                                 compile=False)
     first_step = compare_first_step(base, train_data, pad, config, device)
     runs = {kernels: run["losses"] for kernels, run in
             train_variants(list(models.KERNELS), base, train_data, train_data, pad, config, device, dist_info).items()}
