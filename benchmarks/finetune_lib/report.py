@@ -164,10 +164,12 @@ def print_table(results: dict, title: str) -> None:
 
 def shares_note(results: dict) -> str:
     """What the time-share columns hold (:data:`SHARES_NOTE`, or :data:`COMPILED_SHARES_NOTE` for
-    variants trained under torch.compile) when a variant has time shares, else ""."""
+    variants trained under torch.compile) when a variant has time shares, else why none has ("" if
+    none was asked for)."""
     variants = results.get("variants", {}).values()
     if not any((run.get("time_shares") or {}).get("shares") for run in variants):
-        return ""
+        reasons = [(run.get("time_shares") or {}).get("note") for run in variants]
+        return next((f"Time shares {reason}." for reason in reasons if reason), "")
     return COMPILED_SHARES_NOTE if any(run.get("compile") for run in variants) else SHARES_NOTE
 
 

@@ -268,6 +268,22 @@ def compiled(model: nn.Module, config: TrainConfig) -> nn.Module:
     return torch.compile(model, backend=config.compile_backend, mode=config.compile_mode, dynamic=True)
 
 
+def compile_options_problem(backend: str, mode: str | None) -> str | None:
+    """What is wrong with torch.compile's ``backend`` and ``mode``, or None."""
+    import torch._dynamo
+    import torch._inductor
+
+    if backend not in torch._dynamo.list_backends(exclude_tags=()):
+        return (f"--compile-backend {backend!r} is not a torch.compile backend: "
+                f"{', '.join(torch._dynamo.list_backends())} or a debugging one such as aot_eager")
+    if mode is not None and backend != "inductor":
+        return f"--compile-mode is inductor's; --compile-backend is {backend}"
+    modes = torch._inductor.list_mode_options()
+    if mode is not None and mode not in modes:
+        return f"--compile-mode must be one of {', '.join(modes)}; got {mode!r}"
+    return None
+
+
 def _graphs_compiled() -> int:
     """Graphs torch.compile has compiled in this process so far (its own counter)."""
     from torch._dynamo.utils import counters
@@ -302,13 +318,19 @@ def evaluate(model: nn.Module, data: data_lib.Encoded, pad: int, batch_size: int
             "seconds": time.perf_counter() - start}
 
 
+def _random_state_kept(device: torch.device):
+    """PyTorch's random state (CPU, and ``device``'s on CUDA) restored on exit."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+
+
 def warm_up_kernels(model: nn.Module, data: data_lib.Encoded, pad: int, config: TrainConfig,
                     device: torch.device) -> int:
     """Forward and backward, without an optimizer step and with the random state restored, on one
     batch of each kind the training will see; returns how many. Kernels are compiled and autotuned
     per kind on first use: Triton's per sequence-length bucket (powers of two, its autotuning
     key), per length divisibility by 16 (its specialisation) and per padded or not; torch.compile
-    compiles on the first and on any whose shapes its guards reject. The batches
+    compiles on the first and on any whose shapes its guards reject (with dynamic shapes, a batch
+    of one review: sizes 0 and 1 are specialised). The batches
     are those of every epoch, in the training's order (the same generator and seed), taken whole
     (not a rank's shard), so that every rank runs the same ones."""
     kinds = {}
@@ -317,9 +339,10 @@ def warm_up_kernels(model: nn.Module, data: data_lib.Encoded, pad: int, config: 
         for indices in data_lib.make_batches(data.lengths, config.batch_size, order, config.bucketing):
             lengths = [data.lengths[i] for i in indices]
             longest = max(lengths)
-            kind = (1 << max(0, longest - 1).bit_length(), longest % 16 == 0, min(lengths) < longest)
+            kind = (1 << max(0, longest - 1).bit_length(), longest % 16 == 0, min(lengths) < longest,
+                    len(indices) == 1)
             kinds.setdefault(kind, indices)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with _random_state_kept(device):
         for indices in kinds.values():
             ids, padding, labels = (t.to(device) for t in data_lib.collate(data, indices, pad))
             with _autocast(device, config.precision):
@@ -339,7 +362,7 @@ def eager_backends(model: nn.Module, data: data_lib.Encoded, pad: int, config: T
     order = torch.Generator().manual_seed(config.seed)
     indices = next(iter(data_lib.make_batches(data.lengths, config.batch_size, order, config.bucketing)))
     ids, padding, _ = (t.to(device) for t in data_lib.collate(data, indices, pad))
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), record_backends() as seen:
+    with _random_state_kept(device), record_backends() as seen:
         with _autocast(device, config.precision):
             getattr(model, "module", model)(ids, padding)
     return dict(seen)
