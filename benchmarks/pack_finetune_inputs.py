@@ -68,10 +68,13 @@ def pack_reviews(source: str, out: Path) -> list[Path]:
 def pack_minilm(out: Path, source: str | None = None) -> list[Path]:
     """all-MiniLM-L6-v2 (``source`` folder, else the package's) with float16 weights into ``out``."""
     import torch
-    from safetensors.torch import load_file, save_file
 
     package = _package_version() if source is None else None
-    source = Path(models.minilm_path(source, flag="--minilm-source"))
+    source = Path(models.minilm_path(source, flag="--minilm-source"))  # says what is missing
+    try:
+        from safetensors.torch import load_file, save_file
+    except ImportError as error:
+        raise SystemExit(f"--minilm needs the safetensors package (it comes with transformers): {error}") from None
     if out.exists() and source.resolve() == out.resolve():
         raise SystemExit(f"--minilm-source {source}: is the output folder itself")
     out.mkdir(parents=True, exist_ok=True)
