@@ -49,9 +49,6 @@ except ImportError:  # run from a checkout that is not installed and not on PYTH
 OP = "bias_gelu"
 BASELINE = "torch-eager"
 APPROXIMATE = ("none", "tanh")
-# Twice DESIGN.md's tolerances against float64: (forward, x gradient, bias gradient).
-TOLERANCES = {torch.float16: (4e-2, 8e-2, 4e-1), torch.bfloat16: (4e-2, 8e-2, 4e-1),
-              torch.float32: (2e-4, 2e-3, 2e-3), torch.float64: (1e-8, 1e-8, 1e-8)}
 
 
 def _eager(approximate: str) -> Callable:
@@ -96,7 +93,7 @@ def bench_shape(approximate: str, rows_n: int, width: int, args, skips, failures
     work = {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}
     return common.run_providers(OP, providers, BASELINE, (x, bias), (grad_out,), args, label=label,
                                 suite=OP, group=f"rows={rows_n} approximate={approximate}",
-                                size=width, work=work, kind="bytes", tolerances=TOLERANCES[dtype],
+                                size=width, work=work, kind="bytes", tolerances=common.NORM_AND_GELU_TOLERANCES[dtype],
                                 check=True, skips=skips, failures=failures, param_grads_from=1)
 
 

