@@ -107,12 +107,16 @@ class Backend:
 
     ``ops()`` maps op name -> (Support, implementation module path); ``unavailable_reasons()``
     says why the backend cannot run anything on this machine (empty list when it can).
+    ``seed_on_host``: its dropout reads the call's seed on the host (to seed a torch.Generator),
+    so the seed is drawn on the CPU; kernel backends read it inside the kernel, from the data's
+    device (see :func:`seed_device`).
     """
 
     name: str
     description: str
     ops: Callable[[], dict[str, tuple[Support, str]]]
     unavailable_reasons: Callable[[], list[str]]
+    seed_on_host: bool = False
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,7 +173,7 @@ _REGISTRY: dict[str, Backend] = {
     ),
     "triton": Backend("triton", "Triton kernels", _triton_ops, _triton_unavailable_reasons),
     "torch": Backend("torch", "composed from PyTorch ops (SDPA, tensor math, gelu)",
-                     _torch_ops, lambda: []),
+                     _torch_ops, lambda: [], seed_on_host=True),
 }
 
 
@@ -177,6 +181,16 @@ def get_backend(name: str) -> Backend:
     if name not in _REGISTRY:
         raise ValueError(f"backend must be one of {BACKEND_NAMES} or None, got {name!r}")
     return _REGISTRY[name]
+
+
+def seed_device(backend: str, data_device: torch.device) -> torch.device:
+    """Where a call's dropout seed is drawn: on the data's device for the kernel backends, which
+    load it in the kernel. Drawn there by PyTorch's generator of that device, it is part of the
+    device's work: a CUDA graph replays the draw (a seed drawn on the host during capture would
+    be a constant, the same mask at every replay), a compiled graph has no CPU op for it
+    (inductor leaves graphs with CPU ops out of its CUDA graphs, or splits them there), and no
+    launcher reads a device value on the host."""
+    return torch.device("cpu") if get_backend(backend).seed_on_host else data_device
 
 
 # What probe() found: backend -> reasons it is unavailable, backend -> op table. Filled once, at

@@ -18,18 +18,21 @@ from fastformer import validation as check
 __all__ = ["attention", "residual_layer_norm", "residual_rms_norm", "bias_gelu", "explain"]
 
 
-def _draw_seed(dropout_p: float) -> torch.Tensor | None:
-    """A dropout seed from PyTorch's default generator (so torch.manual_seed reproduces it)."""
+def _draw_seed(dropout_p: float, backend: str, device: torch.device | str) -> torch.Tensor | None:
+    """The dropout seed a call on ``backend`` with data on ``device`` draws: a 0-dim int64 tensor
+    from PyTorch's default generator of the device :func:`dispatch.seed_device` names (so
+    torch.manual_seed reproduces it)."""
     if dropout_p == 0.0:
         return None
-    return torch.randint(0, 2**62, (), dtype=torch.int64)
+    return torch.randint(0, 2**62, (), dtype=torch.int64, device=dispatch.seed_device(backend, torch.device(device)))
 
 
-def _seed_for(dropout_p: float, backend: str, op: str, forward_name: str) -> torch.Tensor | None:
+def _seed_for(dropout_p: float, backend: str, op: str, forward_name: str,
+              device: torch.device) -> torch.Tensor | None:
     """The call's dropout seed; None when it runs PyTorch's own dropout (nothing to regenerate)."""
     if dropout_p == 0.0 or library.draws_own_dropout(backend, op, forward_name):
         return None
-    return _draw_seed(dropout_p)
+    return _draw_seed(dropout_p, backend, device)
 
 
 def _needs(**flags: bool) -> frozenset:
@@ -119,7 +122,8 @@ def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
     call, args = _prepare_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
                                     key_padding_mask=key_padding_mask)
     chosen = dispatch.select_backend(call, backend).backend
-    out, _ = library.attention(*args, _seed_for(args[5], chosen, "attention", "attention_fwd"), chosen)
+    seed = _seed_for(args[5], chosen, "attention", "attention_fwd", query.device)
+    out, _ = library.attention(*args, seed, chosen)
     return out
 
 
@@ -161,7 +165,7 @@ def _prepare_residual_norm(op, x, residual, weight, bias, eps, dropout_p, rms):
 def _residual_norm(op, x, residual, weight, bias, eps, dropout_p, rms, backend):
     call, args, store_residual = _prepare_residual_norm(op, x, residual, weight, bias, eps, dropout_p, rms)
     chosen = dispatch.select_backend(call, backend).backend
-    seed = _seed_for(args[5], chosen, op, "residual_norm_fwd")
+    seed = _seed_for(args[5], chosen, op, "residual_norm_fwd", x.device)
     out, residual_out, _, _ = library.residual_norm(*args, seed, store_residual, chosen)
     # Without residual and dropout the residual stream is x itself: return it, don't copy it.
     return out, residual_out if store_residual else x

@@ -59,6 +59,15 @@ def check_vector(op: str, name: str, t, size: int, dtype: torch.dtype, device, *
         raise ValueError(f"{op}: {name} is on {t.device} but x is on {device}")
 
 
+def check_seed(op: str, seed, device: torch.device) -> None:
+    """A kernel's dropout seed: one int64 on the data's ``device``, which the kernel loads."""
+    if not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64 or seed.numel() != 1:
+        seen = f"{seed.dtype} of shape {shape_of(seed)}" if isinstance(seed, torch.Tensor) else type(seed).__name__
+        raise TypeError(f"{op}: seed must be a one-element int64 tensor, got {seen}")
+    if seed.device != device:
+        raise ValueError(f"{op}: seed must be on the data's device ({device}), got {seed.device}")
+
+
 def is_real_number(value) -> bool:
     """A Python or NumPy int or float (numbers.Real), not a bool."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)

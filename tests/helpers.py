@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastformer
 from fastformer import dispatch
@@ -95,6 +96,21 @@ def misaligned(t: torch.Tensor) -> torch.Tensor:
     is 16-byte aligned): no 16-byte vector access fits its rows, so kernels take their scalar path."""
     buffer = torch.empty(t.numel() + 1, device=t.device, dtype=t.dtype)
     return buffer[1:].view(t.shape).copy_(t)
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the reads of a tensor's value on the host (``.item()``, ``int(t)``, ...: all are
+    ``aten._local_scalar_dense``) made while it is active. On a GPU each waits for the device,
+    and inside CUDA graph capture it is an error or, for a value drawn on the host, a constant."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
 
 
 class LoRALinear(torch.nn.Module):

@@ -367,10 +367,10 @@ def test_gradcheck_float64(is_causal, backend):
     assert torch.autograd.gradcheck(run, (q, k, v, bias))
 
 
-def _same_seed_call(seed_value, fn):
+def _same_seed_call(seed_value, fn, backend, device):
     """Run ``fn`` after seeding, and return (its result, the dropout seed the op drew)."""
     torch.manual_seed(seed_value)
-    seed = _draw_seed(0.5)
+    seed = _draw_seed(0.5, backend, device)
     torch.manual_seed(seed_value)
     return fn(), seed
 
@@ -387,7 +387,7 @@ def test_dropout_matches_reference_with_the_same_mask(dtype, backend, monkeypatc
     keep_mask = keep_mask_function(backend, monkeypatch)
     out, seed = _same_seed_call(
         7, lambda: fastformer.attention(q, k, v, dropout_p=p, is_causal=True, key_padding_mask=pad,
-                                        backend=backend))
+                                        backend=backend), backend, "cpu")
     keep = keep_mask(seed, (2, 4, 13, 21), p, "cpu")
     assert 0.6 < keep.float().mean().item() < 0.8
     expected = reference.attention(q, k, v, key_padding_mask=pad, is_causal=True, keep=keep, dropout_p=p)
@@ -408,7 +408,7 @@ def test_dropout_on_gpu_matches_reference_with_the_same_mask(dim, dtype, backend
     keep_mask = keep_mask_function(backend, monkeypatch)
     out, seed = _same_seed_call(
         11, lambda: fastformer.attention(q, k, v, dropout_p=p, is_causal=True, key_padding_mask=pad,
-                                         backend=backend))
+                                         backend=backend), backend, "cuda")
     keep = keep_mask(seed, (2, 4, 77, 130), p, "cuda")
     assert 0.6 < keep.float().mean().item() < 0.8
     expected = reference.attention(q, k, v, key_padding_mask=pad, is_causal=True, keep=keep, dropout_p=p)

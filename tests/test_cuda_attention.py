@@ -25,11 +25,11 @@ from test_attention import finfo_min_mask
 HALF = [torch.float16, torch.bfloat16]
 
 FWD_SCHEMA = ("fastformer::cuda_attention_fwd(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, "
-              "Tensor? key_padding_mask, float scale, bool is_causal, float dropout_p, int seed) "
+              "Tensor? key_padding_mask, float scale, bool is_causal, float dropout_p, Tensor? seed) "
               "-> (Tensor out, Tensor lse)")
 BWD_SCHEMA = ("fastformer::cuda_attention_bwd(Tensor grad_out, Tensor query, Tensor key, Tensor value, "
               "Tensor out, Tensor lse, Tensor? attn_mask, Tensor? key_padding_mask, float scale, bool is_causal, "
-              "float dropout_p, int seed) -> (Tensor grad_query, Tensor grad_key, Tensor grad_value)")
+              "float dropout_p, Tensor? seed) -> (Tensor grad_query, Tensor grad_key, Tensor grad_value)")
 
 needs_extension = pytest.mark.skipif(load_extension() is None, reason="fastformer._C is not built")
 
@@ -78,12 +78,13 @@ def test_meta_shapes(dtype):
     k = torch.empty(batch, heads_k, len_k, dim, device="meta", dtype=dtype)
     v = torch.empty(batch, heads_k, len_k, dim, device="meta", dtype=dtype)
     mask = torch.empty(len_q, len_k, device="meta", dtype=torch.bool)
-    out, lse = torch.ops.fastformer.cuda_attention_fwd(q, k, v, mask, None, 0.125, True, 0.1, 5)
+    seed = torch.empty((), device="meta", dtype=torch.int64)
+    out, lse = torch.ops.fastformer.cuda_attention_fwd(q, k, v, mask, None, 0.125, True, 0.1, seed)
     assert out.shape == (batch, heads_q, len_q, dim) and out.dtype == dtype
     assert out.stride() == (len_q * heads_q * dim, dim, heads_q * dim, 1)
     assert lse.shape == (batch, heads_q, len_q) and lse.dtype == torch.float32
     padding = torch.empty(batch, len_k, device="meta", dtype=torch.bool)
-    grads = torch.ops.fastformer.cuda_attention_bwd(out, q, k, v, out, lse, None, padding, 0.125, False, 0.0, 0)
+    grads = torch.ops.fastformer.cuda_attention_bwd(out, q, k, v, out, lse, None, padding, 0.125, False, 0.0, None)
     for grad, like in zip(grads, (q, k, v)):
         assert grad.shape == like.shape and grad.dtype == dtype and grad.is_contiguous()
 
@@ -97,7 +98,7 @@ def test_a_bad_key_padding_mask_is_rejected_by_the_op(shape, dtype):
     k = torch.empty(2, 4, 65, 64, device="meta", dtype=torch.float16)
     padding = torch.empty(shape, device="meta", dtype=dtype)
     with pytest.raises(RuntimeError, match=r"key_padding_mask must be a bool tensor of shape \(B, Lk\) = \(2, 65\)"):
-        torch.ops.fastformer.cuda_attention_fwd(q, k, k, None, padding, 0.125, False, 0.0, 0)
+        torch.ops.fastformer.cuda_attention_fwd(q, k, k, None, padding, 0.125, False, 0.0, None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -377,7 +378,7 @@ def check_dropout_matches_reference_with_the_same_mask(mask_kind, dim, dtype, sh
     q, k, v = _qkv(batch, heads_q, heads_k, len_q, len_k, dim, dim, dtype, device=device)
     attn_mask, padding, is_causal = _masks_of(mask_kind, batch, heads_q, len_q, len_k, dtype, device=device)
     kwargs = dict(attn_mask=attn_mask, key_padding_mask=padding, is_causal=is_causal)
-    seed = torch.tensor(123456789012345, dtype=torch.int64)
+    seed = torch.tensor(123456789012345, dtype=torch.int64, device=device)
     grad_out = torch.randn(batch, heads_q, len_q, dim, device=device, dtype=dtype)
     out, _, grads = _run(q, k, v, dropout_p=p, seed=seed, grad_out=grad_out, **kwargs)
     keep = reference.philox_keep_mask(int(seed), (batch, heads_q, len_q, len_k), p).to(device)

@@ -23,11 +23,11 @@ CUDA = torch.device("cuda")
 SCHEMAS = {
     "cuda_residual_norm_fwd":
         "fastformer::cuda_residual_norm_fwd(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, "
-        "float eps, float dropout_p, bool rms, int seed, bool store_residual) "
+        "float eps, float dropout_p, bool rms, Tensor? seed, bool store_residual) "
         "-> (Tensor, Tensor, Tensor, Tensor)",
     "cuda_residual_norm_bwd":
         "fastformer::cuda_residual_norm_bwd(Tensor grad_out, Tensor? grad_residual_out, Tensor normed, "
-        "Tensor? weight, Tensor? bias, Tensor rstd, float dropout_p, bool rms, int seed, "
+        "Tensor? weight, Tensor? bias, Tensor rstd, float dropout_p, bool rms, Tensor? seed, "
         "bool has_residual) -> (Tensor, Tensor, Tensor, Tensor)",
     "cuda_bias_gelu_fwd": "fastformer::cuda_bias_gelu_fwd(Tensor x, Tensor? bias, str approximate) -> Tensor",
     "cuda_bias_gelu_bwd":
@@ -81,13 +81,13 @@ def test_meta_implementations_give_the_output_shapes():
     x = torch.empty(6, 40, device="meta", dtype=torch.bfloat16)
     weight = torch.empty(40, device="meta", dtype=torch.float32)
     out, residual_out, mean, rstd = torch.ops.fastformer.cuda_residual_norm_fwd(
-        x, x, weight, weight, 1e-5, 0.1, False, 3, True)
+        x, x, weight, weight, 1e-5, 0.1, False, torch.empty((), dtype=torch.int64, device="meta"), True)
     assert out.shape == residual_out.shape == (6, 40) and out.dtype == torch.bfloat16
     assert mean.shape == rstd.shape == (6,) and mean.dtype == rstd.dtype == torch.float32
     out, residual_out, mean, rstd = torch.ops.fastformer.cuda_residual_norm_fwd(
-        x, None, None, None, 1e-5, 0.0, True, 0, False)
+        x, None, None, None, 1e-5, 0.0, True, None, False)
     assert residual_out.numel() == 0 and mean.numel() == 0 and rstd.shape == (6,)
-    grads = torch.ops.fastformer.cuda_residual_norm_bwd(x, None, x, weight, None, rstd, 0.0, True, 0, True)
+    grads = torch.ops.fastformer.cuda_residual_norm_bwd(x, None, x, weight, None, rstd, 0.0, True, None, True)
     assert [tuple(g.shape) for g in grads] == [(6, 40), (6, 40), (40,), (0,)]
     assert grads[2].dtype == torch.float32
     assert torch.ops.fastformer.cuda_bias_gelu_fwd(x, None, "tanh").shape == (6, 40)
@@ -105,7 +105,7 @@ def test_fake_tensors_trace_the_ops():
     with FakeTensorMode():
         x = torch.empty(5, 24, dtype=torch.float16, device="cuda")
         out, residual_out, mean, rstd = torch.ops.fastformer.cuda_residual_norm_fwd(
-            x, x, None, None, 1e-5, 0.0, False, 0, True)
+            x, x, None, None, 1e-5, 0.0, False, None, True)
         assert out.shape == (5, 24) and out.device.type == "cuda" and rstd.shape == (5,)
         assert torch.ops.fastformer.cuda_bias_gelu_fwd(x, None, "none").shape == (5, 24)
 
@@ -121,7 +121,7 @@ def test_opcheck_keep_mask_on_cpu():
 def test_meta_implementations_reject_bad_ranks():
     with pytest.raises(RuntimeError, match="x must be 2-D"):
         torch.ops.fastformer.cuda_residual_norm_fwd(torch.empty(2, 3, 4, device="meta"), None, None,
-                                                    None, 1e-5, 0.0, False, 0, False)
+                                                    None, 1e-5, 0.0, False, None, False)
     with pytest.raises(RuntimeError, match="x must be 2-D"):
         torch.ops.fastformer.cuda_bias_gelu_fwd(torch.empty(8, device="meta"), None, "none")
 
@@ -339,13 +339,13 @@ def test_cuda_ops_reject_bad_inputs_clearly():
     x = torch.randn(4, 64, device="cuda")
     with pytest.raises(RuntimeError, match="contiguous columns"):
         torch.ops.fastformer.cuda_residual_norm_fwd(x.t().contiguous().t(), None, None, None, 1e-5, 0.0,
-                                                    False, 0, False)
+                                                    False, None, False)
     with pytest.raises(RuntimeError, match="N must be in 1..16384"):
         torch.ops.fastformer.cuda_residual_norm_fwd(torch.randn(2, 16385, device="cuda"), None, None,
-                                                    None, 1e-5, 0.0, False, 0, False)
+                                                    None, 1e-5, 0.0, False, None, False)
     with pytest.raises(RuntimeError, match="weight must have the input's dtype"):
         torch.ops.fastformer.cuda_residual_norm_fwd(x.half(), None, torch.ones(64, device="cuda",
-                                                    dtype=torch.bfloat16), None, 1e-5, 0.0, False, 0, False)
+                                                    dtype=torch.bfloat16), None, 1e-5, 0.0, False, None, False)
     with pytest.raises(RuntimeError, match="float32, float16 or bfloat16"):
         torch.ops.fastformer.cuda_bias_gelu_fwd(x.double(), None, "none")
     with pytest.raises(RuntimeError, match="approximate must be 'none' or 'tanh'"):

@@ -26,7 +26,7 @@ from cuda_emulator import build
 from fastformer.cuda import attention as cuda_attention
 from fastformer.cuda import bias_gelu as cuda_bias_gelu
 from fastformer.cuda import layer_norm as cuda_layer_norm
-from helpers import ELEMENTWISE_TOL, PARAM_GRAD_TOL_HALF, assert_rel_close, misaligned
+from helpers import ELEMENTWISE_TOL, PARAM_GRAD_TOL_HALF, HostReads, assert_rel_close, misaligned
 from test_attention import check_nan_and_inf_mask_values_give_nan_rows
 
 @pytest.fixture(scope="module", autouse=True)
@@ -59,20 +59,20 @@ def _opcheck_cases():
     k, v = torch.randn(2, 1, 11, 50, dtype=half), torch.randn(2, 1, 11, 40, dtype=half)
     padding = torch.arange(11)[None, :] >= torch.tensor([11, 6])[:, None]
     mask = torch.randn(9, 11)
-    out, lse = torch.ops.fastformer_emulated.cuda_attention_fwd(q, k, v, mask, padding, 0.2, True, 0.1, 5)
+    seed = torch.tensor(5)
+    out, lse = torch.ops.fastformer_emulated.cuda_attention_fwd(q, k, v, mask, padding, 0.2, True, 0.1, seed)
     x, residual = torch.randn(5, 24, dtype=half), torch.randn(5, 24, dtype=half)
     weight, bias = torch.randn(24), torch.randn(24, dtype=half)
     normed, residual_out, _, rstd = torch.ops.fastformer_emulated.cuda_residual_norm_fwd(
-        x, residual, weight, bias, 1e-5, 0.1, False, 3, True)
-    seed = torch.tensor(77)
+        x, residual, weight, bias, 1e-5, 0.1, False, seed, True)
     return [
-        ("cuda_attention_fwd", (q, k, v, mask, padding, 0.2, True, 0.1, 5)),
-        ("cuda_attention_fwd", (q, k, v, None, None, 0.2, False, 0.0, 0)),
-        ("cuda_attention_bwd", (torch.randn_like(out), q, k, v, out, lse, mask, padding, 0.2, True, 0.1, 5)),
-        ("cuda_residual_norm_fwd", (x, residual, weight, bias, 1e-5, 0.1, False, 3, True)),
-        ("cuda_residual_norm_fwd", (x, None, None, None, 1e-6, 0.0, True, 0, False)),
+        ("cuda_attention_fwd", (q, k, v, mask, padding, 0.2, True, 0.1, seed)),
+        ("cuda_attention_fwd", (q, k, v, None, None, 0.2, False, 0.0, None)),
+        ("cuda_attention_bwd", (torch.randn_like(out), q, k, v, out, lse, mask, padding, 0.2, True, 0.1, seed)),
+        ("cuda_residual_norm_fwd", (x, residual, weight, bias, 1e-5, 0.1, False, seed, True)),
+        ("cuda_residual_norm_fwd", (x, None, None, None, 1e-6, 0.0, True, None, False)),
         ("cuda_residual_norm_bwd", (torch.randn_like(x), torch.randn_like(x), residual_out, weight, bias, rstd,
-                                    0.1, False, 3, True)),
+                                    0.1, False, seed, True)),
         ("cuda_bias_gelu_fwd", (x, bias, "tanh")),
         ("cuda_bias_gelu_bwd", (torch.randn_like(x), x, weight, "none")),
         ("cuda_dropout_keep_mask", (seed, [3, 70], 0.3)),
@@ -231,6 +231,23 @@ def test_residual_norm_matches_float64_reference(rows, n, dtype, aligned, rms, d
         assert_rel_close(got, expected, tol, f"grad {name}")
 
 
+def test_dropout_seed_is_passed_to_the_kernels_not_read_on_the_host():
+    """The launchers hand the seed tensor to the ops, whose kernels load it (a host read would
+    wait for the GPU, and CUDA graph capture would keep its value for every replay)."""
+    q, k, v = (torch.randn(1, 2, 19, 32, dtype=torch.float16) for _ in range(3))
+    x = torch.randn(6, 64, dtype=torch.bfloat16)
+    seed = torch.tensor(2**40 + 3)
+    with HostReads() as reads:
+        out, lse = cuda_attention.attention_fwd(q, k, v, None, None, 0.2, False, 0.125, seed)
+        cuda_attention.attention_bwd(torch.randn_like(out), q, k, v, out, lse, None, None, 0.2, False, 0.125,
+                                     seed, False)
+        normed, residual_out, mean, rstd = cuda_layer_norm.residual_norm_fwd(x, x, None, None, 1e-5, 0.2, False,
+                                                                             seed, True)
+        cuda_layer_norm.residual_norm_bwd(torch.randn_like(x), None, residual_out, None, None, mean, rstd, 0.2,
+                                          False, seed, True)
+    assert reads.count == 0
+
+
 # ----------------------------------------------------------------------------------------------
 # bias + GELU
 # ----------------------------------------------------------------------------------------------
@@ -284,6 +301,11 @@ def test_bad_inputs_are_rejected_clearly():
     with pytest.raises(RuntimeError, match=r"attn_mask of shape \[5, 12\] does not broadcast to "
                                            r"\(B, Hq, Lq, Lk\) = \(1, 2, 9, 12\)"):
         cuda_attention.attention_fwd(q, k, k, torch.zeros(5, 12), None, 0.0, False, 1.0, None)
+    with pytest.raises(TypeError, match=r"attention \(cuda\): seed must be a one-element int64 tensor, got int"):
+        cuda_attention.attention_fwd(q, k, k, None, None, 0.1, False, 1.0, 7)
+    with pytest.raises(ValueError, match=r"seed must be on the data's device \(cpu\), got meta"):
+        cuda_layer_norm.residual_norm_fwd(torch.randn(3, 8), None, None, None, 1e-5, 0.1, False,
+                                          torch.empty((), dtype=torch.int64, device="meta"), True)
     x = torch.randn(4, 64)
     with pytest.raises(ValueError, match=r"grad_out must have x's shape \(4, 64\), got \(8, 32\)"):
         cuda_bias_gelu.bias_gelu_bwd(torch.randn(8, 32), x, None, "none")

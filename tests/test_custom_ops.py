@@ -179,7 +179,7 @@ def test_torch_backend_explicit_backward(mask_kind, dtype):
             padding[1, :3] = True  # queries 0..2 of batch row 1 see no key
     if mask_kind == "dropout":
         p = 0.3
-        seed = _draw_seed(p)
+        seed = _draw_seed(p, "torch", "cpu")
         keep = dropout_keep_mask(seed, (batch, heads_q, len_q, len_k), p, "cpu")
     out, _ = library.AttentionFunction.apply(q, k, v, mask, padding, p, causal, dim**-0.5, seed, "torch")
     expected = reference.attention(q, k, v, attn_mask=mask, key_padding_mask=padding, is_causal=causal,

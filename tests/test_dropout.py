@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import fastformer
 import reference
 from fastformer.torch_backend import dropout as torch_dropout
-from helpers import ELEMENTWISE_TOL, assert_rel_close
+from helpers import BACKENDS, ELEMENTWISE_TOL, HostReads, assert_rel_close, require_backend
 from test_attention import assert_close_to_reference, make_qkv, padding_mask
 
 PROBABILITIES = [1e-3, 0.1, 0.3, 0.5, 0.9]
@@ -216,3 +216,105 @@ def test_triton_keep_mask_rate_and_independence():
     for offset in (1, 2, 3, 4):  # column pairs (c, c + offset)
         both = dropped[:, :-offset] & dropped[:, offset:]
         assert within_sigmas(int(both.sum()), both.numel(), p * p), offset
+
+
+# --------------------------------------------------------------------------------------------
+# The kernels' seed: drawn on the data's device and loaded by the kernels, never read on the host,
+# so that CUDA graphs (captured by hand or by torch.compile) draw fresh masks at every replay
+# --------------------------------------------------------------------------------------------
+def test_kernel_backends_draw_the_seed_on_the_datas_device():
+    """Meta stands in for a GPU here: the seed of a kernel backend is drawn on the data's device
+    (by that device's generator); the torch backend seeds a torch.Generator on the host with it."""
+    from fastformer.functional import _draw_seed
+
+    for backend in ("triton", "cuda"):
+        assert _draw_seed(0.1, backend, "meta").device.type == "meta"
+    seed = _draw_seed(0.1, "torch", "meta")
+    assert seed.device.type == "cpu" and seed.dtype == torch.int64 and seed.dim() == 0
+    assert _draw_seed(0.0, "triton", "meta") is None
+
+
+def _dropout_inputs(backend, device, requires_grad=True):
+    """Inputs of one attention call (with key padding) and one residual LayerNorm, both with
+    dropout; skips when ``backend`` cannot take them."""
+    q, k, v = make_qkv((2, 4, 2, 13, 21, 16, 16), torch.float32, device, requires_grad=requires_grad)
+    pad = padding_mask(2, 21, device)
+    x = torch.randn(6, 40, device=device, requires_grad=requires_grad)
+    residual, weight = torch.randn(6, 40, device=device), torch.randn(40, device=device)
+    require_backend(backend, "attention", q, k, v, dropout_p=0.3, key_padding_mask=pad)
+    require_backend(backend, "residual_layer_norm", x, residual, weight, None, dropout_p=0.3)
+    return (q, k, v, pad), (x, residual, weight)
+
+
+def _ops_with_dropout(backend, attention_inputs, norm_inputs):
+    """(attention output, normed, residual_out) with dropout 0.3."""
+    q, k, v, pad = attention_inputs
+    x, residual, weight = norm_inputs
+    out = fastformer.attention(q, k, v, dropout_p=0.3, key_padding_mask=pad, backend=backend)
+    normed, residual_out = fastformer.residual_layer_norm(x, residual, weight, None, dropout_p=0.3,
+                                                          backend=backend)
+    return out, normed, residual_out
+
+
+def test_triton_dropout_reads_no_value_on_the_host():
+    """Forward and backward of the Triton kernels with dropout: the seed is passed as a pointer,
+    and nothing else is read on the host either (key padding ends are computed on the device)."""
+    inputs = _dropout_inputs("triton", "cpu")
+    with HostReads() as reads:
+        out, normed, residual_out = _ops_with_dropout("triton", *inputs)
+        (out.sum() + normed.sum() + residual_out.sum()).backward()
+    assert reads.count == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropout_masks_are_fresh_at_every_cuda_graph_replay(backend):
+    """Captured in a CUDA graph, the ops draw new masks at each replay of the same inputs (the
+    seed is drawn on the GPU and loaded by the kernels; one drawn on the host would be captured
+    as a constant)."""
+    inputs = _dropout_inputs(backend, "cuda", requires_grad=False)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compile and autotune outside the capture
+        for _ in range(2):
+            _ops_with_dropout(backend, *inputs)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = _ops_with_dropout(backend, *inputs)
+    replays = []
+    for _ in range(3):
+        graph.replay()
+        replays.append([t.clone() for t in outputs])
+    torch.cuda.synchronize()
+    for name, index in (("attention", 0), ("residual_layer_norm", 1)):
+        first, second, third = (replay[index] for replay in replays)
+        assert torch.isfinite(first).all(), name
+        assert not torch.equal(first, second) and not torch.equal(second, third), name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_reduce_overhead_compiles_an_encoder_layer_with_dropout_into_cuda_graphs(backend):
+    """torch.compile(mode="reduce-overhead") keeps a fastformer encoder layer with dropout in
+    CUDA graphs (a seed drawn on the CPU would be a CPU op in the graph, which inductor leaves out
+    of them), and its training steps on the same input draw fresh masks."""
+    from torch._dynamo.utils import counters
+
+    layer = fastformer.FastTransformerEncoderLayer(64, 4, 128, dropout=0.1, batch_first=True, device="cuda")
+    x = torch.randn(2, 16, 64, device="cuda")
+    padding = torch.arange(16, device="cuda")[None, :] >= torch.tensor([16, 9], device="cuda")[:, None]
+    heads = x.view(2, 16, 4, 16).transpose(1, 2)
+    require_backend(backend, "attention", heads, heads, heads, dropout_p=0.1, key_padding_mask=padding)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(layer, mode="reduce-overhead")
+    outputs = []
+    with fastformer.use_backend(backend):
+        for _ in range(4):
+            out = compiled(x, src_key_padding_mask=padding)
+            out.sum().backward()
+            outputs.append(out.detach().clone())
+    torch.cuda.synchronize()
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+    assert not torch.equal(outputs[-1], outputs[-2])

@@ -138,7 +138,7 @@ def test_dropout_matches_reference_with_the_same_mask(norm, dtype, backend, devi
     require(backend, norm, *inputs)
     keep_mask = keep_mask_function(backend, monkeypatch)
     torch.manual_seed(11)
-    seed = _draw_seed(p)
+    seed = _draw_seed(p, backend, device)
     keep = keep_mask(seed, (36, 200), p, device).view(4, 9, 200)
     assert 0.7 < keep.float().mean().item() < 0.8
     torch.manual_seed(11)
@@ -279,7 +279,7 @@ def test_real_sizes_on_gpu(norm, rows, hidden, backend, monkeypatch):
     require(backend, norm, *inputs)
     keep_mask = keep_mask_function(backend, monkeypatch)
     torch.manual_seed(3)
-    seed = _draw_seed(p)
+    seed = _draw_seed(p, backend, "cuda")
     keep = keep_mask(seed, (rows, hidden), p, "cuda")
     torch.manual_seed(3)
     outputs = run_norm(norm, x, residual, weight, bias, 1e-5, p, backend)

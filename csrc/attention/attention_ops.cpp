@@ -5,7 +5,8 @@
 // float (read as float32); it is expanded as a view (stride 0 on broadcast dims), never
 // materialised. key_padding_mask is bool (B, Lk), True = padding: read by the kernels as bytes,
 // with each batch row's key end and whether it has padding before it computed here on the device
-// (no host synchronisation; see params.h). The dropout seed comes as an int.
+// (no host synchronisation; see params.h). The dropout seed comes as a one-element int64 tensor on
+// the device, which the kernels load (see op_utils.h).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -17,6 +18,7 @@
 #include "attention/launch.h"
 #include "attention/params.h"
 #include "common/op_device.h"
+#include "common/op_utils.h"
 
 namespace fastformer {
 namespace attention {
@@ -122,7 +124,8 @@ KeyPadding prepare_key_padding(const at::Tensor& mask) {
 // point to (mask, key padding) alive in *mask_holder and *padding_holder.
 void fill_common(AttentionParams& p, const Sizes& s, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                  const c10::optional<at::Tensor>& attn_mask, const c10::optional<at::Tensor>& key_padding_mask,
-                 double scale, bool is_causal, double dropout_p, int64_t seed, at::Tensor* mask_holder,
+                 double scale, bool is_causal, double dropout_p, const c10::optional<at::Tensor>& seed,
+                 at::Tensor* mask_holder,
                  KeyPadding* padding_holder) {
   p.q = q.data_ptr();
   p.k = k.data_ptr();
@@ -196,14 +199,15 @@ void fill_common(AttentionParams& p, const Sizes& s, const at::Tensor& q, const 
   p.has_dropout = dropout_p > 0.0;
   p.dropout_p = static_cast<float>(dropout_p);
   p.dropout_scale = p.has_dropout ? 1.0f / (1.0f - p.dropout_p) : 1.0f;
-  p.seed = static_cast<uint64_t>(seed);
+  p.seed = seed_pointer(seed, p.has_dropout, q.device(), "fastformer attention (cuda)");
   p.load_bytes = load_bytes({&q, &k, &v});
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                       const c10::optional<at::Tensor>& attn_mask,
                                                       const c10::optional<at::Tensor>& key_padding_mask,
-                                                      double scale, bool is_causal, double dropout_p, int64_t seed) {
+                                                      double scale, bool is_causal, double dropout_p,
+                                                      const c10::optional<at::Tensor>& seed) {
   const Sizes s = check_inputs(q, k, v);
   TORCH_CHECK(on_kernel_device(q), kOp, "query must be a CUDA tensor");
   check_same_device(q, k, "key");
@@ -234,7 +238,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const c10::optional<at::Tensor>& attn_mask,
-    const c10::optional<at::Tensor>& key_padding_mask, double scale, bool is_causal, double dropout_p, int64_t seed) {
+    const c10::optional<at::Tensor>& key_padding_mask, double scale, bool is_causal, double dropout_p,
+    const c10::optional<at::Tensor>& seed) {
   const Sizes s = check_inputs(q, k, v);
   TORCH_CHECK(on_kernel_device(q), kOp, "query must be a CUDA tensor");
   for (const at::Tensor* t : {&k, &v, &grad_out, &out, &lse}) check_same_device(q, *t, "an input");
@@ -286,7 +291,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
 std::tuple<at::Tensor, at::Tensor> attention_fwd_meta(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                       const c10::optional<at::Tensor>&,
                                                       const c10::optional<at::Tensor>& key_padding_mask, double,
-                                                      bool, double, int64_t) {
+                                                      bool, double, const c10::optional<at::Tensor>&) {
   const Sizes s = check_inputs(q, k, v);
   check_key_padding_mask(key_padding_mask, s);
   at::Tensor out = at::empty({s.batch, s.len_q, s.heads_q, s.dim_v}, q.options()).transpose(1, 2);
@@ -297,7 +302,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_meta(const at::Tensor& q, const
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_meta(
     const at::Tensor&, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor&,
     const at::Tensor&, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>& key_padding_mask, double,
-    bool, double, int64_t) {
+    bool, double, const c10::optional<at::Tensor>&) {
   check_key_padding_mask(key_padding_mask, check_inputs(q, k, v));
   return {at::empty(q.sizes(), q.options()), at::empty(k.sizes(), k.options()), at::empty(v.sizes(), v.options())};
 }
@@ -311,10 +316,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_meta(
 TORCH_LIBRARY_FRAGMENT(FASTFORMER_OPS_NAMESPACE, m) {
   m.def(
       "cuda_attention_fwd(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, "
-      "Tensor? key_padding_mask, float scale, bool is_causal, float dropout_p, int seed) -> (Tensor out, Tensor lse)");
+      "Tensor? key_padding_mask, float scale, bool is_causal, float dropout_p, Tensor? seed) "
+      "-> (Tensor out, Tensor lse)");
   m.def(
       "cuda_attention_bwd(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor out, Tensor lse, "
-      "Tensor? attn_mask, Tensor? key_padding_mask, float scale, bool is_causal, float dropout_p, int seed) "
+      "Tensor? attn_mask, Tensor? key_padding_mask, float scale, bool is_causal, float dropout_p, Tensor? seed) "
       "-> (Tensor grad_query, Tensor grad_key, Tensor grad_value)");
 }
 

@@ -64,7 +64,7 @@ struct AttentionParams {
   bool has_dropout;
   float dropout_p;
   float dropout_scale;  // 1 / (1 - p)
-  uint64_t seed;
+  const int64_t* seed;  // one int64 on the device, loaded by the kernels; nullptr without dropout
 
   // How tiles of q, k, v (and grad_out in the backward) are loaded, by the alignment of every
   // row start: 16 (16-byte aligned: 16-byte cp.async), 4 (4-byte aligned, e.g. head dim 50 in a

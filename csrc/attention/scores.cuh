@@ -51,7 +51,7 @@ struct ScoreRules {
     is_causal = p.is_causal;
     scale_log2 = p.scale_log2;
     dropout_row_base = (static_cast<uint64_t>(b) * p.heads_q + h) * static_cast<uint64_t>(p.len_q);
-    seed = p.seed;
+    seed = p.has_dropout ? static_cast<uint64_t>(*p.seed) : 0;
     dropout_p = p.dropout_p;
   }
 

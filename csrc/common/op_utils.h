@@ -68,4 +68,17 @@ inline const void* data_or_null(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->data_ptr() : nullptr;
 }
 
+// What a kernel's dropout seed pointer gets: the call's seed, one int64 on the input's device that
+// the kernel loads (no host read, so a CUDA graph replay uses the seed its own draw wrote), or
+// nullptr without dropout.
+inline const int64_t* seed_pointer(const std::optional<at::Tensor>& seed, bool has_dropout,
+                                   const at::Device& device, const char* op) {
+  if (!has_dropout) return nullptr;
+  TORCH_CHECK(seed.has_value(), op, ": dropout_p > 0 needs a seed");
+  TORCH_CHECK(seed->numel() == 1 && seed->scalar_type() == at::kLong, op,
+              ": seed must be one int64, got ", seed->scalar_type(), " of shape ", seed->sizes());
+  check_on_device(*seed, device, op, "seed");
+  return seed->data_ptr<int64_t>();
+}
+
 }  // namespace fastformer

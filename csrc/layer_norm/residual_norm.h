@@ -39,7 +39,7 @@ struct FwdParams {
   float* rstd;                    // (rows,)
   int64_t rows, n, stride_x, stride_residual;
   float eps, dropout_p;           // dropout_p == 0: no dropout
-  uint64_t seed;
+  const int64_t* seed;            // one int64 on the device, loaded by the kernel; null: no dropout
   bool rms;
 };
 
@@ -58,7 +58,7 @@ struct BwdParams {
   int64_t rows, n, stride_grad_out, stride_grad_residual_out, stride_normed;
   int partials;                   // rows of the partial sums = blocks of the launch
   float dropout_p;
-  uint64_t seed;
+  const int64_t* seed;            // as in FwdParams
   bool rms;
 };
 

@@ -47,6 +47,7 @@ __global__ void __launch_bounds__(K::kLaunchBound) residual_norm_fwd_kernel(cons
   const T* residual = K::kResidual ? static_cast<const T*>(p.residual) + row * p.stride_residual
                                    : nullptr;
   const float keep_divisor = 1.0f - p.dropout_p;  // as the Triton kernels: r / (1 - p)
+  const uint64_t seed = K::kDropout ? static_cast<uint64_t>(*p.seed) : 0;
 
   // r = dropout(x) + residual, rounded to T when residual_out is stored.
   float r[kChunks][kVec];
@@ -63,7 +64,7 @@ __global__ void __launch_bounds__(K::kLaunchBound) residual_norm_fwd_kernel(cons
     load_as_float<kVec>(x + col, r[c]);
     if constexpr (K::kDropout) {
       bool keep[kVec];
-      Philox::keep_run<kVec>(p.seed, static_cast<uint64_t>(row), static_cast<uint64_t>(col),
+      Philox::keep_run<kVec>(seed, static_cast<uint64_t>(row), static_cast<uint64_t>(col),
                              static_cast<uint64_t>(n), p.dropout_p, keep);
 #pragma unroll
       for (int i = 0; i < kVec; ++i) r[c][i] = keep[i] ? r[c][i] / keep_divisor : 0.0f;

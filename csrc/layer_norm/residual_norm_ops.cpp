@@ -35,7 +35,8 @@ void check_hidden(const at::Tensor& t, const char* op, const char* name) {
 
 Tensors4 fwd_cuda(const at::Tensor& x, const std::optional<at::Tensor>& residual,
                   const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
-                  double eps, double dropout_p, bool rms, int64_t seed, bool store_residual) {
+                  double eps, double dropout_p, bool rms, const std::optional<at::Tensor>& seed,
+                  bool store_residual) {
   check_hidden(x, kFwd, "x");
   const int64_t rows = x.size(0), n = x.size(1);
   const at::ScalarType dtype = x.scalar_type();
@@ -83,7 +84,7 @@ Tensors4 fwd_cuda(const at::Tensor& x, const std::optional<at::Tensor>& residual
   p.stride_residual = residual.has_value() ? residual->stride(0) : 0;
   p.eps = static_cast<float>(eps);
   p.dropout_p = static_cast<float>(dropout_p);
-  p.seed = static_cast<uint64_t>(seed);
+  p.seed = seed_pointer(seed, dropout_p > 0.0, x.device(), kFwd);
   p.rms = rms;
 
   const int64_t vec = 16 / x.element_size();
@@ -100,7 +101,7 @@ Tensors4 fwd_cuda(const at::Tensor& x, const std::optional<at::Tensor>& residual
 Tensors4 bwd_cuda(const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_residual_out,
                   const at::Tensor& normed, const std::optional<at::Tensor>& weight,
                   const std::optional<at::Tensor>& bias, const at::Tensor& rstd, double dropout_p,
-                  bool rms, int64_t seed, bool has_residual) {
+                  bool rms, const std::optional<at::Tensor>& seed, bool has_residual) {
   check_hidden(normed, kBwd, "normed");
   const int64_t rows = normed.size(0), n = normed.size(1);
   const at::ScalarType dtype = normed.scalar_type();
@@ -170,7 +171,7 @@ Tensors4 bwd_cuda(const at::Tensor& grad_out, const std::optional<at::Tensor>& g
   p.stride_normed = normed.stride(0);
   p.partials = partials;
   p.dropout_p = static_cast<float>(dropout_p);
-  p.seed = static_cast<uint64_t>(seed);
+  p.seed = seed_pointer(seed, dropout_p > 0.0, device, kBwd);
   p.rms = rms;
   launch_bwd(p, shape, kernel_stream());
   FASTFORMER_CHECK_LAUNCH();
@@ -186,7 +187,8 @@ Tensors4 bwd_cuda(const at::Tensor& grad_out, const std::optional<at::Tensor>& g
 // Shapes only (Meta tensors, fake tensors under torch.compile); symbolic sizes kept.
 Tensors4 fwd_meta(const at::Tensor& x, const std::optional<at::Tensor>& residual,
                   const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
-                  double eps, double dropout_p, bool rms, int64_t seed, bool store_residual) {
+                  double eps, double dropout_p, bool rms, const std::optional<at::Tensor>& seed,
+                  bool store_residual) {
   TORCH_CHECK(x.dim() == 2, kFwd, ": x must be 2-D (rows, N), got shape ", x.sizes());
   const c10::SymInt rows = x.sym_size(0), n = x.sym_size(1);
   const auto options = x.options();
@@ -201,7 +203,7 @@ Tensors4 fwd_meta(const at::Tensor& x, const std::optional<at::Tensor>& residual
 Tensors4 bwd_meta(const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_residual_out,
                   const at::Tensor& normed, const std::optional<at::Tensor>& weight,
                   const std::optional<at::Tensor>& bias, const at::Tensor& rstd, double dropout_p,
-                  bool rms, int64_t seed, bool has_residual) {
+                  bool rms, const std::optional<at::Tensor>& seed, bool has_residual) {
   TORCH_CHECK(normed.dim() == 2, kBwd, ": normed must be 2-D (rows, N), got shape ", normed.sizes());
   const c10::SymInt rows = normed.sym_size(0), n = normed.sym_size(1);
   const auto options = normed.options();
@@ -218,10 +220,10 @@ Tensors4 bwd_meta(const at::Tensor& grad_out, const std::optional<at::Tensor>& g
 TORCH_LIBRARY_FRAGMENT(FASTFORMER_OPS_NAMESPACE, m) {
   m.def(
       "cuda_residual_norm_fwd(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps, "
-      "float dropout_p, bool rms, int seed, bool store_residual) -> (Tensor, Tensor, Tensor, Tensor)");
+      "float dropout_p, bool rms, Tensor? seed, bool store_residual) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "cuda_residual_norm_bwd(Tensor grad_out, Tensor? grad_residual_out, Tensor normed, "
-      "Tensor? weight, Tensor? bias, Tensor rstd, float dropout_p, bool rms, int seed, "
+      "Tensor? weight, Tensor? bias, Tensor rstd, float dropout_p, bool rms, Tensor? seed, "
       "bool has_residual) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 

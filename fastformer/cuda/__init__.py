@@ -175,6 +175,16 @@ def kernel_ops():
     return getattr(torch.ops, OPS_NAMESPACE)
 
 
+def seed_argument(op: str, seed, like):
+    """A launcher's dropout seed as the kernels take it: None, or one int64 on ``like``'s device
+    (the ops pass its pointer; the kernels load it)."""
+    from fastformer.validation import check_seed
+
+    if seed is not None:
+        check_seed(op, seed, like.device)
+    return seed
+
+
 # --------------------------------------------------------------------------------------------
 # What the backend implements, and which kernels have been verified on a GPU
 # --------------------------------------------------------------------------------------------

@@ -75,16 +75,13 @@ def _last_dim_contiguous(t):
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
-def _seed(seed) -> int:
-    return 0 if seed is None else int(seed.item())
-
-
 def attention_fwd(query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed):
     """Returns (out (B, Hq, Lq, Dv) stored as (B, Lq, Hq, Dv), lse (B, Hq, Lq) float32)."""
     _check(query, key, value)
     query, key, value = (_last_dim_contiguous(t) for t in (query, key, value))
+    seed = cuda.seed_argument("attention (cuda)", seed, query)
     return cuda.kernel_ops().cuda_attention_fwd(query, key, value, attn_mask, key_padding_mask, float(scale),
-                                                bool(is_causal), float(dropout_p), _seed(seed))
+                                                bool(is_causal), float(dropout_p), seed)
 
 
 def attention_bwd(grad_out, query, key, value, out, lse, attn_mask, key_padding_mask, dropout_p,
@@ -97,7 +94,8 @@ def attention_bwd(grad_out, query, key, value, out, lse, attn_mask, key_padding_
     query, key, value, out, grad_out = (_last_dim_contiguous(t) for t in (query, key, value, out, grad_out))
     if grad_out.dtype != query.dtype:
         grad_out = grad_out.to(query.dtype)
+    seed = cuda.seed_argument("attention (cuda)", seed, query)
     grad_q, grad_k, grad_v = cuda.kernel_ops().cuda_attention_bwd(
         grad_out, query, key, value, out, lse.contiguous(), attn_mask, key_padding_mask, float(scale),
-        bool(is_causal), float(dropout_p), _seed(seed))
+        bool(is_causal), float(dropout_p), seed)
     return grad_q, grad_k, grad_v, None

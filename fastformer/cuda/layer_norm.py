@@ -36,15 +36,12 @@ def _param(t):
     return None if t is None else t.contiguous()
 
 
-def _seed(seed) -> int:
-    return 0 if seed is None else int(seed.item())
-
-
 def residual_norm_fwd(x, residual, weight, bias, eps, dropout_p, rms, seed, store_residual):
     """Returns (out, residual_out or empty, mean or empty, rstd); x and residual are (rows, N)."""
+    seed = cuda.seed_argument("residual_norm (cuda)", seed, x)
     return cuda.kernel_ops().cuda_residual_norm_fwd(
         _columns_contiguous(x), _columns_contiguous(residual), _param(weight), _param(bias),
-        float(eps), float(dropout_p), bool(rms), _seed(seed), bool(store_residual))
+        float(eps), float(dropout_p), bool(rms), seed, bool(store_residual))
 
 
 def residual_norm_bwd(grad_out, grad_residual_out, normed, weight, bias, mean, rstd, dropout_p, rms,
@@ -54,9 +51,10 @@ def residual_norm_bwd(grad_out, grad_residual_out, normed, weight, bias, mean, r
     ``mean`` is not read: the kernel recomputes the centring from ``normed`` exactly as the
     forward did (more accurate than a stored float32 mean for rows with a large mean).
     """
+    seed = cuda.seed_argument("residual_norm (cuda)", seed, normed)
     grad_x, grad_residual, grad_weight, grad_bias = cuda.kernel_ops().cuda_residual_norm_bwd(
         _columns_contiguous(grad_out), _columns_contiguous(grad_residual_out),
         _columns_contiguous(normed), _param(weight), _param(bias), rstd.contiguous(),
-        float(dropout_p), bool(rms), _seed(seed), bool(has_residual))
+        float(dropout_p), bool(rms), seed, bool(has_residual))
     return (grad_x, grad_residual if has_residual else None,
             grad_weight if weight is not None else None, grad_bias if bias is not None else None)

@@ -56,7 +56,7 @@ import triton
 import triton.language as tl
 
 from fastformer.triton import alignment, interpreter_enabled, on_device
-from fastformer.triton.dropout import dropout_keep, wide_offsets
+from fastformer.triton.dropout import dropout_keep, seed_pointer, wide_offsets
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * LOG2E)
 
@@ -137,6 +137,7 @@ def _attention_fwd_kernel(
                   #     on are skipped. Both unused without HAS_KEY_PADDING
     OUT,          # out: (B, Hq, Lq, Dv) in the query dtype, strides stride_o*
     LSE,          # out: (B, Hq, Lq) float32 contiguous, natural log; -inf on rows with no key
+    SEED,         # in: the dropout seed, one int64; unused without HAS_DROPOUT
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -146,7 +147,7 @@ def _attention_fwd_kernel(
     heads_q, group, len_q, len_k, dim, dim_v,
     bucket_q, bucket_k,  # unused: the sequence lengths rounded to powers of two, autotuning keys
     qk_scale,            # scale * log2(e)
-    dropout_p, seed,
+    dropout_p,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KEY_PADDING: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, WIDE_OFFSETS: tl.constexpr, DOT_IN_FP32: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -178,6 +179,8 @@ def _attention_fwd_kernel(
     V_TILE = V + b * stride_vb + hk * stride_vh + offs_dv[None, :] * stride_vd
     MASK_TILE = MASK + b * stride_mb + h * stride_mh
     row_base = (b * heads_q + h) * len_q
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
 
     key_len = len_k
     if HAS_KEY_PADDING:
@@ -265,6 +268,7 @@ def _attention_bwd_dkdv_kernel(
     LSE, DELTA,   # in: (B, Hq, Lq) float32 contiguous
     GRAD_K,       # out: dK (B, Hk, Lk, D) contiguous, key dtype
     GRAD_V,       # out: dV (B, Hk, Lk, Dv) contiguous, value dtype
+    SEED,         # in: the dropout seed, as in the forward
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -273,7 +277,7 @@ def _attention_bwd_dkdv_kernel(
     stride_gb, stride_gh, stride_gm, stride_gd,
     heads_q, heads_k, group, len_q, len_k, dim, dim_v,
     bucket_q, bucket_k,  # unused: autotuning keys
-    qk_scale, scale, dropout_p, seed,
+    qk_scale, scale, dropout_p,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KEY_PADDING: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, WIDE_OFFSETS: tl.constexpr, DOT_IN_FP32: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -297,6 +301,8 @@ def _attention_bwd_dkdv_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
 
     key_len = len_k
     if HAS_KEY_PADDING:
@@ -358,6 +364,7 @@ def _attention_bwd_dq_kernel(
     GRAD_OUT,     # in: dO (B, Hq, Lq, Dv), strides stride_g*
     LSE, DELTA,   # in: (B, Hq, Lq) float32 contiguous
     GRAD_Q,       # out: dQ (B, Hq, Lq, D) contiguous, query dtype
+    SEED,         # in: the dropout seed, as in the forward
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -366,7 +373,7 @@ def _attention_bwd_dq_kernel(
     stride_gb, stride_gh, stride_gm, stride_gd,
     heads_q, group, len_q, len_k, dim, dim_v,
     bucket_q, bucket_k,  # unused: autotuning keys
-    qk_scale, scale, dropout_p, seed,
+    qk_scale, scale, dropout_p,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KEY_PADDING: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, WIDE_OFFSETS: tl.constexpr, DOT_IN_FP32: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -386,6 +393,8 @@ def _attention_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     row_base = (b * heads_q + h) * len_q
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
 
     q = _load_tile(Q + b * stride_qb + h * stride_qh + offs_d[None, :] * stride_qd, offs_m[:, None] * stride_qm,
                    offs_m[:, None] < len_q, offs_d[None, :] < dim, ALIGN, 1, DOT_IN_FP32)
@@ -608,10 +617,10 @@ def attention_fwd(query, key, value, attn_mask, key_padding_mask, dropout_p, is_
         return out.zero_(), lse.fill_(float("-inf"))
     mask, padding, mask_strides, meta = _common(query, key, value, attn_mask, key_padding_mask, dropout_p,
                                                 is_causal, (out,))
-    args = (query, key, value, mask, *padding, out, lse,
+    args = (query, key, value, mask, *padding, out, lse, seed_pointer(seed, query),
             *_strides(query), *_strides(key), *_strides(value), *mask_strides, *_strides(out),
             heads_q, heads_q // heads_k, len_q, len_k, dim, dim_v, _bucket(len_q), _bucket(len_k),
-            scale * LOG2E, float(dropout_p), 0 if seed is None else int(seed.item()))
+            scale * LOG2E, float(dropout_p))
     with on_device(query):
         _launch("fwd", len_q, heads_q, batch, args, meta, interpreter_enabled())
     return out, lse
@@ -633,7 +642,7 @@ def attention_bwd(grad_out, query, key, value, out, lse, attn_mask, key_padding_
     mask, padding, mask_strides, meta = _common(query, key, value, attn_mask, key_padding_mask, dropout_p,
                                                 is_causal, (out, grad_out))
     interpret = interpreter_enabled()
-    seed_value = 0 if seed is None else int(seed.item())
+    seed = seed_pointer(seed, query)
     delta = torch.empty((batch, heads_q, len_q), dtype=torch.float32, device=query.device)
     with on_device(query):
         block_m = _INTERPRETER_BLOCKS["BLOCK_M"] if interpret else 64
@@ -643,10 +652,11 @@ def attention_bwd(grad_out, query, key, value, out, lse, attn_mask, key_padding_
         shared = (query, key, value, mask, *padding, grad_out, lse, delta)
         strides = (*_strides(query), *_strides(key), *_strides(value), *mask_strides, *_strides(grad_out))
         group = heads_q // heads_k
-        tail = (_bucket(len_q), _bucket(len_k), scale * LOG2E, scale, float(dropout_p), seed_value)
+        tail = (_bucket(len_q), _bucket(len_k), scale * LOG2E, scale, float(dropout_p))
         _launch("dkdv", len_k, heads_k, batch,
-                (*shared, grad_k, grad_v, *strides, heads_q, heads_k, group, len_q, len_k, dim, dim_v, *tail),
-                meta, interpret)
+                (*shared, grad_k, grad_v, seed, *strides, heads_q, heads_k, group, len_q, len_k, dim, dim_v,
+                 *tail), meta, interpret)
         _launch("dq", len_q, heads_q, batch,
-                (*shared, grad_q, *strides, heads_q, group, len_q, len_k, dim, dim_v, *tail), meta, interpret)
+                (*shared, grad_q, seed, *strides, heads_q, group, len_q, len_k, dim, dim_v, *tail), meta,
+                interpret)
     return grad_q, grad_k, grad_v, None

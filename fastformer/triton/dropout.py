@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastformer.validation import check_seed
+
 # Group offsets are int32 while the tensor's elements fit, else int64. tl.rand4x runs Philox-4x32
 # either way, with the counter (offset_lo, offset_hi, 0, 0), so both give the same mask; int32 is
 # cheaper.
@@ -64,10 +66,12 @@ def _spread(word, BLOCK_COLS: tl.constexpr):
 @triton.jit
 def _dropout_keep_mask_kernel(
     KEEP,  # out: (rows, row_length) bool contiguous, the keep-mask
-    rows, row_length, col_blocks, dropout_p, seed,
+    SEED,  # in: the seed, one int64
+    rows, row_length, col_blocks, dropout_p,
     WIDE_OFFSETS: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
 ):
     """One program per (BLOCK_ROWS x BLOCK_COLS) tile, on a 1-D grid (no grid-axis limits)."""
+    seed = tl.load(SEED)
     tile = tl.program_id(0).to(tl.int64)
     row_idx = (tile // col_blocks) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     col_start = (tile % col_blocks) * BLOCK_COLS
@@ -81,9 +85,20 @@ def wide_offsets(numel: int) -> bool:
     return numel >= INT32_LIMIT
 
 
+def seed_pointer(seed: torch.Tensor | None, placeholder: torch.Tensor) -> torch.Tensor:
+    """What a kernel's SEED argument gets: the call's seed (a 0-dim int64 tensor on the data's
+    device, which the kernel loads: no host read, and a CUDA graph replay reads the seed its own
+    draw wrote), or ``placeholder`` (never read) without dropout."""
+    if seed is None:
+        return placeholder
+    check_seed("fastformer (triton)", seed, placeholder.device)
+    return seed
+
+
 def dropout_keep_mask(seed: torch.Tensor, shape, dropout_p: float, device) -> torch.Tensor:
     """The keep-mask the kernels use for a tensor of ``shape`` (viewed as rows of its last dim)."""
     keep = torch.empty(shape, dtype=torch.bool, device=device)
+    seed = torch.as_tensor(seed, dtype=torch.int64).reshape(()).to(keep.device)
     if keep.numel():
         row_length = keep.shape[-1] if keep.dim() else 1
         rows = keep.numel() // row_length
@@ -91,6 +106,6 @@ def dropout_keep_mask(seed: torch.Tensor, shape, dropout_p: float, device) -> to
         block_rows = max(1, 1024 // block_cols)
         col_blocks = triton.cdiv(row_length, block_cols)
         _dropout_keep_mask_kernel[(triton.cdiv(rows, block_rows) * col_blocks,)](
-            keep, rows, row_length, col_blocks, dropout_p, int(seed.item()),
+            keep, seed_pointer(seed, keep), rows, row_length, col_blocks, dropout_p,
             WIDE_OFFSETS=wide_offsets(keep.numel()), BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols)
     return keep

@@ -17,7 +17,7 @@ import triton.language as tl
 from fastformer.triton import MAX_HIDDEN, interpreter_enabled, num_sms, on_device
 from fastformer.triton.alignment import row as aligned_row
 from fastformer.triton.alignment import vector_alignment
-from fastformer.triton.dropout import dropout_keep, wide_offsets
+from fastformer.triton.dropout import dropout_keep, seed_pointer, wide_offsets
 
 
 @triton.jit
@@ -49,8 +49,9 @@ def _residual_norm_fwd_kernel(
     OUT,           # out: (rows, N) contiguous, x's dtype
     RESIDUAL_OUT,  # out: (rows, N) contiguous, x's dtype; unused without STORE_RESIDUAL
     MEAN, RSTD,    # out: (rows,) float32; MEAN unused with IS_RMS
+    SEED,          # in: the dropout seed, one int64; unused without HAS_DROPOUT
     stride_x, stride_residual,
-    N, eps, dropout_p, seed,
+    N, eps, dropout_p,
     IS_RMS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, STORE_RESIDUAL: tl.constexpr,
     WIDE_OFFSETS: tl.constexpr, ALIGN: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -68,7 +69,7 @@ def _residual_norm_fwd_kernel(
     x_ptrs, inside = aligned_row(X + row * stride_x, cols, N, ALIGN)
     r = tl.load(x_ptrs, mask=inside, other=0.0).to(tl.float32)
     if HAS_DROPOUT:
-        keep = _row_keep(seed, row, N, dropout_p, WIDE_OFFSETS, BLOCK_N)
+        keep = _row_keep(tl.load(SEED), row, N, dropout_p, WIDE_OFFSETS, BLOCK_N)
         r = tl.where(keep, r / (1.0 - dropout_p), 0.0)
     if HAS_RESIDUAL:
         residual_ptrs, _ = aligned_row(RESIDUAL + row * stride_residual, cols, N, ALIGN)
@@ -108,8 +109,9 @@ def _residual_norm_bwd_kernel(
     GRAD_X,             # out: (rows, N) contiguous, x's dtype
     GRAD_RESIDUAL,      # out: (rows, N) contiguous; unused without HAS_RESIDUAL
     PARTIAL_GRAD_WEIGHT, PARTIAL_GRAD_BIAS,  # out: (programs, N) float32 partial sums over rows
+    SEED,               # in: the dropout seed, one int64; unused without HAS_DROPOUT
     stride_grad_out, stride_grad_residual_out, stride_normed,
-    rows, N, rows_per_program, dropout_p, seed,
+    rows, N, rows_per_program, dropout_p,
     IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, HAS_GRAD_RESIDUAL_OUT: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     WIDE_OFFSETS: tl.constexpr, ALIGN: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -134,6 +136,8 @@ def _residual_norm_bwd_kernel(
         weight = tl.load(weight_ptrs, mask=inside, other=0.0).to(tl.float32)
     grad_weight = tl.zeros((BLOCK_N,), tl.float32)
     grad_bias = tl.zeros((BLOCK_N,), tl.float32)
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
     first = program.to(tl.int64) * rows_per_program
     for i in range(rows_per_program):
         row = first + i
@@ -216,9 +220,9 @@ def residual_norm_fwd(x, residual, weight, bias, eps, dropout_p, rms, seed, stor
         _residual_norm_fwd_kernel[(rows,)](
             x, x if residual is None else residual, x if weight is None else weight,
             x if bias is None else bias, out, out if not store_residual else residual_out,
-            rstd if rms else mean, rstd,
+            rstd if rms else mean, rstd, seed_pointer(seed, x),
             x.stride(0), 0 if residual is None else residual.stride(0),
-            n, eps, dropout_p, 0 if seed is None else int(seed.item()),
+            n, eps, dropout_p,
             IS_RMS=rms, HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None,
             HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0.0, STORE_RESIDUAL=store_residual,
             WIDE_OFFSETS=wide_offsets(rows * n),
@@ -246,10 +250,9 @@ def residual_norm_bwd(grad_out, grad_residual_out, normed, weight, bias, mean, r
                 normed if weight is None else weight, rstd, grad_x,
                 grad_x if grad_residual is None else grad_residual,
                 grad_x if partial_weight is None else partial_weight,
-                grad_x if partial_bias is None else partial_bias,
+                grad_x if partial_bias is None else partial_bias, seed_pointer(seed, normed),
                 grad_out.stride(0), 0 if grad_residual_out is None else grad_residual_out.stride(0),
                 normed.stride(0), rows, n, triton.cdiv(rows, programs), dropout_p,
-                0 if seed is None else int(seed.item()),
                 IS_RMS=rms, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
                 HAS_RESIDUAL=has_residual, HAS_GRAD_RESIDUAL_OUT=grad_residual_out is not None,
                 HAS_DROPOUT=dropout_p > 0.0, WIDE_OFFSETS=wide_offsets(rows * n),
