@@ -234,13 +234,13 @@ def test_kernel_backends_draw_the_seed_on_the_datas_device():
     assert _draw_seed(0.0, "triton", "meta") is None
 
 
-def _dropout_inputs(backend, device, requires_grad=True):
+def _dropout_inputs(backend, device, dtype=torch.float32, requires_grad=True):
     """Inputs of one attention call (with key padding) and one residual LayerNorm, both with
     dropout; skips when ``backend`` cannot take them."""
-    q, k, v = make_qkv((2, 4, 2, 13, 21, 16, 16), torch.float32, device, requires_grad=requires_grad)
+    q, k, v = make_qkv((2, 4, 2, 13, 21, 16, 16), dtype, device, requires_grad=requires_grad)
     pad = padding_mask(2, 21, device)
-    x = torch.randn(6, 40, device=device, requires_grad=requires_grad)
-    residual, weight = torch.randn(6, 40, device=device), torch.randn(40, device=device)
+    x = torch.randn(6, 40, device=device, dtype=dtype, requires_grad=requires_grad)
+    residual, weight = torch.randn(6, 40, device=device, dtype=dtype), torch.randn(40, device=device)
     require_backend(backend, "attention", q, k, v, dropout_p=0.3, key_padding_mask=pad)
     require_backend(backend, "residual_layer_norm", x, residual, weight, None, dropout_p=0.3)
     return (q, k, v, pad), (x, residual, weight)
@@ -269,10 +269,10 @@ def test_triton_dropout_reads_no_value_on_the_host():
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_dropout_masks_are_fresh_at_every_cuda_graph_replay(backend):
-    """Captured in a CUDA graph, the ops draw new masks at each replay of the same inputs (the
-    seed is drawn on the GPU and loaded by the kernels; one drawn on the host would be captured
-    as a constant)."""
-    inputs = _dropout_inputs(backend, "cuda", requires_grad=False)
+    """Captured in a CUDA graph, the ops draw new masks at each replay of the same inputs: the
+    kernel backends' seed is drawn on the GPU and loaded by the kernels (one drawn on the host
+    would be captured as a constant); the torch backend runs PyTorch's dropout in eager mode."""
+    inputs = _dropout_inputs(backend, "cuda", torch.bfloat16, requires_grad=False)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # compile and autotune outside the capture
@@ -297,12 +297,15 @@ def test_dropout_masks_are_fresh_at_every_cuda_graph_replay(backend):
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_reduce_overhead_compiles_an_encoder_layer_with_dropout_into_cuda_graphs(backend):
     """torch.compile(mode="reduce-overhead") keeps a fastformer encoder layer with dropout in
-    CUDA graphs (a seed drawn on the CPU would be a CPU op in the graph, which inductor leaves out
-    of them), and its training steps on the same input draw fresh masks."""
+    CUDA graphs, and its training steps on the same input draw fresh masks. Graph partitioning
+    (inductor's default from torch 2.9) is turned off, so that a CPU op in the graph (as the
+    seed's draw was when seeds were drawn on the CPU) skips CUDA graphs and is counted."""
     from torch._dynamo.utils import counters
+    from torch._inductor import config as inductor_config
 
-    layer = fastformer.FastTransformerEncoderLayer(64, 4, 128, dropout=0.1, batch_first=True, device="cuda")
-    x = torch.randn(2, 16, 64, device="cuda")
+    layer = fastformer.FastTransformerEncoderLayer(64, 4, 128, dropout=0.1, batch_first=True, device="cuda",
+                                                   dtype=torch.bfloat16)
+    x = torch.randn(2, 16, 64, device="cuda", dtype=torch.bfloat16)
     padding = torch.arange(16, device="cuda")[None, :] >= torch.tensor([16, 9], device="cuda")[:, None]
     heads = x.view(2, 16, 4, 16).transpose(1, 2)
     require_backend(backend, "attention", heads, heads, heads, dropout_p=0.1, key_padding_mask=padding)
@@ -310,7 +313,8 @@ def test_reduce_overhead_compiles_an_encoder_layer_with_dropout_into_cuda_graphs
     counters.clear()
     compiled = torch.compile(layer, mode="reduce-overhead")
     outputs = []
-    with fastformer.use_backend(backend):
+    partitioning = {"graph_partition": False} if hasattr(inductor_config, "graph_partition") else {}
+    with fastformer.use_backend(backend), inductor_config.patch(**partitioning):
         for _ in range(4):
             out = compiled(x, src_key_padding_mask=padding)
             out.sum().backward()
@@ -318,3 +322,24 @@ def test_reduce_overhead_compiles_an_encoder_layer_with_dropout_into_cuda_graphs
     torch.cuda.synchronize()
     assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
     assert not torch.equal(outputs[-1], outputs[-2])
+
+
+def test_a_triton_launcher_with_dropout_and_no_seed_says_so():
+    from fastformer.triton import layer_norm as triton_layer_norm
+
+    x = torch.randn(3, 8)
+    with pytest.raises(ValueError, match=r"dropout_p = 0.3 > 0 needs a seed, got None"):
+        triton_layer_norm.residual_norm_fwd(x, None, None, None, 1e-5, 0.3, False, None, True)
+    with pytest.raises(ValueError, match=r"seed must be on the data's device \(cpu\), got meta"):
+        triton_layer_norm.residual_norm_fwd(x, None, None, None, 1e-5, 0.3, False,
+                                            torch.empty((), dtype=torch.int64, device="meta"), True)
+
+
+def test_the_torch_backends_seeded_dropout_refuses_cuda_graph_capture(monkeypatch):
+    """Its masks come from a generator seeded on the host, which a graph replay would not redo:
+    during capture on a GPU (simulated here) it raises instead of replaying one mask forever."""
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
+        torch_dropout.dropout_keep_mask(torch.tensor(5), (4, 8), 0.1, "cuda")
+    keep = torch_dropout.dropout_keep_mask(torch.tensor(5), (4, 8), 0.1, "cpu")  # no GPU graph: fine
+    assert keep.shape == (4, 8)

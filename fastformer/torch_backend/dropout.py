@@ -41,8 +41,15 @@ def dropout_keep_mask(seed: Tensor, shape, dropout_p: float, device) -> Tensor:
     dropout_p, device) always gives the same mask, so the backward regenerates the forward's.
 
     ``seed`` is the one-element int64 CPU tensor that fastformer draws from PyTorch's default
-    generator per call, so ``torch.manual_seed`` makes dropout reproducible.
+    generator per call, so ``torch.manual_seed`` makes dropout reproducible. Seeding a generator
+    is host work that a CUDA graph cannot replay, so capturing this (the torch backend's op under
+    ``torch.compile(mode="reduce-overhead")``, say) is refused with an error saying so.
     """
+    if torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "fastformer (torch backend): dropout regenerated from a seed cannot be captured in a CUDA graph "
+            "(it seeds a torch.Generator on the host, which a replay would not redo); use the triton or "
+            "cuda backend, whose kernels load the seed on the GPU, or capture without dropout")
     generator = torch.Generator(device=device)
     generator.manual_seed(int(seed.item()))
     return bernoulli_keep_mask(shape, dropout_p, device, generator)

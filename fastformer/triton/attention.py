@@ -617,7 +617,7 @@ def attention_fwd(query, key, value, attn_mask, key_padding_mask, dropout_p, is_
         return out.zero_(), lse.fill_(float("-inf"))
     mask, padding, mask_strides, meta = _common(query, key, value, attn_mask, key_padding_mask, dropout_p,
                                                 is_causal, (out,))
-    args = (query, key, value, mask, *padding, out, lse, seed_pointer(seed, query),
+    args = (query, key, value, mask, *padding, out, lse, seed_pointer(seed, dropout_p, query),
             *_strides(query), *_strides(key), *_strides(value), *mask_strides, *_strides(out),
             heads_q, heads_q // heads_k, len_q, len_k, dim, dim_v, _bucket(len_q), _bucket(len_k),
             scale * LOG2E, float(dropout_p))
@@ -642,7 +642,7 @@ def attention_bwd(grad_out, query, key, value, out, lse, attn_mask, key_padding_
     mask, padding, mask_strides, meta = _common(query, key, value, attn_mask, key_padding_mask, dropout_p,
                                                 is_causal, (out, grad_out))
     interpret = interpreter_enabled()
-    seed = seed_pointer(seed, query)
+    seed = seed_pointer(seed, dropout_p, query)
     delta = torch.empty((batch, heads_q, len_q), dtype=torch.float32, device=query.device)
     with on_device(query):
         block_m = _INTERPRETER_BLOCKS["BLOCK_M"] if interpret else 64

@@ -85,12 +85,14 @@ def wide_offsets(numel: int) -> bool:
     return numel >= INT32_LIMIT
 
 
-def seed_pointer(seed: torch.Tensor | None, placeholder: torch.Tensor) -> torch.Tensor:
+def seed_pointer(seed: torch.Tensor | None, dropout_p: float, placeholder: torch.Tensor) -> torch.Tensor:
     """What a kernel's SEED argument gets: the call's seed (a 0-dim int64 tensor on the data's
     device, which the kernel loads: no host read, and a CUDA graph replay reads the seed its own
     draw wrote), or ``placeholder`` (never read) without dropout."""
-    if seed is None:
+    if dropout_p == 0.0:
         return placeholder
+    if seed is None:
+        raise ValueError(f"fastformer (triton): dropout_p = {dropout_p} > 0 needs a seed, got None")
     check_seed("fastformer (triton)", seed, placeholder.device)
     return seed
 
@@ -98,7 +100,7 @@ def seed_pointer(seed: torch.Tensor | None, placeholder: torch.Tensor) -> torch.
 def dropout_keep_mask(seed: torch.Tensor, shape, dropout_p: float, device) -> torch.Tensor:
     """The keep-mask the kernels use for a tensor of ``shape`` (viewed as rows of its last dim)."""
     keep = torch.empty(shape, dtype=torch.bool, device=device)
-    seed = torch.as_tensor(seed, dtype=torch.int64).reshape(()).to(keep.device)
+    seed = torch.as_tensor(seed, dtype=torch.int64).reshape(()).to(keep.device)  # always loaded
     if keep.numel():
         row_length = keep.shape[-1] if keep.dim() else 1
         rows = keep.numel() // row_length
@@ -106,6 +108,6 @@ def dropout_keep_mask(seed: torch.Tensor, shape, dropout_p: float, device) -> to
         block_rows = max(1, 1024 // block_cols)
         col_blocks = triton.cdiv(row_length, block_cols)
         _dropout_keep_mask_kernel[(triton.cdiv(rows, block_rows) * col_blocks,)](
-            keep, seed_pointer(seed, keep), rows, row_length, col_blocks, dropout_p,
+            keep, seed, rows, row_length, col_blocks, dropout_p,
             WIDE_OFFSETS=wide_offsets(keep.numel()), BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols)
     return keep

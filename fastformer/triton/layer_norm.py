@@ -220,7 +220,7 @@ def residual_norm_fwd(x, residual, weight, bias, eps, dropout_p, rms, seed, stor
         _residual_norm_fwd_kernel[(rows,)](
             x, x if residual is None else residual, x if weight is None else weight,
             x if bias is None else bias, out, out if not store_residual else residual_out,
-            rstd if rms else mean, rstd, seed_pointer(seed, x),
+            rstd if rms else mean, rstd, seed_pointer(seed, dropout_p, x),
             x.stride(0), 0 if residual is None else residual.stride(0),
             n, eps, dropout_p,
             IS_RMS=rms, HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None,
@@ -250,7 +250,7 @@ def residual_norm_bwd(grad_out, grad_residual_out, normed, weight, bias, mean, r
                 normed if weight is None else weight, rstd, grad_x,
                 grad_x if grad_residual is None else grad_residual,
                 grad_x if partial_weight is None else partial_weight,
-                grad_x if partial_bias is None else partial_bias, seed_pointer(seed, normed),
+                grad_x if partial_bias is None else partial_bias, seed_pointer(seed, dropout_p, normed),
                 grad_out.stride(0), 0 if grad_residual_out is None else grad_residual_out.stride(0),
                 normed.stride(0), rows, n, triton.cdiv(rows, programs), dropout_p,
                 IS_RMS=rms, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
