@@ -230,7 +230,12 @@ def _hf_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_func
     """transformers' ``sdpa_mask``, except for the padding mask of a bidirectional encoder: that
     comes back as a broadcast view of the 2-D padding mask (stride 0 over the query rows), which
     :func:`_hf_attention` reads as ``key_padding_mask`` without looking at its values (a check of
-    the values would wait for the GPU in every layer)."""
+    the values would wait for the GPU in every layer). Also when nothing is padded, where
+    ``sdpa_mask`` answers None to let SDPA drop the mask: finding that out is such a check
+    (``.all()``, once per forward, draining the GPU's queue and refused under CUDA graph capture),
+    while an all-False ``key_padding_mask`` costs the kernels little: the CUDA kernels find on the
+    device that a row has no padding and read none of it, the Triton kernels read one byte per
+    key they visit."""
     from transformers import masking_utils
 
     if mask_function is None:
@@ -239,8 +244,7 @@ def _hf_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_func
                      and attention_mask is not None and attention_mask.dim() == 2
                      and attention_mask.shape[-1] == kv_length and q_offset == 0 and kv_offset == 0
                      and local_size is None)
-    if plain_padding and not (allow_is_bidirectional_skip and masking_utils._ignore_bidirectional_mask_sdpa(
-            attention_mask, kv_length, local_size)):
+    if plain_padding:
         keep = attention_mask.to(torch.bool)
         return keep[:, None, None, :].expand(batch_size, 1, q_length, kv_length)
     return masking_utils.sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset,

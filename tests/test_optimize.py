@@ -14,7 +14,7 @@ from torch import nn
 
 import fastformer
 from fastformer.nn import FastMultiheadAttention, FastTransformerEncoderLayer
-from helpers import LoRALinear, record_bias_gelu_biases
+from helpers import HostReads, LoRALinear, record_bias_gelu_biases
 
 
 class Classifier(nn.Module):
@@ -525,7 +525,9 @@ def test_hf_report_says_when_attention_weights_are_no_longer_returned(implementa
 @pytest.mark.parametrize("kind", ["padding", "no padding", "causal+padding"])
 def test_hf_mask_is_sdpa_mask_and_a_free_view_for_padding(kind):
     """The masks fastformer asks transformers for: the values of transformers' sdpa_mask; a plain
-    padding mask as a stride-0 view over the query rows, so that reading it needs no host sync."""
+    padding mask as a stride-0 view over the query rows, so that reading it needs no host sync,
+    also without padding (where sdpa_mask reads the mask to answer None), and making it reads
+    nothing on the host either."""
     masking_utils = pytest.importorskip("transformers.masking_utils")
     optimize_module = importlib.import_module("fastformer.optimize")
     batch, length = 3, 9
@@ -537,12 +539,17 @@ def test_hf_mask_is_sdpa_mask_and_a_free_view_for_padding(kind):
         else masking_utils.bidirectional_mask_function
     args = dict(batch_size=batch, q_length=length, kv_length=length, mask_function=function,
                 attention_mask=padding, allow_is_bidirectional_skip=True)
-    ours, theirs = optimize_module._hf_mask(**args), masking_utils.sdpa_mask(**args)
-    if theirs is None:
-        assert ours is None
+    with HostReads() as reads:
+        ours = optimize_module._hf_mask(**args)
+    theirs = masking_utils.sdpa_mask(**args)
+    if kind == "no padding":
+        assert theirs is None and reads.count == 0
+        assert ours.shape == (batch, 1, length, length) and bool(ours.all()) and ours.stride(-2) == 0
         return
     assert torch.equal(ours, theirs)
     assert (ours.stride(-2) == 0) == (kind == "padding")
+    if kind == "padding":
+        assert reads.count == 0
 
 
 @needs_minilm
