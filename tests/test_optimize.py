@@ -356,6 +356,26 @@ def test_hf_attention_calls_carry_the_forced_backend(family, monkeypatch):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
+@pytest.mark.parametrize("family", ["bert", "distilbert"])
+def test_hf_training_step_reads_nothing_on_the_host(family):
+    """An optimized model's training step (padded batch, dropout, backward) on the Triton kernels
+    reads no value back to the host: each read would wait for the GPU, and CUDA graph capture
+    refuses them (transformers' own SDPA path reads the padding mask once per forward)."""
+    model = _tiny_hf_model(family).train()
+    fastformer.optimize(model, backend="triton")
+    ids = torch.randint(0, 50, (2, 9))
+    attention_mask = (torch.arange(9)[None, :] < torch.tensor([9, 5])[:, None]).long()
+    try:
+        fastformer.explain("attention", *(torch.randn(2, 4, 9, 8) for _ in range(3)), backend="triton")
+    except fastformer.BackendUnavailableError as error:
+        pytest.skip(str(error))
+    for mask in (attention_mask, torch.ones_like(attention_mask)):  # padded, and a batch with none
+        with HostReads() as reads:
+            model(input_ids=ids, attention_mask=mask).logits.sum().backward()
+        assert reads.count == 0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
 @pytest.mark.parametrize("activation", ["gelu", "relu"])
 def test_distilbert_blocks_fused_same_logits_gradients_and_dropout(activation, monkeypatch):
     """DistilBERT's TransformerBlock: both residual + LayerNorm pairs (the second with the FFN's
