@@ -294,6 +294,42 @@ def test_dropout_masks_are_fresh_at_every_cuda_graph_replay(backend):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_a_graphed_encoder_layer_trains_with_fresh_dropout_masks(backend):
+    """torch.cuda.make_graphed_callables captures the forward and the backward of an encoder layer
+    with dropout (the backward kernels load the seed the forward's draw wrote): each replay of the
+    pair draws new masks, and its gradients are finite."""
+    layer = fastformer.FastTransformerEncoderLayer(64, 4, 128, dropout=0.1, batch_first=True, device="cuda",
+                                                   dtype=torch.bfloat16)
+    x = torch.randn(2, 16, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    padding = torch.arange(16, device="cuda")[None, :] >= torch.tensor([16, 9], device="cuda")[:, None]
+    heads = x.detach().view(2, 16, 4, 16).transpose(1, 2)
+    require_backend(backend, "attention", heads, heads, heads, dropout_p=0.1, key_padding_mask=padding)
+
+    class WithPadding(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = layer
+
+        def forward(self, x, padding):
+            return self.layer(x, src_key_padding_mask=padding)
+
+    with fastformer.use_backend(backend):  # read while capturing; replays run no Python
+        graphed = torch.cuda.make_graphed_callables(WithPadding(), (x, padding))
+    outputs, input_grads = [], []
+    for _ in range(3):
+        x.grad = None
+        out = graphed(x, padding)
+        out.float().square().sum().backward()
+        outputs.append(out.detach().clone())
+        input_grads.append(x.grad.clone())
+    torch.cuda.synchronize()
+    assert all(torch.isfinite(g).all() for g in input_grads)
+    assert not torch.equal(outputs[0], outputs[1]) and not torch.equal(outputs[1], outputs[2])
+    assert not torch.equal(input_grads[1], input_grads[2])
+
+
+@pytest.mark.gpu
 def test_reduce_overhead_compiles_an_encoder_layer_with_dropout_into_cuda_graphs():
     """torch.compile(mode="reduce-overhead") keeps a fastformer encoder layer with dropout in
     CUDA graphs, and its training steps on the same input draw fresh masks. One kernel backend
