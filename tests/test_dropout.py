@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import fastformer
 import reference
 from fastformer.torch_backend import dropout as torch_dropout
-from helpers import BACKENDS, ELEMENTWISE_TOL, HostReads, assert_rel_close, require_backend
+from helpers import BACKENDS, DEVICES, ELEMENTWISE_TOL, HostReads, assert_rel_close, require_backend
 from test_attention import assert_close_to_reference, make_qkv, padding_mask
 
 PROBABILITIES = [1e-3, 0.1, 0.3, 0.5, 0.9]
@@ -380,3 +380,45 @@ def test_the_torch_backends_seeded_dropout_refuses_cuda_graph_capture(monkeypatc
         torch_dropout.dropout_keep_mask(torch.tensor(5), (4, 8), 0.1, "cuda")
     keep = torch_dropout.dropout_keep_mask(torch.tensor(5), (4, 8), 0.1, "cpu")  # no GPU graph: fine
     assert keep.shape == (4, 8)
+
+
+# --------------------------------------------------------------------------------------------
+# Activation checkpointing: the recomputed forward draws the same masks
+# --------------------------------------------------------------------------------------------
+def _gradients(loss_function, params):
+    """The gradients of ``loss_function()`` after torch.manual_seed(123), through .backward()
+    (reentrant checkpointing refuses torch.autograd.grad)."""
+    for t in params:
+        t.grad = None
+    torch.manual_seed(123)
+    loss_function().backward()
+    return [t.grad.clone() for t in params]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_activation_checkpointing_with_dropout_gives_the_same_gradients(reentrant, backend, device):
+    """torch.utils.checkpoint recomputes the layer's forward in the backward after restoring the
+    RNG states of the CPU and of the inputs' device: the seeds (drawn on the data's device) and
+    PyTorch's own dropout then draw the same masks again, so the gradients are those of the run
+    without checkpointing (with other masks they are off by O(1): checked with
+    preserve_rng_state=False)."""
+    from torch.utils.checkpoint import checkpoint
+
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    layer = fastformer.FastTransformerEncoderLayer(32, 4, 64, dropout=0.3, batch_first=True, device=device,
+                                                   dtype=dtype)
+    x = torch.randn(2, 9, 32, device=device, dtype=dtype, requires_grad=True)
+    padding = torch.arange(9, device=device)[None, :] >= torch.tensor([9, 5], device=device)[:, None]
+    heads = x.detach().view(2, 9, 4, 8).transpose(1, 2)
+    require_backend(backend, "attention", heads, heads, heads, dropout_p=0.3, key_padding_mask=padding)
+    params = [x, *layer.parameters()]
+    with fastformer.use_backend(backend):
+        plain = _gradients(lambda: layer(x, src_key_padding_mask=padding).float().square().sum(), params)
+        recomputed = _gradients(lambda: checkpoint(lambda t: layer(t, src_key_padding_mask=padding), x,
+                                                   use_reentrant=reentrant).float().square().sum(), params)
+    # The same kernels on the same inputs: equal up to the order of atomic additions on a GPU.
+    tol = 0.0 if device == "cpu" else 1e-2
+    for name, got, expected in zip(["x"] + [n for n, _ in layer.named_parameters()], recomputed, plain):
+        assert_rel_close(got.float(), expected.float(), tol, f"grad {name}")

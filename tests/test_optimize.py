@@ -376,6 +376,40 @@ def test_hf_training_step_reads_nothing_on_the_host(family):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("family", ["bert", "distilbert"])
+def test_hf_gradient_checkpointing_with_dropout_gives_the_same_gradients(family, backend):
+    """gradient_checkpointing_enable() on an optimized model in training: the recomputed blocks
+    (fused attention, norms, GELU) draw the same dropout masks, so the gradients are those of the
+    run without checkpointing."""
+    model = _tiny_hf_model(family).train()
+    fastformer.optimize(model, backend=backend)
+    try:
+        fastformer.explain("attention", *(torch.randn(2, 4, 9, 8) for _ in range(3)), dropout_p=0.1,
+                           backend=backend)
+    except fastformer.BackendUnavailableError as error:
+        pytest.skip(str(error))
+    ids = torch.randint(0, 50, (2, 9))
+    attention_mask = (torch.arange(9)[None, :] < torch.tensor([9, 5])[:, None]).long()
+    params = list(model.parameters())
+
+    def gradients():
+        for t in params:
+            t.grad = None
+        torch.manual_seed(123)
+        model(input_ids=ids, attention_mask=attention_mask).logits.square().sum().backward()
+        return [torch.zeros_like(t) if t.grad is None else t.grad.clone() for t in params]
+
+    plain = gradients()
+    model.gradient_checkpointing_enable()
+    assert model.is_gradient_checkpointing
+    recomputed = gradients()
+    assert any(g.abs().sum() > 0 for g in plain)
+    for (name, _), got, expected in zip(model.named_parameters(), recomputed, plain):
+        assert torch.equal(got, expected), name
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
 @pytest.mark.parametrize("activation", ["gelu", "relu"])
 def test_distilbert_blocks_fused_same_logits_gradients_and_dropout(activation, monkeypatch):
     """DistilBERT's TransformerBlock: both residual + LayerNorm pairs (the second with the FFN's
