@@ -93,7 +93,8 @@ def bench_shape(approximate: str, rows_n: int, width: int, args, skips, failures
     work = {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}
     return common.run_providers(OP, providers, BASELINE, (x, bias), (grad_out,), args, label=label,
                                 suite=OP, group=f"rows={rows_n} approximate={approximate}",
-                                size=width, work=work, kind="bytes", tolerances=common.NORM_AND_GELU_TOLERANCES[dtype],
+                                size=width, work=work, kind="bytes",
+                                tolerances=common.NORM_AND_GELU_TOLERANCES[dtype],
                                 check=True, skips=skips, failures=failures, param_grads_from=1)
 
 

@@ -444,7 +444,8 @@ def test_optimized_transformer_encoder_passes_bool_padding_to_the_layers(trainin
     real = fastformer.functional.attention
 
     def spy(*args, **kwargs):
-        seen.append((kwargs.get("key_padding_mask") is not None, args[3] if len(args) > 3 else kwargs.get("attn_mask")))
+        mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
+        seen.append((kwargs.get("key_padding_mask") is not None, mask))
         return real(*args, **kwargs)
     monkeypatch.setattr(fastformer.functional, "attention", spy)
     pad = padding_mask()

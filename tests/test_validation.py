@@ -54,7 +54,8 @@ TARGET = f"(B, Hq, Lq, Lk) = ({B}, {HQ}, {LQ}, {LK})"
 ATTENTION_ERRORS = [
     # (id, overrides, error type, regex the message must match)
     ("query-3d", dict(query=randn(B, LQ, D)), ValueError, r"query must be 4-D.*" + esc(f"({B}, {LQ}, {D})")),
-    ("key-5d", dict(key=randn(1, B, HK, LK, D)), ValueError, r"key must be 4-D.*" + esc(f"(1, {B}, {HK}, {LK}, {D})")),
+    ("key-5d", dict(key=randn(1, B, HK, LK, D)), ValueError,
+     r"key must be 4-D.*" + esc(f"(1, {B}, {HK}, {LK}, {D})")),
     ("value-2d", dict(value=randn(LK, D)), ValueError, r"value must be 4-D.*" + esc(f"({LK}, {D})")),
     ("query-list", dict(query=[[1.0]]), TypeError, r"query must be a torch\.Tensor, got list"),
     ("key-float", dict(key=3.0), TypeError, r"key must be a torch\.Tensor, got float"),

@@ -661,8 +661,8 @@ def check_equivalence(base: nn.Module, train_data: data_lib.Encoded, pad: int, c
                                  profile_steps=0, warmup_steps=0, progress=False, bucketing=False,
                                  compile=False)
     first_step = compare_first_step(base, train_data, pad, config, device)
-    runs = {kernels: run["losses"] for kernels, run in
-            train_variants(list(models.KERNELS), base, train_data, train_data, pad, config, device, dist_info).items()}
+    variants = train_variants(list(models.KERNELS), base, train_data, train_data, pad, config, device, dist_info)
+    runs = {kernels: run["losses"] for kernels, run in variants.items()}
     reference, candidate = runs["torch"], runs["fastformer"]
     differences = [abs(a - b) / max(abs(a), 1e-12) for a, b in zip(reference, candidate)]
     tolerance = LOSS_TOLERANCE[config.precision]
