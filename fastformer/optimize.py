@@ -225,17 +225,22 @@ def _register_attention(transformers) -> bool:
     return True
 
 
+def _values_readable(t: torch.Tensor) -> bool:
+    """Whether reading ``t``'s values on the host is free: a CPU tensor, outside torch.compile. A
+    GPU tensor's would wait for the device (draining its queue) and is refused while a CUDA graph
+    is captured, so the Hugging Face glue never reads a mask's values there."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def _hf_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
              attention_mask=None, local_size=None, allow_is_bidirectional_skip=False, **kwargs):
     """transformers' ``sdpa_mask``, except for the padding mask of a bidirectional encoder: that
     comes back as a broadcast view of the 2-D padding mask (stride 0 over the query rows), which
-    :func:`_hf_attention` reads as ``key_padding_mask`` without looking at its values (a check of
-    the values would wait for the GPU in every layer). Also when nothing is padded, where
-    ``sdpa_mask`` answers None to let SDPA drop the mask: finding that out is such a check
-    (``.all()``, once per forward, draining the GPU's queue and refused under CUDA graph capture),
-    while an all-False ``key_padding_mask`` costs the kernels little: the CUDA kernels find on the
-    device that a row has no padding and read none of it, the Triton kernels read one byte per
-    key they visit."""
+    :func:`_hf_attention` reads as ``key_padding_mask`` without looking at its values. When nothing
+    is padded, ``sdpa_mask`` answers None (no mask, SDPA's fastest path) after checking
+    ``.all()``: so do we where that read is free (:func:`_values_readable`), once; on a GPU the
+    padding mask is handed over as is (an all-False ``key_padding_mask`` costs the kernels a few
+    small device ops per call, not a wait for the GPU)."""
     from transformers import masking_utils
 
     if mask_function is None:
@@ -245,6 +250,9 @@ def _hf_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_func
                      and attention_mask.shape[-1] == kv_length and q_offset == 0 and kv_offset == 0
                      and local_size is None)
     if plain_padding:
+        if (allow_is_bidirectional_skip and _values_readable(attention_mask)
+                and masking_utils._ignore_bidirectional_mask_sdpa(attention_mask, kv_length, local_size)):
+            return None  # nothing padded: what sdpa_mask answers, without its second read
         keep = attention_mask.to(torch.bool)
         return keep[:, None, None, :].expand(batch_size, 1, q_length, kv_length)
     return masking_utils.sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset,
@@ -259,14 +267,16 @@ def _hf_attention(module, query, key, value, attention_mask, scaling=None, dropo
     q/k/v are (B, H, L, D); the result is (B, L, H, D) (a free view of fastformer's layout).
     A boolean (B, 1, Lq, Lk) mask that is the same for every query row (padding) becomes
     key_padding_mask, which the kernels skip tile by tile: recognised from its strides when it is
-    a broadcast view (what :func:`_hf_mask` builds), else by comparing its rows.
+    a broadcast view (what :func:`_hf_mask` builds), else, where its values are free to read
+    (:func:`_values_readable`), by comparing its rows; on a GPU such a full mask stays attn_mask.
     """
     key_padding_mask = None
     if (attention_mask is not None and attention_mask.dtype == torch.bool and attention_mask.dim() == 4
             and attention_mask.shape[1] == 1):
         first_row = attention_mask[:, :, :1, :]
         if (attention_mask.shape[-2] == 1 or attention_mask.stride(-2) == 0
-                or torch.equal(attention_mask, first_row.expand_as(attention_mask))):
+                or (_values_readable(attention_mask)
+                    and torch.equal(attention_mask, first_row.expand_as(attention_mask)))):
             key_padding_mask, attention_mask = ~first_row[:, 0, 0, :], None
     is_causal = attention_mask is None and key_padding_mask is None and query.shape[2] > 1 and bool(
         kwargs.get("is_causal", getattr(module, "is_causal", False)))

@@ -99,16 +99,21 @@ def misaligned(t: torch.Tensor) -> torch.Tensor:
 
 
 class HostReads(TorchDispatchMode):
-    """Counts the reads of a tensor's value on the host (``.item()``, ``int(t)``, ...: all are
-    ``aten._local_scalar_dense``) made while it is active. On a GPU each waits for the device,
-    and inside CUDA graph capture it is an error or, for a value drawn on the host, a constant."""
+    """Counts the reads of tensor values on the host made while it is active: ``.item()``,
+    ``int(t)``, ``bool(t.all())`` (``aten._local_scalar_dense``), ``torch.equal`` and
+    ``aten.is_nonzero``. On a GPU each waits for the device, and inside CUDA graph capture it is
+    an error or, for a value drawn on the host, a constant. (A CPU test cannot see copies to the
+    host, which are no-ops there.)"""
+
+    READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.equal.default,
+             torch.ops.aten.is_nonzero.default)
 
     def __init__(self):
         super().__init__()
         self.count = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
+        if func in self.READS:
             self.count += 1
         return func(*args, **(kwargs or {}))
 

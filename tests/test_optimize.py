@@ -357,10 +357,12 @@ def test_hf_attention_calls_carry_the_forced_backend(family, monkeypatch):
 
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
 @pytest.mark.parametrize("family", ["bert", "distilbert"])
-def test_hf_training_step_reads_nothing_on_the_host(family):
+def test_hf_training_step_reads_nothing_on_the_host(family, monkeypatch):
     """An optimized model's training step (padded batch, dropout, backward) on the Triton kernels
-    reads no value back to the host: each read would wait for the GPU, and CUDA graph capture
-    refuses them (transformers' own SDPA path reads the padding mask once per forward)."""
+    reads no value back to the host when the masks are not free to read (as on a GPU; simulated
+    here): each read would wait for the GPU, and CUDA graph capture refuses them (transformers'
+    own SDPA path reads the padding mask once per forward)."""
+    monkeypatch.setattr(importlib.import_module("fastformer.optimize"), "_values_readable", lambda t: False)
     model = _tiny_hf_model(family).train()
     fastformer.optimize(model, backend="triton")
     ids = torch.randint(0, 50, (2, 9))
@@ -401,8 +403,12 @@ def test_hf_gradient_checkpointing_with_dropout_gives_the_same_gradients(family,
         return [torch.zeros_like(t) if t.grad is None else t.grad.clone() for t in params]
 
     plain = gradients()
-    model.gradient_checkpointing_enable()
-    assert model.is_gradient_checkpointing
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24's name
+        model.activation_checkpointing_enable()
+        assert model.is_activation_checkpointing
+    else:
+        model.gradient_checkpointing_enable()
+        assert model.is_gradient_checkpointing
     recomputed = gradients()
     assert any(g.abs().sum() > 0 for g in plain)
     for (name, _), got, expected in zip(model.named_parameters(), recomputed, plain):
@@ -576,14 +582,17 @@ def test_hf_report_says_when_attention_weights_are_no_longer_returned(implementa
 
 
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
+@pytest.mark.parametrize("readable", [True, False], ids=["cpu", "gpu-like"])
 @pytest.mark.parametrize("kind", ["padding", "no padding", "causal+padding"])
-def test_hf_mask_is_sdpa_mask_and_a_free_view_for_padding(kind):
+def test_hf_mask_is_sdpa_mask_and_a_free_view_for_padding(kind, readable, monkeypatch):
     """The masks fastformer asks transformers for: the values of transformers' sdpa_mask; a plain
-    padding mask as a stride-0 view over the query rows, so that reading it needs no host sync,
-    also without padding (where sdpa_mask reads the mask to answer None), and making it reads
-    nothing on the host either."""
+    padding mask as a stride-0 view over the query rows, so that reading it needs no host sync.
+    Without padding, sdpa_mask reads the mask to answer None: so do we where that read is free
+    (a CPU mask, read once), while a mask whose values are not free to read (on a GPU; simulated
+    here) is handed over as its all-True view, with no read."""
     masking_utils = pytest.importorskip("transformers.masking_utils")
     optimize_module = importlib.import_module("fastformer.optimize")
+    monkeypatch.setattr(optimize_module, "_values_readable", lambda t: readable)
     batch, length = 3, 9
     padding = torch.ones(batch, length, dtype=torch.long)
     if kind != "no padding":
@@ -597,13 +606,42 @@ def test_hf_mask_is_sdpa_mask_and_a_free_view_for_padding(kind):
         ours = optimize_module._hf_mask(**args)
     theirs = masking_utils.sdpa_mask(**args)
     if kind == "no padding":
-        assert theirs is None and reads.count == 0
-        assert ours.shape == (batch, 1, length, length) and bool(ours.all()) and ours.stride(-2) == 0
+        assert theirs is None
+        if readable:
+            assert ours is None and reads.count == 1
+        else:
+            assert reads.count == 0 and ours.shape == (batch, 1, length, length) and ours.stride(-2) == 0
+            assert bool(ours.all())
         return
     assert torch.equal(ours, theirs)
     assert (ours.stride(-2) == 0) == (kind == "padding")
     if kind == "padding":
-        assert reads.count == 0
+        assert reads.count == (1 if readable else 0)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
+@pytest.mark.parametrize("readable", [True, False], ids=["cpu", "gpu-like"])
+def test_hf_attention_takes_a_full_padding_mask_as_key_padding_only_where_free(readable, monkeypatch):
+    """A bool (B, 1, Lq, Lk) padding mask stored in full (not a broadcast view): on the CPU its rows
+    are compared and it becomes key_padding_mask; where reading it would wait for a GPU (simulated
+    here) it is passed on as attn_mask, unread. Same result either way."""
+    optimize_module = importlib.import_module("fastformer.optimize")
+    monkeypatch.setattr(optimize_module, "_values_readable", lambda t: readable)
+    q, k, v = (torch.randn(2, 4, 7, 8) for _ in range(3))
+    keep = torch.arange(7)[None, :] < torch.tensor([7, 4])[:, None]
+    full = keep[:, None, None, :].expand(2, 1, 7, 7).contiguous()
+    calls = []
+    attention = fastformer.attention
+    monkeypatch.setattr(fastformer, "attention", lambda *args, **kwargs: calls.append(kwargs) or attention(
+        *args, **kwargs))
+    module = torch.nn.Module()
+    with HostReads() as reads:
+        out, _ = optimize_module._hf_attention(module, q, k, v, full)
+    assert reads.count == (1 if readable else 0)
+    assert (calls[0]["key_padding_mask"] is not None) == readable
+    assert (calls[0]["attn_mask"] is None) == readable
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=full).transpose(1, 2)
+    torch.testing.assert_close(out, expected)
 
 
 @needs_minilm
