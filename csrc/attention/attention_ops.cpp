@@ -125,8 +125,7 @@ KeyPadding prepare_key_padding(const at::Tensor& mask) {
 void fill_common(AttentionParams& p, const Sizes& s, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                  const c10::optional<at::Tensor>& attn_mask, const c10::optional<at::Tensor>& key_padding_mask,
                  double scale, bool is_causal, double dropout_p, const c10::optional<at::Tensor>& seed,
-                 at::Tensor* mask_holder,
-                 KeyPadding* padding_holder) {
+                 at::Tensor* mask_holder, KeyPadding* padding_holder) {
   p.q = q.data_ptr();
   p.k = k.data_ptr();
   p.v = v.data_ptr();
