@@ -118,6 +118,17 @@ class HostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def seeded_gradients(loss_function, params, seed: int = 123) -> list:
+    """The gradients of ``params`` (zeros where one gets none) from ``loss_function().backward()``
+    after ``torch.manual_seed(seed)``: runs that must draw the same dropout masks, compared.
+    Through .backward(), which reentrant checkpointing needs (it refuses torch.autograd.grad)."""
+    for t in params:
+        t.grad = None
+    torch.manual_seed(seed)
+    loss_function().backward()
+    return [torch.zeros_like(t) if t.grad is None else t.grad.clone() for t in params]
+
+
 class LoRALinear(torch.nn.Module):
     """A low-rank adapter around a Linear, as peft puts in place of one: it exposes the wrapped
     layer's weight and bias, but its forward adds more."""

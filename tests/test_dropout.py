@@ -16,7 +16,8 @@ import torch.nn.functional as F
 import fastformer
 import reference
 from fastformer.torch_backend import dropout as torch_dropout
-from helpers import BACKENDS, DEVICES, ELEMENTWISE_TOL, HostReads, assert_rel_close, require_backend
+from helpers import (BACKENDS, DEVICES, ELEMENTWISE_TOL, HostReads, assert_rel_close, require_backend,
+                     seeded_gradients)
 from test_attention import assert_close_to_reference, make_qkv, padding_mask
 
 PROBABILITIES = [1e-3, 0.1, 0.3, 0.5, 0.9]
@@ -234,6 +235,20 @@ def test_kernel_backends_draw_the_seed_on_the_datas_device():
     assert _draw_seed(0.0, "triton", "meta") is None
 
 
+def _encoder_layer_case(backend, device, dtype, d_model, length, dropout, requires_grad=True):
+    """A FastTransformerEncoderLayer (4 heads, feed-forward 2 d_model, batch first), an input
+    (2, length, d_model) and a padding mask keeping length and length // 2 + 1 keys; skips when
+    ``backend`` cannot take its attention."""
+    layer = fastformer.FastTransformerEncoderLayer(d_model, 4, 2 * d_model, dropout=dropout, batch_first=True,
+                                                   device=device, dtype=dtype)
+    x = torch.randn(2, length, d_model, device=device, dtype=dtype, requires_grad=requires_grad)
+    kept = torch.tensor([length, length // 2 + 1], device=device)
+    padding = torch.arange(length, device=device)[None, :] >= kept[:, None]
+    heads = x.detach().view(2, length, 4, d_model // 4).transpose(1, 2)
+    require_backend(backend, "attention", heads, heads, heads, dropout_p=dropout, key_padding_mask=padding)
+    return layer, x, padding
+
+
 def _dropout_inputs(backend, device, dtype=torch.float32, requires_grad=True):
     """Inputs of one attention call (with key padding) and one residual LayerNorm, both with
     dropout; skips when ``backend`` cannot take them."""
@@ -299,12 +314,7 @@ def test_a_graphed_encoder_layer_trains_with_fresh_dropout_masks(backend):
     """torch.cuda.make_graphed_callables captures the forward and the backward of an encoder layer
     with dropout (the backward kernels load the seed the forward's draw wrote): each replay of the
     pair draws new masks, and its gradients are finite."""
-    layer = fastformer.FastTransformerEncoderLayer(64, 4, 128, dropout=0.1, batch_first=True, device="cuda",
-                                                   dtype=torch.bfloat16)
-    x = torch.randn(2, 16, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    padding = torch.arange(16, device="cuda")[None, :] >= torch.tensor([16, 9], device="cuda")[:, None]
-    heads = x.detach().view(2, 16, 4, 16).transpose(1, 2)
-    require_backend(backend, "attention", heads, heads, heads, dropout_p=0.1, key_padding_mask=padding)
+    layer, x, padding = _encoder_layer_case(backend, "cuda", torch.bfloat16, 64, 16, 0.1)
 
     class WithPadding(torch.nn.Module):
         def __init__(self):
@@ -341,12 +351,7 @@ def test_reduce_overhead_compiles_an_encoder_layer_with_dropout_into_cuda_graphs
     from torch._inductor import config as inductor_config
 
     backend = "triton"
-    layer = fastformer.FastTransformerEncoderLayer(64, 4, 128, dropout=0.1, batch_first=True, device="cuda",
-                                                   dtype=torch.bfloat16)
-    x = torch.randn(2, 16, 64, device="cuda", dtype=torch.bfloat16)
-    padding = torch.arange(16, device="cuda")[None, :] >= torch.tensor([16, 9], device="cuda")[:, None]
-    heads = x.view(2, 16, 4, 16).transpose(1, 2)
-    require_backend(backend, "attention", heads, heads, heads, dropout_p=0.1, key_padding_mask=padding)
+    layer, x, padding = _encoder_layer_case(backend, "cuda", torch.bfloat16, 64, 16, 0.1, requires_grad=False)
     torch._dynamo.reset()
     counters.clear()
     compiled = torch.compile(layer, mode="reduce-overhead")
@@ -386,16 +391,6 @@ def test_the_torch_backends_seeded_dropout_refuses_cuda_graph_capture(monkeypatc
 # --------------------------------------------------------------------------------------------
 # Activation checkpointing: the recomputed forward draws the same masks
 # --------------------------------------------------------------------------------------------
-def _gradients(loss_function, params):
-    """The gradients of ``loss_function()`` after torch.manual_seed(123), through .backward()
-    (reentrant checkpointing refuses torch.autograd.grad)."""
-    for t in params:
-        t.grad = None
-    torch.manual_seed(123)
-    loss_function().backward()
-    return [t.grad.clone() for t in params]
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
@@ -409,18 +404,14 @@ def test_activation_checkpointing_with_dropout_gives_the_same_gradients(reentran
     from torch.utils.checkpoint import checkpoint
 
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    layer = fastformer.FastTransformerEncoderLayer(32, 4, 64, dropout=0.3, batch_first=True, device=device,
-                                                   dtype=dtype)
-    x = torch.randn(2, 9, 32, device=device, dtype=dtype, requires_grad=True)
-    padding = torch.arange(9, device=device)[None, :] >= torch.tensor([9, 5], device=device)[:, None]
-    heads = x.detach().view(2, 9, 4, 8).transpose(1, 2)
-    require_backend(backend, "attention", heads, heads, heads, dropout_p=0.3, key_padding_mask=padding)
+    layer, x, padding = _encoder_layer_case(backend, device, dtype, 32, 9, 0.3)
     params = [x, *layer.parameters()]
     weights = torch.randn(2, 9, 32, device=device)
     with fastformer.use_backend(backend):
-        plain = _gradients(lambda: (layer(x, src_key_padding_mask=padding).float() * weights).sum(), params)
-        recomputed = _gradients(lambda: (checkpoint(lambda t: layer(t, src_key_padding_mask=padding), x,
-                                                    use_reentrant=reentrant).float() * weights).sum(), params)
+        plain = seeded_gradients(lambda: (layer(x, src_key_padding_mask=padding).float() * weights).sum(), params)
+        recomputed = seeded_gradients(lambda: (checkpoint(lambda t: layer(t, src_key_padding_mask=padding), x,
+                                                          use_reentrant=reentrant).float() * weights).sum(),
+                                      params)
     # The same kernels on the same inputs: equal up to the order of atomic additions on a GPU.
     tol = 0.0 if device == "cpu" else 1e-2
     for name, got, expected in zip(["x"] + [n for n, _ in layer.named_parameters()], recomputed, plain):

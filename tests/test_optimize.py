@@ -14,7 +14,7 @@ from torch import nn
 
 import fastformer
 from fastformer.nn import FastMultiheadAttention, FastTransformerEncoderLayer
-from helpers import HostReads, LoRALinear, record_bias_gelu_biases
+from helpers import HostReads, LoRALinear, record_bias_gelu_biases, require_backend, seeded_gradients
 
 
 class Classifier(nn.Module):
@@ -367,10 +367,7 @@ def test_hf_training_step_reads_nothing_on_the_host(family, monkeypatch):
     fastformer.optimize(model, backend="triton")
     ids = torch.randint(0, 50, (2, 9))
     attention_mask = (torch.arange(9)[None, :] < torch.tensor([9, 5])[:, None]).long()
-    try:
-        fastformer.explain("attention", *(torch.randn(2, 4, 9, 8) for _ in range(3)), backend="triton")
-    except fastformer.BackendUnavailableError as error:
-        pytest.skip(str(error))
+    require_backend("triton", "attention", *(torch.randn(2, 4, 9, 8) for _ in range(3)))
     for mask in (attention_mask, torch.ones_like(attention_mask)):  # padded, and a batch with none
         with HostReads() as reads:
             model(input_ids=ids, attention_mask=mask).logits.sum().backward()
@@ -386,21 +383,14 @@ def test_hf_gradient_checkpointing_with_dropout_gives_the_same_gradients(family,
     run without checkpointing."""
     model = _tiny_hf_model(family).train()
     fastformer.optimize(model, backend=backend)
-    try:
-        fastformer.explain("attention", *(torch.randn(2, 4, 9, 8) for _ in range(3)), dropout_p=0.1,
-                           backend=backend)
-    except fastformer.BackendUnavailableError as error:
-        pytest.skip(str(error))
+    require_backend(backend, "attention", *(torch.randn(2, 4, 9, 8) for _ in range(3)), dropout_p=0.1)
     ids = torch.randint(0, 50, (2, 9))
     attention_mask = (torch.arange(9)[None, :] < torch.tensor([9, 5])[:, None]).long()
     params = list(model.parameters())
 
     def gradients():
-        for t in params:
-            t.grad = None
-        torch.manual_seed(123)
-        model(input_ids=ids, attention_mask=attention_mask).logits.square().sum().backward()
-        return [torch.zeros_like(t) if t.grad is None else t.grad.clone() for t in params]
+        return seeded_gradients(lambda: model(input_ids=ids, attention_mask=attention_mask).logits.square().sum(),
+                                params)
 
     plain = gradients()
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24's name
