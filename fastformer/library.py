@@ -162,9 +162,19 @@ def _attention_backward(grad_out, query, key, value, out, lse, attn_mask, key_pa
     return grad_q.contiguous(), grad_k.contiguous(), grad_v.contiguous(), grad_mask
 
 
+def _skip_zero_gradients(ctx) -> None:
+    """Gradients of outputs that reach no loss arrive as None, not as zero-filled tensors that
+    autograd would otherwise allocate and fill on the device at every call: the log-sum-exp and
+    the norm statistics (never differentiable), and a residual stream that nothing reads (that of
+    the second norm of a post-norm layer, which the norm's backward would then read back in full).
+    The backward formulas take None as zero."""
+    ctx.set_materialize_grads(False)
+
+
 def _attention_save(ctx, inputs, output):
     query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed, backend = inputs
     out, lse = output
+    _skip_zero_gradients(ctx)
     ctx.save_for_backward(query, key, value, out, lse, attn_mask, key_padding_mask, seed)
     ctx.options = (dropout_p, is_causal, scale)
     ctx.backend = backend
@@ -174,6 +184,8 @@ def _attention_save(ctx, inputs, output):
 def _attention_grads(ctx, grad_out, grad_lse, *, backward):
     query, key, value, out, lse, attn_mask, key_padding_mask, seed = ctx.saved_tensors
     dropout_p, is_causal, scale = ctx.options
+    if grad_out is None:  # (the lse is not differentiable: nothing reached the op)
+        grad_out = torch.zeros_like(out)
     grad_q, grad_k, grad_v, grad_mask = backward(
         grad_out, query, key, value, out, lse, attn_mask, key_padding_mask, dropout_p, is_causal,
         scale, seed, ctx.mask_needs_grad, ctx.backend)
@@ -280,6 +292,7 @@ def _residual_norm_save(ctx, inputs, output):
     x, residual, weight, bias, eps, dropout_p, rms, seed, store_residual, backend = inputs
     out, residual_out, mean, rstd = output
     normed = residual_out if store_residual else x
+    _skip_zero_gradients(ctx)
     ctx.save_for_backward(normed, weight, bias, mean, rstd, seed)
     ctx.options = (dropout_p, rms, residual is not None, store_residual)
     ctx.backend = backend
@@ -293,6 +306,8 @@ def _residual_norm_grads(ctx, grad_out, grad_residual_out, grad_mean, grad_rstd,
     alias), so torch.compile takes it too."""
     normed, weight, bias, mean, rstd, seed = ctx.saved_tensors
     dropout_p, rms, has_residual, store_residual = ctx.options
+    if grad_out is None:  # only the residual stream reaches a loss
+        grad_out = torch.zeros_like(normed)
     shared = has_residual and dropout_p == 0.0
     grad_x, grad_residual, grad_weight, grad_bias = backward(
         grad_out, grad_residual_out if store_residual else None, normed, weight, bias, mean, rstd,

@@ -118,6 +118,25 @@ class HostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+class ZeroFills(TorchDispatchMode):
+    """Records the tensors filled with zeros while it is active (``torch.zeros``, ``zeros_like``,
+    ``new_zeros``, ``zero_``, ``fill_(0)``), as (op, shape): on a GPU each is an allocation and a
+    memset launch, and a zero gradient read back by a kernel is memory traffic for nothing."""
+
+    FILLS = {"zeros", "zeros_like", "new_zeros", "zero_"}
+
+    def __init__(self):
+        super().__init__()
+        self.fills = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if name in self.FILLS or (name == "fill_" and args[1] == 0):
+            self.fills.append((name, tuple(out.shape)))
+        return out
+
+
 def seeded_gradients(loss_function, params, seed: int = 123) -> list:
     """The gradients of ``params`` (zeros where one gets none) from ``loss_function().backward()``
     after ``torch.manual_seed(seed)``: runs that must draw the same dropout masks, compared.

@@ -10,7 +10,7 @@ import fastformer
 import reference
 from fastformer import dispatch
 from fastformer.functional import _draw_seed
-from helpers import keep_mask_function
+from helpers import ZeroFills, keep_mask_function
 from helpers import BACKENDS, DEVICES, ELEMENTWISE_TOL, PARAM_GRAD_TOL_HALF, assert_rel_close, require_backend
 
 HIDDEN = [1, 200, 384, 1000]
@@ -246,6 +246,46 @@ def test_without_dropout_x_and_residual_share_one_gradient(norm, backend, device
     assert x.grad.data_ptr() != residual.grad.data_ptr()
     assert_rel_close(x.grad, 2 * want, ELEMENTWISE_TOL[torch.float32][1], "x.grad")
     assert_rel_close(residual.grad, 2 * want, ELEMENTWISE_TOL[torch.float32][1], "residual.grad")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+@pytest.mark.parametrize("read", ["out", "residual_out"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("norm", NORMS)
+def test_a_loss_of_one_output(norm, backend, read, dropout_p, device, monkeypatch):
+    """The loss reads one output only: the normalised one (the residual stream of a post-norm
+    layer's second norm goes nowhere), or, rarer, the stream. The gradients are right, and the
+    output that reaches no loss gets no zero-filled gradient (on a GPU: a memset, and for the
+    stream a full read back in the backward), nor do the statistics. The torch backend also runs
+    through the autograd.Function that kernel backends use."""
+    from fastformer import library
+
+    x, residual, weight, bias = make_inputs((3, 7, 200), "residual+weight+bias", torch.float32, device)
+    bias = bias if norm == "layer" else None
+    require(backend, norm, x, residual, weight, bias)
+    monkeypatch.setattr(library, "NATIVE_AUTOGRAD", False)
+    keep = None
+    if dropout_p:
+        torch.manual_seed(5)
+        seed = _draw_seed(dropout_p, backend, device)
+        keep = keep_mask_function(backend, monkeypatch)(seed, (21, 200), dropout_p, device).view(3, 7, 200)
+    inputs = [t for t in (x, residual, weight, bias) if t is not None]
+    index = ("out", "residual_out").index(read)
+    grad = torch.randn(3, 7, 200, device=device, dtype=torch.float64)
+    torch.manual_seed(5)
+    with ZeroFills() as zero_fills:
+        outputs = run_norm(norm, x, residual, weight, bias, 1e-5, dropout_p, backend)
+        got = torch.autograd.grad(outputs[index], inputs, grad.float(), allow_unused=True)
+    expected = reference.residual_norm(x, residual, weight, bias, 1e-5, norm == "rms", keep, dropout_p)[index]
+    want = torch.autograd.grad(expected, inputs, grad, allow_unused=True)
+    for name, g, w in zip(("x", "residual", "weight", "bias"), got, want):
+        if w is None:  # the stream does not depend on the parameters
+            assert g is None or not g.any(), name
+        else:
+            assert_rel_close(g, w, ELEMENTWISE_TOL[torch.float32][1], f"grad {name}")
+    if read == "out":
+        assert zero_fills.fills == []
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -172,15 +172,16 @@ def attention_bwd(grad_out, query, key, value, out, lse, attn_mask, key_padding_
     heads_k, len_k = key.shape[1], key.shape[2]
     group = heads_q // heads_k
     dtype = _compute_dtype(query.dtype)
-    grad_q = torch.zeros(query.shape, dtype=dtype, device=query.device)
-    grad_k = torch.zeros(key.shape, dtype=dtype, device=key.device)
-    grad_v = torch.zeros(value.shape, dtype=dtype, device=value.device)
     grad_mask = None
-    if mask_needs_grad:
+    if mask_needs_grad:  # accumulated over the chunks (and over the batch where it broadcasts)
         grad_mask = torch.zeros(attn_mask.shape, dtype=dtype, device=attn_mask.device)
     if query.numel() == 0 or len_k == 0:
-        return grad_q.to(query.dtype), grad_k.to(key.dtype), grad_v.to(value.dtype), \
+        return query.new_zeros(query.shape), key.new_zeros(key.shape), value.new_zeros(value.shape), \
             None if grad_mask is None else grad_mask.to(attn_mask.dtype)
+    # Written chunk by chunk, every row once.
+    grad_q = torch.empty(query.shape, dtype=dtype, device=query.device)
+    grad_k = torch.empty(key.shape, dtype=dtype, device=key.device)
+    grad_v = torch.empty(value.shape, dtype=dtype, device=value.device)
     mask, alive = _folded_mask(query, key, attn_mask, key_padding_mask, is_causal)
     keep = _keep(seed, dropout_p, (batch, heads_q, len_q, len_k), query.device)
     for rows in _batch_chunks(batch, heads_q, len_q, len_k):

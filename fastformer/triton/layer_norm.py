@@ -239,9 +239,10 @@ def residual_norm_bwd(grad_out, grad_residual_out, normed, weight, bias, mean, r
     grad_x = torch.empty((rows, n), dtype=normed.dtype, device=normed.device)
     grad_residual = torch.empty_like(grad_x) if has_residual else None
     programs = _backward_programs(rows, normed.device)
-    partial_weight = torch.zeros((programs, n), dtype=torch.float32, device=normed.device) \
+    # Every program writes its whole partial row (zeros if it had no rows): no fill needed.
+    partial_weight = torch.empty((programs, n), dtype=torch.float32, device=normed.device) \
         if weight is not None else None
-    partial_bias = torch.zeros((programs, n), dtype=torch.float32, device=normed.device) \
+    partial_bias = torch.empty((programs, n), dtype=torch.float32, device=normed.device) \
         if bias is not None else None
     if rows > 0:
         with on_device(normed):
