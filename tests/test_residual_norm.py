@@ -249,6 +249,22 @@ def test_without_dropout_x_and_residual_share_one_gradient(norm, backend, device
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("norm", NORMS)
+def test_no_rows(norm, backend, device):
+    """Zero rows: empty outputs, and zero (not uninitialised) parameter gradients."""
+    x, residual, weight, bias = make_inputs((2, 0, 40), "residual+weight+bias", torch.float32, device)
+    bias = bias if norm == "layer" else None
+    require(backend, norm, x, residual, weight, bias)
+    torch.empty(1 << 16, device=device).fill_(float("nan"))  # (freed memory that empty() may hand out)
+    out, residual_out = run_norm(norm, x, residual, weight, bias, 1e-5, backend=backend)
+    assert out.shape == residual_out.shape == x.shape
+    params = [t for t in (weight, bias) if t is not None]
+    grads = torch.autograd.grad((out, residual_out), params, (torch.ones_like(out), torch.ones_like(out)))
+    assert all(g.shape == t.shape and not g.any() for g, t in zip(grads, params))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dropout_p", [0.0, 0.25])
 @pytest.mark.parametrize("read", ["out", "residual_out"])
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -239,11 +239,14 @@ def residual_norm_bwd(grad_out, grad_residual_out, normed, weight, bias, mean, r
     grad_x = torch.empty((rows, n), dtype=normed.dtype, device=normed.device)
     grad_residual = torch.empty_like(grad_x) if has_residual else None
     programs = _backward_programs(rows, normed.device)
-    # Every program writes its whole partial row (zeros if it had no rows): no fill needed.
-    partial_weight = torch.empty((programs, n), dtype=torch.float32, device=normed.device) \
-        if weight is not None else None
-    partial_bias = torch.empty((programs, n), dtype=torch.float32, device=normed.device) \
-        if bias is not None else None
+    # The weight's and the bias's partial rows in one buffer, summed by one reduction. Every
+    # program writes its whole partial row (zeros if it had no rows): no fill needed, unless no
+    # program runs.
+    params = [t for t in (weight, bias) if t is not None]
+    partials = (torch.empty if rows > 0 else torch.zeros)((len(params), programs, n), dtype=torch.float32,
+                                                         device=normed.device)
+    partial_weight = partials[0] if weight is not None else None
+    partial_bias = partials[-1] if bias is not None else None
     if rows > 0:
         with on_device(normed):
             _residual_norm_bwd_kernel[(programs,)](
@@ -260,6 +263,7 @@ def residual_norm_bwd(grad_out, grad_residual_out, normed, weight, bias, mean, r
                 ALIGN=_alignment(n, grad_out, grad_residual_out, normed, weight, grad_x, grad_residual,
                                  partial_weight, partial_bias),
                 **_launch_config(n))
-    grad_weight = None if weight is None else partial_weight.sum(dim=0).to(weight.dtype)
-    grad_bias = None if bias is None else partial_bias.sum(dim=0).to(bias.dtype)
+    sums = partials.sum(dim=1) if params else None
+    grad_weight = None if weight is None else sums[0].to(weight.dtype)
+    grad_bias = None if bias is None else sums[-1].to(bias.dtype)
     return grad_x, grad_residual, grad_weight, grad_bias
