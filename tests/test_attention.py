@@ -332,6 +332,25 @@ def test_any_key_padding_pattern(is_causal, dtype, backend, device):
     assert (out[1] == 0).all()
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_key_padding_of_long_rows(dtype, backend, device):
+    """Rows of more keys than the Triton kernels read at once (2048) to find each row's last
+    unpadded key: that key in the second pass, past padding in the first; in the first pass,
+    before a second pass of padding only; the very last key alone."""
+    batch, heads, len_q, len_k, dim = 3, 1, 5, 2100, 16
+    q, k, v = make_qkv((batch, heads, heads, len_q, len_k, dim, dim), dtype, device)
+    pad = torch.zeros(batch, len_k, dtype=torch.bool, device=device)
+    pad[0, 40:2060] = True
+    pad[0, 2090:] = True
+    pad[1, 101:] = True
+    pad[2, :-1] = True
+    kwargs = dict(key_padding_mask=pad)
+    require_backend(backend, "attention", q, k, v, **kwargs)
+    assert_matches_reference(q, k, v, dtype, backend, **kwargs)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mask_shape", [(1, 1, 9, 12), (4, 9, 12), (2, 1, 1, 12), (12,)],
                          ids=str)

@@ -103,6 +103,21 @@ def _scores(qk, q_idx, k_idx, MASK_TILE, stride_mask_q, stride_mask_k, PADDING_R
 
 
 @triton.jit
+def _key_end(PADDING_ROW, len_k):
+    """One past the last unpadded key of a key_padding_mask row (0 if every key is padding): the
+    key tiles from there on hold padding only and are not visited, so right padding (the usual
+    case) costs nothing. Each program reads the row itself, 2048 bytes at a time (one pass up to
+    Lk = 2048), while the tile loads issued before it are in flight: no device ops before the
+    launch to find it."""
+    end = tl.full([], 0, tl.int32)
+    for start in range(0, len_k, 2048):
+        idx = start + tl.arange(0, 2048)
+        padded = tl.load(PADDING_ROW + idx, mask=idx < len_k, other=1)
+        end = tl.maximum(end, tl.max(tl.where(padded == 0, idx + 1, 0), axis=0))
+    return end
+
+
+@triton.jit
 def _load_tile(BASE, offsets, row_ok, head_ok, ALIGN: tl.constexpr, HEAD_AXIS: tl.constexpr,
                DOT_IN_FP32: tl.constexpr):
     """A tile of q, k, v or dO at BASE + offsets, (rows, head dim) or (head dim, rows) with
@@ -132,9 +147,8 @@ def _attention_fwd_kernel(
     V,            # in: value (B, Hk, Lk, Dv), strides stride_v*
     MASK,         # in: attn_mask viewed as (B, Hq, Lq, Lk), stride 0 on broadcast dims; bool as
                   #     uint8 or additive float; unused when MASK_KIND == 0
-    KEY_PADDING,  # in: key_padding_mask (B, Lk) as uint8, nonzero = padding, row stride stride_pb
-    KEY_ENDS,     # in: (B,) int32, one past each batch row's last unpadded key: key tiles from there
-                  #     on are skipped. Both unused without HAS_KEY_PADDING
+    KEY_PADDING,  # in: key_padding_mask (B, Lk) as uint8, nonzero = padding, row stride stride_pb;
+                  #     unused without HAS_KEY_PADDING
     OUT,          # out: (B, Hq, Lq, Dv) in the query dtype, strides stride_o*
     LSE,          # out: (B, Hq, Lq) float32 contiguous, natural log; -inf on rows with no key
     SEED,         # in: the dropout seed, one int64; unused without HAS_DROPOUT
@@ -182,10 +196,10 @@ def _attention_fwd_kernel(
     if HAS_DROPOUT:
         seed = tl.load(SEED)
 
+    PADDING_ROW = KEY_PADDING + b * stride_pb
     key_len = len_k
     if HAS_KEY_PADDING:
-        key_len = tl.load(KEY_ENDS + b)
-    PADDING_ROW = KEY_PADDING + b * stride_pb
+        key_len = _key_end(PADDING_ROW, len_k)
     end_n = key_len
     if IS_CAUSAL:
         end_n = tl.minimum(end_n, start_m + BLOCK_M)
@@ -263,7 +277,7 @@ def _row_lse_log2(LSE_ROW, idx, len_q):
 def _attention_bwd_dkdv_kernel(
     Q, K, V,      # in: as in the forward (strides stride_q*, stride_k*, stride_v*)
     MASK,         # in: attn_mask as in the forward (strides stride_m*)
-    KEY_PADDING, KEY_ENDS,  # in: as in the forward
+    KEY_PADDING,  # in: as in the forward
     GRAD_OUT,     # in: dO (B, Hq, Lq, Dv), strides stride_g*
     LSE, DELTA,   # in: (B, Hq, Lq) float32 contiguous
     GRAD_K,       # out: dK (B, Hk, Lk, D) contiguous, key dtype
@@ -291,8 +305,8 @@ def _attention_bwd_dkdv_kernel(
         dPd = dO V^T;  dP = dPd * keep / (1 - p);  dS = P * (dP - delta)
         dK = scale * sum over heads of dS^T Q
 
-    Causal: query blocks before the key block's first key are not visited; key blocks past the
-    batch row's key length visit nothing and write zeros.
+    Causal: query blocks before the key block's first key are not visited; key blocks of padding
+    keys only visit nothing and write zeros.
     """
     start_n = tl.program_id(0) * BLOCK_N
     hk = tl.program_id(1).to(tl.int64)
@@ -304,18 +318,18 @@ def _attention_bwd_dkdv_kernel(
     if HAS_DROPOUT:
         seed = tl.load(SEED)
 
-    key_len = len_k
-    if HAS_KEY_PADDING:
-        key_len = tl.load(KEY_ENDS + b)
     PADDING_ROW = KEY_PADDING + b * stride_pb
     k = _load_tile(K + b * stride_kb + hk * stride_kh + offs_d[None, :] * stride_kd, offs_n[:, None] * stride_kn,
-                   offs_n[:, None] < key_len, offs_d[None, :] < dim, ALIGN, 1, DOT_IN_FP32)
+                   offs_n[:, None] < len_k, offs_d[None, :] < dim, ALIGN, 1, DOT_IN_FP32)
     v = _load_tile(V + b * stride_vb + hk * stride_vh + offs_dv[None, :] * stride_vd, offs_n[:, None] * stride_vn,
-                   offs_n[:, None] < key_len, offs_dv[None, :] < dim_v, ALIGN, 1, DOT_IN_FP32)
+                   offs_n[:, None] < len_k, offs_dv[None, :] < dim_v, ALIGN, 1, DOT_IN_FP32)
     begin_m = 0
     if IS_CAUSAL:
         begin_m = (start_n // BLOCK_M) * BLOCK_M  # rows i < start_n see none of these keys
-    end_m = tl.where(start_n < key_len, len_q, 0)  # a block of padding keys: nothing to visit
+    end_m = len_q
+    if HAS_KEY_PADDING:  # a block of padding keys only: nothing to visit, its gradients are 0
+        padded = tl.load(PADDING_ROW + offs_n, mask=offs_n < len_k, other=1)
+        end_m = tl.where(tl.min(padded, axis=0) != 0, 0, len_q)
 
     grad_k = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     grad_v = tl.zeros((BLOCK_N, BLOCK_DV), tl.float32)
@@ -330,7 +344,7 @@ def _attention_bwd_dkdv_kernel(
             q_t = _load_tile(Q_TILE, idx_m[None, :] * stride_qm, idx_m[None, :] < len_q, offs_d[:, None] < dim,
                              ALIGN, 0, DOT_IN_FP32)
             s_t = _scores(tl.dot(k, q_t), idx_m[None, :], offs_n[:, None], MASK_TILE, stride_mm,
-                          stride_mn, PADDING_ROW, len_q, key_len, qk_scale, IS_CAUSAL, MASK_KIND,
+                          stride_mn, PADDING_ROW, len_q, len_k, qk_scale, IS_CAUSAL, MASK_KIND,
                           HAS_KEY_PADDING)
             p_t = tl.math.exp2(s_t - _row_lse_log2(LSE + row_base, idx_m, len_q)[None, :])
             do = _load_tile(DO_TILE, idx_m[:, None] * stride_gm, idx_m[:, None] < len_q, offs_dv[None, :] < dim_v,
@@ -360,7 +374,7 @@ def _attention_bwd_dkdv_kernel(
 def _attention_bwd_dq_kernel(
     Q, K, V,      # in: as in the forward (strides stride_q*, stride_k*, stride_v*)
     MASK,         # in: attn_mask as in the forward (strides stride_m*)
-    KEY_PADDING, KEY_ENDS,  # in: as in the forward
+    KEY_PADDING,  # in: as in the forward
     GRAD_OUT,     # in: dO (B, Hq, Lq, Dv), strides stride_g*
     LSE, DELTA,   # in: (B, Hq, Lq) float32 contiguous
     GRAD_Q,       # out: dQ (B, Hq, Lq, D) contiguous, query dtype
@@ -407,10 +421,10 @@ def _attention_bwd_dq_kernel(
     V_TILE = V + b * stride_vb + hk * stride_vh + offs_dv[None, :] * stride_vd
     MASK_TILE = MASK + b * stride_mb + h * stride_mh
 
+    PADDING_ROW = KEY_PADDING + b * stride_pb
     key_len = len_k
     if HAS_KEY_PADDING:
-        key_len = tl.load(KEY_ENDS + b)
-    PADDING_ROW = KEY_PADDING + b * stride_pb
+        key_len = _key_end(PADDING_ROW, len_k)
     end_n = key_len
     if IS_CAUSAL:
         end_n = tl.minimum(end_n, start_m + BLOCK_M)
@@ -558,21 +572,16 @@ def _attn_mask(query, key, attn_mask):
 
 
 def _key_padding(key_padding_mask):
-    """(padding as uint8 (B, Lk) with unit key stride, int32 key ends (B,)) or (None, None).
+    """The padding as uint8 (B, Lk) with unit key stride (a view where it has one), or None.
 
-    The key end of a batch row is one past its last unpadded key (0 if all are padding): the
-    kernels skip key tiles from there on, so right padding (the usual case) costs nothing, and
-    test the padding byte of each key they visit, so any other pattern is exact too. Computed on
-    the device: no host synchronisation.
+    The kernels find each batch row's key end (one past its last unpadded key) from it and skip
+    the key tiles from there on, so right padding (the usual case) costs nothing, and test the
+    padding byte of each key they visit, so any other pattern is exact too.
     """
     if key_padding_mask is None:
-        return None, None
+        return None
     padding = key_padding_mask.view(torch.uint8)
-    if padding.stride(-1) != 1:
-        padding = padding.contiguous()
-    positions = torch.arange(1, padding.shape[-1] + 1, device=padding.device, dtype=torch.int32)
-    key_ends = torch.where(key_padding_mask, 0, positions).amax(dim=-1).to(torch.int32)
-    return padding, key_ends
+    return padding if padding.stride(-1) == 1 else padding.contiguous()
 
 
 def _strides(t):
@@ -580,8 +589,8 @@ def _strides(t):
 
 
 def _common(query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal, tiles):
-    """What the forward and backward kernels share: (MASK, (KEY_PADDING, KEY_ENDS), the strides of
-    the mask and the padding, the compile-time switches); placeholders (the query, zero strides)
+    """What the forward and backward kernels share: (MASK, KEY_PADDING, the strides of the mask
+    and the padding, the compile-time switches); placeholders (the query, zero strides)
     for what is absent. ``tiles``: the other (B, H, L, head dim) tensors the kernels read or write
     with strides of their own (the forward's output; the backward's output and dO); the kernels'
     ALIGN is the vector width every row of q, k, v and these starts on (fastformer.triton.alignment)."""
@@ -590,7 +599,7 @@ def _common(query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal
     if dim > MAX_HEAD_DIM or dim_v > MAX_HEAD_DIM:
         raise ValueError(f"attention (triton): head dims up to {MAX_HEAD_DIM}, got {dim} and {dim_v}")
     mask, mask_kind = _attn_mask(query, key, attn_mask)
-    padding, key_ends = _key_padding(key_padding_mask)
+    padding = _key_padding(key_padding_mask)
     align = alignment.vector_alignment((dim, dim_v), (query, key, value, *tiles))
     meta = dict(IS_CAUSAL=bool(is_causal), MASK_KIND=mask_kind, HAS_KEY_PADDING=padding is not None,
                 HAS_DROPOUT=dropout_p > 0.0,
@@ -598,9 +607,9 @@ def _common(query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal
                 DOT_IN_FP32=interpreter_enabled(), ALIGN=align,
                 BLOCK_D=_head_block(dim), BLOCK_DV=_head_block(dim_v))
     mask_strides = _strides(mask) if mask_kind != NO_MASK else (0, 0, 0, 0)
-    if padding is None:  # placeholders, never read
-        padding, key_ends = query, query
-    return mask, (padding, key_ends), (*mask_strides, padding.stride(0)), meta
+    if padding is None:  # a placeholder, never read
+        padding = query
+    return mask, padding, (*mask_strides, padding.stride(0)), meta
 
 
 def _bucket(length: int) -> int:
@@ -617,7 +626,7 @@ def attention_fwd(query, key, value, attn_mask, key_padding_mask, dropout_p, is_
         return out.zero_(), lse.fill_(float("-inf"))
     mask, padding, mask_strides, meta = _common(query, key, value, attn_mask, key_padding_mask, dropout_p,
                                                 is_causal, (out,))
-    args = (query, key, value, mask, *padding, out, lse, seed_pointer(seed, dropout_p, query),
+    args = (query, key, value, mask, padding, out, lse, seed_pointer(seed, dropout_p, query),
             *_strides(query), *_strides(key), *_strides(value), *mask_strides, *_strides(out),
             heads_q, heads_q // heads_k, len_q, len_k, dim, dim_v, _bucket(len_q), _bucket(len_k),
             scale * LOG2E, float(dropout_p))
@@ -649,7 +658,7 @@ def attention_bwd(grad_out, query, key, value, out, lse, attn_mask, key_padding_
         _attention_bwd_preprocess_kernel[(triton.cdiv(len_q, block_m), heads_q, batch)](
             out, grad_out, delta, *_strides(out), *_strides(grad_out), heads_q, len_q, dim_v,
             ALIGN=meta["ALIGN"], BLOCK_M=block_m, BLOCK_DV=meta["BLOCK_DV"])
-        shared = (query, key, value, mask, *padding, grad_out, lse, delta)
+        shared = (query, key, value, mask, padding, grad_out, lse, delta)
         strides = (*_strides(query), *_strides(key), *_strides(value), *mask_strides, *_strides(grad_out))
         group = heads_q // heads_k
         tail = (_bucket(len_q), _bucket(len_k), scale * LOG2E, scale, float(dropout_p))
