@@ -239,14 +239,14 @@ def residual_norm_bwd(grad_out, grad_residual_out, normed, weight, bias, mean, r
     grad_x = torch.empty((rows, n), dtype=normed.dtype, device=normed.device)
     grad_residual = torch.empty_like(grad_x) if has_residual else None
     programs = _backward_programs(rows, normed.device)
-    # The weight's and the bias's partial rows in one buffer, summed by one reduction. Every
-    # program writes its whole partial row (zeros if it had no rows): no fill needed, unless no
-    # program runs.
-    params = [t for t in (weight, bias) if t is not None]
-    partials = (torch.empty if rows > 0 else torch.zeros)((len(params), programs, n), dtype=torch.float32,
-                                                         device=normed.device)
-    partial_weight = partials[0] if weight is not None else None
-    partial_bias = partials[-1] if bias is not None else None
+    # Every program writes its whole partial row (zeros if it had no rows): no fill needed,
+    # unless no program runs. (One buffer and one sum for both would make the two gradients views
+    # of one tensor, which a custom op may not return.)
+    new_partials = torch.empty if rows > 0 else torch.zeros
+    partial_weight = new_partials((programs, n), dtype=torch.float32, device=normed.device) \
+        if weight is not None else None
+    partial_bias = new_partials((programs, n), dtype=torch.float32, device=normed.device) \
+        if bias is not None else None
     if rows > 0:
         with on_device(normed):
             _residual_norm_bwd_kernel[(programs,)](
@@ -263,7 +263,6 @@ def residual_norm_bwd(grad_out, grad_residual_out, normed, weight, bias, mean, r
                 ALIGN=_alignment(n, grad_out, grad_residual_out, normed, weight, grad_x, grad_residual,
                                  partial_weight, partial_bias),
                 **_launch_config(n))
-    sums = partials.sum(dim=1) if params else None
-    grad_weight = None if weight is None else sums[0].to(weight.dtype)
-    grad_bias = None if bias is None else sums[-1].to(bias.dtype)
+    grad_weight = None if weight is None else partial_weight.sum(dim=0).to(weight.dtype)
+    grad_bias = None if bias is None else partial_bias.sum(dim=0).to(bias.dtype)
     return grad_x, grad_residual, grad_weight, grad_bias
