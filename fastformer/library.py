@@ -184,7 +184,7 @@ def _attention_save(ctx, inputs, output):
 def _attention_grads(ctx, grad_out, grad_lse, *, backward):
     query, key, value, out, lse, attn_mask, key_padding_mask, seed = ctx.saved_tensors
     dropout_p, is_causal, scale = ctx.options
-    if grad_out is None:  # (the lse is not differentiable: nothing reached the op)
+    if grad_out is None:  # (not seen: the lse is not differentiable, so out has the gradient)
         grad_out = torch.zeros_like(out)
     grad_q, grad_k, grad_v, grad_mask = backward(
         grad_out, query, key, value, out, lse, attn_mask, key_padding_mask, dropout_p, is_causal,

@@ -319,17 +319,21 @@ def _attention_bwd_dkdv_kernel(
         seed = tl.load(SEED)
 
     PADDING_ROW = KEY_PADDING + b * stride_pb
+    key_ok = offs_n < len_k
+    end_m = len_q
+    if HAS_KEY_PADDING:
+        # Padding keys read as 0 (their gradients are 0 whatever they hold, NaN included); a
+        # block of padding keys only has nothing to visit.
+        padded = tl.load(PADDING_ROW + offs_n, mask=key_ok, other=1)
+        key_ok = key_ok & (padded == 0)
+        end_m = tl.where(tl.min(padded, axis=0) != 0, 0, len_q)
     k = _load_tile(K + b * stride_kb + hk * stride_kh + offs_d[None, :] * stride_kd, offs_n[:, None] * stride_kn,
-                   offs_n[:, None] < len_k, offs_d[None, :] < dim, ALIGN, 1, DOT_IN_FP32)
+                   key_ok[:, None], offs_d[None, :] < dim, ALIGN, 1, DOT_IN_FP32)
     v = _load_tile(V + b * stride_vb + hk * stride_vh + offs_dv[None, :] * stride_vd, offs_n[:, None] * stride_vn,
-                   offs_n[:, None] < len_k, offs_dv[None, :] < dim_v, ALIGN, 1, DOT_IN_FP32)
+                   key_ok[:, None], offs_dv[None, :] < dim_v, ALIGN, 1, DOT_IN_FP32)
     begin_m = 0
     if IS_CAUSAL:
         begin_m = (start_n // BLOCK_M) * BLOCK_M  # rows i < start_n see none of these keys
-    end_m = len_q
-    if HAS_KEY_PADDING:  # a block of padding keys only: nothing to visit, its gradients are 0
-        padded = tl.load(PADDING_ROW + offs_n, mask=offs_n < len_k, other=1)
-        end_m = tl.where(tl.min(padded, axis=0) != 0, 0, len_q)
 
     grad_k = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     grad_v = tl.zeros((BLOCK_N, BLOCK_DV), tl.float32)
