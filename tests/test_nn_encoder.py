@@ -13,7 +13,7 @@ from torch import nn
 import fastformer
 from fastformer.nn.encoder import FastTransformerEncoderLayer
 from fastformer.nn.multihead_attention import FastMultiheadAttention
-from helpers import LoRALinear, ZeroFills, record_bias_gelu_biases, require_backend
+from helpers import DEVICES, LoRALinear, ZeroFills, record_bias_gelu_biases, require_backend
 
 # PyTorch warns when a float causal mask meets a bool padding mask ("causal+padding"); so does
 # FastMultiheadAttention, as PyTorch's MultiheadAttention.
@@ -312,9 +312,10 @@ def test_train_mode_dropout(norm_first):
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
 @pytest.mark.parametrize("norm_first", [False, True], ids=["post_norm", "pre_norm"])
-def test_a_training_step_fills_no_zeros(norm_first, backend, monkeypatch):
+def test_a_training_step_fills_no_zeros(norm_first, backend, device, monkeypatch):
     """Forward and backward of a training step (dropout, padding, GELU) allocate no zero-filled
     tensors: not the gradients of outputs that reach no loss (the attention's log-sum-exp, the
     norms' statistics, the residual stream of a post-norm layer's second norm), which autograd
@@ -325,7 +326,9 @@ def test_a_training_step_fills_no_zeros(norm_first, backend, monkeypatch):
 
     monkeypatch.setattr(library, "NATIVE_AUTOGRAD", False)
     _, fast = make_pair(norm_first, "gelu", batch_first=True, dtype=torch.float32)
-    x, padding = torch.randn(B, S, D_MODEL, requires_grad=True), padding_mask()
+    fast = fast.to(device)
+    x = torch.randn(B, S, D_MODEL, device=device, requires_grad=True)
+    padding = padding_mask().to(device)
     require_backend(backend, "residual_layer_norm", x, x, fast.norm1.weight, fast.norm1.bias)
     with fastformer.use_backend(backend), ZeroFills() as zero_fills:
         fast(x, src_key_padding_mask=padding).square().sum().backward()
