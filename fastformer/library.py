@@ -166,7 +166,7 @@ def _skip_zero_gradients(ctx) -> None:
     """Gradients of outputs that reach no loss arrive as None, not as zero-filled tensors that
     autograd would otherwise allocate and fill on the device at every call: the log-sum-exp and
     the norm statistics (never differentiable), and a residual stream that nothing reads (that of
-    the second norm of a post-norm layer, which the norm's backward would then read back in full).
+    each norm of a post-norm layer, which the norm's backward would then read back in full).
     The backward formulas take None as zero."""
     ctx.set_materialize_grads(False)
 

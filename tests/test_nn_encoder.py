@@ -318,7 +318,7 @@ def test_train_mode_dropout(norm_first):
 def test_a_training_step_fills_no_zeros(norm_first, backend, device, monkeypatch):
     """Forward and backward of a training step (dropout, padding, GELU) allocate no zero-filled
     tensors: not the gradients of outputs that reach no loss (the attention's log-sum-exp, the
-    norms' statistics, the residual stream of a post-norm layer's second norm), which autograd
+    norms' statistics, the residual streams of a post-norm layer's norms), which autograd
     fills with zeros unless told not to, nor the partial sums of the parameter gradients. On a
     GPU each would be a memset launch per layer and step. The torch backend also through the
     autograd.Function that kernel backends use."""

@@ -270,8 +270,8 @@ def test_no_rows(norm, backend, device):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("norm", NORMS)
 def test_a_loss_of_one_output(norm, backend, read, dropout_p, device, monkeypatch):
-    """The loss reads one output only: the normalised one (the residual stream of a post-norm
-    layer's second norm goes nowhere), or, rarer, the stream. The gradients are right, and the
+    """The loss reads one output only: the normalised one (the residual streams of a post-norm
+    layer's norms go nowhere), or, rarer, the stream. The gradients are right, and the
     output that reaches no loss gets no zero-filled gradient (on a GPU: a memset, and for the
     stream a full read back in the backward), nor do the statistics. The torch backend also runs
     through the autograd.Function that kernel backends use."""
