@@ -369,6 +369,56 @@ def test_rows_with_no_key_give_zero_and_zero_gradients(how):
     check_rows_with_no_key_give_zero_and_zero_gradients(how)
 
 
+KEY_PADDING_LAYOUTS = ["contiguous", "offset", "transposed"]
+
+
+def key_padding_of_long_rows(layout, device):
+    """A (5, 1030) key_padding_mask whose rows take several passes of the key-range kernel's scan
+    (128 threads x 4 bytes; 1030 = 257 words and 2 bytes) and end in each place a key end can be
+    found, stored as `layout`: "contiguous" (rows 0, 2, 4 are 4-byte aligned, so read a word at a
+    time, rows 1, 3 byte by byte), "offset" (every row unaligned), "transposed" (a key stride of
+    5: made contiguous by the op)."""
+    batch, len_k = 5, 1030
+    pad = torch.zeros(batch, len_k, dtype=torch.bool, device=device)
+    pad[0, 40:1028] = True  # holes, then the last unpadded key among the tail bytes
+    pad[0, 1029] = True
+    pad[1, 41:] = True  # right padding, the key end in the first pass and in the first key tile
+    pad[2, :-1] = True  # the last key alone
+    pad[3, 7] = True  # holes in the first pass, the key end in the third
+    pad[3, 900:] = True
+    if layout == "offset":
+        return torch.zeros(batch, len_k + 2, dtype=torch.bool, device=device)[:, 2:].copy_(pad)
+    if layout == "transposed":
+        return pad.t().contiguous().t()
+    return pad
+
+
+def check_key_padding_of_long_rows(layout, device="cuda"):
+    """Each batch row's key end and holes, as the key-range kernel finds them. Keys past a key
+    end are never used, whatever they hold: NaN there (batch row 1, whose end is in the first
+    key tile) changes nothing."""
+    dtype, dim = torch.float16, 32
+    padding = key_padding_of_long_rows(layout, device)
+    batch, len_k = padding.shape
+    q, k, v = _qkv(batch, 1, 1, 5, len_k, dim, dim, dtype, device=device)
+    grad_out = torch.randn(batch, 1, 5, dim, device=device, dtype=dtype)
+    poisoned_k, poisoned_v = k.clone(), v.clone()
+    poisoned_k[1, :, 41:] = poisoned_v[1, :, 41:] = float("nan")
+    out, lse, grads = _run(q, poisoned_k, poisoned_v, key_padding_mask=padding, grad_out=grad_out)
+    expected, expected_grads = _reference(q, k, v, grad_out, key_padding_mask=padding)
+    fwd_tol, grad_tol = ATTENTION_TOL[dtype]
+    assert_rel_close(out, expected, fwd_tol, "out")
+    torch.testing.assert_close(lse.double(), _reference_lse(q, k, key_padding_mask=padding), atol=2e-2, rtol=2e-3)
+    _check_grads(grads, expected_grads, grad_tol, layout)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", KEY_PADDING_LAYOUTS)
+def test_key_padding_of_long_rows(layout):
+    _cuda_ready()
+    check_key_padding_of_long_rows(layout)
+
+
 def check_dropout_matches_reference_with_the_same_mask(mask_kind, dim, dtype, shape=(2, 4, 2, 77, 130),
                                                        device="cuda"):
     """The kernels' keep bits (shared between lanes, transposed in the dK/dV kernel) are the

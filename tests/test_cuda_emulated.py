@@ -163,6 +163,11 @@ def test_attention_rows_with_no_key_give_zero_and_zero_gradients(how):
     cuda_tests.check_rows_with_no_key_give_zero_and_zero_gradients(how, heads=1, dim=32, device="cpu")
 
 
+@pytest.mark.parametrize("layout", cuda_tests.KEY_PADDING_LAYOUTS)
+def test_attention_key_padding_of_long_rows(layout):
+    cuda_tests.check_key_padding_of_long_rows(layout, device="cpu")
+
+
 DROPOUT_CASES = [("none", 64, torch.float16), ("causal+padding", 32, torch.bfloat16), ("float", 128, torch.float16)]
 
 
@@ -246,6 +251,27 @@ def test_dropout_seed_is_passed_to_the_kernels_not_read_on_the_host():
         cuda_layer_norm.residual_norm_bwd(torch.randn_like(x), None, residual_out, None, None, mean, rstd, 0.2,
                                           False, seed, True)
     assert reads.count == 0
+
+
+# What an op may ask of ATen besides its kernels: outputs and views, no work on the device.
+ALLOCATIONS_AND_VIEWS = {"aten::empty", "aten::empty_strided", "aten::view", "aten::transpose", "aten::as_strided",
+                         "aten::expand"}
+
+
+@pytest.mark.parametrize("attn_mask", [None, "bool"])
+def test_attention_ops_run_only_their_kernels(emulated, attn_mask):
+    """With key padding (each batch row's key end and holes: one kernel of the op's own, where the
+    launcher once ran about 8 ATen ops a call), dropout, causal and a bool mask, the forward and
+    backward ops ask ATen for nothing but outputs and views: each op is a few kernel launches."""
+    q, k, v = (torch.randn(2, 3, 30, 32, dtype=torch.float16) for _ in range(3))
+    padding = torch.arange(30)[None, :] >= torch.tensor([30, 17])[:, None]
+    mask = torch.rand(2, 1, 30, 30) > 0.2 if attn_mask else None
+    seed, grad_out = torch.tensor(7), torch.randn(2, 3, 30, 32, dtype=torch.float16)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        out, lse = emulated.cuda_attention_fwd(q, k, v, mask, padding, 0.2, True, 0.1, seed)
+        emulated.cuda_attention_bwd(grad_out, q, k, v, out, lse, mask, padding, 0.2, True, 0.1, seed)
+    asked = {event.name for event in profile.events() if event.name.startswith("aten::")}
+    assert asked <= ALLOCATIONS_AND_VIEWS, sorted(asked - ALLOCATIONS_AND_VIEWS)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,9 +4,9 @@
 // attn_mask is anything broadcastable to (B, Hq, Lq, Lk): bool (True = may attend) or additive
 // float (read as float32); it is expanded as a view (stride 0 on broadcast dims), never
 // materialised. key_padding_mask is bool (B, Lk), True = padding: read by the kernels as bytes,
-// with each batch row's key end and whether it has padding before it computed here on the device
-// (no host synchronisation; see params.h). The dropout seed comes as a one-element int64 tensor on
-// the device, which the kernels load (see op_utils.h).
+// with each batch row's key end and whether it has padding before it found on the device by one
+// small kernel (key_range.cu; no host synchronisation, see params.h). The dropout seed comes as a
+// one-element int64 tensor on the device, which the kernels load (see op_utils.h).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -94,9 +94,8 @@ void check_same_device(const at::Tensor& ref, const at::Tensor& t, const char* n
 
 // The device tensors behind the key-padding params (kept alive by the caller until the launch).
 struct KeyPadding {
-  at::Tensor bytes;  // (B, Lk) uint8, nonzero = padding, unit key stride
-  at::Tensor ends;   // (B,) int32: one past the last unpadded key, 0 if none
-  at::Tensor holes;  // (B,) uint8: padding before the key end (not a right padding)
+  at::Tensor bytes;   // (B, Lk) uint8, nonzero = padding, unit key stride
+  at::Tensor ranges;  // (2, B) int32: key ends, then holes (params.h), made by the key-range kernel
 };
 
 void check_key_padding_mask(const c10::optional<at::Tensor>& key_padding_mask, const Sizes& s) {
@@ -108,15 +107,20 @@ void check_key_padding_mask(const c10::optional<at::Tensor>& key_padding_mask, c
               mask.scalar_type(), " ", mask.sizes());
 }
 
+// The bytes, and the launch of the key-range kernel (key ends, then holes).
 KeyPadding prepare_key_padding(const at::Tensor& mask) {
   KeyPadding padding;
   padding.bytes = mask.view(at::kByte);
   if (padding.bytes.stride(1) != 1) padding.bytes = padding.bytes.contiguous();
-  const at::Tensor positions = at::arange(1, mask.size(1) + 1, mask.options().dtype(at::kInt));
-  const at::Tensor ends_or_zero = at::where(mask, at::zeros({}, positions.options()), positions);
-  padding.ends = ends_or_zero.amax(at::IntArrayRef{1}).contiguous();
-  const at::Tensor kept = mask.logical_not().sum(at::IntArrayRef{1}, /*keepdim=*/false, at::kInt);
-  padding.holes = padding.ends.ne(kept).to(at::kByte).contiguous();
+  padding.ranges = at::empty({2, mask.size(0)}, mask.options().dtype(at::kInt));
+  KeyRangeParams p{};
+  p.key_padding = padding.bytes.data_ptr<uint8_t>();
+  p.key_padding_batch_stride = padding.bytes.stride(0);
+  p.batch = static_cast<int>(mask.size(0));
+  p.len_k = static_cast<int>(mask.size(1));
+  p.key_ends = padding.ranges.data_ptr<int32_t>();
+  p.key_padding_holes = p.key_ends + p.batch;
+  launch_attention_key_range(p, kernel_stream());
   return padding;
 }
 
@@ -177,8 +181,8 @@ void fill_common(AttentionParams& p, const Sizes& s, const at::Tensor& q, const 
   if (key_padding_mask.has_value() && key_padding_mask->defined()) {
     check_same_device(q, *key_padding_mask, "key_padding_mask");
     *padding_holder = prepare_key_padding(*key_padding_mask);
-    p.key_ends = padding_holder->ends.data_ptr<int32_t>();
-    p.key_padding_holes = padding_holder->holes.data_ptr<uint8_t>();
+    p.key_ends = padding_holder->ranges.data_ptr<int32_t>();
+    p.key_padding_holes = p.key_ends + s.batch;
     p.key_padding = padding_holder->bytes.data_ptr<uint8_t>();
     p.key_padding_batch_stride = padding_holder->bytes.stride(0);
   }
@@ -282,7 +286,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   p.pair_stores = pairs_4b_aligned(grad_q) && pairs_4b_aligned(grad_k) && pairs_4b_aligned(grad_v);
   launch_attention_bwd(p, padded_head_dim(std::max(p.dim, p.dim_v)), q.scalar_type() == at::kBFloat16,
                        kernel_stream());
-  FASTFORMER_CHECK_LAUNCH();  // any of the three launches
+  FASTFORMER_CHECK_LAUNCH();  // any of the launches
   return {grad_q, grad_k, grad_v};
 }
 

@@ -27,6 +27,9 @@ void launch_attention_fwd(const AttentionParams& params, int head_dim, bool bf16
 // delta (preprocess), then dK/dV, then dQ.
 void launch_attention_bwd(const AttentionBwdParams& params, int head_dim, bool bf16, cudaStream_t stream);
 
+// Each batch row's key end and holes from its key padding bytes (key_range.cu): one CTA per row.
+void launch_attention_key_range(const KeyRangeParams& params, cudaStream_t stream);
+
 // One explicit instantiation per (head dim, dtype), in instantiations/*.cu.
 template <int kHeadDim, typename T>
 void run_attention_fwd(const AttentionParams& params, cudaStream_t stream);

@@ -39,15 +39,16 @@ struct AttentionParams {
   int mask_kind;  // MaskKind
   int64_t mask_batch_stride, mask_head_stride, mask_row_stride, mask_col_stride;
 
-  // Optional key padding, all three made on the device from key_padding_mask (B, Lk), True =
-  // padding (attention_ops.cpp; no host synchronisation), or all nullptr = every key attended:
+  // Optional key padding, or all nullptr = every key attended: key_padding_mask (B, Lk), True =
+  // padding, as bytes, and what the key-range kernel (key_range.cu) found in them on the device,
+  // before the attention kernels run (no host synchronisation):
   //   key_ends[b]: one past batch row b's last unpadded key (0 if none); key tiles from there on
   //     are skipped, so right padding (the usual case) costs no work;
   //   key_padding_holes[b]: nonzero when row b has padding before key_ends[b] (not a right
   //     padding): only then are the padding bytes of the keys it visits tested;
   //   key_padding: the mask as bytes (nonzero = padding), key_padding_batch_stride per batch row.
   const int32_t* key_ends;
-  const uint8_t* key_padding_holes;
+  const int32_t* key_padding_holes;
   const uint8_t* key_padding;
   int64_t key_padding_batch_stride;
 
@@ -72,6 +73,15 @@ struct AttentionParams {
   int load_bytes;
   // Every pair of output elements (col 2t, 2t+1) is 4-byte aligned: stores of two at a time.
   bool pair_stores;
+};
+
+// The key-range kernel's: each batch row's key end and holes (as above) from its padding bytes.
+struct KeyRangeParams {
+  const uint8_t* key_padding;  // (B, Lk) bytes, nonzero = padding, unit key stride
+  int64_t key_padding_batch_stride;
+  int batch, len_k;
+  int32_t* key_ends;           // (B,) out
+  int32_t* key_padding_holes;  // (B,) out: 1 or 0
 };
 
 struct AttentionBwdParams : AttentionParams {

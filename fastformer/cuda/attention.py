@@ -20,7 +20,8 @@ What the kernels handle (declared by :func:`support`):
   a key/value head in registers (no atomics: results are run-to-run identical);
 - key_padding_mask: read as one byte per key; key tiles past each batch row's last unpadded key
   are skipped (right padding, the usual case, costs no work), and the bytes are tested only in
-  batch rows with padding before that key end. Computed on the device: no host synchronisation;
+  batch rows with padding before that key end. Both found on the device by one small kernel
+  (one launch per call, no host synchronisation);
 - attn_mask, bool or additive float, broadcastable to (B, Hq, Lq, Lk), read tile by tile through
   a stride-0 view (a float mask is rounded to the query dtype, as the other backends see it, and
   read as float32);
