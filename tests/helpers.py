@@ -120,10 +120,12 @@ class HostReads(TorchDispatchMode):
 
 class ZeroFills(TorchDispatchMode):
     """Records the tensors filled with zeros while it is active (``torch.zeros``, ``zeros_like``,
-    ``new_zeros``, ``zero_``, ``fill_(0)``), as (op, shape): on a GPU each is an allocation and a
-    memset launch, and a zero gradient read back by a kernel is memory traffic for nothing."""
+    ``new_zeros``, ``zero_``, ``fill_(0)``, and the backward of ``select`` and of slicing, which
+    zero-fill a gradient of their whole input to copy their part in), as (op, shape): on a GPU
+    each is an allocation and a memset launch, and a zero gradient read back by a kernel is memory
+    traffic for nothing."""
 
-    FILLS = {"zeros", "zeros_like", "new_zeros", "zero_"}
+    FILLS = {"zeros", "zeros_like", "new_zeros", "zero_", "select_backward", "slice_backward"}
 
     def __init__(self):
         super().__init__()

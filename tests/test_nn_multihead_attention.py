@@ -12,6 +12,7 @@ from torch import nn
 
 import fastformer.functional
 from fastformer.nn import FastMultiheadAttention
+from helpers import ZeroFills
 
 E, H, L, S, B = 200, 4, 13, 17, 3
 KDIM, VDIM = 72, 56
@@ -276,6 +277,26 @@ def test_cross_attention_gemm_counts(monkeypatch):
     calls.clear()
     fast(q, kv, v, need_weights=False)
     assert len(calls) == 4
+
+
+@pytest.mark.parametrize("inputs", ["self", "key_is_value", "separate"])
+def test_a_training_step_fills_no_zeros(inputs, monkeypatch):
+    """The gradients of the packed projections (QKV for self-attention, KV when key is value) and
+    of the packed in_proj weight and bias are assembled by one op each (the backward of unbind or
+    split), never from zero-filled gradients of the whole packed tensor (the backward of select
+    or of slicing: one memset and one add per part on a GPU)."""
+    from fastformer import library
+
+    monkeypatch.setattr(library, "NATIVE_AUTOGRAD", False)  # the autograd.Function kernel backends use
+    _, fast = make_pair()
+    query = torch.randn(L, B, E, dtype=DT, requires_grad=True)
+    key, value = (torch.randn(S, B, E, dtype=DT, requires_grad=True) for _ in range(2))
+    key, value = {"self": (query, query), "key_is_value": (key, key), "separate": (key, value)}[inputs]
+    with ZeroFills() as zero_fills:
+        out, _ = fast(query, key, value, need_weights=False)
+        out.square().sum().backward()
+    assert zero_fills.fills == []
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in fast.parameters())
 
 
 def test_output_comes_from_fused_op(monkeypatch):

@@ -140,27 +140,29 @@ class FastMultiheadAttention(nn.MultiheadAttention):
 
     # ------------------------------------------------------------------------------------------
     def _project(self, query, key, value, self_attention, kv_shared):
-        """The input projections, (..., E) each; views of one GEMM's result when inputs are shared."""
+        """The input projections, (..., E) each; views of one GEMM's result when inputs are shared.
+
+        Split with unbind / split, whose backward assembles the packed gradient in one op (a stack
+        or cat), never with select or slicing: each of those has a backward that zero-fills a
+        gradient of the whole packed tensor and copies its part in, summed afterwards."""
         embed_dim = self.embed_dim
         bias = self.in_proj_bias
         if self._qkv_same_embed_dim:
             weight = self.in_proj_weight
             if self_attention:
-                qkv = F.linear(query, weight, bias).unflatten(-1, (3, embed_dim))
-                return qkv.select(-2, 0), qkv.select(-2, 1), qkv.select(-2, 2)
-            b_q, b_kv = (None, None) if bias is None else (bias[:embed_dim], bias[embed_dim:])
-            q = F.linear(query, weight[:embed_dim], b_q)
+                return F.linear(query, weight, bias).unflatten(-1, (3, embed_dim)).unbind(-2)
             if kv_shared:
-                kv = F.linear(key, weight[embed_dim:], b_kv).unflatten(-1, (2, embed_dim))
-                return q, kv.select(-2, 0), kv.select(-2, 1)
-            w_q, w_k, w_v = weight.chunk(3)
+                sizes = [embed_dim, 2 * embed_dim]
+                w_q, w_kv = weight.split(sizes)
+                b_q, b_kv = (None, None) if bias is None else bias.split(sizes)
+                q = F.linear(query, w_q, b_q)
+                k, v = F.linear(key, w_kv, b_kv).unflatten(-1, (2, embed_dim)).unbind(-2)
+                return q, k, v
+            weights = weight.chunk(3)
         else:
-            w_q, w_k, w_v = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
-            q = None
-        b_q, b_k, b_v = (None, None, None) if bias is None else bias.chunk(3)
-        if q is None:
-            q = F.linear(query, w_q, b_q)
-        return q, F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
+            weights = (self.q_proj_weight, self.k_proj_weight, self.v_proj_weight)
+        biases = (None, None, None) if bias is None else bias.chunk(3)
+        return tuple(F.linear(x, w, b) for x, w, b in zip((query, key, value), weights, biases))
 
     def _check_shapes(self, query, key, value, key_padding_mask, attn_mask):
         """PyTorch's checks (same exception types), messages naming the argument. Returns batched."""
