@@ -279,14 +279,15 @@ def norm_case(dtype, hidden, *, rows=64, residual=True, weight=True, bias=True, 
     return run
 
 
-def gelu_case(dtype, hidden, *, rows=4096, bias=True, approximate="none") -> Callable[[], None]:
+def gelu_case(dtype, hidden, *, rows=4096, bias=True, approximate="none", dropout=0.0) -> Callable[[], None]:
     from fastformer.triton import bias_gelu as triton_gelu
 
     def run():
         x = torch.empty(rows, hidden, dtype=dtype)
         b = torch.empty(hidden, dtype=dtype) if bias else None
-        triton_gelu.bias_gelu_fwd(x, b, approximate)
-        triton_gelu.bias_gelu_bwd(torch.empty(rows, hidden, dtype=dtype), x, b, approximate)
+        seed = torch.tensor(7) if dropout else None
+        triton_gelu.bias_gelu_fwd(x, b, approximate, dropout, seed)
+        triton_gelu.bias_gelu_bwd(torch.empty(rows, hidden, dtype=dtype), x, b, approximate, dropout, seed)
     return run
 
 
@@ -322,6 +323,9 @@ def default_cases() -> dict[str, Callable[[], None]]:
         "bias_gelu fp32 N2048 erf": gelu_case(FP32, 2048),
         "bias_gelu bf16 N1536 tanh": gelu_case(BF16, 1536, approximate="tanh"),
         "bias_gelu fp16 N50 no-bias": gelu_case(FP16, 50, rows=97, bias=False),
+        "bias_gelu fp32 N2048 erf dropout": gelu_case(FP32, 2048, dropout=0.1),
+        "bias_gelu bf16 N1024 tanh dropout int64-offsets": gelu_case(BF16, 1024, rows=WIDE // 1024,
+                                                                     approximate="tanh", dropout=0.1),
         "dropout_keep_mask": dropout_case(1000),
         "dropout_keep_mask int64-offsets": dropout_case(WIDE),
     }
@@ -341,10 +345,10 @@ def full_cases() -> dict[str, Callable[[], None]]:
     for dtype, hidden, (features, kwargs) in itertools.product(
             (BF16, FP16, FP32), (64, 200, 384, 768, 1024, 2048, 4096, 8192, 16384), norm_features.items()):
         cases[f"{features} {_DTYPE_NAMES[dtype]} N{hidden}"] = norm_case(dtype, hidden, **kwargs)
-    for dtype, hidden, approximate in itertools.product((BF16, FP16, FP32), (50, 768, 1536, 3072, 8192),
-                                                        ("none", "tanh")):
-        cases[f"bias_gelu {_DTYPE_NAMES[dtype]} N{hidden} {approximate}"] = gelu_case(
-            dtype, hidden, approximate=approximate)
+    for dtype, hidden, approximate, dropout in itertools.product((BF16, FP16, FP32), (50, 768, 1536, 3072, 8192),
+                                                                 ("none", "tanh"), (0.0, 0.1)):
+        cases[f"bias_gelu {_DTYPE_NAMES[dtype]} N{hidden} {approximate}" + (" dropout" if dropout else "")] = \
+            gelu_case(dtype, hidden, approximate=approximate, dropout=dropout)
     return cases
 
 

@@ -191,7 +191,7 @@ def residual_rms_norm(x, residual, weight, eps=1e-6, dropout_p=0.0, *, backend=N
 # --------------------------------------------------------------------------------------------
 # bias + GELU
 # --------------------------------------------------------------------------------------------
-def _prepare_bias_gelu(x, bias=None, approximate="none"):
+def _prepare_bias_gelu(x, bias=None, approximate="none", *, dropout_p=0.0):
     op = "bias_gelu"
     check.check_tensor(op, "x", x, min_ndim=1)
     hidden = x.shape[-1]
@@ -202,30 +202,37 @@ def _prepare_bias_gelu(x, bias=None, approximate="none"):
         raise TypeError(f"{op}: approximate must be 'none' or 'tanh', got {type(approximate).__name__}")
     if approximate not in ("none", "tanh"):
         raise ValueError(f"{op}: approximate must be 'none' or 'tanh', got {approximate!r}")
-    return _bias_gelu_call(x, hidden, bias is not None, approximate), (x, bias, approximate)
+    dropout_p = check.check_probability(op, "dropout_p", dropout_p)
+    call = _bias_gelu_call(x, hidden, bias is not None, approximate, dropout_p > 0.0)
+    return call, (x, bias, approximate, dropout_p)
 
 
-def _bias_gelu_call(x, hidden, has_bias, approximate):
-    needs = _needs(bias=has_bias, tanh=approximate == "tanh", erf=approximate == "none")
+def _bias_gelu_call(x, hidden, has_bias, approximate, has_dropout=False):
+    needs = _needs(bias=has_bias, tanh=approximate == "tanh", erf=approximate == "none", dropout=has_dropout)
     return dispatch.Call("bias_gelu", x.device, x.dtype, needs, hidden=hidden)
 
 
-def bias_gelu(x, bias=None, approximate="none", *, backend=None):
+def bias_gelu(x, bias=None, approximate="none", *, dropout_p=0.0, backend=None):
     """``gelu(x + bias)``; approximate is "none" (erf) or "tanh", as ``torch.nn.functional.gelu``.
 
     x: (..., N); bias: (N,) in x's dtype or float32, or None. Returns x's shape and dtype.
+    ``dropout_p`` > 0: ``dropout(gelu(x + bias), dropout_p)`` in the same pass (the activation
+    dropout of a Transformer's feed-forward block, as ``nn.TransformerEncoderLayer`` applies it),
+    its mask regenerated in the backward instead of stored.
     """
-    call, args = _prepare_bias_gelu(x, bias, approximate)
+    call, args = _prepare_bias_gelu(x, bias, approximate, dropout_p=dropout_p)
     chosen = dispatch.select_backend(call, backend).backend
-    return library.bias_gelu(*args, chosen)
+    seed = _seed_for(args[3], chosen, "bias_gelu", "bias_gelu_fwd", x.device)
+    return library.bias_gelu(*args, seed, chosen)
 
 
-def keeps_bias_in_gemm(x, hidden, approximate="none", backend=None) -> bool:
+def keeps_bias_in_gemm(x, hidden, approximate="none", backend=None, has_dropout=False) -> bool:
     """Whether a ``linear -> GELU`` should keep the linear's bias in its GEMM rather than hand it to
     :func:`bias_gelu`: when dispatch sends that bias_gelu call (x's device and dtype, ``hidden``
     features, with a bias) to the torch backend, which computes PyTorch's GELU — fusing the bias
     there saves nothing and costs a pass, while the GEMM adds it for free (``addmm``)."""
-    return dispatch.select_backend(_bias_gelu_call(x, hidden, True, approximate), backend).backend == "torch"
+    call = _bias_gelu_call(x, hidden, True, approximate, has_dropout)
+    return dispatch.select_backend(call, backend).backend == "torch"
 
 
 # --------------------------------------------------------------------------------------------

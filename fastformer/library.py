@@ -19,7 +19,7 @@ Ops (all in namespace ``fastformer``):
     residual_norm_fwd(x, residual?, weight?, bias?, eps, dropout_p, rms, seed?, store_residual, backend)
         -> (out, residual_out or empty, mean or empty, rstd)        x: (..., N); mean, rstd: (rows,)
     residual_norm_bwd(...)       -> (grad_x, grad_residual, grad_weight, grad_bias), absent = empty
-    bias_gelu_fwd(x, bias?, approximate, backend) -> out
+    bias_gelu_fwd(x, bias?, approximate, dropout_p, seed?, backend) -> out
     bias_gelu_bwd(...)           -> (grad_x, grad_bias or empty)
 
 Custom ops cannot return None, so an absent tensor is returned as an empty one; the backward
@@ -379,46 +379,50 @@ residual_norm = _eager_or_compiled(ResidualNormFunction, residual_norm_fwd,
 # --------------------------------------------------------------------------------------------
 # bias + GELU
 # --------------------------------------------------------------------------------------------
-def _bias_gelu_forward(x, bias, approximate, backend):
-    return _implementation(backend, "bias_gelu").bias_gelu_fwd(x, bias, approximate).contiguous()
+def _bias_gelu_forward(x, bias, approximate, dropout_p, seed, backend):
+    return _implementation(backend, "bias_gelu").bias_gelu_fwd(x, bias, approximate, dropout_p, seed).contiguous()
 
 
-def _bias_gelu_backward(grad_out, x, bias, approximate, backend):
-    grad_x, grad_bias = _implementation(backend, "bias_gelu").bias_gelu_bwd(grad_out, x, bias, approximate)
+def _bias_gelu_backward(grad_out, x, bias, approximate, dropout_p, seed, backend):
+    grad_x, grad_bias = _implementation(backend, "bias_gelu").bias_gelu_bwd(grad_out, x, bias, approximate,
+                                                                            dropout_p, seed)
     return grad_x.contiguous(), grad_bias
 
 
 def _bias_gelu_save(ctx, inputs, output):
-    x, bias, approximate, backend = inputs
-    ctx.save_for_backward(x, bias)
-    ctx.approximate, ctx.backend = approximate, backend
+    x, bias, approximate, dropout_p, seed, backend = inputs
+    ctx.save_for_backward(x, bias, seed)
+    ctx.options = (approximate, dropout_p)
+    ctx.backend = backend
 
 
 def _bias_gelu_grads(ctx, grad_out, *, backward):
-    x, bias = ctx.saved_tensors
-    grad_x, grad_bias = backward(grad_out, x, bias, ctx.approximate, ctx.backend)
-    return grad_x, grad_bias if bias is not None else None, None, None
+    x, bias, seed = ctx.saved_tensors
+    approximate, dropout_p = ctx.options
+    grad_x, grad_bias = backward(grad_out, x, bias, approximate, dropout_p, seed, ctx.backend)
+    return grad_x, grad_bias if bias is not None else None, None, None, None, None
 
 
 @torch.library.custom_op("fastformer::bias_gelu_fwd", mutates_args=())
-def bias_gelu_fwd(x: Tensor, bias: Optional[Tensor], approximate: str, backend: str) -> Tensor:
-    return _bias_gelu_forward(x, bias, approximate, backend)
+def bias_gelu_fwd(x: Tensor, bias: Optional[Tensor], approximate: str, dropout_p: float, seed: Optional[Tensor],
+                  backend: str) -> Tensor:
+    return _bias_gelu_forward(x, bias, approximate, dropout_p, seed, backend)
 
 
 @bias_gelu_fwd.register_fake
-def _(x, bias, approximate, backend):
+def _(x, bias, approximate, dropout_p, seed, backend):
     return _empty(x)
 
 
 @torch.library.custom_op("fastformer::bias_gelu_bwd", mutates_args=())
-def bias_gelu_bwd(grad_out: Tensor, x: Tensor, bias: Optional[Tensor], approximate: str,
-                  backend: str) -> Tuple[Tensor, Tensor]:
-    grad_x, grad_bias = _bias_gelu_backward(grad_out, x, bias, approximate, backend)
+def bias_gelu_bwd(grad_out: Tensor, x: Tensor, bias: Optional[Tensor], approximate: str, dropout_p: float,
+                  seed: Optional[Tensor], backend: str) -> Tuple[Tensor, Tensor]:
+    grad_x, grad_bias = _bias_gelu_backward(grad_out, x, bias, approximate, dropout_p, seed, backend)
     return grad_x, _or_absent(grad_bias, x)
 
 
 @bias_gelu_bwd.register_fake
-def _(grad_out, x, bias, approximate, backend):
+def _(grad_out, x, bias, approximate, dropout_p, seed, backend):
     return _empty(x), _absent(x) if bias is None else _empty(bias)
 
 

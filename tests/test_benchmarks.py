@@ -279,3 +279,19 @@ def test_gpu_check_needs_gpu_or_cpu_ok(tmp_path):
     result = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), "--python", sys.executable,
                              "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 2 and "--cpu-ok" in result.stderr
+
+
+def test_gelu_with_dropout_times_the_fused_op_against_gelu_then_dropout(tmp_path):
+    """--dropout: fastformer's fused dropout against F.dropout after the GELU; no output check
+    (each provider draws its own mask), every pass timed."""
+    import gelu
+
+    out = tmp_path / "r.json"
+    args = gelu.parse_args(["--device", "cpu", "--no-ceilings", "--no-compile", "--quick", "--repeats", "2",
+                            "--warmup", "0", "--rows", "16", "--width", "32", "--approximate", "tanh",
+                            "--dropout", "0.2", "--providers", "torch-eager,fastformer-torch", "--json", str(out)])
+    assert gelu.run(args) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {(row["provider"], row["pass"]) for row in rows} == {
+        (provider, pass_) for provider in ("torch-eager", "fastformer-torch") for pass_ in ("fwd", "bwd", "fwd+bwd")}
+    assert all("dropout=0.2" in row["shape"] for row in rows)

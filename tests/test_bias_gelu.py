@@ -1,4 +1,4 @@
-"""fastformer.bias_gelu on every backend against float64."""
+"""fastformer.bias_gelu (and its fused dropout) on every backend against float64."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import torch.nn.functional as F
 
 import fastformer
 import reference
-from helpers import BACKENDS, DEVICES, ELEMENTWISE_TOL, PARAM_GRAD_TOL_HALF, assert_rel_close, require_backend
+from fastformer.functional import _draw_seed
+from helpers import (BACKENDS, DEVICES, ELEMENTWISE_TOL, PARAM_GRAD_TOL_HALF, assert_rel_close, keep_mask_function,
+                     require_backend)
 
 SHAPES = [(1,), (37,), (5, 200), (2, 7, 768), (3, 1000), (67, 72)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -28,10 +30,14 @@ def plain_pytorch(x, bias, approximate):
     return F.gelu(x if bias is None else x + bias.to(x.dtype), approximate=approximate)
 
 
-def check_against_reference(x, bias, approximate, backend):
-    out = fastformer.bias_gelu(x, bias, approximate, backend=backend)
+def check_against_reference(x, bias, approximate, backend, dropout_p=0.0, keep=None):
+    """Output and gradients against float64; with dropout, ``keep`` is the mask the call draws."""
+    out = fastformer.bias_gelu(x, bias, approximate, dropout_p=dropout_p, backend=backend)
     expected = reference.gelu(x, bias, approximate)
     baseline = plain_pytorch(x, bias, approximate)
+    if keep is not None:
+        expected = expected * keep / (1.0 - dropout_p)
+        baseline = baseline * (keep / (1.0 - dropout_p)).to(x.dtype)
     fwd_tol, grad_tol = ELEMENTWISE_TOL[x.dtype]
     assert out.dtype == x.dtype and out.shape == x.shape
     assert_rel_close(out, expected, fwd_tol, "out", baseline)
@@ -58,6 +64,38 @@ def test_matches_float64_reference(shape, approximate, with_bias, dtype, backend
     x, bias = make_inputs(shape, dtype, device, with_bias)
     require_backend(backend, "bias_gelu", x, bias, approximate)
     check_against_reference(x, bias, approximate, backend)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("shape", [(5, 7, 200), (3, 77)], ids=str)
+def test_dropout_matches_reference_with_the_same_mask(shape, approximate, with_bias, dtype, backend, device,
+                                                      monkeypatch):
+    """dropout(gelu(x + bias)): the mask that forward and backward regenerate from the call's seed
+    is the one the backend's debug path returns for x viewed as (rows, N); dropped elements get
+    zero output and zero gradient, kept ones gelu / (1 - p)."""
+    p = 0.3
+    x, bias = make_inputs(shape, dtype, device, with_bias)
+    require_backend(backend, "bias_gelu", x, bias, approximate, dropout_p=p)
+    keep_mask = keep_mask_function(backend, monkeypatch)
+    torch.manual_seed(11)
+    seed = _draw_seed(p, backend, device)
+    keep = keep_mask(seed, (x.numel() // shape[-1], shape[-1]), p, device).view(shape)
+    assert 0.6 < keep.float().mean().item() < 0.8
+    torch.manual_seed(11)
+    check_against_reference(x, bias, approximate, backend, dropout_p=p, keep=keep)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropout_draws_a_new_mask_per_call(backend, device):
+    x, bias = make_inputs((16, 64), torch.float32, device)
+    require_backend(backend, "bias_gelu", x, bias, dropout_p=0.5)
+    first, second = (fastformer.bias_gelu(x, bias, dropout_p=0.5, backend=backend) for _ in range(2))
+    assert not torch.equal(first == 0, second == 0)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -96,9 +134,14 @@ def test_non_contiguous_input(layout, backend, device):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
-def test_gradcheck_float64(approximate, backend):
+def test_gradcheck_float64(approximate, dropout_p, backend):
     x, bias = make_inputs((3, 4, 11), torch.float64, "cpu")
-    require_backend(backend, "bias_gelu", x, bias, approximate)
-    assert torch.autograd.gradcheck(lambda x, b: fastformer.bias_gelu(x, b, approximate, backend=backend),
-                                    (x, bias))
+    require_backend(backend, "bias_gelu", x, bias, approximate, dropout_p=dropout_p)
+
+    def run(x, bias):
+        torch.manual_seed(5)  # the same dropout mask at every evaluation
+        return fastformer.bias_gelu(x, bias, approximate, dropout_p=dropout_p, backend=backend)
+
+    assert torch.autograd.gradcheck(run, (x, bias))

@@ -29,10 +29,12 @@ SCHEMAS = {
         "fastformer::cuda_residual_norm_bwd(Tensor grad_out, Tensor? grad_residual_out, Tensor normed, "
         "Tensor? weight, Tensor? bias, Tensor rstd, float dropout_p, bool rms, Tensor? seed, "
         "bool has_residual) -> (Tensor, Tensor, Tensor, Tensor)",
-    "cuda_bias_gelu_fwd": "fastformer::cuda_bias_gelu_fwd(Tensor x, Tensor? bias, str approximate) -> Tensor",
+    "cuda_bias_gelu_fwd":
+        "fastformer::cuda_bias_gelu_fwd(Tensor x, Tensor? bias, str approximate, float dropout_p, Tensor? seed) "
+        "-> Tensor",
     "cuda_bias_gelu_bwd":
-        "fastformer::cuda_bias_gelu_bwd(Tensor grad_out, Tensor x, Tensor? bias, str approximate) "
-        "-> (Tensor, Tensor)",
+        "fastformer::cuda_bias_gelu_bwd(Tensor grad_out, Tensor x, Tensor? bias, str approximate, "
+        "float dropout_p, Tensor? seed) -> (Tensor, Tensor)",
     "cuda_dropout_keep_mask":
         "fastformer::cuda_dropout_keep_mask(Tensor seed, int[] shape, float dropout_p) -> Tensor",
 }
@@ -90,10 +92,11 @@ def test_meta_implementations_give_the_output_shapes():
     grads = torch.ops.fastformer.cuda_residual_norm_bwd(x, None, x, weight, None, rstd, 0.0, True, None, True)
     assert [tuple(g.shape) for g in grads] == [(6, 40), (6, 40), (40,), (0,)]
     assert grads[2].dtype == torch.float32
-    assert torch.ops.fastformer.cuda_bias_gelu_fwd(x, None, "tanh").shape == (6, 40)
-    grad_x, grad_bias = torch.ops.fastformer.cuda_bias_gelu_bwd(x, x, weight, "none")
-    assert grad_x.shape == (6, 40) and grad_bias.shape == (40,) and grad_bias.dtype == torch.float32
     seed = torch.tensor(5, device="meta")
+    assert torch.ops.fastformer.cuda_bias_gelu_fwd(x, None, "tanh", 0.0, None).shape == (6, 40)
+    assert torch.ops.fastformer.cuda_bias_gelu_fwd(x, None, "tanh", 0.1, seed).shape == (6, 40)
+    grad_x, grad_bias = torch.ops.fastformer.cuda_bias_gelu_bwd(x, x, weight, "none", 0.1, seed)
+    assert grad_x.shape == (6, 40) and grad_bias.shape == (40,) and grad_bias.dtype == torch.float32
     keep = torch.ops.fastformer.cuda_dropout_keep_mask(seed, [3, 4], 0.5)
     assert keep.shape == (3, 4) and keep.dtype == torch.bool
 
@@ -107,7 +110,7 @@ def test_fake_tensors_trace_the_ops():
         out, residual_out, mean, rstd = torch.ops.fastformer.cuda_residual_norm_fwd(
             x, x, None, None, 1e-5, 0.0, False, None, True)
         assert out.shape == (5, 24) and out.device.type == "cuda" and rstd.shape == (5,)
-        assert torch.ops.fastformer.cuda_bias_gelu_fwd(x, None, "none").shape == (5, 24)
+        assert torch.ops.fastformer.cuda_bias_gelu_fwd(x, None, "none", 0.0, None).shape == (5, 24)
 
 
 @needs_extension
@@ -123,7 +126,7 @@ def test_meta_implementations_reject_bad_ranks():
         torch.ops.fastformer.cuda_residual_norm_fwd(torch.empty(2, 3, 4, device="meta"), None, None,
                                                     None, 1e-5, 0.0, False, None, False)
     with pytest.raises(RuntimeError, match="x must be 2-D"):
-        torch.ops.fastformer.cuda_bias_gelu_fwd(torch.empty(8, device="meta"), None, "none")
+        torch.ops.fastformer.cuda_bias_gelu_fwd(torch.empty(8, device="meta"), None, "none", 0.0, None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -309,7 +312,7 @@ def test_launchers_say_why_without_the_extension(monkeypatch):
 def test_cpu_tensors_are_refused_by_the_cuda_ops(cuda_available):
     x = torch.randn(4, 8)
     with pytest.raises(NotImplementedError, match="CPU"):
-        torch.ops.fastformer.cuda_bias_gelu_fwd(x, None, "none")
+        torch.ops.fastformer.cuda_bias_gelu_fwd(x, None, "none", 0.0, None)
     with pytest.raises(fastformer.BackendUnavailableError, match="device cpu not supported"):
         fastformer.bias_gelu(x, backend="cuda")
 
@@ -347,11 +350,15 @@ def test_cuda_ops_reject_bad_inputs_clearly():
         torch.ops.fastformer.cuda_residual_norm_fwd(x.half(), None, torch.ones(64, device="cuda",
                                                     dtype=torch.bfloat16), None, 1e-5, 0.0, False, None, False)
     with pytest.raises(RuntimeError, match="float32, float16 or bfloat16"):
-        torch.ops.fastformer.cuda_bias_gelu_fwd(x.double(), None, "none")
+        torch.ops.fastformer.cuda_bias_gelu_fwd(x.double(), None, "none", 0.0, None)
     with pytest.raises(RuntimeError, match="approximate must be 'none' or 'tanh'"):
-        torch.ops.fastformer.cuda_bias_gelu_fwd(x, None, "sigmoid")
+        torch.ops.fastformer.cuda_bias_gelu_fwd(x, None, "sigmoid", 0.0, None)
     with pytest.raises(RuntimeError, match="bias is on cpu"):
-        torch.ops.fastformer.cuda_bias_gelu_fwd(x, torch.randn(64), "none")
+        torch.ops.fastformer.cuda_bias_gelu_fwd(x, torch.randn(64), "none", 0.0, None)
+    with pytest.raises(RuntimeError, match=r"dropout_p must be in \[0, 1\), got 1"):
+        torch.ops.fastformer.cuda_bias_gelu_fwd(x, None, "none", 1.0, torch.tensor(3, device="cuda"))
+    with pytest.raises(RuntimeError, match="seed is on cpu"):
+        torch.ops.fastformer.cuda_bias_gelu_bwd(x, x, None, "none", 0.1, torch.tensor(3))
 
 
 @pytest.mark.gpu

@@ -73,8 +73,10 @@ def _opcheck_cases():
         ("cuda_residual_norm_fwd", (x, None, None, None, 1e-6, 0.0, True, None, False)),
         ("cuda_residual_norm_bwd", (torch.randn_like(x), torch.randn_like(x), residual_out, weight, bias, rstd,
                                     0.1, False, seed, True)),
-        ("cuda_bias_gelu_fwd", (x, bias, "tanh")),
-        ("cuda_bias_gelu_bwd", (torch.randn_like(x), x, weight, "none")),
+        ("cuda_bias_gelu_fwd", (x, bias, "tanh", 0.0, None)),
+        ("cuda_bias_gelu_fwd", (x, None, "none", 0.3, seed)),
+        ("cuda_bias_gelu_bwd", (torch.randn_like(x), x, weight, "none", 0.0, None)),
+        ("cuda_bias_gelu_bwd", (torch.randn_like(x), x, bias, "tanh", 0.3, seed)),
         ("cuda_dropout_keep_mask", (seed, [3, 70], 0.3)),
     ]
 
@@ -250,6 +252,8 @@ def test_dropout_seed_is_passed_to_the_kernels_not_read_on_the_host():
                                                                              seed, True)
         cuda_layer_norm.residual_norm_bwd(torch.randn_like(x), None, residual_out, None, None, mean, rstd, 0.2,
                                           False, seed, True)
+        cuda_bias_gelu.bias_gelu_fwd(x, None, "tanh", 0.2, seed)
+        cuda_bias_gelu.bias_gelu_bwd(torch.randn_like(x), x, x[0], "none", 0.2, seed)
     assert reads.count == 0
 
 
@@ -278,7 +282,8 @@ def test_attention_ops_run_only_their_kernels(emulated, attn_mask):
 # bias + GELU
 # ----------------------------------------------------------------------------------------------
 # (shape, dtype, bias dtype or None): vectorised rows and element-wise ones (N not a multiple of a
-# 16-byte vector), a float32 bias next to half activations, enough rows for several row groups.
+# 16-byte vector), a float32 bias next to half activations, enough rows for several row groups;
+# each with and without dropout.
 GELU_CASES = [
     ((4, 33, 256), torch.float16, torch.float16, True),
     ((130, 97), torch.bfloat16, torch.float32, True),
@@ -290,30 +295,52 @@ GELU_CASES = [
 
 @pytest.mark.parametrize("shape, dtype, bias_dtype, aligned", GELU_CASES, ids=str)
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
-def test_bias_gelu_matches_float64_reference(shape, dtype, bias_dtype, aligned, approximate):
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_bias_gelu_matches_float64_reference(shape, dtype, bias_dtype, aligned, approximate, dropout_p):
     n = shape[-1]
     x = torch.randn(*shape, dtype=dtype)
     if not aligned:
         x = misaligned(x)  # the element-wise path
     bias = None if bias_dtype is None else torch.randn(n, dtype=bias_dtype)
-    out = cuda_bias_gelu.bias_gelu_fwd(x, bias, approximate)
+    seed = torch.tensor(2**40 + 7) if dropout_p else None
+    out = cuda_bias_gelu.bias_gelu_fwd(x, bias, approximate, dropout_p, seed)
     x64 = x.double().requires_grad_()
     b64 = None if bias is None else bias.double().requires_grad_()
     want = reference.gelu(x64, b64, approximate)
+    if dropout_p:  # the mask of the (rows, N) view, as documented
+        keep = reference.philox_keep_mask(int(seed), (x.numel() // n, n), dropout_p).view(shape)
+        want = want * keep / (1.0 - dropout_p)
     fwd_tol, grad_tol = ELEMENTWISE_TOL[dtype]
     assert out.shape == x.shape and out.dtype == dtype
     assert_rel_close(out, want, fwd_tol, "out")
 
     grad_out = torch.randn(*shape, dtype=dtype)
-    grad_x, grad_bias = cuda_bias_gelu.bias_gelu_bwd(grad_out, x, bias, approximate)
+    grad_x, grad_bias = cuda_bias_gelu.bias_gelu_bwd(grad_out, x, bias, approximate, dropout_p, seed)
     want_grads = torch.autograd.grad(want, [x64] + ([b64] if b64 is not None else []), grad_out.double())
     assert_rel_close(grad_x, want_grads[0], grad_tol, "grad x")
+    if dropout_p:  # a few wrong mask bits would hide in a relative error: the dropped ones, exactly
+        assert not out[~keep].any() and not grad_x[~keep].any()
     if bias is None:
         assert grad_bias is None
     else:
         assert grad_bias.dtype == bias.dtype
         tol = grad_tol if dtype == torch.float32 else PARAM_GRAD_TOL_HALF
         assert_rel_close(grad_bias, want_grads[1], tol, "grad bias")
+
+
+def test_bias_gelu_dropout_arguments_are_checked_by_the_ops():
+    x, seed = torch.randn(4, 64), torch.tensor(3)
+    for p in (1.0, -0.1):
+        with pytest.raises(RuntimeError, match=r"cuda_bias_gelu_fwd: dropout_p must be in \[0, 1\), got"):
+            cuda_bias_gelu.bias_gelu_fwd(x, None, "none", p, seed)
+        with pytest.raises(RuntimeError, match=r"cuda_bias_gelu_bwd: dropout_p must be in \[0, 1\), got"):
+            cuda_bias_gelu.bias_gelu_bwd(x, x, None, "none", p, seed)
+    with pytest.raises(RuntimeError, match="cuda_bias_gelu_fwd: dropout_p > 0 needs a seed"):
+        cuda_bias_gelu.bias_gelu_fwd(x, None, "none", 0.1, None)
+    with pytest.raises(RuntimeError, match="cuda_bias_gelu_bwd: dropout_p > 0 needs a seed"):
+        cuda_bias_gelu.bias_gelu_bwd(x, x, None, "none", 0.1, None)
+    with pytest.raises(TypeError, match=r"bias_gelu \(cuda\): seed must be a one-element int64 tensor"):
+        cuda_bias_gelu.bias_gelu_fwd(x, None, "none", 0.1, torch.tensor(3.0))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -334,7 +361,7 @@ def test_bad_inputs_are_rejected_clearly():
                                           torch.empty((), dtype=torch.int64, device="meta"), True)
     x = torch.randn(4, 64)
     with pytest.raises(ValueError, match=r"grad_out must have x's shape \(4, 64\), got \(8, 32\)"):
-        cuda_bias_gelu.bias_gelu_bwd(torch.randn(8, 32), x, None, "none")
+        cuda_bias_gelu.bias_gelu_bwd(torch.randn(8, 32), x, None, "none", 0.0, None)
     for bad in (torch.tensor(1.0), torch.randn(3, 0)):
         with pytest.raises(ValueError, match="x must have a last dim of at least 1"):
-            cuda_bias_gelu.bias_gelu_fwd(bad, None, "none")
+            cuda_bias_gelu.bias_gelu_fwd(bad, None, "none", 0.0, None)

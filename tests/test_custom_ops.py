@@ -43,7 +43,9 @@ def _residual_norm_samples(backend):
 
 def _bias_gelu_samples(backend):
     x = torch.randn(3, 5, 7, requires_grad=True)
-    return [(x, torch.randn(7, requires_grad=True), "tanh", backend), (x, None, "none", backend)]
+    return [(x, torch.randn(7, requires_grad=True), "tanh", 0.0, None, backend),
+            (x, None, "none", 0.0, None, backend),
+            (x, torch.randn(7, requires_grad=True), "none", 0.3, SEED, backend)]
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

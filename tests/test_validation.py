@@ -283,6 +283,9 @@ GELU_ERRORS = [
     ("approximate-case", dict(approximate="Tanh"), ValueError, r"approximate must be 'none' or 'tanh', got 'Tanh'"),
     ("approximate-none-object", dict(approximate=None), TypeError, r"approximate must be .*got NoneType"),
     ("approximate-bool", dict(approximate=True), TypeError, r"approximate must be .*got bool"),
+    ("dropout-one", dict(dropout_p=1.0), ValueError, r"dropout_p must be in \[0, 1\), got 1.0"),
+    ("dropout-negative", dict(dropout_p=-0.1), ValueError, r"dropout_p must be in \[0, 1\), got -0.1"),
+    ("dropout-str", dict(dropout_p="0.1"), TypeError, r"dropout_p must be a float in \[0, 1\), got str"),
     ("backend-unknown", dict(backend="nope"), ValueError, r"backend must be one of.*'nope'"),
 ]
 

@@ -1,16 +1,20 @@
-// Bias + GELU kernels, forward and backward (math in bias_gelu.h; float32 inside, rounded once).
+// Bias + GELU (+ dropout) kernels, forward and backward (math in bias_gelu.h; float32 inside,
+// rounded once).
 //
 //   erf:  gelu(h) = h Phi(h) = 0.5 h (1 + erf(h / sqrt(2))),  gelu'(h) = Phi(h) + h phi(h)
 //   tanh: gelu(h) = 0.5 h (1 + tanh(u)),  u = sqrt(2/pi) (h + 0.044715 h^3)
 //         gelu'(h) = 0.5 (1 + t) + 0.5 h (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 h^2),  t = tanh(u)
 //   with 0.5 (1 + t) = sigmoid(2u) and 1 - t^2 = 4 sigmoid(2u) (1 - sigmoid(2u)), as the Triton
 //   kernels (fastformer/triton/bias_gelu.py): no inf / inf for large |h|.
+//   dropout: y = keep ? gelu(h) / (1 - p) : 0,  dh = (keep ? dy / (1 - p) : 0) gelu'(h), keep from
+//   Philox (common/philox.cuh) at (row, col) of the (rows, N) view, drawn again in the backward.
 //
 // Thread (tx, ty) of a block owns one vector of columns and walks the rows ty, ty + blockDim.y,
 // ... of its row group: it loads its slice of bias once and, in the backward, keeps the column
 // sums of dh in registers; the block adds its ty partial sums in shared memory and writes one
 // partial row per row group, which the torch side sums (no atomics: deterministic).
 #include "common/device_utils.cuh"
+#include "common/philox.cuh"
 #include "gelu/bias_gelu.h"
 
 namespace fastformer {
@@ -69,6 +73,8 @@ __global__ void __launch_bounds__(kThreads) bias_gelu_fwd_kernel(const FwdParams
   constexpr int kVec = K::kVec;
   const Tile t = tile<K>(p.rows, p.n, rows_per_group);
   if (t.col < 0) return;  // no barrier in the forward
+  const float keep_divisor = 1.0f - p.dropout_p;  // as the Triton kernels: g / (1 - p)
+  const uint64_t seed = K::kDropout ? static_cast<uint64_t>(*p.seed) : 0;
   float bias[kVec];
 #pragma unroll
   for (int i = 0; i < kVec; ++i) bias[i] = 0.0f;
@@ -79,6 +85,13 @@ __global__ void __launch_bounds__(kThreads) bias_gelu_fwd_kernel(const FwdParams
     load_as_float<kVec>(static_cast<const T*>(p.x) + row * p.stride_x + t.col, h);
 #pragma unroll
     for (int i = 0; i < kVec; ++i) h[i] = gelu<K::kTanh>(h[i] + bias[i]);
+    if constexpr (K::kDropout) {
+      bool keep[kVec];
+      Philox::keep_run<kVec>(seed, static_cast<uint64_t>(row), static_cast<uint64_t>(t.col),
+                             static_cast<uint64_t>(p.n), p.dropout_p, keep);
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) h[i] = keep[i] ? h[i] / keep_divisor : 0.0f;
+    }
     store_from_float<kVec>(static_cast<T*>(p.out) + row * p.n + t.col, h);
   }
 }
@@ -90,6 +103,8 @@ __global__ void __launch_bounds__(kThreads) bias_gelu_bwd_kernel(const BwdParams
   constexpr int kVec = K::kVec;
   __shared__ float sums[K::kBias ? kThreads * kVec : 1];  // [ty][tx * kVec]
   const Tile t = tile<K>(p.rows, p.n, rows_per_group);
+  const float keep_divisor = 1.0f - p.dropout_p;
+  const uint64_t seed = K::kDropout ? static_cast<uint64_t>(*p.seed) : 0;
   float bias[kVec], grad_bias[kVec];
 #pragma unroll
   for (int i = 0; i < kVec; ++i) bias[i] = grad_bias[i] = 0.0f;
@@ -100,6 +115,13 @@ __global__ void __launch_bounds__(kThreads) bias_gelu_bwd_kernel(const BwdParams
       float h[kVec], dy[kVec];
       load_as_float<kVec>(static_cast<const T*>(p.x) + row * p.stride_x + t.col, h);
       load_as_float<kVec>(static_cast<const T*>(p.grad_out) + row * p.stride_grad_out + t.col, dy);
+      if constexpr (K::kDropout) {  // the forward's mask, drawn again from the seed
+        bool keep[kVec];
+        Philox::keep_run<kVec>(seed, static_cast<uint64_t>(row), static_cast<uint64_t>(t.col),
+                               static_cast<uint64_t>(p.n), p.dropout_p, keep);
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) dy[i] = keep[i] ? dy[i] / keep_divisor : 0.0f;
+      }
 #pragma unroll
       for (int i = 0; i < kVec; ++i) {
         dy[i] *= gelu_grad<K::kTanh>(h[i] + bias[i]);
@@ -127,13 +149,25 @@ __global__ void __launch_bounds__(kThreads) bias_gelu_bwd_kernel(const BwdParams
 // --------------------------------------------------------------------------------------------
 // launch: the runtime switches become template arguments
 // --------------------------------------------------------------------------------------------
+// Without dropout (p == 0) the kernels are the ones without any of its code.
+template <template <class> class Kernel, typename Params, typename T, bool kVectorized, bool kTanh,
+          bool kBias>
+void launch_dropout(const Params& p, dim3 grid, dim3 block, int64_t rows_per_group,
+                    cudaStream_t stream) {
+  if (p.dropout_p > 0.0f) {
+    Kernel<Traits<T, kVectorized, kTanh, kBias, true>>::run(p, grid, block, rows_per_group, stream);
+  } else {
+    Kernel<Traits<T, kVectorized, kTanh, kBias, false>>::run(p, grid, block, rows_per_group, stream);
+  }
+}
+
 template <template <class> class Kernel, typename Params, typename T, bool kVectorized>
 void launch_with(const Params& p, const LaunchShape& s, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(s.column_blocks), static_cast<unsigned>(s.row_groups));
   const dim3 block(s.tx, s.ty);
   const bool has_bias = p.bias != nullptr;
 #define FASTFORMER_GELU_LAUNCH(TANH, BIAS) \
-  Kernel<Traits<T, kVectorized, TANH, BIAS>>::run(p, grid, block, s.rows_per_group, stream)
+  launch_dropout<Kernel, Params, T, kVectorized, TANH, BIAS>(p, grid, block, s.rows_per_group, stream)
   if (p.tanh) {
     has_bias ? FASTFORMER_GELU_LAUNCH(true, true) : FASTFORMER_GELU_LAUNCH(true, false);
   } else {

@@ -1,9 +1,12 @@
 // Bias + GELU: what the torch side (bias_gelu_ops.cpp) and the kernels (bias_gelu.cu) share.
 //
-// Forward:  h = x + bias;  y = gelu(h)            (exact erf, or the tanh approximation)
-// Backward: dh = dy * gelu'(h);  dx = dh;  d bias = sum over rows of dh (partial sums per row group)
-// h is recomputed from x and bias in the backward. x, dy: (rows, N) with a row stride (0 allowed:
-// a broadcast row) and contiguous columns; outputs are contiguous.
+// Forward:  h = x + bias;  y = dropout(gelu(h))   (exact erf, or the tanh approximation)
+//           dropout(g) = keep ? g / (1 - p) : 0, keep = Philox::keep(seed, row, col, N, p)
+// Backward: dh = (keep ? dy / (1 - p) : 0) * gelu'(h);  dx = dh;
+//           d bias = sum over rows of dh (partial sums per row group)
+// h is recomputed from x and bias, and keep from the seed, in the backward (no mask is stored).
+// x, dy: (rows, N) with a row stride (0 allowed: a broadcast row) and contiguous columns; outputs
+// are contiguous. p == 0: no dropout (kernels without it).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -23,6 +26,8 @@ struct FwdParams {
   void* out;            // (rows, N) contiguous
   int64_t rows, n, stride_x;
   bool tanh;            // approximate="tanh"
+  float dropout_p;      // 0: no dropout
+  const int64_t* seed;  // one int64 on the device, loaded by the kernel; null: no dropout
 };
 
 struct BwdParams {
@@ -35,6 +40,8 @@ struct BwdParams {
   float* partial_grad_bias;  // (row_groups, N) float32; null: no bias
   int64_t rows, n, stride_grad_out, stride_x;
   bool tanh;
+  float dropout_p;           // as in FwdParams
+  const int64_t* seed;
 };
 
 // A block is kThreads threads laid out (tx, ty): tx threads along the row's vectors, ty rows
@@ -47,12 +54,13 @@ struct LaunchShape {
   int64_t column_blocks, row_groups, rows_per_group;
 };
 
-template <typename T_, bool kVectorized_, bool kTanh_, bool kBias_>
+template <typename T_, bool kVectorized_, bool kTanh_, bool kBias_, bool kDropout_>
 struct Traits {
   using T = T_;
   static constexpr int kVec = kVectorized_ ? 16 / static_cast<int>(sizeof(T)) : 1;
   static constexpr bool kTanh = kTanh_;
   static constexpr bool kBias = kBias_;
+  static constexpr bool kDropout = kDropout_;
   static_assert(sizeof(T) == 2 || sizeof(T) == 4, "storage types are float32, float16, bfloat16");
   static_assert(kVec * sizeof(T) == 16 || kVec == 1, "vectors are 16 bytes");
   static_assert(kThreads % 32 == 0 && kThreads <= 1024, "block size");

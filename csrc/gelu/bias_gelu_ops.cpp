@@ -1,8 +1,11 @@
-// torch side of bias + GELU: schemas, input checks, allocation, launch on the current stream,
-// and the Meta (shape-only) implementations.
+// torch side of bias + GELU (+ dropout): schemas, input checks, allocation, launch on the current
+// stream, and the Meta (shape-only) implementations.
 //
-//   fastformer::cuda_bias_gelu_fwd -> out (rows, N)
-//   fastformer::cuda_bias_gelu_bwd -> (grad_x, grad_bias or empty)
+//   fastformer::cuda_bias_gelu_fwd -> out (rows, N) = dropout(gelu(x + bias))
+//   fastformer::cuda_bias_gelu_bwd -> (grad_x, grad_bias or empty), the dropout mask drawn again
+//                                     from the seed (math in bias_gelu.h)
+// dropout_p in [0, 1); with dropout_p > 0 the seed is one int64 on x's device, which the kernels
+// load (never read on the host).
 // x and grad_out are (rows, N) with contiguous columns (the Python side, fastformer/cuda/bias_gelu.py,
 // views any input that way and restores its shape).
 #include <ATen/ATen.h>
@@ -36,6 +39,11 @@ void check_x(const at::Tensor& x, const char* op) {
   TORCH_CHECK(x.size(1) >= 1, op, ": the last dim N must be >= 1");
 }
 
+void check_dropout_p(double dropout_p, const char* op) {
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ",
+              dropout_p);
+}
+
 // Row groups wanted per launch: a few waves of 256-thread blocks; fewer with a bias gradient,
 // whose partial rows are summed afterwards.
 int64_t groups_wanted(bool bias_gradient) {
@@ -44,12 +52,15 @@ int64_t groups_wanted(bool bias_gradient) {
 }
 
 at::Tensor fwd_cuda(const at::Tensor& x, const std::optional<at::Tensor>& bias,
-                    c10::string_view approximate) {
+                    c10::string_view approximate, double dropout_p,
+                    const std::optional<at::Tensor>& seed) {
   check_x(x, kFwd);
   const int64_t rows = x.size(0), n = x.size(1);
   if (bias.has_value()) check_on_device(*bias, x.device(), kFwd, "bias");
   check_param(bias, n, x.scalar_type(), kFwd, "bias");
   const bool tanh = is_tanh(approximate, kFwd);
+  check_dropout_p(dropout_p, kFwd);
+  const int64_t* seed_ptr = seed_pointer(seed, dropout_p > 0.0, x.device(), kFwd);
   const KernelDeviceGuard guard(x.device());
   at::Tensor out = at::empty({rows, n}, x.options());
   if (rows == 0) return out;
@@ -64,6 +75,8 @@ at::Tensor fwd_cuda(const at::Tensor& x, const std::optional<at::Tensor>& bias,
   p.n = n;
   p.stride_x = x.stride(0);
   p.tanh = tanh;
+  p.dropout_p = static_cast<float>(dropout_p);
+  p.seed = seed_ptr;
   const int64_t vec = 16 / x.element_size();
   const bool aligned = rows_vector_aligned(x, vec) && aligned16(p.bias);
   const LaunchShape shape = launch_shape(rows, n, static_cast<int>(x.element_size()), aligned,
@@ -75,7 +88,8 @@ at::Tensor fwd_cuda(const at::Tensor& x, const std::optional<at::Tensor>& bias,
 
 std::tuple<at::Tensor, at::Tensor> bwd_cuda(const at::Tensor& grad_out, const at::Tensor& x,
                                             const std::optional<at::Tensor>& bias,
-                                            c10::string_view approximate) {
+                                            c10::string_view approximate, double dropout_p,
+                                            const std::optional<at::Tensor>& seed) {
   check_x(x, kBwd);
   const int64_t rows = x.size(0), n = x.size(1);
   check_on_device(grad_out, x.device(), kBwd, "grad_out");
@@ -83,6 +97,8 @@ std::tuple<at::Tensor, at::Tensor> bwd_cuda(const at::Tensor& grad_out, const at
   if (bias.has_value()) check_on_device(*bias, x.device(), kBwd, "bias");
   check_param(bias, n, x.scalar_type(), kBwd, "bias");
   const bool tanh = is_tanh(approximate, kBwd);
+  check_dropout_p(dropout_p, kBwd);
+  const int64_t* seed_ptr = seed_pointer(seed, dropout_p > 0.0, x.device(), kBwd);
   const KernelDeviceGuard guard(x.device());
   at::Tensor grad_x = at::empty({rows, n}, x.options());
   if (rows == 0) {
@@ -110,6 +126,8 @@ std::tuple<at::Tensor, at::Tensor> bwd_cuda(const at::Tensor& grad_out, const at
   p.stride_grad_out = grad_out.stride(0);
   p.stride_x = x.stride(0);
   p.tanh = tanh;
+  p.dropout_p = static_cast<float>(dropout_p);
+  p.seed = seed_ptr;
   launch_bwd(p, shape, kernel_stream());
   FASTFORMER_CHECK_LAUNCH();
   at::Tensor grad_bias = bias.has_value() ? partial.sum(0).to(bias->scalar_type())
@@ -118,14 +136,16 @@ std::tuple<at::Tensor, at::Tensor> bwd_cuda(const at::Tensor& grad_out, const at
 }
 
 at::Tensor fwd_meta(const at::Tensor& x, const std::optional<at::Tensor>& bias,
-                    c10::string_view approximate) {
+                    c10::string_view approximate, double dropout_p,
+                    const std::optional<at::Tensor>& seed) {
   TORCH_CHECK(x.dim() == 2, kFwd, ": x must be 2-D (rows, N), got shape ", x.sizes());
   return at::empty_symint({x.sym_size(0), x.sym_size(1)}, x.options());
 }
 
 std::tuple<at::Tensor, at::Tensor> bwd_meta(const at::Tensor& grad_out, const at::Tensor& x,
                                             const std::optional<at::Tensor>& bias,
-                                            c10::string_view approximate) {
+                                            c10::string_view approximate, double dropout_p,
+                                            const std::optional<at::Tensor>& seed) {
   TORCH_CHECK(x.dim() == 2, kBwd, ": x must be 2-D (rows, N), got shape ", x.sizes());
   at::Tensor grad_bias = bias.has_value() ? at::empty_symint({x.sym_size(1)}, bias->options())
                                           : at::empty({0}, x.options());
@@ -135,8 +155,10 @@ std::tuple<at::Tensor, at::Tensor> bwd_meta(const at::Tensor& grad_out, const at
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(FASTFORMER_OPS_NAMESPACE, m) {
-  m.def("cuda_bias_gelu_fwd(Tensor x, Tensor? bias, str approximate) -> Tensor");
-  m.def("cuda_bias_gelu_bwd(Tensor grad_out, Tensor x, Tensor? bias, str approximate) -> (Tensor, Tensor)");
+  m.def("cuda_bias_gelu_fwd(Tensor x, Tensor? bias, str approximate, float dropout_p, Tensor? seed) -> Tensor");
+  m.def(
+      "cuda_bias_gelu_bwd(Tensor grad_out, Tensor x, Tensor? bias, str approximate, float dropout_p, "
+      "Tensor? seed) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(FASTFORMER_OPS_NAMESPACE, FASTFORMER_KERNEL_DISPATCH_KEY, m) {

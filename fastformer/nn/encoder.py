@@ -167,13 +167,15 @@ class FastTransformerEncoderLayer(nn.TransformerEncoderLayer):
 
     # ------------------------------------------------------------------------------------------
     def _ff(self, x: Tensor) -> Tensor:
-        """linear2(dropout(activation(linear1(x)))), without dropout2 (fused by the caller)."""
+        """linear2(dropout(activation(linear1(x)))), without dropout2 (fused by the caller); with a
+        GELU, the bias of linear1, the GELU and the dropout are one op."""
         approximate = gelu_approximate(self.activation)
         if approximate is not None:
-            h = linear_bias_gelu(x, self.linear1, approximate, backend=self.fastformer_backend)
+            p = self.dropout.p if self.training else 0.0
+            h = linear_bias_gelu(x, self.linear1, approximate, dropout_p=p, backend=self.fastformer_backend)
         else:
-            h = self.activation(self.linear1(x))
-        return self.linear2(dropout(h, self.dropout.p, self.training))
+            h = dropout(self.activation(self.linear1(x)), self.dropout.p, self.training)
+        return self.linear2(h)
 
     def _sa(self, x: Tensor, attn_mask, key_padding_mask, is_causal) -> Tensor:
         """Self-attention incl. the output projection, without dropout1 (fused by the caller).
@@ -201,16 +203,19 @@ class FastTransformerEncoderLayer(nn.TransformerEncoderLayer):
                                              layout=src.layout)
 
 
-def linear_bias_gelu(x: Tensor, linear: nn.Linear, approximate: str, backend: str | None = None) -> Tensor:
-    """``gelu(linear(x))``, the bias where it is cheapest: a GEMM without it, then
-    ``fastformer.bias_gelu`` with it; except where that bias_gelu call would run PyTorch's own GELU
-    (the torch backend, e.g. on the CPU): there fusing the bias saves nothing and costs a pass, so
-    the GEMM keeps it (one addmm), as in PyTorch's layer. A ``linear`` that is not a plain
-    ``nn.Linear`` (a LoRA wrapper, a hook) is called as it is. Also used by ``fastformer.optimize``."""
+def linear_bias_gelu(x: Tensor, linear: nn.Linear, approximate: str, dropout_p: float = 0.0,
+                     backend: str | None = None) -> Tensor:
+    """``dropout(gelu(linear(x)), dropout_p)``, the bias where it is cheapest: a GEMM without it,
+    then ``fastformer.bias_gelu`` with it (and the dropout); except where that bias_gelu call would
+    run PyTorch's own GELU (the torch backend, e.g. on the CPU): there fusing the bias saves nothing
+    and costs a pass, so the GEMM keeps it (one addmm), as in PyTorch's layer. A ``linear`` that is
+    not a plain ``nn.Linear`` (a LoRA wrapper, a hook) is called as it is. Also used by
+    ``fastformer.optimize``."""
     if not is_plain(linear, nn.Linear) or linear.bias is None or keeps_bias_in_gemm(
-            x, linear.out_features, approximate, backend):
-        return fastformer.bias_gelu(linear(x), None, approximate, backend=backend)
-    return fastformer.bias_gelu(F.linear(x, linear.weight), linear.bias, approximate, backend=backend)
+            x, linear.out_features, approximate, backend, has_dropout=dropout_p > 0.0):
+        return fastformer.bias_gelu(linear(x), None, approximate, dropout_p=dropout_p, backend=backend)
+    return fastformer.bias_gelu(F.linear(x, linear.weight), linear.bias, approximate, dropout_p=dropout_p,
+                                backend=backend)
 
 
 class FastTransformerEncoder(nn.TransformerEncoder):

@@ -62,7 +62,7 @@ def op_table() -> dict:
     norm = Support(devices=devices, dtypes=dtypes, forced_only_devices=emulated,
                    features=frozenset({"dropout", "residual", "weight", "bias"}), max_hidden=MAX_HIDDEN)
     gelu = Support(devices=devices, dtypes=dtypes, forced_only_devices=emulated,
-                   features=frozenset({"bias", "tanh", "erf"}))
+                   features=frozenset({"bias", "tanh", "erf", "dropout"}))
     attention = Support(devices=devices, dtypes=dtypes, forced_only_devices=emulated,
                         features=frozenset({"dropout", "causal", "bool_mask", "float_mask",
                                             "key_padding_mask", "gqa", "value_dim"}),

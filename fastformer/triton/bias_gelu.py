@@ -1,8 +1,10 @@
-"""Bias + GELU in Triton: one memory-bound kernel for the forward, one for the backward.
+"""Bias + GELU (+ dropout) in Triton: one memory-bound kernel for the forward, one for the backward.
 
-Forward:  h = x + bias;  y = gelu(h)                  (exact erf or tanh approximation)
-Backward: dh = dy * gelu'(h);  dx = dh;  dbias = sum of dh over every leading dim
-h is recomputed from x and bias in the backward instead of being stored.
+Forward:  h = x + bias;  y = gelu(h) * keep / (1 - p)      (exact erf or tanh approximation)
+Backward: dh = dy * keep / (1 - p) * gelu'(h);  dx = dh;  dbias = sum of dh over every leading dim
+h is recomputed from x and bias in the backward instead of being stored, and the dropout keep-mask
+(keep = 1 without dropout) is regenerated from the seed (``fastformer/triton/dropout.py``: element
+(row, col) of x viewed as (rows, N)), so the fused dropout stores nothing.
 
 x is viewed as (rows, N) with a row stride (``reshape(-1, N)`` copies only when no such view
 exists) and tiled in 2-D blocks of BLOCK_M rows x BLOCK_N columns; each program loads its slice of
@@ -19,6 +21,7 @@ import triton
 import triton.language as tl
 
 from fastformer.triton import alignment, interpreter_enabled, num_sms, on_device
+from fastformer.triton.dropout import dropout_keep, seed_pointer, wide_offsets
 
 
 # --------------------------------------------------------------------------------------------
@@ -59,16 +62,21 @@ def _bias_gelu_fwd_kernel(
     X,  # in: (rows, N) input, row stride stride_x_row, unit column stride
     BIAS,  # in: (N,) contiguous, x's dtype or float32; not read unless HAS_BIAS
     OUT,  # out: (rows, N), row stride stride_out_row, unit column stride, x's dtype
+    SEED,  # in: the dropout seed, one int64; not read unless HAS_DROPOUT
     rows, N,
     stride_x_row,  # elements between consecutive rows of X (may be 0 for a broadcast input)
     stride_out_row,  # elements between consecutive rows of OUT
+    dropout_p,  # drop probability p (HAS_DROPOUT)
     APPROXIMATE_TANH: tl.constexpr,  # tanh approximation instead of the exact erf form
     HAS_BIAS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    WIDE_OFFSETS: tl.constexpr,  # int64 Philox offsets (rows * N >= 2^31)
     ALIGN: tl.constexpr,  # every row starts ALIGN elements aligned, N a multiple of it (vectors)
     BLOCK_M: tl.constexpr,  # rows per tile
     BLOCK_N: tl.constexpr,  # columns per tile (a power of two)
 ):
-    """out = gelu(x + bias) on one BLOCK_M x BLOCK_N tile; math in float32, rounded once.
+    """out = gelu(x + bias) * keep / (1 - p) on one BLOCK_M x BLOCK_N tile; math in float32,
+    rounded once.
 
     With h = x + bias, Phi the standard normal CDF and phi its density:
       erf:  gelu(h) = h Phi(h) = 0.5 h (1 + erf(h / sqrt(2)))
@@ -76,7 +84,9 @@ def _bias_gelu_fwd_kernel(
       tanh: gelu(h) = 0.5 h (1 + tanh(u)),  u = sqrt(2/pi) (h + 0.044715 h^3)
             gelu'(h) = 0.5 (1 + t) + 0.5 h (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 h^2),  t = tanh(u)
       computed with 0.5 (1 + t) = sigmoid(2u) and 1 - t^2 = 4 sigmoid(2u) (1 - sigmoid(2u)).
-    Backward (_bias_gelu_bwd_kernel): dh = dy gelu'(h); dx = dh; dbias = sum over rows of dh.
+    keep: the dropout keep-mask of element (row, col) (dropout_keep; all ones without dropout).
+    Backward (_bias_gelu_bwd_kernel): dh = dy keep / (1 - p) gelu'(h); dx = dh; dbias = sum over
+    rows of dh.
     """
     row_block = tl.program_id(0)
     col_block = tl.program_id(1)
@@ -92,6 +102,10 @@ def _bias_gelu_fwd_kernel(
         bias_ptrs, col_mask = alignment.row(BIAS, cols, N, ALIGN)
         h += tl.load(bias_ptrs, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     y = _gelu(h, APPROXIMATE_TANH)
+    if HAS_DROPOUT:
+        keep = dropout_keep(tl.load(SEED), rows_in_tile.to(tl.int64), col_block * BLOCK_N, N, dropout_p,
+                            WIDE_OFFSETS, BLOCK_N)
+        y = tl.where(keep, y / (1.0 - dropout_p), 0.0)
     out_ptrs, _ = alignment.tile(OUT, row_index * stride_out_row + cols[None, :], row_ok, cols[None, :] < N,
                                  ALIGN, 1)
     tl.store(out_ptrs, y.to(OUT.dtype.element_ty), mask=mask)
@@ -105,21 +119,25 @@ def _bias_gelu_bwd_kernel(
     GRAD_X,  # out: (rows, N) dx, row stride stride_dx_row, unit column stride, x's dtype
     GRAD_BIAS_PARTIAL,  # out: (num_programs(0), N) float32 contiguous, one row per row group;
                         # not written unless HAS_BIAS
+    SEED,  # in: the dropout seed, one int64; not read unless HAS_DROPOUT
     rows, N,
     rows_per_program,  # rows of one row group, a multiple of BLOCK_M
     stride_dy_row,  # elements between consecutive rows of GRAD_OUT (0 for a broadcast dy)
     stride_x_row,  # elements between consecutive rows of X
     stride_dx_row,  # elements between consecutive rows of GRAD_X
+    dropout_p,  # drop probability p (HAS_DROPOUT)
     APPROXIMATE_TANH: tl.constexpr,  # tanh approximation instead of the exact erf form
     HAS_BIAS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    WIDE_OFFSETS: tl.constexpr,  # int64 Philox offsets (rows * N >= 2^31)
     ALIGN: tl.constexpr,  # every row starts ALIGN elements aligned, N a multiple of it (vectors)
     BLOCK_M: tl.constexpr,  # rows per tile
     BLOCK_N: tl.constexpr,  # columns per tile (a power of two)
 ):
-    """dx = dy gelu'(x + bias) over one group of row blocks x BLOCK_N columns, and that group's
-    partial bias gradient sum over its rows of dx, in float32.
+    """dx = dy keep / (1 - p) gelu'(x + bias) over one group of row blocks x BLOCK_N columns, and
+    that group's partial bias gradient sum over its rows of dx, in float32.
 
-    h = x + bias is recomputed. Math as in _bias_gelu_fwd_kernel:
+    h = x + bias and the keep-mask are recomputed. Math as in _bias_gelu_fwd_kernel:
       erf:  gelu'(h) = Phi(h) + h phi(h)
       tanh: gelu'(h) = 0.5 (1 + t) + 0.5 h (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 h^2),  t = tanh(u)
     Padding lanes load dy = 0, so they add 0 to the bias sum.
@@ -131,6 +149,8 @@ def _bias_gelu_bwd_kernel(
     if HAS_BIAS:
         bias = tl.load(bias_ptrs, mask=col_mask, other=0.0).to(tl.float32)
         grad_bias = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
     first_row = group * rows_per_program
     for offset in range(0, rows_per_program, BLOCK_M):
         rows_in_tile = first_row + offset + tl.arange(0, BLOCK_M)
@@ -144,7 +164,12 @@ def _bias_gelu_bwd_kernel(
         h = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
         if HAS_BIAS:
             h += bias[None, :]
-        dh = dy.to(tl.float32) * _gelu_grad(h, APPROXIMATE_TANH)
+        dh = dy.to(tl.float32)
+        if HAS_DROPOUT:
+            keep = dropout_keep(seed, rows_in_tile.to(tl.int64), col_block * BLOCK_N, N, dropout_p, WIDE_OFFSETS,
+                                BLOCK_N)
+            dh = tl.where(keep, dh / (1.0 - dropout_p), 0.0)
+        dh *= _gelu_grad(h, APPROXIMATE_TANH)
         dx_ptrs, _ = alignment.tile(GRAD_X, row_index * stride_dx_row + cols[None, :], row_ok, cols[None, :] < N,
                                     ALIGN, 1)
         tl.store(dx_ptrs, dh.to(GRAD_X.dtype.element_ty), mask=mask)
@@ -164,9 +189,11 @@ _GPU_TILE, _GPU_MAX_BLOCK_N = 4096, 1024
 _INTERPRETER_TILE, _INTERPRETER_MAX_BLOCK_N = 512, 128
 # Backward with a bias: programs per SM of the one-wave grid. ptxas (sm_90, Triton 3.8) gives the
 # heaviest variant (erf, bias) 167 registers a thread at 4 warps, so 3 programs fit on an SM: the
-# grid runs in one wave (no tail) and writes only 3 * SMs * BLOCK_N partial sums. To be re-tuned
-# on a GPU. The interpreter uses 2 row groups, so tests cover the cross-group sum.
+# grid runs in one wave (no tail) and writes only 3 * SMs * BLOCK_N partial sums; with dropout
+# (Philox in the loop) 184, so 2 fit (benchmarks/compile_triton.py). To be re-tuned on a GPU. The
+# interpreter uses 2 row groups, so tests cover the cross-group sum.
 _GPU_BWD_PROGRAMS_PER_SM = 3
+_GPU_BWD_PROGRAMS_PER_SM_DROPOUT = 2
 _INTERPRETER_ROW_GROUPS = 2
 _MIN_BLOCK_N = 16
 
@@ -190,8 +217,8 @@ def _tiles(rows: int, n: int) -> tuple[int, int, int]:
     return block_m, block_n, num_warps
 
 
-def _row_groups(rows: int, block_m: int, col_blocks: int, device: torch.device,
-                has_bias: bool) -> tuple[int, int]:
+def _row_groups(rows: int, block_m: int, col_blocks: int, device: torch.device, has_bias: bool,
+                has_dropout: bool) -> tuple[int, int]:
     """(groups, rows_per_program) of the backward grid (groups, col_blocks).
 
     Without a bias, one tile per program, as the forward. With one, one wave of programs, each
@@ -201,7 +228,8 @@ def _row_groups(rows: int, block_m: int, col_blocks: int, device: torch.device,
     if not has_bias:
         return row_blocks, block_m
     if device.type == "cuda":
-        wanted = max(1, num_sms(device.index) * _GPU_BWD_PROGRAMS_PER_SM // col_blocks)
+        per_sm = _GPU_BWD_PROGRAMS_PER_SM_DROPOUT if has_dropout else _GPU_BWD_PROGRAMS_PER_SM
+        wanted = max(1, num_sms(device.index) * per_sm // col_blocks)
     else:
         wanted = _INTERPRETER_ROW_GROUPS
     blocks_per_program = triton.cdiv(row_blocks, wanted)
@@ -214,8 +242,9 @@ def _as_rows(t: torch.Tensor, n: int) -> torch.Tensor:
     return t.contiguous() if n > 1 and t.stride(1) != 1 else t
 
 
-def bias_gelu_fwd(x, bias, approximate):
-    """gelu(x + bias): x (..., N) any strides; bias (N,) in x's dtype or float32, or None.
+def bias_gelu_fwd(x, bias, approximate, dropout_p, seed):
+    """dropout(gelu(x + bias)): x (..., N) any strides; bias (N,) in x's dtype or float32, or None;
+    seed: the 0-dim int64 seed on x's device (None without dropout).
 
     Returns a contiguous tensor of x's shape and dtype.
     """
@@ -230,14 +259,14 @@ def bias_gelu_fwd(x, bias, approximate):
     bias_arg = x2 if bias is None else bias.contiguous()  # never read without a bias
     with on_device(x):
         _bias_gelu_fwd_kernel[grid](
-            x2, bias_arg, out, rows, n, x2.stride(0), n,
-            APPROXIMATE_TANH=approximate == "tanh", HAS_BIAS=bias is not None,
-            ALIGN=alignment.vector_alignment((n,), (x2, bias_arg, out)),
+            x2, bias_arg, out, seed_pointer(seed, dropout_p, x2), rows, n, x2.stride(0), n, dropout_p,
+            APPROXIMATE_TANH=approximate == "tanh", HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0.0,
+            WIDE_OFFSETS=wide_offsets(x.numel()), ALIGN=alignment.vector_alignment((n,), (x2, bias_arg, out)),
             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
     return out
 
 
-def bias_gelu_bwd(grad_out, x, bias, approximate):
+def bias_gelu_bwd(grad_out, x, bias, approximate, dropout_p, seed):
     """Returns (grad_x, grad_bias or None): grad_x contiguous in x's dtype, grad_bias in bias's."""
     grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if x.numel() == 0:
@@ -248,7 +277,7 @@ def bias_gelu_bwd(grad_out, x, bias, approximate):
     rows = x2.shape[0]
     block_m, block_n, num_warps = _tiles(rows, n)
     col_blocks = triton.cdiv(n, block_n)
-    groups, rows_per_program = _row_groups(rows, block_m, col_blocks, x.device, bias is not None)
+    groups, rows_per_program = _row_groups(rows, block_m, col_blocks, x.device, bias is not None, dropout_p > 0.0)
     if bias is None:
         bias_arg = partial = x2  # never read or written without a bias
     else:
@@ -256,9 +285,10 @@ def bias_gelu_bwd(grad_out, x, bias, approximate):
         partial = torch.empty((groups, n), dtype=torch.float32, device=x.device)
     with on_device(x):
         _bias_gelu_bwd_kernel[(groups, col_blocks)](
-            dy2, x2, bias_arg, grad_x, partial, rows, n, rows_per_program,
-            dy2.stride(0), x2.stride(0), n,
-            APPROXIMATE_TANH=approximate == "tanh", HAS_BIAS=bias is not None,
+            dy2, x2, bias_arg, grad_x, partial, seed_pointer(seed, dropout_p, x2), rows, n, rows_per_program,
+            dy2.stride(0), x2.stride(0), n, dropout_p,
+            APPROXIMATE_TANH=approximate == "tanh", HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0.0,
+            WIDE_OFFSETS=wide_offsets(x.numel()),
             ALIGN=alignment.vector_alignment((n,), (dy2, x2, bias_arg, grad_x, partial)),
             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
     grad_bias = None if bias is None else partial.sum(dim=0).to(bias.dtype)
