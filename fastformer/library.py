@@ -110,6 +110,23 @@ def _blhd(t: Tensor) -> Tensor:
     return t.transpose(1, 2).contiguous().transpose(1, 2)
 
 
+def attention_gradient_like(t: Tensor) -> Tensor:
+    """An empty tensor for the gradient of attention input ``t`` (B, H, L, D): dense, its batch,
+    head and sequence dims nested as in ``t``'s memory (the largest stride outermost; ties in dim
+    order), the head dim innermost. For q, k, v split from a projection's output, (B, L, H, D) or,
+    sequence-first, (L, B, H, D) memory: autograd then hands the gradient back through the views
+    (transpose, view to (..., H * D)) for free, where a contiguous (B, H, L, D) one is copied at the
+    views' backward, once per input. The kernel backends' attention backward (Triton, CUDA) lay
+    their gradients out this way; the custom op (torch.compile's path, whose fake kernel cannot
+    know the runtime strides of its inputs) returns them contiguous."""
+    strides = [0, 0, 0, 1]
+    step = t.shape[3]
+    for dim in sorted(range(3), key=lambda d: (-t.stride(d), d))[::-1]:  # innermost first
+        strides[dim] = step
+        step *= max(t.shape[dim], 1)  # as PyTorch's contiguous strides
+    return torch.empty_strided(t.shape, strides, dtype=t.dtype, device=t.device)
+
+
 # Backends whose module has an ``eager_<forward>`` function (the torch backend, composed of PyTorch
 # ops) run it under PyTorch's own autograd in eager mode: no recomputation, PyTorch's backward
 # kernels (SDPA's among them) and PyTorch's dropout. False sends them through the autograd.Function
@@ -159,7 +176,7 @@ def _attention_backward(grad_out, query, key, value, out, lse, attn_mask, key_pa
     grad_q, grad_k, grad_v, grad_mask = _implementation(backend, "attention").attention_bwd(
         grad_out, query, key, value, out, lse, attn_mask, key_padding_mask, dropout_p, is_causal,
         scale, seed, mask_needs_grad)
-    return grad_q.contiguous(), grad_k.contiguous(), grad_v.contiguous(), grad_mask
+    return grad_q, grad_k, grad_v, grad_mask
 
 
 def _skip_zero_gradients(ctx) -> None:
@@ -218,7 +235,7 @@ def attention_bwd(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, o
     grad_q, grad_k, grad_v, grad_mask = _attention_backward(
         grad_out, query, key, value, out, lse, attn_mask, key_padding_mask, dropout_p, is_causal, scale,
         seed, mask_needs_grad, backend)
-    return grad_q, grad_k, grad_v, _or_absent(grad_mask, query)
+    return grad_q.contiguous(), grad_k.contiguous(), grad_v.contiguous(), _or_absent(grad_mask, query)
 
 
 @attention_bwd.register_fake

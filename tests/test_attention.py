@@ -351,6 +351,29 @@ def test_key_padding_of_long_rows(dtype, backend, device):
     assert_matches_reference(q, k, v, dtype, backend, **kwargs)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("layout", ["blhd", "lbhd", "bhld"])
+def test_gradients_come_in_the_inputs_memory_order(layout, backend, device):
+    """The kernel backends' gradients of q, k, v as views of (B, L, H, D) projections (or of
+    sequence-first (L, B, H, D) ones, as nn.MultiheadAttention's default layout gives) are laid
+    out the same way, so they flow back through the views into the projections without a copy;
+    contiguous (B, H, L, D) inputs get contiguous gradients. The values against float64."""
+    shape = (2, 4, 2, 9, 12, 16, 8)
+    q, k, v = make_qkv(shape, torch.float32, device)
+    order = {"blhd": (0, 2, 1, 3), "lbhd": (2, 0, 1, 3), "bhld": (0, 1, 2, 3)}[layout]  # memory dims
+    q, k, v = (t.detach().permute(order).contiguous().permute(*torch.argsort(torch.tensor(order)).tolist())
+               .requires_grad_() for t in (q, k, v))
+    require_backend(backend, "attention", q, k, v)
+    out = fastformer.attention(q, k, v, backend=backend)
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    want = torch.autograd.grad(reference.attention(q, k, v), (q, k, v), grad_out.double())
+    for name, t, grad, expected in zip("qkv", (q, k, v), grads, want):
+        assert grad.permute(order).is_contiguous(), f"grad {name}: strides {grad.stride()}, input {t.stride()}"
+        assert_rel_close(grad, expected, ATTENTION_TOL[torch.float32][1], f"grad {name}")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mask_shape", [(1, 1, 9, 12), (4, 9, 12), (2, 1, 1, 12), (12,)],
                          ids=str)

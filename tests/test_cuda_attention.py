@@ -19,6 +19,7 @@ import fastformer
 import reference
 from fastformer.cuda import attention as cuda_attention
 from fastformer.cuda import load_extension
+from fastformer.library import attention_gradient_like
 from helpers import ATTENTION_TOL, assert_rel_close, misaligned, require_backend
 from test_attention import finfo_min_mask
 
@@ -85,8 +86,10 @@ def test_meta_shapes(dtype):
     assert lse.shape == (batch, heads_q, len_q) and lse.dtype == torch.float32
     padding = torch.empty(batch, len_k, device="meta", dtype=torch.bool)
     grads = torch.ops.fastformer.cuda_attention_bwd(out, q, k, v, out, lse, None, padding, 0.125, False, 0.0, None)
-    for grad, like in zip(grads, (q, k, v)):
-        assert grad.shape == like.shape and grad.dtype == dtype and grad.is_contiguous()
+    for grad, like in zip(grads, (q, k, v)):  # dense, in the input's memory order
+        assert grad.shape == like.shape and grad.dtype == dtype
+        assert grad.stride() == attention_gradient_like(like).stride()
+    assert grads[0].transpose(1, 2).is_contiguous() and grads[1].is_contiguous()
 
 
 @needs_extension

@@ -170,6 +170,24 @@ def test_attention_key_padding_of_long_rows(layout):
     cuda_tests.check_key_padding_of_long_rows(layout, device="cpu")
 
 
+@pytest.mark.parametrize("order", [(0, 2, 1, 3), (2, 0, 1, 3), (0, 1, 2, 3)], ids=["blhd", "lbhd", "bhld"])
+def test_attention_gradients_come_in_the_inputs_memory_order(order):
+    """The op allocates dQ, dK, dV dense in their inputs' memory order (gradient_like in
+    attention_ops.cpp, the rule of fastformer.library.attention_gradient_like) and the kernels
+    write them through their strides: values against float64, layouts as the rule says."""
+    from fastformer.library import attention_gradient_like
+
+    inverse = torch.argsort(torch.tensor(order)).tolist()
+    q, k, v = (torch.randn(2, 3, 37, 32, dtype=torch.float16).permute(order).contiguous().permute(*inverse)
+               for _ in range(3))
+    grad_out = torch.randn(2, 3, 37, 32, dtype=torch.float16)
+    out, lse, grads = cuda_tests._run(q, k, v, is_causal=True, grad_out=grad_out)
+    _, want = cuda_tests._reference(q, k, v, grad_out, is_causal=True)
+    for name, t, grad, expected in zip("qkv", (q, k, v), grads, want):
+        assert grad.permute(order).is_contiguous() and grad.stride() == attention_gradient_like(t).stride(), name
+        assert_rel_close(grad, expected, cuda_tests.ATTENTION_TOL[torch.float16][1], f"grad {name}")
+
+
 DROPOUT_CASES = [("none", 64, torch.float16), ("causal+padding", 32, torch.bfloat16), ("float", 128, torch.float16)]
 
 

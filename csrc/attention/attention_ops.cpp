@@ -10,6 +10,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <array>
 #include <cmath>
 #include <initializer_list>
 #include <limits>
@@ -122,6 +124,23 @@ KeyPadding prepare_key_padding(const at::Tensor& mask) {
   p.key_padding_holes = p.key_ends + p.batch;
   launch_attention_key_range(p, kernel_stream());
   return padding;
+}
+
+// An empty gradient for attention input t (B, H, L, D), laid out as every backend lays them out
+// (fastformer/library.py: attention_gradient_like): dense, the batch, head and sequence dims nested
+// as in t's memory (largest stride outermost, ties in dim order), the head dim innermost. Then the
+// gradient of q, k, v split from a projection flows back through the views without a copy. The
+// kernels take any row strides.
+at::Tensor gradient_like(const at::Tensor& t) {
+  std::array<int64_t, 3> outer{0, 1, 2};
+  std::stable_sort(outer.begin(), outer.end(), [&](int64_t a, int64_t b) { return t.stride(a) > t.stride(b); });
+  std::array<int64_t, 4> strides{0, 0, 0, 1};
+  int64_t step = t.size(3);
+  for (int i = 2; i >= 0; --i) {
+    strides[outer[i]] = step;
+    step *= std::max<int64_t>(t.size(outer[i]), 1);  // as PyTorch's contiguous strides
+  }
+  return at::empty_strided(t.sizes(), strides, t.options());
 }
 
 // Fill everything shared by the forward and backward params. Keeps the device tensors the params
@@ -257,9 +276,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
                   lse.sizes() == at::IntArrayRef({s.batch, s.heads_q, s.len_q}),
               kOp, "lse must be a contiguous float32 tensor of shape (B, Hq, Lq), got ", lse.sizes());
   const KernelDeviceGuard guard(q.device());
-  at::Tensor grad_q = at::empty(q.sizes(), q.options());
-  at::Tensor grad_k = at::empty(k.sizes(), k.options());
-  at::Tensor grad_v = at::empty(v.sizes(), v.options());
+  at::Tensor grad_q = gradient_like(q);
+  at::Tensor grad_k = gradient_like(k);
+  at::Tensor grad_v = gradient_like(v);
   if (s.batch * s.heads_q * s.len_q == 0 || s.len_k == 0) {
     grad_q.zero_(), grad_k.zero_(), grad_v.zero_();
     return {grad_q, grad_k, grad_v};
@@ -307,7 +326,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_meta(
     const at::Tensor&, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>& key_padding_mask, double,
     bool, double, const c10::optional<at::Tensor>&) {
   check_key_padding_mask(key_padding_mask, check_inputs(q, k, v));
-  return {at::empty(q.sizes(), q.options()), at::empty(k.sizes(), k.options()), at::empty(v.sizes(), v.options())};
+  return {gradient_like(q), gradient_like(k), gradient_like(v)};
 }
 
 }  // namespace

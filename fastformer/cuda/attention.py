@@ -87,7 +87,8 @@ def attention_fwd(query, key, value, attn_mask, key_padding_mask, dropout_p, is_
 
 def attention_bwd(grad_out, query, key, value, out, lse, attn_mask, key_padding_mask, dropout_p,
                   is_causal, scale, seed, mask_needs_grad):
-    """Returns (grad_query, grad_key, grad_value, None); contiguous gradients in the input dtypes."""
+    """Returns (grad_query, grad_key, grad_value, None): gradients in the input dtypes, each in its
+    input's memory order (``fastformer.library.attention_gradient_like``)."""
     if mask_needs_grad:
         raise NotImplementedError("attention (cuda): no gradient for attn_mask (support() does not declare "
                                   "mask_grad, so dispatch sends such calls to another backend)")

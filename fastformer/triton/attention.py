@@ -55,6 +55,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastformer.library import attention_gradient_like
 from fastformer.triton import alignment, interpreter_enabled, on_device
 from fastformer.triton.dropout import dropout_keep, seed_pointer, wide_offsets
 
@@ -281,8 +282,8 @@ def _attention_bwd_dkdv_kernel(
     KEY_PADDING,  # in: as in the forward
     GRAD_OUT,     # in: dO (B, Hq, Lq, Dv), strides stride_g*
     LSE, DELTA,   # in: (B, Hq, Lq) float32 contiguous
-    GRAD_K,       # out: dK (B, Hk, Lk, D) contiguous, key dtype
-    GRAD_V,       # out: dV (B, Hk, Lk, Dv) contiguous, value dtype
+    GRAD_K,       # out: dK (B, Hk, Lk, D), key dtype, strides stride_dk*
+    GRAD_V,       # out: dV (B, Hk, Lk, Dv), value dtype, strides stride_dv*
     SEED,         # in: the dropout seed, as in the forward
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -290,6 +291,8 @@ def _attention_bwd_dkdv_kernel(
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_pb,
     stride_gb, stride_gh, stride_gm, stride_gd,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     heads_q, heads_k, group, len_q, len_k, dim, dim_v,
     bucket_q, bucket_k,  # unused: autotuning keys
     qk_scale, scale, dropout_p,
@@ -368,11 +371,10 @@ def _attention_bwd_dkdv_kernel(
             grad_k += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t))
 
     grad_k *= scale
-    base = (b * heads_k + hk) * len_k
-    _store_tile(GRAD_K, (base + offs_n[:, None]) * dim + offs_d[None, :], offs_n[:, None] < len_k,
-                offs_d[None, :] < dim, grad_k, ALIGN)
-    _store_tile(GRAD_V, (base + offs_n[:, None]) * dim_v + offs_dv[None, :], offs_n[:, None] < len_k,
-                offs_dv[None, :] < dim_v, grad_v, ALIGN)
+    _store_tile(GRAD_K + b * stride_dkb + hk * stride_dkh + offs_d[None, :] * stride_dkd,
+                offs_n[:, None] * stride_dkn, offs_n[:, None] < len_k, offs_d[None, :] < dim, grad_k, ALIGN)
+    _store_tile(GRAD_V + b * stride_dvb + hk * stride_dvh + offs_dv[None, :] * stride_dvd,
+                offs_n[:, None] * stride_dvn, offs_n[:, None] < len_k, offs_dv[None, :] < dim_v, grad_v, ALIGN)
 
 
 @triton.jit
@@ -382,7 +384,7 @@ def _attention_bwd_dq_kernel(
     KEY_PADDING,  # in: as in the forward
     GRAD_OUT,     # in: dO (B, Hq, Lq, Dv), strides stride_g*
     LSE, DELTA,   # in: (B, Hq, Lq) float32 contiguous
-    GRAD_Q,       # out: dQ (B, Hq, Lq, D) contiguous, query dtype
+    GRAD_Q,       # out: dQ (B, Hq, Lq, D), query dtype, strides stride_dq*
     SEED,         # in: the dropout seed, as in the forward
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -390,6 +392,7 @@ def _attention_bwd_dq_kernel(
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_pb,
     stride_gb, stride_gh, stride_gm, stride_gd,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     heads_q, group, len_q, len_k, dim, dim_v,
     bucket_q, bucket_k,  # unused: autotuning keys
     qk_scale, scale, dropout_p,
@@ -453,8 +456,8 @@ def _attention_bwd_dq_kernel(
         grad_q += tl.dot(ds.to(k.dtype), k)
 
     grad_q *= scale
-    _store_tile(GRAD_Q, (row_base + offs_m[:, None]) * dim + offs_d[None, :], offs_m[:, None] < len_q,
-                offs_d[None, :] < dim, grad_q, ALIGN)
+    _store_tile(GRAD_Q + b * stride_dqb + h * stride_dqh + offs_d[None, :] * stride_dqd,
+                offs_m[:, None] * stride_dqm, offs_m[:, None] < len_q, offs_d[None, :] < dim, grad_q, ALIGN)
 
 
 # --------------------------------------------------------------------------------------------
@@ -642,19 +645,18 @@ def attention_fwd(query, key, value, attn_mask, key_padding_mask, dropout_p, is_
 
 def attention_bwd(grad_out, query, key, value, out, lse, attn_mask, key_padding_mask, dropout_p,
                   is_causal, scale, seed, mask_needs_grad):
-    """Returns (grad_query, grad_key, grad_value, None); contiguous gradients in the input dtypes."""
+    """Returns (grad_query, grad_key, grad_value, None): gradients in the input dtypes, each in its
+    input's memory order (``fastformer.library.attention_gradient_like``)."""
     if mask_needs_grad:
         raise NotImplementedError("attention (triton): no gradient for attn_mask (the op table does "
                                   "not declare mask_grad, so dispatch sends such calls to the torch backend)")
     batch, heads_q, len_q, dim = query.shape
     heads_k, len_k, dim_v = key.shape[1], key.shape[2], value.shape[-1]
-    grad_q = torch.empty(query.shape, dtype=query.dtype, device=query.device)
-    grad_k = torch.empty(key.shape, dtype=key.dtype, device=key.device)
-    grad_v = torch.empty(value.shape, dtype=value.dtype, device=value.device)
+    grad_q, grad_k, grad_v = (attention_gradient_like(t) for t in (query, key, value))
     if batch * heads_q * len_q == 0 or len_k == 0:
         return grad_q.zero_(), grad_k.zero_(), grad_v.zero_(), None
     mask, padding, mask_strides, meta = _common(query, key, value, attn_mask, key_padding_mask, dropout_p,
-                                                is_causal, (out, grad_out))
+                                                is_causal, (out, grad_out, grad_q, grad_k, grad_v))
     interpret = interpreter_enabled()
     seed = seed_pointer(seed, dropout_p, query)
     delta = torch.empty((batch, heads_q, len_q), dtype=torch.float32, device=query.device)
@@ -668,9 +670,9 @@ def attention_bwd(grad_out, query, key, value, out, lse, attn_mask, key_padding_
         group = heads_q // heads_k
         tail = (_bucket(len_q), _bucket(len_k), scale * LOG2E, scale, float(dropout_p))
         _launch("dkdv", len_k, heads_k, batch,
-                (*shared, grad_k, grad_v, seed, *strides, heads_q, heads_k, group, len_q, len_k, dim, dim_v,
-                 *tail), meta, interpret)
+                (*shared, grad_k, grad_v, seed, *strides, *_strides(grad_k), *_strides(grad_v), heads_q, heads_k,
+                 group, len_q, len_k, dim, dim_v, *tail), meta, interpret)
         _launch("dq", len_q, heads_q, batch,
-                (*shared, grad_q, seed, *strides, heads_q, group, len_q, len_k, dim, dim_v, *tail), meta,
-                interpret)
+                (*shared, grad_q, seed, *strides, *_strides(grad_q), heads_q, group, len_q, len_k, dim, dim_v,
+                 *tail), meta, interpret)
     return grad_q, grad_k, grad_v, None
