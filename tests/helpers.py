@@ -98,6 +98,13 @@ def misaligned(t: torch.Tensor) -> torch.Tensor:
     return buffer[1:].view(t.shape).copy_(t)
 
 
+def in_memory_order(t: torch.Tensor, order) -> torch.Tensor:
+    """A copy of ``t`` with the same shape whose memory nests its dims as ``order`` lists them
+    (outermost first): e.g. (0, 2, 1, 3) makes a (B, H, L, D) tensor a view of (B, L, H, D) memory."""
+    inverse = sorted(range(len(order)), key=order.__getitem__)
+    return t.permute(order).contiguous().permute(inverse)
+
+
 class HostReads(TorchDispatchMode):
     """Counts the reads of tensor values on the host made while it is active: ``.item()``,
     ``int(t)``, ``bool(t.all())`` (``aten._local_scalar_dense``), ``torch.equal`` and

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 import fastformer
 import reference
 from fastformer.functional import _draw_seed
-from helpers import ATTENTION_TOL, BACKENDS, DEVICES, assert_rel_close, keep_mask_function, require_backend
+from helpers import (ATTENTION_TOL, BACKENDS, DEVICES, assert_rel_close, in_memory_order, keep_mask_function,
+                     require_backend)
 
 # (B, Hq, Hk, Lq, Lk, D, Dv): odd sizes, GQA, MQA, a single key, Dv != D, Lq != Lk.
 SHAPES = [
@@ -362,8 +363,7 @@ def test_gradients_come_in_the_inputs_memory_order(layout, backend, device):
     shape = (2, 4, 2, 9, 12, 16, 8)
     q, k, v = make_qkv(shape, torch.float32, device)
     order = {"blhd": (0, 2, 1, 3), "lbhd": (2, 0, 1, 3), "bhld": (0, 1, 2, 3)}[layout]  # memory dims
-    q, k, v = (t.detach().permute(order).contiguous().permute(*torch.argsort(torch.tensor(order)).tolist())
-               .requires_grad_() for t in (q, k, v))
+    q, k, v = (in_memory_order(t.detach(), order).requires_grad_() for t in (q, k, v))
     require_backend(backend, "attention", q, k, v)
     out = fastformer.attention(q, k, v, backend=backend)
     grad_out = torch.randn_like(out)

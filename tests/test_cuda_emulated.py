@@ -26,7 +26,8 @@ from cuda_emulator import build
 from fastformer.cuda import attention as cuda_attention
 from fastformer.cuda import bias_gelu as cuda_bias_gelu
 from fastformer.cuda import layer_norm as cuda_layer_norm
-from helpers import ELEMENTWISE_TOL, PARAM_GRAD_TOL_HALF, HostReads, assert_rel_close, misaligned
+from helpers import (ELEMENTWISE_TOL, PARAM_GRAD_TOL_HALF, HostReads, assert_rel_close, in_memory_order,
+                     misaligned)
 from test_attention import check_nan_and_inf_mask_values_give_nan_rows
 
 @pytest.fixture(scope="module", autouse=True)
@@ -177,9 +178,7 @@ def test_attention_gradients_come_in_the_inputs_memory_order(order):
     write them through their strides: values against float64, layouts as the rule says."""
     from fastformer.library import attention_gradient_like
 
-    inverse = torch.argsort(torch.tensor(order)).tolist()
-    q, k, v = (torch.randn(2, 3, 37, 32, dtype=torch.float16).permute(order).contiguous().permute(*inverse)
-               for _ in range(3))
+    q, k, v = (in_memory_order(torch.randn(2, 3, 37, 32, dtype=torch.float16), order) for _ in range(3))
     grad_out = torch.randn(2, 3, 37, 32, dtype=torch.float16)
     out, lse, grads = cuda_tests._run(q, k, v, is_causal=True, grad_out=grad_out)
     _, want = cuda_tests._reference(q, k, v, grad_out, is_causal=True)

@@ -109,25 +109,30 @@ void check_key_padding_mask(const c10::optional<at::Tensor>& key_padding_mask, c
               mask.scalar_type(), " ", mask.sizes());
 }
 
-// The bytes, and the launch of the key-range kernel (key ends, then holes).
-KeyPadding prepare_key_padding(const at::Tensor& mask) {
+// The key-padding params: the mask's bytes, and each batch row's key end and holes, which the
+// key-range kernel launched here writes (ends, then holes, in one int32 (2, B) tensor).
+KeyPadding prepare_key_padding(const at::Tensor& mask, AttentionParams& p) {
   KeyPadding padding;
   padding.bytes = mask.view(at::kByte);
   if (padding.bytes.stride(1) != 1) padding.bytes = padding.bytes.contiguous();
   padding.ranges = at::empty({2, mask.size(0)}, mask.options().dtype(at::kInt));
-  KeyRangeParams p{};
-  p.key_padding = padding.bytes.data_ptr<uint8_t>();
-  p.key_padding_batch_stride = padding.bytes.stride(0);
-  p.batch = static_cast<int>(mask.size(0));
-  p.len_k = static_cast<int>(mask.size(1));
-  p.key_ends = padding.ranges.data_ptr<int32_t>();
-  p.key_padding_holes = p.key_ends + p.batch;
-  launch_attention_key_range(p, kernel_stream());
+  KeyRangeParams range{};
+  range.key_padding = padding.bytes.data_ptr<uint8_t>();
+  range.key_padding_batch_stride = padding.bytes.stride(0);
+  range.batch = static_cast<int>(mask.size(0));
+  range.len_k = static_cast<int>(mask.size(1));
+  range.key_ends = padding.ranges.data_ptr<int32_t>();
+  range.key_padding_holes = range.key_ends + range.batch;
+  launch_attention_key_range(range, kernel_stream());
+  p.key_padding = range.key_padding;
+  p.key_padding_batch_stride = range.key_padding_batch_stride;
+  p.key_ends = range.key_ends;
+  p.key_padding_holes = range.key_padding_holes;
   return padding;
 }
 
-// An empty gradient for attention input t (B, H, L, D), laid out as every backend lays them out
-// (fastformer/library.py: attention_gradient_like): dense, the batch, head and sequence dims nested
+// An empty gradient for attention input t (B, H, L, D), laid out as the Triton backend lays them
+// out too (fastformer/library.py: attention_gradient_like): dense, the batch, head and sequence dims nested
 // as in t's memory (largest stride outermost, ties in dim order), the head dim innermost. Then the
 // gradient of q, k, v split from a projection flows back through the views without a copy. The
 // kernels take any row strides.
@@ -199,11 +204,7 @@ void fill_common(AttentionParams& p, const Sizes& s, const at::Tensor& q, const 
   check_key_padding_mask(key_padding_mask, s);
   if (key_padding_mask.has_value() && key_padding_mask->defined()) {
     check_same_device(q, *key_padding_mask, "key_padding_mask");
-    *padding_holder = prepare_key_padding(*key_padding_mask);
-    p.key_ends = padding_holder->ranges.data_ptr<int32_t>();
-    p.key_padding_holes = p.key_ends + s.batch;
-    p.key_padding = padding_holder->bytes.data_ptr<uint8_t>();
-    p.key_padding_batch_stride = padding_holder->bytes.stride(0);
+    *padding_holder = prepare_key_padding(*key_padding_mask, p);
   }
 
   p.batch = static_cast<int>(s.batch);
