@@ -6,6 +6,7 @@ import csv
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -295,3 +296,16 @@ def test_gelu_with_dropout_times_the_fused_op_against_gelu_then_dropout(tmp_path
     assert {(row["provider"], row["pass"]) for row in rows} == {
         (provider, pass_) for provider in ("torch-eager", "fastformer-torch") for pass_ in ("fwd", "bwd", "fwd+bwd")}
     assert all("dropout=0.2" in row["shape"] for row in rows)
+
+
+def test_micro_benchmarks_run(tmp_path):
+    """benchmarks/micro, each benchmark run once (not timed): they live outside tests/ and
+    follow the backend interface through null_backend.py, which must keep up with it."""
+    pytest.importorskip("pytest_benchmark")
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-disable",
+                             "--rootdir", str(ROOT), str(BENCH / "micro")],
+                            capture_output=True, text=True, timeout=300, env=_env(), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    # The overhead and layer-step groups run on any machine (a skip there would hide them).
+    passed = re.search(r"\b(\d+) passed", result.stdout)
+    assert passed and int(passed[1]) >= 8, result.stdout[-3000:]

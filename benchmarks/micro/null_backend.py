@@ -29,9 +29,9 @@ def residual_norm_bwd(grad_out, grad_residual_out, normed, weight, bias, mean, r
     return torch.empty_like(normed), like(normed if has_residual else None), like(weight), like(bias)
 
 
-def bias_gelu_fwd(x, bias, approximate):
+def bias_gelu_fwd(x, bias, approximate, dropout_p, seed):
     return torch.empty_like(x)
 
 
-def bias_gelu_bwd(grad_out, x, bias, approximate):
+def bias_gelu_bwd(grad_out, x, bias, approximate, dropout_p, seed):
     return torch.empty_like(x), None if bias is None else torch.empty_like(bias)

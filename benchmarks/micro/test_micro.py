@@ -15,6 +15,8 @@ They live outside tests/, so the normal test run does not collect them; without 
 the module is skipped.
 """
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -136,12 +138,16 @@ def test_bias_gelu_eager(benchmark, gelu_inputs):
 # --------------------------------------------------------------------------------------------
 @pytest.fixture
 def null_kernels(monkeypatch):
-    """The torch backend's ops replaced by ``null_backend``'s kernels, which allocate their outputs
-    and compute nothing, and reached through the autograd.Function as kernel backends are: what
-    is left of a call is fastformer's Python (checks, dispatch) and PyTorch's autograd around it."""
-    support = dispatch._OP_TABLES["torch"]["attention"][0]
+    """The kernel backend "triton" replaced by ``null_backend``'s kernels, which allocate their
+    outputs and compute nothing, and made available on this machine's device: what is left of a
+    call is fastformer's Python (checks, dispatch, dropout seeds) and PyTorch's autograd around it,
+    on the path every kernel backend takes (autograd.Function, linear biases handed to bias_gelu)."""
+    everything = dispatch._OP_TABLES["torch"]["attention"][0]
+    support = dataclasses.replace(everything, forced_only_devices=frozenset())
     table = {op: (support, null_backend.__name__) for op in dispatch.OPS}
-    monkeypatch.setitem(dispatch._OP_TABLES, "torch", table)
+    monkeypatch.setitem(dispatch._OP_TABLES, "triton", table)
+    monkeypatch.setitem(dispatch._UNAVAILABLE, "triton", ())
+    return "triton"
 
 
 @pytest.fixture(scope="module")
@@ -175,17 +181,52 @@ def test_overhead_floor_autograd_function(benchmark, tiny_inputs):
 def test_overhead_attention(benchmark, tiny_inputs, null_kernels):
     q, k, v, grad = tiny_inputs[0]
     benchmark.group = "overhead per call, fwd+bwd, null kernels"
-    benchmark(_step(lambda: fastformer.attention(q, k, v, backend="torch"), (q, k, v), (grad,)))
+    benchmark(_step(lambda: fastformer.attention(q, k, v, backend=null_kernels), (q, k, v), (grad,)))
 
 
 def test_overhead_residual_layer_norm(benchmark, tiny_inputs, null_kernels):
     x, residual, weight, bias, g1, g2 = tiny_inputs[1]
     benchmark.group = "overhead per call, fwd+bwd, null kernels"
-    benchmark(_step(lambda: fastformer.residual_layer_norm(x, residual, weight, bias, backend="torch"),
+    benchmark(_step(lambda: fastformer.residual_layer_norm(x, residual, weight, bias, backend=null_kernels),
                     (x, residual, weight, bias), (g1, g2)))
 
 
 def test_overhead_bias_gelu(benchmark, tiny_inputs, null_kernels):
     x, _, _, bias, grad, _ = tiny_inputs[1]
     benchmark.group = "overhead per call, fwd+bwd, null kernels"
-    benchmark(_step(lambda: fastformer.bias_gelu(x, bias, backend="torch"), (x, bias), (grad,)))
+    benchmark(_step(lambda: fastformer.bias_gelu(x, bias, backend=null_kernels), (x, bias), (grad,)))
+
+
+@pytest.fixture(scope="module")
+def layer_inputs():
+    torch.manual_seed(0)
+    x = _rand(2, 8, 32, requires_grad=True)
+    padding = torch.zeros(2, 8, dtype=torch.bool, device=DEVICE)
+    padding[1, 5:] = True
+    return x, padding, _rand(2, 8, 32)
+
+
+def _layer(cls):
+    torch.manual_seed(0)
+    return cls(32, 4, 64, dropout=0.1, activation="gelu", batch_first=True, device=DEVICE, dtype=DTYPE)
+
+
+def test_overhead_encoder_layer_step(benchmark, layer_inputs, null_kernels):
+    """A FastTransformerEncoderLayer training step (dropout on, key padding) with null kernels:
+    its GEMMs and PyTorch ops at a tiny size, fastformer's Python around its 10 kernels."""
+    x, padding, grad = layer_inputs
+    layer = _layer(fastformer.FastTransformerEncoderLayer)
+    benchmark.group = "overhead per layer step, fwd+bwd, tiny shape"
+
+    def forward():
+        with fastformer.use_backend(null_kernels):
+            return layer(x, src_key_padding_mask=padding)
+    benchmark(_step(forward, (x, *layer.parameters()), (grad,)))
+
+
+def test_overhead_encoder_layer_step_torch(benchmark, layer_inputs):
+    """The same step of nn.TransformerEncoderLayer, its kernels computing (tiny)."""
+    x, padding, grad = layer_inputs
+    layer = _layer(torch.nn.TransformerEncoderLayer)
+    benchmark.group = "overhead per layer step, fwd+bwd, tiny shape"
+    benchmark(_step(lambda: layer(x, src_key_padding_mask=padding), (x, *layer.parameters()), (grad,)))
