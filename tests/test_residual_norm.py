@@ -309,17 +309,20 @@ def test_a_loss_of_one_output(norm, backend, read, dropout_p, device, monkeypatc
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_statistics_are_float32_for_half_inputs(norm, dtype, backend, device):
-    x = torch.randn(8, 32, dtype=dtype, device=device)
+    """The op's saved statistics (mean, rstd) per row, 37 rows (tiles with rows past the end)."""
+    rows, hidden = 37, 40
+    x = torch.randn(rows, hidden, dtype=dtype, device=device) + 0.5
     rms = norm == "rms"
     require(backend, norm, x, None, None, None)
     _, _, mean, rstd = torch.ops.fastformer.residual_norm_fwd(x, None, None, None, 1e-5, 0.0, rms, None,
                                                               False, backend)
-    assert rstd.dtype == torch.float32 and rstd.shape == (8,)
-    expected_rstd = reference.residual_norm(x, None, None, None, 1e-5, rms)[1]
-    centred = expected_rstd - (0 if rms else expected_rstd.mean(-1, keepdim=True))
+    assert rstd.dtype == torch.float32 and rstd.shape == (rows,)
+    r = reference.residual_norm(x, None, None, None, 1e-5, rms)[1]
+    centred = r - (0 if rms else r.mean(-1, keepdim=True))
     torch.testing.assert_close(rstd.double(), 1 / torch.sqrt((centred**2).mean(-1) + 1e-5), rtol=1e-5, atol=0)
     if not rms:
-        assert mean.dtype == torch.float32 and mean.shape == (8,)
+        assert mean.dtype == torch.float32 and mean.shape == (rows,)
+        torch.testing.assert_close(mean.double(), r.mean(-1), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.gpu
