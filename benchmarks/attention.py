@@ -405,11 +405,12 @@ def bench_attention(shape: Shape, args, compile_here: bool, skips, failures) -> 
 def _module_pair(kind: str, shape: ModuleShape, args) -> dict[str, nn.Module]:
     E, H, p = shape.embed, shape.heads, args.module_dropout
     torch.manual_seed(args.seed)
+    batch_first = not args.seq_first
     if kind == "MultiheadAttention":
-        reference = nn.MultiheadAttention(E, H, dropout=p, batch_first=True)
+        reference = nn.MultiheadAttention(E, H, dropout=p, batch_first=batch_first)
     else:
         reference = nn.TransformerEncoderLayer(E, H, 4 * E, dropout=p, activation="gelu",
-                                               batch_first=True)
+                                               batch_first=batch_first)
     reference = reference.to(device=args.device, dtype=args.torch_dtype).train()
     fast = fastformer.optimize(nn.Sequential(copy.deepcopy(reference)))[0].train()
     return {MODULE_BASELINE: reference, "fastformer": fast}
@@ -424,13 +425,12 @@ def _module_call(module: nn.Module, kind: str, x, padding) -> Callable:
 def bench_modules(shape: ModuleShape, args, compile_here: bool, skips, failures) -> list[common.Row]:
     device, dtype = args.device, args.torch_dtype
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    x = torch.randn(shape.batch, shape.seq_len, shape.embed, device=device, dtype=dtype,
-                    generator=generator).requires_grad_()
-    grad_out = torch.randn(shape.batch, shape.seq_len, shape.embed, device=device, dtype=dtype,
-                           generator=generator)
+    layout = (shape.seq_len, shape.batch) if args.seq_first else (shape.batch, shape.seq_len)
+    x = torch.randn(*layout, shape.embed, device=device, dtype=dtype, generator=generator).requires_grad_()
+    grad_out = torch.randn(*layout, shape.embed, device=device, dtype=dtype, generator=generator)
     lengths = key_lengths(shape.batch, shape.seq_len, True, args.seed)
     padding = torch.arange(shape.seq_len, device=device)[None, :] >= torch.tensor(lengths, device=device)[:, None]
-    label = shape.label()
+    label = shape.label() + (" seq-first" if args.seq_first else "")
     rows = []
     for kind in ("MultiheadAttention", "TransformerEncoderLayer"):
         modules = _module_pair(kind, shape, args)
@@ -489,6 +489,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="attention suites: dropout_p (default 0; > 0 disables the checks)")
     parser.add_argument("--module-dropout", type=float, default=0.1,
                         help="modules suite: dropout of the layers (default 0.1, as in fine-tuning)")
+    parser.add_argument("--seq-first", action="store_true",
+                        help="modules suite: sequence-first modules and inputs (batch_first=False, "
+                             "PyTorch's default) instead of batch-first")
     compiled = parser.add_mutually_exclusive_group()
     compiled.add_argument("--compile", dest="compile", action="store_true", default=None,
                           help="torch.compile providers also on the CPU (first shape of each suite)")

@@ -14,7 +14,8 @@ Both call the same ``_*_forward`` / ``_*_backward`` bodies, and those call the b
 Ops (all in namespace ``fastformer``):
     attention_fwd(q, k, v, attn_mask?, key_padding_mask?, dropout_p, is_causal, scale, seed?, backend)
         -> (out, lse)            out: (B, Hq, Lq, Dv) stored as (B, Lq, Hq, Dv), so that merging
-                                 heads for the output projection is a free view
+                                 heads for the output projection is a free view (eager kernel
+                                 backends: laid out like the query, attention_layout_like)
     attention_bwd(...)           -> (grad_q, grad_k, grad_v, grad_attn_mask or empty)
     residual_norm_fwd(x, residual?, weight?, bias?, eps, dropout_p, rms, seed?, store_residual, backend)
         -> (out, residual_out or empty, mean or empty, rstd)        x: (..., N); mean, rstd: (rows,)
@@ -110,21 +111,26 @@ def _blhd(t: Tensor) -> Tensor:
     return t.transpose(1, 2).contiguous().transpose(1, 2)
 
 
-def attention_gradient_like(t: Tensor) -> Tensor:
-    """An empty tensor for the gradient of attention input ``t`` (B, H, L, D): dense, its batch,
-    head and sequence dims nested as in ``t``'s memory (the largest stride outermost; ties in dim
-    order), the head dim innermost. For q, k, v split from a projection's output, (B, L, H, D) or,
-    sequence-first, (L, B, H, D) memory: autograd then hands the gradient back through the views
-    (transpose, view to (..., H * D)) for free, where a contiguous (B, H, L, D) one is copied at the
-    views' backward, once per input. The kernel backends' attention backward (Triton, CUDA) lay
-    their gradients out this way; the custom op (torch.compile's path, whose fake kernel cannot
-    know the runtime strides of its inputs) returns them contiguous."""
+def attention_layout_like(t: Tensor, last_dim: Optional[int] = None) -> Tensor:
+    """An empty (B, H, L, last_dim) tensor (default: ``t``'s shape) for the output or a gradient of
+    attention input ``t`` (B, H, L, D): dense, its batch, head and sequence dims nested as in
+    ``t``'s memory (the largest stride outermost; ties in dim order), the last dim innermost.
+
+    For q, k, v split from a projection's output, (B, L, H, D) or, sequence-first, (L, B, H, D)
+    memory, the output (laid out like the query) merges its heads for the output projection with a
+    free view, where another layout is copied; and the gradients flow back through the views
+    (transpose, view to (..., H * D)) into the projection without a copy, once per input. A
+    contiguous (B, H, L, D) query gets a contiguous output, as SDPA returns it. The kernel
+    backends (Triton, CUDA) lay out their outputs and gradients this way in eager mode; the custom
+    op (torch.compile's path, whose fake kernel cannot know the runtime strides of its inputs)
+    returns the output as (B, L, H, D) memory and the gradients contiguous."""
+    shape = (*t.shape[:3], t.shape[3] if last_dim is None else last_dim)
     strides = [0, 0, 0, 1]
-    step = t.shape[3]
+    step = shape[3]
     for dim in sorted(range(3), key=lambda d: (-t.stride(d), d))[::-1]:  # innermost first
         strides[dim] = step
-        step *= max(t.shape[dim], 1)  # as PyTorch's contiguous strides
-    return torch.empty_strided(t.shape, strides, dtype=t.dtype, device=t.device)
+        step *= max(shape[dim], 1)  # as PyTorch's contiguous strides
+    return torch.empty_strided(shape, strides, dtype=t.dtype, device=t.device)
 
 
 # Backends whose module has an ``eager_<forward>`` function (the torch backend, composed of PyTorch
@@ -165,10 +171,11 @@ def _eager_or_compiled(function, op, public_op, forward_name):
 # attention
 # --------------------------------------------------------------------------------------------
 def _attention_forward(query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal, scale,
-                       seed, backend):
+                       seed, backend, out_like_query=True):
     out, lse = _implementation(backend, "attention").attention_fwd(
-        query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed)
-    return _blhd(out), lse.contiguous()
+        query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed,
+        out_like_query=out_like_query)
+    return out, lse.contiguous()
 
 
 def _attention_backward(grad_out, query, key, value, out, lse, attn_mask, key_padding_mask, dropout_p,
@@ -214,8 +221,9 @@ def _attention_grads(ctx, grad_out, grad_lse, *, backward):
 def attention_fwd(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor],
                   key_padding_mask: Optional[Tensor], dropout_p: float, is_causal: bool, scale: float,
                   seed: Optional[Tensor], backend: str) -> Tuple[Tensor, Tensor]:
-    return _attention_forward(query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal,
-                              scale, seed, backend)
+    out, lse = _attention_forward(query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal,
+                                  scale, seed, backend, out_like_query=False)
+    return _blhd(out), lse  # the torch backend's comes in SDPA's layout
 
 
 @attention_fwd.register_fake

@@ -264,7 +264,9 @@ def _hf_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_func
 def _hf_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers' attention-function signature on top of fastformer.attention.
 
-    q/k/v are (B, H, L, D); the result is (B, L, H, D) (a free view of fastformer's layout).
+    q/k/v are (B, H, L, D); the result is (B, L, H, D), contiguous when the query is a view of a
+    (B, L, H, D) projection as transformers makes it (the kernel backends lay the output out like
+    the query).
     A boolean (B, 1, Lq, Lk) mask that is the same for every query row (padding) becomes
     key_padding_mask, which the kernels skip tile by tile: recognised from its strides when it is
     a broadcast view (what :func:`_hf_mask` builds), else, where its values are free to read

@@ -146,6 +146,48 @@ class ZeroFills(TorchDispatchMode):
         return out
 
 
+class Copies(TorchDispatchMode):
+    """Records the copies of tensors made while it is active (``clone``, ``copy_``, ``_to_copy``:
+    what ``contiguous()``, a ``reshape()`` that cannot view and ``.to()`` dispatch to), as (op,
+    shape): on a GPU each is a kernel reading and writing the whole tensor. Leaves out what Triton's
+    interpreter copies around each kernel it runs (its host copies of the arguments), which a GPU
+    does not do."""
+
+    COPIES = {"clone", "copy_", "_to_copy"}
+
+    def __init__(self):
+        super().__init__()
+        self.copies = []
+        self._in_kernel = 0
+
+    def __enter__(self):
+        from triton.runtime.interpreter import GridExecutor
+
+        run_kernel = self._run_kernel = GridExecutor.__call__
+        mode = self
+
+        def call(executor, *args, **kwargs):
+            mode._in_kernel += 1
+            try:
+                return run_kernel(executor, *args, **kwargs)
+            finally:
+                mode._in_kernel -= 1
+        GridExecutor.__call__ = call
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        from triton.runtime.interpreter import GridExecutor
+
+        GridExecutor.__call__ = self._run_kernel
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not self._in_kernel and func.overloadpacket.__name__ in self.COPIES:
+            self.copies.append((func.overloadpacket.__name__, tuple(out.shape)))
+        return out
+
+
 def seeded_gradients(loss_function, params, seed: int = 123) -> list:
     """The gradients of ``params`` (zeros where one gets none) from ``loss_function().backward()``
     after ``torch.manual_seed(seed)``: runs that must draw the same dropout masks, compared.

@@ -355,23 +355,32 @@ def test_key_padding_of_long_rows(dtype, backend, device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("layout", ["blhd", "lbhd", "bhld"])
-def test_gradients_come_in_the_inputs_memory_order(layout, backend, device):
-    """The kernel backends' gradients of q, k, v as views of (B, L, H, D) projections (or of
-    sequence-first (L, B, H, D) ones, as nn.MultiheadAttention's default layout gives) are laid
-    out the same way, so they flow back through the views into the projections without a copy;
-    contiguous (B, H, L, D) inputs get contiguous gradients. The values against float64."""
+def test_output_and_gradients_come_in_the_inputs_memory_order(layout, backend, device):
+    """The kernel backends' output is laid out like the query and the gradients of q, k, v like
+    their inputs: for views of (B, L, H, D) projections (or of sequence-first (L, B, H, D) ones, as
+    nn.MultiheadAttention's default layout gives) merging the output's heads is a free view and
+    the gradients flow back through the views into the projections without a copy; contiguous
+    (B, H, L, D) inputs get a contiguous output and gradients, as SDPA gives. Under torch.compile
+    the output keeps one layout, (B, L, H, D) memory. The values against float64."""
     shape = (2, 4, 2, 9, 12, 16, 8)
     q, k, v = make_qkv(shape, torch.float32, device)
     order = {"blhd": (0, 2, 1, 3), "lbhd": (2, 0, 1, 3), "bhld": (0, 1, 2, 3)}[layout]  # memory dims
     q, k, v = (in_memory_order(t.detach(), order).requires_grad_() for t in (q, k, v))
     require_backend(backend, "attention", q, k, v)
     out = fastformer.attention(q, k, v, backend=backend)
+    expected = reference.attention(q, k, v)
+    assert out.permute(order).is_contiguous(), f"out: strides {out.stride()}, query {q.stride()}"
+    assert_rel_close(out, expected, ATTENTION_TOL[torch.float32][0], "out")
     grad_out = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), grad_out)
-    want = torch.autograd.grad(reference.attention(q, k, v), (q, k, v), grad_out.double())
-    for name, t, grad, expected in zip("qkv", (q, k, v), grads, want):
+    want = torch.autograd.grad(expected, (q, k, v), grad_out.double())
+    for name, t, grad, expected_grad in zip("qkv", (q, k, v), grads, want):
         assert grad.permute(order).is_contiguous(), f"grad {name}: strides {grad.stride()}, input {t.stride()}"
-        assert_rel_close(grad, expected, ATTENTION_TOL[torch.float32][1], f"grad {name}")
+        assert_rel_close(grad, expected_grad, ATTENTION_TOL[torch.float32][1], f"grad {name}")
+    with torch.no_grad():
+        op_out, _ = torch.ops.fastformer.attention_fwd(q, k, v, None, None, 0.0, False, 16 ** -0.5, None, backend)
+    assert op_out.transpose(1, 2).is_contiguous()
+    torch.testing.assert_close(op_out, out, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

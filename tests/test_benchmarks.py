@@ -309,3 +309,18 @@ def test_micro_benchmarks_run(tmp_path):
     # The overhead and layer-step groups run on any machine (a skip there would hide them).
     passed = re.search(r"\b(\d+) passed", result.stdout)
     assert passed and int(passed[1]) >= 8, result.stdout[-3000:]
+
+
+def test_modules_suite_runs_sequence_first_modules(tmp_path):
+    """--seq-first: nn.MultiheadAttention / nn.TransformerEncoderLayer with batch_first=False (the
+    default of both) against their fastformer versions, outputs and gradients checked (dropout 0)."""
+    import attention
+
+    out = tmp_path / "r.json"
+    args = attention.parse_args(["--device", "cpu", "--no-ceilings", "--no-compile", "--quick", "--repeats", "2",
+                                 "--warmup", "0", "--suites", "modules", "--seq-first", "--module-dropout", "0",
+                                 "-B", "2", "-H", "2", "-L", "16", "-D", "8", "--json", str(out)])
+    assert attention.run(args) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {row["provider"] for row in rows} == {"torch.nn", "fastformer"}
+    assert all(row["shape"].endswith("seq-first") for row in rows) and len(rows) == 12

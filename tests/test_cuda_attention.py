@@ -19,15 +19,15 @@ import fastformer
 import reference
 from fastformer.cuda import attention as cuda_attention
 from fastformer.cuda import load_extension
-from fastformer.library import attention_gradient_like
+from fastformer.library import attention_layout_like
 from helpers import ATTENTION_TOL, assert_rel_close, misaligned, require_backend
 from test_attention import finfo_min_mask
 
 HALF = [torch.float16, torch.bfloat16]
 
 FWD_SCHEMA = ("fastformer::cuda_attention_fwd(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, "
-              "Tensor? key_padding_mask, float scale, bool is_causal, float dropout_p, Tensor? seed) "
-              "-> (Tensor out, Tensor lse)")
+              "Tensor? key_padding_mask, float scale, bool is_causal, float dropout_p, Tensor? seed, "
+              "bool out_like_query=True) -> (Tensor out, Tensor lse)")
 BWD_SCHEMA = ("fastformer::cuda_attention_bwd(Tensor grad_out, Tensor query, Tensor key, Tensor value, "
               "Tensor out, Tensor lse, Tensor? attn_mask, Tensor? key_padding_mask, float scale, bool is_causal, "
               "float dropout_p, Tensor? seed) -> (Tensor grad_query, Tensor grad_key, Tensor grad_value)")
@@ -88,7 +88,7 @@ def test_meta_shapes(dtype):
     grads = torch.ops.fastformer.cuda_attention_bwd(out, q, k, v, out, lse, None, padding, 0.125, False, 0.0, None)
     for grad, like in zip(grads, (q, k, v)):  # dense, in the input's memory order
         assert grad.shape == like.shape and grad.dtype == dtype
-        assert grad.stride() == attention_gradient_like(like).stride()
+        assert grad.stride() == attention_layout_like(like).stride()
     assert grads[0].transpose(1, 2).is_contiguous() and grads[1].is_contiguous()
 
 

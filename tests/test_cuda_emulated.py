@@ -172,19 +172,26 @@ def test_attention_key_padding_of_long_rows(layout):
 
 
 @pytest.mark.parametrize("order", [(0, 2, 1, 3), (2, 0, 1, 3), (0, 1, 2, 3)], ids=["blhd", "lbhd", "bhld"])
-def test_attention_gradients_come_in_the_inputs_memory_order(order):
-    """The op allocates dQ, dK, dV dense in their inputs' memory order (gradient_like in
-    attention_ops.cpp, the rule of fastformer.library.attention_gradient_like) and the kernels
-    write them through their strides: values against float64, layouts as the rule says."""
-    from fastformer.library import attention_gradient_like
+def test_attention_output_and_gradients_come_in_the_inputs_memory_order(order):
+    """The op allocates its output like q and dQ, dK, dV like their inputs, dense in the inputs'
+    memory order (layout_like in attention_ops.cpp, the rule of
+    fastformer.library.attention_layout_like), and the kernels write them through their strides;
+    out_like_query=False stores the output as (B, Lq, Hq, Dv), the custom op's layout. Values
+    against float64 (value head dim 16, query/key 32), layouts as the rule says."""
+    from fastformer.library import attention_layout_like
 
-    q, k, v = (in_memory_order(torch.randn(2, 3, 37, 32, dtype=torch.float16), order) for _ in range(3))
-    grad_out = torch.randn(2, 3, 37, 32, dtype=torch.float16)
+    q, k = (in_memory_order(torch.randn(2, 3, 37, 32, dtype=torch.float16), order) for _ in range(2))
+    v = in_memory_order(torch.randn(2, 3, 37, 16, dtype=torch.float16), order)
+    grad_out = torch.randn(2, 3, 37, 16, dtype=torch.float16)
     out, lse, grads = cuda_tests._run(q, k, v, is_causal=True, grad_out=grad_out)
-    _, want = cuda_tests._reference(q, k, v, grad_out, is_causal=True)
+    expected_out, want = cuda_tests._reference(q, k, v, grad_out, is_causal=True)
+    assert out.permute(order).is_contiguous() and out.stride() == attention_layout_like(q, 16).stride()
+    assert_rel_close(out, expected_out, cuda_tests.ATTENTION_TOL[torch.float16][0], "out")
     for name, t, grad, expected in zip("qkv", (q, k, v), grads, want):
-        assert grad.permute(order).is_contiguous() and grad.stride() == attention_gradient_like(t).stride(), name
+        assert grad.permute(order).is_contiguous() and grad.stride() == attention_layout_like(t).stride(), name
         assert_rel_close(grad, expected, cuda_tests.ATTENTION_TOL[torch.float16][1], f"grad {name}")
+    blhd, _ = cuda_attention.attention_fwd(q, k, v, None, None, 0.0, True, 32 ** -0.5, None, out_like_query=False)
+    assert blhd.transpose(1, 2).is_contiguous() and torch.equal(blhd, out)
 
 
 DROPOUT_CASES = [("none", 64, torch.float16), ("causal+padding", 32, torch.bfloat16), ("float", 128, torch.float16)]

@@ -13,7 +13,7 @@ from torch import nn
 import fastformer
 from fastformer.nn.encoder import FastTransformerEncoderLayer
 from fastformer.nn.multihead_attention import FastMultiheadAttention
-from helpers import DEVICES, LoRALinear, ZeroFills, record_bias_gelu_biases, require_backend
+from helpers import Copies, DEVICES, LoRALinear, ZeroFills, record_bias_gelu_biases, require_backend
 
 # PyTorch warns when a float causal mask meets a bool padding mask ("causal+padding"); so does
 # FastMultiheadAttention, as PyTorch's MultiheadAttention.
@@ -325,15 +325,34 @@ def test_a_training_step_fills_no_zeros(norm_first, backend, device, monkeypatch
     from fastformer import library
 
     monkeypatch.setattr(library, "NATIVE_AUTOGRAD", False)
-    _, fast = make_pair(norm_first, "gelu", batch_first=True, dtype=torch.float32)
+    assert _training_step(ZeroFills(), backend, device, norm_first=norm_first).fills == []
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "seq_first"])
+def test_a_kernel_backend_training_step_copies_no_tensor(batch_first, backend, device):
+    """Forward and backward of a training step (dropout, padding, GELU) on a kernel backend copy
+    no tensor, in either layout: q, k, v are views of the QKV projection, the attention output is
+    laid out like the query so merging its heads for the output projection is a view (a
+    (B, L, H, D) output of sequence-first inputs was copied to (L, B, H * D) there), and the
+    gradients flow back through the same views."""
+    assert _training_step(Copies(), backend, device, batch_first=batch_first).copies == []
+
+
+def _training_step(mode, backend, device, norm_first=False, batch_first=True):
+    """One training step (forward and backward; dropout, padding, GELU) of a fresh
+    FastTransformerEncoderLayer on ``backend`` inside dispatch mode ``mode``, which it returns;
+    skips when the backend cannot run here. Every parameter must get a finite gradient."""
+    _, fast = make_pair(norm_first, "gelu", batch_first=batch_first, dtype=torch.float32)
     fast = fast.to(device)
-    x = torch.randn(B, S, D_MODEL, device=device, requires_grad=True)
+    x = torch.randn((B, S, D_MODEL) if batch_first else (S, B, D_MODEL), device=device, requires_grad=True)
     padding = padding_mask().to(device)
     require_backend(backend, "residual_layer_norm", x, x, fast.norm1.weight, fast.norm1.bias)
-    with fastformer.use_backend(backend), ZeroFills() as zero_fills:
+    with fastformer.use_backend(backend), mode:
         fast(x, src_key_padding_mask=padding).square().sum().backward()
-    assert zero_fills.fills == []
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in fast.parameters())
+    return mode
 
 
 @pytest.mark.parametrize("padding_dtype", ["bool", "float"])

@@ -5,7 +5,8 @@ the interface of every backend module (``fastformer/triton/attention.py`` and fr
 import torch
 
 
-def attention_fwd(query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed):
+def attention_fwd(query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed, *,
+                  out_like_query=True):
     batch, heads, length, _ = query.shape
     out = query.new_empty(batch, length, heads, value.shape[-1]).transpose(1, 2)
     return out, query.new_empty(batch, heads, length, dtype=torch.float32)

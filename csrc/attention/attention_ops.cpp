@@ -131,21 +131,31 @@ KeyPadding prepare_key_padding(const at::Tensor& mask, AttentionParams& p) {
   return padding;
 }
 
-// An empty gradient for attention input t (B, H, L, D), laid out as the Triton backend lays them
-// out too (fastformer/library.py: attention_gradient_like): dense, the batch, head and sequence dims nested
-// as in t's memory (largest stride outermost, ties in dim order), the head dim innermost. Then the
-// gradient of q, k, v split from a projection flows back through the views without a copy. The
-// kernels take any row strides.
-at::Tensor gradient_like(const at::Tensor& t) {
+// An empty (B, H, L, last_dim) tensor for the output or a gradient of attention input t (B, H, L, D),
+// laid out as the Triton backend lays them out too (fastformer/library.py: attention_layout_like):
+// dense, the batch, head and sequence dims nested as in t's memory (largest stride outermost, ties in
+// dim order), the last dim innermost. Then an output laid out like q merges its heads for the output
+// projection with a free view, and the gradients of q, k, v split from a projection flow back through
+// the views without a copy. The kernels take any row strides.
+at::Tensor layout_like(const at::Tensor& t, int64_t last_dim) {
   std::array<int64_t, 3> outer{0, 1, 2};
   std::stable_sort(outer.begin(), outer.end(), [&](int64_t a, int64_t b) { return t.stride(a) > t.stride(b); });
   std::array<int64_t, 4> strides{0, 0, 0, 1};
-  int64_t step = t.size(3);
+  int64_t step = last_dim;
   for (int i = 2; i >= 0; --i) {
     strides[outer[i]] = step;
     step *= std::max<int64_t>(t.size(outer[i]), 1);  // as PyTorch's contiguous strides
   }
-  return at::empty_strided(t.sizes(), strides, t.options());
+  return at::empty_strided({t.size(0), t.size(1), t.size(2), last_dim}, strides, t.options());
+}
+
+at::Tensor gradient_like(const at::Tensor& t) { return layout_like(t, t.size(3)); }
+
+// The forward's output (B, Hq, Lq, Dv): laid out like q (eager mode), or stored as (B, Lq, Hq, Dv),
+// the fixed layout of the library's custom op (whose fake kernel cannot follow q's runtime strides).
+at::Tensor output_like(const at::Tensor& q, const Sizes& s, bool out_like_query) {
+  if (out_like_query) return layout_like(q, s.dim_v);
+  return at::empty({s.batch, s.len_q, s.heads_q, s.dim_v}, q.options()).transpose(1, 2);
 }
 
 // Fill everything shared by the forward and backward params. Keeps the device tensors the params
@@ -230,14 +240,13 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const
                                                       const c10::optional<at::Tensor>& attn_mask,
                                                       const c10::optional<at::Tensor>& key_padding_mask,
                                                       double scale, bool is_causal, double dropout_p,
-                                                      const c10::optional<at::Tensor>& seed) {
+                                                      const c10::optional<at::Tensor>& seed, bool out_like_query) {
   const Sizes s = check_inputs(q, k, v);
   TORCH_CHECK(on_kernel_device(q), kOp, "query must be a CUDA tensor");
   check_same_device(q, k, "key");
   check_same_device(q, v, "value");
   const KernelDeviceGuard guard(q.device());
-  // (B, Hq, Lq, Dv) stored as (B, Lq, Hq, Dv), as the other backends return it.
-  at::Tensor out = at::empty({s.batch, s.len_q, s.heads_q, s.dim_v}, q.options()).transpose(1, 2);
+  at::Tensor out = output_like(q, s, out_like_query);
   at::Tensor lse = at::empty({s.batch, s.heads_q, s.len_q}, q.options().dtype(at::kFloat));
   if (out.numel() == 0 || s.len_k == 0) {  // nothing to attend to
     out.zero_();
@@ -314,10 +323,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
 std::tuple<at::Tensor, at::Tensor> attention_fwd_meta(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                       const c10::optional<at::Tensor>&,
                                                       const c10::optional<at::Tensor>& key_padding_mask, double,
-                                                      bool, double, const c10::optional<at::Tensor>&) {
+                                                      bool, double, const c10::optional<at::Tensor>&,
+                                                      bool out_like_query) {
   const Sizes s = check_inputs(q, k, v);
   check_key_padding_mask(key_padding_mask, s);
-  at::Tensor out = at::empty({s.batch, s.len_q, s.heads_q, s.dim_v}, q.options()).transpose(1, 2);
+  at::Tensor out = output_like(q, s, out_like_query);
   at::Tensor lse = at::empty({s.batch, s.heads_q, s.len_q}, q.options().dtype(at::kFloat));
   return {out, lse};
 }
@@ -339,8 +349,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_meta(
 TORCH_LIBRARY_FRAGMENT(FASTFORMER_OPS_NAMESPACE, m) {
   m.def(
       "cuda_attention_fwd(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, "
-      "Tensor? key_padding_mask, float scale, bool is_causal, float dropout_p, Tensor? seed) "
-      "-> (Tensor out, Tensor lse)");
+      "Tensor? key_padding_mask, float scale, bool is_causal, float dropout_p, Tensor? seed, "
+      "bool out_like_query=True) -> (Tensor out, Tensor lse)");
   m.def(
       "cuda_attention_bwd(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor out, Tensor lse, "
       "Tensor? attn_mask, Tensor? key_padding_mask, float scale, bool is_causal, float dropout_p, Tensor? seed) "

@@ -76,19 +76,22 @@ def _last_dim_contiguous(t):
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
-def attention_fwd(query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed):
-    """Returns (out (B, Hq, Lq, Dv) stored as (B, Lq, Hq, Dv), lse (B, Hq, Lq) float32)."""
+def attention_fwd(query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed, *,
+                  out_like_query=True):
+    """Returns (out (B, Hq, Lq, Dv), lse (B, Hq, Lq) float32); out laid out like the query
+    (``fastformer.library.attention_layout_like``), or with ``out_like_query=False`` stored as
+    (B, Lq, Hq, Dv)."""
     _check(query, key, value)
     query, key, value = (_last_dim_contiguous(t) for t in (query, key, value))
     seed = cuda.seed_argument("attention (cuda)", seed, query)
     return cuda.kernel_ops().cuda_attention_fwd(query, key, value, attn_mask, key_padding_mask, float(scale),
-                                                bool(is_causal), float(dropout_p), seed)
+                                                bool(is_causal), float(dropout_p), seed, bool(out_like_query))
 
 
 def attention_bwd(grad_out, query, key, value, out, lse, attn_mask, key_padding_mask, dropout_p,
                   is_causal, scale, seed, mask_needs_grad):
     """Returns (grad_query, grad_key, grad_value, None): gradients in the input dtypes, each in its
-    input's memory order (``fastformer.library.attention_gradient_like``)."""
+    input's memory order (``fastformer.library.attention_layout_like``)."""
     if mask_needs_grad:
         raise NotImplementedError("attention (cuda): no gradient for attn_mask (support() does not declare "
                                   "mask_grad, so dispatch sends such calls to another backend)")

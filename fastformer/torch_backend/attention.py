@@ -97,8 +97,9 @@ def _keep(seed, dropout_p, shape, device):
 
 
 def attention_fwd(query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed,
-                  *, native_dropout=False):
-    """Returns (out, lse); this backend recomputes in the backward, so lse is empty.
+                  *, out_like_query=True, native_dropout=False):
+    """Returns (out, lse); this backend recomputes in the backward, so lse is empty. ``out`` comes
+    in SDPA's layout whatever ``out_like_query`` asks (the library lays it out for its custom op).
 
     ``native_dropout``: a mask drawn now from PyTorch's generator (by SDPA, or on the CPU by
     ``torch_backend.dropout``) instead of the keep-mask regenerated from ``seed`` — for

@@ -55,7 +55,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastformer.library import attention_gradient_like
+from fastformer.library import attention_layout_like
 from fastformer.triton import alignment, interpreter_enabled, on_device
 from fastformer.triton.dropout import dropout_keep, seed_pointer, wide_offsets
 
@@ -624,11 +624,16 @@ def _bucket(length: int) -> int:
     return triton.next_power_of_2(max(1, length))
 
 
-def attention_fwd(query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed):
-    """Returns (out (B, Hq, Lq, Dv) stored as (B, Lq, Hq, Dv), lse (B, Hq, Lq) float32)."""
+def attention_fwd(query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed, *,
+                  out_like_query=True):
+    """Returns (out (B, Hq, Lq, Dv), lse (B, Hq, Lq) float32); out laid out like the query
+    (``attention_layout_like``), or with ``out_like_query=False`` stored as (B, Lq, Hq, Dv)."""
     batch, heads_q, len_q, dim = query.shape
     heads_k, len_k, dim_v = key.shape[1], key.shape[2], value.shape[-1]
-    out = torch.empty((batch, len_q, heads_q, dim_v), dtype=query.dtype, device=query.device).transpose(1, 2)
+    if out_like_query:
+        out = attention_layout_like(query, dim_v)
+    else:
+        out = torch.empty((batch, len_q, heads_q, dim_v), dtype=query.dtype, device=query.device).transpose(1, 2)
     lse = torch.empty((batch, heads_q, len_q), dtype=torch.float32, device=query.device)
     if out.numel() == 0 or len_k == 0:  # nothing to attend to
         return out.zero_(), lse.fill_(float("-inf"))
@@ -646,13 +651,13 @@ def attention_fwd(query, key, value, attn_mask, key_padding_mask, dropout_p, is_
 def attention_bwd(grad_out, query, key, value, out, lse, attn_mask, key_padding_mask, dropout_p,
                   is_causal, scale, seed, mask_needs_grad):
     """Returns (grad_query, grad_key, grad_value, None): gradients in the input dtypes, each in its
-    input's memory order (``fastformer.library.attention_gradient_like``)."""
+    input's memory order (``fastformer.library.attention_layout_like``)."""
     if mask_needs_grad:
         raise NotImplementedError("attention (triton): no gradient for attn_mask (the op table does "
                                   "not declare mask_grad, so dispatch sends such calls to the torch backend)")
     batch, heads_q, len_q, dim = query.shape
     heads_k, len_k, dim_v = key.shape[1], key.shape[2], value.shape[-1]
-    grad_q, grad_k, grad_v = (attention_gradient_like(t) for t in (query, key, value))
+    grad_q, grad_k, grad_v = (attention_layout_like(t) for t in (query, key, value))
     if batch * heads_q * len_q == 0 or len_k == 0:
         return grad_q.zero_(), grad_k.zero_(), grad_v.zero_(), None
     mask, padding, mask_strides, meta = _common(query, key, value, attn_mask, key_padding_mask, dropout_p,
