@@ -148,23 +148,36 @@ def _prepare_residual_norm(op, x, residual, weight, bias, eps, dropout_p, rms):
     check.check_vector(op, "bias", bias, hidden, x.dtype, x.device, sum_dtype=sum_dtype)
     if sum_dtype != x.dtype:
         # As `x + residual` would: PyTorch's type promotion (a bfloat16 sublayer output under
-        # autocast meets a float32 residual stream). Casts are differentiable. Parameters in x's
-        # own dtype follow (the kernels take x's dtype or float32).
-        x, residual = x.to(sum_dtype), residual.to(sum_dtype)
+        # autocast meets a float32 residual stream); x and residual are promoted in the kernel
+        # (see _promote). Parameters in x's own dtype follow (the kernels take the promoted dtype
+        # or float32).
         weight, bias = (t if t is None or t.dtype in (sum_dtype, torch.float32) else t.to(sum_dtype)
                         for t in (weight, bias))
     eps = check.check_positive(op, "eps", eps)
     dropout_p = check.check_probability(op, "dropout_p", dropout_p)
     needs = _needs(dropout=dropout_p > 0.0, residual=residual is not None, weight=weight is not None,
                    bias=bias is not None)
-    call = dispatch.Call(op, x.device, x.dtype, needs, hidden=hidden)
+    call = dispatch.Call(op, x.device, sum_dtype, needs, hidden=hidden)
     store_residual = residual is not None or dropout_p > 0.0
     return call, (x, residual, weight, bias, eps, dropout_p, rms), store_residual
+
+
+def _promote(args, backend: str, op: str):
+    """The op's arguments for ``backend``: x and residual of different dtypes cast to the dtype of
+    ``x + residual`` (differentiable casts), unless the backend's module says its kernels take
+    them as they are (``MIXED_DTYPES = True``: promoted as they are read, gradients written in
+    each input's dtype, no cast kernel either way)."""
+    x, residual = args[0], args[1]
+    if residual is None or residual.dtype == x.dtype or library.takes_mixed_dtypes(backend, op):
+        return args
+    dtype = torch.promote_types(x.dtype, residual.dtype)
+    return (x.to(dtype), residual.to(dtype), *args[2:])
 
 
 def _residual_norm(op, x, residual, weight, bias, eps, dropout_p, rms, backend):
     call, args, store_residual = _prepare_residual_norm(op, x, residual, weight, bias, eps, dropout_p, rms)
     chosen = dispatch.select_backend(call, backend).backend
+    args = _promote(args, chosen, op)
     seed = _seed_for(args[5], chosen, op, "residual_norm_fwd", x.device)
     out, residual_out, _, _ = library.residual_norm(*args, seed, store_residual, chosen)
     # Without residual and dropout the residual stream is x itself: return it, don't copy it.

@@ -19,7 +19,9 @@ Ops (all in namespace ``fastformer``):
     attention_bwd(...)           -> (grad_q, grad_k, grad_v, grad_attn_mask or empty)
     residual_norm_fwd(x, residual?, weight?, bias?, eps, dropout_p, rms, seed?, store_residual, backend)
         -> (out, residual_out or empty, mean or empty, rstd)        x: (..., N); mean, rstd: (rows,)
-    residual_norm_bwd(...)       -> (grad_x, grad_residual, grad_weight, grad_bias), absent = empty
+                                 out, residual_out in the dtype of x + residual
+    residual_norm_bwd(..., x_dtype, backend)
+        -> (grad_x, grad_residual, grad_weight, grad_bias), absent = empty; grad_x in x_dtype
     bias_gelu_fwd(x, bias?, approximate, dropout_p, seed?, backend) -> out
     bias_gelu_bwd(...)           -> (grad_x, grad_bias or empty)
 
@@ -28,9 +30,11 @@ formulas turn those back into None from flags they know, never from sizes.
 """
 
 import functools
+import hashlib
 import importlib
 import math
 import sys
+from pathlib import Path
 from typing import Optional, Tuple
 
 import torch
@@ -147,6 +151,12 @@ def draws_own_dropout(backend: str, op: str, forward_name: str) -> bool:
     if not NATIVE_AUTOGRAD or torch.compiler.is_compiling():
         return False
     return hasattr(_implementation(backend, op), "eager_" + forward_name)
+
+
+def takes_mixed_dtypes(backend: str, op: str) -> bool:
+    """Whether ``op``'s module on ``backend`` takes x and residual of different dtypes as they are
+    (``MIXED_DTYPES = True``); otherwise the caller casts them to the promoted dtype first."""
+    return getattr(_implementation(backend, op), "MIXED_DTYPES", False)
 
 
 def _eager_or_compiled(function, op, public_op, forward_name):
@@ -303,10 +313,10 @@ def _residual_norm_forward(x, residual, weight, bias, eps, dropout_p, rms, seed,
 
 
 def _residual_norm_backward(grad_out, grad_residual_out, normed, weight, bias, mean, rstd, dropout_p,
-                            rms, seed, has_residual, backend):
+                            rms, seed, has_residual, x_dtype, backend):
     grad_x, grad_residual, grad_weight, grad_bias = _implementation(backend, _norm_name(rms)) \
         .residual_norm_bwd(_rows(grad_out), _rows(grad_residual_out), _rows(normed), weight, bias, mean,
-                           rstd, dropout_p, rms, seed, has_residual)
+                           rstd, dropout_p, rms, seed, has_residual, x_dtype=x_dtype)
     grad_x = _shaped(grad_x.contiguous(), normed.shape)
     if grad_residual is not None:
         grad_residual = _shaped(grad_residual.contiguous(), normed.shape)
@@ -319,7 +329,7 @@ def _residual_norm_save(ctx, inputs, output):
     normed = residual_out if store_residual else x
     _skip_zero_gradients(ctx)
     ctx.save_for_backward(normed, weight, bias, mean, rstd, seed)
-    ctx.options = (dropout_p, rms, residual is not None, store_residual)
+    ctx.options = (dropout_p, rms, residual is not None, store_residual, x.dtype)
     ctx.backend = backend
 
 
@@ -330,13 +340,14 @@ def _residual_norm_grads(ctx, grad_out, grad_residual_out, grad_mean, grad_rstd,
     tensor twice is a matter of this formula, not of the backward op's outputs (which may not
     alias), so torch.compile takes it too."""
     normed, weight, bias, mean, rstd, seed = ctx.saved_tensors
-    dropout_p, rms, has_residual, store_residual = ctx.options
+    dropout_p, rms, has_residual, store_residual, x_dtype = ctx.options
     if grad_out is None:  # only the residual stream reaches a loss
         grad_out = torch.zeros_like(normed)
-    shared = has_residual and dropout_p == 0.0
+    # (x and residual of different dtypes get their gradients in their own dtypes: two tensors.)
+    shared = has_residual and dropout_p == 0.0 and x_dtype == normed.dtype
     grad_x, grad_residual, grad_weight, grad_bias = backward(
         grad_out, grad_residual_out if store_residual else None, normed, weight, bias, mean, rstd,
-        dropout_p, rms, seed, has_residual and not shared, ctx.backend)
+        dropout_p, rms, seed, has_residual and not shared, x_dtype, ctx.backend)
     if shared:
         grad_residual = grad_x
     return (grad_x, grad_residual if has_residual else None,
@@ -356,8 +367,10 @@ def residual_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Te
 @residual_norm_fwd.register_fake
 def _(x, residual, weight, bias, eps, dropout_p, rms, seed, store_residual, backend):
     rows = math.prod(x.shape[:-1])
-    stats = torch.promote_types(x.dtype, torch.float32)  # float64 for float64 inputs (torch backend)
-    return (_empty(x), _empty(x) if store_residual else _absent(x),
+    dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    stats = torch.promote_types(dtype, torch.float32)  # float64 for float64 inputs (torch backend)
+    out = x.new_empty(x.shape, dtype=dtype)
+    return (out, torch.empty_like(out) if store_residual else _absent(x),
             x.new_empty(0 if rms else rows, dtype=stats), x.new_empty(rows, dtype=stats))
 
 
@@ -365,18 +378,19 @@ def _(x, residual, weight, bias, eps, dropout_p, rms, seed, store_residual, back
 def residual_norm_bwd(grad_out: Tensor, grad_residual_out: Optional[Tensor], normed: Tensor,
                       weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, rstd: Tensor,
                       dropout_p: float, rms: bool, seed: Optional[Tensor], has_residual: bool,
-                      backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                      x_dtype: torch.dtype, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     grads = _residual_norm_backward(grad_out, grad_residual_out, normed, weight, bias, mean, rstd,
-                                    dropout_p, rms, seed, has_residual, backend)
+                                    dropout_p, rms, seed, has_residual, x_dtype, backend)
     return grads[0], *(_or_absent(grad, normed) for grad in grads[1:])
 
 
 @residual_norm_bwd.register_fake
 def _(grad_out, grad_residual_out, normed, weight, bias, mean, rstd, dropout_p, rms, seed,
-      has_residual, backend):
+      has_residual, x_dtype, backend):
     def maybe(t):
         return _absent(normed) if t is None else _empty(t)
-    return _empty(normed), maybe(normed if has_residual else None), maybe(weight), maybe(bias)
+    grad_x = normed.new_empty(normed.shape, dtype=x_dtype)
+    return grad_x, maybe(normed if has_residual else None), maybe(weight), maybe(bias)
 
 
 residual_norm_fwd.register_autograd(functools.partial(_residual_norm_grads, backward=residual_norm_bwd),
@@ -469,3 +483,27 @@ class BiasGeluFunction(torch.autograd.Function):
 
 
 bias_gelu = _eager_or_compiled(BiasGeluFunction, bias_gelu_fwd, "bias_gelu", "bias_gelu_fwd")
+
+
+# --------------------------------------------------------------------------------------------
+# torch.compile's caches
+# --------------------------------------------------------------------------------------------
+def _tag_compile_caches() -> str:
+    """Put a digest of this file, which defines the ops' schemas, fake kernels and autograd
+    formulas, into the key of PyTorch's compile caches (FX graph and AOTAutograd caches, on disk
+    across processes), and return that tag.
+
+    Those caches key a graph by its code, which names a custom op but holds neither its schema nor
+    its autograd formula (pytorch/pytorch#144344): after an upgrade of fastformer changes either,
+    a graph cached by the old version would run the old backward (wrong gradients, or an error
+    when a schema changed). ``torch.compiler.config.cache_key_tag`` is the cache key's hook for
+    such context; a tag the user set is kept in front of fastformer's."""
+    tag = "fastformer-ops-" + hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+    import torch.compiler.config as config  # (not an attribute of torch.compiler before it is imported)
+
+    if tag not in config.cache_key_tag:
+        config.cache_key_tag = f"{config.cache_key_tag}+{tag}" if config.cache_key_tag else tag
+    return tag
+
+
+COMPILE_CACHE_TAG = _tag_compile_caches()

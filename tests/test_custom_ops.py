@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -269,3 +276,44 @@ def test_double_backward_is_exact_or_refused(backend, native, op, monkeypatch):
             torch.autograd.grad(penalised_loss(constant_grad_outputs), inputs)
         with pytest.raises(RuntimeError, match="cannot be differentiated again"):
             penalised_loss(constant_grad_outputs).backward()
+
+
+_COMPILE_AND_COUNT = """
+import json, torch, fastformer
+from torch._dynamo.utils import counters
+x, r = (torch.randn(8, 32, requires_grad=True) for _ in range(2))
+step = torch.compile(lambda x, r: fastformer.residual_layer_norm(x, r, None, None)[0].square().sum(), fullgraph=True)
+step(x, r).backward()
+hits = counters["aot_autograd"]["autograd_cache_hit"] + counters["inductor"]["fxgraph_cache_hit"]
+print(json.dumps({"hits": hits, "tag": torch.compiler.config.cache_key_tag}))
+"""
+
+
+def test_compile_caches_are_keyed_on_the_op_definitions(tmp_path):
+    """PyTorch's on-disk compile caches do not key on a custom op's autograd formula or schema
+    (pytorch/pytorch#144344): a graph cached with one fastformer must not be reused by another
+    whose fastformer/library.py differs (it would run the old backward). Three processes share a
+    cache folder: the same package twice (the second hits the cache: the check can see hits), then
+    a copy whose library.py differs by a comment (no hit). A user's own cache tag is kept."""
+    package = Path(fastformer.__file__).parent
+    copies = {}
+    for name, edit in (("same", ""), ("changed", "\n# a changed op definition\n")):
+        copies[name] = tmp_path / name
+        shutil.copytree(package, copies[name] / "fastformer", ignore=shutil.ignore_patterns("_C*", "__pycache__"))
+        library_file = copies[name] / "fastformer" / "library.py"
+        library_file.write_text(library_file.read_text() + edit)
+
+    def compile_with(name):
+        env = dict(os.environ, PYTHONPATH=str(copies[name]), TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "cache"),
+                   TORCH_COMPILE_CACHE_KEY_TAG="users-tag")
+        env.pop("TRITON_INTERPRET", None)
+        result = subprocess.run([sys.executable, "-c", _COMPILE_AND_COUNT], capture_output=True, text=True,
+                                env=env, cwd=tmp_path, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    first = compile_with("same")
+    assert first["tag"] == "users-tag+" + library.COMPILE_CACHE_TAG
+    assert compile_with("same")["hits"] > 0
+    changed = compile_with("changed")
+    assert changed["hits"] == 0 and changed["tag"] != first["tag"]

@@ -10,7 +10,7 @@ import fastformer
 import reference
 from fastformer import dispatch
 from fastformer.functional import _draw_seed
-from helpers import ZeroFills, keep_mask_function
+from helpers import Copies, ZeroFills, keep_mask_function
 from helpers import BACKENDS, DEVICES, ELEMENTWISE_TOL, PARAM_GRAD_TOL_HALF, assert_rel_close, require_backend
 
 HIDDEN = [1, 200, 384, 1000]
@@ -366,3 +366,42 @@ def test_rows_wider_than_a_backend_supports_fall_back_or_explain(norm):
         pytest.skip("triton cannot run here at all")
     with pytest.raises(fastformer.BackendUnavailableError, match="hidden size 16385 not supported"):
         fastformer.explain(op, *args, backend="triton")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("norm", NORMS)
+def test_half_x_meets_a_float32_residual_stream(norm, x_dtype, dropout_p, backend, device, monkeypatch):
+    """Under autocast a half-precision sublayer output meets the float32 residual stream: both
+    outputs in float32 (x + residual's dtype), each gradient in its input's dtype, all against
+    float64 with the same dropout mask. Triton's kernels take the two dtypes as they are
+    (MIXED_DTYPES) and copy nothing: no cast of x forward, none of its gradient backward."""
+    x, _, weight, bias = make_inputs((5, 37), "weight+bias", x_dtype, device, param_dtype=torch.float32)
+    residual = torch.randn(5, 37, device=device, dtype=torch.float32, requires_grad=True)
+    if norm == "rms":
+        bias = None
+    require(backend, norm, x.float(), residual, weight, bias)
+    keep_mask = keep_mask_function(backend, monkeypatch)  # the torch backend: its kernel path too
+    keep = None
+    if dropout_p:
+        torch.manual_seed(11)
+        keep = keep_mask(_draw_seed(dropout_p, backend, device), x.shape, dropout_p, device)
+    torch.manual_seed(11)
+    with Copies() as copies:
+        out, residual_out = run_norm(norm, x, residual, weight, bias, 1e-5, dropout_p, backend)
+        grads = torch.autograd.grad((out, residual_out), (x, residual, weight),
+                                    (torch.ones_like(out), torch.full_like(residual_out, 0.5)))
+    assert out.dtype == residual_out.dtype == torch.float32
+    assert [g.dtype for g in grads] == [x_dtype, torch.float32, torch.float32]
+    want_out, want_residual = reference.residual_norm(x, residual, weight, bias, 1e-5, norm == "rms", keep, dropout_p)
+    assert_rel_close(residual_out, want_residual, 1e-6, "residual_out")
+    assert_rel_close(out, want_out, ELEMENTWISE_TOL[torch.float32][0], "out")
+    want = torch.autograd.grad((want_out, want_residual), (x, residual, weight),
+                               (torch.ones_like(want_out), torch.full_like(want_residual, 0.5)))
+    for name, grad, expected in zip(("x", "residual", "weight"), grads, want):
+        tol = ELEMENTWISE_TOL[x_dtype][1] if name == "x" else ELEMENTWISE_TOL[torch.float32][1]
+        assert_rel_close(grad, expected, tol, f"grad {name}")
+    if backend == "triton":
+        assert copies.copies == []

@@ -24,7 +24,7 @@ def residual_norm_fwd(x, residual, weight, bias, eps, dropout_p, rms, seed, stor
 
 
 def residual_norm_bwd(grad_out, grad_residual_out, normed, weight, bias, mean, rstd, dropout_p, rms,
-                      seed, has_residual):
+                      seed, has_residual, *, x_dtype=None):
     def like(t):
         return None if t is None else torch.empty_like(t)
     return torch.empty_like(normed), like(normed if has_residual else None), like(weight), like(bias)

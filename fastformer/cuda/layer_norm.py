@@ -45,12 +45,17 @@ def residual_norm_fwd(x, residual, weight, bias, eps, dropout_p, rms, seed, stor
 
 
 def residual_norm_bwd(grad_out, grad_residual_out, normed, weight, bias, mean, rstd, dropout_p, rms,
-                      seed, has_residual):
+                      seed, has_residual, *, x_dtype=None):
     """Returns (grad_x, grad_residual or None, grad_weight or None, grad_bias or None).
 
     ``mean`` is not read: the kernel recomputes the centring from ``normed`` exactly as the
-    forward did (more accurate than a stored float32 mean for rows with a large mean).
+    forward did (more accurate than a stored float32 mean for rows with a large mean). The kernels
+    take one dtype (no MIXED_DTYPES: fastformer.functional casts x and residual to the promoted
+    dtype first), so ``x_dtype`` is normed's.
     """
+    if x_dtype not in (None, normed.dtype):
+        raise ValueError(f"residual_norm (cuda): x_dtype {x_dtype} differs from the dtype of normed "
+                         f"({normed.dtype}); the kernels take one dtype")
     seed = cuda.seed_argument("residual_norm (cuda)", seed, normed)
     grad_x, grad_residual, grad_weight, grad_bias = cuda.kernel_ops().cuda_residual_norm_bwd(
         _columns_contiguous(grad_out), _columns_contiguous(grad_residual_out),

@@ -27,6 +27,8 @@ from fastformer.torch_backend.dropout import dropout, dropout_add, dropout_keep_
 # refuses double backward through it (eager mode runs the forward under PyTorch's autograd, which
 # has exact second derivatives).
 DIFFERENTIABLE_BACKWARD = False
+# x and residual may have different dtypes: promoted here, as x + residual would be.
+MIXED_DTYPES = True
 
 
 def _compute_dtype(dtype):
@@ -71,12 +73,13 @@ def residual_norm_fwd(x, residual, weight, bias, eps, dropout_p, rms, seed, stor
     instead of the one regenerated from ``seed`` (for :func:`eager_residual_norm_fwd`, where
     autograd keeps the mask).
     """
-    dtype = _compute_dtype(x.dtype)
+    out_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    dtype = _compute_dtype(out_dtype)
     r = _dropped(x, dropout_p, seed, dtype, native_dropout)
     if residual is not None:
         r = r + residual.to(dtype)
-    residual_out = r.to(x.dtype) if store_residual else x.new_empty(0)
-    r = r.to(x.dtype).to(dtype)  # normalise what is stored (a no-op in float32 and float64)
+    residual_out = r.to(out_dtype) if store_residual else x.new_empty(0)
+    r = r.to(out_dtype).to(dtype)  # normalise what is stored (a no-op in float32 and float64)
     if rms:
         rstd = torch.rsqrt(r.square().mean(dim=-1) + eps)
         y = r * rstd[..., None]
@@ -93,7 +96,7 @@ def residual_norm_fwd(x, residual, weight, bias, eps, dropout_p, rms, seed, stor
         y, mean, rstd = torch.native_layer_norm(r - shift, [r.shape[-1]], _cast(weight, dtype),
                                                 _cast(bias, dtype), eps)
         mean, rstd = mean.reshape(-1) + shift.reshape(-1), rstd.reshape(-1)
-    return y.to(x.dtype), residual_out, mean.to(dtype), rstd.to(dtype)
+    return y.to(out_dtype), residual_out, mean.to(dtype), rstd.to(dtype)
 
 
 def eager_residual_norm_fwd(x, residual, weight, bias, eps, dropout_p, rms, seed, store_residual):
@@ -103,7 +106,7 @@ def eager_residual_norm_fwd(x, residual, weight, bias, eps, dropout_p, rms, seed
     backward autograd records), and mean / rstd come back empty: nothing reads them in eager mode. In half
     precision the sum is formed in float32 and rounded once, as the other backends do.
     """
-    if x.dtype not in (torch.float32, torch.float64):
+    if x.dtype not in (torch.float32, torch.float64) or (residual is not None and residual.dtype != x.dtype):
         return residual_norm_fwd(x, residual, weight, bias, eps, dropout_p, rms, seed, store_residual,
                                  native_dropout=True)
     r = dropout(x, dropout_p) if residual is None else dropout_add(x, residual, dropout_p)
@@ -118,11 +121,12 @@ def eager_residual_norm_fwd(x, residual, weight, bias, eps, dropout_p, rms, seed
 
 
 def residual_norm_bwd(grad_out, grad_residual_out, normed, weight, bias, mean, rstd, dropout_p, rms,
-                      seed, has_residual):
+                      seed, has_residual, *, x_dtype=None):
     """Returns (grad_x, grad_residual or None, grad_weight or None, grad_bias or None).
 
     ``normed`` is the tensor that was normalised: residual_out, or x itself when it was not stored
-    (no residual, no dropout). x, residual and residual_out share one dtype.
+    (no residual, no dropout); residual and residual_out share its dtype, grad_x comes in
+    ``x_dtype`` (default: the same).
     """
     dtype = _compute_dtype(normed.dtype)
     r, dy, rstd = normed.to(dtype), grad_out.to(dtype), rstd.to(dtype)[:, None]
@@ -140,4 +144,4 @@ def residual_norm_bwd(grad_out, grad_residual_out, normed, weight, bias, mean, r
     grad_residual = dr.to(normed.dtype, copy=True) if has_residual else None
     grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
     grad_bias = None if grad_bias is None else grad_bias.to(bias.dtype)
-    return grad_x.to(normed.dtype), grad_residual, grad_weight, grad_bias
+    return grad_x.to(x_dtype or normed.dtype), grad_residual, grad_weight, grad_bias

@@ -20,6 +20,10 @@ from fastformer.triton.alignment import tile
 from fastformer.triton.alignment import vector_alignment
 from fastformer.triton.dropout import dropout_keep, seed_pointer, wide_offsets
 
+# x and residual may have different dtypes (a bfloat16 sublayer output and a float32 residual
+# stream under autocast): promoted as they are loaded, each gradient stored in its input's dtype.
+MIXED_DTYPES = True
+
 
 @triton.jit
 def _centred(r, cols, inside, N):
@@ -234,10 +238,12 @@ def _backward_grid(rows: int, block_m: int, device: torch.device) -> tuple[int, 
 
 
 def residual_norm_fwd(x, residual, weight, bias, eps, dropout_p, rms, seed, store_residual):
-    """Returns (out, residual_out or empty, mean or empty, rstd); x and residual are (rows, N)."""
+    """Returns (out, residual_out or empty, mean or empty, rstd); x and residual are (rows, N),
+    out and residual_out in the dtype of x + residual."""
     x, residual = _columns_contiguous(x), _columns_contiguous(residual)
     rows, n = x.shape
-    out = torch.empty((rows, n), dtype=x.dtype, device=x.device)
+    dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    out = torch.empty((rows, n), dtype=dtype, device=x.device)
     residual_out = torch.empty_like(out) if store_residual else x.new_empty(0)
     mean = x.new_empty(0 if rms else rows, dtype=torch.float32)
     rstd = x.new_empty(rows, dtype=torch.float32)
@@ -259,13 +265,14 @@ def residual_norm_fwd(x, residual, weight, bias, eps, dropout_p, rms, seed, stor
 
 
 def residual_norm_bwd(grad_out, grad_residual_out, normed, weight, bias, mean, rstd, dropout_p, rms,
-                      seed, has_residual):
-    """Returns (grad_x, grad_residual or None, grad_weight or None, grad_bias or None)."""
+                      seed, has_residual, *, x_dtype=None):
+    """Returns (grad_x, grad_residual or None, grad_weight or None, grad_bias or None); grad_x in
+    ``x_dtype`` (default: normed's), grad_residual in normed's dtype (that of x + residual)."""
     grad_out, grad_residual_out = _columns_contiguous(grad_out), _columns_contiguous(grad_residual_out)
     normed = _columns_contiguous(normed)
     rows, n = normed.shape
-    grad_x = torch.empty((rows, n), dtype=normed.dtype, device=normed.device)
-    grad_residual = torch.empty_like(grad_x) if has_residual else None
+    grad_x = torch.empty((rows, n), dtype=x_dtype or normed.dtype, device=normed.device)
+    grad_residual = torch.empty((rows, n), dtype=normed.dtype, device=normed.device) if has_residual else None
     config = _launch_config(n, rows)
     programs, rows_per_program = _backward_grid(rows, config["BLOCK_M"], normed.device)
     # Every program writes its whole partial row (zeros if it had no rows): no fill needed,
