@@ -107,6 +107,26 @@ def test_matches_float64_reference(norm, hidden, parts, dtype, backend, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rows, hidden", [(37, 200), (130, 48), (3, 2048)])
+@pytest.mark.parametrize("norm", NORMS)
+def test_rows_that_tile_unevenly(norm, rows, hidden, backend, device, monkeypatch):
+    """Row counts that split unevenly over a kernel's programs, which take several rows each
+    (Triton: tiles of several short rows; a backward of a few programs, each walking its run of
+    tiles, the last one a partial tile and runs past the end), with dropout: against float64 with
+    the same mask."""
+    p = 0.25
+    inputs = make_inputs((rows, hidden), "residual+weight+bias", torch.float32, device)
+    require(backend, norm, *inputs)
+    keep_mask = keep_mask_function(backend, monkeypatch)
+    torch.manual_seed(5)
+    keep = keep_mask(_draw_seed(p, backend, device), (rows, hidden), p, device)
+    torch.manual_seed(5)
+    outputs = run_norm(norm, *inputs, 1e-5, p, backend)
+    check_against_reference(norm, inputs, torch.float32, backend, keep=keep, dropout_p=p, out_and_residual=outputs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("norm", NORMS)
 def test_float32_parameters_with_half_inputs(norm, dtype, backend, device):
