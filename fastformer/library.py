@@ -10,6 +10,11 @@
 
 Both call the same ``_*_forward`` / ``_*_backward`` bodies, and those call the backend module that
 ``fastformer.dispatch`` chose (the ``backend`` argument), so every backend plugs in underneath.
+Besides its forward and backward functions (``attention_fwd`` / ``attention_bwd``, ...) a backend
+module may declare: ``eager_<forward>`` (e.g. ``eager_attention_fwd``: a forward composed of
+PyTorch ops, run under PyTorch's autograd in eager mode), ``DIFFERENTIABLE_BACKWARD = True``
+(its backward may be differentiated again) and, for the norms, ``MIXED_DTYPES = True`` (it takes
+x and residual of different dtypes as they are).
 
 Ops (all in namespace ``fastformer``):
     attention_fwd(q, k, v, attn_mask?, key_padding_mask?, dropout_p, is_causal, scale, seed?, backend)
