@@ -52,9 +52,9 @@ def _row_tile(BASE, row_ids, stride, cols, rows, N, ALIGN: tl.constexpr):
 def _residual_norm_fwd_kernel(
     X,             # in: x (rows, N), row stride stride_x, columns contiguous
     RESIDUAL,      # in: residual (rows, N), row stride stride_residual; unused without HAS_RESIDUAL
-    WEIGHT, BIAS,  # in: (N,) in x's dtype or float32; unused without HAS_WEIGHT / HAS_BIAS
-    OUT,           # out: (rows, N) contiguous, x's dtype
-    RESIDUAL_OUT,  # out: (rows, N) contiguous, x's dtype; unused without STORE_RESIDUAL
+    WEIGHT, BIAS,  # in: (N,) in OUT's dtype or float32; unused without HAS_WEIGHT / HAS_BIAS
+    OUT,           # out: (rows, N) contiguous, in the dtype of x + residual
+    RESIDUAL_OUT,  # out: (rows, N) contiguous, OUT's dtype; unused without STORE_RESIDUAL
     MEAN, RSTD,    # out: (rows,) float32; MEAN unused with IS_RMS
     SEED,          # in: the dropout seed, one int64; unused without HAS_DROPOUT
     stride_x, stride_residual,
@@ -66,7 +66,7 @@ def _residual_norm_fwd_kernel(
     """One program per BLOCK_M rows, each row whole in the tile. Per row:
 
         r = dropout(x) + residual               dropout(x) = x * keep / (1 - p)
-        residual_out = r, rounded to x's dtype  (and r is that rounded value from here on)
+        residual_out = r, rounded to OUT's dtype  (and r is that rounded value from here on)
         LayerNorm: y = (r - mean(r)) * rstd * weight + bias,  rstd = 1 / sqrt(var(r) + eps)
         RMSNorm:   y = r * rstd * weight,                     rstd = 1 / sqrt(mean(r^2) + eps)
     """
@@ -113,7 +113,7 @@ def _residual_norm_bwd_kernel(
     WEIGHT,             # in: (N,); unused without HAS_WEIGHT
     RSTD,               # in: (rows,) float32 from the forward
     GRAD_X,             # out: (rows, N) contiguous, x's dtype
-    GRAD_RESIDUAL,      # out: (rows, N) contiguous; unused without HAS_RESIDUAL
+    GRAD_RESIDUAL,      # out: (rows, N) contiguous, NORMED's dtype; unused without HAS_RESIDUAL
     PARTIAL_GRAD_WEIGHT, PARTIAL_GRAD_BIAS,  # out: (programs, N) float32 partial sums over rows
     SEED,               # in: the dropout seed, one int64; unused without HAS_DROPOUT
     stride_grad_out, stride_grad_residual_out, stride_normed,
