@@ -125,8 +125,8 @@ def residual_norm_bwd(grad_out, grad_residual_out, normed, weight, bias, mean, r
     """Returns (grad_x, grad_residual or None, grad_weight or None, grad_bias or None).
 
     ``normed`` is the tensor that was normalised: residual_out, or x itself when it was not stored
-    (no residual, no dropout); residual and residual_out share its dtype, grad_x comes in
-    ``x_dtype`` (default: the same).
+    (no residual, no dropout), in the dtype of x + residual, which grad_residual takes too;
+    grad_x comes in ``x_dtype`` (default: normed's).
     """
     dtype = _compute_dtype(normed.dtype)
     r, dy, rstd = normed.to(dtype), grad_out.to(dtype), rstd.to(dtype)[:, None]
