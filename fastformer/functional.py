@@ -220,9 +220,9 @@ def _prepare_bias_gelu(x, bias=None, approximate="none", *, dropout_p=0.0):
     return call, (x, bias, approximate, dropout_p)
 
 
-def _bias_gelu_call(x, hidden, has_bias, approximate, has_dropout=False):
+def _bias_gelu_call(x, hidden, has_bias, approximate, has_dropout=False, dtype=None):
     needs = _needs(bias=has_bias, tanh=approximate == "tanh", erf=approximate == "none", dropout=has_dropout)
-    return dispatch.Call("bias_gelu", x.device, x.dtype, needs, hidden=hidden)
+    return dispatch.Call("bias_gelu", x.device, dtype or x.dtype, needs, hidden=hidden)
 
 
 def bias_gelu(x, bias=None, approximate="none", *, dropout_p=0.0, backend=None):
@@ -241,11 +241,21 @@ def bias_gelu(x, bias=None, approximate="none", *, dropout_p=0.0, backend=None):
 
 def keeps_bias_in_gemm(x, hidden, approximate="none", backend=None, has_dropout=False) -> bool:
     """Whether a ``linear -> GELU`` should keep the linear's bias in its GEMM rather than hand it to
-    :func:`bias_gelu`: when dispatch sends that bias_gelu call (x's device and dtype, ``hidden``
-    features, with a bias) to the torch backend, which computes PyTorch's GELU — fusing the bias
-    there saves nothing and costs a pass, while the GEMM adds it for free (``addmm``)."""
-    call = _bias_gelu_call(x, hidden, True, approximate, has_dropout)
+    :func:`bias_gelu`: when dispatch sends that bias_gelu call (on the GEMM's output: x's device,
+    the dtype ``F.linear(x, weight)`` returns, ``hidden`` features, with a bias) to the torch
+    backend, which computes PyTorch's GELU — fusing the bias there saves nothing and costs a pass,
+    while the GEMM adds it for free (``addmm``)."""
+    call = _bias_gelu_call(x, hidden, True, approximate, has_dropout, dtype=_gemm_dtype(x))
     return dispatch.select_backend(call, backend).backend == "torch"
+
+
+def _gemm_dtype(x):
+    """The dtype of ``F.linear(x, weight)``: autocast's where it is on for x's device (it casts
+    floating-point inputs other than float64), else x's."""
+    device = x.device.type
+    if x.is_floating_point() and x.dtype != torch.float64 and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
 
 
 # --------------------------------------------------------------------------------------------

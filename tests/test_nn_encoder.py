@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 
 import pytest
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastformer
+from fastformer import dispatch
 from fastformer.nn.encoder import FastTransformerEncoderLayer
 from fastformer.nn.multihead_attention import FastMultiheadAttention
 from helpers import Copies, DEVICES, LoRALinear, ZeroFills, record_bias_gelu_biases, require_backend
@@ -201,6 +203,27 @@ def test_linear1_bias_goes_where_it_is_cheapest(backend, bias_fused, monkeypatch
     torch.testing.assert_close(fast(x), ref(x), atol=1e-4, rtol=1e-4)
     assert len(biases) == 1 and (biases[0] is fast.linear1.bias) == bias_fused
     assert bias_fused or biases[0] is None
+
+
+def test_under_autocast_linear1_bias_goes_by_the_gemm_output_dtype(monkeypatch):
+    """Where linear1's bias goes is decided for the bias_gelu call the layer will make, on the
+    GEMM's output: bfloat16 under autocast, although the layer's input is float32. Here a kernel
+    backend (Triton, in its interpreter, made the automatic choice on the CPU) takes only bfloat16
+    bias_gelu calls, so the bias must go to it; asked about float32, dispatch would say torch and
+    the GEMM would keep the bias."""
+    table = dict(dispatch._OP_TABLES["triton"])
+    support, module = table["bias_gelu"]
+    require_backend("triton", "bias_gelu", torch.randn(2, D_FF), torch.randn(D_FF))
+    table["bias_gelu"] = (dataclasses.replace(support, dtypes=frozenset({torch.bfloat16}),
+                                              forced_only_devices=frozenset()), module)
+    monkeypatch.setitem(dispatch._OP_TABLES, "triton", table)
+    biases = record_bias_gelu_biases(monkeypatch)
+    _, fast = make_pair(False, "gelu", dtype=torch.float32, dropout=0.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fastformer.explain("bias_gelu", torch.randn(2, D_FF, dtype=torch.bfloat16),
+                                  fast.linear1.bias).backend == "triton"
+        fast(torch.randn(S, B, D_MODEL))
+    assert len(biases) == 1 and biases[0] is fast.linear1.bias
 
 
 class DoubledGELU(nn.GELU):
