@@ -161,24 +161,23 @@ class Copies(TorchDispatchMode):
         self._in_kernel = 0
 
     def __enter__(self):
-        from triton.runtime.interpreter import GridExecutor
+        self._executor = _triton_grid_executor()
+        if self._executor is not None:
+            run_kernel = self._run_kernel = self._executor.__call__
+            mode = self
 
-        run_kernel = self._run_kernel = GridExecutor.__call__
-        mode = self
-
-        def call(executor, *args, **kwargs):
-            mode._in_kernel += 1
-            try:
-                return run_kernel(executor, *args, **kwargs)
-            finally:
-                mode._in_kernel -= 1
-        GridExecutor.__call__ = call
+            def call(executor, *args, **kwargs):
+                mode._in_kernel += 1
+                try:
+                    return run_kernel(executor, *args, **kwargs)
+                finally:
+                    mode._in_kernel -= 1
+            self._executor.__call__ = call
         return super().__enter__()
 
     def __exit__(self, *exc):
-        from triton.runtime.interpreter import GridExecutor
-
-        GridExecutor.__call__ = self._run_kernel
+        if self._executor is not None:
+            self._executor.__call__ = self._run_kernel
         return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -186,6 +185,15 @@ class Copies(TorchDispatchMode):
         if not self._in_kernel and func.overloadpacket.__name__ in self.COPIES:
             self.copies.append((func.overloadpacket.__name__, tuple(out.shape)))
         return out
+
+
+def _triton_grid_executor():
+    """Triton's interpreter class that runs a kernel launch, or None without Triton."""
+    try:
+        from triton.runtime.interpreter import GridExecutor
+    except ImportError:
+        return None
+    return GridExecutor
 
 
 def seeded_gradients(loss_function, params, seed: int = 123) -> list:
