@@ -162,22 +162,21 @@ def _prepare_residual_norm(op, x, residual, weight, bias, eps, dropout_p, rms):
     return call, (x, residual, weight, bias, eps, dropout_p, rms), store_residual
 
 
-def _promote(args, backend: str, op: str):
+def _promote(args, call: dispatch.Call, backend: str):
     """The op's arguments for ``backend``: x and residual of different dtypes cast to the dtype of
-    ``x + residual`` (differentiable casts), unless the backend's module says its kernels take
-    them as they are (``MIXED_DTYPES = True``: promoted as they are read, gradients written in
-    each input's dtype, no cast kernel either way)."""
+    ``x + residual`` (the call's dtype; differentiable casts), unless the backend's module says its
+    kernels take them as they are (``MIXED_DTYPES = True``: promoted as they are read, gradients
+    written in each input's dtype, no cast kernel either way)."""
     x, residual = args[0], args[1]
-    if residual is None or residual.dtype == x.dtype or library.takes_mixed_dtypes(backend, op):
+    if residual is None or residual.dtype == x.dtype or library.takes_mixed_dtypes(backend, call.op):
         return args
-    dtype = torch.promote_types(x.dtype, residual.dtype)
-    return (x.to(dtype), residual.to(dtype), *args[2:])
+    return (x.to(call.dtype), residual.to(call.dtype), *args[2:])
 
 
 def _residual_norm(op, x, residual, weight, bias, eps, dropout_p, rms, backend):
     call, args, store_residual = _prepare_residual_norm(op, x, residual, weight, bias, eps, dropout_p, rms)
     chosen = dispatch.select_backend(call, backend).backend
-    args = _promote(args, chosen, op)
+    args = _promote(args, call, chosen)
     seed = _seed_for(args[5], chosen, op, "residual_norm_fwd", x.device)
     out, residual_out, _, _ = library.residual_norm(*args, seed, store_residual, chosen)
     # Without residual and dropout the residual stream is x itself: return it, don't copy it.

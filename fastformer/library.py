@@ -142,6 +142,16 @@ def attention_layout_like(t: Tensor, last_dim: Optional[int] = None) -> Tensor:
     return torch.empty_strided(shape, strides, dtype=t.dtype, device=t.device)
 
 
+def attention_output_like(query: Tensor, dim_v: int, like_query: bool = True) -> Tensor:
+    """An empty attention output (B, Hq, Lq, dim_v) for ``query``: laid out like the query
+    (:func:`attention_layout_like`), or with ``like_query=False`` stored as (B, Lq, Hq, dim_v),
+    the custom op's one layout."""
+    if like_query:
+        return attention_layout_like(query, dim_v)
+    batch, heads, length, _ = query.shape
+    return query.new_empty(batch, length, heads, dim_v).transpose(1, 2)
+
+
 # Backends whose module has an ``eager_<forward>`` function (the torch backend, composed of PyTorch
 # ops) run it under PyTorch's own autograd in eager mode: no recomputation, PyTorch's backward
 # kernels (SDPA's among them) and PyTorch's dropout. False sends them through the autograd.Function
@@ -243,8 +253,7 @@ def attention_fwd(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional
 
 @attention_fwd.register_fake
 def _(query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed, backend):
-    batch, heads, length, _ = query.shape
-    out = query.new_empty(batch, length, heads, value.shape[-1]).transpose(1, 2)
+    out = attention_output_like(query, value.shape[-1], like_query=False)
     # The torch backend recomputes in the backward and keeps no log-sum-exp.
     lse_shape = (0,) if backend == "torch" else query.shape[:3]
     return out, query.new_empty(lse_shape, dtype=torch.float32)

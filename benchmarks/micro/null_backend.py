@@ -4,12 +4,13 @@ the interface of every backend module (``fastformer/triton/attention.py`` and fr
 
 import torch
 
+from fastformer.library import attention_output_like
+
 
 def attention_fwd(query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed, *,
                   out_like_query=True):
-    batch, heads, length, _ = query.shape
-    out = query.new_empty(batch, length, heads, value.shape[-1]).transpose(1, 2)
-    return out, query.new_empty(batch, heads, length, dtype=torch.float32)
+    out = attention_output_like(query, value.shape[-1], out_like_query)
+    return out, query.new_empty(query.shape[:3], dtype=torch.float32)
 
 
 def attention_bwd(grad_out, query, key, value, out, lse, attn_mask, key_padding_mask, dropout_p,

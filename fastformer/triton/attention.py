@@ -55,7 +55,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastformer.library import attention_layout_like
+from fastformer.library import attention_layout_like, attention_output_like
 from fastformer.triton import alignment, interpreter_enabled, on_device
 from fastformer.triton.dropout import dropout_keep, seed_pointer, wide_offsets
 
@@ -630,10 +630,7 @@ def attention_fwd(query, key, value, attn_mask, key_padding_mask, dropout_p, is_
     (``attention_layout_like``), or with ``out_like_query=False`` stored as (B, Lq, Hq, Dv)."""
     batch, heads_q, len_q, dim = query.shape
     heads_k, len_k, dim_v = key.shape[1], key.shape[2], value.shape[-1]
-    if out_like_query:
-        out = attention_layout_like(query, dim_v)
-    else:
-        out = torch.empty((batch, len_q, heads_q, dim_v), dtype=query.dtype, device=query.device).transpose(1, 2)
+    out = attention_output_like(query, dim_v, out_like_query)
     lse = torch.empty((batch, heads_q, len_q), dtype=torch.float32, device=query.device)
     if out.numel() == 0 or len_k == 0:  # nothing to attend to
         return out.zero_(), lse.fill_(float("-inf"))
