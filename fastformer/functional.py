@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from fastformer import dispatch, library
+from fastformer import dispatch, library, masks
 from fastformer import validation as check
 
 __all__ = ["attention", "residual_layer_norm", "residual_rms_norm", "bias_gelu", "explain"]
@@ -37,6 +37,16 @@ def _seed_for(dropout_p: float, backend: str, op: str, forward_name: str,
 
 def _needs(**flags: bool) -> frozenset:
     return frozenset(name for name, on in flags.items() if on)
+
+
+def _drops_some(dropout_p: float) -> bool:
+    """Whether a call runs a dropout kernel: dropout_p == 1 drops everything without one."""
+    return 0.0 < dropout_p < 1.0
+
+
+def _everything_dropped(result: torch.Tensor) -> torch.Tensor:
+    """dropout with p = 1, as PyTorch's: the result times zero (zero gradients; NaN stays NaN)."""
+    return result * 0.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -64,7 +74,7 @@ def _prepare_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_caus
         problem = "query and key must have the same head dim"
     elif head_dim == 0 or value.shape[3] == 0:
         problem = "head dims must be >= 1"
-    elif heads_k == 0 or heads_q % heads_k != 0:
+    elif heads_k == 0 and heads_q != 0 or heads_k != 0 and heads_q % heads_k != 0:
         problem = f"query heads (Hq={heads_q}) must be a multiple of key/value heads (Hk={heads_k})"
     if problem is not None:
         raise ValueError(f"{op}: {problem}: query {check.shape_of(query)}, key {check.shape_of(key)}, "
@@ -87,7 +97,7 @@ def _prepare_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_caus
     scale = 1.0 / math.sqrt(head_dim) if scale is None else check.check_finite(op, "scale", scale)
     float_mask = mask is not None and mask.dtype != torch.bool
     needs = _needs(
-        dropout=dropout_p > 0.0,
+        dropout=_drops_some(dropout_p),
         causal=is_causal,
         bool_mask=mask is not None and mask.dtype == torch.bool,
         float_mask=float_mask,
@@ -119,12 +129,37 @@ def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
     Returns (B, Hq, Lq, Dv). A query row with no key left to attend to returns 0 and gets zero
     gradients, never NaN.
     """
+    query, key, value = _autocast_attention_inputs(query, key, value)
     call, args = _prepare_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
                                     key_padding_mask=key_padding_mask)
+    query, key, value, mask, key_padding_mask, dropout_p, is_causal, scale = args
+    if mask is not None and mask.dtype != torch.bool:
+        mask = masks.float_mask_in(mask, query.dtype)
+    if dropout_p == 1.0:
+        return _everything_dropped(attention(query, key, value, mask, 0.0, is_causal, scale,
+                                             key_padding_mask=key_padding_mask, backend=backend))
     chosen = dispatch.select_backend(call, backend).backend
-    seed = _seed_for(args[5], chosen, "attention", "attention_fwd", query.device)
-    out, _ = library.attention(*args, seed, chosen)
+    seed = _seed_for(dropout_p, chosen, "attention", "attention_fwd", query.device)
+    out, _ = library.attention(query, key, value, mask, key_padding_mask, dropout_p, is_causal, scale,
+                               seed, chosen)
     return out
+
+
+def _autocast_attention_inputs(query, key, value):
+    """query, key and value as SDPA sees them under autocast: floating-point ones other than
+    float64 cast to autocast's dtype for their device (SDPA runs in lower precision there), so that
+    the output dtype does not depend on the backend or on torch.compile."""
+    if not isinstance(query, torch.Tensor):
+        return query, key, value  # the checks name the argument
+    device = query.device.type
+    if not torch.is_autocast_enabled(device):
+        return query, key, value
+    dtype = torch.get_autocast_dtype(device)
+
+    def cast(t):
+        eligible = isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+        return t.to(dtype) if eligible else t
+    return cast(query), cast(key), cast(value)
 
 
 # --------------------------------------------------------------------------------------------
@@ -153,12 +188,12 @@ def _prepare_residual_norm(op, x, residual, weight, bias, eps, dropout_p, rms):
         # or float32).
         weight, bias = (t if t is None or t.dtype in (sum_dtype, torch.float32) else t.to(sum_dtype)
                         for t in (weight, bias))
-    eps = check.check_positive(op, "eps", eps)
+    eps = check.check_non_negative(op, "eps", eps)
     dropout_p = check.check_probability(op, "dropout_p", dropout_p)
-    needs = _needs(dropout=dropout_p > 0.0, residual=residual is not None, weight=weight is not None,
+    needs = _needs(dropout=_drops_some(dropout_p), residual=residual is not None, weight=weight is not None,
                    bias=bias is not None)
     call = dispatch.Call(op, x.device, sum_dtype, needs, hidden=hidden)
-    store_residual = residual is not None or dropout_p > 0.0
+    store_residual = residual is not None or _drops_some(dropout_p)
     return call, (x, residual, weight, bias, eps, dropout_p, rms), store_residual
 
 
@@ -175,6 +210,8 @@ def _promote(args, call: dispatch.Call, backend: str):
 
 def _residual_norm(op, x, residual, weight, bias, eps, dropout_p, rms, backend):
     call, args, store_residual = _prepare_residual_norm(op, x, residual, weight, bias, eps, dropout_p, rms)
+    if args[5] == 1.0:
+        return _residual_norm(op, _everything_dropped(x), residual, weight, bias, eps, 0.0, rms, backend)
     chosen = dispatch.select_backend(call, backend).backend
     args = _promote(args, call, chosen)
     seed = _seed_for(args[5], chosen, op, "residual_norm_fwd", x.device)
@@ -215,7 +252,7 @@ def _prepare_bias_gelu(x, bias=None, approximate="none", *, dropout_p=0.0):
     if approximate not in ("none", "tanh"):
         raise ValueError(f"{op}: approximate must be 'none' or 'tanh', got {approximate!r}")
     dropout_p = check.check_probability(op, "dropout_p", dropout_p)
-    call = _bias_gelu_call(x, hidden, bias is not None, approximate, dropout_p > 0.0)
+    call = _bias_gelu_call(x, hidden, bias is not None, approximate, _drops_some(dropout_p))
     return call, (x, bias, approximate, dropout_p)
 
 
@@ -233,6 +270,8 @@ def bias_gelu(x, bias=None, approximate="none", *, dropout_p=0.0, backend=None):
     its mask regenerated in the backward instead of stored.
     """
     call, args = _prepare_bias_gelu(x, bias, approximate, dropout_p=dropout_p)
+    if args[3] == 1.0:
+        return _everything_dropped(bias_gelu(x, bias, approximate, backend=backend))
     chosen = dispatch.select_backend(call, backend).backend
     seed = _seed_for(args[3], chosen, "bias_gelu", "bias_gelu_fwd", x.device)
     return library.bias_gelu(*args, seed, chosen)
@@ -269,7 +308,8 @@ def _prepare_rms_norm_call(x, residual, weight, eps=1e-6, dropout_p=0.0):
 
 
 _CALL_DESCRIBERS: dict[str, Callable[..., dispatch.Call]] = {
-    "attention": lambda *a, **k: _prepare_attention(*a, **k)[0],
+    "attention": lambda query, key, value, *a, **k: _prepare_attention(
+        *_autocast_attention_inputs(query, key, value), *a, **k)[0],
     "residual_layer_norm": _prepare_layer_norm_call,
     "residual_rms_norm": _prepare_rms_norm_call,
     "bias_gelu": lambda *a, **k: _prepare_bias_gelu(*a, **k)[0],

@@ -75,9 +75,9 @@ def is_real_number(value) -> bool:
 
 def check_probability(op: str, name: str, p) -> float:
     if not is_real_number(p):
-        raise TypeError(f"{op}: {name} must be a float in [0, 1), got {type(p).__name__} {p!r}")
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"{op}: {name} must be in [0, 1), got {p}")
+        raise TypeError(f"{op}: {name} must be a float in [0, 1], got {type(p).__name__} {p!r}")
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"{op}: {name} must be in [0, 1], got {p}")
     return float(p)
 
 
@@ -92,12 +92,12 @@ def _as_finite_float(op: str, name: str, value, what: str) -> float:
     raise ValueError(f"{op}: {name} must be a {what}, got {value}")
 
 
-def check_positive(op: str, name: str, value) -> float:
+def check_non_negative(op: str, name: str, value) -> float:
     if not is_real_number(value):
-        raise TypeError(f"{op}: {name} must be a positive float, got {type(value).__name__} {value!r}")
-    if not value > 0.0:
-        raise ValueError(f"{op}: {name} must be a positive finite float, got {value}")
-    return _as_finite_float(op, name, value, "positive finite float")
+        raise TypeError(f"{op}: {name} must be a non-negative float, got {type(value).__name__} {value!r}")
+    if not value >= 0.0:
+        raise ValueError(f"{op}: {name} must be a non-negative finite float, got {value}")
+    return _as_finite_float(op, name, value, "non-negative finite float")
 
 
 def check_finite(op: str, name: str, value) -> float:

@@ -284,6 +284,60 @@ def test_finfo_min_masks_keep_sdpa_semantics(dtype, backend, device):
         assert_rel_close(grad, want, grad_tol, f"grad {name}")
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype, mask_dtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+                                               (torch.float32, torch.float64)], ids=str)
+def test_wider_float_masks_stay_finite_in_the_query_dtype(dtype, mask_dtype, backend, device):
+    """A float mask wider than the query (float32 under bfloat16 autocast, as Hugging Face fills
+    them with finfo(float32).min) is read in the query dtype with its finite values saturated to
+    that dtype's range: they stay finite, as in SDPA. A plain cast makes them infinite: a row of
+    finfo(float32).min in bfloat16 would have no key left (0), +1e5 in float16 would give NaN."""
+    batch, heads, len_q, len_k, dim = 2, 2, 6, 9, 16
+    q, k, v = make_qkv((batch, heads, heads, len_q, len_k, dim, dim), dtype, device, requires_grad=False)
+    wide = torch.finfo(mask_dtype)
+    mask = torch.randn(batch, 1, len_q, len_k, dtype=mask_dtype, device=device)
+    mask[:, :, 0] = wide.min  # every key of row 0 masked with a finite value
+    mask[:, :, 1, 2] = wide.max / 2  # beyond float16's range (not bfloat16's): row 1 attends key 2 only
+    mask[:, :, 2, ::2] = -1e5  # beyond float16's range: those keys get no weight
+    mask[:, :, 3] = float("-inf")  # no key left: 0
+    require_backend(backend, "attention", q, k, v, attn_mask=mask)
+    out = fastformer.attention(q, k, v, attn_mask=mask, backend=backend)
+    narrow = torch.finfo(dtype)
+    saturated = torch.where(mask.isinf(), mask, mask.clamp(narrow.min, narrow.max))
+    expected = reference.attention(q, k, v, attn_mask=saturated)
+    assert out.dtype == dtype and not out.isnan().any()
+    assert_rel_close(out, expected, ATTENTION_TOL[dtype][0], "out")
+    assert (out[:, :, 3] == 0).all()
+    torch.testing.assert_close(out[:, :, 1].double(), v[:, :, 2].double(), atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_under_autocast_inputs_are_cast_as_sdpa_casts_them(backend, device):
+    """Under autocast SDPA runs in autocast's dtype: so does fastformer.attention, on every
+    backend (the output dtype must not depend on which backend dispatch picks), and the
+    gradients come back to the float32 inputs through the casts."""
+    shape = (2, 4, 2, 13, 21, 16, 16)
+    q, k, v = make_qkv(shape, torch.float32, device)
+    mask = torch.randn(shape[3], shape[4], device=device)  # float32, wider than the autocast dtype
+    half = torch.bfloat16
+    with torch.autocast(torch.device(device).type, dtype=half):
+        want_dtype = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True).dtype
+        require_backend(backend, "attention", q, k, v, attn_mask=mask)
+        assert fastformer.explain(fastformer.attention, q, k, v, attn_mask=mask, backend=backend).call.dtype == half
+        out = fastformer.attention(q, k, v, attn_mask=mask, backend=backend)
+    assert want_dtype == out.dtype == half
+    cast = [t.detach().to(half).requires_grad_() for t in (q, k, v)]
+    expected = reference.attention(*cast, attn_mask=mask)
+    assert_rel_close(out, expected, ATTENTION_TOL[half][0], "out")
+    grad_out = torch.randn_like(expected)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out.to(half))
+    for name, grad, want in zip("qkv", grads, torch.autograd.grad(expected, cast, grad_out)):
+        assert grad.dtype == torch.float32
+        assert_rel_close(grad, want, ATTENTION_TOL[half][1], f"grad {name}")
+
+
 def check_nan_and_inf_mask_values_give_nan_rows(attend, dtype, device):
     """NaN or +inf in a float mask makes its query row NaN, as in SDPA (softmax of inf - inf),
     never a silently masked key or a row attending to one key; the other rows are untouched.
@@ -485,7 +539,7 @@ def test_dropout_is_reproducible_and_fresh_per_call(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("sizes", [(0, 2, 5, 7), (2, 2, 0, 7), (2, 2, 5, 0)], ids=str)
+@pytest.mark.parametrize("sizes", [(0, 2, 5, 7), (2, 0, 5, 7), (2, 2, 0, 7), (2, 2, 5, 0)], ids=str)
 def test_empty_sizes(sizes, backend):
     batch, heads, len_q, len_k = sizes
     q = torch.randn(batch, heads, len_q, 8, requires_grad=True)

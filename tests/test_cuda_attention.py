@@ -20,6 +20,7 @@ import reference
 from fastformer.cuda import attention as cuda_attention
 from fastformer.cuda import load_extension
 from fastformer.library import attention_layout_like
+from fastformer.masks import float_mask_in
 from helpers import ATTENTION_TOL, assert_rel_close, misaligned, require_backend
 from test_attention import finfo_min_mask
 
@@ -254,22 +255,26 @@ def test_value_head_dim_may_differ(dims, dtype):
     check_value_head_dim_may_differ(dims, dtype)
 
 
-def check_a_float32_mask_is_rounded_to_the_query_dtype(device="cuda"):
-    """-1e9 in a float32 mask is -inf in float16: that row has no key (output 0, lse -inf), as on
-    the torch backend (SDPA takes the mask in the query dtype) and the Triton backend."""
+def check_a_float32_mask_is_read_in_the_query_dtype(device="cuda"):
+    """The op reads a float32 mask rounded to the query dtype: -1e9 is -inf in float16, so that
+    row has no key (output 0, lse -inf). fastformer.attention hands such a mask over saturated to
+    the query dtype's range (-1e9 -> -65504: finite, as SDPA keeps it), for every backend."""
     q, k, v = _qkv(2, 2, 2, 9, 11, 64, 64, torch.float16, device=device)
     mask = torch.randn(2, 1, 9, 11, device=device)
     mask[0, 0, 3] = -1e9
     out, lse = cuda_attention.attention_fwd(q, k, v, mask, None, 0.0, False, 0.125, None)
     assert (out[0, :, 3] == 0).all() and (lse[0, :, 3] == float("-inf")).all()
+    saturated = float_mask_in(mask, torch.float16)
+    out, lse = cuda_attention.attention_fwd(q, k, v, saturated, None, 0.0, False, 0.125, None)
+    assert torch.isfinite(lse).all() and (out[0, :, 3] != 0).any()
     expected = fastformer.attention(q, k, v, attn_mask=mask, scale=0.125, backend="torch")
     assert_rel_close(out, expected, ATTENTION_TOL[torch.float16][0], "out")
 
 
 @pytest.mark.gpu
-def test_a_float32_mask_is_rounded_to_the_query_dtype_as_the_other_backends_do():
+def test_a_float32_mask_is_read_in_the_query_dtype():
     _cuda_ready()
-    check_a_float32_mask_is_rounded_to_the_query_dtype()
+    check_a_float32_mask_is_read_in_the_query_dtype()
 
 
 def check_finfo_min_masks_keep_sdpa_semantics(dtype, device="cuda"):

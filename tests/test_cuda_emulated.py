@@ -140,8 +140,8 @@ def test_attention_value_head_dim_may_differ(dims):
     cuda_tests.check_value_head_dim_may_differ(dims, torch.float16, shape=(1, 2, 1, 70, 90), device="cpu")
 
 
-def test_attention_float32_mask_is_rounded_to_the_query_dtype():
-    cuda_tests.check_a_float32_mask_is_rounded_to_the_query_dtype(device="cpu")
+def test_attention_float32_mask_is_read_in_the_query_dtype():
+    cuda_tests.check_a_float32_mask_is_read_in_the_query_dtype(device="cpu")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)

@@ -416,3 +416,31 @@ def test_activation_checkpointing_with_dropout_gives_the_same_gradients(reentran
     tol = 0.0 if device == "cpu" else 1e-2
     for name, got, expected in zip(["x"] + [n for n, _ in layer.named_parameters()], recomputed, plain):
         assert_rel_close(got.float(), expected.float(), tol, f"grad {name}")
+
+
+# --------------------------------------------------------------------------------------------
+# dropout_p = 1: everything dropped, as PyTorch's dropout does it
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropout_one_drops_everything(backend):
+    """dropout_p = 1 (valid for nn.Dropout, SDPA and PyTorch's encoder layers) drops every
+    element: attention and bias_gelu give zeros and zero gradients, a residual norm normalises the
+    residual alone (residual_out = residual). No kernel sees p = 1 (its 1 / (1 - p) is inf)."""
+    (q, k, v, pad), (x, residual, weight) = _dropout_inputs(backend, "cpu")
+    residual.requires_grad_()
+    bias = torch.randn(40)
+    require_backend(backend, "bias_gelu", x, bias, dropout_p=0.3)
+    out = fastformer.attention(q, k, v, dropout_p=1.0, key_padding_mask=pad, backend=backend)
+    normed, residual_out = fastformer.residual_layer_norm(x, residual, weight, None, dropout_p=1.0, backend=backend)
+    activated = fastformer.bias_gelu(x, bias, dropout_p=1.0, backend=backend)
+    assert (out == 0).all() and (activated == 0).all()
+    assert torch.equal(residual_out, residual)
+    expected = F.layer_norm(residual.double(), (40,), weight.double())
+    assert_rel_close(normed, expected, ELEMENTWISE_TOL[torch.float32][0], "normed")
+    weights = torch.randn_like(normed)
+    inputs = (q, k, v, x, residual)
+    grads = torch.autograd.grad((out.sum() + (normed * weights).sum() + activated.sum()), inputs)
+    for name, grad in zip("qkvx", grads):
+        assert (grad == 0).all(), f"grad {name}"
+    expected_grad = torch.autograd.grad((expected * weights).sum(), residual)[0]
+    assert_rel_close(grads[4], expected_grad, ELEMENTWISE_TOL[torch.float32][1], "grad residual")

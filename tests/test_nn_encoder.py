@@ -163,6 +163,21 @@ def test_train_mode_without_dropout_matches_pytorch():
     assert_same(ref, fast, x, make_masks("bool+padding"))
 
 
+@pytest.mark.parametrize("setting", ["dropout=1", "layer_norm_eps=0"])
+def test_edge_settings_pytorch_accepts(setting):
+    """Settings PyTorch's layer runs with run the same here (so optimize() can swap any layer in):
+    dropout=1 in training drops everything (deterministic, so the outputs compare), and
+    layer_norm_eps=0 normalises without an epsilon."""
+    kwargs = dict(dropout=1.0) if setting == "dropout=1" else dict(dropout=0.0, layer_norm_eps=0.0)
+    eps = kwargs.pop("layer_norm_eps", 1e-5)
+    ref = nn.TransformerEncoderLayer(D_MODEL, NHEAD, D_FF, activation="gelu", layer_norm_eps=eps, dtype=F64,
+                                     **kwargs).train()
+    fast = FastTransformerEncoderLayer(D_MODEL, NHEAD, D_FF, activation="gelu", layer_norm_eps=eps, dtype=F64,
+                                       **kwargs).train()
+    fast.load_state_dict(ref.state_dict())
+    assert_same(ref, fast, torch.randn(S, B, D_MODEL, dtype=F64), make_masks("bool+padding"))
+
+
 def test_float32_close_to_pytorch():
     ref, fast = make_pair(False, "gelu", dtype=torch.float32)
     ref.eval(), fast.eval()

@@ -196,8 +196,9 @@ void fill_common(AttentionParams& p, const Sizes& s, const at::Tensor& q, const 
     } else {
       TORCH_CHECK(at::isFloatingType(mask.scalar_type()), kOp, "attn_mask must be bool or floating point, got ",
                   mask.scalar_type());
-      // Rounded to the query dtype first, as the other backends and SDPA see it (in half precision
-      // -1e9 becomes -inf, so a row masked that way has no key), then read as float32.
+      // Rounded to the query dtype first, as the other backends see it, then read as float32.
+      // fastformer.attention hands a wider mask over already saturated to the query dtype's range
+      // (masks.float_mask_in), so finite values stay finite.
       mask = mask.to(q.scalar_type()).to(at::kFloat);
       p.mask_kind = kFloatMask;
     }

@@ -52,7 +52,7 @@ Tensors4 fwd_cuda(const at::Tensor& x, const std::optional<at::Tensor>& residual
     check_param(*param, n, dtype, kFwd, name);
   }
   TORCH_CHECK(!(rms && bias.has_value()), kFwd, ": RMSNorm takes no bias");
-  TORCH_CHECK(eps > 0.0, kFwd, ": eps must be > 0, got ", eps);
+  TORCH_CHECK(eps >= 0.0, kFwd, ": eps must be >= 0, got ", eps);
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p <= 1.0, kFwd, ": dropout_p must be in [0, 1], got ",
               dropout_p);
   TORCH_CHECK(rows <= INT_MAX, kFwd, ": at most ", INT_MAX, " rows, got ", rows);

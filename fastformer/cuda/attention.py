@@ -24,7 +24,7 @@ What the kernels handle (declared by :func:`support`):
   (one launch per call, no host synchronisation);
 - attn_mask, bool or additive float, broadcastable to (B, Hq, Lq, Lk), read tile by tile through
   a stride-0 view (a float mask is rounded to the query dtype, as the other backends see it, and
-  read as float32);
+  read as float32; fastformer.attention saturates a wider one first);
 - dropout, regenerated in the backward from the seed.
 - a value head dim different from the query/key one (both up to 128; the instantiation is chosen
   by the larger, which is also the head dim dispatch checks).
