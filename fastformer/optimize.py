@@ -87,14 +87,15 @@ def optimize(model: nn.Module, *, backend: str | None = None, verify: bool = Fal
         dispatch.get_backend(backend)
     report = OptimizeReport()
     originals = {}
+    undo = _Undo()
     for name, module in list(model.named_modules()):
         if type(module) is nn.MultiheadAttention:
             originals[name] = copy.deepcopy(module) if verify else None
-            module.__class__ = FastMultiheadAttention
+            undo.set_class(module, FastMultiheadAttention)
             report.replaced[name] = "nn.MultiheadAttention -> FastMultiheadAttention"
         elif type(module) is nn.TransformerEncoderLayer:
             originals[name] = copy.deepcopy(module) if verify else None
-            _to_fast_encoder_layer(module)
+            _to_fast_encoder_layer(module, undo)
             report.replaced[name] = "nn.TransformerEncoderLayer -> FastTransformerEncoderLayer"
         elif isinstance(module, (nn.MultiheadAttention, nn.TransformerEncoderLayer)) and not isinstance(
                 module, (FastMultiheadAttention, FastTransformerEncoderLayer)):
@@ -103,34 +104,70 @@ def optimize(model: nn.Module, *, backend: str | None = None, verify: bool = Fal
     for name, module in list(model.named_modules()):  # after the layers: it needs them fast
         if type(module) is nn.TransformerEncoder and all(
                 isinstance(layer, FastTransformerEncoderLayer) for layer in module.layers):
-            module.__class__ = FastTransformerEncoder
+            undo.set_class(module, FastTransformerEncoder)
             report.replaced[name] = ("nn.TransformerEncoder -> FastTransformerEncoder (padding masks "
                                      "reach the layers as given)")
-    hf_originals = _optimize_hugging_face(model, report, verify)
+    hf_originals = _optimize_hugging_face(model, report, verify, undo)
     for name, module in model.named_modules():
         swapped = name in report.replaced or _is_hf_attention(module)
         if swapped or (backend is not None and isinstance(module, _FAST_MODULES)):
-            module.fastformer_backend = backend
+            undo.set_attribute(module, "fastformer_backend", backend)
     if verify:
-        for name, original in originals.items():
-            _verify_module(name, original, model.get_submodule(name))
-        for name, original in hf_originals.items():
-            _verify_hugging_face(original, model.get_submodule(name))
+        try:
+            for name, original in originals.items():
+                _verify_module(name, original, model.get_submodule(name))
+            for name, original in hf_originals.items():
+                _verify_hugging_face(original, model.get_submodule(name))
+        except Exception as error:
+            undo()
+            if isinstance(error, _VerifyMismatch):
+                raise RuntimeError(f"{error}; the model was left as it was") from None
+            raise RuntimeError(f"optimize(verify=True) could not compare the model with the original on a "
+                               f"random batch ({type(error).__name__}: {error}); the model was left as it "
+                               f"was") from error
     model.fastformer_report = report
     logger.info("%s", report)
     return model
 
 
-def _to_fast_encoder_layer(layer: nn.TransformerEncoderLayer) -> None:
-    layer.__class__ = FastTransformerEncoderLayer
+def _to_fast_encoder_layer(layer: nn.TransformerEncoderLayer, undo: _Undo) -> None:
+    undo.set_class(layer, FastTransformerEncoderLayer)
     if type(layer.self_attn) is nn.MultiheadAttention:
-        layer.self_attn.__class__ = FastMultiheadAttention
+        undo.set_class(layer.self_attn, FastMultiheadAttention)
+
+
+class _Undo:
+    """What optimize changed (classes, attributes, attention implementations), to put back when
+    verify=True finds a difference: the model is then left exactly as it was given."""
+
+    _MISSING = object()
+
+    def __init__(self):
+        self._steps = []
+
+    def set_class(self, module, cls):
+        self._steps.append(lambda was=module.__class__: setattr(module, "__class__", was))
+        module.__class__ = cls
+
+    def set_attribute(self, module, name, value):
+        was = module.__dict__.get(name, self._MISSING)
+        self._steps.append(lambda: module.__dict__.pop(name, None) if was is self._MISSING
+                           else setattr(module, name, was))
+        setattr(module, name, value)
+
+    def add(self, step):
+        self._steps.append(step)
+
+    def __call__(self):
+        for step in reversed(self._steps):
+            step()
+        self._steps.clear()
 
 
 # --------------------------------------------------------------------------------------------
 # Hugging Face
 # --------------------------------------------------------------------------------------------
-def _optimize_hugging_face(model, report, verify):
+def _optimize_hugging_face(model, report, verify, undo):
     """Swap the BERT-family blocks of every Hugging Face model in ``model`` (the model itself, or
     models held by a user's module, e.g. an encoder inside a classifier).
 
@@ -149,17 +186,19 @@ def _optimize_hugging_face(model, report, verify):
     for prefix, hf_model in found:
         if verify:
             originals[prefix] = copy.deepcopy(hf_model)
-        _optimize_hugging_face_model(transformers, hf_model, prefix, report)
+        _optimize_hugging_face_model(transformers, hf_model, prefix, report, undo)
     return originals
 
 
-def _optimize_hugging_face_model(transformers, model, prefix, report):
+def _optimize_hugging_face_model(transformers, model, prefix, report, undo):
     def qualified(name):
         return f"{prefix}.{name}" if prefix and name else (prefix or name)
 
     attention_key = f"{prefix} (attention)" if prefix else "(attention)"
     if _register_attention(transformers) and hasattr(model, "set_attn_implementation"):
         before = getattr(model.config, "_attn_implementation", None)
+        # The implementation the model had before any optimize (a second call finds "fastformer").
+        original = model.__dict__.get("fastformer_attention_was", before)
         try:
             model.set_attn_implementation("fastformer")
             refused = None
@@ -173,9 +212,18 @@ def _optimize_hugging_face_model(transformers, model, prefix, report):
         if refused is None and not any(map(_is_hf_attention, model.modules())):
             refused = f"{type(model).__name__} has no attention module"  # e.g. FNet (Fourier transforms)
         if refused is None:
+            refused = _hf_attention_unsupported_reason(model)
+            if refused is not None:
+                model.set_attn_implementation(before)
+            else:
+                undo.add(lambda: model.set_attn_implementation(before))
+        if refused is None:
+            undo.set_attribute(model, "fastformer_attention_was", original)
+            # Unpickling the model registers "fastformer" again, in a process that has not run optimize.
+            undo.set_attribute(model, "fastformer_attention_registration", _AttentionRegistration())
             report.replaced[attention_key] = ("self-attention -> fastformer.attention (transformers "
                                               "attention registry)")
-            if before == "eager":  # the one implementation that returns the attention weights
+            if original == "eager":  # the one implementation that returns the attention weights
                 report.replaced[attention_key] += ("; it was 'eager': output_attentions=True now gives no "
                                                    "weights (as with 'sdpa')")
         else:
@@ -193,15 +241,15 @@ def _optimize_hugging_face_model(transformers, model, prefix, report):
         reasons = _hf_block_unsupported_reasons(kind, module, base)
         if not reasons:
             if kind != "output":
-                module.fastformer_gelu = _gelu_kind(_activation(kind, module))
-            module.fastformer_reads = _reads(module, block)
+                undo.set_attribute(module, "fastformer_gelu", _gelu_kind(_activation(kind, module)))
+            undo.set_attribute(module, "fastformer_reads", _reads(module, block))
             if (base, kind) not in checked:
                 checked[base, kind] = _behaviour_reasons(kind, module, base)
             reasons = checked[base, kind]
         if reasons:
             report.left_alone[qualified(name)] = f"{base.__name__}: " + "; ".join(reasons)
             continue
-        module.__class__ = _fast_subclass(base, block.forward)
+        undo.set_class(module, _fast_subclass(base, block.forward))
         gelu = ", the FFN's bias + GELU" if kind == "distilbert block" and module.fastformer_gelu else ""
         report.replaced[qualified(name)] = f"{base.__name__}: {block.what}{gelu}"
         fused_norms.update(id(getattr(module, norm)) for norm in block.norms)
@@ -223,6 +271,57 @@ def _register_attention(transformers) -> bool:
             return True  # older versions build the eager additive mask, which we also take
         masks.register("fastformer", _hf_mask)
     return True
+
+
+class _AttentionRegistration:
+    """Held by an optimized Hugging Face model: unpickled (torch.load of the whole model, deepcopy),
+    it registers the "fastformer" attention function its config names, which a new process has
+    not registered (optimize does it)."""
+
+    def __reduce__(self):
+        return _registered_attention, ()
+
+
+def _registered_attention() -> _AttentionRegistration:
+    import transformers
+
+    _register_attention(transformers)
+    return _AttentionRegistration()
+
+
+def _hf_attention_unsupported_reason(model) -> str | None:
+    """Why the model's attention must not switch to fastformer's, or None.
+
+    Switching changes every attention function the registry hands out and every mask the model
+    builds through transformers' mask interface (boolean, SDPA's form). So: no module may compute
+    attention itself from the model's mask (it would read a boolean mask as an additive one: GIT's
+    text self-attention), and none may need what :func:`_hf_attention` does not compute (logit
+    soft-capping, attention sinks)."""
+    if getattr(model.config, "attn_logit_softcapping", None) is not None:
+        return (f"{type(model).__name__} soft-caps its attention logits (attn_logit_softcapping), which "
+                f"fastformer does not")
+    for name, module in model.named_modules():
+        if isinstance(getattr(module, "sinks", None), torch.Tensor):
+            return f"{name} ({type(module).__name__}) has attention sinks, which fastformer does not compute"
+        if _computes_attention_itself(module):
+            return (f"{name} ({type(module).__name__}) computes its attention itself from the model's mask: "
+                    f"it would read the boolean masks fastformer's registry entry builds as additive ones")
+    return None
+
+
+def _computes_attention_itself(module) -> bool:
+    """A transformers module whose forward takes the model's attention_mask and runs its own
+    softmax, without looking the attention function up in the registry."""
+    cls = type(module)
+    if not cls.__module__.startswith("transformers."):
+        return False
+    try:
+        if "attention_mask" not in inspect.signature(cls.forward).parameters:
+            return False
+        source = inspect.getsource(cls.forward)
+    except (TypeError, ValueError, OSError):  # no Python source to read: assume the worst
+        return True
+    return "softmax" in source and "ALL_ATTENTION_FUNCTIONS" not in source and "_attn_implementation" not in source
 
 
 def _values_readable(t: torch.Tensor) -> bool:
@@ -272,6 +371,20 @@ def _hf_attention(module, query, key, value, attention_mask, scaling=None, dropo
     a broadcast view (what :func:`_hf_mask` builds), else, where its values are free to read
     (:func:`_values_readable`), by comparing its rows; on a GPU such a full mask stays attn_mask.
     """
+    for name in ("softcap", "s_aux"):  # as transformers' SDPA function: no silent approximation
+        if kwargs.get(name) is not None:
+            raise ValueError(f"fastformer's attention function does not support {name!r} (soft-capping, "
+                             f"attention sinks): leave this model's attention as it is")
+    if kwargs.get("output_attentions"):
+        _warn_once("fastformer's attention function returns no attention weights (output_attentions=True), "
+                   "as transformers' 'sdpa'; set the model's attention to 'eager' to get them")
+    # As transformers' SDPA function: the call's hint, else the module's, else causal.
+    causal = kwargs.get("is_causal")
+    causal = getattr(module, "is_causal", True) if causal is None else causal
+    position_bias = kwargs.get("position_bias")
+    if position_bias is not None:  # relative positions (T5, LayoutLMv3): one additive mask
+        attention_mask = _with_position_bias(position_bias, attention_mask,
+                                             causal and query.shape[2] > 1, query.shape[2], key.shape[2])
     key_padding_mask = None
     if (attention_mask is not None and attention_mask.dtype == torch.bool and attention_mask.dim() == 4
             and attention_mask.shape[1] == 1):
@@ -279,13 +392,36 @@ def _hf_attention(module, query, key, value, attention_mask, scaling=None, dropo
         if (attention_mask.shape[-2] == 1 or attention_mask.stride(-2) == 0
                 or (_values_readable(attention_mask)
                     and torch.equal(attention_mask, first_row.expand_as(attention_mask)))):
-            key_padding_mask, attention_mask = ~first_row[:, 0, 0, :], None
-    is_causal = attention_mask is None and key_padding_mask is None and query.shape[2] > 1 and bool(
-        kwargs.get("is_causal", getattr(module, "is_causal", False)))
+            # A mask shared by the batch (batch 1) is expanded to it, as SDPA broadcasts it.
+            key_padding_mask = (~first_row[:, 0, 0, :]).expand(query.shape[0], -1)
+            attention_mask = None
+    is_causal = attention_mask is None and key_padding_mask is None and query.shape[2] > 1 and bool(causal)
     out = fastformer.attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
                                is_causal=is_causal, scale=scaling, key_padding_mask=key_padding_mask,
                                backend=getattr(module, "fastformer_backend", None))
     return out.transpose(1, 2), None
+
+
+def _with_position_bias(position_bias, attention_mask, causal, len_q, len_k):
+    """The additive mask of ``position_bias`` (B or 1, H, Lq, Lk) and the call's mask: -inf where
+    the boolean mask (or causality, without a mask) removes a key, the float mask added."""
+    if attention_mask is None:
+        if not causal:
+            return position_bias
+        future = torch.ones(len_q, len_k, dtype=torch.bool, device=position_bias.device).triu(1)
+        return position_bias.masked_fill(future, float("-inf"))
+    if attention_mask.dtype == torch.bool:
+        return position_bias.masked_fill(~attention_mask, float("-inf"))
+    return position_bias + attention_mask
+
+
+_warned = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        logger.warning("%s", message)
 
 
 def _is_hf_attention(module) -> bool:
@@ -473,7 +609,7 @@ def _fused_output_forward(self, hidden_states, input_tensor):
     """LayerNorm(dropout(dense(h)) + input) with the last three steps in one fused op."""
     if not _as_optimized(self, "output"):
         return _original_forward(self, hidden_states, input_tensor)
-    dropout_p = self.dropout.p if self.training else 0.0
+    dropout_p = self.dropout.p if self.dropout.training else 0.0  # its own mode, as self.dropout(x)
     out, _ = fastformer.residual_layer_norm(self.dense(hidden_states), input_tensor, self.LayerNorm.weight,
                                             self.LayerNorm.bias, self.LayerNorm.eps, dropout_p,
                                             backend=getattr(self, "fastformer_backend", None))
@@ -506,7 +642,7 @@ def _fused_distilbert_block_forward(self, hidden_states, attention_mask=None, **
         h = linear_bias_gelu(x, ffn.lin1, self.fastformer_gelu, backend=backend)
     norm = self.output_layer_norm
     out, _ = fastformer.residual_layer_norm(ffn.lin2(h), x, norm.weight, norm.bias, norm.eps,
-                                            ffn.dropout.p if ffn.training else 0.0, backend=backend)
+                                            ffn.dropout.p if ffn.dropout.training else 0.0, backend=backend)
     return out
 
 
@@ -543,10 +679,14 @@ def _mismatch(actual, expected) -> str | None:
     return None if math.isfinite(error) and error <= tol else f"relative error {error:.3g} > {tol:.3g}"
 
 
+class _VerifyMismatch(RuntimeError):
+    pass
+
+
 def _check(name, actual, expected):
     mismatch = _mismatch(actual, expected)
     if mismatch is not None:
-        raise RuntimeError(f"optimize(verify=True): {name or '(model)'} differs from the original: {mismatch}")
+        raise _VerifyMismatch(f"optimize(verify=True): {name or '(model)'} differs from the original: {mismatch}")
 
 
 def _private_generator(device) -> torch.Generator:
@@ -590,13 +730,20 @@ def _verify_module(name, original, fast):
 def _verify_hugging_face(original, model):
     config = model.config
     parameter = next(model.parameters())
-    input_ids = torch.randint(0, config.vocab_size, (2, 9), device=parameter.device,
+    encoder_decoder = getattr(config, "is_encoder_decoder", False)
+    vocab_size = getattr(config, "vocab_size", None) or config.encoder.vocab_size
+    if encoder_decoder and hasattr(config, "decoder"):
+        vocab_size = min(vocab_size, config.decoder.vocab_size)
+    input_ids = torch.randint(0, vocab_size, (2, 9), device=parameter.device,
                               generator=_private_generator(parameter.device))
     attention_mask = torch.ones_like(input_ids)
     attention_mask[1, 6:] = 0
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask)
+    if encoder_decoder:  # T5, BART, EncoderDecoderModel: the decoder reads the same tokens
+        inputs["decoder_input_ids"] = input_ids
     with _evaluating(original, model), torch.no_grad():  # no dropout
-        expected = original(input_ids=input_ids, attention_mask=attention_mask)
-        actual = model(input_ids=input_ids, attention_mask=attention_mask)
+        expected = original(**inputs)
+        actual = model(**inputs)
     actual, expected = actual[0], expected[0]
     if expected.dim() == 3 and expected.shape[:2] == input_ids.shape:  # per token: padding undefined
         keep = attention_mask.bool()

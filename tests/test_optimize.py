@@ -126,8 +126,13 @@ def test_verify_passes_and_catches_a_wrong_module(monkeypatch):
         return out * 1.1, weights
 
     monkeypatch.setattr(FastMultiheadAttention, "forward", wrong_forward)
-    with pytest.raises(RuntimeError, match="differs from the original"):
-        fastformer.optimize(Classifier().eval(), verify=True)
+    model = Classifier().eval()
+    classes = [type(module) for module in model.modules()]
+    with pytest.raises(RuntimeError, match="differs from the original.*the model was left as it was"):
+        fastformer.optimize(model, verify=True)
+    assert [type(module) for module in model.modules()] == classes  # nothing swapped
+    assert not hasattr(model, "fastformer_report")
+    assert not any("fastformer_backend" in vars(module) for module in model.modules())
 
 
 def test_verify_compares_with_pytorchs_definition_not_its_inference_fast_path():
@@ -334,7 +339,7 @@ def _tiny_hf_model(family, **config_options):
         config = transformers.AlbertConfig(embedding_size=16, **sizes)
     else:
         config = {"bert": transformers.BertConfig, "electra": transformers.ElectraConfig,
-                  "deberta-v2": transformers.DebertaV2Config}[family](**sizes)
+                  "deberta-v2": transformers.DebertaV2Config}[family](**sizes, **config_options)
     torch.manual_seed(0)
     return transformers.AutoModelForSequenceClassification.from_config(config).eval()
 
@@ -566,9 +571,10 @@ def test_hf_report_says_when_attention_weights_are_no_longer_returned(implementa
     the report says that a model set to it no longer does."""
     model = _tiny_hf_model("bert")
     model.set_attn_implementation(implementation)
-    fastformer.optimize(model)
-    said = "output_attentions" in model.fastformer_report.replaced["(attention)"]
-    assert said == (implementation == "eager")
+    for _ in range(2):  # a second call (e.g. to force a backend) still knows what the model had
+        fastformer.optimize(model)
+        said = "output_attentions" in model.fastformer_report.replaced["(attention)"]
+        assert said == (implementation == "eager")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
@@ -656,3 +662,158 @@ def test_hugging_face_model_inside_a_users_module():
     assert sum(name.startswith("encoder.") and "GELU" in what for name, what in replaced.items()) == 6
     with torch.no_grad():
         torch.testing.assert_close(model(**batch), original(**batch), rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# Hugging Face models whose attention needs more than fastformer computes, and the glue's edges
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("model_type, options, why", [
+    # GIT's text self-attention is its own code, adding the model's mask to its scores.
+    ("git", {}, "computes its attention itself from the model's mask"),
+    ("gemma2", dict(head_dim=8, num_key_value_heads=1, attn_logit_softcapping=5.0), "soft-caps"),
+    ("gpt_oss", dict(head_dim=8, num_key_value_heads=1, num_local_experts=2, num_experts_per_tok=1),
+     "attention sinks"),
+])
+def test_hf_attention_is_left_alone_where_the_model_needs_more(model_type, options, why):
+    """Switching a model's attention implementation changes every mask it builds (boolean, SDPA's
+    form) and every attention call: a model with a module reading the mask its own way, or whose
+    attention soft-caps logits or has sinks, keeps its attention, the report says why, and its
+    outputs stay the original's."""
+    model = _tiny_auto_model(model_type, **options)
+    before = model.config._attn_implementation
+    original = copy.deepcopy(model)
+    fastformer.optimize(model)
+    assert why in model.fastformer_report.left_alone["(attention)"]
+    assert model.config._attn_implementation == before
+    ids = torch.randint(1, 60, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids)[0], original(input_ids=ids)[0])
+
+
+def test_hf_attention_function_folds_position_bias_as_sdpa_does():
+    """Relative position biases (T5, LayoutLMv3) reach the attention function as position_bias:
+    added to the scores with the mask (boolean, float, none, or causality), as transformers' SDPA
+    function does (its finite fill for removed keys aside: rows keep a key here)."""
+    sdpa_attention = pytest.importorskip("transformers.integrations.sdpa_attention")
+    optimize_module = importlib.import_module("fastformer.optimize")
+    q, k, v = (torch.randn(2, 4, 6, 8, dtype=torch.float64) for _ in range(3))
+    bias = 3 * torch.randn(1, 4, 6, 6, dtype=torch.float64)
+    keep = torch.rand(2, 1, 6, 6) > 0.3
+    keep[..., 0] = True
+    additive = torch.randn(2, 1, 6, 6, dtype=torch.float64)
+    for mask, causal in [(None, False), (None, True), (keep, False), (additive, False)]:
+        module = nn.Module()
+        module.is_causal = causal
+        expected, _ = sdpa_attention.sdpa_attention_forward(module, q, k, v, mask, position_bias=bias)
+        out, _ = optimize_module._hf_attention(module, q, k, v, mask, position_bias=bias)
+        torch.testing.assert_close(out, expected)
+    for name in ("softcap", "s_aux"):
+        with pytest.raises(ValueError, match=name):
+            optimize_module._hf_attention(nn.Module(), q, k, v, None, **{name: torch.ones(())})
+
+
+def test_hf_t5_matches_and_verifies_with_decoder_inputs():
+    """An encoder-decoder (T5: relative position biases, a causal decoder, cross-attention) gives
+    the original's outputs, and verify=True runs it with decoder inputs."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.T5Config(d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4, vocab_size=64)
+    torch.manual_seed(0)
+    model = transformers.T5Model(config).double().eval()
+    original = copy.deepcopy(model)
+    fastformer.optimize(model, verify=True)
+    assert "(attention)" in model.fastformer_report.replaced
+    ids = torch.randint(1, 64, (2, 10))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids, attention_mask=mask, decoder_input_ids=ids)[0],
+                                   original(input_ids=ids, attention_mask=mask, decoder_input_ids=ids)[0])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
+def test_hf_boolean_mask_shared_by_the_batch():
+    """A 4-D boolean mask of batch 1 (one padding pattern for every sequence), which SDPA
+    broadcasts: the same outputs as the original model."""
+    model = _tiny_hf_model("bert").double()
+    original = copy.deepcopy(model)
+    fastformer.optimize(model)
+    ids = torch.randint(0, 50, (3, 6))
+    keep = torch.ones(6, dtype=torch.bool)
+    keep[-2:] = False
+    for mask in (keep.expand(1, 1, 6, 6), keep.expand(1, 1, 1, 6)):
+        with torch.no_grad():
+            torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits,
+                                       original(input_ids=ids, attention_mask=mask).logits)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
+@pytest.mark.parametrize("family", ["bert", "distilbert"])
+def test_hf_fused_dropout_follows_the_dropout_modules_own_mode(family):
+    """The fused blocks drop as their nn.Dropout would: by its own mode, not the block's (Monte
+    Carlo dropout: the model in eval, its dropouts in train; and the converse). Without attention
+    dropout, which transformers applies by the attention module's mode."""
+    options = dict(attention_dropout=0.0) if family == "distilbert" else dict(attention_probs_dropout_prob=0.0)
+    model = _tiny_hf_model(family, **options)
+    fastformer.optimize(model)
+    ids = torch.randint(0, 50, (2, 7))
+
+    def two_runs():
+        with torch.no_grad():
+            return [model(input_ids=ids).logits for _ in range(2)]
+
+    model.eval()
+    deterministic = two_runs()[0]
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.train()
+    first, second = two_runs()
+    assert not torch.equal(first, second)
+    model.train()
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.eval()
+    first, second = two_runs()
+    torch.testing.assert_close(first, deterministic)
+    torch.testing.assert_close(second, deterministic)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
+@pytest.mark.parametrize("family", ["bert", "albert"])
+def test_hf_pickled_model_runs_in_a_new_process(family, tmp_path):
+    """torch.save(model) of an optimized model, torch.load in a process that never ran optimize:
+    the "fastformer" attention its config names is registered again as it loads (ALBERT has no
+    fused block, so nothing else of fastformer's is in its pickle)."""
+    import subprocess
+    import sys
+
+    model = _tiny_hf_model(family)
+    fastformer.optimize(model)
+    ids = torch.randint(0, 50, (2, 7))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    torch.save({"model": model, "ids": ids, "expected": expected}, tmp_path / "model.pt")
+    code = ("import torch; saved = torch.load(r'%s', weights_only=False); model = saved['model']\n"
+            "assert model.config._attn_implementation == 'fastformer'\n"
+            "with torch.no_grad(): out = model(input_ids=saved['ids']).logits\n"
+            "torch.testing.assert_close(out, saved['expected']); print('ok')" % (tmp_path / "model.pt"))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(fastformer.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
+def test_hf_failed_verify_leaves_the_model_as_it_was(monkeypatch):
+    """verify=True that finds a difference puts every change back (classes, attention
+    implementation, attributes) before raising: the model runs as it did."""
+    model = _tiny_hf_model("bert")
+    before = model.config._attn_implementation
+    classes = [type(module) for module in model.modules()]
+    attributes = [set(vars(module)) for module in model.modules()]
+    attention = fastformer.attention  # wrong attention: found by verify only (the blocks are checked as swapped)
+    monkeypatch.setattr(fastformer, "attention", lambda *args, **kwargs: 1.1 * attention(*args, **kwargs))
+    with pytest.raises(RuntimeError, match="differs from the original.*the model was left as it was"):
+        fastformer.optimize(model, verify=True)
+    assert model.config._attn_implementation == before
+    assert [type(module) for module in model.modules()] == classes
+    assert [set(vars(module)) for module in model.modules()] == attributes
