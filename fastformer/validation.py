@@ -127,8 +127,9 @@ def broadcast_mask_4d(op: str, name: str, mask, target: tuple[int, int, int, int
                         f"mask, got dtype {mask.dtype}")
     if mask.device != device:
         raise ValueError(f"{op}: {name} is on {mask.device} but query is on {device}")
-    expected = "(B, Hq, Lq, Lk) = (" + ", ".join(map(str, target)) + ")"
     if mask.dim() > 4 or mask.dim() == 0 or any(
             size not in (1, want) for size, want in zip(reversed(mask.shape), reversed(target))):
+        # Formatted only here: under torch.compile with symbolic sizes, str() of one cannot be traced.
+        expected = "(B, Hq, Lq, Lk) = (" + ", ".join(map(str, target)) + ")"
         raise ValueError(f"{op}: {name} of shape {shape_of(mask)} is not broadcastable to {expected}")
     return mask.view((1,) * (4 - mask.dim()) + tuple(mask.shape))

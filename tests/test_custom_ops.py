@@ -150,6 +150,22 @@ def test_compile_fullgraph_with_dynamic_shapes():
         torch.testing.assert_close(compiled(x, padding), model(x, padding))
 
 
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32], ids=str)
+def test_compile_fullgraph_with_dynamic_shapes_and_a_mask(mask_dtype):
+    """An attn_mask under symbolic sizes (dynamic=True, or any second shape): its checks trace too
+    (an error message formatted from the sizes on every call did not)."""
+    torch._dynamo.reset()
+
+    def attend(q, k, v, mask):
+        return fastformer.attention(q, k, v, attn_mask=mask)
+
+    compiled = torch.compile(attend, fullgraph=True, dynamic=True)
+    for length in (5, 7):
+        q, k, v = (torch.randn(2, 2, length, 8) for _ in range(3))
+        mask = torch.rand(length, length) > 0.3 if mask_dtype == torch.bool else torch.randn(length, length)
+        torch.testing.assert_close(compiled(q, k, v, mask), attend(q, k, v, mask))
+
+
 def test_compile_fullgraph_with_dropout_draws_a_fresh_mask_each_step():
     torch._dynamo.reset()
     model = TinyEncoderLayer(dropout_p=0.2)
