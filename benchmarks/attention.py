@@ -85,6 +85,12 @@ TOLERANCES = {torch.float16: (5e-2, 1e-1), torch.bfloat16: (5e-2, 1e-1),
 # Providers that materialise the B x H x L x L scores are skipped above this many bytes of them.
 MAX_SCORE_BYTES = 8 * 2**30
 COMPILED = "torch.compile(reference)"
+SDPA_BACKENDS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-efficient": "EFFICIENT_ATTENTION",
+                 "sdpa-cudnn": "CUDNN_ATTENTION", "sdpa-math": "MATH"}
+# Every provider name, for checking --providers (fastformer-<backend> whether or not it runs here).
+PROVIDERS = (BASELINE, *SDPA_BACKENDS, COMPILED, "flash-attn", "xformers",
+             *(f"fastformer-{b}" for b in fastformer.dispatch.BACKEND_NAMES),
+             MODULE_BASELINE, "fastformer", f"{MODULE_BASELINE}+compile", "fastformer+compile")
 _NO_COMPILE_HERE = {  # why a torch.compile provider is left out of a shape (on CUDA?)
     True: "--quick: torch.compile providers run on the first shape of each suite only (compile time)",
     False: "on the CPU torch.compile providers run only with --compile, on the first shape of each "
@@ -196,9 +202,8 @@ def module_shapes(args) -> list[ModuleShape]:
         seq_lens = seq_lens[:1]
     batch = args.batch or batch
     seq_lens = args.seq_lens or seq_lens
-    heads = (args.heads or [heads])[0]
-    dim = (args.head_dims or [dim])[0]
-    return [ModuleShape(batch, L, heads, dim) for L in seq_lens]
+    return [ModuleShape(batch, L, h, d) for h in args.heads or [heads] for d in args.head_dims or [dim]
+            for L in seq_lens]
 
 
 # --------------------------------------------------------------------------------------------
@@ -310,13 +315,13 @@ def attention_providers(shape: Shape, inputs, args, compile_here: bool, skips: c
                f"{MAX_SCORE_BYTES / 2**30:.0f} GiB)") if score_bytes > MAX_SCORE_BYTES else None
     try:
         from torch.nn.attention import SDPBackend
-        backends = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-efficient": "EFFICIENT_ATTENTION",
-                    "sdpa-cudnn": "CUDNN_ATTENTION", "sdpa-math": "MATH"}
-        for name, member in backends.items():
+        for name, member in SDPA_BACKENDS.items():
             if not common.wanted(name, args.providers, BASELINE):
                 continue
             if name == "sdpa-math" and too_big:
                 skips.add(name, label, too_big)
+            elif name in ("sdpa-efficient", "sdpa-cudnn") and args.device.type != "cuda":
+                skips.add(name, label, "needs a CUDA device (PyTorch's CPU SDPA has flash and math only)")
             elif not hasattr(SDPBackend, member):
                 skips.add(name, label, f"this PyTorch has no SDPBackend.{member}")
             else:
@@ -498,7 +503,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     compiled.add_argument("--no-compile", dest="compile", action="store_false",
                           help="leave out torch.compile providers")
     args = parser.parse_args(argv)
-    common.resolve_common_arguments(parser, args, cuda_repeats=(100, 20), cpu_repeats=(10, 3))
+    common.resolve_common_arguments(parser, args, cuda_repeats=(100, 20), cpu_repeats=(10, 3),
+                                    providers=PROVIDERS)
     suites = [s.strip() for s in args.suites.split(",") if s.strip()]
     bad = [s for s in suites if s not in SUITES]
     if bad or not suites:

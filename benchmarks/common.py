@@ -101,7 +101,11 @@ def command_line() -> str:
             argv[0] = str(script.resolve().relative_to(REPO_ROOT))
         except (ValueError, OSError):
             argv[0] = script.name
-    return shlex.join(["python", *argv])
+    command = shlex.join(["python", *argv])
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # launched by torchrun: say so, with its process layout
+        world, local = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        command = f"torchrun --nnodes {max(1, world // local)} --nproc_per_node {local} " + command[len("python "):]
+    return command
 
 
 def fastformer_source() -> str:
@@ -583,8 +587,15 @@ def markdown_pivot(rows: Sequence[Row], pass_: str, value: str = "ms") -> str:
     if not selected:
         return ""
     providers = list(dict.fromkeys(r.provider for r in selected))
-    shapes = list(dict.fromkeys((r.op, r.shape, r.dtype) for r in selected))
-    cell = {(r.op, r.shape, r.dtype, r.provider): r for r in selected}
+    suites = {}
+    for r in selected:
+        suites.setdefault((r.op, r.shape, r.dtype), set()).add(r.suite)
+
+    def shape_of(r):  # the suite too where two suites measured the same shape (else one hides the other)
+        return f"{r.shape} ({r.suite})" if len(suites[r.op, r.shape, r.dtype]) > 1 else r.shape
+
+    shapes = list(dict.fromkeys((r.op, shape_of(r), r.dtype) for r in selected))
+    cell = {(r.op, shape_of(r), r.dtype, r.provider): r for r in selected}
     lines = ["| op | shape | dtype | " + " | ".join(providers) + " |",
              "| --- | --- | --- | " + " | ".join("---:" for _ in providers) + " |"]
     for op, shape, dtype in shapes:
@@ -985,7 +996,8 @@ def cpu_notice(device: torch.device) -> str | None:
         return None
     return ("NOTE: no GPU used: these are CPU timings of the CPU code paths (PyTorch's CPU kernels, "
             "the fastformer torch backend). The GPU kernels (fastformer's Triton and CUDA backends, "
-            "SDPA's flash / efficient / cuDNN kernels) were NOT measured.")
+            "SDPA's flash / efficient / cuDNN kernels) were NOT measured. % of peak is against a "
+            "large (DRAM) copy, which inputs that stay in the CPU's caches can exceed.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -1005,8 +1017,9 @@ def plot_rows(rows: Sequence[Row], path: str | os.PathLike, *, x_label: str, tit
     except Exception as exc:
         print(f"no plot: matplotlib is not importable ({first_line(exc)})")
         return False
-    plotted = [r for r in rows if r.group and r.size is not None and (r.tflops or r.gbps)
-               and r.pass_ in passes]
+    plotted = [r for r in rows if r.group and r.size is not None and (r.tflops or r.gbps)]
+    if any(r.pass_ in passes for r in plotted):
+        plotted = [r for r in plotted if r.pass_ in passes]  # else the passes measured (e.g. --passes bwd)
     if not plotted:
         print("no plot: no rows with a group, a size and a rate")
         return False
@@ -1107,9 +1120,14 @@ def add_common_arguments(parser) -> None:
                              "work, where spinning OpenMP threads can slow small ops many times over")
 
 
-def resolve_common_arguments(parser, args, *, cuda_repeats=(100, 20), cpu_repeats=(10, 3)) -> None:
-    """Validate --device, apply --threads, fill --dtype / --repeats / --warmup defaults, set
-    args.torch_dtype."""
+def resolve_common_arguments(parser, args, *, cuda_repeats=(100, 20), cpu_repeats=(10, 3),
+                             providers: Sequence[str] = ()) -> None:
+    """Validate --device and --providers (against ``providers``, every name the script knows),
+    apply --threads, fill --dtype / --repeats / --warmup defaults, set args.torch_dtype."""
+    unknown = unmatched_selection(args.providers, providers) if providers else []
+    if unknown:
+        parser.error(f"--providers: {', '.join(map(repr, unknown))} names no provider of this script "
+                     f"(known: {', '.join(providers)})")
     try:
         device = torch.device(args.device)
     except RuntimeError as exc:
@@ -1141,6 +1159,15 @@ def wanted(provider: str, selection: str | None, baseline: str | Sequence[str]) 
     if selection is None or provider in baselines:
         return True
     return any(part.strip() and part.strip() in provider for part in selection.split(","))
+
+
+def unmatched_selection(selection: str | None, providers: Sequence[str]) -> list[str]:
+    """The parts of ``--providers`` that name none of ``providers`` (every provider the script
+    knows, runnable here or not): a typo would otherwise leave a run that compares nothing."""
+    if selection is None:
+        return []
+    return [part.strip() for part in selection.split(",")
+            if part.strip() and not any(part.strip() in provider for provider in providers)]
 
 
 def fastformer_backends_for(op, *args, **kwargs) -> tuple[list[str], dict[str, list[str]]]:

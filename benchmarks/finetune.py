@@ -37,6 +37,7 @@ import argparse
 import dataclasses
 import json
 import math
+import signal
 import sys
 import time
 from pathlib import Path
@@ -47,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from finetune_lib import data as data_lib  # noqa: E402
 from finetune_lib import models, report  # noqa: E402
 from finetune_lib import train as train_lib  # noqa: E402
+import common  # noqa: E402  (benchmarks/common.py)
 
 try:
     import fastformer  # noqa: F401
@@ -60,10 +62,11 @@ ACCURACY_AGREEMENT = 0.01  # final test accuracies of the two variants within 1 
 PRESETS = {
     "scratch": dict(epochs=5, batch_size=64, lr=1e-4, optimizer="adam", weight_decay=0.0, schedule="constant",
                     warmup_fraction=0.0, max_length=512, vocab_size=25_000, d_model=200, nhead=4, layers=6,
-                    ff=2048, dropout=0.1, train_size=None, test_size=None),
+                    ff=2048, dropout=0.1, activation="gelu", train_size=None, test_size=None),
     "minilm": dict(epochs=2, batch_size=32, lr=2e-5, optimizer="adamw", weight_decay=0.01, schedule="linear",
                    warmup_fraction=0.1, max_length=256, dropout=0.1, train_size=None, test_size=None),
 }
+SCRATCH_ONLY = ("vocab_size", "d_model", "nhead", "layers", "ff", "activation", "tokenizer")
 QUICK = {
     "scratch": dict(epochs=2, batch_size=32, lr=1e-3, max_length=128, vocab_size=8000, d_model=64, nhead=4,
                     layers=2, ff=256, train_size=2500, test_size=1000),
@@ -104,7 +107,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--layers", type=int)
     add("--ff", type=int, help="scratch: feed-forward width")
     add("--dropout", type=float)
-    add("--activation", choices=("gelu", "relu"), default="gelu", help="scratch: feed-forward activation")
+    add("--activation", choices=("gelu", "relu"), help="scratch: feed-forward activation (default gelu)")
     add("--tokenizer", metavar="PATH",
         help="scratch: the WordPiece tokenizer (JSON) to use; trained and written there if the file does "
              "not exist. Training is not deterministic (the tokenizers package breaks ties in hash-map "
@@ -130,9 +133,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--plot", help="write the loss curves and throughput bars here (PNG, SVG, PDF)")
     add("--table", help="write the results table here (Markdown)")
     add("--no-progress", action="store_true")
+    add("--threads", type=int, help="CPU threads of PyTorch (torch.set_num_threads; default: PyTorch's "
+                                    "choice). On a shared CPU fewer threads than cores can be many times faster")
     add("--from-json", metavar="PATH", help="train nothing: print the table of an earlier --json result and "
                                             "write its --plot / --table")
     args = parser.parse_args(argv)
+    if args.model == "minilm":  # its architecture and tokenizer are the pretrained model's
+        given = [f"--{name.replace('_', '-')}" for name in SCRATCH_ONLY if getattr(args, name) is not None]
+        if given:
+            parser.error(f"{', '.join(given)}: for --model scratch only (MiniLM's architecture is fixed)")
     settings = dict(PRESETS[args.model])
     if args.quick:
         settings.update(QUICK[args.model])
@@ -172,9 +181,30 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(problem)
     if args.minilm_path and args.model != "minilm":
         parser.error("--minilm-path is for --model minilm")
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     if args.model == "scratch" and args.d_model % args.nhead:
         parser.error(f"--d-model ({args.d_model}) must be a multiple of --nhead ({args.nhead})")
     return args
+
+
+def backend_problem(backend: str, device: torch.device, precision: str) -> str | None:
+    """Why the forced fastformer ``backend`` cannot take the model's calls on ``device`` (asked
+    of dispatch on small inputs before anything trains), or None."""
+    dtypes = [torch.float32] + ([torch.bfloat16] if precision == "bf16" else [])
+    for dtype in dtypes:
+        q = torch.zeros(1, 2, 4, 8, device=device, dtype=dtype)
+        x, w = torch.zeros(4, 16, device=device, dtype=dtype), torch.ones(16, device=device, dtype=dtype)
+        try:
+            fastformer.explain(fastformer.attention, q, q, q, dropout_p=0.1,
+                               key_padding_mask=torch.zeros(1, 4, dtype=torch.bool, device=device), backend=backend)
+            fastformer.explain(fastformer.residual_layer_norm, x, x, w, w, dropout_p=0.1, backend=backend)
+            fastformer.explain(fastformer.bias_gelu, x, w, dropout_p=0.1, backend=backend)
+        except fastformer.BackendUnavailableError as error:
+            return str(error)
+    return None
 
 
 def load_data(args, dist_info):
@@ -266,8 +296,10 @@ def compare(variants: dict) -> dict:
     torch_run, fast_run = variants.get("torch"), variants.get("fastformer")
     if not torch_run or not fast_run:
         return {}
-    out = {"speedup_tokens_per_s": fast_run["tokens_per_s"] / torch_run["tokens_per_s"],
-           "step_time_ratio_median": torch_run["step_ms"]["median"] / fast_run["step_ms"]["median"]}
+    out = {}
+    if all(run["timed_steps"] for run in (torch_run, fast_run)):  # else the rates are NaN
+        out = {"speedup_tokens_per_s": fast_run["tokens_per_s"] / torch_run["tokens_per_s"],
+               "step_time_ratio_median": torch_run["step_ms"]["median"] / fast_run["step_ms"]["median"]}
     if torch_run.get("peak_memory_mib") and fast_run.get("peak_memory_mib"):
         out["peak_memory_ratio"] = fast_run["peak_memory_mib"] / torch_run["peak_memory_mib"]
     if torch_run.get("test_accuracy") is not None and fast_run.get("test_accuracy") is not None:
@@ -297,48 +329,13 @@ def write_outputs(args, results: dict, log=print) -> None:
         log(f"wrote {args.table}")
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.from_json:
-        results = json.loads(Path(args.from_json).read_text(encoding="utf-8"))
-        report.print_table(results, results["title"])
-        write_outputs(argparse.Namespace(json=None, plot=args.plot, table=args.table), results)
-        return 0
-    dist_info, device = train_lib.init_distributed(args.device)
-    log = print if dist_info.main else (lambda *a, **k: None)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = not args.no_tf32
-        torch.backends.cudnn.allow_tf32 = not args.no_tf32
-    try:
-        train_data, test_data, pad, vocab_size, data_info = load_data(args, dist_info)
-    except data_lib.DataError as error:
-        print(f"error: {error}", file=sys.stderr)
-        train_lib.shutdown_distributed(dist_info)
-        return 2
-    log(f"data: {data_info['source']}: {len(train_data)} training / {len(test_data)} test reviews, "
-        f"median {data_info['train']['median']} tokens, {data_info['tokenizer']}")
-
-    build = base_builder(args, vocab_size, pad)
-    base = build(args.dropout)
-    config = train_config(args)
-    results = {
-        "schema": "fastformer-finetune/1",
-        "title": f"IMDB fine-tuning, {args.model}{' (quick)' if args.quick else ''}"
-                 f"{', torch.compile' if args.compile else ''}",
-        "environment": report.environment(device, dist_info.world_size),
-        "config": {**{k: v for k, v in vars(args).items() if k not in ("json", "plot", "table")},
-                   "train": dataclasses.asdict(config)},
-        "data": data_info,
-        "model": model_description(args, base),
-        "variants": {},
-    }
-    log(f"model: {results['model']['name']}, {results['model']['parameters']:,} parameters, on "
-        f"{results['environment']['device']} x {dist_info.world_size}")
-
+def run_variants(args, results, build, base, config, train_data, test_data, pad, device, dist_info,
+                 log) -> int:
+    """The equivalence check and the training runs; fills ``results``; the exit status."""
     kernels = list(models.KERNELS) if args.kernels == "both" else [args.kernels]
     status = 0
     if args.check_equivalence or (len(kernels) == 2 and args.equivalence_steps > 0):
-        log(f"equivalence check: {args.equivalence_steps} steps with dropout 0 ...")
+        log(f"equivalence check: up to {args.equivalence_steps} steps (one epoch at most) with dropout 0 ...")
         check = train_lib.check_equivalence(build(0.0), train_data, pad, config, args.equivalence_steps, device,
                                             dist_info)
         results["equivalence"] = check
@@ -375,6 +372,62 @@ def main(argv=None) -> int:
         for name, run in results["variants"].items():
             for op, entry in run["backends"].items():
                 log(f"{name}: {op}: {entry['calls']} (first call: {entry['first'].splitlines()[0]})")
+    return status
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.from_json:
+        results = json.loads(Path(args.from_json).read_text(encoding="utf-8"))
+        report.print_table(results, results["title"])
+        write_outputs(argparse.Namespace(json=None, plot=args.plot, table=args.table), results)
+        return 0
+    dist_info, device = train_lib.init_distributed(args.device)
+    log = print if dist_info.main else (lambda *a, **k: None)
+    problem = args.backend and args.kernels != "torch" and backend_problem(args.backend, device, args.precision)
+    if problem:  # before the data are loaded and the torch variant has trained
+        print(f"error: --backend {args.backend}: {problem}", file=sys.stderr)
+        train_lib.shutdown_distributed(dist_info)
+        return 2
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = not args.no_tf32
+        torch.backends.cudnn.allow_tf32 = not args.no_tf32
+    try:
+        train_data, test_data, pad, vocab_size, data_info = load_data(args, dist_info)
+    except data_lib.DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        train_lib.shutdown_distributed(dist_info)
+        return 2
+    log(f"data: {data_info['source']}: {len(train_data)} training / {len(test_data)} test reviews, "
+        f"median {data_info['train']['median']} tokens, {data_info['tokenizer']}")
+
+    build = base_builder(args, vocab_size, pad)
+    base = build(args.dropout)
+    config = train_config(args)
+    results = {
+        "schema": "fastformer-finetune/1",
+        "title": f"IMDB fine-tuning, {args.model}{' (quick)' if args.quick else ''}"
+                 f"{', torch.compile' if args.compile else ''}",
+        "environment": report.environment(device, dist_info.world_size),
+        "config": {**{k: v for k, v in vars(args).items() if k not in ("json", "plot", "table")},
+                   "train": dataclasses.asdict(config)},
+        "data": data_info,
+        "model": model_description(args, base),
+        "variants": {},
+    }
+    log(f"model: {results['model']['name']}, {results['model']['parameters']:,} parameters, on "
+        f"{results['environment']['device']} x {dist_info.world_size}")
+
+    common.install_sigterm_handler()  # a run cut short by `timeout` still writes what it has
+    try:
+        status = run_variants(args, results, build, base, config, train_data, test_data, pad, device,
+                              dist_info, log)
+    except (common.Stop, KeyboardInterrupt) as stop:
+        signum = signal.SIGTERM if isinstance(stop, common.Stop) else signal.SIGINT
+        results["interrupted"] = (f"stopped by {signal.Signals(signum).name} before the end: the variants' "
+                                  f"results are missing (the equivalence check is kept if it ended)")
+        log(f"interrupted: {results['interrupted']}")
+        status = 128 + signum
     if dist_info.main:
         write_outputs(args, results, log)
     train_lib.shutdown_distributed(dist_info)

@@ -53,6 +53,9 @@ except ImportError:  # run from a checkout that is not installed and not on PYTH
 OP = "bias_gelu"
 BASELINE = "torch-eager"
 APPROXIMATE = ("none", "tanh")
+# Every provider name, for checking --providers (fastformer-<backend> whether or not it runs here).
+PROVIDERS = (BASELINE, "torch.compile", "apex", "liger",
+             *(f"fastformer-{b}" for b in fastformer.dispatch.BACKEND_NAMES))
 
 
 def _eager(approximate: str, dropout_p: float) -> Callable:
@@ -116,7 +119,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-compile", action="store_true", help="leave out torch.compile")
     parser.add_argument("--dropout", type=float, default=0.0, help="dropout_p after the GELU (default 0)")
     args = parser.parse_args(argv)
-    common.resolve_common_arguments(parser, args, cuda_repeats=(100, 30), cpu_repeats=(10, 3))
+    common.resolve_common_arguments(parser, args, cuda_repeats=(100, 30), cpu_repeats=(10, 3),
+                                    providers=PROVIDERS)
     modes = [m.strip() for m in args.approximate.split(",") if m.strip()]
     if not modes or any(m not in APPROXIMATE for m in modes):
         parser.error(f"--approximate: expected a comma-separated list of {APPROXIMATE}, got {args.approximate!r}")

@@ -24,8 +24,9 @@
 #               (when the script, compute-sanitizer and the CUDA extension are all there, and
 #               compute-sanitizer accepts the device: some container runtimes refuse it)
 #   finetune    benchmarks/finetune.py --quick (when it exists), on --finetune-data DIR, else on
-#               .finetune-inputs/imdb (benchmarks/pack_finetune_inputs.py) when the checkout has
-#               it, else on synthetic reviews when the script offers --synthetic
+#               $FASTFORMER_IMDB_DATA, else on .finetune-inputs/imdb
+#               (benchmarks/pack_finetune_inputs.py) or ./aclImdb when the checkout has it, else
+#               on synthetic reviews when the script offers --synthetic
 #   summary     DIR/summary.md: pass/fail of every step and the headline tables
 #
 # Exit status: 0 when every step passed or was skipped for a reason that is not a fault (no
@@ -43,8 +44,11 @@
 #                    it still installs fastformer, without the extension, unless --no-install)
 #   --no-install     do not pip install anything (import fastformer from this checkout)
 #   --pytest-args A  extra pytest arguments, e.g. "tests/test_attention.py -k causal"
-#   --skip LIST      comma-separated steps to leave out (reported as skipped)
-#   --finetune-data DIR  the IMDB data for finetune.py --data (also: FASTFORMER_IMDB)
+#   --skip LIST      comma-separated steps to leave out (reported as skipped), from: env, wheels,
+#                    build, install-without-cuda, extension, info, tests, attention, layer_norm,
+#                    gelu, memcheck, racecheck, finetune
+#   --finetune-data DIR  the IMDB data for finetune.py --data (also: FASTFORMER_IMDB_DATA, which
+#                    finetune.py reads too; FASTFORMER_IMDB, its older name, still works)
 #   --archive FILE   also pack DIR into FILE (.tar.gz), e.g. to copy one file off the machine
 set -uo pipefail
 
@@ -60,7 +64,10 @@ INSTALL=1
 PYTEST_EXTRA=""
 SKIP=","
 ARCHIVE=""
-FINETUNE_DATA="${FASTFORMER_IMDB:-}"
+FINETUNE_DATA="${FASTFORMER_IMDB_DATA:-${FASTFORMER_IMDB:-}}"
+# What --skip accepts: the step names of steps.tsv, so that a rerun can skip the steps done.
+STEP_NAMES="env wheels build install-without-cuda extension info tests attention layer_norm gelu memcheck racecheck"
+STEP_NAMES+=" finetune"
 
 bad_usage() { echo "gpu_check.sh: $*" >&2; exit 2; }
 value() {  # value OPTION WHAT "$@": the option's value, or exit 2 naming what it needs
@@ -76,7 +83,7 @@ while [ $# -gt 0 ]; do
     --cpu-ok) CPU_OK=1; shift ;;
     --no-install) INSTALL=0; shift ;;
     --pytest-args) [ $# -ge 2 ] || bad_usage "--pytest-args needs a value"; PYTEST_EXTRA="$2"; shift 2 ;;
-    --skip) SKIP=",$(value "$1" "a list" "$@")," || exit 2; shift 2 ;;
+    --skip) SKIP="$SKIP$(value "$1" "a list" "$@")," || exit 2; shift 2 ;;
     --archive) ARCHIVE="$(value "$1" "a file name" "$@")" || exit 2; shift 2 ;;
     --finetune-data) FINETUNE_DATA="$(value "$1" "a folder" "$@")" || exit 2; shift 2 ;;
     -h|--help) usage; exit 0 ;;
@@ -84,17 +91,29 @@ while [ $# -gt 0 ]; do
   esac
 done
 case "$BUDGET" in ''|*[!0-9]*) bad_usage "--budget must be whole seconds" ;; esac
+# A misspelt step name would otherwise leave the step it meant running, unnoticed.
+SKIP="${SKIP// /}"
+IFS=',' read -r -a skip_names <<< "$SKIP"
+for name in "${skip_names[@]}"; do
+  [ -z "$name" ] && continue
+  case " $STEP_NAMES " in
+    *" $name "*) ;;
+    *) bad_usage "--skip: no step '$name'; the steps are: ${STEP_NAMES// /, }" ;;
+  esac
+done
 if ! command -v "$PY" >/dev/null 2>&1; then
   bad_usage "no Python interpreter '$PY' (use --python)"
 fi
 # Paths given by the caller are relative to where it stands, not to the checkout we move to.
 absolute() { case "$1" in ''|/*) printf '%s' "$1" ;; *) printf '%s/%s' "$PWD" "$1" ;; esac; }
 OUT="$(absolute "$OUT")" WHEELS="$(absolute "$WHEELS")" ARCHIVE="$(absolute "$ARCHIVE")"
-FINETUNE_DATA="$(absolute "$FINETUNE_DATA")"
+[ "$FINETUNE_DATA" = hf ] || FINETUNE_DATA="$(absolute "$FINETUNE_DATA")"  # hf: finetune.py downloads it
 case "$PY" in */*) PY="$(absolute "$PY")" ;; esac
 cd "$REPO" || exit 2
 if [ -z "$FINETUNE_DATA" ] && [ -d .finetune-inputs/imdb ]; then
   FINETUNE_DATA="$REPO/.finetune-inputs/imdb"  # what benchmarks/pack_finetune_inputs.py wrote
+elif [ -z "$FINETUNE_DATA" ] && [ -d aclImdb ]; then
+  FINETUNE_DATA="$REPO/aclImdb"  # where finetune.py itself looks
 fi
 
 # ---- GPU or not -----------------------------------------------------------------------------
@@ -230,7 +249,9 @@ install_wheels() {  # install_wheels DIR: each wheel whose package is not instal
   echo "installed: ${installed[*]:-none}; without dependencies: ${nodeps[*]:-none}; failed: ${failed[*]:-none}"
   [ ${#failed[@]} -eq 0 ]
 }
-if [ -z "$WHEELS" ]; then
+if skipped_by_user wheels; then
+  skip wheels "--skip"
+elif [ -z "$WHEELS" ]; then
   skip wheels "no --wheels folder given"
 elif [ "$INSTALL" = 0 ]; then
   skip wheels "--no-install"
@@ -275,7 +296,11 @@ EXT_OK=0
 ext_loads() {
   "$PY" -c "import sys; from fastformer import cuda; sys.exit(0 if cuda.load_extension() is not None else 1)" >/dev/null 2>&1
 }
-if [ "$HAVE_GPU" = 1 ]; then
+if skipped_by_user extension; then
+  skip extension "--skip"
+  # Not reported, but the sanitizer steps need to know.
+  [ "$HAVE_GPU" = 1 ] && ext_loads && EXT_OK=1
+elif [ "$HAVE_GPU" = 1 ]; then
   if ext_loads; then
     EXT_OK=1
     record extension pass 0 "fastformer._C loads"
@@ -344,12 +369,14 @@ SANITIZER="$(command -v compute-sanitizer || true)"
 # first allocation. Ask once on a one-line program, and skip both checks with that reason.
 SANITIZER_REFUSED=""
 if [ "$HAVE_GPU" = 1 ] && [ -n "$SANITIZER" ] && [ "$EXT_OK" = 1 ] &&
+   ! { skipped_by_user memcheck && skipped_by_user racecheck; } &&
    [ $((BUDGET - (SECONDS - START) - RESERVE)) -ge 60 ]; then
   probe="$(timeout 60 "$SANITIZER" --tool memcheck "$PY" -c "import torch; torch.zeros(1, device='cuda')" 2>&1)"
   case "$probe" in *"Device not supported"*) SANITIZER_REFUSED="compute-sanitizer: Device not supported here" ;; esac
 fi
 for tool in memcheck racecheck; do
-  if [ "$HAVE_GPU" = 0 ]; then skip "$tool" "no GPU"
+  if skipped_by_user "$tool"; then skip "$tool" "--skip"
+  elif [ "$HAVE_GPU" = 0 ]; then skip "$tool" "no GPU"
   elif [ ! -f benchmarks/sanitize_cuda.py ]; then skip "$tool" "no benchmarks/sanitize_cuda.py"
   elif [ -z "$SANITIZER" ]; then skip "$tool" "compute-sanitizer not found"
   elif [ "$EXT_OK" = 0 ]; then record "$tool" not-run 0 "fastformer._C not built, nothing to check"
@@ -362,7 +389,10 @@ for tool in memcheck racecheck; do
 done
 
 # ---- fine-tuning benchmark ------------------------------------------------------------------
-if [ ! -f benchmarks/finetune.py ]; then
+# --skip first: a step the caller left out is not one the budget failed to fit.
+if skipped_by_user finetune; then
+  skip finetune "--skip"
+elif [ ! -f benchmarks/finetune.py ]; then
   skip finetune "no benchmarks/finetune.py"
 elif [ $((BUDGET - (SECONDS - START) - RESERVE)) -lt 30 ]; then
   record finetune not-run 0 "time budget used up"
@@ -373,7 +403,8 @@ else
   if [ -n "$FINETUNE_DATA" ]; then
     fargs+=(--data "$FINETUNE_DATA")
   elif has_option synthetic; then
-    fargs+=(--synthetic); STEP_NOTE="no --finetune-data: synthetic reviews (speed only)"
+    fargs+=(--synthetic)
+    STEP_NOTE="no IMDB data (--finetune-data, FASTFORMER_IMDB_DATA): synthetic reviews (speed only)"
   fi
   has_option json && fargs+=(--json "$OUT/finetune.json")
   has_option plot && fargs+=(--plot "$OUT/finetune.png")

@@ -53,6 +53,9 @@ except ImportError:  # run from a checkout that is not installed and not on PYTH
 
 BASELINE = "torch-eager"
 NORMS = {"layer": "residual_layer_norm", "rms": "residual_rms_norm"}
+# Every provider name, for checking --providers (fastformer-<backend> whether or not it runs here).
+PROVIDERS = (BASELINE, "torch.compile", "apex", "liger",
+             *(f"fastformer-{b}" for b in fastformer.dispatch.BACKEND_NAMES))
 
 
 def _eager(norm: str, eps: float, dropout_p: float) -> Callable:
@@ -191,7 +194,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dropout", type=float, default=0.0, help="dropout_p on x (default 0)")
     parser.add_argument("--no-compile", action="store_true", help="leave out torch.compile")
     args = parser.parse_args(argv)
-    common.resolve_common_arguments(parser, args, cuda_repeats=(100, 30), cpu_repeats=(10, 3))
+    common.resolve_common_arguments(parser, args, cuda_repeats=(100, 30), cpu_repeats=(10, 3),
+                                    providers=PROVIDERS)
     norms = [n.strip() for n in args.norms.split(",") if n.strip()]
     if not norms or any(n not in NORMS for n in norms):
         parser.error(f"--norms: expected a comma-separated list of {list(NORMS)}, got {args.norms!r}")

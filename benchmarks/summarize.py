@@ -1,12 +1,14 @@
 """Write ``summary.md`` for a folder written by ``benchmarks/gpu_check.sh``.
 
-    python benchmarks/summarize.py DIR [--cpu-run 1]
+    python benchmarks/summarize.py DIR [--cpu-run 0|1]
     python benchmarks/summarize.py DIR --readme     # the README's headline block, from DIR's files
 
 Reads DIR/steps.tsv (one line per step: step, status, seconds, note), DIR/info.json, the
 benchmark JSONs (attention.json, layer_norm.json, gelu.json, finetune.json) and DIR/logs/tests.log,
 and writes DIR/summary.md: the pass/fail table of the steps, the environment, the measured
 ceilings and the headline tables (fwd+bwd: median ms and speed-up over the baseline; throughput).
+Whether the folder is a CPU-only run is read from its JSON files (``--cpu-run`` overrides that);
+``--readme`` refuses a folder whose headline results did not measure the GPU kernels.
 Uses only the standard library and benchmarks/common.py; the numbers are copied from the JSON
 files as measured, never edited.
 """
@@ -31,6 +33,28 @@ def _load(path: Path):
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+
+
+def _measured_on_gpu(payload) -> bool | None:
+    """Whether a results JSON measured the GPU kernels; None when it does not say."""
+    if not isinstance(payload, dict):
+        return None
+    if "gpu_kernels_measured" in payload:  # the benchmark scripts' own verdict
+        return bool(payload["gpu_kernels_measured"])
+    device_type = (payload.get("environment") or {}).get("device_type")  # finetune.json has only this
+    return None if device_type is None else device_type == "cuda"
+
+
+def cpu_only_run(out: Path) -> bool | None:
+    """Whether the folder's results were measured without a GPU, from its JSON files: True when
+    none of them measured on a GPU, False when one did, None when none of them says."""
+    verdicts = [_measured_on_gpu(_load(out / f"{name}.json")) for name in (*BENCHMARKS, "finetune")]
+    verdicts = [v for v in verdicts if v is not None]
+    if not verdicts:  # no benchmark results: info.json still lists the CUDA devices it saw
+        devices = (_load(out / "info.json") or {}).get("devices")
+        if isinstance(devices, list):
+            verdicts = [any(isinstance(d, dict) and d.get("type") == "cuda" for d in devices)]
+    return not any(verdicts) if verdicts else None
 
 
 def _rows(payload) -> list[common.Row]:
@@ -142,7 +166,7 @@ def summarize(out: Path, cpu_run: bool) -> str:
     info = _load(out / "info.json")
     payloads = {name: _load(out / f"{name}.json") for name in BENCHMARKS}
     failed = [s for s in steps if s.get("status") not in ("pass", "skipped")]
-    lines = ["# fastformer GPU check", ""]
+    lines = ["# fastformer GPU check" + (" (CPU-only run)" if cpu_run else ""), ""]
     if cpu_run:
         lines += ["**No GPU: the GPU steps were skipped and the benchmarks ran on the CPU "
                   "(GPU kernels not measured).**", ""]
@@ -176,6 +200,13 @@ def readme_block(out: Path) -> str:
     payload = _load(out / "attention.json")
     if payload is None:
         raise SystemExit(f"no {out / 'attention.json'}")
+    # The block is the README's GPU headline: CPU numbers must not end up there by mistake.
+    others = {name: _load(out / f"{name}.json") for name in ("layer_norm", "gelu")}
+    not_gpu = [f"{name}.json" for name, p in {"attention": payload, **others}.items()
+               if p is not None and _measured_on_gpu(p) is not True]
+    if not_gpu:
+        raise SystemExit(f"{out}: {', '.join(not_gpu)} did not measure the GPU kernels (CPU run, or no "
+                         "record of the device): not a headline for the README")
     env = payload.get("environment", {})
     rows = [r for r in _rows(payload) if r.op == "attention" and r.suite == "finetune"]
     lines = [f"Measured {env.get('date', '?')[:10]} on {env.get('device', '?')} (driver "
@@ -189,8 +220,7 @@ def readme_block(out: Path) -> str:
     lines += ["Attention, forward + backward, fine-tuning shapes: median ms (speed-up over SDPA's "
               "default)", "", common.markdown_pivot(rows, "fwd+bwd", "ms"), "",
               "The same in TFLOP/s (useful work only)", "", common.markdown_pivot(rows, "fwd+bwd", "rate"), ""]
-    for name in ("layer_norm", "gelu"):
-        other = _load(out / f"{name}.json")
+    for name, other in others.items():
         if other is not None:
             lines += [f"{name}, forward + backward: GB/s", "",
                       common.markdown_pivot(_rows(other), "fwd+bwd", "rate"), ""]
@@ -202,7 +232,8 @@ def readme_block(out: Path) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", help="the folder gpu_check.sh wrote")
-    parser.add_argument("--cpu-run", type=int, default=0, help="1 if no GPU was used")
+    parser.add_argument("--cpu-run", type=int, choices=(0, 1), default=None,
+                        help="1 if no GPU was used, 0 if one was (default: read from DIR's JSON files)")
     parser.add_argument("--readme", action="store_true",
                         help="print the README's headline block (Markdown) instead of writing summary.md")
     args = parser.parse_args(argv)
@@ -210,7 +241,8 @@ def main(argv=None) -> int:
     if args.readme:
         print(readme_block(out))
         return 0
-    text = summarize(out, bool(args.cpu_run))
+    cpu_run = cpu_only_run(out) if args.cpu_run is None else bool(args.cpu_run)
+    text = summarize(out, bool(cpu_run))
     (out / "summary.md").write_text(text, encoding="utf-8")
     print(f"wrote {out / 'summary.md'}")
     return 0

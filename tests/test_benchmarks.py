@@ -324,3 +324,53 @@ def test_modules_suite_runs_sequence_first_modules(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert {row["provider"] for row in rows} == {"torch.nn", "fastformer"}
     assert all(row["shape"].endswith("seq-first") for row in rows) and len(rows) == 12
+
+
+@pytest.mark.parametrize("script", ["attention", "layer_norm", "gelu"])
+def test_a_providers_typo_is_an_error_not_a_baseline_only_run(script):
+    """--providers parts that name no provider of the script (a typo) stop it with the known names;
+    a run that compares nothing must not pass for a complete one."""
+    result = subprocess.run([sys.executable, str(BENCH / f"{script}.py"), "--quick", "--providers", "trition"],
+                            capture_output=True, text=True, env=_env(), timeout=120)
+    assert result.returncode == 2
+    assert "'trition' names no provider" in result.stderr and "fastformer-triton" in result.stderr
+    assert common.unmatched_selection("triton,sdpa-math", ["fastformer-triton", "sdpa-math"]) == []
+
+
+def _row(provider, shape, suite, ms, pass_="fwd"):
+    return common.Row(op="attention", provider=provider, shape=shape, dtype="float32", pass_=pass_, ms=ms,
+                      spread=0.1, gbps=10.0 * ms, suite=suite, group="g", size=int(ms))
+
+
+def test_summary_table_keeps_same_shapes_of_two_suites_apart():
+    rows = [_row("a", "B=4 L=256", "finetune", 1.0), _row("a", "B=4 L=256", "long", 2.0),
+            _row("a", "B=2 L=64", "finetune", 3.0)]
+    table = common.markdown_pivot(rows, "fwd")
+    assert "B=4 L=256 (finetune)" in table and "B=4 L=256 (long)" in table
+    assert "| B=2 L=64 |" in table  # only one suite measured it: no suite in its label
+    assert len([line for line in table.splitlines() if line.startswith("| attention")]) == 3
+
+
+@pytest.mark.skipif(not HAS_MPL, reason="needs matplotlib")
+def test_plot_of_a_backward_only_run(tmp_path):
+    rows = [_row("a", "s1", "x", 2.0, "bwd"), _row("a", "s2", "x", 4.0, "bwd")]
+    assert common.plot_rows(rows, tmp_path / "bwd.png", x_label="L", title="t")
+    assert (tmp_path / "bwd.png").stat().st_size > 0
+
+
+def test_command_under_torchrun_names_the_launcher(monkeypatch):
+    monkeypatch.setattr(sys, "argv", [str(BENCH / "finetune.py"), "--quick"])
+    assert common.command_line() == "python benchmarks/finetune.py --quick"
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "1")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert common.command_line() == "torchrun --nnodes 2 --nproc_per_node 2 benchmarks/finetune.py --quick"
+
+
+def test_modules_suite_takes_every_head_count_and_dim():
+    import attention  # benchmarks/attention.py
+
+    args = attention.parse_args(["--suites", "modules", "-H", "2,4", "-D", "8,16", "-L", "16,32", "--device", "cpu"])
+    shapes = attention.module_shapes(args)
+    assert {(s.heads, s.head_dim, s.seq_len) for s in shapes} == {
+        (h, d, L) for h in (2, 4) for d in (8, 16) for L in (16, 32)}

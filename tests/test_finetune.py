@@ -626,3 +626,52 @@ def test_packed_minilm_loads_as_float32_from_the_rounded_weights(tmp_path):
     (tmp_path / "minilm" / "model.safetensors").unlink()
     with pytest.raises(SystemExit, match="--minilm-path .*no model.safetensors"):
         models.minilm_path(tmp_path / "minilm")
+
+
+def test_cli_refusals_and_threads(capsys):
+    """Scratch-model flags with --model minilm (its architecture is the pretrained one) are refused
+    rather than recorded as if they applied; --threads sets PyTorch's CPU threads."""
+    for flag in (["--layers", "2"], ["--d-model", "64"], ["--activation", "relu"], ["--tokenizer", "t.json"]):
+        with pytest.raises(SystemExit):
+            finetune.parse_args(["--synthetic", "--model", "minilm", *flag])
+        assert "for --model scratch only" in capsys.readouterr().err
+    threads = torch.get_num_threads()
+    try:
+        assert finetune.parse_args(["--synthetic", "--threads", "1"]).threads == 1
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    with pytest.raises(SystemExit):
+        finetune.parse_args(["--synthetic", "--threads", "0"])
+
+
+def test_an_unusable_backend_is_refused_before_anything_trains(capsys, monkeypatch):
+    monkeypatch.setattr(finetune, "load_data", lambda *a: pytest.fail("loaded the data first"))
+    assert finetune.main(["--synthetic", "--quick", "--backend", "cuda", "--device", "cpu"]) == 2
+    assert "--backend cuda" in capsys.readouterr().err
+
+
+def test_a_run_stopped_by_sigterm_still_writes_its_json(tmp_path, monkeypatch):
+    """`timeout` sends SIGTERM: the results so far (config, data, the equivalence check) are
+    written, marked as interrupted, and the exit status is 128 + 15 as a shell reports it."""
+    def stopped(*args, **kwargs):
+        raise finetune.common.Stop("signal 15")
+    monkeypatch.setattr(finetune, "run_variants", stopped)
+    out = tmp_path / "r.json"
+    status = finetune.main(["--synthetic", "--quick", "--train-size", "64", "--test-size", "32", "--max-length", "16",
+                            "--no-progress", "--json", str(out)])
+    assert status == 128 + 15
+    results = json.loads(out.read_text())
+    assert "SIGTERM" in results["interrupted"] and results["data"]["train"]["reviews"] > 0
+
+
+def test_untimed_runs_show_no_made_up_rates():
+    from finetune_lib import report
+    nan = float("nan")
+    run = {"tokens_per_s": nan, "padding_fraction": nan, "step_ms": {"median": nan, "p20": nan, "p80": nan},
+           "timed_steps": 0, "backends": {}}
+    _, rows = report.table_rows({"variants": {"torch": dict(run), "fastformer": dict(run)}})
+    for row in rows:
+        assert row[1:4] == ["-", "-", "-"] and "nan" not in " ".join(row)
+    assert finetune.compare({"torch": run, "fastformer": run}) == {}
+    assert data_lib.length_summary([10, 20, 30, 40])["median"] == 25

@@ -18,6 +18,7 @@ import math
 import os
 import random
 import re
+import statistics
 import zlib
 from pathlib import Path
 from typing import Sequence
@@ -387,6 +388,6 @@ def length_summary(lengths: Sequence[int]) -> dict:
     values = sorted(lengths)
     if not values:
         return {}
-    return {"reviews": len(values), "tokens": sum(values), "median": values[len(values) // 2],
+    return {"reviews": len(values), "tokens": sum(values), "median": statistics.median(values),
             "mean": sum(values) / len(values), "max": values[-1]}
 

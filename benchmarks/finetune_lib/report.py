@@ -82,6 +82,10 @@ def environment(device: torch.device, world_size: int = 1) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 # table
 # --------------------------------------------------------------------------------------------
+def _finite(value) -> float | None:
+    return value if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
 def _fmt(value, spec: str, missing: str = "-") -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return missing
@@ -104,16 +108,18 @@ def table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     headers = ["variant", "tokens/s", "padding", "speedup", "step ms (p20-p80)", "peak MiB", "attention", "LayerNorm",
                "GELU", "rest", "test acc", "backends"]
     rows = []
-    base = results.get("variants", {}).get("torch", {}).get("tokens_per_s")
+    base = _finite(results.get("variants", {}).get("torch", {}).get("tokens_per_s"))
     for name, run in results.get("variants", {}).items():
         shares = (run.get("time_shares") or {}).get("shares", {})
         step = run.get("step_ms", {})
-        speedup = run["tokens_per_s"] / base if base and name != "torch" else (1.0 if base else None)
+        rate = _finite(run.get("tokens_per_s"))  # NaN when no step was timed
+        speedup = rate / base if base and rate is not None else None
         used = ", ".join(f"{op}: {'/'.join(entry['calls'])}" for op, entry in run.get("backends", {}).items())
+        padding = _finite(run.get("padding_fraction"))
         rows.append([
-            name, _fmt(run.get("tokens_per_s"), ",.0f"),
-            _fmt(100 * run["padding_fraction"], ".0f") + "%" if run.get("padding_fraction") is not None else "-",
-            _fmt(speedup, ".2f") + ("x" if speedup else ""),
+            name, _fmt(rate, ",.0f"),
+            "-" if padding is None else _fmt(100 * padding, ".0f") + "%",
+            "-" if speedup is None else _fmt(speedup, ".2f") + "x",
             f"{_fmt(step.get('median'), '.1f')} ({_fmt(step.get('p20'), '.1f')}-{_fmt(step.get('p80'), '.1f')})",
             _fmt(run.get("peak_memory_mib"), ",.0f"),
             *(_fmt(100 * shares[k], ".1f") + "%" if k in shares and math.isfinite(shares[k]) else "-"

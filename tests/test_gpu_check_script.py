@@ -1,0 +1,227 @@
+"""benchmarks/gpu_check.sh's choices, checked on any machine in a few seconds: which IMDB data the
+fine-tuning step gets, --skip against the time budget, --skip's step names; and whether
+benchmarks/summarize.py takes a folder for a CPU-only run from its files. Stand-ins for
+nvidia-smi (and, where a GPU is pretended, for Python's answers about it) keep the script off
+the real machine's GPU and the steps that take minutes out of it."""
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks"
+sys.path.insert(0, str(BENCH))
+import summarize  # noqa: E402
+
+pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
+                                reason="needs bash and timeout")
+
+STEPS = ("env wheels build install-without-cuda extension info tests attention layer_norm gelu memcheck racecheck "
+         "finetune").split()
+# Leaves only the fine-tuning step (and the summary) to run.
+ALL_BUT_FINETUNE = "env,info,tests,attention,layer_norm,gelu"
+
+# Writes the arguments it was given into its --json file instead of training anything.
+FINETUNE_STUB = """import json, sys
+if "--help" in sys.argv:
+    print("usage: finetune.py [--data DATA] [--synthetic] [--quick] [--json JSON]")
+else:
+    with open(sys.argv[sys.argv.index("--json") + 1], "w") as f:
+        json.dump(sys.argv[1:], f)
+"""
+SUMMARIZE_STUB = "import pathlib, sys; (pathlib.Path(sys.argv[1]) / 'summary.md').write_text('stub')\n"
+
+
+def _executable(path: Path, text: str) -> Path:
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return path
+
+
+def _env(tmp_path: Path, gpu: bool = False, **variables) -> dict:
+    """The environment of a run: a stand-in nvidia-smi first on PATH (no GPU, or a pretended one with a
+    compute-sanitizer), the IMDB variables only as given."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    if gpu:
+        _executable(bin_dir / "nvidia-smi", '#!/bin/sh\ncase "$*" in *-L*) echo "GPU 0: Pretend";; '
+                                            '*) echo Pretend;; esac\n')
+        _executable(bin_dir / "compute-sanitizer", "#!/bin/sh\nexit 0\n")
+    else:
+        _executable(bin_dir / "nvidia-smi", "#!/bin/sh\nexit 9\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("FASTFORMER_IMDB", "FASTFORMER_IMDB_DATA")}
+    env["PATH"] = os.pathsep.join([str(bin_dir), os.path.dirname(sys.executable), env.get("PATH", "")])
+    env.update(variables)
+    return env
+
+
+def _gpu_check(script: Path, out: Path, env: dict, *args, python=sys.executable):
+    return subprocess.run(["bash", str(script), "--python", str(python), "--no-install", "--out", str(out), *args],
+                          capture_output=True, text=True, timeout=120, env=env, cwd=out.parent)
+
+
+def _steps(out: Path) -> dict:
+    lines = (out / "steps.tsv").read_text().splitlines()[1:]
+    return {line.split("\t")[0]: line.split("\t")[1:] for line in lines}
+
+
+# ---- which data the fine-tuning step gets -------------------------------------------------------
+@pytest.fixture
+def checkout(tmp_path):
+    """A checkout holding gpu_check.sh and stand-ins for finetune.py and summarize.py."""
+    repo = tmp_path / "repo"
+    (repo / "benchmarks").mkdir(parents=True)
+    shutil.copy(BENCH / "gpu_check.sh", repo / "benchmarks")
+    (repo / "benchmarks" / "finetune.py").write_text(FINETUNE_STUB)
+    (repo / "benchmarks" / "summarize.py").write_text(SUMMARIZE_STUB)
+    return repo
+
+
+@pytest.mark.parametrize("variable", ["FASTFORMER_IMDB_DATA", "FASTFORMER_IMDB"])
+def test_finetune_reads_the_data_folder_from_the_environment(checkout, tmp_path, variable):
+    """FASTFORMER_IMDB_DATA is the variable finetune.py and the README name; FASTFORMER_IMDB, the
+    one gpu_check.sh's help named, still works. Either: that folder, not synthetic reviews."""
+    data = tmp_path / "imdb"
+    data.mkdir()
+    out = tmp_path / "out"
+    result = _gpu_check(checkout / "benchmarks" / "gpu_check.sh", out, _env(tmp_path, **{variable: str(data)}),
+                        "--cpu-ok", "--skip", ALL_BUT_FINETUNE)
+    assert _steps(out)["finetune"][0] == "pass", result.stdout + result.stderr
+    argv = json.loads((out / "finetune.json").read_text())
+    assert "--synthetic" not in argv and argv[argv.index("--data") + 1] == str(data)
+
+
+def test_the_documented_variable_wins_over_its_older_name(checkout, tmp_path):
+    out = tmp_path / "out"
+    _gpu_check(checkout / "benchmarks" / "gpu_check.sh", out,
+               _env(tmp_path, FASTFORMER_IMDB_DATA="hf", FASTFORMER_IMDB=str(tmp_path)), "--cpu-ok",
+               "--skip", ALL_BUT_FINETUNE)
+    argv = json.loads((out / "finetune.json").read_text())
+    assert argv[argv.index("--data") + 1] == "hf"  # finetune.py's name for the download, not a folder
+
+
+def test_finetune_uses_acl_imdb_in_the_checkout_as_finetune_py_would(checkout, tmp_path):
+    (checkout / "aclImdb").mkdir()
+    out = tmp_path / "out"
+    _gpu_check(checkout / "benchmarks" / "gpu_check.sh", out, _env(tmp_path), "--cpu-ok", "--skip", ALL_BUT_FINETUNE)
+    argv = json.loads((out / "finetune.json").read_text())
+    assert argv[argv.index("--data") + 1] == str(checkout / "aclImdb") and "--synthetic" not in argv
+
+
+def test_finetune_falls_back_to_synthetic_reviews_only_without_data(checkout, tmp_path):
+    out = tmp_path / "out"
+    _gpu_check(checkout / "benchmarks" / "gpu_check.sh", out, _env(tmp_path), "--cpu-ok", "--skip", ALL_BUT_FINETUNE)
+    argv = json.loads((out / "finetune.json").read_text())
+    assert "--synthetic" in argv and "--data" not in argv
+
+
+# ---- --skip against the time budget -------------------------------------------------------------
+def test_skipped_steps_are_skipped_when_the_budget_is_short(tmp_path):
+    """The reviewer's call: everything but the summary left out, 35 s of budget (15 s once the
+    summary's 20 s are kept back). Nothing ran out of time: every step is skipped, exit 0."""
+    out = tmp_path / "out"
+    result = _gpu_check(BENCH / "gpu_check.sh", out, _env(tmp_path), "--cpu-ok", "--budget", "35",
+                        "--skip", ALL_BUT_FINETUNE + ",finetune")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert _steps(out)["finetune"][:1] == ["skipped"]
+    assert {status for status, *_ in _steps(out).values()} == {"skipped"}
+
+
+def test_every_step_skipped_on_a_gpu_is_skipped_whatever_else_is_true(tmp_path):
+    """On a (pretended) GPU without fastformer._C, the extension check fails and the sanitizer
+    steps have nothing to check, and the budget is short: each of them is still only skipped when
+    the caller left it out."""
+    python = _executable(tmp_path / "python", f"""#!/bin/sh
+case "$*" in
+  *torch.cuda.is_available*) exit 0 ;;
+  *load_extension*) exit 1 ;;
+esac
+exec "{sys.executable}" "$@"
+""")
+    out = tmp_path / "out"
+    result = _gpu_check(BENCH / "gpu_check.sh", out, _env(tmp_path, gpu=True), "--budget", "35",
+                        "--skip", ",".join(STEPS), python=python)
+    assert "GPU: Pretend" in result.stdout
+    assert result.returncode == 0, result.stdout + result.stderr
+    steps = _steps(out)
+    assert {name: status for name, (status, *_) in steps.items()} == {name: "skipped" for name in steps}
+    assert {"extension", "memcheck", "racecheck", "finetune"} <= set(steps)
+
+
+# ---- --skip's step names ------------------------------------------------------------------------
+@pytest.mark.parametrize("names", ["test", "env,fine-tune", "summary"])
+def test_skip_refuses_a_step_that_does_not_exist(tmp_path, names):
+    out = tmp_path / "out"
+    # A short budget, so that a script that ran the steps anyway would still fail fast.
+    result = _gpu_check(BENCH / "gpu_check.sh", out, _env(tmp_path), "--cpu-ok", "--budget", "25",
+                        "--skip", names)
+    assert result.returncode == 2, result.stdout + result.stderr
+    wrong = names.split(",")[-1]
+    assert f"no step '{wrong}'" in result.stderr and all(name in result.stderr for name in STEPS)
+    assert not out.exists()
+
+
+def test_skip_takes_spaces_and_repeats(tmp_path):
+    out = tmp_path / "out"
+    result = _gpu_check(BENCH / "gpu_check.sh", out, _env(tmp_path), "--cpu-ok", "--budget", "35",
+                        "--skip", "env, info,tests", "--skip", "attention,layer_norm,gelu,finetune")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert {status for status, *_ in _steps(out).values()} == {"skipped"}
+
+
+# ---- summarize.py: CPU-only folders ------------------------------------------------------------
+def _folder(tmp_path: Path, on_gpu: bool) -> Path:
+    """A gpu_check.sh folder with the committed CPU attention results, or the same relabelled as
+    measured on a GPU."""
+    payload = json.loads((BENCH / "results" / "attention-cpu-float32.json").read_text())
+    if on_gpu:
+        payload["gpu_kernels_measured"] = True
+        payload["environment"].update(device_type="cuda", device="Pretend GPU")
+    out = tmp_path / ("gpu" if on_gpu else "cpu")
+    out.mkdir()
+    (out / "attention.json").write_text(json.dumps(payload))
+    (out / "steps.tsv").write_text("step\tstatus\tseconds\tnote\nattention\tpass\t9\t\n")
+    return out
+
+
+def test_resummarizing_a_cpu_run_keeps_its_banner(tmp_path):
+    """`summarize.py DIR` with no --cpu-run: the folder's JSON says the GPU kernels were not measured."""
+    out = _folder(tmp_path, on_gpu=False)
+    assert summarize.main([str(out)]) == 0
+    text = (out / "summary.md").read_text()
+    assert "GPU kernels not measured" in text and text.startswith("# fastformer GPU check (CPU-only run)")
+    assert summarize.main([str(out), "--cpu-run", "0"]) == 0  # still an override
+    assert "GPU kernels not measured" not in (out / "summary.md").read_text().split("## attention")[0]
+
+
+@pytest.mark.parametrize("name, payload", [
+    ("finetune.json", {"environment": {"device_type": "cpu"}}),
+    ("info.json", {"devices": [], "backends": {}}),
+])
+def test_a_cpu_run_is_told_from_the_other_json_files(tmp_path, name, payload):
+    (tmp_path / name).write_text(json.dumps(payload))
+    assert summarize.main([str(tmp_path)]) == 0
+    assert "GPU kernels not measured" in (tmp_path / "summary.md").read_text()
+
+
+def test_readme_refuses_a_cpu_run(tmp_path, capsys):
+    out = _folder(tmp_path, on_gpu=False)
+    with pytest.raises(SystemExit) as exit_:
+        summarize.main([str(out), "--readme"])
+    assert exit_.value.code not in (0, None) and "did not measure the GPU kernels" in str(exit_.value.code)
+    assert capsys.readouterr().out == ""
+
+
+def test_a_gpu_run_is_summarized_and_headlined_as_one(tmp_path, capsys):
+    out = _folder(tmp_path, on_gpu=True)
+    assert summarize.main([str(out)]) == 0
+    text = (out / "summary.md").read_text()
+    assert text.startswith("# fastformer GPU check\n") and "GPU kernels not measured" not in text
+    assert summarize.main([str(out), "--readme"]) == 0
+    assert "on Pretend GPU" in capsys.readouterr().out
