@@ -142,6 +142,8 @@ def cuda_unavailable_reason():
             f"torch {torch.__version__} is a CPU-only build: install a CUDA build of torch "
             "(see https://pytorch.org/get-started/locally/)"
         )
+    if not sources():
+        return f"no CUDA sources under {CSRC} (build from a source checkout or an sdist that has csrc/)"
     return find_cuda_home(cpp_extension)[1]
 
 

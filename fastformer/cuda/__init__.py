@@ -32,7 +32,8 @@ __all__ = ["load_extension", "extension_unavailable_reasons", "extension_build_i
            "KERNEL_DEVICE", "OPS_NAMESPACE"]
 
 EXTENSION_MODULE = "fastformer._C"
-BUILD_COMMAND = "FASTFORMER_BUILD_CUDA=1 pip install --no-build-isolation -e ."
+# From a source checkout (-e .) or an sdist (its file name in place of "-e .").
+BUILD_COMMAND = "FASTFORMER_BUILD_CUDA=1 pip install --no-build-isolation -e . (in a source checkout, or the sdist)"
 
 _lock = threading.Lock()
 _loaded = False
