@@ -123,7 +123,7 @@ def test_finetune_falls_back_to_synthetic_reviews_only_without_data(checkout, tm
 
 # ---- --skip against the time budget -------------------------------------------------------------
 def test_skipped_steps_are_skipped_when_the_budget_is_short(tmp_path):
-    """The reviewer's call: everything but the summary left out, 35 s of budget (15 s once the
+    """Everything but the summary left out, 35 s of budget (15 s once the
     summary's 20 s are kept back). Nothing ran out of time: every step is skipped, exit 0."""
     out = tmp_path / "out"
     result = _gpu_check(BENCH / "gpu_check.sh", out, _env(tmp_path), "--cpu-ok", "--budget", "35",
