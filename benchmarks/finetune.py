@@ -21,8 +21,9 @@ fastformer backend each op ran on, test accuracy.
 
 Checks: with ``both``, dropout 0 first: the two variants' logits and every parameter gradient on
 one padded batch must agree within DESIGN.md's tolerances, then their losses step by step over the
-first ``--equivalence-steps`` steps on random (not bucketed) batches (``--check-equivalence`` does
-only that and exits 1 on failure); after training, the test accuracies must agree within 1 point.
+first ``--equivalence-steps`` steps on random (not bucketed) batches; with dropout on, the
+distributions of their training-mode logits over 64 draws (``--check-equivalence`` does only these
+checks and exits 1 on failure); after training, the test accuracies must agree within 1 point.
 
 Examples:
   python benchmarks/finetune.py --data path/to/imdb --quick --json q.json --plot q.png
@@ -337,7 +338,7 @@ def run_variants(args, results, build, base, config, train_data, test_data, pad,
     if args.check_equivalence or (len(kernels) == 2 and args.equivalence_steps > 0):
         log(f"equivalence check: up to {args.equivalence_steps} steps with dropout 0 ...")
         check = train_lib.check_equivalence(build(0.0), train_data, pad, config, args.equivalence_steps, device,
-                                            dist_info)
+                                            dist_info, with_dropout=build(args.dropout) if args.dropout else None)
         results["equivalence"] = check
         first = check["first_step"]
         log(f"equivalence check: {'PASSED' if check['passed'] else 'FAILED'}: first step on a batch "
@@ -345,6 +346,13 @@ def run_variants(args, results, build, base, config, train_data, test_data, pad,
             f"worst gradient {first['max_gradient_relative_error']:.2e} ({first['worst_gradient']}) "
             f"(tolerances {first['tolerances'][0]:g}, {first['tolerances'][1]:g}); max relative loss difference "
             f"{check['max_relative_difference']:.2e} over {check['steps']} steps (tolerance {check['tolerance']:g})")
+        if check["dropout"] is not None:
+            dropout = check["dropout"]
+            ratio_limit, z2_limit = dropout["tolerances"]
+            log(f"equivalence check, dropout {args.dropout:g}: {'PASSED' if dropout['passed'] else 'FAILED'}: "
+                f"over {dropout['draws']} draws, logit variance ratio fastformer/torch "
+                f"{dropout['variance_ratio']:.3f} (within 1/{ratio_limit:g}..{ratio_limit:g}), mean squared "
+                f"z-score of the means {dropout['mean_z2']:.2f} (at most {z2_limit:g})")
         if first["padding_fraction"] == 0:
             log("equivalence check: its first batch has no padding (every review fills --max-length), so the "
                 "padding mask was not compared; a longer --max-length tests it")

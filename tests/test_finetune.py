@@ -286,6 +286,42 @@ def test_kernel_warm_up_runs_one_batch_per_kind_and_changes_nothing():
     assert all(torch.equal(weights[name], p) for name, p in model.state_dict().items())
 
 
+@pytest.mark.parametrize("fault", [None, "skipped", "halved", "not rescaled"])
+def test_dropout_check_compares_the_variants_distributions(fault, monkeypatch):
+    """With dropout on the variants draw different masks: their logits are compared over draws
+    (variance ratio, means). The dropout-0 checks pass whatever fastformer's dropout does; this one
+    fails when its dropout is skipped, at half the rate, or not rescaled by 1 / (1 - p)."""
+    import inspect
+
+    import fastformer
+    from fastformer import functional
+
+    def faulty(real):
+        signature = inspect.signature(real)
+
+        def op(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            p = bound.arguments.get("dropout_p", 0.0)
+            if fault in ("skipped", "halved") and p > 0:
+                bound.arguments["dropout_p"] = 0.0 if fault == "skipped" else p / 2
+            out = real(*bound.args, **bound.kwargs)
+            if fault == "not rescaled" and p > 0 and real is functional.bias_gelu:
+                out = out * (1 - p)  # the kept activations without their 1 / (1 - p)
+            return out
+        return op
+
+    if fault is not None:  # the names the fast modules call
+        monkeypatch.setattr(functional, "attention", faulty(functional.attention))
+        monkeypatch.setattr(fastformer, "residual_layer_norm", faulty(fastformer.residual_layer_norm))
+        monkeypatch.setattr(fastformer, "bias_gelu", faulty(fastformer.bias_gelu))
+    train_data, _ = _tiny_encoded(n=64)
+    config = train_lib.TrainConfig(batch_size=16, progress=False)
+    model = _tiny_scratch(dropout=0.3, vocab_size=200)
+    torch.manual_seed(1)
+    check = train_lib.compare_dropout(model, train_data, 0, config, torch.device("cpu"))
+    assert check["passed"] == (fault is None), check
+
+
 @pytest.mark.parametrize("fault", ["attention gradient halved", "padding ignored"])
 def test_equivalence_check_catches_what_losses_alone_miss(fault, monkeypatch):
     """Adam normalises a gradient off by a constant factor away, and bucketed batches hold little

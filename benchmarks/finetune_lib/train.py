@@ -11,9 +11,11 @@ each kind the training will see is run forward and backward before it, untimed
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import math
 import os
+import re
 import time
 from typing import Callable
 
@@ -612,6 +614,52 @@ def _reduce_measurements(losses, step_ms, useful_tokens, all_tokens, peak_bytes,
 # --------------------------------------------------------------------------------------------
 # equivalence
 # --------------------------------------------------------------------------------------------
+def _mixed_length_batch(data: data_lib.Encoded, pad: int, config: TrainConfig, device: torch.device):
+    """(ids, padding, labels): half the shortest reviews and half the longest, so that most keys of
+    the short ones are padding."""
+    order = sorted(range(len(data)), key=lambda i: data.lengths[i])
+    size = min(config.batch_size, len(order))
+    indices = order[:size // 2] + order[len(order) - (size - size // 2):]
+    return (t.to(device) for t in data_lib.collate(data, indices, pad))
+
+
+# Dropout check: the ratio of the variants' logit variances over draws must lie in [1/x, x]; the
+# mean squared z-score of their mean logits at most the second number (1 when they agree). With
+# 64 draws the ratio scatters by about 0.04 around 1 (a 2-layer model on a CPU, six seeds: 0.92 to
+# 1.03); the residual or activation dropout skipped, or every dropout at half its rate, moves it
+# to 0.2-0.7.
+DROPOUT_VARIANCE_RATIO, DROPOUT_MEAN_Z2 = 1.25, 4.0
+
+
+def compare_dropout(base: nn.Module, data: data_lib.Encoded, pad: int, config: TrainConfig,
+                    device: torch.device, draws: int = 64) -> dict:
+    """With dropout on, the variants cannot be compared draw by draw (their masks differ), but their
+    logits' distributions over draws can: ``draws`` training-mode forwards of both variants from
+    the same weights (``base``, with its dropout) on one padded batch, their per-logit means and
+    variances compared. Catches a fastformer dropout that is skipped, at another rate or not
+    rescaled, which the dropout-0 checks cannot see."""
+    ids, padding, labels = _mixed_length_batch(data, pad, config, device)
+    # Only the layers' dropouts: PyTorch runs the others (embeddings, head) in both variants, and
+    # their variance would hide a fault in the layers' (the embeddings' alone dominates).
+    base = copy.deepcopy(base)
+    for name, module in base.named_modules():
+        if isinstance(module, nn.Dropout) and not re.search(r"(^|\.)layers?\.\d+\.", name):
+            module.p = 0.0
+    stats = {}
+    for kernels in models.KERNELS:
+        model = models.make_variant(base, kernels, config.backend).to(device).train()
+        with torch.no_grad(), _autocast(device, config.precision):
+            samples = torch.stack([model(ids, padding).float() for _ in range(draws)]).double()
+        stats[kernels] = (samples.mean(0), samples.var(0))
+        del model
+    (mean_t, var_t), (mean_f, var_f) = stats["torch"], stats["fastformer"]
+    ratio = (var_f.mean() / var_t.mean().clamp_min(1e-30)).item()
+    z2 = ((mean_f - mean_t).square() / ((var_f + var_t) / draws).clamp_min(1e-30)).mean().item()
+    return {"draws": draws, "variance_ratio": ratio, "mean_z2": z2,
+            "tolerances": (DROPOUT_VARIANCE_RATIO, DROPOUT_MEAN_Z2),
+            "passed": 1 / DROPOUT_VARIANCE_RATIO <= ratio <= DROPOUT_VARIANCE_RATIO and z2 <= DROPOUT_MEAN_Z2}
+
+
 def compare_first_step(base: nn.Module, data: data_lib.Encoded, pad: int, config: TrainConfig,
                        device: torch.device) -> dict:
     """Logits and every parameter's gradient of both variants on one batch, from the same weights
@@ -625,10 +673,7 @@ def compare_first_step(base: nn.Module, data: data_lib.Encoded, pad: int, config
     if dropping:
         raise ValueError(f"compare_first_step: the base model must have dropout 0 (the variants would draw "
                          f"different masks); {dropping[0][0]} has p={dropping[0][1]}")
-    order = sorted(range(len(data)), key=lambda i: data.lengths[i])
-    size = min(config.batch_size, len(order))
-    indices = order[:size // 2] + order[len(order) - (size - size // 2):]
-    ids, padding, labels = (t.to(device) for t in data_lib.collate(data, indices, pad))
+    ids, padding, labels = _mixed_length_batch(data, pad, config, device)
     outputs = {}
     for kernels in models.KERNELS:
         model = models.make_variant(base, kernels, config.backend).to(device).train()
@@ -652,15 +697,19 @@ def compare_first_step(base: nn.Module, data: data_lib.Encoded, pad: int, config
 
 
 def check_equivalence(base: nn.Module, train_data: data_lib.Encoded, pad: int, config: TrainConfig,
-                      steps: int, device: torch.device, dist_info: Dist) -> dict:
+                      steps: int, device: torch.device, dist_info: Dist,
+                      with_dropout: nn.Module | None = None) -> dict:
     """Both variants from the same weights (``base`` must have dropout 0): the first step's logits
     and gradients on a padded batch (:func:`compare_first_step`), then ``steps`` steps on the same
-    random batches (not length-bucketed: they hold padding), whose losses must agree step by step.
-    Always eager: it checks fastformer's ops against PyTorch's, not torch.compile."""
+    random batches (not length-bucketed: they hold padding), whose losses must agree step by step;
+    with ``with_dropout`` (the same weights, dropout on), the distributions of their logits in
+    training mode (:func:`compare_dropout`). Always eager: it checks fastformer's ops against
+    PyTorch's, not torch.compile."""
     config = dataclasses.replace(config, max_steps=steps, epochs=max(1, config.epochs), evaluate=False,
                                  profile_steps=0, warmup_steps=0, progress=False, bucketing=False,
                                  compile=False)
     first_step = compare_first_step(base, train_data, pad, config, device)
+    dropout = None if with_dropout is None else compare_dropout(with_dropout, train_data, pad, config, device)
     variants = train_variants(list(models.KERNELS), base, train_data, train_data, pad, config, device, dist_info)
     runs = {kernels: run["losses"] for kernels, run in variants.items()}
     reference, candidate = runs["torch"], runs["fastformer"]
@@ -669,9 +718,12 @@ def check_equivalence(base: nn.Module, train_data: data_lib.Encoded, pad: int, c
     worst = max(differences, default=math.nan)
     finite = all(math.isfinite(x) for x in reference + candidate)
     return {"steps": len(differences), "tolerance": tolerance, "max_relative_difference": worst,
-            "passed": bool(differences) and finite and worst <= tolerance and first_step["passed"],
-            "first_step": first_step, "losses": runs, "relative_differences": differences,
+            "passed": bool(differences) and finite and worst <= tolerance and first_step["passed"]
+            and (dropout is None or dropout["passed"]),
+            "first_step": first_step, "dropout": dropout, "losses": runs, "relative_differences": differences,
             "criterion": "dropout 0, same weights: on one padded batch, logits within DESIGN.md's attention "
                          "forward tolerance and every parameter gradient within its gradient tolerance "
                          "(relative norms); then on the same random batches, |loss_fastformer - loss_torch| / "
-                         "|loss_torch| <= the forward tolerance at every step"}
+                         "|loss_torch| <= the forward tolerance at every step; with dropout on (the layers' only), "
+                         "the ratio of their logit variances over draws within [1/1.25, 1.25] and their means "
+                         "agreeing (mean squared z-score <= 4)"}
