@@ -1154,11 +1154,16 @@ def resolve_common_arguments(parser, args, *, cuda_repeats=(100, 20), cpu_repeat
     args.torch_dtype = DTYPES[args.dtype]
 
 
+def _selection_parts(selection: str) -> list[str]:
+    """--providers "a, b": each part selects the providers whose names contain it."""
+    return [part.strip() for part in selection.split(",") if part.strip()]
+
+
 def wanted(provider: str, selection: str | None, baseline: str | Sequence[str]) -> bool:
     baselines = [baseline] if isinstance(baseline, str) else list(baseline)
     if selection is None or provider in baselines:
         return True
-    return any(part.strip() and part.strip() in provider for part in selection.split(","))
+    return any(part in provider for part in _selection_parts(selection))
 
 
 def unmatched_selection(selection: str | None, providers: Sequence[str]) -> list[str]:
@@ -1166,8 +1171,7 @@ def unmatched_selection(selection: str | None, providers: Sequence[str]) -> list
     knows, runnable here or not): a typo would otherwise leave a run that compares nothing."""
     if selection is None:
         return []
-    return [part.strip() for part in selection.split(",")
-            if part.strip() and not any(part.strip() in provider for provider in providers)]
+    return [part for part in _selection_parts(selection) if not any(part in name for name in providers)]
 
 
 def fastformer_backends_for(op, *args, **kwargs) -> tuple[list[str], dict[str, list[str]]]:

@@ -148,18 +148,9 @@ def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
 def _autocast_attention_inputs(query, key, value):
     """query, key and value as SDPA sees them under autocast: floating-point ones other than
     float64 cast to autocast's dtype for their device (SDPA runs in lower precision there), so that
-    the output dtype does not depend on the backend or on torch.compile."""
-    if not isinstance(query, torch.Tensor):
-        return query, key, value  # the checks name the argument
-    device = query.device.type
-    if not torch.is_autocast_enabled(device):
-        return query, key, value
-    dtype = torch.get_autocast_dtype(device)
-
-    def cast(t):
-        eligible = isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
-        return t.to(dtype) if eligible else t
-    return cast(query), cast(key), cast(value)
+    the output dtype does not depend on the backend or on torch.compile. (Other types pass: the
+    checks name the argument.)"""
+    return tuple(t.to(_autocast_dtype(t)) if isinstance(t, torch.Tensor) else t for t in (query, key, value))
 
 
 # --------------------------------------------------------------------------------------------
@@ -283,15 +274,18 @@ def keeps_bias_in_gemm(x, hidden, approximate="none", backend=None, has_dropout=
     the dtype ``F.linear(x, weight)`` returns, ``hidden`` features, with a bias) to the torch
     backend, which computes PyTorch's GELU — fusing the bias there saves nothing and costs a pass,
     while the GEMM adds it for free (``addmm``)."""
-    call = _bias_gelu_call(x, hidden, True, approximate, has_dropout, dtype=_gemm_dtype(x))
+    call = _bias_gelu_call(x, hidden, True, approximate, has_dropout, dtype=_autocast_dtype(x))
     return dispatch.select_backend(call, backend).backend == "torch"
 
 
-def _gemm_dtype(x):
-    """The dtype of ``F.linear(x, weight)``: autocast's where it is on for x's device (it casts
-    floating-point inputs other than float64), else x's."""
+def _autocast_dtype(x):
+    """The dtype autocast runs a lower-precision op on ``x`` in (``F.linear(x, weight)``, SDPA):
+    autocast's where it is on for x's device (it casts floating-point inputs other than float64),
+    else x's."""
     device = x.device.type
-    if x.is_floating_point() and x.dtype != torch.float64 and torch.is_autocast_enabled(device):
+    # (meta has no autocast to ask about; torch.amp.is_autocast_available breaks torch.compile's
+    # tracing in torch 2.6 and 2.11)
+    if x.is_floating_point() and x.dtype != torch.float64 and device != "meta" and torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
     return x.dtype
 

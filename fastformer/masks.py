@@ -19,6 +19,11 @@ def fold_key_padding(attn_mask, key_padding_mask):
     return attn_mask.masked_fill(padding, float("-inf"))
 
 
+def future_keys(len_q: int, len_k: int, device) -> torch.Tensor:
+    """True above the diagonal: the keys a top-left aligned causal query row may not see."""
+    return torch.ones(len_q, len_k, dtype=torch.bool, device=device).triu(1)
+
+
 def float_mask_in(mask, dtype):
     """An additive float ``mask`` in ``dtype`` (the query's), as every backend reads it.
 

@@ -36,6 +36,7 @@ from torch import nn
 
 import fastformer
 from fastformer import dispatch
+from fastformer.masks import future_keys
 from fastformer.nn import FastMultiheadAttention, FastTransformerEncoder, FastTransformerEncoderLayer
 from fastformer.nn.encoder import gelu_approximate, has_hooks, is_plain, linear_bias_gelu
 
@@ -408,8 +409,7 @@ def _with_position_bias(position_bias, attention_mask, causal, len_q, len_k):
     if attention_mask is None:
         if not causal:
             return position_bias
-        future = torch.ones(len_q, len_k, dtype=torch.bool, device=position_bias.device).triu(1)
-        return position_bias.masked_fill(future, float("-inf"))
+        return position_bias.masked_fill(future_keys(len_q, len_k, position_bias.device), float("-inf"))
     if attention_mask.dtype == torch.bool:
         return position_bias.masked_fill(~attention_mask, float("-inf"))
     return position_bias + attention_mask

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastformer import functional as _functional
+from fastformer.masks import future_keys
 
 __all__ = ["FastMultiheadAttention"]
 
@@ -275,7 +276,6 @@ def _attention_weights(q, k, mask, pad, is_causal):
     if pad is not None:
         scores = scores.masked_fill(pad[:, None, None, :], float("-inf"))
     if is_causal:
-        future = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).triu(1)
-        scores = scores.masked_fill(future, float("-inf"))
+        scores = scores.masked_fill(future_keys(*scores.shape[-2:], scores.device), float("-inf"))
     alive = (scores != float("-inf")).any(dim=-1, keepdim=True)
     return torch.softmax(scores.masked_fill(~alive, 0.0), dim=-1) * alive

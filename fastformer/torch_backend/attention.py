@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastformer.masks import fold_key_padding
+from fastformer.masks import fold_key_padding, future_keys
 from fastformer.torch_backend.dropout import dropout, dropout_keep_mask, uses_own_sampler
 
 _CHUNK_BYTES = 256 * 2**20
@@ -48,17 +48,12 @@ def _folded_mask(query, key, attn_mask, key_padding_mask, is_causal):
     if key_padding_mask is not None:
         mask = fold_key_padding(mask, key_padding_mask)
     if is_causal:
-        future = _future(query.shape[-2], key.shape[-2], query.device)
+        future = future_keys(query.shape[-2], key.shape[-2], query.device)
         mask = mask & ~future if mask.dtype == torch.bool else mask.masked_fill(future, float("-inf"))
     attends = mask if mask.dtype == torch.bool else mask != float("-inf")
     alive = attends.any(dim=-1, keepdim=True)
     mask = mask | ~alive if mask.dtype == torch.bool else mask.masked_fill(~alive, 0.0)
     return mask, alive
-
-
-def _future(len_q, len_k, device):
-    """True above the diagonal: the keys a top-left aligned causal query row may not see."""
-    return torch.ones(len_q, len_k, dtype=torch.bool, device=device).triu(1)
 
 
 def _batch_chunks(batch, heads, len_q, len_k):
@@ -79,7 +74,7 @@ def _probabilities(q, k, mask, is_causal, scale):
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     elif is_causal:
-        scores = scores.masked_fill(_future(*scores.shape[-2:], scores.device), float("-inf"))
+        scores = scores.masked_fill(future_keys(*scores.shape[-2:], scores.device), float("-inf"))
     return torch.softmax(scores, dim=-1)
 
 
@@ -120,7 +115,7 @@ def attention_fwd(query, key, value, attn_mask, key_padding_mask, dropout_p, is_
         if sdpa_causal and not scale > 0.0:
             # SDPA's own causal masking gives NaN rows for scale <= 0 (seen on the CPU, PyTorch 2.6
             # to 2.14): the masked scores end up times the scale. An explicit mask is exact.
-            mask, sdpa_causal = ~_future(len_q, len_k, query.device), False
+            mask, sdpa_causal = ~future_keys(len_q, len_k, query.device), False
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout_p,
                                              is_causal=sdpa_causal, scale=scale,
                                              enable_gqa=heads_q != key.shape[1])
