@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -610,3 +612,101 @@ def test_triton_random_sweep(device, real_sizes, draws):
                 assert_rel_close(grad, expected_grad, grad_tol, f"grad {name} {c}")
             else:  # e.g. dQ with a single key: zero up to rounding, relative to the other gradients
                 assert grad.double().norm() <= grad_tol * scale, f"grad {name} {c}"
+
+
+# CUDA's grid axes y and z stop at 65535 blocks, x at 2^31 - 1. A batch of 65536 short sequences
+# (axial or per-patch attention folds positions into the batch) fails on kernels that put the
+# batch on y or z ("invalid configuration argument": SDPA's pytorch/pytorch#142228, xformers#845).
+GRID_LIMITS = (2**31 - 1, 65535, 65535)
+
+
+def test_triton_grids_stay_within_cuda_limits_for_any_batch(monkeypatch):
+    """Every Triton attention launch, forward and backward, for a batch of 70000: the launches
+    are recorded instead of run (the interpreter has no grid limits to trip over)."""
+    triton_attention = pytest.importorskip("fastformer.triton.attention")
+    from triton.runtime.jit import KernelInterface
+
+    grids = []
+
+    def record(kernel, grid):
+        grids.append(grid({"BLOCK_M": 16, "BLOCK_N": 16}) if callable(grid) else grid)
+        return lambda *args, **kwargs: None
+
+    monkeypatch.setattr(KernelInterface, "__getitem__", record)
+    batch, heads, length, dim = 70000, 2, 3, 16
+    q, k, v = (torch.randn(batch, heads, length, dim) for _ in range(3))
+    out, lse = triton_attention.attention_fwd(q, k, v, None, None, 0.0, False, 0.25, None)
+    triton_attention.attention_bwd(torch.randn_like(out), q, k, v, out, lse, None, None, 0.0, False, 0.25,
+                                   None, False)
+    assert len(grids) == 4  # forward, then delta, dK/dV and dQ
+    for grid in grids:
+        assert all(size <= limit for size, limit in zip(grid, GRID_LIMITS)), f"grid {grid}"
+        assert math.prod(grid) >= batch * heads, f"grid {grid} leaves out programs"
+
+
+def test_torch_backend_gives_sdpa_at_most_its_batch_limit(monkeypatch):
+    """Batches over SDPA's limit go through it in slices: same outputs and gradients, every mask
+    kind sliced (or broadcast) along with them. The limit is lowered to 3 for a batch of 8."""
+    from fastformer.torch_backend import attention as torch_attention
+
+    shape = (8, 4, 2, 6, 11, 16, 16)
+    cases = [dict(), dict(is_causal=True), dict(is_causal=True, scale=-0.5),
+             dict(attn_mask=torch.rand(8, 1, 6, 11) > 0.3), dict(attn_mask=torch.randn(1, 4, 6, 11)),
+             dict(key_padding_mask=padding_mask(8, 11, "cpu"), is_causal=True)]
+    sdpa, batches = F.scaled_dot_product_attention, []
+
+    def recording_sdpa(query, *args, **kwargs):
+        batches.append(query.shape[0])
+        return sdpa(query, *args, **kwargs)
+
+    for kwargs in cases:
+        q, k, v = make_qkv(shape, torch.float64, "cpu")
+        expected = fastformer.attention(q, k, v, backend="torch", **kwargs)
+        grad_out = torch.randn_like(expected)
+        expected_grads = torch.autograd.grad(expected, (q, k, v), grad_out)
+        with monkeypatch.context() as patch:
+            patch.setattr(torch_attention, "SDPA_MAX_BATCH", 3)
+            patch.setattr(F, "scaled_dot_product_attention", recording_sdpa)
+            out = fastformer.attention(q, k, v, backend="torch", **kwargs)
+        torch.testing.assert_close(out, expected)
+        for grad, want in zip(torch.autograd.grad(out, (q, k, v), grad_out), expected_grads):
+            torch.testing.assert_close(grad, want)
+        assert batches == [3, 3, 2], f"{kwargs}: SDPA saw batches {batches}"
+        batches.clear()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_batch_beyond_the_grid_limits_on_gpu(backend):
+    """A batch of 70000 on the GPU, forward and backward, against the same call in two halves."""
+    shape = (70000, 2, 1, 5, 7, 32, 32)
+    q, k, v = make_qkv(shape, torch.bfloat16, "cuda")
+    key_padding_mask = padding_mask(shape[0], shape[4], "cuda")
+    kwargs = dict(key_padding_mask=key_padding_mask, is_causal=True)
+    require_backend(backend, "attention", q, k, v, **kwargs)
+    out = fastformer.attention(q, k, v, backend=backend, **kwargs)
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    half = shape[0] // 2
+    for rows in (slice(0, half), slice(half, None)):
+        part = fastformer.attention(q[rows], k[rows], v[rows], backend=backend,
+                                    key_padding_mask=key_padding_mask[rows], is_causal=True)
+        part_grads = torch.autograd.grad(part, (q, k, v), grad_out[rows])
+        torch.testing.assert_close(out[rows], part)
+        for grad, want in zip(grads, part_grads):
+            torch.testing.assert_close(grad[rows], want[rows])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mask_rows_more_than_2_pow_31_elements_apart(backend, device):
+    """A mask whose rows lie 2^30 elements apart (as a 46341 x 46341 mask's would, past 2^31 by
+    the third row): the kernels' row index times row stride needs int64. The view's storage is
+    allocated, not written, beyond the elements the mask holds."""
+    storage = torch.empty(2**31 + 64, dtype=torch.bool, device=device)
+    attn_mask = storage.as_strided((1, 1, 3, 40), (0, 0, 2**30, 1))
+    attn_mask.copy_(torch.rand(1, 1, 3, 40, device=device) > 0.3)
+    attn_mask[..., 0] = True
+    q, k, v = make_qkv((2, 2, 2, 3, 40, 16, 16), torch.float32, device)
+    require_backend(backend, "attention", q, k, v, attn_mask=attn_mask)
+    assert_matches_reference(q, k, v, torch.float32, backend, attn_mask=attn_mask)

@@ -389,3 +389,24 @@ def test_bad_inputs_are_rejected_clearly():
     for bad in (torch.tensor(1.0), torch.randn(3, 0)):
         with pytest.raises(ValueError, match="x must have a last dim of at least 1"):
             cuda_bias_gelu.bias_gelu_fwd(bad, None, "none", 0.0, None)
+
+
+def test_attention_batch_beyond_the_grid_axes_y_and_z(monkeypatch):
+    """A batch of 65536 + 5: past the 65535 blocks of CUDA's grid axes y and z (the emulator refuses
+    such launches), so every CTA goes on gridDim.x, forward and backward. The emulator runs the
+    first and the last 2 blocks of each grid (FASTFORMER_EMULATOR_BLOCK_SAMPLE): batch rows 0, 1
+    and the last two, checked against the same call on those 4 rows alone."""
+    batch, heads, length, dim = 65541, 1, 1, 32
+    q, k, v, grad_out = (torch.randn(batch, heads, length, dim, dtype=torch.float16) for _ in range(4))
+
+    def run(q, k, v, grad_out):
+        out, lse = cuda_attention.attention_fwd(q, k, v, None, None, 0.0, False, 0.2, None)
+        grads = cuda_attention.attention_bwd(grad_out, q, k, v, out, lse, None, None, 0.0, False, 0.2, None, False)
+        return (out, *grads[:3])
+
+    with monkeypatch.context() as patch:
+        patch.setenv("FASTFORMER_EMULATOR_BLOCK_SAMPLE", "2")
+        whole = run(q, k, v, grad_out)
+    rows = torch.tensor([0, 1, batch - 2, batch - 1])
+    for got, want in zip(whole, run(q[rows], k[rows], v[rows], grad_out[rows])):
+        torch.testing.assert_close(got[rows], want, rtol=0, atol=0)

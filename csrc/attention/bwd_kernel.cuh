@@ -83,9 +83,10 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dkdv_kernel(const 
   T* sQ = sV + BN * LD;       // two buffers of BM rows
   T* sdO = sQ + 2 * BM * LD;  // two buffers of BM rows
 
-  const int n0 = blockIdx.x * BN;
-  const int hk = blockIdx.y;
-  const int b = blockIdx.z;
+  const GridPlace place = grid_place(p.len_k, p.heads_k);
+  const int n0 = place.block * BN;
+  const int hk = place.head;
+  const int b = place.batch;
   const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;
   const int g = lane / 4, t = lane % 4;
@@ -292,9 +293,10 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dq_kernel(const At
   T* sK = sdO + BM * LD;      // two buffers of BN rows
   T* sV = sK + 2 * BN * LD;   // two buffers of BN rows
 
-  const int m0 = blockIdx.x * BM;
-  const int h = blockIdx.y;
-  const int b = blockIdx.z;
+  const GridPlace place = grid_place(p.len_q, p.heads_q);
+  const int m0 = place.block * BM;
+  const int h = place.head;
+  const int b = place.batch;
   const int hk = h / p.group;
   const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;

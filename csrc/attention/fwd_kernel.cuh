@@ -41,9 +41,10 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_fwd_kernel(const Atten
   T* sK = sQ + BM * LD;
   T* sV = sK + BN * LD;
 
-  const int m0 = blockIdx.x * BM;
-  const int h = blockIdx.y;
-  const int b = blockIdx.z;
+  const GridPlace place = grid_place(p.len_q, p.heads_q);
+  const int m0 = place.block * BM;
+  const int h = place.head;
+  const int b = place.batch;
   const int hk = h / p.group;
   const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;

@@ -4,6 +4,8 @@
 
 #include <cuda_runtime_api.h>
 
+#include <cstdint>
+
 #include "attention/params.h"
 
 namespace fastformer {
@@ -13,6 +15,16 @@ namespace attention {
 // predicates the rest (zeros loaded past D / Dv, nothing written there).
 constexpr int kHeadDims[] = {32, 64, 96, 128};
 constexpr int kMaxHeadDim = 128;
+
+// Rows (queries, or keys for dK/dV) per CTA of the forward, dK/dV and dQ kernels (traits.h).
+constexpr int kRowsPerCta = 64;
+
+// The CTAs of a (row block, head, batch) launch, all on gridDim.x (grid_place in device.cuh
+// decodes them): gridDim.y and gridDim.z stop at 65535, which a batch of 65536 short sequences
+// passes; x holds 2^31 - 1 CTAs, which attention_ops.cpp checks.
+inline int64_t flat_grid_ctas(int64_t rows, int64_t heads, int64_t batch) {
+  return (rows + kRowsPerCta - 1) / kRowsPerCta * heads * batch;
+}
 
 // Smallest compiled head dim >= dim, or 0 when dim > kMaxHeadDim.
 inline int padded_head_dim(int dim) {

@@ -3,7 +3,8 @@
 //
 // Each picks the kernel variant at run time: kGeneral (an attn_mask or dropout) or not (only key
 // lengths and the causal diagonal, masked on the tiles that need it). Grids: row blocks on x (the
-// fastest-varying, so CTAs reading the same K/V run together), heads on y, batch on z.
+// fastest-varying, so CTAs reading the same K/V run together), then heads, then the batch, all on
+// gridDim.x (flat_grid_ctas in launch.h, grid_place in device.cuh).
 // The caller checks the launches (FASTFORMER_CHECK_LAUNCH in attention_ops.cpp), which also
 // reports a refused shared-memory opt-in: the launch that needed it fails.
 #pragma once
@@ -25,7 +26,7 @@ void run_attention_fwd(const AttentionParams& p, cudaStream_t stream) {
   auto kernel = general_variant(p) ? attention_fwd_kernel<Tr, true> : attention_fwd_kernel<Tr, false>;
   constexpr int smem = Tr::kFwdSmemBytes;
   allow_dynamic_shared_memory(kernel, smem);
-  const dim3 grid((p.len_q + Tr::kBlockM - 1) / Tr::kBlockM, p.heads_q, p.batch);
+  const dim3 grid(static_cast<unsigned>(flat_grid_ctas(p.len_q, p.heads_q, p.batch)));
   FASTFORMER_LAUNCH(kernel, grid, Tr::kThreads, smem, stream)(p);
 }
 
@@ -42,13 +43,13 @@ void run_attention_bwd(const AttentionBwdParams& p, cudaStream_t stream) {
   auto dkdv = general ? attention_bwd_dkdv_kernel<Tr, true> : attention_bwd_dkdv_kernel<Tr, false>;
   constexpr int dkdv_smem = Tr::kBwdKvSmemBytes;
   allow_dynamic_shared_memory(dkdv, dkdv_smem);
-  const dim3 dkdv_grid((p.len_k + Tr::kBwdKvBlockN - 1) / Tr::kBwdKvBlockN, p.heads_k, p.batch);
+  const dim3 dkdv_grid(static_cast<unsigned>(flat_grid_ctas(p.len_k, p.heads_k, p.batch)));
   FASTFORMER_LAUNCH(dkdv, dkdv_grid, Tr::kThreads, dkdv_smem, stream)(p);
 
   auto dq = general ? attention_bwd_dq_kernel<Tr, true> : attention_bwd_dq_kernel<Tr, false>;
   constexpr int dq_smem = Tr::kBwdQSmemBytes;
   allow_dynamic_shared_memory(dq, dq_smem);
-  const dim3 dq_grid((p.len_q + Tr::kBwdQBlockM - 1) / Tr::kBwdQBlockM, p.heads_q, p.batch);
+  const dim3 dq_grid(static_cast<unsigned>(flat_grid_ctas(p.len_q, p.heads_q, p.batch)));
   FASTFORMER_LAUNCH(dq, dq_grid, Tr::kThreads, dq_smem, stream)(p);
 }
 

@@ -15,6 +15,8 @@
 // bank groups: no bank conflicts, without a swizzle.
 #pragma once
 
+#include "attention/launch.h"  // kRowsPerCta
+
 namespace fastformer {
 namespace attention {
 
@@ -48,6 +50,8 @@ struct AttentionTraits {
   static_assert(sizeof(Element) == kElementBytes, "16-bit elements only (half, bfloat16)");
   static_assert(kHeadDim % 16 == 0 && kHeadDim >= 32 && kHeadDim <= 128,
                 "head dim: a multiple of 16 (the k of m16n8k16) in 32..128");
+  static_assert(kBlockM == kRowsPerCta && kBwdKvBlockN == kRowsPerCta && kBwdQBlockM == kRowsPerCta,
+                "the launches' flat grids (launch.h) count kRowsPerCta rows per CTA");
   static_assert(kBlockN % 16 == 0 && kBwdKvBlockM % 16 == 0 && kBwdQBlockN % 16 == 0,
                 "streamed tiles are whole k16 slices of the P.V / dS.K / P^T.dO products");
   static_assert(kSmemStride % 8 == 0 && (kSmemStride / 8) % 2 == 1,

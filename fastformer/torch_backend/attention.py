@@ -63,8 +63,9 @@ def _batch_chunks(batch, heads, len_q, len_k):
 
 
 def _rows(t, rows):
-    """Slice the batch dim of a tensor that may broadcast over it (size 1)."""
-    return t if t is None or t.shape[0] == 1 else t[rows]
+    """Slice the batch dim of a 4-D tensor that may broadcast over it (size 1); tensors of fewer
+    dims broadcast over the batch (a causal (Lq, Lk) mask)."""
+    return t if t is None or t.dim() < 4 or t.shape[0] == 1 else t[rows]
 
 
 def _probabilities(q, k, mask, is_causal, scale):
@@ -116,14 +117,32 @@ def attention_fwd(query, key, value, attn_mask, key_padding_mask, dropout_p, is_
             # SDPA's own causal masking gives NaN rows for scale <= 0 (seen on the CPU, PyTorch 2.6
             # to 2.14): the masked scores end up times the scale. An explicit mask is exact.
             mask, sdpa_causal = ~future_keys(len_q, len_k, query.device), False
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout_p,
-                                             is_causal=sdpa_causal, scale=scale,
-                                             enable_gqa=heads_q != key.shape[1])
+        out = _sdpa(query, key, value, mask, dropout_p, sdpa_causal, scale)
     else:
         out = _dropout_attention(query, key, value, mask, is_causal, scale,
                                  _keep(seed, dropout_p, (batch, heads_q, len_q, len_k), query.device),
                                  dropout_p)
     return (out if alive is None else out * alive), no_lse
+
+
+# SDPA's CUDA kernels (flash, memory-efficient) put the batch on a grid axis that stops at 65535:
+# a larger batch fails with "invalid configuration argument" (pytorch/pytorch#142228). Such a
+# batch goes through SDPA in slices, which autograd joins for the backward.
+SDPA_MAX_BATCH = 65535
+
+
+def _sdpa(query, key, value, mask, dropout_p, is_causal, scale):
+    """SDPA on (B, H, L, D) inputs and a 4-D mask (or None), in batch slices of at most
+    ``SDPA_MAX_BATCH``."""
+    def sdpa(q, k, v, m):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=m, dropout_p=dropout_p, is_causal=is_causal,
+                                              scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+
+    batch = query.shape[0]
+    if batch <= SDPA_MAX_BATCH:
+        return sdpa(query, key, value, mask)
+    slices = [slice(start, start + SDPA_MAX_BATCH) for start in range(0, batch, SDPA_MAX_BATCH)]
+    return torch.cat([sdpa(query[rows], key[rows], value[rows], _rows(mask, rows)) for rows in slices])
 
 
 def eager_attention_fwd(*args):

@@ -29,7 +29,9 @@ What the kernels handle (everything the op table declares for "attention"):
 - dropout from Philox, the scores viewed as B Hq Lq rows of Lk keys (``fastformer.triton.dropout``:
   one Philox call per 4 keys of a row), exactly ``dropout_keep_mask(seed, (B, Hq, Lq, Lk), p)``,
   regenerated in the backward;
-- rows with no key left: output 0, lse = -inf, gradients 0 (never NaN).
+- rows with no key left: output 0, lse = -inf, gradients 0 (never NaN);
+- any batch and head count (one flat grid axis, ``_program_block``), and int64 index arithmetic
+  where the scores or a tensor's rows within one (batch, head) pass 2^31 elements (WIDE_OFFSETS).
 Not handled (the op falls back to the torch backend): a gradient for a float attn_mask.
 
 Under Triton's interpreter (DOT_IN_FP32) the tiles that feed tl.dot are upcast to float32 as
@@ -101,6 +103,28 @@ def _scores(qk, q_idx, k_idx, MASK_TILE, stride_mask_q, stride_mask_k, PADDING_R
         clamped = tl.where(tl.abs(bias) < float("inf"), tl.minimum(tl.maximum(bias, -2.35e38), 2.35e38), bias)
         s += tl.where(bias == float("-inf"), float("-inf"), clamped * 1.4426950408889634)
     return tl.where(valid, s, float("-inf"))
+
+
+@triton.jit
+def _program_block(rows, heads, BLOCK: tl.constexpr):
+    """(first row of this program's block, head, batch index) from the program id of a flat grid of
+    cdiv(rows, BLOCK) * heads * batch programs. Blocks vary fastest, then heads, then the batch:
+    the order a (blocks, heads, batch) grid runs in, on the one grid axis that holds 2^31 - 1
+    programs where the other two stop at 65535 (a batch of 65536 short sequences is legal)."""
+    pid = tl.program_id(0)
+    blocks = tl.cdiv(rows, BLOCK)
+    head_batch = pid // blocks
+    return (pid % blocks) * BLOCK, (head_batch % heads).to(tl.int64), (head_batch // heads).to(tl.int64)
+
+
+@triton.jit
+def _indices(start, BLOCK: tl.constexpr, WIDE_OFFSETS: tl.constexpr):
+    """start + arange(BLOCK): row (or key) indices, int64 where an index times a stride may pass
+    2^31 within one (batch, head) (WIDE_OFFSETS: a 64k x 64k mask, ...), else int32."""
+    indices = start + tl.arange(0, BLOCK)
+    if WIDE_OFFSETS:
+        indices = indices.to(tl.int64)
+    return indices
 
 
 @triton.jit
@@ -180,12 +204,10 @@ def _attention_fwd_kernel(
     and writes o = 0, lse = -inf. Key tiles past the row block's last visible key are not visited.
     Works in base 2 (exp2) with log2(e) folded into the scale.
     """
-    start_m = tl.program_id(0) * BLOCK_M
-    h = tl.program_id(1).to(tl.int64)
-    b = tl.program_id(2).to(tl.int64)
+    start_m, h, b = _program_block(len_q, heads_q, BLOCK_M)
     hk = h // group
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
+    offs_m = _indices(start_m, BLOCK_M, WIDE_OFFSETS)
+    offs_n = _indices(0, BLOCK_N, WIDE_OFFSETS)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
 
@@ -251,13 +273,12 @@ def _attention_bwd_preprocess_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     stride_gb, stride_gh, stride_gm, stride_gd,
     heads_q, len_q, dim_v,
-    ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+    WIDE_OFFSETS: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """delta_i = rowsum(dO_i * O_i) = sum_j P_ij dP_ij (the softmax backward's row term, with
     P the probabilities and dP the gradient of the dropped-out probabilities times keep / (1-p))."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    h = tl.program_id(1).to(tl.int64)
-    b = tl.program_id(2).to(tl.int64)
+    start_m, h, b = _program_block(len_q, heads_q, BLOCK_M)
+    offs_m = _indices(start_m, BLOCK_M, WIDE_OFFSETS)
     offs_dv = tl.arange(0, BLOCK_DV)
     row_ok, head_ok = offs_m[:, None] < len_q, offs_dv[None, :] < dim_v
     o = _load_tile(OUT + b * stride_ob + h * stride_oh + offs_dv[None, :] * stride_od, offs_m[:, None] * stride_om,
@@ -312,11 +333,9 @@ def _attention_bwd_dkdv_kernel(
     Causal: query blocks before the key block's first key are not visited; key blocks of padding
     keys only visit nothing and write zeros.
     """
-    start_n = tl.program_id(0) * BLOCK_N
-    hk = tl.program_id(1).to(tl.int64)
-    b = tl.program_id(2).to(tl.int64)
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
+    start_n, hk, b = _program_block(len_k, heads_k, BLOCK_N)
+    offs_n = _indices(start_n, BLOCK_N, WIDE_OFFSETS)
+    offs_m = _indices(0, BLOCK_M, WIDE_OFFSETS)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     if HAS_DROPOUT:
@@ -406,12 +425,10 @@ def _attention_bwd_dq_kernel(
         P = exp(s - lse);  dP = (dO V^T) * keep / (1 - p);  dS = P * (dP - delta)
         dQ = scale * dS K
     """
-    start_m = tl.program_id(0) * BLOCK_M
-    h = tl.program_id(1).to(tl.int64)
-    b = tl.program_id(2).to(tl.int64)
+    start_m, h, b = _program_block(len_q, heads_q, BLOCK_M)
     hk = h // group
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
+    offs_m = _indices(start_m, BLOCK_M, WIDE_OFFSETS)
+    offs_n = _indices(0, BLOCK_N, WIDE_OFFSETS)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     row_base = (b * heads_q + h) * len_q
@@ -538,14 +555,13 @@ def _fixed_config_index() -> int | None:
 
 
 def _launch(kind: str, rows: int, heads: int, batch: int, args: tuple, meta: dict, interpret: bool):
-    """Launch kernel ``kind`` over (cdiv(rows, BLOCK), heads, batch) programs; BLOCK is BLOCK_M for
-    the forward and dQ (query blocks), BLOCK_N for dK/dV (key blocks). Row blocks vary fastest, so
-    programs reading the same K/V run together (L2 reuse); heads and batch on their own grid axes
-    keep each under CUDA's 65535 limit."""
+    """Launch kernel ``kind`` over cdiv(rows, BLOCK) * heads * batch programs, on one grid axis
+    (``_program_block``); BLOCK is BLOCK_M for the forward and dQ (query blocks), BLOCK_N for dK/dV
+    (key blocks). Row blocks vary fastest, so programs reading the same K/V run together (L2 reuse)."""
     tiled = "BLOCK_N" if kind == "dkdv" else "BLOCK_M"
 
     def grid(blocks):
-        return (triton.cdiv(rows, blocks[tiled]), heads, batch)
+        return (_flat_grid(rows, blocks[tiled], heads, batch),)
 
     if interpret:
         _KERNELS[kind][grid(_INTERPRETER_BLOCKS)](*args, **meta, **_INTERPRETER_BLOCKS, num_warps=4)
@@ -559,6 +575,14 @@ def _launch(kind: str, rows: int, heads: int, batch: int, args: tuple, meta: dic
     block_m, block_n, num_warps, num_stages = configs[index % len(configs)]
     blocks = {"BLOCK_M": block_m, "BLOCK_N": block_n}
     _KERNELS[kind][grid(blocks)](*args, **meta, **blocks, num_warps=num_warps, num_stages=num_stages)
+
+
+def _flat_grid(rows: int, block: int, heads: int, batch: int) -> int:
+    """The programs of a (row block, head, batch) launch (``_program_block`` decodes them)."""
+    programs = triton.cdiv(rows, block) * heads * batch
+    if programs >= 2**31:  # CUDA's limit on grid axis x; billions of heads of tiny sequences
+        raise ValueError(f"attention (triton): {programs} programs exceed the grid limit of 2^31 - 1")
+    return programs
 
 
 def _head_block(dim: int) -> int:
@@ -609,15 +633,28 @@ def _common(query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal
     mask, mask_kind = _attn_mask(query, key, attn_mask)
     padding = _key_padding(key_padding_mask)
     align = alignment.vector_alignment((dim, dim_v), (query, key, value, *tiles))
+    addressed = (query, key, value, *tiles) if mask_kind == NO_MASK else (query, key, value, mask, *tiles)
     meta = dict(IS_CAUSAL=bool(is_causal), MASK_KIND=mask_kind, HAS_KEY_PADDING=padding is not None,
                 HAS_DROPOUT=dropout_p > 0.0,
-                WIDE_OFFSETS=wide_offsets(batch * heads_q * len_q * len_k),
+                WIDE_OFFSETS=wide_offsets(batch * heads_q * len_q * len_k) or _wide_rows(addressed),
                 DOT_IN_FP32=interpreter_enabled(), ALIGN=align,
                 BLOCK_D=_head_block(dim), BLOCK_DV=_head_block(dim_v))
     mask_strides = _strides(mask) if mask_kind != NO_MASK else (0, 0, 0, 0)
     if padding is None:  # a placeholder, never read
         padding = query
     return mask, padding, (*mask_strides, padding.stride(0)), meta
+
+
+def _wide_rows(tensors) -> bool:
+    """Whether the elements of some (B, H, L, D) tensor within one (batch, head) lie 2^31 or more
+    apart, so that the kernels' row index times row stride (and head-dim index times its stride)
+    needs int64: a 64k x 64k attn_mask, or a million-token projection."""
+    for t in tensors:
+        _, _, rows, cols = t.shape
+        _, _, row_stride, col_stride = t.stride()
+        if wide_offsets(1 + (rows - 1) * abs(row_stride) + (cols - 1) * abs(col_stride)):
+            return True
+    return False
 
 
 def _bucket(length: int) -> int:
@@ -664,9 +701,9 @@ def attention_bwd(grad_out, query, key, value, out, lse, attn_mask, key_padding_
     delta = torch.empty((batch, heads_q, len_q), dtype=torch.float32, device=query.device)
     with on_device(query):
         block_m = _INTERPRETER_BLOCKS["BLOCK_M"] if interpret else 64
-        _attention_bwd_preprocess_kernel[(triton.cdiv(len_q, block_m), heads_q, batch)](
+        _attention_bwd_preprocess_kernel[(_flat_grid(len_q, block_m, heads_q, batch),)](
             out, grad_out, delta, *_strides(out), *_strides(grad_out), heads_q, len_q, dim_v,
-            ALIGN=meta["ALIGN"], BLOCK_M=block_m, BLOCK_DV=meta["BLOCK_DV"])
+            WIDE_OFFSETS=meta["WIDE_OFFSETS"], ALIGN=meta["ALIGN"], BLOCK_M=block_m, BLOCK_DV=meta["BLOCK_DV"])
         shared = (query, key, value, mask, padding, grad_out, lse, delta)
         strides = (*_strides(query), *_strides(key), *_strides(value), *mask_strides, *_strides(grad_out))
         group = heads_q // heads_k
