@@ -183,6 +183,8 @@ def environment(device: str | torch.device | None = None) -> dict[str, Any]:
         env["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
         env["sm_count"] = props.multi_processor_count
         env["driver"] = _nvidia_driver()
+        # float32 matmuls, and fastformer's float32 attention, in TF32 or exact
+        env["tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
     else:
         env["cpu_threads"] = torch.get_num_threads()
     env["timer"] = timer_name(device)

@@ -239,10 +239,20 @@ def _projection(batch, length, heads, dim, dtype):
 
 
 def attention_case(dtype, dim, *, dim_v=None, batch=2, heads=4, heads_k=None, len_q=128, len_k=None,
-                   causal=False, mask=None, padding=False, dropout=0.0) -> Callable[[], None]:
+                   causal=False, mask=None, padding=False, dropout=0.0, tf32=False) -> Callable[[], None]:
+    """tf32: float32 products on the tensor cores (torch.backends.cuda.matmul.allow_tf32 set during
+    the launches); without it float32 attention multiplies in full float32, without them."""
     from fastformer.triton import attention as triton_attention
 
     def run():
+        allowed = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        try:
+            launch()
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = allowed
+
+    def launch():
         h_k, l_k, d_v = heads_k or heads, len_k or len_q, dim_v or dim
         q = _projection(batch, len_q, heads, dim, dtype)
         k, v = _projection(batch, l_k, h_k, dim, dtype), _projection(batch, l_k, h_k, d_v, dtype)
@@ -310,6 +320,8 @@ def default_cases() -> dict[str, Callable[[], None]]:
                                                                   mask="bool"),
         "attention fp32 d128 gqa float-mask": attention_case(FP32, 128, heads=8, heads_k=2,
                                                              mask="float"),
+        "attention fp32 d64 tf32 causal padding": attention_case(FP32, 64, causal=True, padding=True,
+                                                                 tf32=True),
         "attention bf16 d200/dv256 Lq100 Lk300 causal": attention_case(BF16, 200, dim_v=256, len_q=100,
                                                                       len_k=300, causal=True),
         "attention fp16 d32 dropout int64-offsets": attention_case(FP16, 32, batch=1, heads=1,

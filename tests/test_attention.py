@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -620,24 +621,35 @@ def test_triton_random_sweep(device, real_sizes, draws):
 GRID_LIMITS = (2**31 - 1, 65535, 65535)
 
 
+def record_triton_launches(monkeypatch):
+    """Triton launches (``kernel[grid](*args, **kwargs)``) recorded as (grid, kwargs) instead of
+    run; a grid that is a function of the config gets 16 x 16 blocks."""
+    from triton.runtime import interpreter, jit
+
+    launches = []
+
+    def record(kernel, grid):
+        grid = grid({"BLOCK_M": 16, "BLOCK_N": 16}) if callable(grid) else grid
+        return lambda *args, **kwargs: launches.append((grid, kwargs))
+
+    # JIT functions and autotuners are KernelInterfaces; Triton < 3.3's interpreter has its own.
+    for cls in (jit.KernelInterface, interpreter.InterpretedFunction):
+        if "__getitem__" in vars(cls):
+            monkeypatch.setattr(cls, "__getitem__", record)
+    return launches
+
+
 def test_triton_grids_stay_within_cuda_limits_for_any_batch(monkeypatch):
     """Every Triton attention launch, forward and backward, for a batch of 70000: the launches
     are recorded instead of run (the interpreter has no grid limits to trip over)."""
     triton_attention = pytest.importorskip("fastformer.triton.attention")
-    from triton.runtime.jit import KernelInterface
-
-    grids = []
-
-    def record(kernel, grid):
-        grids.append(grid({"BLOCK_M": 16, "BLOCK_N": 16}) if callable(grid) else grid)
-        return lambda *args, **kwargs: None
-
-    monkeypatch.setattr(KernelInterface, "__getitem__", record)
+    launches = record_triton_launches(monkeypatch)
     batch, heads, length, dim = 70000, 2, 3, 16
     q, k, v = (torch.randn(batch, heads, length, dim) for _ in range(3))
     out, lse = triton_attention.attention_fwd(q, k, v, None, None, 0.0, False, 0.25, None)
     triton_attention.attention_bwd(torch.randn_like(out), q, k, v, out, lse, None, None, 0.0, False, 0.25,
                                    None, False)
+    grids = [grid for grid, _ in launches]
     assert len(grids) == 4  # forward, then delta, dK/dV and dQ
     for grid in grids:
         assert all(size <= limit for size, limit in zip(grid, GRID_LIMITS)), f"grid {grid}"
@@ -710,3 +722,51 @@ def test_mask_rows_more_than_2_pow_31_elements_apart(backend, device):
     q, k, v = make_qkv((2, 2, 2, 3, 40, 16, 16), torch.float32, device)
     require_backend(backend, "attention", q, k, v, attn_mask=attn_mask)
     assert_matches_reference(q, k, v, torch.float32, backend, attn_mask=attn_mask)
+
+
+@contextlib.contextmanager
+def tf32_allowed(allowed: bool):
+    """torch.backends.cuda.matmul.allow_tf32 set inside the block (monkeypatch cannot: it is a
+    property of a module-like object)."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def test_triton_float32_products_follow_pytorch_float32_matmul_precision(monkeypatch):
+    """Float32 attention multiplies in full float32 unless PyTorch's switch allows TF32 (as its own
+    matmuls do); 16-bit inputs are unaffected. Read from the launches (recorded, not run)."""
+    triton_attention = pytest.importorskip("fastformer.triton.attention")
+    launches = record_triton_launches(monkeypatch)
+    expected = {(torch.float32, False): "ieee", (torch.float32, True): "tf32",
+                (torch.bfloat16, False): "tf32", (torch.bfloat16, True): "tf32"}
+    for (dtype, allow_tf32), precision in expected.items():
+        q = torch.randn(1, 2, 5, 16, dtype=dtype)
+        with tf32_allowed(allow_tf32):
+            out, lse = triton_attention.attention_fwd(q, q, q, None, None, 0.0, False, 0.25, None)
+            triton_attention.attention_bwd(out, q, q, q, out, lse, None, None, 0.0, False, 0.25, None, False)
+        precisions = [kwargs.get("DOT_PRECISION") for _, kwargs in launches]
+        assert precisions == [precision, None, precision, precision], (dtype, allow_tf32)  # None: delta
+        launches.clear()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("allow_tf32", [False, True], ids=["highest", "tf32"])
+def test_triton_float32_on_gpu_is_exact_unless_tf32_is_allowed(allow_tf32):
+    """Full float32 products by default: close to float64 far below DESIGN.md's float32 tolerance
+    (which TF32, allowed by the switch, needs: about 1.5e-3 forward at unit-variance inputs)."""
+    shape = (2, 4, 2, 150, 270, 64, 64)
+    q, k, v = make_qkv(shape, torch.float32, "cuda")
+    kwargs = dict(is_causal=True, key_padding_mask=padding_mask(2, 270, "cuda", min_keep=100))
+    with tf32_allowed(allow_tf32):
+        out = fastformer.attention(q, k, v, backend="triton", **kwargs)
+        grad_out = torch.randn_like(out)
+        grads = _grads(out, (q, k, v), grad_out)
+    expected = reference.attention(q, k, v, **kwargs)
+    fwd_tol, grad_tol = (2e-5, 1e-4) if not allow_tf32 else ATTENTION_TOL[torch.float32]
+    assert_rel_close(out, expected, fwd_tol, "out")
+    for name, grad, want in zip("qkv", grads, _grads(expected, (q, k, v), grad_out.double())):
+        assert_rel_close(grad, want, grad_tol, f"grad {name}")

@@ -36,7 +36,10 @@ Not handled (the op falls back to the torch backend): a gradient for a float att
 
 Under Triton's interpreter (DOT_IN_FP32) the tiles that feed tl.dot are upcast to float32 as
 they are loaded: the interpreter multiplies the raw bits of bfloat16 operands (triton #11584). On
-the GPU they stay in the input dtype: float16 / bfloat16 on the tensor cores, float32 as tf32.
+the GPU they stay in the input dtype: float16 / bfloat16 on the tensor cores; float32 as PyTorch
+computes float32 matmuls (DOT_PRECISION, ``_dot_precision``): tf32 on the tensor cores where
+``torch.backends.cuda.matmul.allow_tf32`` is set (``torch.set_float32_matmul_precision("high")``),
+else full float32 ("ieee", no tensor cores), as PyTorch's default "highest" asks.
 
 Launch configuration: under Triton's interpreter (CPU tests) a plain launch with small fixed
 blocks; on the GPU ``triton.autotune`` over Hopper/Ampere-sized configs, keyed on the padded head
@@ -189,7 +192,8 @@ def _attention_fwd_kernel(
     qk_scale,            # scale * log2(e)
     dropout_p,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KEY_PADDING: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, WIDE_OFFSETS: tl.constexpr, DOT_IN_FP32: tl.constexpr, ALIGN: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, WIDE_OFFSETS: tl.constexpr, DOT_IN_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """One program per (block of BLOCK_M query rows, query head, batch). For each query row i:
@@ -235,7 +239,7 @@ def _attention_fwd_kernel(
         idx_n = start_n + offs_n
         k = _load_tile(K_TILE, idx_n[:, None] * stride_kn, idx_n[:, None] < key_len, offs_d[None, :] < dim,
                        ALIGN, 1, DOT_IN_FP32)
-        qk = tl.dot(q, tl.trans(k))
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         s = _scores(qk, offs_m[:, None], idx_n[None, :], MASK_TILE, stride_mm, stride_mn, PADDING_ROW, len_q,
                     key_len, qk_scale, IS_CAUSAL, MASK_KIND, HAS_KEY_PADDING)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -250,7 +254,7 @@ def _attention_fwd_kernel(
             p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
         v = _load_tile(V_TILE, idx_n[:, None] * stride_vn, idx_n[:, None] < key_len, offs_dv[None, :] < dim_v,
                        ALIGN, 1, DOT_IN_FP32)
-        acc += tl.dot(p.to(v.dtype), v)
+        acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
     alive = l_i > 0.0
@@ -318,7 +322,8 @@ def _attention_bwd_dkdv_kernel(
     bucket_q, bucket_k,  # unused: autotuning keys
     qk_scale, scale, dropout_p,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KEY_PADDING: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, WIDE_OFFSETS: tl.constexpr, DOT_IN_FP32: tl.constexpr, ALIGN: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, WIDE_OFFSETS: tl.constexpr, DOT_IN_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """One program per (block of BLOCK_N keys, key/value head, batch); it loops over the `group`
@@ -370,13 +375,13 @@ def _attention_bwd_dkdv_kernel(
             idx_m = start_m + offs_m
             q_t = _load_tile(Q_TILE, idx_m[None, :] * stride_qm, idx_m[None, :] < len_q, offs_d[:, None] < dim,
                              ALIGN, 0, DOT_IN_FP32)
-            s_t = _scores(tl.dot(k, q_t), idx_m[None, :], offs_n[:, None], MASK_TILE, stride_mm,
-                          stride_mn, PADDING_ROW, len_q, len_k, qk_scale, IS_CAUSAL, MASK_KIND,
-                          HAS_KEY_PADDING)
+            qk_t = tl.dot(k, q_t, input_precision=DOT_PRECISION)
+            s_t = _scores(qk_t, idx_m[None, :], offs_n[:, None], MASK_TILE, stride_mm, stride_mn, PADDING_ROW, len_q,
+                          len_k, qk_scale, IS_CAUSAL, MASK_KIND, HAS_KEY_PADDING)
             p_t = tl.math.exp2(s_t - _row_lse_log2(LSE + row_base, idx_m, len_q)[None, :])
             do = _load_tile(DO_TILE, idx_m[:, None] * stride_gm, idx_m[:, None] < len_q, offs_dv[None, :] < dim_v,
                             ALIGN, 1, DOT_IN_FP32)
-            dp_t = tl.dot(v, tl.trans(do))  # dPd^T (N, M)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # dPd^T (N, M)
             if HAS_DROPOUT:
                 keep_t = dropout_keep(seed, row_base + idx_m, start_n, len_k, dropout_p, WIDE_OFFSETS, BLOCK_N,
                                       TRANSPOSED=True)
@@ -384,10 +389,10 @@ def _attention_bwd_dkdv_kernel(
                 dp_t = tl.where(keep_t, dp_t / (1.0 - dropout_p), 0.0)
             else:
                 pd_t = p_t
-            grad_v += tl.dot(pd_t.to(do.dtype), do)
+            grad_v += tl.dot(pd_t.to(do.dtype), do, input_precision=DOT_PRECISION)
             delta = tl.load(DELTA + row_base + idx_m, mask=idx_m < len_q, other=0.0)
             ds_t = p_t * (dp_t - delta[None, :])
-            grad_k += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t))
+            grad_k += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), input_precision=DOT_PRECISION)
 
     grad_k *= scale
     _store_tile(GRAD_K + b * stride_dkb + hk * stride_dkh + offs_d[None, :] * stride_dkd,
@@ -416,7 +421,8 @@ def _attention_bwd_dq_kernel(
     bucket_q, bucket_k,  # unused: autotuning keys
     qk_scale, scale, dropout_p,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KEY_PADDING: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, WIDE_OFFSETS: tl.constexpr, DOT_IN_FP32: tl.constexpr, ALIGN: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, WIDE_OFFSETS: tl.constexpr, DOT_IN_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """One program per (block of BLOCK_M query rows, query head, batch), visiting the key tiles
@@ -461,16 +467,16 @@ def _attention_bwd_dq_kernel(
                        ALIGN, 1, DOT_IN_FP32)
         v = _load_tile(V_TILE, idx_n[:, None] * stride_vn, idx_n[:, None] < key_len, offs_dv[None, :] < dim_v,
                        ALIGN, 1, DOT_IN_FP32)
-        s = _scores(tl.dot(q, tl.trans(k)), offs_m[:, None], idx_n[None, :], MASK_TILE, stride_mm,
-                    stride_mn, PADDING_ROW, len_q, key_len, qk_scale, IS_CAUSAL, MASK_KIND,
-                    HAS_KEY_PADDING)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        s = _scores(qk, offs_m[:, None], idx_n[None, :], MASK_TILE, stride_mm, stride_mn, PADDING_ROW, len_q, key_len,
+                    qk_scale, IS_CAUSAL, MASK_KIND, HAS_KEY_PADDING)
         p = tl.math.exp2(s - lse_log2[:, None])
-        dp = tl.dot(do, tl.trans(v))
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
             keep = dropout_keep(seed, row_base + offs_m, start_n, len_k, dropout_p, WIDE_OFFSETS, BLOCK_N)
             dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
-        grad_q += tl.dot(ds.to(k.dtype), k)
+        grad_q += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
 
     grad_q *= scale
     _store_tile(GRAD_Q + b * stride_dqb + h * stride_dqh + offs_d[None, :] * stride_dqd,
@@ -514,7 +520,7 @@ _GPU_CONFIGS = {
     },
 }
 _TUNING_KEY = ["bucket_q", "bucket_k", "group", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "MASK_KIND",
-               "HAS_KEY_PADDING", "HAS_DROPOUT", "ALIGN"]
+               "HAS_KEY_PADDING", "HAS_DROPOUT", "ALIGN", "DOT_PRECISION"]
 _KERNELS = {"fwd": _attention_fwd_kernel, "dkdv": _attention_bwd_dkdv_kernel, "dq": _attention_bwd_dq_kernel}
 
 
@@ -637,12 +643,22 @@ def _common(query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal
     meta = dict(IS_CAUSAL=bool(is_causal), MASK_KIND=mask_kind, HAS_KEY_PADDING=padding is not None,
                 HAS_DROPOUT=dropout_p > 0.0,
                 WIDE_OFFSETS=wide_offsets(batch * heads_q * len_q * len_k) or _wide_rows(addressed),
-                DOT_IN_FP32=interpreter_enabled(), ALIGN=align,
+                DOT_IN_FP32=interpreter_enabled(), DOT_PRECISION=_dot_precision(query.dtype), ALIGN=align,
                 BLOCK_D=_head_block(dim), BLOCK_DV=_head_block(dim_v))
     mask_strides = _strides(mask) if mask_kind != NO_MASK else (0, 0, 0, 0)
     if padding is None:  # a placeholder, never read
         padding = query
     return mask, padding, (*mask_strides, padding.stride(0)), meta
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot's input_precision. Float32 follows PyTorch's switch for float32 matmuls, read at each
+    call: "tf32" where ``torch.backends.cuda.matmul.allow_tf32`` is set, else "ieee" (exact float32
+    products, as PyTorch's matmuls and SDPA's float32 kernels give by default). 16-bit inputs run
+    on the tensor cores either way; they get one fixed value, so that the flag adds no variants."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
 
 
 def _wide_rows(tensors) -> bool:
