@@ -44,13 +44,12 @@ def test_every_kernel_compiles_for_sm90_and_sm80(tmp_path):
                 "_bias_gelu_bwd_kernel"} <= names
         matmul_kernels = [k for k in kernels if k["arch"] == arch and k["kernel"] in
                           ("_attention_fwd_kernel", "_attention_bwd_dkdv_kernel", "_attention_bwd_dq_kernel")]
-        # Float32 multiplies on the tensor cores (tf32) only where PyTorch's switch allows it.
-        exact_float32 = [k for k in matmul_kernels if " fp32 " in k["case"] and " tf32 " not in k["case"]]
-        tensor_core = [k for k in matmul_kernels if k not in exact_float32]
-        assert exact_float32 and not any(k["mma"] for k in exact_float32), "float32 attention used tf32 unasked"
-        assert any(" tf32 " in k["case"] for k in tensor_core)
-        assert all(k["mma"] for k in tensor_core), "an attention kernel compiled without tensor cores"
-        assert (arch == 90) == any(k["mma"] == "wgmma" for k in tensor_core)
+        assert all(k["mma"] for k in matmul_kernels), "an attention kernel compiled without tensor cores"
+        assert (arch == 90) == any(k["mma"] == "wgmma" for k in matmul_kernels)
+        # Float32 products are plain TF32 only where PyTorch's switch allows it (the " tf32 " case).
+        float32 = {k["case"]: k["constants"]["DOT_PRECISION"] for k in matmul_kernels if " fp32 " in k["case"]}
+        assert float32 and all(precision == ("tf32" if " tf32 " in case else "tf32x3")
+                               for case, precision in float32.items()), float32
         # Rows of head dim 50 (d_model 200, 4 heads) are only 4-byte aligned, and Triton cannot see
         # even that without the launchers' ALIGN hints: then every element is its own load and the
         # multi-stage loops get no cp.async pipelining.

@@ -36,10 +36,11 @@ Not handled (the op falls back to the torch backend): a gradient for a float att
 
 Under Triton's interpreter (DOT_IN_FP32) the tiles that feed tl.dot are upcast to float32 as
 they are loaded: the interpreter multiplies the raw bits of bfloat16 operands (triton #11584). On
-the GPU they stay in the input dtype: float16 / bfloat16 on the tensor cores; float32 as PyTorch
-computes float32 matmuls (DOT_PRECISION, ``_dot_precision``): tf32 on the tensor cores where
+the GPU they stay in the input dtype: float16 / bfloat16 on the tensor cores; float32 to the
+precision PyTorch gives float32 matmuls (DOT_PRECISION, ``_dot_precision``): TF32 where
 ``torch.backends.cuda.matmul.allow_tf32`` is set (``torch.set_float32_matmul_precision("high")``),
-else full float32 ("ieee", no tensor cores), as PyTorch's default "highest" asks.
+else float32 accuracy, as PyTorch's default "highest" asks, from three TF32 products ("tf32x3":
+each operand split into a TF32 part and its remainder, the remainders' product dropped).
 
 Launch configuration: under Triton's interpreter (CPU tests) a plain launch with small fixed
 blocks; on the GPU ``triton.autotune`` over Hopper/Ampere-sized configs, keyed on the padded head
@@ -653,11 +654,14 @@ def _common(query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal
 
 def _dot_precision(dtype: torch.dtype) -> str:
     """tl.dot's input_precision. Float32 follows PyTorch's switch for float32 matmuls, read at each
-    call: "tf32" where ``torch.backends.cuda.matmul.allow_tf32`` is set, else "ieee" (exact float32
-    products, as PyTorch's matmuls and SDPA's float32 kernels give by default). 16-bit inputs run
-    on the tensor cores either way; they get one fixed value, so that the flag adds no variants."""
+    call: "tf32" where ``torch.backends.cuda.matmul.allow_tf32`` is set, else "tf32x3": float32
+    accuracy (products within about 2^-21, as PyTorch's matmuls and SDPA's float32 kernels are by
+    default) on the tensor cores, three TF32 products a dot. Plain float32 ("ieee") would fall
+    back to FMA, several times slower, and Triton 3.2 fails to compile the dK/dV kernel with it.
+    16-bit inputs run on the tensor cores either way; they get one fixed value, so that the flag
+    adds no variants."""
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
+        return "tf32x3"
     return "tf32"
 
 
