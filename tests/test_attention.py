@@ -656,6 +656,27 @@ def test_triton_grids_stay_within_cuda_limits_for_any_batch(monkeypatch):
         assert math.prod(grid) >= batch * heads, f"grid {grid} leaves out programs"
 
 
+@pytest.mark.parametrize("mask_kind", ["none", "causal+padding", "bool"])
+def test_triton_flat_grid_computes_what_the_3d_grid_does(mask_kind, monkeypatch):
+    """Launches past the grid's y/z limit decode (row block, head, batch) from one axis: with the
+    limit lowered to 1, every launch takes that path, and gives the same bits, with GQA, several
+    row blocks, dropout and masks."""
+    triton_attention = pytest.importorskip("fastformer.triton.attention")
+    shape = (3, 4, 2, 70, 45, 16, 16)
+    q, k, v = make_qkv(shape, torch.float32, "cpu")
+    attn_mask, key_padding_mask, is_causal = make_masks(mask_kind, shape, torch.float32, "cpu")
+    kwargs = dict(attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal, dropout_p=0.3)
+    require_backend("triton", "attention", q, k, v, **kwargs)
+    results = []
+    for limit in (triton_attention.GRID_YZ_LIMIT, 1):
+        monkeypatch.setattr(triton_attention, "GRID_YZ_LIMIT", limit)
+        torch.manual_seed(5)
+        out = fastformer.attention(q, k, v, backend="triton", **kwargs)
+        results.append((out, *torch.autograd.grad(out, (q, k, v), torch.ones_like(out))))
+    for flat, grid_3d in zip(*results):
+        torch.testing.assert_close(flat, grid_3d, rtol=0, atol=0)
+
+
 def test_torch_backend_gives_sdpa_at_most_its_batch_limit(monkeypatch):
     """Batches over SDPA's limit go through it in slices: same outputs and gradients, every mask
     kind sliced (or broadcast) along with them. The limit is lowered to 3 for a batch of 8."""

@@ -30,7 +30,7 @@ What the kernels handle (everything the op table declares for "attention"):
   one Philox call per 4 keys of a row), exactly ``dropout_keep_mask(seed, (B, Hq, Lq, Lk), p)``,
   regenerated in the backward;
 - rows with no key left: output 0, lse = -inf, gradients 0 (never NaN);
-- any batch and head count (one flat grid axis, ``_program_block``), and int64 index arithmetic
+- any batch and head count (past 65535, one flat grid axis: ``_program_block``), and int64 index arithmetic
   where the scores or a tensor's rows within one (batch, head) pass 2^31 elements (WIDE_OFFSETS).
 Not handled (the op falls back to the torch backend): a gradient for a float attn_mask.
 
@@ -110,15 +110,25 @@ def _scores(qk, q_idx, k_idx, MASK_TILE, stride_mask_q, stride_mask_k, PADDING_R
 
 
 @triton.jit
-def _program_block(rows, heads, BLOCK: tl.constexpr):
-    """(first row of this program's block, head, batch index) from the program id of a flat grid of
-    cdiv(rows, BLOCK) * heads * batch programs. Blocks vary fastest, then heads, then the batch:
-    the order a (blocks, heads, batch) grid runs in, on the one grid axis that holds 2^31 - 1
-    programs where the other two stop at 65535 (a batch of 65536 short sequences is legal)."""
-    pid = tl.program_id(0)
-    blocks = tl.cdiv(rows, BLOCK)
-    head_batch = pid // blocks
-    return (pid % blocks) * BLOCK, (head_batch % heads).to(tl.int64), (head_batch // heads).to(tl.int64)
+def _program_block(rows, heads, BLOCK: tl.constexpr, FLAT_GRID: tl.constexpr):
+    """(first row of this program's block, head, batch index) of a launch over (row blocks, heads,
+    batch): the grid's three axes, or with FLAT_GRID, one axis of cdiv(rows, BLOCK) * heads * batch
+    programs in the same order (blocks fastest, then heads). Axes y and z stop at 65535 blocks, x
+    holds 2^31 - 1: a batch of 65536 short sequences is legal. The flat decode costs registers
+    (measured at compile time: up to a few dozen bytes spilled more in the d64 configurations), so
+    only the launches past the limits take it."""
+    if FLAT_GRID:
+        pid = tl.program_id(0)
+        blocks = tl.cdiv(rows, BLOCK)
+        head_batch = pid // blocks
+        start = (pid % blocks) * BLOCK
+        head = (head_batch % heads).to(tl.int64)
+        batch = (head_batch // heads).to(tl.int64)
+    else:
+        start = tl.program_id(0) * BLOCK
+        head = tl.program_id(1).to(tl.int64)
+        batch = tl.program_id(2).to(tl.int64)
+    return start, head, batch
 
 
 @triton.jit
@@ -193,8 +203,8 @@ def _attention_fwd_kernel(
     qk_scale,            # scale * log2(e)
     dropout_p,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KEY_PADDING: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, WIDE_OFFSETS: tl.constexpr, DOT_IN_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    ALIGN: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, WIDE_OFFSETS: tl.constexpr, FLAT_GRID: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """One program per (block of BLOCK_M query rows, query head, batch). For each query row i:
@@ -209,7 +219,7 @@ def _attention_fwd_kernel(
     and writes o = 0, lse = -inf. Key tiles past the row block's last visible key are not visited.
     Works in base 2 (exp2) with log2(e) folded into the scale.
     """
-    start_m, h, b = _program_block(len_q, heads_q, BLOCK_M)
+    start_m, h, b = _program_block(len_q, heads_q, BLOCK_M, FLAT_GRID)
     hk = h // group
     offs_m = _indices(start_m, BLOCK_M, WIDE_OFFSETS)
     offs_n = _indices(0, BLOCK_N, WIDE_OFFSETS)
@@ -278,11 +288,12 @@ def _attention_bwd_preprocess_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     stride_gb, stride_gh, stride_gm, stride_gd,
     heads_q, len_q, dim_v,
-    WIDE_OFFSETS: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+    WIDE_OFFSETS: tl.constexpr, FLAT_GRID: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
 ):
     """delta_i = rowsum(dO_i * O_i) = sum_j P_ij dP_ij (the softmax backward's row term, with
     P the probabilities and dP the gradient of the dropped-out probabilities times keep / (1-p))."""
-    start_m, h, b = _program_block(len_q, heads_q, BLOCK_M)
+    start_m, h, b = _program_block(len_q, heads_q, BLOCK_M, FLAT_GRID)
     offs_m = _indices(start_m, BLOCK_M, WIDE_OFFSETS)
     offs_dv = tl.arange(0, BLOCK_DV)
     row_ok, head_ok = offs_m[:, None] < len_q, offs_dv[None, :] < dim_v
@@ -323,8 +334,8 @@ def _attention_bwd_dkdv_kernel(
     bucket_q, bucket_k,  # unused: autotuning keys
     qk_scale, scale, dropout_p,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KEY_PADDING: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, WIDE_OFFSETS: tl.constexpr, DOT_IN_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    ALIGN: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, WIDE_OFFSETS: tl.constexpr, FLAT_GRID: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """One program per (block of BLOCK_N keys, key/value head, batch); it loops over the `group`
@@ -339,7 +350,7 @@ def _attention_bwd_dkdv_kernel(
     Causal: query blocks before the key block's first key are not visited; key blocks of padding
     keys only visit nothing and write zeros.
     """
-    start_n, hk, b = _program_block(len_k, heads_k, BLOCK_N)
+    start_n, hk, b = _program_block(len_k, heads_k, BLOCK_N, FLAT_GRID)
     offs_n = _indices(start_n, BLOCK_N, WIDE_OFFSETS)
     offs_m = _indices(0, BLOCK_M, WIDE_OFFSETS)
     offs_d = tl.arange(0, BLOCK_D)
@@ -422,8 +433,8 @@ def _attention_bwd_dq_kernel(
     bucket_q, bucket_k,  # unused: autotuning keys
     qk_scale, scale, dropout_p,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KEY_PADDING: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, WIDE_OFFSETS: tl.constexpr, DOT_IN_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    ALIGN: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, WIDE_OFFSETS: tl.constexpr, FLAT_GRID: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """One program per (block of BLOCK_M query rows, query head, batch), visiting the key tiles
@@ -432,7 +443,7 @@ def _attention_bwd_dq_kernel(
         P = exp(s - lse);  dP = (dO V^T) * keep / (1 - p);  dS = P * (dP - delta)
         dQ = scale * dS K
     """
-    start_m, h, b = _program_block(len_q, heads_q, BLOCK_M)
+    start_m, h, b = _program_block(len_q, heads_q, BLOCK_M, FLAT_GRID)
     hk = h // group
     offs_m = _indices(start_m, BLOCK_M, WIDE_OFFSETS)
     offs_n = _indices(0, BLOCK_N, WIDE_OFFSETS)
@@ -562,13 +573,13 @@ def _fixed_config_index() -> int | None:
 
 
 def _launch(kind: str, rows: int, heads: int, batch: int, args: tuple, meta: dict, interpret: bool):
-    """Launch kernel ``kind`` over cdiv(rows, BLOCK) * heads * batch programs, on one grid axis
-    (``_program_block``); BLOCK is BLOCK_M for the forward and dQ (query blocks), BLOCK_N for dK/dV
-    (key blocks). Row blocks vary fastest, so programs reading the same K/V run together (L2 reuse)."""
+    """Launch kernel ``kind`` over (cdiv(rows, BLOCK), heads, batch) programs (``_program_block``);
+    BLOCK is BLOCK_M for the forward and dQ (query blocks), BLOCK_N for dK/dV (key blocks). Row
+    blocks vary fastest, so programs reading the same K/V run together (L2 reuse)."""
     tiled = "BLOCK_N" if kind == "dkdv" else "BLOCK_M"
 
     def grid(blocks):
-        return (_flat_grid(rows, blocks[tiled], heads, batch),)
+        return _grid(rows, blocks[tiled], heads, batch, meta["FLAT_GRID"])
 
     if interpret:
         _KERNELS[kind][grid(_INTERPRETER_BLOCKS)](*args, **meta, **_INTERPRETER_BLOCKS, num_warps=4)
@@ -584,12 +595,17 @@ def _launch(kind: str, rows: int, heads: int, batch: int, args: tuple, meta: dic
     _KERNELS[kind][grid(blocks)](*args, **meta, **blocks, num_warps=num_warps, num_stages=num_stages)
 
 
-def _flat_grid(rows: int, block: int, heads: int, batch: int) -> int:
-    """The programs of a (row block, head, batch) launch (``_program_block`` decodes them)."""
+GRID_YZ_LIMIT = 65535  # CUDA's limit on grid axes y and z; x holds 2^31 - 1
+
+
+def _grid(rows: int, block: int, heads: int, batch: int, flat: bool) -> tuple[int, ...]:
+    """The grid of a (row block, head, batch) launch, as ``_program_block`` decodes it."""
+    if not flat:
+        return (triton.cdiv(rows, block), heads, batch)
     programs = triton.cdiv(rows, block) * heads * batch
-    if programs >= 2**31:  # CUDA's limit on grid axis x; billions of heads of tiny sequences
+    if programs >= 2**31:  # billions of heads of tiny sequences
         raise ValueError(f"attention (triton): {programs} programs exceed the grid limit of 2^31 - 1")
-    return programs
+    return (programs,)
 
 
 def _head_block(dim: int) -> int:
@@ -644,6 +660,7 @@ def _common(query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal
     meta = dict(IS_CAUSAL=bool(is_causal), MASK_KIND=mask_kind, HAS_KEY_PADDING=padding is not None,
                 HAS_DROPOUT=dropout_p > 0.0,
                 WIDE_OFFSETS=wide_offsets(batch * heads_q * len_q * len_k) or _wide_rows(addressed),
+                FLAT_GRID=max(batch, heads_q) > GRID_YZ_LIMIT,
                 DOT_IN_FP32=interpreter_enabled(), DOT_PRECISION=_dot_precision(query.dtype), ALIGN=align,
                 BLOCK_D=_head_block(dim), BLOCK_DV=_head_block(dim_v))
     mask_strides = _strides(mask) if mask_kind != NO_MASK else (0, 0, 0, 0)
@@ -721,9 +738,10 @@ def attention_bwd(grad_out, query, key, value, out, lse, attn_mask, key_padding_
     delta = torch.empty((batch, heads_q, len_q), dtype=torch.float32, device=query.device)
     with on_device(query):
         block_m = _INTERPRETER_BLOCKS["BLOCK_M"] if interpret else 64
-        _attention_bwd_preprocess_kernel[(_flat_grid(len_q, block_m, heads_q, batch),)](
+        _attention_bwd_preprocess_kernel[_grid(len_q, block_m, heads_q, batch, meta["FLAT_GRID"])](
             out, grad_out, delta, *_strides(out), *_strides(grad_out), heads_q, len_q, dim_v,
-            WIDE_OFFSETS=meta["WIDE_OFFSETS"], ALIGN=meta["ALIGN"], BLOCK_M=block_m, BLOCK_DV=meta["BLOCK_DV"])
+            WIDE_OFFSETS=meta["WIDE_OFFSETS"], FLAT_GRID=meta["FLAT_GRID"], ALIGN=meta["ALIGN"], BLOCK_M=block_m,
+            BLOCK_DV=meta["BLOCK_DV"])
         shared = (query, key, value, mask, padding, grad_out, lse, delta)
         strides = (*_strides(query), *_strides(key), *_strides(value), *mask_strides, *_strides(grad_out))
         group = heads_q // heads_k
