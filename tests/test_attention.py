@@ -758,8 +758,9 @@ def tf32_allowed(allowed: bool):
 
 
 def test_triton_float32_products_follow_pytorch_float32_matmul_precision(monkeypatch):
-    """Float32 attention multiplies in full float32 unless PyTorch's switch allows TF32 (as its own
-    matmuls do); 16-bit inputs are unaffected. Read from the launches (recorded, not run)."""
+    """Float32 attention keeps float32 accuracy (three TF32 products a dot) unless PyTorch's switch
+    allows plain TF32, as its own matmuls do; 16-bit inputs are unaffected. Read from the launches
+    (recorded, not run)."""
     triton_attention = pytest.importorskip("fastformer.triton.attention")
     launches = record_triton_launches(monkeypatch)
     expected = {(torch.float32, False): "tf32x3", (torch.float32, True): "tf32",

@@ -57,11 +57,14 @@ Sizes check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   }
   TORCH_CHECK(s.len_q <= std::numeric_limits<int>::max() && s.len_k <= std::numeric_limits<int>::max(), kOp,
               "sequence lengths must fit in int32");
-  // Every launch puts its CTAs on gridDim.x (flat_grid_ctas), the backward's preprocess 8 rows per CTA.
-  const int64_t ctas = std::max({flat_grid_ctas(s.len_q, s.heads_q, s.batch), flat_grid_ctas(s.len_k, s.heads_k, s.batch),
-                                 s.batch * s.heads_q * s.len_q / 8});
+  // Every launch puts its CTAs on gridDim.x (flat_grid_ctas; the preprocess kPreprocessRowsPerCta rows each).
+  const int64_t rows = s.batch * s.heads_q * s.len_q;
+  const int64_t ctas = std::max({flat_grid_ctas(s.len_q, s.heads_q, s.batch),
+                                 flat_grid_ctas(s.len_k, s.heads_k, s.batch),
+                                 (rows + kPreprocessRowsPerCta - 1) / kPreprocessRowsPerCta});
   TORCH_CHECK(ctas <= std::numeric_limits<int>::max(), kOp, "batch ", s.batch, " x heads ", s.heads_q,
-              " x sequence lengths ", s.len_q, ", ", s.len_k, " need ", ctas, " CTAs, more than a grid holds (2^31 - 1)");
+              " x sequence lengths ", s.len_q, ", ", s.len_k, " need ", ctas,
+              " CTAs, more than a grid holds (2^31 - 1)");
   return s;
 }
 

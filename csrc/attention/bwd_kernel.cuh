@@ -45,7 +45,8 @@ namespace attention {
 
 // delta = rowsum(dO * O), one warp per row of (B, Hq, Lq).
 template <typename T>
-__global__ void __launch_bounds__(256) attention_bwd_preprocess_kernel(const AttentionBwdParams p) {
+__global__ void __launch_bounds__(32 * kPreprocessRowsPerCta)
+    attention_bwd_preprocess_kernel(const AttentionBwdParams p) {
   const int64_t rows = static_cast<int64_t>(p.batch) * p.heads_q * p.len_q;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
   if (row >= rows) return;

@@ -19,6 +19,9 @@ constexpr int kMaxHeadDim = 128;
 // Rows (queries, or keys for dK/dV) per CTA of the forward, dK/dV and dQ kernels (traits.h).
 constexpr int kRowsPerCta = 64;
 
+// Rows of (B, Hq, Lq) per CTA of the backward's preprocess (delta): one warp each.
+constexpr int kPreprocessRowsPerCta = 8;
+
 // The CTAs of a (row block, head, batch) launch, all on gridDim.x (grid_place in device.cuh
 // decodes them): gridDim.y and gridDim.z stop at 65535, which a batch of 65536 short sequences
 // passes; x holds 2^31 - 1 CTAs, which attention_ops.cpp checks.

@@ -35,10 +35,10 @@ void run_attention_bwd(const AttentionBwdParams& p, cudaStream_t stream) {
   using Tr = AttentionTraits<kHeadDim, T>;
   const bool general = general_variant(p);
 
-  constexpr int kRowsPerBlock = 256 / 32;
   const int64_t rows = static_cast<int64_t>(p.batch) * p.heads_q * p.len_q;
   auto preprocess = attention_bwd_preprocess_kernel<T>;
-  FASTFORMER_LAUNCH(preprocess, static_cast<unsigned>((rows + kRowsPerBlock - 1) / kRowsPerBlock), 256, 0, stream)(p);
+  FASTFORMER_LAUNCH(preprocess, static_cast<unsigned>((rows + kPreprocessRowsPerCta - 1) / kPreprocessRowsPerCta),
+                    32 * kPreprocessRowsPerCta, 0, stream)(p);
 
   auto dkdv = general ? attention_bwd_dkdv_kernel<Tr, true> : attention_bwd_dkdv_kernel<Tr, false>;
   constexpr int dkdv_smem = Tr::kBwdKvSmemBytes;
