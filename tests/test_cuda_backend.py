@@ -28,7 +28,7 @@ SCHEMAS = {
     "cuda_residual_norm_bwd":
         "fastformer::cuda_residual_norm_bwd(Tensor grad_out, Tensor? grad_residual_out, Tensor normed, "
         "Tensor? weight, Tensor? bias, Tensor rstd, float dropout_p, bool rms, Tensor? seed, "
-        "bool has_residual) -> (Tensor, Tensor, Tensor, Tensor)",
+        "bool has_residual, ScalarType? x_dtype=None) -> (Tensor, Tensor, Tensor, Tensor)",
     "cuda_bias_gelu_fwd":
         "fastformer::cuda_bias_gelu_fwd(Tensor x, Tensor? bias, str approximate, float dropout_p, Tensor? seed) "
         "-> Tensor",
@@ -409,7 +409,9 @@ def test_opcheck_library_ops_with_the_cuda_backend():
     for args in [(x, residual, weight, bias, 1e-5, 0.1, False, SEED, True, "cuda"),
                  (x, None, None, None, 1e-5, 0.0, False, None, False, "cuda"),
                  (x, residual, weight, None, 1e-6, 0.0, True, None, True, "cuda"),
-                 (t(6, 40, dtype=torch.bfloat16), None, weight, None, 1e-6, 0.3, True, SEED, True, "cuda")]:
+                 (t(6, 40, dtype=torch.bfloat16), None, weight, None, 1e-6, 0.3, True, SEED, True, "cuda"),
+                 # autocast: a bfloat16 sublayer output meets the float32 residual stream
+                 (t(6, 40, dtype=torch.bfloat16), residual, weight, bias, 1e-5, 0.1, False, SEED, True, "cuda")]:
         torch.library.opcheck(library.residual_norm_fwd, args)
     h = t(3, 5, 7)
     for args in [(h, t(7), "tanh", "cuda"), (h, None, "none", "cuda")]:

@@ -26,7 +26,7 @@ from cuda_emulator import build
 from fastformer.cuda import attention as cuda_attention
 from fastformer.cuda import bias_gelu as cuda_bias_gelu
 from fastformer.cuda import layer_norm as cuda_layer_norm
-from helpers import (ELEMENTWISE_TOL, PARAM_GRAD_TOL_HALF, HostReads, assert_rel_close, in_memory_order,
+from helpers import (ELEMENTWISE_TOL, PARAM_GRAD_TOL_HALF, Copies, HostReads, assert_rel_close, in_memory_order,
                      misaligned)
 from test_attention import check_nan_and_inf_mask_values_give_nan_rows
 
@@ -74,6 +74,10 @@ def _opcheck_cases():
         ("cuda_residual_norm_fwd", (x, None, None, None, 1e-6, 0.0, True, None, False)),
         ("cuda_residual_norm_bwd", (torch.randn_like(x), torch.randn_like(x), residual_out, weight, bias, rstd,
                                     0.1, False, seed, True)),
+        # a 16-bit x next to a float32 residual stream (autocast): float32 outputs, grad_x in x's dtype
+        ("cuda_residual_norm_fwd", (x, residual.float(), weight, None, 1e-5, 0.1, False, seed, True)),
+        ("cuda_residual_norm_bwd", (torch.randn_like(residual_out, dtype=torch.float32), None,
+                                    residual_out.float(), weight, None, rstd, 0.1, False, seed, True, half)),
         ("cuda_bias_gelu_fwd", (x, bias, "tanh", 0.0, None)),
         ("cuda_bias_gelu_fwd", (x, None, "none", 0.3, seed)),
         ("cuda_bias_gelu_bwd", (torch.randn_like(x), x, weight, "none", 0.0, None)),
@@ -260,6 +264,83 @@ def test_residual_norm_matches_float64_reference(rows, n, dtype, aligned, rms, d
                                         (grad_tol, grad_tol, param_tol, param_tol)):
         assert got is not None, name
         assert_rel_close(got, expected, tol, f"grad {name}")
+
+
+def _offset_by(t: torch.Tensor, elements: int) -> torch.Tensor:
+    """A contiguous copy of ``t`` whose data starts ``elements`` past an allocation's start."""
+    buffer = torch.empty(t.numel() + elements, dtype=t.dtype)
+    return buffer[elements:].view(t.shape).copy_(t)
+
+
+# (rows, N, x's offset in elements from a 16-byte boundary): a warp per row and a block per row
+# with vectors (a 16-bit x read 4 values = 8 bytes at a time: an 8-byte offset keeps it on the
+# vector path), N not a multiple of the vector (element-wise), and x off its 8-byte vectors.
+MIXED_NORM_CASES = [(37, 200, 0), (5, 2000, 4), (3, 1030, 0), (4, 512, 2)]
+
+
+@pytest.mark.parametrize("rows, n, offset", MIXED_NORM_CASES, ids=str)
+@pytest.mark.parametrize("x_dtype, residual_dtype", [
+    (torch.bfloat16, torch.float32), (torch.float16, torch.float32),  # autocast: read as they are
+    (torch.float16, torch.bfloat16), (torch.float32, torch.bfloat16),  # the residual cast up first
+], ids=str)
+@pytest.mark.parametrize("rms", [False, True], ids=["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+def test_residual_norm_of_mixed_dtypes(rows, n, offset, x_dtype, residual_dtype, rms, dropout_p):
+    """x and residual of different dtypes: outputs in the dtype of x + residual, grad_x in x's.
+    Bit for bit what the kernels give x cast to that dtype first (the values each thread reads
+    are the same, so are the sums), against float64 too, and with no cast of a 16-bit x or of
+    its gradient next to a float32 residual."""
+    stream = torch.promote_types(x_dtype, residual_dtype)
+    x = _offset_by(torch.randn(rows, n, dtype=x_dtype), offset)
+    residual = torch.randn(rows, n, dtype=residual_dtype)
+    weight = 1 + 0.1 * torch.randn(n)
+    bias = None if rms else 0.1 * torch.randn(n)
+    seed = torch.tensor(123456789, dtype=torch.int64)
+    grad_out, grad_residual_out = torch.randn(rows, n, dtype=stream), torch.randn(rows, n, dtype=stream)
+
+    def run(x, residual, x_dtype=None):
+        out, residual_out, mean, rstd = cuda_layer_norm.residual_norm_fwd(x, residual, weight, bias, 1e-5, dropout_p,
+                                                                          rms, seed, True)
+        grads = cuda_layer_norm.residual_norm_bwd(grad_out, grad_residual_out, residual_out, weight, bias, mean,
+                                                  rstd, dropout_p, rms, seed, True, x_dtype=x_dtype)
+        return (out, residual_out, mean, rstd) + tuple(grads)
+
+    with Copies() as copies:
+        got = run(x, residual, x_dtype)
+    if residual_dtype == torch.float32:
+        assert copies.copies == []
+    same_dtype = run(_offset_by(x.to(stream), offset), residual.to(stream))  # the same vector path
+    assert [t.dtype for t in got[:2]] == [stream, stream]
+    assert got[4].dtype == x_dtype and got[5].dtype == stream
+    for name, mixed, cast_first in zip(("out", "residual_out", "mean", "rstd", "grad x", "grad residual",
+                                        "grad weight", "grad bias"), got, same_dtype):
+        if cast_first is None:
+            assert mixed is None, name
+            continue
+        assert torch.equal(mixed, cast_first.to(mixed.dtype)), name
+
+    keep = reference.philox_keep_mask(int(seed), (rows, n), dropout_p) if dropout_p else None
+    x64, res64, w64 = (t.detach().double().requires_grad_() for t in (x, residual, weight))
+    b64 = None if bias is None else bias.detach().double().requires_grad_()
+    want, want_residual = reference.residual_norm(x64, res64, w64, b64, 1e-5, rms=rms, keep=keep, dropout_p=dropout_p)
+    fwd_tol, grad_tol = ELEMENTWISE_TOL[stream]
+    assert_rel_close(got[0], want, fwd_tol, "out")
+    assert_rel_close(got[1], want_residual, fwd_tol, "residual_out")
+    want_grads = torch.autograd.grad((want, want_residual), (x64, res64),
+                                     (grad_out.double(), grad_residual_out.double()))
+    assert_rel_close(got[4], want_grads[0], ELEMENTWISE_TOL[x_dtype][1], "grad x")
+    assert_rel_close(got[5], want_grads[1], grad_tol, "grad residual")
+
+
+def test_residual_norm_ops_name_the_dtypes_they_cannot_pair(emulated):
+    x, residual = torch.randn(3, 8), torch.randn(3, 8, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match=r"x \(Float\) must have the dtype of residual \(BFloat16\), or be "
+                                           r"float16 / bfloat16 with a float32 residual"):
+        emulated.cuda_residual_norm_fwd(x, residual, None, None, 1e-5, 0.0, False, None, True)
+    normed, grad = torch.randn(3, 8, dtype=torch.float16), torch.randn(3, 8, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match=r"x_dtype \(Float\) must have the dtype of normed \(Half\)"):
+        emulated.cuda_residual_norm_bwd(grad, None, normed, None, None, torch.ones(3), 0.0, False, None, False,
+                                        torch.float32)
 
 
 def test_dropout_seed_is_passed_to_the_kernels_not_read_on_the_host():

@@ -396,8 +396,8 @@ def test_rows_wider_than_a_backend_supports_fall_back_or_explain(norm):
 def test_half_x_meets_a_float32_residual_stream(norm, x_dtype, dropout_p, backend, device, monkeypatch):
     """Under autocast a half-precision sublayer output meets the float32 residual stream: both
     outputs in float32 (x + residual's dtype), each gradient in its input's dtype, all against
-    float64 with the same dropout mask. Triton's kernels take the two dtypes as they are
-    (MIXED_DTYPES) and copy nothing: no cast of x forward, none of its gradient backward."""
+    float64 with the same dropout mask. The Triton and CUDA kernels take the two dtypes as they
+    are (MIXED_DTYPES) and copy nothing: no cast of x forward, none of its gradient backward."""
     x, _, weight, bias = make_inputs((5, 37), "weight+bias", x_dtype, device, param_dtype=torch.float32)
     residual = torch.randn(5, 37, device=device, dtype=torch.float32, requires_grad=True)
     if norm == "rms":
@@ -423,5 +423,5 @@ def test_half_x_meets_a_float32_residual_stream(norm, x_dtype, dropout_p, backen
     for name, grad, expected in zip(("x", "residual", "weight"), grads, want):
         tol = ELEMENTWISE_TOL[x_dtype][1] if name == "x" else ELEMENTWISE_TOL[torch.float32][1]
         assert_rel_close(grad, expected, tol, f"grad {name}")
-    if backend == "triton":
+    if backend in ("triton", "cuda"):
         assert copies.copies == []

@@ -13,15 +13,18 @@
 
 namespace fastformer {
 
-inline DType storage_type(const at::Tensor& t, const char* op, const char* name) {
-  switch (t.scalar_type()) {
+inline DType storage_type(at::ScalarType type, const char* op, const char* name) {
+  switch (type) {
     case at::kFloat: return DType::kFloat32;
     case at::kHalf: return DType::kFloat16;
     case at::kBFloat16: return DType::kBFloat16;
     default:
-      TORCH_CHECK(false, op, ": ", name, " must be float32, float16 or bfloat16, got ",
-                  t.scalar_type());
+      TORCH_CHECK(false, op, ": ", name, " must be float32, float16 or bfloat16, got ", type);
   }
+}
+
+inline DType storage_type(const at::Tensor& t, const char* op, const char* name) {
+  return storage_type(t.scalar_type(), op, name);
 }
 
 // A CUDA tensor on `device` (the input's). The device is compared first: a CPU tensor next to a
@@ -59,9 +62,11 @@ inline void check_param(const std::optional<at::Tensor>& t, int64_t n, at::Scala
 
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-// Whether (rows, N) tensor t can be read with 16-byte vectors of `vec` elements.
+// Whether (rows, N) tensor t can be read with vectors of `vec` elements (16 bytes, or 8 when a
+// 16-bit tensor is read alongside float32 ones).
 inline bool rows_vector_aligned(const at::Tensor& t, int64_t vec) {
-  return aligned16(t.data_ptr()) && (t.size(0) <= 1 || t.stride(0) % vec == 0);
+  const auto bytes = static_cast<uintptr_t>(vec * t.element_size());
+  return reinterpret_cast<uintptr_t>(t.data_ptr()) % bytes == 0 && (t.size(0) <= 1 || t.stride(0) % vec == 0);
 }
 
 inline const void* data_or_null(const std::optional<at::Tensor>& t) {

@@ -4,7 +4,7 @@
 // Forward, per row of N values (x and residual are (rows, N) with a row stride, columns
 // contiguous; outputs are contiguous):
 //   r = dropout(x) + residual            dropout(x) = keep ? x / (1 - p) : 0, keep from Philox
-//   residual_out = r rounded to x's type (and r is that rounded value from here on)
+//   residual_out = r rounded to the stream type (and r is that rounded value from here on)
 //   LayerNorm: y = (r - mean) * rstd * weight + bias,   rstd = 1 / sqrt(var(r) + eps)
 //   RMSNorm:   y = r * rstd * weight,                   rstd = 1 / sqrt(mean(r^2) + eps)
 // Backward, with xhat recomputed from r and rstd and g = dy * weight:
@@ -12,11 +12,19 @@
 //   RMSNorm:   dr = rstd * (g - xhat * mean(g * xhat))
 //   dr += d residual_out;  d residual = dr;  dx = keep ? dr / (1 - p) : 0
 //   d weight = sum over rows of dy * xhat,  d bias = sum over rows of dy  (partial sums per block)
+//
+// Types: the stream type T (residual, out, residual_out; the backward's inputs and grad_residual)
+// is the type of x + residual. x, and so grad_x, may be narrower: a float16 / bfloat16 sublayer
+// output meeting a float32 residual stream under autocast is read and written as it is, with no
+// cast kernel on either side (mixed_types_supported below). Everything is computed in float32.
 #pragma once
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "common/dtype.h"
 
@@ -27,10 +35,11 @@ namespace residual_norm {
 constexpr int kMaxHidden = 16384;
 
 struct FwdParams {
-  DType dtype;                    // of x, residual, out, residual_out
+  DType dtype;                    // the stream type: of residual, out, residual_out
+  DType x_dtype;                  // of x: dtype, or float16 / bfloat16 when dtype is float32
   const void* x;                  // (rows, N), row stride stride_x
   const void* residual;           // (rows, N), row stride stride_residual; null: none
-  const void* weight;             // (N,), x's type or float32 (weight_float32); null: none
+  const void* weight;             // (N,), the stream type or float32 (weight_float32); null: none
   const void* bias;               // (N,), as weight (bias_float32); null: none
   bool weight_float32, bias_float32;
   void* out;                      // (rows, N) contiguous
@@ -44,14 +53,15 @@ struct FwdParams {
 };
 
 struct BwdParams {
-  DType dtype;                    // of grad_out, grad_residual_out, normed, grad_x, grad_residual
+  DType dtype;                    // of grad_out, grad_residual_out, normed, grad_residual
+  DType x_dtype;                  // of grad_x: the forward's x_dtype
   const void* grad_out;           // (rows, N), row stride stride_grad_out
   const void* grad_residual_out;  // (rows, N), row stride stride_grad_residual_out; null: none
   const void* normed;             // what the forward normalised (residual_out or x), stride_normed
-  const void* weight;             // (N,), x's type or float32; null: none
+  const void* weight;             // (N,), the stream type or float32; null: none
   bool weight_float32;
   const float* rstd;              // (rows,) from the forward
-  void* grad_x;                   // (rows, N) contiguous
+  void* grad_x;                   // (rows, N) contiguous, in x_dtype
   void* grad_residual;            // (rows, N) contiguous; null: the forward had no residual
   float* partial_grad_weight;     // (partials, N) float32; null: no weight
   float* partial_grad_bias;       // (partials, N) float32; null: no bias
@@ -61,6 +71,27 @@ struct BwdParams {
   const int64_t* seed;            // as in FwdParams
   bool rms;
 };
+
+// The (x, stream) type pairs the kernels take: one type, or a 16-bit x with a float32 stream.
+constexpr bool mixed_types_supported(DType x_dtype, DType dtype) {
+  return x_dtype == dtype || dtype == DType::kFloat32;
+}
+
+// Calls f(T{}, X{}) with the stream and x types of a pair that mixed_types_supported accepts
+// (the ops check the pair before they launch).
+template <typename F>
+void dispatch_types(DType dtype, DType x_dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat16: f(__half{}, __half{}); return;
+    case DType::kBFloat16: f(__nv_bfloat16{}, __nv_bfloat16{}); return;
+    case DType::kFloat32:
+      switch (x_dtype) {
+        case DType::kFloat32: f(float{}, float{}); return;
+        case DType::kFloat16: f(float{}, __half{}); return;
+        case DType::kBFloat16: f(float{}, __nv_bfloat16{}); return;
+      }
+  }
+}
 
 // How a launch maps rows to threads, chosen on the host from N, the dtype and the alignment.
 struct LaunchShape {
@@ -72,11 +103,13 @@ struct LaunchShape {
 constexpr int kWarpsPerBlock = 4;
 
 // Compile-time description of one kernel instantiation.
-template <typename T_, bool kVectorized_, bool kWarpPerRow_, bool kRms_, bool kDropout_,
+template <typename T_, typename X_, bool kVectorized_, bool kWarpPerRow_, bool kRms_, bool kDropout_,
           bool kResidual_>
 struct Traits {
-  using T = T_;
-  // Values per access: 16 bytes, or one value when the data is not aligned for vectors.
+  using T = T_;  // the stream type
+  using X = X_;  // x's and grad_x's
+  // Values per access: 16 bytes of T (8 of a narrower X), or one value when the data is not
+  // aligned for vectors.
   static constexpr int kVec = kVectorized_ ? 16 / static_cast<int>(sizeof(T)) : 1;
   // Accesses per thread per row: the row lives in kChunks * kVec registers of each thread.
   // A warp holds 4 vectors (or 16 values) a thread; a block 16 values a thread, so that its up
@@ -94,6 +127,8 @@ struct Traits {
   static constexpr int kBlockCapacity = kMaxBlockThreads * kChunks * kVec;
 
   static_assert(sizeof(T) == 2 || sizeof(T) == 4, "storage types are float32, float16, bfloat16");
+  static_assert(std::is_same_v<X, T> || (sizeof(T) == 4 && sizeof(X) == 2),
+                "x has the stream type, or is 16-bit with a float32 stream");
   static_assert(kVec * sizeof(T) == 16 || kVec == 1, "vectors are 16 bytes");
   static_assert(kBlockCapacity >= kMaxHidden, "a block must hold the widest row");
   static_assert(kChunks * kVec <= 64, "values per thread bounded to keep registers in check");
@@ -103,7 +138,8 @@ struct Traits {
                 "a warp holds 4 vectors or 16 values a thread");
 };
 
-// Chooses vectorisation, warp or block per row, and threads; pure host logic.
+// Chooses vectorisation, warp or block per row, and threads; pure host logic. element_size is
+// the stream type's: the vector width follows it, and a narrower x reads half vectors.
 inline LaunchShape launch_shape(int64_t n, int element_size, bool aligned) {
   LaunchShape shape;
   const int vec = 16 / element_size;

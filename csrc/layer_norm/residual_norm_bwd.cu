@@ -43,6 +43,7 @@ __device__ __forceinline__ void load_weight(const BwdParams& p, bool inside, int
 template <class K, int kMaxThreads>
 __global__ void __launch_bounds__(kMaxThreads) residual_norm_bwd_kernel(const BwdParams p) {
   using T = typename K::T;
+  using X = typename K::X;
   constexpr int kVec = K::kVec;
   constexpr int kChunks = K::kChunks;
   __shared__ float scratch[3 * 32];
@@ -181,7 +182,7 @@ __global__ void __launch_bounds__(kMaxThreads) residual_norm_bwd_kernel(const Bw
 #pragma unroll
         for (int i = 0; i < kVec; ++i) dr[i] = keep[i] ? dr[i] / keep_divisor : 0.0f;
       }
-      store_from_float<kVec>(static_cast<T*>(p.grad_x) + row * n + col, dr);
+      store_from_float<kVec>(static_cast<X*>(p.grad_x) + row * n + col, dr);
     }
   }
 
@@ -240,9 +241,9 @@ __global__ void __launch_bounds__(kMaxThreads) residual_norm_bwd_kernel(const Bw
 // --------------------------------------------------------------------------------------------
 constexpr int kSmallBlockThreads = 512;
 
-template <typename T, bool kVectorized, bool kWarpPerRow, bool kRms, bool kDropout>
+template <typename T, typename X, bool kVectorized, bool kWarpPerRow, bool kRms, bool kDropout>
 void launch(const BwdParams& p, const LaunchShape& shape, cudaStream_t stream) {
-  using K = Traits<T, kVectorized, kWarpPerRow, kRms, kDropout, false>;
+  using K = Traits<T, X, kVectorized, kWarpPerRow, kRms, kDropout, false>;
   const size_t shared = bwd_shared_bytes(p, shape);
   auto kernel = residual_norm_bwd_kernel<K, K::kLaunchBound>;
   if constexpr (!K::kWarpPerRow) {
@@ -251,41 +252,39 @@ void launch(const BwdParams& p, const LaunchShape& shape, cudaStream_t stream) {
   FASTFORMER_LAUNCH(kernel, p.partials, shape.threads, shared, stream)(p);
 }
 
-template <typename T, bool kVectorized, bool kWarpPerRow, bool kRms>
+template <typename T, typename X, bool kVectorized, bool kWarpPerRow, bool kRms>
 void launch_dropout(const BwdParams& p, const LaunchShape& shape, cudaStream_t stream) {
   if (p.dropout_p > 0.0f) {
-    launch<T, kVectorized, kWarpPerRow, kRms, true>(p, shape, stream);
+    launch<T, X, kVectorized, kWarpPerRow, kRms, true>(p, shape, stream);
   } else {
-    launch<T, kVectorized, kWarpPerRow, kRms, false>(p, shape, stream);
+    launch<T, X, kVectorized, kWarpPerRow, kRms, false>(p, shape, stream);
   }
 }
 
-template <typename T, bool kVectorized, bool kWarpPerRow>
+template <typename T, typename X, bool kVectorized, bool kWarpPerRow>
 void launch_rms(const BwdParams& p, const LaunchShape& shape, cudaStream_t stream) {
   if (p.rms) {
-    launch_dropout<T, kVectorized, kWarpPerRow, true>(p, shape, stream);
+    launch_dropout<T, X, kVectorized, kWarpPerRow, true>(p, shape, stream);
   } else {
-    launch_dropout<T, kVectorized, kWarpPerRow, false>(p, shape, stream);
+    launch_dropout<T, X, kVectorized, kWarpPerRow, false>(p, shape, stream);
   }
 }
 
-template <typename T>
+template <typename T, typename X>
 void launch_typed(const BwdParams& p, const LaunchShape& shape, cudaStream_t stream) {
   if (shape.vectorized) {
-    shape.warp_per_row ? launch_rms<T, true, true>(p, shape, stream)
-                       : launch_rms<T, true, false>(p, shape, stream);
+    shape.warp_per_row ? launch_rms<T, X, true, true>(p, shape, stream)
+                       : launch_rms<T, X, true, false>(p, shape, stream);
   } else {
-    shape.warp_per_row ? launch_rms<T, false, true>(p, shape, stream)
-                       : launch_rms<T, false, false>(p, shape, stream);
+    shape.warp_per_row ? launch_rms<T, X, false, true>(p, shape, stream)
+                       : launch_rms<T, X, false, false>(p, shape, stream);
   }
 }
 
 void launch_bwd(const BwdParams& p, const LaunchShape& shape, cudaStream_t stream) {
-  switch (p.dtype) {
-    case DType::kFloat32: launch_typed<float>(p, shape, stream); break;
-    case DType::kFloat16: launch_typed<__half>(p, shape, stream); break;
-    case DType::kBFloat16: launch_typed<__nv_bfloat16>(p, shape, stream); break;
-  }
+  dispatch_types(p.dtype, p.x_dtype, [&](auto stream_type, auto x_type) {
+    launch_typed<decltype(stream_type), decltype(x_type)>(p, shape, stream);
+  });
 }
 
 }  // namespace residual_norm

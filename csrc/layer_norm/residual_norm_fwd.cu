@@ -26,6 +26,7 @@ __device__ __forceinline__ void row_sum(float (&values)[kValues], float* scratch
 template <class K>
 __global__ void __launch_bounds__(K::kLaunchBound) residual_norm_fwd_kernel(const FwdParams p) {
   using T = typename K::T;
+  using X = typename K::X;
   constexpr int kVec = K::kVec;
   constexpr int kChunks = K::kChunks;
   __shared__ float scratch[2 * 32];
@@ -43,13 +44,13 @@ __global__ void __launch_bounds__(K::kLaunchBound) residual_norm_fwd_kernel(cons
     threads = blockDim.x;
   }
   const int64_t n = p.n;
-  const T* x = static_cast<const T*>(p.x) + row * p.stride_x;
+  const X* x = static_cast<const X*>(p.x) + row * p.stride_x;
   const T* residual = K::kResidual ? static_cast<const T*>(p.residual) + row * p.stride_residual
                                    : nullptr;
   const float keep_divisor = 1.0f - p.dropout_p;  // as the Triton kernels: r / (1 - p)
   const uint64_t seed = K::kDropout ? static_cast<uint64_t>(*p.seed) : 0;
 
-  // r = dropout(x) + residual, rounded to T when residual_out is stored.
+  // r = dropout(x) + residual in float32, rounded to T when residual_out is stored.
   float r[kChunks][kVec];
   bool inside[kChunks];
 #pragma unroll
@@ -158,58 +159,61 @@ __global__ void __launch_bounds__(K::kLaunchBound) residual_norm_fwd_kernel(cons
 // --------------------------------------------------------------------------------------------
 // launch: the runtime switches become template arguments
 // --------------------------------------------------------------------------------------------
-template <typename T, bool kVectorized, bool kWarpPerRow, bool kRms, bool kDropout, bool kResidual>
+template <typename T, typename X, bool kVectorized, bool kWarpPerRow, bool kRms, bool kDropout,
+          bool kResidual>
 void launch(const FwdParams& p, const LaunchShape& shape, cudaStream_t stream) {
-  using K = Traits<T, kVectorized, kWarpPerRow, kRms, kDropout, kResidual>;
+  using K = Traits<T, X, kVectorized, kWarpPerRow, kRms, kDropout, kResidual>;
   const int64_t blocks = kWarpPerRow ? (p.rows + kWarpsPerBlock - 1) / kWarpsPerBlock : p.rows;
   auto kernel = residual_norm_fwd_kernel<K>;
   FASTFORMER_LAUNCH(kernel, static_cast<unsigned>(blocks), shape.threads, 0, stream)(p);
 }
 
-template <typename T, bool kVectorized, bool kWarpPerRow, bool kRms, bool kDropout>
+// A narrower x comes with a residual (the stream type is x + residual's): no instantiation
+// without one.
+template <typename T, typename X, bool kVectorized, bool kWarpPerRow, bool kRms, bool kDropout>
 void launch_residual(const FwdParams& p, const LaunchShape& shape, cudaStream_t stream) {
-  if (p.residual != nullptr) {
-    launch<T, kVectorized, kWarpPerRow, kRms, kDropout, true>(p, shape, stream);
-  } else {
-    launch<T, kVectorized, kWarpPerRow, kRms, kDropout, false>(p, shape, stream);
+  if constexpr (std::is_same_v<T, X>) {
+    if (p.residual == nullptr) {
+      launch<T, X, kVectorized, kWarpPerRow, kRms, kDropout, false>(p, shape, stream);
+      return;
+    }
   }
+  launch<T, X, kVectorized, kWarpPerRow, kRms, kDropout, true>(p, shape, stream);
 }
 
-template <typename T, bool kVectorized, bool kWarpPerRow, bool kRms>
+template <typename T, typename X, bool kVectorized, bool kWarpPerRow, bool kRms>
 void launch_dropout(const FwdParams& p, const LaunchShape& shape, cudaStream_t stream) {
   if (p.dropout_p > 0.0f) {
-    launch_residual<T, kVectorized, kWarpPerRow, kRms, true>(p, shape, stream);
+    launch_residual<T, X, kVectorized, kWarpPerRow, kRms, true>(p, shape, stream);
   } else {
-    launch_residual<T, kVectorized, kWarpPerRow, kRms, false>(p, shape, stream);
+    launch_residual<T, X, kVectorized, kWarpPerRow, kRms, false>(p, shape, stream);
   }
 }
 
-template <typename T, bool kVectorized, bool kWarpPerRow>
+template <typename T, typename X, bool kVectorized, bool kWarpPerRow>
 void launch_rms(const FwdParams& p, const LaunchShape& shape, cudaStream_t stream) {
   if (p.rms) {
-    launch_dropout<T, kVectorized, kWarpPerRow, true>(p, shape, stream);
+    launch_dropout<T, X, kVectorized, kWarpPerRow, true>(p, shape, stream);
   } else {
-    launch_dropout<T, kVectorized, kWarpPerRow, false>(p, shape, stream);
+    launch_dropout<T, X, kVectorized, kWarpPerRow, false>(p, shape, stream);
   }
 }
 
-template <typename T>
+template <typename T, typename X>
 void launch_typed(const FwdParams& p, const LaunchShape& shape, cudaStream_t stream) {
   if (shape.vectorized) {
-    shape.warp_per_row ? launch_rms<T, true, true>(p, shape, stream)
-                       : launch_rms<T, true, false>(p, shape, stream);
+    shape.warp_per_row ? launch_rms<T, X, true, true>(p, shape, stream)
+                       : launch_rms<T, X, true, false>(p, shape, stream);
   } else {
-    shape.warp_per_row ? launch_rms<T, false, true>(p, shape, stream)
-                       : launch_rms<T, false, false>(p, shape, stream);
+    shape.warp_per_row ? launch_rms<T, X, false, true>(p, shape, stream)
+                       : launch_rms<T, X, false, false>(p, shape, stream);
   }
 }
 
 void launch_fwd(const FwdParams& p, const LaunchShape& shape, cudaStream_t stream) {
-  switch (p.dtype) {
-    case DType::kFloat32: launch_typed<float>(p, shape, stream); break;
-    case DType::kFloat16: launch_typed<__half>(p, shape, stream); break;
-    case DType::kBFloat16: launch_typed<__nv_bfloat16>(p, shape, stream); break;
-  }
+  dispatch_types(p.dtype, p.x_dtype, [&](auto stream_type, auto x_type) {
+    launch_typed<decltype(stream_type), decltype(x_type)>(p, shape, stream);
+  });
 }
 
 }  // namespace residual_norm

@@ -5,6 +5,8 @@
 //   fastformer::cuda_residual_norm_fwd -> (out, residual_out or empty, mean or empty, rstd)
 //   fastformer::cuda_residual_norm_bwd -> (grad_x, grad_residual, grad_weight, grad_bias),
 //                                         each empty when absent
+// out and residual_out come in the stream type: the residual's dtype, else x's. x may be a 16-bit
+// type next to a float32 residual (autocast); grad_x then comes in x_dtype.
 // The contract is the Triton launcher's (fastformer/triton/layer_norm.py); the Python side
 // (fastformer/cuda/layer_norm.py) turns empty results back into None.
 #include <ATen/ATen.h>
@@ -33,16 +35,25 @@ void check_hidden(const at::Tensor& t, const char* op, const char* name) {
               kMaxHidden, ", got ", t.size(1));
 }
 
+// The (x, stream) dtype pair: one dtype, or a 16-bit x with a float32 stream.
+void check_mixed_types(at::ScalarType x_dtype, at::ScalarType dtype, const char* op, const char* x_name,
+                       const char* stream_name) {
+  TORCH_CHECK(mixed_types_supported(storage_type(x_dtype, op, x_name), storage_type(dtype, op, stream_name)),
+              op, ": ", x_name, " (", x_dtype, ") must have the dtype of ", stream_name, " (", dtype,
+              "), or be float16 / bfloat16 with a float32 ", stream_name);
+}
+
 Tensors4 fwd_cuda(const at::Tensor& x, const std::optional<at::Tensor>& residual,
                   const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
                   double eps, double dropout_p, bool rms, const std::optional<at::Tensor>& seed,
                   bool store_residual) {
   check_hidden(x, kFwd, "x");
   const int64_t rows = x.size(0), n = x.size(1);
-  const at::ScalarType dtype = x.scalar_type();
-  const DType storage = storage_type(x, kFwd, "x");
+  const at::ScalarType x_dtype = x.scalar_type();
+  const at::ScalarType dtype = residual.has_value() ? residual->scalar_type() : x_dtype;  // the stream's
+  check_mixed_types(x_dtype, dtype, kFwd, "x", "residual");
   check_on_device(x, x.device(), kFwd, "x");
-  check_rows(x, rows, n, dtype, kFwd, "x");
+  check_rows(x, rows, n, x_dtype, kFwd, "x");
   if (residual.has_value()) {
     check_on_device(*residual, x.device(), kFwd, "residual");
     check_rows(*residual, rows, n, dtype, kFwd, "residual");
@@ -58,7 +69,7 @@ Tensors4 fwd_cuda(const at::Tensor& x, const std::optional<at::Tensor>& residual
   TORCH_CHECK(rows <= INT_MAX, kFwd, ": at most ", INT_MAX, " rows, got ", rows);
 
   const KernelDeviceGuard guard(x.device());
-  const auto options = x.options();
+  const auto options = x.options().dtype(dtype);
   at::Tensor out = at::empty({rows, n}, options);
   at::Tensor residual_out = store_residual ? at::empty({rows, n}, options) : at::empty({0}, options);
   const auto stats = options.dtype(at::kFloat);
@@ -67,7 +78,8 @@ Tensors4 fwd_cuda(const at::Tensor& x, const std::optional<at::Tensor>& residual
   if (rows == 0) return {out, residual_out, mean, rstd};
 
   FwdParams p{};
-  p.dtype = storage;
+  p.dtype = storage_type(dtype, kFwd, "residual");
+  p.x_dtype = storage_type(x_dtype, kFwd, "x");
   p.x = x.data_ptr();
   p.residual = data_or_null(residual);
   p.weight = data_or_null(weight);
@@ -87,11 +99,12 @@ Tensors4 fwd_cuda(const at::Tensor& x, const std::optional<at::Tensor>& residual
   p.seed = seed_pointer(seed, dropout_p > 0.0, x.device(), kFwd);
   p.rms = rms;
 
-  const int64_t vec = 16 / x.element_size();
+  const int64_t element_size = out.element_size();  // the stream type's: the vector width follows it
+  const int64_t vec = 16 / element_size;
   const bool aligned = rows_vector_aligned(x, vec) &&
                        (!residual.has_value() || rows_vector_aligned(*residual, vec)) &&
                        aligned16(p.weight) && aligned16(p.bias);
-  const LaunchShape shape = launch_shape(n, static_cast<int>(x.element_size()), aligned);
+  const LaunchShape shape = launch_shape(n, static_cast<int>(element_size), aligned);
   TORCH_INTERNAL_ASSERT(shape.threads >= 32 && shape.threads <= 1024 && shape.threads % 32 == 0);
   launch_fwd(p, shape, kernel_stream());
   FASTFORMER_CHECK_LAUNCH();
@@ -101,11 +114,14 @@ Tensors4 fwd_cuda(const at::Tensor& x, const std::optional<at::Tensor>& residual
 Tensors4 bwd_cuda(const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_residual_out,
                   const at::Tensor& normed, const std::optional<at::Tensor>& weight,
                   const std::optional<at::Tensor>& bias, const at::Tensor& rstd, double dropout_p,
-                  bool rms, const std::optional<at::Tensor>& seed, bool has_residual) {
+                  bool rms, const std::optional<at::Tensor>& seed, bool has_residual,
+                  std::optional<at::ScalarType> x_dtype) {
   check_hidden(normed, kBwd, "normed");
   const int64_t rows = normed.size(0), n = normed.size(1);
   const at::ScalarType dtype = normed.scalar_type();
   const DType storage = storage_type(normed, kBwd, "normed");
+  const at::ScalarType grad_x_dtype = x_dtype.value_or(dtype);
+  check_mixed_types(grad_x_dtype, dtype, kBwd, "x_dtype", "normed");
   const at::Device device = normed.device();
   check_on_device(normed, device, kBwd, "normed");
   check_rows(normed, rows, n, dtype, kBwd, "normed");
@@ -129,7 +145,7 @@ Tensors4 bwd_cuda(const at::Tensor& grad_out, const std::optional<at::Tensor>& g
 
   const KernelDeviceGuard guard(device);
   const auto options = normed.options();
-  at::Tensor grad_x = at::empty({rows, n}, options);
+  at::Tensor grad_x = at::empty({rows, n}, options.dtype(grad_x_dtype));
   at::Tensor grad_residual = has_residual ? at::empty({rows, n}, options) : at::empty({0}, options);
   if (rows == 0) {
     auto zeros_like_param = [&](const std::optional<at::Tensor>& t) {
@@ -154,6 +170,7 @@ Tensors4 bwd_cuda(const at::Tensor& grad_out, const std::optional<at::Tensor>& g
 
   BwdParams p{};
   p.dtype = storage;
+  p.x_dtype = storage_type(grad_x_dtype, kBwd, "x_dtype");
   p.grad_out = grad_out.data_ptr();
   p.grad_residual_out = data_or_null(grad_residual_out);
   p.normed = normed.data_ptr();
@@ -191,7 +208,7 @@ Tensors4 fwd_meta(const at::Tensor& x, const std::optional<at::Tensor>& residual
                   bool store_residual) {
   TORCH_CHECK(x.dim() == 2, kFwd, ": x must be 2-D (rows, N), got shape ", x.sizes());
   const c10::SymInt rows = x.sym_size(0), n = x.sym_size(1);
-  const auto options = x.options();
+  const auto options = x.options().dtype(residual.has_value() ? residual->scalar_type() : x.scalar_type());
   const auto stats = options.dtype(at::kFloat);
   at::Tensor out = at::empty_symint({rows, n}, options);
   at::Tensor residual_out = store_residual ? at::empty_symint({rows, n}, options)
@@ -203,14 +220,15 @@ Tensors4 fwd_meta(const at::Tensor& x, const std::optional<at::Tensor>& residual
 Tensors4 bwd_meta(const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_residual_out,
                   const at::Tensor& normed, const std::optional<at::Tensor>& weight,
                   const std::optional<at::Tensor>& bias, const at::Tensor& rstd, double dropout_p,
-                  bool rms, const std::optional<at::Tensor>& seed, bool has_residual) {
+                  bool rms, const std::optional<at::Tensor>& seed, bool has_residual,
+                  std::optional<at::ScalarType> x_dtype) {
   TORCH_CHECK(normed.dim() == 2, kBwd, ": normed must be 2-D (rows, N), got shape ", normed.sizes());
   const c10::SymInt rows = normed.sym_size(0), n = normed.sym_size(1);
   const auto options = normed.options();
   auto param_grad = [&](const std::optional<at::Tensor>& t) {
     return t.has_value() ? at::empty_symint({n}, t->options()) : at::empty({0}, options);
   };
-  return {at::empty_symint({rows, n}, options),
+  return {at::empty_symint({rows, n}, options.dtype(x_dtype.value_or(normed.scalar_type()))),
           has_residual ? at::empty_symint({rows, n}, options) : at::empty({0}, options),
           param_grad(weight), param_grad(bias)};
 }
@@ -224,7 +242,7 @@ TORCH_LIBRARY_FRAGMENT(FASTFORMER_OPS_NAMESPACE, m) {
   m.def(
       "cuda_residual_norm_bwd(Tensor grad_out, Tensor? grad_residual_out, Tensor normed, "
       "Tensor? weight, Tensor? bias, Tensor rstd, float dropout_p, bool rms, Tensor? seed, "
-      "bool has_residual) -> (Tensor, Tensor, Tensor, Tensor)");
+      "bool has_residual, ScalarType? x_dtype=None) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(FASTFORMER_OPS_NAMESPACE, FASTFORMER_KERNEL_DISPATCH_KEY, m) {
