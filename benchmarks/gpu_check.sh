@@ -14,9 +14,12 @@
 #   info        python -m fastformer.info --json > DIR/info.json
 #   tests       the whole pytest suite, GPU tests included (at most 240 s, less when 150 s would
 #               not be left for the benchmarks; no -x; per-test timeout with
-#               pytest-timeout; parallel workers with pytest-xdist; a line per test), JUnit XML in
-#               DIR/junit.xml; without tests/test_triton_compile.py, which needs no GPU (CI runs it)
-#               and compiles ~250 Triton kernels one by one on a cold cache (minutes)
+#               pytest-timeout; a line per test), JUnit XML in DIR/junit.xml; without the two
+#               CPU-only files that CI runs: tests/test_triton_compile.py (compiles ~300 Triton
+#               kernels one by one on a cold cache) and tests/test_cuda_emulated.py (builds and runs
+#               the CPU emulator of the CUDA kernels). With pytest-xdist, up to 12 workers, tests
+#               handed out one by one (worksteal): most of the step is Triton compiling the GPU
+#               tests' kernels (about 900 for test_attention.py alone), one core a worker
 #   attention, layer_norm, gelu
 #               benchmarks/<name>.py --quick --json/--csv/--plot into DIR
 #   memcheck, racecheck
@@ -324,12 +327,20 @@ run_step info 120 bash -c "'$PY' -m fastformer.info --json > '$OUT/info.json' &&
 # -v: one line per test as it finishes, so that a run cut short by its timeout (which leaves no
 # JUnit XML and no summary) still shows what passed and what failed.
 PYTEST=("$PY" -m pytest -v -rfEs -p no:cacheprovider --junitxml="$OUT/junit.xml"
-        --ignore=tests/test_triton_compile.py)
-STEP_NOTE="without test_triton_compile.py (CPU-only, in CI)"
+        --ignore=tests/test_triton_compile.py --ignore=tests/test_cuda_emulated.py)
+STEP_NOTE="without test_triton_compile.py and test_cuda_emulated.py (CPU-only, in CI)"
 if py_has pytest_timeout; then PYTEST+=(--timeout=180); STEP_NOTE="$STEP_NOTE, per-test timeout 180s"; fi
 if [ "$HAVE_GPU" = 1 ] && py_has xdist; then
-  workers=$(( $(nproc) / 4 )); [ "$workers" -gt 6 ] && workers=6
-  if [ "$workers" -ge 2 ]; then PYTEST+=(-n "$workers" --dist loadfile); STEP_NOTE="${STEP_NOTE:+$STEP_NOTE, }$workers workers"; fi
+  # Compiling Triton kernels takes a core a worker; a few cores stay for the GPU's host threads.
+  # Tests go to workers one by one, not a file each: test_attention.py alone compiles about 900
+  # kernels (each test its own shapes, masks and dtypes), 10 minutes or more on one core.
+  workers=$(( $(nproc) - 4 )); [ "$workers" -gt 12 ] && workers=12
+  dist=load
+  "$PY" -c "import sys, xdist; sys.exit(0 if tuple(map(int, xdist.__version__.split('.')[:2])) >= (3, 2) else 1)" \
+    2>/dev/null && dist=worksteal  # rebalances as slow tests show up (pytest-xdist >= 3.2)
+  if [ "$workers" -ge 2 ]; then
+    PYTEST+=(-n "$workers" --dist "$dist"); STEP_NOTE="${STEP_NOTE:+$STEP_NOTE, }$workers workers ($dist)"
+  fi
 fi
 if [ -n "$PYTEST_EXTRA" ]; then
   read -r -a extra <<< "$PYTEST_EXTRA"

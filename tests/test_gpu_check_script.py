@@ -154,6 +154,37 @@ exec "{sys.executable}" "$@"
     assert {"extension", "memcheck", "racecheck", "finetune"} <= set(steps)
 
 
+@pytest.mark.parametrize("xdist_version, cores, expected", [
+    ("3.8.0", 16, ["-n", "12", "--dist", "worksteal"]), ("3.1.0", 16, ["-n", "12", "--dist", "load"]),
+    ("3.8.0", 64, ["-n", "12", "--dist", "worksteal"]), ("3.8.0", 4, []),
+])
+def test_the_gpu_tests_are_shared_out_one_by_one(tmp_path, xdist_version, cores, expected):
+    """On a (pretended) GPU with pytest-xdist, the test step hands tests to up to 12 workers one by
+    one, not a file to each (test_attention.py alone compiles ~900 Triton kernels), and leaves out
+    the CPU-only files that CI runs."""
+    argv_file = tmp_path / "pytest-argv.json"
+    python = _executable(tmp_path / "python", f"""#!/bin/sh
+case "$*" in
+  *torch.cuda.is_available*) exit 0 ;;
+  *"find_spec('xdist')"*) exit 0 ;;
+  *xdist.__version__*) exec "{sys.executable}" -c "import sys; sys.modules['xdist'] = type(sys)('xdist'); \
+sys.modules['xdist'].__version__ = '{xdist_version}'; exec(sys.argv[1])" "$2" ;;
+  "-m pytest"*) exec "{sys.executable}" -c "import json, sys; json.dump(sys.argv[1:], open('{argv_file}', 'w'))" "$@" ;;
+esac
+exec "{sys.executable}" "$@"
+""")
+    env = _env(tmp_path, gpu=True)
+    _executable(tmp_path / "bin" / "nproc", f"#!/bin/sh\necho {cores}\n")
+    out = tmp_path / "out"
+    skip = ",".join(step for step in STEPS if step != "tests")
+    result = _gpu_check(BENCH / "gpu_check.sh", out, env, "--budget", "60", "--skip", skip, python=python)
+    assert _steps(out)["tests"][0] == "pass", result.stdout + result.stderr
+    argv = json.loads(argv_file.read_text())
+    assert {"--ignore=tests/test_triton_compile.py", "--ignore=tests/test_cuda_emulated.py"} <= set(argv)
+    workers = argv[argv.index("-n"):argv.index("-n") + 4] if "-n" in argv else []
+    assert workers == expected
+
+
 # ---- --skip's step names ------------------------------------------------------------------------
 @pytest.mark.parametrize("names", ["test", "env,fine-tune", "summary"])
 def test_skip_refuses_a_step_that_does_not_exist(tmp_path, names):
