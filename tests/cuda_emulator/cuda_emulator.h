@@ -45,6 +45,18 @@
 #include <utility>
 #include <vector>
 
+#if defined(__SANITIZE_ADDRESS__)
+#define FASTFORMER_EMULATOR_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define FASTFORMER_EMULATOR_ASAN 1
+#endif
+#endif
+#ifdef FASTFORMER_EMULATOR_ASAN
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#endif
+
 // CUDA keywords the host compiler does not know (the CUDA headers define the others as empty).
 #define __launch_bounds__(...)
 #undef __shared__
@@ -54,6 +66,24 @@ namespace fastformer_emulator {
 
 constexpr int kWarpSize = 32;
 constexpr size_t kDefaultSharedLimit = 48 * 1024;
+
+// AddressSanitizer (FASTFORMER_EMULATOR_SANITIZE=address) must be told which stack runs: before an
+// exception unwinds frames it unpoisons the current stack, and a fiber's stack is not the thread's.
+// Without these, a kernel error thrown in a fiber is reported as a stack-use-after-scope.
+#ifdef FASTFORMER_EMULATOR_ASAN
+inline void asan_start_switch(void** fake_stack, const void* bottom, size_t size) {
+  __sanitizer_start_switch_fiber(fake_stack, bottom, size);
+}
+inline void asan_finish_switch(void* fake_stack, const void** bottom_old, size_t* size_old) {
+  __sanitizer_finish_switch_fiber(fake_stack, bottom_old, size_old);
+}
+// Frames a failed block left on its fibers' stacks (never unwound) must not poison the next block's.
+inline void asan_unpoison(const void* start, size_t size) { __asan_unpoison_memory_region(start, size); }
+#else
+inline void asan_start_switch(void**, const void*, size_t) {}
+inline void asan_finish_switch(void*, const void**, size_t*) {}
+inline void asan_unpoison(const void*, size_t) {}
+#endif
 constexpr size_t kMaxSharedPerBlock = 227 * 1024;  // sm_90
 constexpr size_t kFiberStackBytes = 128 * 1024;  // the kernels' frames take a few KiB
 
@@ -126,10 +156,11 @@ class Block {
     for (WarpState& w : warps_) w = WarpState{};
     threads_state_.assign(threads_, Thread{});
     live_ = threads_;
+    asan_unpoison(stacks_.get(), static_cast<size_t>(threads_) * kFiberStackBytes);
     for (int t = 0; t < threads_; ++t) {
       Thread& th = threads_state_[t];
       getcontext(&th.context);
-      th.context.uc_stack.ss_sp = stacks_.get() + static_cast<size_t>(t) * kFiberStackBytes;
+      th.context.uc_stack.ss_sp = fiber_stack(t);
       th.context.uc_stack.ss_size = kFiberStackBytes;
       th.context.uc_link = &scheduler_;
       makecontext(&th.context, &Block::fiber_main, 0);
@@ -263,8 +294,11 @@ class Block {
     WarpOp op = WarpOp::kShuffle;
   };
 
+  unsigned char* fiber_stack(int t) { return stacks_.get() + static_cast<size_t>(t) * kFiberStackBytes; }
+
   static void fiber_main() {
     Block* b = current_block();
+    asan_finish_switch(nullptr, &b->scheduler_stack_, &b->scheduler_stack_bytes_);
     try {
       (*b->body_)();
     } catch (const std::exception& e) {
@@ -273,6 +307,7 @@ class Block {
       if (b->error_.empty()) b->error_ = "CUDA emulator: unknown exception in a kernel";
     }
     b->thread_exited();
+    asan_start_switch(nullptr, b->scheduler_stack_, b->scheduler_stack_bytes_);  // this fiber ends
     // returning switches to uc_link: the scheduler
   }
 
@@ -305,7 +340,10 @@ class Block {
   void wait_as(Wait wait) {
     Thread& th = threads_state_[current_];
     th.wait = wait;
+    void* fake_stack = nullptr;
+    asan_start_switch(&fake_stack, scheduler_stack_, scheduler_stack_bytes_);
     swapcontext(&th.context, &scheduler_);
+    asan_finish_switch(fake_stack, nullptr, nullptr);
   }
 
   void schedule() {
@@ -314,7 +352,10 @@ class Block {
       for (int t = 0; t < threads_; ++t) {
         if (threads_state_[t].wait != Wait::kRunnable) continue;
         current_ = t;
+        void* fake_stack = nullptr;
+        asan_start_switch(&fake_stack, fiber_stack(t), kFiberStackBytes);
         swapcontext(&scheduler_, &threads_state_[t].context);
+        asan_finish_switch(fake_stack, nullptr, nullptr);
         progressed = true;
         if (!error_.empty()) throw std::runtime_error(error_);
       }
@@ -341,6 +382,8 @@ class Block {
   std::vector<Thread> threads_state_;
   const std::function<void()>* body_ = nullptr;
   ucontext_t scheduler_;
+  const void* scheduler_stack_ = nullptr;  // the stack the scheduler runs on (for ASan's switches)
+  size_t scheduler_stack_bytes_ = 0;
   int current_ = -1;
   int live_ = 0;
   int barrier_arrived_ = 0;
