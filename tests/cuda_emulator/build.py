@@ -23,6 +23,10 @@ run Python with the runtime preloaded::
 (libstdc++ is preloaded too: Triton's extension throws C++ exceptions, which ASan can intercept
 only if libstdc++ was loaded before it started. -s: ASan ends the process at the first error,
 and pytest's output capture would swallow its report; the exit status is 1 either way.)
+``FASTFORMER_EMULATOR_SANITIZE=undefined`` builds it with UndefinedBehaviorSanitizer (signed
+integer overflow in the kernels' index arithmetic, shifts, misaligned accesses, float-to-int
+casts out of range), which needs nothing preloaded: ``FASTFORMER_EMULATOR_SANITIZE=undefined
+python -m pytest -s tests/test_cuda_emulated.py``.
 """
 
 from __future__ import annotations
@@ -43,7 +47,13 @@ LIBRARY = "fastformer_cuda_emulator"
 # Not emulated: the extension's Python module and its build info (no kernels).
 EXCLUDED = {"extension.cpp", "build_info.cu"}
 FLAGS = ["-O2", "-DFASTFORMER_CPU_EMULATION", "-Wno-unknown-pragmas"]
-SANITIZERS = {"address": ["-fsanitize=address", "-fno-omit-frame-pointer"]}
+SANITIZERS = {
+    "address": ["-fsanitize=address", "-fno-omit-frame-pointer"],
+    # signed overflow of int index arithmetic, out-of-range shifts, misaligned or null accesses,
+    # float-to-int casts out of range: what a GPU computes silently wrong. The first report aborts.
+    "undefined": ["-fsanitize=undefined,float-cast-overflow", "-fno-sanitize-recover=all",
+                  "-fno-omit-frame-pointer"],
+}
 
 _lock = threading.Lock()
 _loaded = False

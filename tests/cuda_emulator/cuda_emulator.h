@@ -151,7 +151,7 @@ class Block {
     error_.clear();
     epoch_ = 1;
     barrier_arrived_ = 0;
-    std::memset(shared_.data(), 0xff, shared_.size());
+    std::fill(shared_.begin(), shared_.end(), static_cast<unsigned char>(0xff));  // memset of none: null
     std::fill(shadow_.begin(), shadow_.end(), ShadowByte{});
     for (WarpState& w : warps_) w = WarpState{};
     threads_state_.assign(threads_, Thread{});
