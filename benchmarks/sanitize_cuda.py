@@ -33,7 +33,7 @@ def _backward(outputs, inputs):
 
 
 def norm_cases():
-    # (name, rows, hidden, dtype, residual, weight, bias, dropout_p, rms, misaligned)
+    # (rows, hidden, dtype, residual, weight, bias, dropout_p, rms, misaligned[, residual dtype])
     cases = []
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for hidden in (13, 200, 1000, 3000):  # 13: scalar path; 3000 (bf16/fp16): block per row
@@ -43,15 +43,20 @@ def norm_cases():
         cases.append((3, 4096, dtype, False, True, False, 0.0, True, False))
         cases.append((4, 256, dtype, True, True, True, 0.0, False, True))  # unaligned views
     cases.append((2, 16384, torch.float32, True, True, True, 0.1, False, False))  # widest row
+    # autocast: a 16-bit x next to a float32 residual stream (x read in 8-byte vectors)
+    for dtype in (torch.bfloat16, torch.float16):
+        for hidden in (13, 200, 3000):
+            cases.append((7, hidden, dtype, True, True, True, 0.1, False, False, torch.float32))
+        cases.append((4, 256, dtype, True, True, False, 0.0, True, True, torch.float32))
     return cases
 
 
-def run_norm(rows, hidden, dtype, residual, weight, bias, dropout_p, rms, misaligned):
+def run_norm(rows, hidden, dtype, residual, weight, bias, dropout_p, rms, misaligned, residual_dtype=None):
     if misaligned:
         x = _t(rows, hidden + 1, dtype=dtype, grad=False)[:, 1:].requires_grad_()
     else:
         x = _t(rows, hidden, dtype=dtype)
-    res = _t(rows, hidden, dtype=dtype) if residual else None
+    res = _t(rows, hidden, dtype=residual_dtype or dtype) if residual else None
     w = _t(hidden) if weight else None
     b = _t(hidden, dtype=dtype) if bias and not rms else None
     if rms:
