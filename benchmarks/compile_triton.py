@@ -42,6 +42,7 @@ from typing import Any, Callable
 
 os.environ.pop("TRITON_INTERPRET", None)  # the kernels must be JIT functions, not interpreted ones
 os.environ["FASTFORMER_TRITON_AUTOTUNE"] = "1"  # every autotune config, even under the test suite
+os.environ["FASTFORMER_TRITON_COMPILE_WORKERS"] = "1"  # compiled here one by one, each recorded once
 
 import torch  # noqa: E402
 

@@ -95,6 +95,53 @@ def test_tests_launch_one_attention_config_unless_told(tmp_path):
     assert launched["autotuned"] == configs and len(configs) > 2
 
 
+def test_a_new_tuning_key_compiles_its_configs_on_threads_before_the_autotuner_times_them(tmp_path):
+    """Autotuning on (FASTFORMER_TRITON_AUTOTUNE=1), two compile threads: the first launch of a
+    tuning key compiles every config of the forward once, before the autotuner's loop, and on more
+    than one thread; the autotuner then compiles nothing (the kernels it asks for are the ones
+    compiled, same specialisation and options). A second launch of that key compiles nothing."""
+    (tmp_path / "precompile.py").write_text(textwrap.dedent(f"""
+        import json, os, sys, threading
+        import torch
+        import triton.compiler
+        sys.path.insert(0, {str(SCRIPT.parent)!r})
+        import compile_triton
+        from triton.runtime.autotuner import Autotuner
+        from triton.runtime.driver import driver
+        from fastformer.triton import attention
+
+        os.environ["FASTFORMER_TRITON_AUTOTUNE"] = "1"
+        os.environ["FASTFORMER_TRITON_COMPILE_WORKERS"] = "2"  # compile_triton sets 1 for itself
+        compiles, seen = [], {{}}
+        compile = triton.compiler.compile  # what a JIT function takes when it first runs
+
+        def counted(*args, **kwargs):
+            compiles.append(threading.get_ident())
+            return compile(*args, **kwargs)
+
+        def timing_loop(self, *args, grid=None, warmup=False, **kwargs):  # the autotuner's, no GPU
+            seen["before"] = len(compiles)
+            for config in self.configs:
+                self.fn.run(*args, grid=grid, warmup=True, **kwargs, **config.all_kwargs())
+            seen["after"] = len(compiles)
+
+        triton.compiler.compile, Autotuner.run = counted, timing_loop
+        driver.set_active(compile_triton._CompileOnlyDriver(90))
+        q = torch.empty(2, 4, 200, 64, dtype=torch.bfloat16)
+        attention.attention_fwd(q, q, q, None, None, 0.0, False, 0.125, None)
+        first = dict(seen, threads=len(set(compiles)))
+        attention.attention_fwd(q, q, q, None, None, 0.0, False, 0.125, None)
+        print(json.dumps({{"first": first, "total": len(compiles), "configs": len(attention._configs("fwd", 64))}}))
+    """))
+    result = _run(["precompile.py"], tmp_path, 900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    counts = json.loads(result.stdout.strip().splitlines()[-1])
+    configs = counts["configs"]
+    assert counts["first"]["before"] == counts["first"]["after"] == configs > 2
+    assert counts["first"]["threads"] >= 2
+    assert counts["total"] == configs
+
+
 def test_report_names_compile_errors_shared_memory_and_missing_kernels(tmp_path):
     (tmp_path / "bad_kernels.py").write_text(textwrap.dedent(f"""
         import json, sys

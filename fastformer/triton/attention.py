@@ -49,10 +49,13 @@ that variable-length batches do not re-tune on every new length). Autotuning com
 every config for each new key, which a test suite pays for without needing the fastest config:
 FASTFORMER_TRITON_AUTOTUNE=0 (set by tests/conftest.py) runs each list's last, small config
 instead, and ``use_config(i)`` runs config i of every list (the GPU tests go through them all).
+The configs of a new tuning key are compiled on threads first (``_precompile``), so that the
+autotuner's serial loop only times them.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import functools
 import os
@@ -572,6 +575,54 @@ def _fixed_config_index() -> int | None:
     return -1 if os.environ.get("FASTFORMER_TRITON_AUTOTUNE", "1") == "0" else None
 
 
+# Triton's autotuner compiles each config lazily inside its timing loop, one after the other, and
+# on a first run compilation is most of an autotune (about 19 configs for a forward and backward,
+# each 0.5-2 s). When a launch brings a new tuning key, its configs are first compiled on threads
+# (the compiler's native passes and ptxas run outside the GIL); the autotuner then finds each in
+# the kernel's cache and only times them. FASTFORMER_TRITON_COMPILE_WORKERS: threads (default: the
+# usable cores less one, at most 8; 1 turns this off).
+_precompiled: set = set()
+
+
+def _compile_workers() -> int:
+    chosen = os.environ.get("FASTFORMER_TRITON_COMPILE_WORKERS", "").strip()
+    if chosen:
+        return max(1, int(chosen))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(8, cores - 1)
+
+
+@functools.lru_cache(maxsize=None)
+def _tuning_arg_positions(kind: str) -> tuple[int, ...]:
+    """Where the tuning key's run-time arguments are in a launch's positional arguments (its
+    compile-time ones are in the launch's meta)."""
+    runtime = [param.name for param in _KERNELS[kind].params if not param.is_constexpr]
+    return tuple(runtime.index(name) for name in _TUNING_KEY if name in runtime)
+
+
+def _precompile(tuner, kind: str, args: tuple, meta: dict) -> None:
+    """Compiles every config of ``tuner`` for this launch on threads, once per tuning key."""
+    key = (kind, args[0].dtype, *(args[i] for i in _tuning_arg_positions(kind)), *meta.items())
+    if key in _precompiled:
+        return
+    _precompiled.add(key)
+    configs = list(tuner.configs)
+    workers = min(_compile_workers(), len(configs) - 1)
+    if workers < 2:
+        return
+
+    def compile_config(config):
+        with on_device(args[0]):  # a new thread starts on device 0
+            try:
+                tuner.fn.warmup(*args, grid=(1,), **meta, **config.all_kwargs())
+            except Exception:  # noqa: BLE001 - the autotuner meets it again in its own loop and handles it
+                pass
+
+    compile_config(configs[0])  # here first: the kernel makes its per-device caches once
+    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="fastformer-compile") as pool:
+        list(pool.map(compile_config, configs[1:]))
+
+
 def _launch(kind: str, rows: int, heads: int, batch: int, args: tuple, meta: dict, interpret: bool):
     """Launch kernel ``kind`` over (cdiv(rows, BLOCK), heads, batch) programs (``_program_block``);
     BLOCK is BLOCK_M for the forward and dQ (query blocks), BLOCK_N for dK/dV (key blocks). Row
@@ -587,7 +638,9 @@ def _launch(kind: str, rows: int, heads: int, batch: int, args: tuple, meta: dic
     head_class = _head_class(meta["BLOCK_D"], meta["BLOCK_DV"])
     index = _fixed_config_index()
     if index is None:
-        _autotuned(kind, head_class)[grid](*args, **meta)
+        tuner = _autotuned(kind, head_class)
+        _precompile(tuner, kind, args, meta)
+        tuner[grid](*args, **meta)
         return
     configs = _configs(kind, head_class)
     block_m, block_n, num_warps, num_stages = configs[index % len(configs)]
