@@ -656,6 +656,19 @@ def test_triton_grids_stay_within_cuda_limits_for_any_batch(monkeypatch):
         assert math.prod(grid) >= batch * heads, f"grid {grid} leaves out programs"
 
 
+def test_triton_compile_workers_come_from_the_environment(monkeypatch):
+    triton_attention = pytest.importorskip("fastformer.triton.attention")
+    monkeypatch.setenv("FASTFORMER_TRITON_COMPILE_WORKERS", "3")
+    assert triton_attention._compile_workers() == 3
+    monkeypatch.setenv("FASTFORMER_TRITON_COMPILE_WORKERS", "0")
+    assert triton_attention._compile_workers() == 1
+    monkeypatch.setenv("FASTFORMER_TRITON_COMPILE_WORKERS", "auto")
+    with pytest.raises(ValueError, match="COMPILE_WORKERS must be a whole number of threads, got 'auto'"):
+        triton_attention._compile_workers()
+    monkeypatch.delenv("FASTFORMER_TRITON_COMPILE_WORKERS")
+    assert 0 <= triton_attention._compile_workers() <= 8
+
+
 @pytest.mark.parametrize("mask_kind", ["none", "causal+padding", "bool"])
 def test_triton_flat_grid_computes_what_the_3d_grid_does(mask_kind, monkeypatch):
     """Launches past the grid's y/z limit decode (row block, head, batch) from one axis: with the

@@ -169,7 +169,8 @@ case "$*" in
   *"find_spec('xdist')"*) exit 0 ;;
   *xdist.__version__*) exec "{sys.executable}" -c "import sys; sys.modules['xdist'] = type(sys)('xdist'); \
 sys.modules['xdist'].__version__ = '{xdist_version}'; exec(sys.argv[1])" "$2" ;;
-  "-m pytest"*) exec "{sys.executable}" -c "import json, sys; json.dump(sys.argv[1:], open('{argv_file}', 'w'))" "$@" ;;
+  "-m pytest"*) exec "{sys.executable}" -c \
+"import json, sys; json.dump(sys.argv[1:], open('{argv_file}', 'w'))" "$@" ;;
 esac
 exec "{sys.executable}" "$@"
 """)

@@ -587,6 +587,8 @@ _precompiled: set = set()
 def _compile_workers() -> int:
     chosen = os.environ.get("FASTFORMER_TRITON_COMPILE_WORKERS", "").strip()
     if chosen:
+        if not chosen.isdigit():
+            raise ValueError(f"FASTFORMER_TRITON_COMPILE_WORKERS must be a whole number of threads, got {chosen!r}")
         return max(1, int(chosen))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return min(8, cores - 1)
