@@ -326,7 +326,8 @@ run_step info 120 bash -c "'$PY' -m fastformer.info --json > '$OUT/info.json' &&
 # ---- tests ----------------------------------------------------------------------------------
 # -v: one line per test as it finishes, so that a run cut short by its timeout (which leaves no
 # JUnit XML and no summary) still shows what passed and what failed.
-PYTEST=("$PY" -m pytest -v -rfEs -p no:cacheprovider --junitxml="$OUT/junit.xml"
+# --durations: the slowest tests (Triton compiles) at the end of the log, for sizing the next run.
+PYTEST=("$PY" -m pytest -v -rfEs -p no:cacheprovider --junitxml="$OUT/junit.xml" --durations=30
         --ignore=tests/test_triton_compile.py --ignore=tests/test_cuda_emulated.py)
 STEP_NOTE="without test_triton_compile.py and test_cuda_emulated.py (CPU-only, in CI)"
 if py_has pytest_timeout; then PYTEST+=(--timeout=180); STEP_NOTE="$STEP_NOTE, per-test timeout 180s"; fi

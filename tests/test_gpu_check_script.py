@@ -181,7 +181,8 @@ exec "{sys.executable}" "$@"
     result = _gpu_check(BENCH / "gpu_check.sh", out, env, "--budget", "60", "--skip", skip, python=python)
     assert _steps(out)["tests"][0] == "pass", result.stdout + result.stderr
     argv = json.loads(argv_file.read_text())
-    assert {"--ignore=tests/test_triton_compile.py", "--ignore=tests/test_cuda_emulated.py"} <= set(argv)
+    cpu_only = {"--ignore=tests/test_triton_compile.py", "--ignore=tests/test_cuda_emulated.py"}
+    assert cpu_only | {"--durations=30"} <= set(argv)
     workers = argv[argv.index("-n"):argv.index("-n") + 4] if "-n" in argv else []
     assert workers == expected
 
