@@ -21,7 +21,8 @@
 #               handed out one by one (worksteal): most of the step is Triton compiling the GPU
 #               tests' kernels (about 900 for test_attention.py alone), one core a worker
 #   attention, layer_norm, gelu
-#               benchmarks/<name>.py --quick --json/--csv/--plot into DIR
+#               benchmarks/<name>.py --quick --json/--csv/--plot into DIR (with
+#               TRITON_PRINT_AUTOTUNING=1, here and in finetune: each autotuning's choice logged)
 #   memcheck, racecheck
 #               compute-sanitizer --tool memcheck / racecheck on benchmarks/sanitize_cuda.py
 #               (when the script, compute-sanitizer and the CUDA extension are all there, and
@@ -361,6 +362,9 @@ tests_line="$(grep -E '[0-9]+ (passed|failed|error)' "$OUT/logs/tests.log" 2>/de
 [ -n "$tests_line" ] && echo "gpu_check:   pytest: $tests_line"
 
 # ---- benchmarks -----------------------------------------------------------------------------
+# From here on Triton prints each autotuning's key, time and chosen config into the step's log:
+# what the attention config lists should keep on this card.
+export TRITON_PRINT_AUTOTUNING=1
 bench() {  # bench NAME TIMEOUT
   local name="$1" limit="$2" left
   left=$((BUDGET - (SECONDS - START) - RESERVE))
