@@ -1,6 +1,7 @@
 """benchmarks/gpu_check.sh's choices, checked on any machine in a few seconds: which IMDB data the
-fine-tuning step gets, --skip against the time budget, --skip's step names; and whether
-benchmarks/summarize.py takes a folder for a CPU-only run from its files. Stand-ins for
+fine-tuning step gets, --skip against the time budget, --skip's step names, the test step's
+workers; benchmarks/finetune_gpu.sh's runs and time boxes (with a stand-in finetune.py); and
+whether benchmarks/summarize.py takes a folder for a CPU-only run from its files. Stand-ins for
 nvidia-smi (and, where a GPU is pretended, for Python's answers about it) keep the script off
 the real machine's GPU and the steps that take minutes out of it."""
 
@@ -206,6 +207,65 @@ def test_skip_takes_spaces_and_repeats(tmp_path):
                         "--skip", "env, info,tests", "--skip", "attention,layer_norm,gelu,finetune")
     assert result.returncode == 0, result.stdout + result.stderr
     assert {status for status, *_ in _steps(out).values()} == {"skipped"}
+
+
+# ---- finetune_gpu.sh: the fine-tuning benchmark's GPU runs -------------------------------------
+# Records its arguments in a JSON list per call, writes the files it is asked for; sleeps when told.
+RUN_RECORDER = """import json, os, sys, time
+with open(os.environ["RECORD"], "a") as f:
+    f.write(json.dumps(sys.argv[1:]) + "\\n")
+if "--epochs" in sys.argv and os.environ.get("SLOW_EPOCHS"):
+    time.sleep(int(os.environ["SLOW_EPOCHS"]))
+for flag in ("--json", "--plot", "--table"):
+    open(sys.argv[sys.argv.index(flag) + 1], "w").write("{}")
+"""
+
+
+def _finetune_gpu(tmp_path: Path, *args, **env_vars):
+    repo = tmp_path / "repo"
+    (repo / "benchmarks").mkdir(parents=True)
+    shutil.copy(BENCH / "finetune_gpu.sh", repo / "benchmarks")
+    (repo / "benchmarks" / "finetune.py").write_text(RUN_RECORDER)
+    (tmp_path / "imdb").mkdir(exist_ok=True)
+    env = {**os.environ, "RECORD": str(tmp_path / "calls.jsonl"), **env_vars}
+    result = subprocess.run(["bash", str(repo / "benchmarks" / "finetune_gpu.sh"), "--python", sys.executable,
+                             "--data", str(tmp_path / "imdb"), "--out", str(tmp_path / "out"), *args],
+                            capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    record = tmp_path / "calls.jsonl"
+    calls = [json.loads(line) for line in record.read_text().splitlines()] if record.exists() else []
+    return result, calls
+
+
+def test_finetune_gpu_runs_quick_then_both_models_for_an_epoch(tmp_path):
+    (tmp_path / "minilm").mkdir()
+    result, calls = _finetune_gpu(tmp_path, "--minilm-path", "minilm", "--archive", "runs.tar.gz")
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = tmp_path / "out"
+    assert [call[:3] for call in calls] == [["--data", str(tmp_path / "imdb"), "--quick"],
+                                          ["--data", str(tmp_path / "imdb"), "--epochs"],
+                                          ["--data", str(tmp_path / "imdb"), "--model"]]
+    assert calls[2][3:7] == ["minilm", "--epochs", "1", "--minilm-path"] and calls[2][7] == str(tmp_path / "minilm")
+    for name, call in zip(("quick", "scratch", "minilm"), calls):
+        assert call[call.index("--json") + 1] == str(out / f"finetune-{name}-gpu.json")
+        assert (out / f"finetune-{name}-gpu.md").exists() and (out / "logs" / f"{name}.log").exists()
+    packed = subprocess.run(["tar", "-tzf", str(tmp_path / "runs.tar.gz")], capture_output=True, text=True).stdout
+    assert "finetune-minilm-gpu.png" in packed and "logs/quick.log" in packed
+
+
+def test_finetune_gpu_time_boxes_each_run_within_the_budget(tmp_path):
+    """A run that outlasts what is left of the budget is stopped and reported; the runs after it
+    that no longer fit are not started; the exit status says so."""
+    result, calls = _finetune_gpu(tmp_path, "--budget", "40", SLOW_EPOCHS="60")
+    assert result.returncode == 1
+    assert [call[2] for call in calls] == ["--quick", "--epochs"]
+    assert "scratch: TIMEOUT" in result.stdout and "minilm not run: time budget used up" in result.stdout
+
+
+def test_finetune_gpu_needs_the_data(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "FASTFORMER_IMDB_DATA"}
+    result = subprocess.run(["bash", str(BENCH / "finetune_gpu.sh")], capture_output=True, text=True, env=env,
+                            timeout=60)
+    assert result.returncode == 2 and "--data DIR is needed" in result.stderr
 
 
 # ---- summarize.py: CPU-only folders ------------------------------------------------------------
