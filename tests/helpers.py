@@ -91,11 +91,17 @@ def record_bias_gelu_biases(monkeypatch) -> list:
     return biases
 
 
+def offset_by(t: torch.Tensor, elements: int) -> torch.Tensor:
+    """A contiguous copy of ``t`` whose data starts ``elements`` past an allocation's start (which
+    is 16-byte aligned)."""
+    buffer = torch.empty(t.numel() + elements, device=t.device, dtype=t.dtype)
+    return buffer[elements:].view(t.shape).copy_(t)
+
+
 def misaligned(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous copy of ``t`` whose data starts one element past an allocation's start (which
-    is 16-byte aligned): no 16-byte vector access fits its rows, so kernels take their scalar path."""
-    buffer = torch.empty(t.numel() + 1, device=t.device, dtype=t.dtype)
-    return buffer[1:].view(t.shape).copy_(t)
+    """``t`` one element off an allocation's start: no 16-byte vector access fits its rows, so
+    kernels take their scalar path."""
+    return offset_by(t, 1)
 
 
 def in_memory_order(t: torch.Tensor, order) -> torch.Tensor:

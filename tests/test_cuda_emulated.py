@@ -27,7 +27,7 @@ from fastformer.cuda import attention as cuda_attention
 from fastformer.cuda import bias_gelu as cuda_bias_gelu
 from fastformer.cuda import layer_norm as cuda_layer_norm
 from helpers import (ELEMENTWISE_TOL, PARAM_GRAD_TOL_HALF, Copies, HostReads, assert_rel_close, in_memory_order,
-                     misaligned)
+                     misaligned, offset_by)
 from test_attention import check_nan_and_inf_mask_values_give_nan_rows
 
 @pytest.fixture(scope="module", autouse=True)
@@ -266,12 +266,6 @@ def test_residual_norm_matches_float64_reference(rows, n, dtype, aligned, rms, d
         assert_rel_close(got, expected, tol, f"grad {name}")
 
 
-def _offset_by(t: torch.Tensor, elements: int) -> torch.Tensor:
-    """A contiguous copy of ``t`` whose data starts ``elements`` past an allocation's start."""
-    buffer = torch.empty(t.numel() + elements, dtype=t.dtype)
-    return buffer[elements:].view(t.shape).copy_(t)
-
-
 # (rows, N, x's offset in elements from a 16-byte boundary): a warp per row and a block per row
 # with vectors (a 16-bit x read 4 values = 8 bytes at a time: an 8-byte offset keeps it on the
 # vector path), N not a multiple of the vector (element-wise), and x off its 8-byte vectors.
@@ -291,7 +285,7 @@ def test_residual_norm_of_mixed_dtypes(rows, n, offset, x_dtype, residual_dtype,
     are the same, so are the sums), against float64 too, and with no cast of a 16-bit x or of
     its gradient next to a float32 residual."""
     stream = torch.promote_types(x_dtype, residual_dtype)
-    x = _offset_by(torch.randn(rows, n, dtype=x_dtype), offset)
+    x = offset_by(torch.randn(rows, n, dtype=x_dtype), offset)
     residual = torch.randn(rows, n, dtype=residual_dtype)
     weight = 1 + 0.1 * torch.randn(n)
     bias = None if rms else 0.1 * torch.randn(n)
@@ -309,7 +303,7 @@ def test_residual_norm_of_mixed_dtypes(rows, n, offset, x_dtype, residual_dtype,
         got = run(x, residual, x_dtype)
     if residual_dtype == torch.float32:
         assert copies.copies == []
-    same_dtype = run(_offset_by(x.to(stream), offset), residual.to(stream))  # the same vector path
+    same_dtype = run(offset_by(x.to(stream), offset), residual.to(stream))  # the same vector path
     assert [t.dtype for t in got[:2]] == [stream, stream]
     assert got[4].dtype == x_dtype and got[5].dtype == stream
     for name, mixed, cast_first in zip(("out", "residual_out", "mean", "rstd", "grad x", "grad residual",

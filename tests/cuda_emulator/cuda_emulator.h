@@ -66,6 +66,8 @@ namespace fastformer_emulator {
 
 constexpr int kWarpSize = 32;
 constexpr size_t kDefaultSharedLimit = 48 * 1024;
+constexpr size_t kMaxSharedPerBlock = 227 * 1024;  // sm_90
+constexpr size_t kFiberStackBytes = 128 * 1024;  // the kernels' frames take a few KiB
 
 // AddressSanitizer (FASTFORMER_EMULATOR_SANITIZE=address) must be told which stack runs: before an
 // exception unwinds frames it unpoisons the current stack, and a fiber's stack is not the thread's.
@@ -84,8 +86,6 @@ inline void asan_start_switch(void**, const void*, size_t) {}
 inline void asan_finish_switch(void*, const void**, size_t*) {}
 inline void asan_unpoison(const void*, size_t) {}
 #endif
-constexpr size_t kMaxSharedPerBlock = 227 * 1024;  // sm_90
-constexpr size_t kFiberStackBytes = 128 * 1024;  // the kernels' frames take a few KiB
 
 // What a waiting thread waits for.
 enum class Wait : uint8_t { kRunnable, kWarp, kBarrier, kDone };
