@@ -23,8 +23,9 @@ Environment variables:
                          hash of everything that goes into it (the source files under csrc/,
                          this file, the compile flags, the torch, nvcc and host compiler
                          versions); a later build with the same hash copies it instead of
-                         compiling. CI sets it, so that commits that leave csrc/'s sources
-                         alone skip the CUDA build.
+                         compiling, and a build of a new hash compiles every object afresh
+                         (never reusing objects of older sources). CI sets it, so that commits
+                         that leave csrc/'s sources alone skip the CUDA build.
 
 torch is not a build requirement (see pyproject.toml): install with
 ``pip install --no-build-isolation -e .`` so that the build sees the installed torch.
@@ -39,6 +40,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from setuptools import setup
@@ -365,7 +367,18 @@ def cached_build_ext(base, cache_root):
                 os.replace(partial, target)  # a new file: a process using the old one keeps it
                 os.utime(entry)
                 return
-            super().build_extension(ext)
+            # An entry is compiled from scratch, in a fresh object folder: ninja rebuilds an
+            # object only when a file in its recorded header dependencies changed, and a record
+            # that lost them (seen here: four attention objects whose dependency lists were empty)
+            # would link objects of older sources into an entry stored under the new sources' key.
+            build_temp = self.build_temp
+            Path(build_temp).mkdir(parents=True, exist_ok=True)
+            self.build_temp = tempfile.mkdtemp(prefix="fresh-", dir=build_temp)
+            try:
+                super().build_extension(ext)
+            finally:
+                shutil.rmtree(self.build_temp, ignore_errors=True)
+                self.build_temp = build_temp
             try:
                 entry.mkdir(parents=True, exist_ok=True)
                 partial = entry / (target.name + f".{os.getpid()}.tmp")
