@@ -68,17 +68,18 @@ def gelu(x, bias=None, approximate="none"):
 
 def philox_keep_mask(seed: int, shape, dropout_p: float) -> torch.Tensor:
     """The documented dropout keep-mask (fastformer/triton/dropout.py), from Philox-4x32-10 itself
-    (Salmon et al., SC'11; the constants and uniform conversion of Triton's tl.rand): the tensor
-    viewed as rows of its last dim L, element (r, c) kept when word c % 4 of Philox(key = seed,
-    counter = (g, 0)), g = r * ceil(L / 4) + c // 4, as a uniform float32 in [0, 1) is >= p."""
+    (Salmon et al., SC'11; the constants of Triton's tl.randint4x): the tensor viewed as rows of
+    its last dim L, element (r, c) kept when 16-bit half c % 2 (0: low) of word (c % 8) // 2 of
+    Philox(key = seed, counter = (g, 0)), g = r * ceil(L / 8) + c // 8, is >= round(p * 2^16),
+    rounded in float32."""
     import numpy as np
 
     shape = tuple(shape)
     length = shape[-1] if shape else 1
     rows = math.prod(shape) // length if length else 0
-    groups_per_row = (length + 3) // 4
+    groups_per_row = (length + 7) // 8
     r, c = np.meshgrid(np.arange(rows, dtype=np.uint64), np.arange(length, dtype=np.uint64), indexing="ij")
-    counter = r * np.uint64(groups_per_row) + c // np.uint64(4)
+    counter = r * np.uint64(groups_per_row) + c // np.uint64(8)
     low = np.uint64(0xFFFFFFFF)
     c0, c1 = counter & low, counter >> np.uint64(32)
     c2, c3 = np.zeros_like(c0), np.zeros_like(c0)
@@ -89,7 +90,7 @@ def philox_keep_mask(seed: int, shape, dropout_p: float) -> torch.Tensor:
                           (product_a >> np.uint64(32)) ^ c3 ^ k1, product_a & low)
         k0, k1 = (k0 + np.uint64(0x9E3779B9)) & low, (k1 + np.uint64(0xBB67AE85)) & low
     words = np.stack([c0, c1, c2, c3])
-    word = np.take_along_axis(words, (c % np.uint64(4)).astype(np.int64)[None], axis=0)[0]
-    signed = word.astype(np.uint32).view(np.int32)
-    uniform = np.where(signed < 0, -signed - 1, signed).astype(np.float32) * np.float32(4.6566127342e-10)
-    return torch.from_numpy(uniform >= np.float32(dropout_p)).reshape(shape)
+    word = np.take_along_axis(words, (c % np.uint64(8) // np.uint64(2)).astype(np.int64)[None], axis=0)[0]
+    half = (word >> (np.uint64(16) * (c % np.uint64(2)))) & np.uint64(0xFFFF)
+    threshold = int(np.float32(dropout_p) * np.float32(65536.0) + np.float32(0.5))
+    return torch.from_numpy(half >= np.uint64(threshold)).reshape(shape)

@@ -198,7 +198,9 @@ def _triton_keep_mask():
 
 
 @pytest.mark.parametrize("seed", [0, 12345, 2**33 + 5])
-@pytest.mark.parametrize("p", [0.1, 0.5])
+# p rounds to a multiple of 2^-16: 2^-17 sits half-way (rounds up to 2^-16, so some drops), 0.99999
+# near 1 (nearly all dropped)
+@pytest.mark.parametrize("p", [0.1, 0.5, 2**-17, 0.99999])
 def test_triton_keep_mask_is_the_documented_philox_function(seed, p):
     keep_mask = _triton_keep_mask()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -207,14 +209,32 @@ def test_triton_keep_mask_is_the_documented_philox_function(seed, p):
         assert torch.equal(got, reference.philox_keep_mask(seed, shape, p)), (shape, seed, p)
 
 
+@pytest.mark.parametrize("join_then_transpose", [True, False])
+def test_triton_transposed_keep_tiles_give_the_mask(monkeypatch, join_then_transpose):
+    """The dK/dV kernel's transposed tiles of the mask, built by either construction (the joined
+    tile transposed, or the selects Triton 3.2 and 3.3 need), hold the documented mask."""
+    keep_mask = _triton_keep_mask()
+    from fastformer.triton import dropout as triton_dropout
+
+    if join_then_transpose != triton_dropout._JOIN_THEN_TRANSPOSE:
+        if not fastformer.triton.interpreter_enabled():
+            pytest.skip(f"Triton {triton_dropout.triton.__version__} compiles the other construction")
+        monkeypatch.setattr(triton_dropout, "_JOIN_THEN_TRANSPOSE", join_then_transpose)  # read at each call
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for shape in [(5, 45), (3, 2, 8), (37, 300)]:
+        got = keep_mask(torch.tensor(99), shape, 0.4, device, transposed_tiles=True).cpu()
+        assert torch.equal(got, reference.philox_keep_mask(99, shape, 0.4)), shape
+
+
 def test_triton_keep_mask_rate_and_independence():
-    """Four neighbours of a row share one Philox call and use its four words: the rate is p and
-    pairs of neighbours, inside and across those groups, are dropped together at rate p^2."""
+    """Eight neighbours of a row share one Philox call and use the two halves of each of its four
+    words: the rate is p and pairs of neighbours, inside and across those groups (and the two halves
+    of one word), are dropped together at rate p^2."""
     keep_mask = _triton_keep_mask()
     p, rows, length = 0.3, 400, 203
     dropped = ~keep_mask(torch.tensor(77), (rows, length), p, "cpu")
     assert within_sigmas(int(dropped.sum()), rows * length, p)
-    for offset in (1, 2, 3, 4):  # column pairs (c, c + offset)
+    for offset in range(1, 9):  # column pairs (c, c + offset)
         both = dropped[:, :-offset] & dropped[:, offset:]
         assert within_sigmas(int(both.sum()), both.numel(), p * p), offset
 

@@ -165,12 +165,11 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dkdv_kernel(const 
     // P^T (in place) and the keep bits.
     const bool need_mask =
         kGeneral || rules.has_padding_holes() || n0 + BN > key_len || (p.is_causal && n0 + BN - 1 > m0);
-    uint32_t keep_bits = 0xffffffffu;
     const bool dropout = kGeneral && p.has_dropout;
-    if (dropout) keep_bits = 0u;
+    const uint32_t keep = dropout ? rules.keep_bits_transposed<kMTiles>(m0 + 2 * t, keys[0]) : 0u;
+    uint32_t keep_bits = dropout ? 0u : 0xffffffffu;  // keep, less the scores past Lq / Lk
 #pragma unroll
     for (int n = 0; n < kMTiles; ++n) {
-      const uint32_t keep = dropout ? rules.keep_bits_transposed(m0 + 8 * n + 2 * t, keys[0]) : 0u;
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
         const int i = m0 + 8 * n + 2 * t + c;
@@ -180,7 +179,8 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dkdv_kernel(const 
           const int e = 2 * r + c;
           const float s = need_mask ? rules.score<kGeneral>(st[n][e], i, keys[r]) : st[n][e] * p.scale_log2;
           st[n][e] = fast_exp2(s - l2);
-          if (dropout && i < p.len_q && keys[r] < p.len_k && ((keep >> e) & 1u)) keep_bits |= 1u << (4 * n + e);
+          const uint32_t bit = 1u << (4 * n + e);
+          if (dropout && i < p.len_q && keys[r] < p.len_k && (keep & bit)) keep_bits |= bit;
         }
       }
     }
@@ -376,16 +376,17 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dq_kernel(const At
     const bool need_mask =
         kGeneral || rules.has_padding_holes() || n0 + BN > key_len || (p.is_causal && n0 + BN - 1 > m0);
     const bool dropout = kGeneral && p.has_dropout;
-    uint32_t keep_bits = dropout ? 0u : 0xffffffffu;
+    const uint32_t keep = dropout ? rules.keep_bits<kNTiles>(rows[0], n0 + 2 * t) : 0u;
+    uint32_t keep_bits = dropout ? 0u : 0xffffffffu;  // keep, less the scores past Lq / Lk
 #pragma unroll
     for (int n = 0; n < kNTiles; ++n) {
-      const uint32_t keep = dropout ? rules.keep_bits(rows[0], n0 + 8 * n + 2 * t) : 0u;
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int i = rows[e / 2], jj = n0 + 8 * n + 2 * t + e % 2;
         const float sc = need_mask ? rules.score<kGeneral>(s[n][e], i, jj) : s[n][e] * p.scale_log2;
         s[n][e] = fast_exp2(sc - l2[e / 2]);
-        if (dropout && i < p.len_q && jj < p.len_k && ((keep >> e) & 1u)) keep_bits |= 1u << (4 * n + e);
+        const uint32_t bit = 1u << (4 * n + e);
+        if (dropout && i < p.len_q && jj < p.len_k && (keep & bit)) keep_bits |= bit;
       }
     }
 

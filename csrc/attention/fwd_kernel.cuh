@@ -138,13 +138,13 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_fwd_kernel(const Atten
 
     // Dropout on the probabilities that multiply V (the row sums above are before dropout).
     if (kGeneral && p.has_dropout) {
+      const uint32_t keep = rules.keep_bits<kNTiles>(rows[0], n0 + 2 * t);
 #pragma unroll
       for (int n = 0; n < kNTiles; ++n) {
-        const uint32_t keep = rules.keep_bits(rows[0], n0 + 8 * n + 2 * t);
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int i = rows[e / 2], jj = n0 + 8 * n + 2 * t + e % 2;
-          const bool kept = i < p.len_q && jj < p.len_k && ((keep >> e) & 1u);
+          const bool kept = i < p.len_q && jj < p.len_k && ((keep >> (4 * n + e)) & 1u);
           s[n][e] = kept ? s[n][e] * p.dropout_scale : 0.0f;
         }
       }

@@ -4,8 +4,8 @@
 //
 //   s_ij = scale * q_i . k_j (+ float mask_ij)        in log2 units (times log2 e), or -inf when
 //   i >= Lq, j >= key_end(b), key j is padding, (causal and j > i), or the bool mask forbids it.
-//   keep_ij = Philox::keep(seed, (b Hq + h) Lq + i, j, Lk, p)   (row, column and row length, as Triton)
-// (evaluated a group of 4 keys at a time: see keep_bits).
+//   keep_ij = Philox::keep(seed, (b Hq + h) Lq + i, j, Lk, drop_threshold(p))   (row, column and
+//   row length, as Triton), evaluated a group of 8 keys at a time: see keep_bits.
 #pragma once
 
 #include <cmath>
@@ -34,7 +34,7 @@ struct ScoreRules {
   float scale_log2;
   uint64_t dropout_row_base;  // (b Hq + h) Lq
   uint64_t seed;
-  float dropout_p;
+  uint32_t drop_threshold;  // Philox::drop_threshold(p)
 
   __device__ __forceinline__ ScoreRules(const AttentionParams& p, int b, int h, int key_len_) {
     const int64_t mask_offset = b * p.mask_batch_stride + h * p.mask_head_stride;
@@ -52,7 +52,7 @@ struct ScoreRules {
     scale_log2 = p.scale_log2;
     dropout_row_base = (static_cast<uint64_t>(b) * p.heads_q + h) * static_cast<uint64_t>(p.len_q);
     seed = p.has_dropout ? static_cast<uint64_t>(*p.seed) : 0;
-    dropout_p = p.dropout_p;
+    drop_threshold = Philox::drop_threshold(p.dropout_p);
   }
 
   // Whether a tile may hold padding keys before the key end (then every score must be masked).
@@ -79,41 +79,70 @@ struct ScoreRules {
     return ok ? s : -INFINITY;
   }
 
-  // Dropout keep bits (bit e: score e) of one thread's 4 scores of an n8 tile. One Philox call
-  // yields the bits of 4 neighbouring keys (a group) and the lanes that hold a group's scores
-  // share it, so a thread draws one call per 4 scores instead of 4. The call must be made by the
-  // whole warp (shuffles), and indices past Lq / Lk get bits the caller masks.
+  // Dropout keep bits of one thread's scores in kTiles n8 tiles: bit 4 n + e for score e of tile n.
+  // One Philox call yields the bits of 8 neighbouring keys of one query (a group), and each group's
+  // bits are shared by warp shuffles between the lanes that hold its scores, so a thread draws one
+  // call per 8 of its scores. Every lane of the warp must call it (shuffles); scores past Lq / Lk
+  // get bits the caller masks.
   //
-  // Row-major C layout (forward, dQ): score e = 2r + c is (query i0 + 8r, key j0 + c), j0 even.
-  // Lanes t and t ^ 1 (lane ^ 1) hold the same two queries and between them the 4 keys of one
-  // group: each draws its group for one of the queries and the pair swaps the bits.
+  // Row-major C layout (forward, dQ): score e = 2r + c of tile n is (query i0 + 8r, key j0 + 8n + c),
+  // j0 = key tile start + 2t, t = lane % 4. For two tiles n, n + 1 the quad (lanes t = 0..3) holds
+  // 4 groups (query i0 or i0 + 8, tile n or n + 1): lane t draws group (query i0 + 8 (t % 2),
+  // tile n + t / 2) into byte t, and two butterflies give each lane all four bytes.
+  template <int kTiles>
   __device__ __forceinline__ uint32_t keep_bits(int i0, int j0) const {
-    const int odd = (j0 >> 1) & 1;  // this lane holds keys 2, 3 of the group and draws query i0 + 8
-    const uint32_t drawn = group_keep_bits(i0 + 8 * odd, j0 & ~3);
-    const uint32_t swapped = __shfl_xor_sync(0xffffffffu, drawn, 1);
-    const uint32_t query0 = odd ? swapped : drawn, query1 = odd ? drawn : swapped;
-    const int shift = 2 * odd;
-    return ((query0 >> shift) & 3u) | (((query1 >> shift) & 3u) << 2);
-  }
-
-  // Transposed C layout (dK/dV): score e = 2r + c is (query i0 + c, key j0 + 8r), j0 = the key of
-  // row g. The 4 lanes g = 4u .. 4u + 3 (lane ^ 4, lane ^ 8; same t) hold the 4 keys of the same 4
-  // (query, group) pairs: lane x = g % 4 draws pair x, and two butterflies give each all 16 bits.
-  __device__ __forceinline__ uint32_t keep_bits_transposed(int i0, int j0) const {
-    const int x = j0 & 3;  // the key's place in its group, and the pair this lane draws
-    uint32_t all = group_keep_bits(i0 + (x & 1), (j0 & ~3) + 8 * (x >> 1)) << (4 * x);
-    all |= __shfl_xor_sync(0xffffffffu, all, 4);
-    all |= __shfl_xor_sync(0xffffffffu, all, 8);
+    static_assert(kTiles % 2 == 0 && 4 * kTiles <= 32, "tiles in pairs, 4 bits each, in one uint32");
+    const int t = (j0 >> 1) & 3;
+    const int j8 = j0 & ~7;
     uint32_t bits = 0;
 #pragma unroll
-    for (int e = 0; e < 4; ++e) bits |= ((all >> (4 * e + x)) & 1u) << e;
+    for (int n = 0; n < kTiles; n += 2) {
+      uint32_t all = group_keep_bits(i0 + 8 * (t & 1), j8 + 8 * (n + (t >> 1))) << (8 * t);
+      all |= __shfl_xor_sync(0xffffffffu, all, 1);
+      all |= __shfl_xor_sync(0xffffffffu, all, 2);
+      // byte r + 2q: query i0 + 8r, tile n + q; this lane's keys are its bits 2t, 2t + 1
+#pragma unroll
+      for (int q = 0; q < 2; ++q) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) bits |= ((all >> (8 * (r + 2 * q) + 2 * t)) & 3u) << (4 * (n + q) + 2 * r);
+      }
+    }
     return bits;
   }
 
-  // Bit k: whether score (i, j4 + k) is kept, j4 a multiple of 4.
-  __device__ __forceinline__ uint32_t group_keep_bits(int i, int j4) const {
-    return Philox::keep_group(seed, dropout_row_base + static_cast<uint64_t>(i), static_cast<uint64_t>(j4),
-                              static_cast<uint64_t>(len_k), dropout_p);
+  // Transposed C layout (dK/dV): score e = 2r + c of tile n is (query i0 + 8n + c, key j0 + 8r),
+  // j0 = the key of the lane's row g = lane / 4 (the warp's 16 keys start at a multiple of 8, so
+  // j0 % 8 = g). For two tiles n, n + 1 the 8 lanes g = 0..7 of one t hold 8 groups (2 tiles x 2
+  // queries x 2 key groups), and lane g needs bit g of each. Lane g draws group P = g: (query
+  // i0 + 8 (n + P / 4) + P % 2, keys from j0 - g + 8 (P / 2 % 2)), a row of an 8 x 8 bit matrix
+  // M[P][k]; three butterfly stages (lanes ^ 4, ^ 8, ^ 16) transpose it, leaving M[P][g] in bit P,
+  // which is bit 4 (P / 4) + P % 4 of the two tiles' bits.
+  template <int kTiles>
+  __device__ __forceinline__ uint32_t keep_bits_transposed(int i0, int j0) const {
+    static_assert(kTiles % 2 == 0 && 4 * kTiles <= 32, "tiles in pairs, 4 bits each, in one uint32");
+    const int g = j0 & 7;
+    const int j8 = j0 & ~7;
+    uint32_t bits = 0;
+#pragma unroll
+    for (int n = 0; n < kTiles; n += 2) {
+      uint32_t row = group_keep_bits(i0 + 8 * (n + (g >> 2)) + (g & 1), j8 + 8 * ((g >> 1) & 1));
+      // Stage s swaps bit s of the row index (the lane's g) with bit s of the column index.
+#pragma unroll
+      for (int s = 1; s <= 4; s *= 2) {
+        const uint32_t high_cols = s == 1 ? 0xAAu : s == 2 ? 0xCCu : 0xF0u;  // columns k with k & s
+        const uint32_t other = __shfl_xor_sync(0xffffffffu, row, 4 * s);
+        row = (g & s) ? (row & high_cols) | ((other & high_cols) >> s)
+                      : (row & ~high_cols & 0xFFu) | ((other & ~high_cols & 0xFFu) << s);
+      }
+      bits |= row << (4 * n);
+    }
+    return bits;
+  }
+
+  // Bit k: whether score (i, j8 + k) is kept, j8 a multiple of 8.
+  __device__ __forceinline__ uint32_t group_keep_bits(int i, int j8) const {
+    return Philox::keep_group(seed, dropout_row_base + static_cast<uint64_t>(i), static_cast<uint64_t>(j8),
+                              static_cast<uint64_t>(len_k), drop_threshold);
   }
 };
 

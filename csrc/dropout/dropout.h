@@ -1,6 +1,6 @@
 // Dropout keep-masks from Philox (common/philox.cuh), the debug path that lets tests build a
 // reference with exactly the mask the kernels regenerate: the tensor viewed as rows of its last
-// dim, element (row, col) is kept when Philox::keep(seed, row, col, row_length, p).
+// dim, element (row, col) is kept when Philox::keep(seed, row, col, row_length, drop_threshold(p)).
 #pragma once
 
 #include <cuda_runtime.h>

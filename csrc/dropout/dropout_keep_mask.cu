@@ -9,11 +9,12 @@ namespace dropout {
 
 __global__ void keep_mask_kernel(const KeepMaskParams p) {
   const uint64_t seed = static_cast<uint64_t>(*p.seed);
+  const uint32_t drop_threshold = Philox::drop_threshold(p.dropout_p);
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < p.numel;
        i += stride) {
     p.keep[i] = Philox::keep(seed, static_cast<uint64_t>(i / p.row_length), static_cast<uint64_t>(i % p.row_length),
-                             static_cast<uint64_t>(p.row_length), p.dropout_p);
+                             static_cast<uint64_t>(p.row_length), drop_threshold);
   }
 }
 

@@ -31,17 +31,18 @@ at::Tensor keep_mask_cpu(const at::Tensor& seed, at::IntArrayRef shape, double d
   check_args(seed, dropout_p);
   at::Tensor keep = at::empty(shape, seed.options().dtype(at::kBool));
   const uint64_t key = static_cast<uint64_t>(seed.item<int64_t>());
-  const float p = static_cast<float>(dropout_p);
+  const uint32_t drop_threshold = Philox::drop_threshold(static_cast<float>(dropout_p));
   bool* out = keep.data_ptr<bool>();
   const int64_t length = row_length(keep);
   const int64_t rows = length == 0 ? 0 : keep.numel() / length;
-  // A group of 4 at a time (keep_group, as the attention kernels draw them), so that the host
+  // A group of 8 at a time (keep_group, as the attention kernels draw them), so that the host
   // tests check keep_group; the CUDA keep-mask kernel evaluates keep() per element.
+  constexpr int64_t kGroup = Philox::kGroup;
   for (int64_t row = 0; row < rows; ++row) {
-    for (int64_t col4 = 0; col4 < length; col4 += 4) {
-      const uint32_t bits = Philox::keep_group(key, static_cast<uint64_t>(row), static_cast<uint64_t>(col4),
-                                               static_cast<uint64_t>(length), p);
-      for (int64_t k = 0; k < 4 && col4 + k < length; ++k) out[row * length + col4 + k] = (bits >> k) & 1u;
+    for (int64_t col8 = 0; col8 < length; col8 += kGroup) {
+      const uint32_t bits = Philox::keep_group(key, static_cast<uint64_t>(row), static_cast<uint64_t>(col8),
+                                               static_cast<uint64_t>(length), drop_threshold);
+      for (int64_t k = 0; k < kGroup && col8 + k < length; ++k) out[row * length + col8 + k] = (bits >> k) & 1u;
     }
   }
   return keep;

@@ -74,6 +74,7 @@ __global__ void __launch_bounds__(kThreads) bias_gelu_fwd_kernel(const FwdParams
   const Tile t = tile<K>(p.rows, p.n, rows_per_group);
   if (t.col < 0) return;  // no barrier in the forward
   const float keep_divisor = 1.0f - p.dropout_p;  // as the Triton kernels: g / (1 - p)
+  const uint32_t drop_threshold = Philox::drop_threshold(p.dropout_p);
   const uint64_t seed = K::kDropout ? static_cast<uint64_t>(*p.seed) : 0;
   float bias[kVec];
 #pragma unroll
@@ -88,7 +89,7 @@ __global__ void __launch_bounds__(kThreads) bias_gelu_fwd_kernel(const FwdParams
     if constexpr (K::kDropout) {
       bool keep[kVec];
       Philox::keep_run<kVec>(seed, static_cast<uint64_t>(row), static_cast<uint64_t>(t.col),
-                             static_cast<uint64_t>(p.n), p.dropout_p, keep);
+                             static_cast<uint64_t>(p.n), drop_threshold, keep);
 #pragma unroll
       for (int i = 0; i < kVec; ++i) h[i] = keep[i] ? h[i] / keep_divisor : 0.0f;
     }
@@ -104,6 +105,7 @@ __global__ void __launch_bounds__(kThreads) bias_gelu_bwd_kernel(const BwdParams
   __shared__ float sums[K::kBias ? kThreads * kVec : 1];  // [ty][tx * kVec]
   const Tile t = tile<K>(p.rows, p.n, rows_per_group);
   const float keep_divisor = 1.0f - p.dropout_p;
+  const uint32_t drop_threshold = Philox::drop_threshold(p.dropout_p);
   const uint64_t seed = K::kDropout ? static_cast<uint64_t>(*p.seed) : 0;
   float bias[kVec], grad_bias[kVec];
 #pragma unroll
@@ -118,7 +120,7 @@ __global__ void __launch_bounds__(kThreads) bias_gelu_bwd_kernel(const BwdParams
       if constexpr (K::kDropout) {  // the forward's mask, drawn again from the seed
         bool keep[kVec];
         Philox::keep_run<kVec>(seed, static_cast<uint64_t>(row), static_cast<uint64_t>(t.col),
-                               static_cast<uint64_t>(p.n), p.dropout_p, keep);
+                               static_cast<uint64_t>(p.n), drop_threshold, keep);
 #pragma unroll
         for (int i = 0; i < kVec; ++i) dy[i] = keep[i] ? dy[i] / keep_divisor : 0.0f;
       }

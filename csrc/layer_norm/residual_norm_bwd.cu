@@ -66,6 +66,7 @@ __global__ void __launch_bounds__(kMaxThreads) residual_norm_bwd_kernel(const Bw
   const int64_t n = p.n;
   const float inv_n = 1.0f / static_cast<float>(n);
   const float keep_divisor = 1.0f - p.dropout_p;
+  const uint32_t drop_threshold = Philox::drop_threshold(p.dropout_p);
   const uint64_t seed = K::kDropout ? static_cast<uint64_t>(*p.seed) : 0;
 
   bool inside[kChunks];
@@ -178,7 +179,7 @@ __global__ void __launch_bounds__(kMaxThreads) residual_norm_bwd_kernel(const Bw
       if constexpr (K::kDropout) {
         bool keep[kVec];
         Philox::keep_run<kVec>(seed, static_cast<uint64_t>(row), static_cast<uint64_t>(col),
-                               static_cast<uint64_t>(n), p.dropout_p, keep);
+                               static_cast<uint64_t>(n), drop_threshold, keep);
 #pragma unroll
         for (int i = 0; i < kVec; ++i) dr[i] = keep[i] ? dr[i] / keep_divisor : 0.0f;
       }

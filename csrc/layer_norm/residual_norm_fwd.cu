@@ -48,6 +48,7 @@ __global__ void __launch_bounds__(K::kLaunchBound) residual_norm_fwd_kernel(cons
   const T* residual = K::kResidual ? static_cast<const T*>(p.residual) + row * p.stride_residual
                                    : nullptr;
   const float keep_divisor = 1.0f - p.dropout_p;  // as the Triton kernels: r / (1 - p)
+  const uint32_t drop_threshold = Philox::drop_threshold(p.dropout_p);
   const uint64_t seed = K::kDropout ? static_cast<uint64_t>(*p.seed) : 0;
 
   // r = dropout(x) + residual in float32, rounded to T when residual_out is stored.
@@ -66,7 +67,7 @@ __global__ void __launch_bounds__(K::kLaunchBound) residual_norm_fwd_kernel(cons
     if constexpr (K::kDropout) {
       bool keep[kVec];
       Philox::keep_run<kVec>(seed, static_cast<uint64_t>(row), static_cast<uint64_t>(col),
-                             static_cast<uint64_t>(n), p.dropout_p, keep);
+                             static_cast<uint64_t>(n), drop_threshold, keep);
 #pragma unroll
       for (int i = 0; i < kVec; ++i) r[c][i] = keep[i] ? r[c][i] / keep_divisor : 0.0f;
     }

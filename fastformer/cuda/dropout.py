@@ -1,10 +1,11 @@
 """Dropout keep-masks of the CUDA kernels: ``torch.ops.fastformer.cuda_dropout_keep_mask``.
 
 The CUDA kernels keep element (row, column) of a (rows, N) tensor when
-``Philox::keep(seed, row, column, N, p)`` (``csrc/common/philox.cuh``): the Triton kernels'
-function (``fastformer.triton.dropout``: one Philox call per 4 columns, ``tl.rand4x``) bit for
-bit, so the mask equals the Triton backend's. The op also runs on the
-CPU (the same function on the host), which is how that equality is tested without a GPU.
+``Philox::keep(seed, row, column, N, drop_threshold(p))`` (``csrc/common/philox.cuh``): the
+Triton kernels' function (``fastformer.triton.dropout``: one Philox call per 8 columns,
+``tl.randint4x``, a 16-bit uniform each) bit for bit, so the mask equals the Triton backend's.
+The op also runs on the CPU (the same function on the host), which is how that equality is
+tested without a GPU.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ What the kernels handle (everything the op table declares for "attention"):
 - attn_mask, bool (True = attend) or additive float, broadcastable to (B, Hq, Lq, Lk), loaded tile
   by tile with stride 0 on its broadcast dims;
 - dropout from Philox, the scores viewed as B Hq Lq rows of Lk keys (``fastformer.triton.dropout``:
-  one Philox call per 4 keys of a row), exactly ``dropout_keep_mask(seed, (B, Hq, Lq, Lk), p)``,
+  one Philox call per 8 keys of a row), exactly ``dropout_keep_mask(seed, (B, Hq, Lq, Lk), p)``,
   regenerated in the backward;
 - rows with no key left: output 0, lse = -inf, gradients 0 (never NaN);
 - any batch and head count (past 65535, one flat grid axis: ``_program_block``), and int64 index arithmetic
