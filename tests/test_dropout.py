@@ -209,6 +209,19 @@ def test_triton_keep_mask_is_the_documented_philox_function(seed, p):
         assert torch.equal(got, reference.philox_keep_mask(seed, shape, p)), (shape, seed, p)
 
 
+@pytest.mark.parametrize("transposed_tiles", [False, True])
+def test_triton_keep_mask_with_int64_offsets_is_the_same_function(monkeypatch, transposed_tiles):
+    """Past 2^31 elements the kernels count Philox groups in int64 (the counter's high word);
+    forced on a small tensor, the mask must not change."""
+    keep_mask = _triton_keep_mask()
+    from fastformer.triton import dropout as triton_dropout
+
+    monkeypatch.setattr(triton_dropout, "wide_offsets", lambda numel: True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    got = keep_mask(torch.tensor(2**40 + 3), (9, 70), 0.25, device, transposed_tiles=transposed_tiles).cpu()
+    assert torch.equal(got, reference.philox_keep_mask(2**40 + 3, (9, 70), 0.25))
+
+
 @pytest.mark.parametrize("join_then_transpose", [True, False])
 def test_triton_transposed_keep_tiles_give_the_mask(monkeypatch, join_then_transpose):
     """The dK/dV kernel's transposed tiles of the mask, built by either construction (the joined
