@@ -66,12 +66,12 @@ def gelu(x, bias=None, approximate="none"):
     return 0.5 * h * (1.0 + torch.erf(h / math.sqrt(2.0)))
 
 
-def philox_keep_mask(seed: int, shape, dropout_p: float) -> torch.Tensor:
-    """The documented dropout keep-mask (fastformer/triton/dropout.py), from Philox-4x32-10 itself
-    (Salmon et al., SC'11; the constants of Triton's tl.randint4x): the tensor viewed as rows of
-    its last dim L, element (r, c) kept when 16-bit half c % 2 (0: low) of word (c % 8) // 2 of
-    Philox(key = seed, counter = (g, 0)), g = r * ceil(L / 8) + c // 8, is >= round(p * 2^16),
-    rounded in float32."""
+def philox_uniforms16(seed: int, shape):
+    """The 16-bit uniforms of the documented dropout keep-mask (fastformer/triton/dropout.py), from
+    Philox-4x32-10 itself (Salmon et al., SC'11; the constants of Triton's tl.randint4x), as a
+    NumPy uint64 array of ``shape``: the tensor viewed as rows of its last dim L, element (r, c)
+    takes 16-bit half c % 2 (0: low) of word (c % 8) // 2 of Philox(key = seed, counter = (g, 0)),
+    g = r * ceil(L / 8) + c // 8."""
     import numpy as np
 
     shape = tuple(shape)
@@ -91,6 +91,22 @@ def philox_keep_mask(seed: int, shape, dropout_p: float) -> torch.Tensor:
         k0, k1 = (k0 + np.uint64(0x9E3779B9)) & low, (k1 + np.uint64(0xBB67AE85)) & low
     words = np.stack([c0, c1, c2, c3])
     word = np.take_along_axis(words, (c % np.uint64(8) // np.uint64(2)).astype(np.int64)[None], axis=0)[0]
-    half = (word >> (np.uint64(16) * (c % np.uint64(2)))) & np.uint64(0xFFFF)
+    return ((word >> (np.uint64(16) * (c % np.uint64(2)))) & np.uint64(0xFFFF)).reshape(shape)
+
+
+def philox_keep_mask(seed: int, shape, dropout_p: float) -> torch.Tensor:
+    """The documented dropout keep-mask: element kept when its 16-bit uniform
+    (:func:`philox_uniforms16`) is >= round(p * 2^16), rounded in float32."""
+    import numpy as np
+
     threshold = int(np.float32(dropout_p) * np.float32(65536.0) + np.float32(0.5))
-    return torch.from_numpy(half >= np.uint64(threshold)).reshape(shape)
+    return torch.from_numpy(philox_uniforms16(seed, shape) >= np.uint64(threshold))
+
+
+def rounding_probes(seed: int, shape) -> tuple[float, float]:
+    """Two dropout probabilities, (u + 3/4) 2^-16 and (u + 1/4) 2^-16 with u element 0's 16-bit
+    uniform (exact in float32): p rounded to the nearest multiple of 2^-16 drops element 0 with the
+    first and keeps it with the second; truncated, it would keep it with both, rounded up drop it
+    with both."""
+    u = int(philox_uniforms16(seed, shape).reshape(-1)[0])
+    return (u + 0.75) / 65536, (u + 0.25) / 65536

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import fastformer
+import reference
 from fastformer import cuda as cuda_backend
 from fastformer import dispatch, library
 from fastformer.dispatch import Call
@@ -154,6 +155,17 @@ def test_keep_mask_cpu_matches_triton(seed, p):
         got = dropout_keep_mask(seed, shape, p, "cpu")
         assert got.shape == expected.shape and got.dtype == torch.bool
         assert torch.equal(got, expected), (shape, int(seed), p)
+
+
+@needs_extension
+def test_keep_mask_cpu_rounds_p_to_the_nearest_multiple_of_2_to_the_minus_16():
+    from fastformer.cuda.dropout import dropout_keep_mask
+
+    seed, shape = 321, (3, 29)
+    p_drops, p_keeps = reference.rounding_probes(seed, shape)
+    for p, kept in ((p_drops, False), (p_keeps, True)):
+        keep = dropout_keep_mask(torch.tensor(seed), shape, p, "cpu")
+        assert bool(keep.reshape(-1)[0]) is kept and torch.equal(keep, reference.philox_keep_mask(seed, shape, p)), p
 
 
 @needs_extension

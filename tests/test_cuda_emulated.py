@@ -115,6 +115,14 @@ def test_keep_mask_kernel_gives_the_documented_mask(emulated, shape, p):
     assert torch.equal(keep, reference.philox_keep_mask(int(seed), shape, p))
 
 
+def test_keep_mask_kernel_rounds_p_to_the_nearest_multiple_of_2_to_the_minus_16(emulated):
+    seed, shape = 321, (3, 29)
+    p_drops, p_keeps = reference.rounding_probes(seed, shape)
+    for p, kept in ((p_drops, False), (p_keeps, True)):
+        keep = emulated.cuda_dropout_keep_mask(torch.tensor(seed), list(shape), p)
+        assert bool(keep.reshape(-1)[0]) is kept and torch.equal(keep, reference.philox_keep_mask(seed, shape, p)), p
+
+
 # ----------------------------------------------------------------------------------------------
 # attention: the GPU tests' checks (test_cuda_attention.py), on the CPU, at smaller sizes
 # ----------------------------------------------------------------------------------------------

@@ -198,15 +198,23 @@ def _triton_keep_mask():
 
 
 @pytest.mark.parametrize("seed", [0, 12345, 2**33 + 5])
-# p rounds to a multiple of 2^-16: 2^-17 sits half-way (rounds up to 2^-16, so some drops), 0.99999
-# near 1 (nearly all dropped)
-@pytest.mark.parametrize("p", [0.1, 0.5, 2**-17, 0.99999])
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.99999])  # 0.99999: threshold 65535, nearly all dropped
 def test_triton_keep_mask_is_the_documented_philox_function(seed, p):
     keep_mask = _triton_keep_mask()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     for shape in [(3, 7), (2, 5, 13), (6,), (1, 1), (33, 64), (2, 300)]:
         got = keep_mask(torch.tensor(seed), shape, p, device).cpu()
         assert torch.equal(got, reference.philox_keep_mask(seed, shape, p)), (shape, seed, p)
+
+
+def test_triton_keep_mask_rounds_p_to_the_nearest_multiple_of_2_to_the_minus_16():
+    keep_mask = _triton_keep_mask()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    seed, shape = 321, (3, 29)
+    p_drops, p_keeps = reference.rounding_probes(seed, shape)
+    for p, kept in ((p_drops, False), (p_keeps, True)):
+        got = keep_mask(torch.tensor(seed), shape, p, device).cpu()
+        assert bool(got.reshape(-1)[0]) is kept and torch.equal(got, reference.philox_keep_mask(seed, shape, p)), p
 
 
 @pytest.mark.parametrize("transposed_tiles", [False, True])
