@@ -1,16 +1,16 @@
 """Dropout keep-masks from Triton's counter-based Philox RNG, regenerated instead of stored.
 
 A tensor is viewed as rows of its last dim, L long. Element (r, c) is kept when h >= t, where h is
-16-bit half c % 2 (0: the low half) of word (c % 8) // 2 of ``tl.randint4x(seed, g)``, with
-g = r * ceil(L / 8) + c // 8, and t = round(p * 2^16) (:func:`drop_threshold`): one
-Philox-4x32-10 call for every 8 consecutive elements of a row (each row's groups padded to 8, so
-that no group straddles two rows), all 128 of its bits used. A 16-bit uniform rounds p to the
-nearest multiple of 2^-16 (p = 0.1 drops with probability 0.100006; FlashAttention compares 8 bits,
-which rounds it to a multiple of 1/256), and halves the random-number work of a 32-bit uniform per
-element. The forward and backward kernels of an op evaluate the same function, so the backward
-needs no stored mask, and :func:`dropout_keep_mask` evaluates it for a whole tensor: the debug path
-that lets tests build a reference with exactly the kernels' mask. The CUDA backend evaluates the
-same function (``csrc/common/philox.cuh``).
+16-bit half c % 2 (0: the low half) of word (c % 8) // 2 of Philox-4x32-10 with key (seed_lo,
+seed_hi) and counter (g_lo, g_hi, 0, 0), g = r * ceil(L / 8) + c // 8 (:func:`_philox`), and t =
+round(p * 2^16) (:func:`drop_threshold`): one call for every 8 consecutive elements of a row (each
+row's groups padded to 8, so that no group straddles two rows), all 128 of its bits used. A 16-bit
+uniform rounds p to the nearest multiple of 2^-16 (p = 0.1 drops with probability 0.100006;
+FlashAttention compares 8 bits, which rounds it to a multiple of 1/256), and halves the
+random-number work of a 32-bit uniform per element. The forward and backward kernels of an op
+evaluate the same function, so the backward needs no stored mask, and :func:`dropout_keep_mask`
+evaluates it for a whole tensor: the debug path that lets tests build a reference with exactly the
+kernels' mask. The CUDA backend evaluates the same function (``csrc/common/philox.cuh``).
 """
 
 from __future__ import annotations
@@ -22,11 +22,25 @@ import triton.language as tl
 from fastformer.triton import _major_minor
 from fastformer.validation import check_seed
 
-# Group offsets are int32 while the tensor's elements fit, else int64. tl.randint4x runs
-# Philox-4x32 either way, with the counter (offset_lo, offset_hi, 0, 0), so both give the same
-# mask; int32 is cheaper.
+# Group offsets are int32 while the tensor's elements fit, else int64 (cheaper in int32; the same
+# Philox counter either way).
 INT32_LIMIT = 2**31
 GROUP = 8  # elements per Philox call: the two 16-bit halves of each of its four words
+
+
+@triton.jit
+def _philox(seed, groups):
+    """The four 32-bit words of Philox-4x32-10 for each group: key (seed_lo, seed_hi), counter
+    (group_lo, group_hi, 0, 0). What tl.randint4x computes from Triton 3.4 on; before, it ran
+    Philox-4x64 on int64 offsets (another mask past 2^31 elements), so the counter words are
+    split here."""
+    low = groups.to(tl.uint32)  # the low 32 bits (groups are never negative)
+    zero = low * 0
+    if tl.constexpr(groups.dtype.primitive_bitwidth) > 32:
+        high = (groups >> 32).to(tl.uint32)
+    else:
+        high = zero
+    return tl.philox(seed, low, high, zero, zero)
 
 
 @triton.jit
@@ -42,7 +56,7 @@ def dropout_keep(seed, rows, col_start, row_length, dropout_p, WIDE_OFFSETS: tl.
     """The keep-mask of a (rows, BLOCK_COLS) tile, or of its transpose (BLOCK_COLS, rows) with
     TRANSPOSED: rows holds the tile's row indices (1-D), its columns are col_start .. col_start +
     BLOCK_COLS - 1 with col_start a multiple of 8, and True marks the elements that survive dropout
-    with probability 1 - dropout_p. One tl.randint4x call per group of 8 columns: the eight halves
+    with probability 1 - dropout_p. One Philox call per group of 8 columns: the eight halves
     are interleaved with tl.join (a broadcast of each word over its group instead makes Triton 3.8
     draw each group twice), and the transpose is that tile transposed."""
     if TRANSPOSED and not _JOIN_THEN_TRANSPOSE:
@@ -53,7 +67,7 @@ def dropout_keep(seed, rows, col_start, row_length, dropout_p, WIDE_OFFSETS: tl.
         groups = rows[:, None] * ((row_length + 7) // 8) + octets[None, :]
         if not WIDE_OFFSETS:
             groups = groups.to(tl.int32)
-        u0, u1, u2, u3 = tl.randint4x(seed, groups)
+        u0, u1, u2, u3 = _philox(seed, groups)
         # (rows, BLOCK_COLS / 8, 2, 2) with [.., k, l] = u_{2k + l}, then the halves as the last
         # dim, flattened: column c takes half c % 2 of u_{(c % 8) // 2}
         words = tl.join(tl.join(u0, u2), tl.join(u1, u3))
@@ -80,7 +94,7 @@ def _dropout_keep_transposed_by_selects(seed, rows, col_start, row_length, dropo
     groups = octets[:, None] + rows[None, :] * ((row_length + 7) // 8)
     if not WIDE_OFFSETS:
         groups = groups.to(tl.int32)
-    u0, u1, u2, u3 = tl.randint4x(seed, groups)
+    u0, u1, u2, u3 = _philox(seed, groups)
     column = tl.arange(0, BLOCK_COLS)[:, None]  # the tile's rows are the mask's columns
     word = (column % 8) // 2
     u = tl.where(word == 0, _spread(u0, BLOCK_COLS),
