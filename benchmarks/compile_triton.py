@@ -11,9 +11,12 @@ autotune configuration, the same argument divisibility. Nothing is computed; ten
 allocated and never touched (the 2**31-element cases of the int64-offset paths cost no memory).
 
 Per compiled kernel it reports the shared memory it needs, registers per thread, bytes spilled to
-local memory (``cuobjdump --dump-resource-usage`` on the cubin), the MMA instruction used, and the
+local memory (``cuobjdump --dump-resource-usage`` on the cubin), the MMA instruction used, the
 widest global load and cp.async copy in bytes (1- or 2-byte accesses to 16-bit data mean that
-Triton could not prove the rows aligned; no cp.async in a multi-stage loop means no pipelining).
+Triton could not prove the rows aligned; no cp.async in a multi-stage loop means no pipelining),
+and the 32-bit high multiplies of its PTX (``mul.hi``: two per Philox round, 20 per call of the
+dropout masks' Philox-4x32-10, which the kernels' other arithmetic hardly uses: a count of the
+random-number work a thread does).
 
 Exit status 1 when a kernel fails to compile, when a launch has no configuration that fits the
 target's shared memory (an autotuned launch may keep configurations that do not fit: the autotuner
@@ -83,6 +86,7 @@ class Compiled:
     mma: str = ""
     load_bytes: int = 0         # the widest ld.global
     async_copy_bytes: int = 0   # the widest cp.async (global to shared) copy; 0: none
+    mul_hi: int = 0             # mul.hi.u32 in the PTX: 20 per Philox call
     seconds: float = 0.0
     error: str | None = None
 
@@ -191,6 +195,7 @@ class _Recorder:
             record.registers, record.spill_bytes = _resources(kernel.asm["cubin"])
             record.mma = _mma(kernel.asm["ptx"])
             record.load_bytes, record.async_copy_bytes = _widest_accesses(kernel.asm["ptx"])
+            record.mul_hi = len(re.findall(r"\bmul\.hi\.u32\b", kernel.asm["ptx"]))
         self.results.append(record)
         return kernel
 
@@ -410,7 +415,7 @@ _SWITCHES = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "BLOCK")
 
 def format_results(results: list[Compiled]) -> str:
     header = ["arch", "kernel", "blocks", "warps", "stages", "shared KiB", "regs", "spill B", "mma",
-              "load B", "cp.async B", "s", "note"]
+              "load B", "cp.async B", "mul.hi", "s", "note"]
     rows = [header]
     for r in results:
         blocks = "x".join(str(r.constants[k]) for k in _SWITCHES if k in r.constants)
@@ -419,7 +424,7 @@ def format_results(results: list[Compiled]) -> str:
                      "" if r.shared_bytes is None else f"{r.shared_bytes / 1024:.0f}",
                      "" if r.registers is None else str(r.registers),
                      "" if r.spill_bytes is None else str(r.spill_bytes), r.mma, str(r.load_bytes),
-                     str(r.async_copy_bytes), f"{r.seconds:.1f}", note])
+                     str(r.async_copy_bytes), str(r.mul_hi), f"{r.seconds:.1f}", note])
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 

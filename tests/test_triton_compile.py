@@ -10,6 +10,7 @@ checks that the script reports what it claims to (compile errors, shared memory,
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -26,6 +27,12 @@ def _run(args, cwd, timeout):
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout,
                           env=env, cwd=cwd)
+
+
+def _join_then_transpose() -> bool:
+    from fastformer.triton import dropout
+
+    return bool(dropout._JOIN_THEN_TRANSPOSE)
 
 
 def test_every_kernel_compiles_for_sm90_and_sm80(tmp_path):
@@ -59,6 +66,25 @@ def test_every_kernel_compiles_for_sm90_and_sm80(tmp_path):
         hidden_200 = [k for k in kernels
                       if k["arch"] == arch and k["case"] == "layer_norm fp32 N200 residual dropout"]
         assert hidden_200 and all(k["load_bytes"] >= 8 for k in hidden_200)  # 16-byte rows: vectors
+        # Dropout's Philox-4x32-10 (20 mul.hi a call) is compiled in only with dropout, and an
+        # attention thread draws its share of one call per 8 scores, ceil(BLOCK_M BLOCK_N / 8 /
+        # threads) calls, not a multiple of it (a mask laid out so that threads repeat each
+        # other's calls would be; Triton 3.2 and 3.3 do that in the dK/dV kernel's transposed one).
+        with_dropout = 0
+        for k in kernels:
+            if k["arch"] != arch or "HAS_DROPOUT" not in k["constants"]:
+                continue
+            if not k["constants"]["HAS_DROPOUT"]:
+                assert k["mul_hi"] == 0, k
+                continue
+            assert k["mul_hi"] >= 20, k
+            if k["kernel"] in ("_attention_fwd_kernel", "_attention_bwd_dq_kernel") or (
+                    k["kernel"] == "_attention_bwd_dkdv_kernel" and _join_then_transpose()):
+                tile = k["constants"]["BLOCK_M"] * k["constants"]["BLOCK_N"]
+                calls = math.ceil(tile / 8 / (32 * k["num_warps"]))
+                assert k["mul_hi"] <= 22 * calls, (k["kernel"], k["constants"], k["num_warps"], k["mul_hi"])
+                with_dropout += 1
+        assert with_dropout >= 10
 
 
 def test_tests_launch_one_attention_config_unless_told(tmp_path):
