@@ -22,22 +22,21 @@ import triton.language as tl
 from fastformer.triton import _major_minor
 from fastformer.validation import check_seed
 
-# Group offsets are int32 while the tensor's elements fit, else int64 (cheaper in int32; the same
-# Philox counter either way).
+# Past this many elements the groups' Philox counters take a high word (WIDE_OFFSETS).
 INT32_LIMIT = 2**31
 GROUP = 8  # elements per Philox call: the two 16-bit halves of each of its four words
 
 
 @triton.jit
-def _philox(seed, groups):
+def _philox(seed, groups, WIDE_OFFSETS: tl.constexpr):
     """The four 32-bit words of Philox-4x32-10 for each group: key (seed_lo, seed_hi), counter
-    (group_lo, group_hi, 0, 0). What tl.randint4x computes from Triton 3.4 on; before, it ran
-    Philox-4x64 on int64 offsets (another mask past 2^31 elements), so the counter words are
-    split here."""
+    (group_lo, group_hi, 0, 0), group_hi = 0 unless WIDE_OFFSETS. What tl.randint4x computes from
+    Triton 3.4 on; before, it ran Philox-4x64 on int64 offsets (another mask past 2^31 elements),
+    so the counter words are split here."""
     low = groups.to(tl.uint32)  # the low 32 bits (groups are never negative)
     zero = low * 0
-    if tl.constexpr(groups.dtype.primitive_bitwidth) > 32:
-        high = (groups >> 32).to(tl.uint32)
+    if WIDE_OFFSETS:
+        high = (groups.to(tl.int64) >> 32).to(tl.uint32)
     else:
         high = zero
     return tl.philox(seed, low, high, zero, zero)
@@ -65,9 +64,7 @@ def dropout_keep(seed, rows, col_start, row_length, dropout_p, WIDE_OFFSETS: tl.
     else:
         octets = col_start // 8 + tl.arange(0, BLOCK_COLS // 8)
         groups = rows[:, None] * ((row_length + 7) // 8) + octets[None, :]
-        if not WIDE_OFFSETS:
-            groups = groups.to(tl.int32)
-        u0, u1, u2, u3 = _philox(seed, groups)
+        u0, u1, u2, u3 = _philox(seed, groups, WIDE_OFFSETS)
         # (rows, BLOCK_COLS / 8, 2, 2) with [.., k, l] = u_{2k + l}, then the halves as the last
         # dim, flattened: column c takes half c % 2 of u_{(c % 8) // 2}
         words = tl.join(tl.join(u0, u2), tl.join(u1, u3))
@@ -92,9 +89,7 @@ def _dropout_keep_transposed_by_selects(seed, rows, col_start, row_length, dropo
                                         BLOCK_COLS: tl.constexpr):
     octets = col_start // 8 + tl.arange(0, BLOCK_COLS // 8)
     groups = octets[:, None] + rows[None, :] * ((row_length + 7) // 8)
-    if not WIDE_OFFSETS:
-        groups = groups.to(tl.int32)
-    u0, u1, u2, u3 = _philox(seed, groups)
+    u0, u1, u2, u3 = _philox(seed, groups, WIDE_OFFSETS)
     column = tl.arange(0, BLOCK_COLS)[:, None]  # the tile's rows are the mask's columns
     word = (column % 8) // 2
     u = tl.where(word == 0, _spread(u0, BLOCK_COLS),
