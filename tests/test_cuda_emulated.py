@@ -139,6 +139,8 @@ CASES = [
     ((1, 3, 3, 50, 66), "float", 32, torch.float16),
     ((2, 2, 2, 71, 71), "causal+float", 64, torch.bfloat16),
     ((3, 2, 2, 1, 1), "none", 8, torch.float16),
+    # two 128-row blocks of the forward (head dims <= 64), the diagonal crossing both m16 tiles of a warp
+    ((1, 2, 1, 200, 150), "causal+padding", 64, torch.float16),
 ]
 
 
@@ -206,13 +208,17 @@ def test_attention_output_and_gradients_come_in_the_inputs_memory_order(order):
     assert blhd.transpose(1, 2).is_contiguous() and torch.equal(blhd, out)
 
 
-DROPOUT_CASES = [("none", 64, torch.float16), ("causal+padding", 32, torch.bfloat16), ("float", 128, torch.float16)]
+DROPOUT_CASES = [
+    ("none", 64, torch.float16, (2, 2, 1, 45, 70)),
+    ("causal+padding", 32, torch.bfloat16, (2, 2, 1, 45, 70)),
+    ("float", 128, torch.float16, (2, 2, 1, 45, 70)),
+    ("causal", 64, torch.bfloat16, (1, 2, 2, 160, 90)),  # every m16 tile of a 128-row forward block
+]
 
 
-@pytest.mark.parametrize("mask_kind, dim, dtype", DROPOUT_CASES, ids=str)
-def test_attention_dropout_matches_reference_with_the_same_mask(mask_kind, dim, dtype):
-    cuda_tests.check_dropout_matches_reference_with_the_same_mask(mask_kind, dim, dtype, shape=(2, 2, 1, 45, 70),
-                                                                  device="cpu")
+@pytest.mark.parametrize("mask_kind, dim, dtype, shape", DROPOUT_CASES, ids=str)
+def test_attention_dropout_matches_reference_with_the_same_mask(mask_kind, dim, dtype, shape):
+    cuda_tests.check_dropout_matches_reference_with_the_same_mask(mask_kind, dim, dtype, shape=shape, device="cpu")
 
 
 @pytest.mark.parametrize("dim", [50, 64])

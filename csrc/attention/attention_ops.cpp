@@ -59,8 +59,8 @@ Sizes check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
               "sequence lengths must fit in int32");
   // Every launch puts its CTAs on gridDim.x (flat_grid_ctas; the preprocess kPreprocessRowsPerCta rows each).
   const int64_t rows = s.batch * s.heads_q * s.len_q;
-  const int64_t ctas = std::max({flat_grid_ctas(s.len_q, s.heads_q, s.batch),
-                                 flat_grid_ctas(s.len_k, s.heads_k, s.batch),
+  const int64_t ctas = std::max({flat_grid_ctas(s.len_q, kMinRowsPerCta, s.heads_q, s.batch),
+                                 flat_grid_ctas(s.len_k, kMinRowsPerCta, s.heads_k, s.batch),
                                  (rows + kPreprocessRowsPerCta - 1) / kPreprocessRowsPerCta});
   TORCH_CHECK(ctas <= std::numeric_limits<int>::max(), kOp, "batch ", s.batch, " x heads ", s.heads_q,
               " x sequence lengths ", s.len_q, ", ", s.len_k, " need ", ctas,

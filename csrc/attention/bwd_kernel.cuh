@@ -84,7 +84,7 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dkdv_kernel(const 
   T* sQ = sV + BN * LD;       // two buffers of BM rows
   T* sdO = sQ + 2 * BM * LD;  // two buffers of BM rows
 
-  const GridPlace place = grid_place(p.len_k, p.heads_k);
+  const GridPlace place = grid_place(p.len_k, BN, p.heads_k);
   const int n0 = place.block * BN;
   const int hk = place.head;
   const int b = place.batch;
@@ -294,7 +294,7 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dq_kernel(const At
   T* sK = sdO + BM * LD;      // two buffers of BN rows
   T* sV = sK + 2 * BN * LD;   // two buffers of BN rows
 
-  const GridPlace place = grid_place(p.len_q, p.heads_q);
+  const GridPlace place = grid_place(p.len_q, BM, p.heads_q);
   const int m0 = place.block * BM;
   const int h = place.head;
   const int b = place.batch;

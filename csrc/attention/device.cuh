@@ -45,7 +45,6 @@
 
 #include <cstdint>
 
-#include "attention/launch.h"  // kRowsPerCta
 #include "common/kernel_runtime.cuh"
 #if defined(FASTFORMER_CPU_EMULATION)
 #include "cuda_emulator_ptx.h"  // the PTX wrappers below, emulated
@@ -57,14 +56,14 @@ namespace attention {
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
-// A CTA's (row block, head, batch) on the flat grid of flat_grid_ctas(rows, heads, batch) CTAs
+// A CTA's (row block, head, batch) on the flat grid of flat_grid_ctas(rows, rows_per_cta, heads, batch) CTAs
 // (launch.h): blocks vary fastest, then heads, then the batch, the order in which a (blocks,
 // heads, batch) grid runs, so that CTAs reading the same K/V still run together.
 struct GridPlace {
   int block, head, batch;
 };
-__device__ __forceinline__ GridPlace grid_place(int rows, int heads) {
-  const int blocks = (rows + kRowsPerCta - 1) / kRowsPerCta;
+__device__ __forceinline__ GridPlace grid_place(int rows, int rows_per_cta, int heads) {
+  const int blocks = (rows + rows_per_cta - 1) / rows_per_cta;
   const int cta = static_cast<int>(blockIdx.x);
   const int head_batch = cta / blocks;
   return {cta % blocks, head_batch % heads, head_batch / heads};

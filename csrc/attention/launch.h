@@ -16,8 +16,9 @@ namespace attention {
 constexpr int kHeadDims[] = {32, 64, 96, 128};
 constexpr int kMaxHeadDim = 128;
 
-// Rows (queries, or keys for dK/dV) per CTA of the forward, dK/dV and dQ kernels (traits.h).
-constexpr int kRowsPerCta = 64;
+// Rows (queries, or keys for dK/dV) per CTA: 64 in the dK/dV and dQ kernels, 64 or 128 in the
+// forward (traits.h). The grid-size check of attention_ops.cpp counts with the smallest.
+constexpr int kMinRowsPerCta = 64;
 
 // Rows of (B, Hq, Lq) per CTA of the backward's preprocess (delta): one warp each.
 constexpr int kPreprocessRowsPerCta = 8;
@@ -25,8 +26,8 @@ constexpr int kPreprocessRowsPerCta = 8;
 // The CTAs of a (row block, head, batch) launch, all on gridDim.x (grid_place in device.cuh
 // decodes them): gridDim.y and gridDim.z stop at 65535, which a batch of 65536 short sequences
 // passes; x holds 2^31 - 1 CTAs, which attention_ops.cpp checks.
-inline int64_t flat_grid_ctas(int64_t rows, int64_t heads, int64_t batch) {
-  return (rows + kRowsPerCta - 1) / kRowsPerCta * heads * batch;
+inline int64_t flat_grid_ctas(int64_t rows, int rows_per_cta, int64_t heads, int64_t batch) {
+  return (rows + rows_per_cta - 1) / rows_per_cta * heads * batch;
 }
 
 // Smallest compiled head dim >= dim, or 0 when dim > kMaxHeadDim.

@@ -26,7 +26,7 @@ void run_attention_fwd(const AttentionParams& p, cudaStream_t stream) {
   auto kernel = general_variant(p) ? attention_fwd_kernel<Tr, true> : attention_fwd_kernel<Tr, false>;
   constexpr int smem = Tr::kFwdSmemBytes;
   allow_dynamic_shared_memory(kernel, smem);
-  const dim3 grid(static_cast<unsigned>(flat_grid_ctas(p.len_q, p.heads_q, p.batch)));
+  const dim3 grid(static_cast<unsigned>(flat_grid_ctas(p.len_q, Tr::kBlockM, p.heads_q, p.batch)));
   FASTFORMER_LAUNCH(kernel, grid, Tr::kThreads, smem, stream)(p);
 }
 
@@ -43,13 +43,13 @@ void run_attention_bwd(const AttentionBwdParams& p, cudaStream_t stream) {
   auto dkdv = general ? attention_bwd_dkdv_kernel<Tr, true> : attention_bwd_dkdv_kernel<Tr, false>;
   constexpr int dkdv_smem = Tr::kBwdKvSmemBytes;
   allow_dynamic_shared_memory(dkdv, dkdv_smem);
-  const dim3 dkdv_grid(static_cast<unsigned>(flat_grid_ctas(p.len_k, p.heads_k, p.batch)));
+  const dim3 dkdv_grid(static_cast<unsigned>(flat_grid_ctas(p.len_k, Tr::kBwdKvBlockN, p.heads_k, p.batch)));
   FASTFORMER_LAUNCH(dkdv, dkdv_grid, Tr::kThreads, dkdv_smem, stream)(p);
 
   auto dq = general ? attention_bwd_dq_kernel<Tr, true> : attention_bwd_dq_kernel<Tr, false>;
   constexpr int dq_smem = Tr::kBwdQSmemBytes;
   allow_dynamic_shared_memory(dq, dq_smem);
-  const dim3 dq_grid(static_cast<unsigned>(flat_grid_ctas(p.len_q, p.heads_q, p.batch)));
+  const dim3 dq_grid(static_cast<unsigned>(flat_grid_ctas(p.len_q, Tr::kBwdQBlockM, p.heads_q, p.batch)));
   FASTFORMER_LAUNCH(dq, dq_grid, Tr::kThreads, dq_smem, stream)(p);
 }
 

@@ -1,13 +1,19 @@
 // Compile-time shape of the attention kernels for one (head dim, element type).
 //
-// Every kernel runs kWarps = 4 warps; each warp owns 16 rows of the tile it iterates with (the M
-// of one mma.sync m16n8k16), so "rows per CTA" = 16 * kWarps = 64:
-//   forward:  64 query rows per CTA, key/value tiles of kBlockN = 64 keys streamed.
+// Every kernel runs kWarps = 4 warps; each warp owns 16 rows (the M of one mma.sync m16n8k16) or,
+// in the forward up to head dim 64, 32 rows (kFwdMTiles = 2 m16 tiles) of the tile it holds:
+//   forward:  128 query rows per CTA up to head dim 64, else 64; key/value tiles of kBlockN = 64
+//             keys streamed.
 //   dK/dV:    64 keys per CTA (16 per warp), query tiles of kBwdKvBlockM streamed, over every
 //             query head of the key/value head (GQA).
 //   dQ:       64 query rows per CTA, key/value tiles of kBwdQBlockN streamed.
-// Above head dim 64 the streamed tile of the backward kernels is 32 rows, so that the two
-// float32 score tiles (S and dP) and the two head-dim-wide accumulators fit in registers.
+// Why two m16 tiles a warp in the forward: a K or V fragment a warp reads from shared memory
+// (ldmatrix.x4: 512 bytes, 4 cycles of an SM's 128 bytes a cycle) feeds two mma.sync m16n8k16 per
+// m16 tile (2 cycles each on sm_80's 2048 FLOP a cycle per SM, fewer on sm_90). With one tile a
+// warp the products wait on shared memory; with two they do not (FlashAttention-2 holds 128 query
+// rows with 4 warps too). Above head dim 64 the second tile's accumulator does not fit in registers,
+// and the streamed tile of the backward kernels is 32 rows, so that the two float32 score tiles
+// (S and dP) and the two head-dim-wide accumulators fit.
 //
 // Shared memory rows hold kHeadDim elements plus 8 of padding (16 bytes): a row is then an odd
 // number of 16-byte chunks (HD/8 + 1 = 5, 9, 13, 17), so the 8 row addresses of one ldmatrix
@@ -15,7 +21,7 @@
 // bank groups: no bank conflicts, without a swizzle.
 #pragma once
 
-#include "attention/launch.h"  // kRowsPerCta
+#include "attention/launch.h"  // kMinRowsPerCta
 
 namespace fastformer {
 namespace attention {
@@ -30,7 +36,9 @@ struct AttentionTraits {
   static constexpr int kSmemStride = kHeadDim + 8;  // elements per shared-memory row
 
   // forward
-  static constexpr int kBlockM = kRowsPerWarp * kWarps;
+  static constexpr int kFwdMTiles = kHeadDim <= 64 ? 2 : 1;  // m16 tiles of query rows a warp
+  static constexpr int kFwdRowsPerWarp = kRowsPerWarp * kFwdMTiles;
+  static constexpr int kBlockM = kFwdRowsPerWarp * kWarps;
   static constexpr int kBlockN = 64;
   // backward, dK/dV kernel (keys held, queries streamed)
   static constexpr int kBwdKvBlockN = kRowsPerWarp * kWarps;
@@ -50,8 +58,8 @@ struct AttentionTraits {
   static_assert(sizeof(Element) == kElementBytes, "16-bit elements only (half, bfloat16)");
   static_assert(kHeadDim % 16 == 0 && kHeadDim >= 32 && kHeadDim <= 128,
                 "head dim: a multiple of 16 (the k of m16n8k16) in 32..128");
-  static_assert(kBlockM == kRowsPerCta && kBwdKvBlockN == kRowsPerCta && kBwdQBlockM == kRowsPerCta,
-                "the launches' flat grids (launch.h) count kRowsPerCta rows per CTA");
+  static_assert(kBlockM >= kMinRowsPerCta && kBwdKvBlockN >= kMinRowsPerCta && kBwdQBlockM >= kMinRowsPerCta,
+                "the grid-size check (attention_ops.cpp) counts at least kMinRowsPerCta rows per CTA");
   static_assert(kBlockN % 16 == 0 && kBwdKvBlockM % 16 == 0 && kBwdQBlockN % 16 == 0,
                 "streamed tiles are whole k16 slices of the P.V / dS.K / P^T.dO products");
   static_assert(kSmemStride % 8 == 0 && (kSmemStride / 8) % 2 == 1,
