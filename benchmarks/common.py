@@ -25,12 +25,14 @@ from __future__ import annotations
 import csv
 import dataclasses
 import datetime
+import importlib.util
 import inspect
 import json
 import math
 import os
 import platform
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -106,6 +108,16 @@ def command_line() -> str:
         world, local = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         command = f"torchrun --nnodes {max(1, world // local)} --nproc_per_node {local} " + command[len("python "):]
     return command
+
+
+def cuobjdump() -> str | None:
+    """cuobjdump: the copy in Triton's wheel (CUDA toolkits reduced to nvcc lack it), else PATH's."""
+    spec = importlib.util.find_spec("triton")
+    if spec is not None and spec.origin:
+        bundled = Path(spec.origin).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+        if bundled.exists():
+            return str(bundled)
+    return shutil.which("cuobjdump")
 
 
 def fastformer_source() -> str:

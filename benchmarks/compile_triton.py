@@ -35,7 +35,6 @@ import itertools
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -118,15 +117,10 @@ class _CompileOnlyDriver:
         return lambda *args, **kwargs: float("inf")
 
 
-def _cuobjdump() -> str | None:
-    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    return str(bundled) if bundled.exists() else shutil.which("cuobjdump")
-
-
 def _resources(cubin: bytes) -> tuple[int | None, int | None]:
     """(registers per thread, bytes of stack frame + local memory per thread: where ptxas puts
     spilled registers) of the cubin's only kernel."""
-    tool = _cuobjdump()
+    tool = common.cuobjdump()
     if tool is None:
         return None, None
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
