@@ -69,7 +69,9 @@ def test_every_kernel_compiles_for_sm90_and_sm80(tmp_path):
         # Dropout's Philox-4x32-10 (20 mul.hi a call) is compiled in only with dropout, and an
         # attention thread draws its share of one call per 8 scores, ceil(BLOCK_M BLOCK_N / 8 /
         # threads) calls, not a multiple of it (a mask laid out so that threads repeat each
-        # other's calls would be; Triton 3.2 and 3.3 do that in the dK/dV kernel's transposed one).
+        # other's calls would be; Triton 3.2 and 3.3 do that in the dK/dV kernel's transposed one),
+        # in each compiled copy of the tile loop: the forward has two (tiles without a mask, then
+        # the others).
         with_dropout = 0
         for k in kernels:
             if k["arch"] != arch or "HAS_DROPOUT" not in k["constants"]:
@@ -82,7 +84,8 @@ def test_every_kernel_compiles_for_sm90_and_sm80(tmp_path):
                     k["kernel"] == "_attention_bwd_dkdv_kernel" and _join_then_transpose()):
                 tile = k["constants"]["BLOCK_M"] * k["constants"]["BLOCK_N"]
                 calls = math.ceil(tile / 8 / (32 * k["num_warps"]))
-                assert k["mul_hi"] <= 22 * calls, (k["kernel"], k["constants"], k["num_warps"], k["mul_hi"])
+                loops = 2 if k["kernel"] == "_attention_fwd_kernel" else 1
+                assert k["mul_hi"] <= 22 * calls * loops, (k["kernel"], k["constants"], k["num_warps"], k["mul_hi"])
                 with_dropout += 1
         assert with_dropout >= 10
 

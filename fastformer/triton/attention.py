@@ -21,9 +21,11 @@ What the kernels handle (everything the op table declares for "attention"):
 - GQA / MQA: key/value head = query head // (Hq // Hk), K and V never repeated in memory;
 - is_causal, top-left aligned (query i attends keys j <= i): key tiles above the diagonal are
   skipped (forward, dQ) and query tiles below it start the dK/dV loop;
-- key_padding_mask: read as one byte per key (nonzero = padding) inside each visited key tile,
-  and key tiles past each batch row's last unpadded key are skipped (right padding, the usual
-  case, costs no work for the padding; any other pattern is exact too). No host synchronisation;
+- key_padding_mask: key tiles past each batch row's last unpadded key are skipped, and the
+  forward reads the mask (one byte per key, nonzero = padding) inside key tiles only for batch
+  rows with padding before that key end (right padding, the usual case, costs no work for the
+  padding; any other pattern is exact too); the backward kernels read it in every tile. No host
+  synchronisation;
 - attn_mask, bool (True = attend) or additive float, broadcastable to (B, Hq, Lq, Lk), loaded tile
   by tile with stride 0 on its broadcast dims;
 - dropout from Philox, the scores viewed as B Hq Lq rows of Lk keys (``fastformer.triton.dropout``:
@@ -145,18 +147,38 @@ def _indices(start, BLOCK: tl.constexpr, WIDE_OFFSETS: tl.constexpr):
 
 
 @triton.jit
-def _key_end(PADDING_ROW, len_k):
-    """One past the last unpadded key of a key_padding_mask row (0 if every key is padding): the
-    key tiles from there on hold padding only and are not visited, so right padding (the usual
-    case) costs nothing. Each program reads the row itself, 2048 bytes at a time (one pass up to
-    Lk = 2048): no device ops before the launch to find it. Called before the first tile load:
-    after it, the forward kept 14 more registers a thread (168 -> 182 at 64 x 64 tiles, sm_90,
-    Triton 3.6), one CTA fewer per SM."""
+def _key_range(PADDING_ROW, len_k):
+    """(key end, holes): one past the last unpadded key of a key_padding_mask row (0 if every key
+    is padding), and whether any key before that end is padding. The key tiles from the end on
+    hold padding only and are not visited, so right padding (the usual case) costs nothing; without
+    holes the tiles before it need no padding mask either. Each program reads the row itself, 2048
+    bytes at a time (one pass up to Lk = 2048): no device ops before the launch to find it. Called
+    before the first tile load: after it, the forward kept 14 more registers a thread (168 -> 182
+    at 64 x 64 tiles, sm_90, Triton 3.6), one CTA fewer per SM."""
     end = tl.full([], 0, tl.int32)
+    unpadded = tl.full([], 0, tl.int32)
     for start in range(0, len_k, 2048):
         idx = start + tl.arange(0, 2048)
         padded = tl.load(PADDING_ROW + idx, mask=idx < len_k, other=1)
         end = tl.maximum(end, tl.max(tl.where(padded == 0, idx + 1, 0), axis=0))
+        unpadded += tl.sum((padded == 0).to(tl.int32), axis=0)
+    return end, unpadded < end
+
+
+@triton.jit
+def _unmasked_key_end(key_len, holes, start_m, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                      MASK_KIND: tl.constexpr, HAS_KEY_PADDING: tl.constexpr):
+    """The key tiles of a block of query rows from start_m that end before this need no mask:
+    whole tiles before the key end, at or below the causal diagonal of every row of the block,
+    without an attn_mask or padding holes. (Rows past Lq come from zero queries there, and what
+    they compute is not stored.)"""
+    end = 0
+    if MASK_KIND == 0:
+        end = key_len // BLOCK_N * BLOCK_N
+        if IS_CAUSAL:
+            end = tl.minimum(end, (start_m + 1) // BLOCK_N * BLOCK_N)
+        if HAS_KEY_PADDING:
+            end = tl.where(holes, 0, end)
     return end
 
 
@@ -219,8 +241,11 @@ def _attention_fwd_kernel(
     computed online over key tiles: with m' the new running max, l <- l exp(m - m') + sum exp(s - m')
     and acc <- acc exp(m - m') + exp(s - m') keep / (1 - p) @ v; o = acc / l at the end. A row
     whose scores are all -inf keeps m = -inf (its exponentials use 0 as the base: no NaN), l = 0,
-    and writes o = 0, lse = -inf. Key tiles past the row block's last visible key are not visited.
-    Works in base 2 (exp2) with log2(e) folded into the scale.
+    and writes o = 0, lse = -inf. Key tiles past the row block's last visible key are not visited,
+    and the loop runs in two stages: first the tiles that need no mask (whole tiles before the key
+    end and at or below the causal diagonal, with no attn_mask and no padding before the key end),
+    scores straight from q . k, then the others through ``_scores``. Works in base 2 (exp2) with
+    log2(e) folded into the scale.
     """
     start_m, h, b = _program_block(len_q, heads_q, BLOCK_M, FLAT_GRID)
     hk = h // group
@@ -231,8 +256,9 @@ def _attention_fwd_kernel(
 
     PADDING_ROW = KEY_PADDING + b * stride_pb
     key_len = len_k
+    holes = False
     if HAS_KEY_PADDING:
-        key_len = _key_end(PADDING_ROW, len_k)
+        key_len, holes = _key_range(PADDING_ROW, len_k)
     q = _load_tile(Q + b * stride_qb + h * stride_qh + offs_d[None, :] * stride_qd, offs_m[:, None] * stride_qm,
                    offs_m[:, None] < len_q, offs_d[None, :] < dim, ALIGN, 1, DOT_IN_FP32)
     K_TILE = K + b * stride_kb + hk * stride_kh + offs_d[None, :] * stride_kd
@@ -245,31 +271,40 @@ def _attention_fwd_kernel(
     end_n = key_len
     if IS_CAUSAL:
         end_n = tl.minimum(end_n, start_m + BLOCK_M)
+    unmasked_end = _unmasked_key_end(key_len, holes, start_m, BLOCK_N, IS_CAUSAL, MASK_KIND, HAS_KEY_PADDING)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
-    for start_n in range(0, end_n, BLOCK_N):
-        idx_n = start_n + offs_n
-        k = _load_tile(K_TILE, idx_n[:, None] * stride_kn, idx_n[:, None] < key_len, offs_d[None, :] < dim,
-                       ALIGN, 1, DOT_IN_FP32)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        s = _scores(qk, offs_m[:, None], idx_n[None, :], MASK_TILE, stride_mm, stride_mn, PADDING_ROW, len_q,
-                    key_len, qk_scale, IS_CAUSAL, MASK_KIND, HAS_KEY_PADDING)
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        base = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: exp2(-inf - 0) = 0
-        p = tl.math.exp2(s - base[:, None])
-        alpha = tl.math.exp2(m_i - base)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None]
-        if HAS_DROPOUT:
-            # the scores are rows (b Hq + h) Lq + i of Lk keys: row_base = (b Hq + h) Lq
-            keep = dropout_keep(seed, row_base + offs_m, start_n, len_k, dropout_p, WIDE_OFFSETS, BLOCK_N)
-            p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-        v = _load_tile(V_TILE, idx_n[:, None] * stride_vn, idx_n[:, None] < key_len, offs_dv[None, :] < dim_v,
-                       ALIGN, 1, DOT_IN_FP32)
-        acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    for stage in tl.static_range(2):  # 0: the tiles without a mask, 1: the others
+        if stage == 0:
+            lo, hi = 0, unmasked_end
+        else:
+            lo, hi = unmasked_end, end_n
+        for start_n in range(lo, hi, BLOCK_N):
+            idx_n = start_n + offs_n
+            k = _load_tile(K_TILE, idx_n[:, None] * stride_kn, idx_n[:, None] < key_len, offs_d[None, :] < dim,
+                           ALIGN, 1, DOT_IN_FP32)
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+            if stage == 0:
+                s = qk * qk_scale
+            else:
+                s = _scores(qk, offs_m[:, None], idx_n[None, :], MASK_TILE, stride_mm, stride_mn, PADDING_ROW,
+                            len_q, key_len, qk_scale, IS_CAUSAL, MASK_KIND, HAS_KEY_PADDING)
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            base = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: exp2(-inf - 0) = 0
+            p = tl.math.exp2(s - base[:, None])
+            alpha = tl.math.exp2(m_i - base)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None]
+            if HAS_DROPOUT:
+                # the scores are rows (b Hq + h) Lq + i of Lk keys: row_base = (b Hq + h) Lq
+                keep = dropout_keep(seed, row_base + offs_m, start_n, len_k, dropout_p, WIDE_OFFSETS, BLOCK_N)
+                p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+            v = _load_tile(V_TILE, idx_n[:, None] * stride_vn, idx_n[:, None] < key_len, offs_dv[None, :] < dim_v,
+                           ALIGN, 1, DOT_IN_FP32)
+            acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            m_i = m_new
 
     alive = l_i > 0.0
     out = acc / tl.where(alive, l_i, 1.0)[:, None]
@@ -458,7 +493,7 @@ def _attention_bwd_dq_kernel(
     PADDING_ROW = KEY_PADDING + b * stride_pb
     key_len = len_k
     if HAS_KEY_PADDING:
-        key_len = _key_end(PADDING_ROW, len_k)
+        key_len, _ = _key_range(PADDING_ROW, len_k)
 
     q = _load_tile(Q + b * stride_qb + h * stride_qh + offs_d[None, :] * stride_qd, offs_m[:, None] * stride_qm,
                    offs_m[:, None] < len_q, offs_d[None, :] < dim, ALIGN, 1, DOT_IN_FP32)
