@@ -31,6 +31,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import shutil
 import signal
@@ -154,6 +155,12 @@ def device_name(device: str | torch.device) -> str:
     return device.type
 
 
+def without_paths(text: str) -> str:
+    """``text`` with the folders of its absolute paths dropped (an import error names the file it
+    could not load by its full path): results record no user path."""
+    return re.sub(r"(?<![\w.:/])/(?:[^\s/:()'\"]+/)+", "", text)
+
+
 def environment(device: str | torch.device | None = None) -> dict[str, Any]:
     """What the results were measured on. Holds no host name and no user path.
 
@@ -166,10 +173,10 @@ def environment(device: str | torch.device | None = None) -> dict[str, Any]:
         import fastformer
 
         fastformer_version = fastformer.__version__
-        backends = {name: ("available" if not reasons else "; ".join(reasons))
+        backends = {name: ("available" if not reasons else without_paths("; ".join(reasons)))
                     for name, reasons in fastformer.available_backends().items()}
     except Exception as exc:  # the environment header must never stop a benchmark
-        fastformer_version = f"not importable ({type(exc).__name__}: {exc})"
+        fastformer_version = without_paths(f"not importable ({type(exc).__name__}: {exc})")
         backends = {}
     env: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

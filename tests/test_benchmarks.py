@@ -374,3 +374,14 @@ def test_modules_suite_takes_every_head_count_and_dim():
     shapes = attention.module_shapes(args)
     assert {(s.heads, s.head_dim, s.seq_len) for s in shapes} == {
         (h, d, L) for h in (2, 4) for d in (8, 16) for L in (16, 32)}
+
+
+def test_environment_records_no_user_path(monkeypatch):
+    import fastformer
+
+    reason = "fastformer._C cannot be loaded (ImportError: /home/someone/src/fastformer/_C.cpython-311.so: undefined"
+    monkeypatch.setattr(fastformer, "available_backends", lambda: {"cuda": [reason], "torch": []})
+    backends = common.environment("cpu")["fastformer_backends"]
+    assert backends["torch"] == "available"
+    assert backends["cuda"] == "fastformer._C cannot be loaded (ImportError: _C.cpython-311.so: undefined"
+    assert common.without_paths("see /a/b/c.txt and ./d/e, http://x/y") == "see c.txt and ./d/e, http://x/y"
