@@ -7,6 +7,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastformer
+import reference
 from fastformer import dispatch
 
 # Relative error ||out - ref|| / ||ref|| against float64, from DESIGN.md.
@@ -76,6 +77,17 @@ def keep_mask_function(backend: str, monkeypatch):
     else:
         pytest.skip(f"no keep-mask debug path for the {backend} backend yet")
     return dropout_keep_mask
+
+
+def check_p_rounded_to_a_multiple_of_2_to_the_minus_16(keep_mask) -> None:
+    """``keep_mask(seed, shape, p)`` -> bool keep-mask: the kernels' masks round p to the nearest
+    multiple of 2^-16, as the documented mask does (``reference.rounding_probes``: a mask that
+    truncates p, or rounds it up, fails)."""
+    seed, shape = 321, (3, 29)
+    p_drops, p_keeps = reference.rounding_probes(seed, shape)
+    for p, kept in ((p_drops, False), (p_keeps, True)):
+        keep = keep_mask(seed, shape, p).cpu()
+        assert bool(keep.reshape(-1)[0]) is kept and torch.equal(keep, reference.philox_keep_mask(seed, shape, p)), p
 
 
 def record_bias_gelu_biases(monkeypatch) -> list:

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 import fastformer
-import reference
 from fastformer import cuda as cuda_backend
 from fastformer import dispatch, library
 from fastformer.dispatch import Call
+from helpers import check_p_rounded_to_a_multiple_of_2_to_the_minus_16
 
 CUDA = torch.device("cuda")
 
@@ -161,11 +161,8 @@ def test_keep_mask_cpu_matches_triton(seed, p):
 def test_keep_mask_cpu_rounds_p_to_the_nearest_multiple_of_2_to_the_minus_16():
     from fastformer.cuda.dropout import dropout_keep_mask
 
-    seed, shape = 321, (3, 29)
-    p_drops, p_keeps = reference.rounding_probes(seed, shape)
-    for p, kept in ((p_drops, False), (p_keeps, True)):
-        keep = dropout_keep_mask(torch.tensor(seed), shape, p, "cpu")
-        assert bool(keep.reshape(-1)[0]) is kept and torch.equal(keep, reference.philox_keep_mask(seed, shape, p)), p
+    check_p_rounded_to_a_multiple_of_2_to_the_minus_16(
+        lambda seed, shape, p: dropout_keep_mask(torch.tensor(seed), shape, p, "cpu"))
 
 
 @needs_extension

@@ -26,8 +26,8 @@ from cuda_emulator import build
 from fastformer.cuda import attention as cuda_attention
 from fastformer.cuda import bias_gelu as cuda_bias_gelu
 from fastformer.cuda import layer_norm as cuda_layer_norm
-from helpers import (ELEMENTWISE_TOL, PARAM_GRAD_TOL_HALF, Copies, HostReads, assert_rel_close, in_memory_order,
-                     misaligned, offset_by)
+from helpers import (ELEMENTWISE_TOL, PARAM_GRAD_TOL_HALF, Copies, HostReads, assert_rel_close,
+                     check_p_rounded_to_a_multiple_of_2_to_the_minus_16, in_memory_order, misaligned, offset_by)
 from test_attention import check_nan_and_inf_mask_values_give_nan_rows
 
 @pytest.fixture(scope="module", autouse=True)
@@ -116,11 +116,8 @@ def test_keep_mask_kernel_gives_the_documented_mask(emulated, shape, p):
 
 
 def test_keep_mask_kernel_rounds_p_to_the_nearest_multiple_of_2_to_the_minus_16(emulated):
-    seed, shape = 321, (3, 29)
-    p_drops, p_keeps = reference.rounding_probes(seed, shape)
-    for p, kept in ((p_drops, False), (p_keeps, True)):
-        keep = emulated.cuda_dropout_keep_mask(torch.tensor(seed), list(shape), p)
-        assert bool(keep.reshape(-1)[0]) is kept and torch.equal(keep, reference.philox_keep_mask(seed, shape, p)), p
+    check_p_rounded_to_a_multiple_of_2_to_the_minus_16(
+        lambda seed, shape, p: emulated.cuda_dropout_keep_mask(torch.tensor(seed), list(shape), p))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 import fastformer
 import reference
 from fastformer.torch_backend import dropout as torch_dropout
-from helpers import (BACKENDS, DEVICES, ELEMENTWISE_TOL, HostReads, assert_rel_close, require_backend,
+from helpers import (BACKENDS, DEVICES, ELEMENTWISE_TOL, HostReads, assert_rel_close,
+                     check_p_rounded_to_a_multiple_of_2_to_the_minus_16, require_backend,
                      seeded_gradients)
 from test_attention import assert_close_to_reference, make_qkv, padding_mask
 
@@ -210,11 +211,8 @@ def test_triton_keep_mask_is_the_documented_philox_function(seed, p):
 def test_triton_keep_mask_rounds_p_to_the_nearest_multiple_of_2_to_the_minus_16():
     keep_mask = _triton_keep_mask()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    seed, shape = 321, (3, 29)
-    p_drops, p_keeps = reference.rounding_probes(seed, shape)
-    for p, kept in ((p_drops, False), (p_keeps, True)):
-        got = keep_mask(torch.tensor(seed), shape, p, device).cpu()
-        assert bool(got.reshape(-1)[0]) is kept and torch.equal(got, reference.philox_keep_mask(seed, shape, p)), p
+    check_p_rounded_to_a_multiple_of_2_to_the_minus_16(
+        lambda seed, shape, p: keep_mask(torch.tensor(seed), shape, p, device))
 
 
 @pytest.mark.parametrize("transposed_tiles", [False, True])
