@@ -239,18 +239,24 @@ def _projection(batch, length, heads, dim, dtype):
 
 
 def attention_case(dtype, dim, *, dim_v=None, batch=2, heads=4, heads_k=None, len_q=128, len_k=None,
-                   causal=False, mask=None, padding=False, dropout=0.0, tf32=False) -> Callable[[], None]:
+                   causal=False, mask=None, padding=False, dropout=0.0, tf32=False,
+                   deterministic=False) -> Callable[[], None]:
     """tf32: float32 products on the tensor cores (torch.backends.cuda.matmul.allow_tf32 set during
-    the launches); without it float32 attention multiplies in full float32, without them."""
+    the launches); without it float32 attention multiplies in full float32, without them.
+    deterministic: the backward under torch.use_deterministic_algorithms(True), which takes the dQ
+    kernel (and the dK/dV kernel without atomic dQ)."""
     from fastformer.triton import attention as triton_attention
 
     def run():
         allowed = torch.backends.cuda.matmul.allow_tf32
+        modes = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
         torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.use_deterministic_algorithms(deterministic, warn_only=True)
         try:
             launch()
         finally:
             torch.backends.cuda.matmul.allow_tf32 = allowed
+            torch.use_deterministic_algorithms(modes[0], warn_only=modes[1])
 
     def launch():
         h_k, l_k, d_v = heads_k or heads, len_k or len_q, dim_v or dim
@@ -316,8 +322,12 @@ def default_cases() -> dict[str, Callable[[], None]]:
     return {
         "attention bf16 d64 L512 padding dropout": attention_case(BF16, 64, len_q=512, heads=12,
                                                                   padding=True, dropout=0.1),
+        "attention bf16 d64 L512 padding dropout deterministic": attention_case(
+            BF16, 64, len_q=512, heads=12, padding=True, dropout=0.1, deterministic=True),
         "attention fp16 d50 L97 causal bool-mask": attention_case(FP16, 50, len_q=97, causal=True,
                                                                   mask="bool"),
+        "attention fp16 d50 L97 causal bool-mask deterministic": attention_case(
+            FP16, 50, len_q=97, causal=True, mask="bool", deterministic=True),
         "attention fp32 d128 gqa float-mask": attention_case(FP32, 128, heads=8, heads_k=2,
                                                              mask="float"),
         "attention fp32 d64 tf32 causal padding": attention_case(FP32, 64, causal=True, padding=True,
@@ -348,7 +358,9 @@ def full_cases() -> dict[str, Callable[[], None]]:
     cases = default_cases()
     attention_features = {"plain": {}, "causal padding dropout bool-mask":
                           dict(causal=True, padding=True, dropout=0.1, mask="bool"),
-                          "gqa float-mask": dict(heads=8, heads_k=2, mask="float")}
+                          "gqa float-mask": dict(heads=8, heads_k=2, mask="float"),
+                          "causal padding dropout deterministic":
+                          dict(causal=True, padding=True, dropout=0.1, deterministic=True)}
     for dtype, dim, (features, kwargs) in itertools.product(
             (BF16, FP16, FP32), (32, 50, 64, 96, 128, 200, 256), attention_features.items()):
         cases[f"attention {_DTYPE_NAMES[dtype]} d{dim} {features}"] = attention_case(dtype, dim, **kwargs)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -20,6 +22,20 @@ PARAM_GRAD_TOL_HALF = 2e-1
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 BACKENDS = list(dispatch.BACKEND_NAMES)
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool = True):
+    """torch.use_deterministic_algorithms(enabled) inside the block, the previous setting after.
+    warn_only: other ops of a test (a float64 reference on the GPU) may have no deterministic
+    kernel. The attention backward of the fast backends sums dQ with float32 atomics unless this
+    is on; bitwise comparisons of attention gradients on a GPU need it."""
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(enabled, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
 
 
 def require_backend(backend: str, op, *args, **kwargs) -> None:

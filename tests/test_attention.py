@@ -12,8 +12,8 @@ import torch.nn.functional as F
 import fastformer
 import reference
 from fastformer.functional import _draw_seed
-from helpers import (ATTENTION_TOL, BACKENDS, DEVICES, assert_rel_close, in_memory_order, keep_mask_function,
-                     require_backend)
+from helpers import (ATTENTION_TOL, BACKENDS, DEVICES, assert_rel_close, deterministic_algorithms, in_memory_order,
+                     keep_mask_function, require_backend)
 
 # (B, Hq, Hk, Lq, Lk, D, Dv): odd sizes, GQA, MQA, a single key, Dv != D, Lq != Lk.
 SHAPES = [
@@ -523,6 +523,60 @@ def test_dropout_on_gpu_matches_reference_with_the_same_mask(dim, dtype, backend
     assert_close_to_reference(out, expected, q, k, v, dtype)
 
 
+# The fast kernels' backward adds each key block's share of dQ with float32 atomics (run-to-run
+# order varies); under torch.use_deterministic_algorithms(True) a dQ kernel of its own recomputes
+# the scores instead. Both paths, same inputs and dropout seed: each against the float64 reference
+# (with the keep mask of that seed), against each other, and bitwise reproducible when deterministic.
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", ["gqa+padding", "causal+dropout", "bool+dropout"])
+def test_backward_with_and_without_atomic_dq(case, dtype, backend, device, monkeypatch):
+    shape = (2, 4, 2, 70, 45, 50, 50) if case == "gqa+padding" else (2, 3, 3, 45, 70, 64, 32)
+    q, k, v = make_qkv(shape, dtype, device)
+    attn_mask, key_padding_mask, is_causal = make_masks(case, shape, dtype, device)
+    p = 0.3 if "dropout" in case else 0.0
+    kwargs = dict(attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal, dropout_p=p)
+    require_backend(backend, "attention", q, k, v, **kwargs)
+    keep_mask = keep_mask_function(backend, monkeypatch)
+    grad_out = torch.randn(*shape[:2], shape[3], shape[6], device=device, dtype=dtype)
+
+    def gradients():
+        out, seed = _same_seed_call(5, lambda: fastformer.attention(q, k, v, backend=backend, **kwargs), backend,
+                                    device)
+        return out, seed, _grads(out, (q, k, v), grad_out)
+
+    with deterministic_algorithms(False):
+        out, seed, atomic = gradients()
+    with deterministic_algorithms(True):
+        _, _, deterministic = gradients()
+        _, _, again = gradients()
+    keep = keep_mask(seed, (shape[0], shape[1], shape[3], shape[4]), p, device) if p else None
+    expected = reference.attention(q, k, v, keep=keep, **kwargs)
+    expected_grads = _grads(expected, (q, k, v), grad_out.double())
+    grad_tol = ATTENTION_TOL[dtype][1]
+    for name, a, d, r, want in zip("qkv", atomic, deterministic, again, expected_grads):
+        assert_rel_close(a, want, grad_tol, f"grad {name}, atomic dQ")
+        assert_rel_close(d, want, grad_tol, f"grad {name}, deterministic")
+        assert torch.equal(d, r), f"grad {name}: two deterministic runs differ"
+        # The two paths differ in the order of float32 sums and, in 16-bit dtypes, where dQ is rounded.
+        assert_rel_close(a, d, 1e-5 if dtype == torch.float32 else 1e-2, f"grad {name}, atomic vs deterministic")
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["default", "deterministic"])
+def test_triton_backward_launches_the_dq_kernel_only_when_deterministic(deterministic, monkeypatch):
+    from fastformer.triton import attention as triton_attention
+
+    q, k, v = make_qkv((1, 2, 2, 20, 20, 16, 16), torch.float32, "cpu")
+    require_backend("triton", "attention", q, k, v)
+    launched = []
+    launch = triton_attention._launch
+    monkeypatch.setattr(triton_attention, "_launch", lambda kind, *args: launched.append(kind) or launch(kind, *args))
+    with deterministic_algorithms(deterministic):
+        fastformer.attention(q, k, v, backend="triton").sum().backward()
+    assert launched == (["fwd", "dkdv", "dq"] if deterministic else ["fwd", "dkdv"])
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_dropout_is_reproducible_and_fresh_per_call(backend):
     q, k, v = make_qkv((2, 2, 2, 16, 16, 8, 8), torch.float32, "cpu", requires_grad=False)
@@ -647,10 +701,12 @@ def test_triton_grids_stay_within_cuda_limits_for_any_batch(monkeypatch):
     batch, heads, length, dim = 70000, 2, 3, 16
     q, k, v = (torch.randn(batch, heads, length, dim) for _ in range(3))
     out, lse = triton_attention.attention_fwd(q, k, v, None, None, 0.0, False, 0.25, None)
-    triton_attention.attention_bwd(torch.randn_like(out), q, k, v, out, lse, None, None, 0.0, False, 0.25,
-                                   None, False)
+    for deterministic in (False, True):
+        with deterministic_algorithms(deterministic):
+            triton_attention.attention_bwd(torch.randn_like(out), q, k, v, out, lse, None, None, 0.0, False, 0.25,
+                                           None, False)
     grids = [grid for grid, _ in launches]
-    assert len(grids) == 4  # forward, then delta, dK/dV and dQ
+    assert len(grids) == 1 + 2 + 3  # forward; delta and dK/dV; delta, dK/dV and dQ
     for grid in grids:
         assert all(size <= limit for size, limit in zip(grid, GRID_LIMITS)), f"grid {grid}"
         assert math.prod(grid) >= batch * heads, f"grid {grid} leaves out programs"
@@ -780,12 +836,14 @@ def test_triton_float32_products_follow_pytorch_float32_matmul_precision(monkeyp
                 (torch.bfloat16, False): "tf32", (torch.bfloat16, True): "tf32"}
     for (dtype, allow_tf32), precision in expected.items():
         q = torch.randn(1, 2, 5, 16, dtype=dtype)
-        with tf32_allowed(allow_tf32):
-            out, lse = triton_attention.attention_fwd(q, q, q, None, None, 0.0, False, 0.25, None)
-            triton_attention.attention_bwd(out, q, q, q, out, lse, None, None, 0.0, False, 0.25, None, False)
-        precisions = [kwargs.get("DOT_PRECISION") for _, kwargs in launches]
-        assert precisions == [precision, None, precision, precision], (dtype, allow_tf32)  # None: delta
-        launches.clear()
+        for deterministic in (False, True):  # the dQ kernel runs only in deterministic mode
+            with tf32_allowed(allow_tf32), deterministic_algorithms(deterministic):
+                out, lse = triton_attention.attention_fwd(q, q, q, None, None, 0.0, False, 0.25, None)
+                triton_attention.attention_bwd(out, q, q, q, out, lse, None, None, 0.0, False, 0.25, None, False)
+            precisions = [kwargs.get("DOT_PRECISION") for _, kwargs in launches]
+            # fwd, delta (None), dK/dV [, dQ]
+            assert precisions == [precision, None, precision] + [precision] * deterministic, (dtype, allow_tf32)
+            launches.clear()
 
 
 @pytest.mark.gpu

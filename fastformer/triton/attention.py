@@ -9,8 +9,11 @@ and value tiles of BLOCK_N rows stream through an online softmax; the program ke
 row max, row sum and a float32 output accumulator, and writes the output and the row's
 log-sum-exp (lse, float32, (B, Hq, Lq)) for the backward. Backward: recompute the probabilities
 from lse, a preprocess kernel for delta = rowsum(dO * O), one kernel over key blocks for dK, dV
-(GQA: a program sums over the query heads of its key/value head, so no atomics) and one over
-query blocks for dQ. No atomics anywhere: the results are run-to-run identical.
+(GQA: a program sums over the query heads of its key/value head) that also adds each block's
+share of dQ into float32 sums with atomics, as FlashAttention-2 does by default. Under
+``torch.use_deterministic_algorithms(True)`` the dQ shares come instead from a kernel over query
+blocks that recomputes S and dP (two more products a score): then no atomics anywhere, and the
+gradients are run-to-run identical.
 
 What the kernels handle (everything the op table declares for "attention"):
 - float16 / bfloat16 / float32 inputs, float32 accumulation; head dims 1..256, D != Dv, each padded
@@ -359,6 +362,7 @@ def _attention_bwd_dkdv_kernel(
     LSE, DELTA,   # in: (B, Hq, Lq) float32 contiguous
     GRAD_K,       # out: dK (B, Hk, Lk, D), key dtype, strides stride_dk*
     GRAD_V,       # out: dV (B, Hk, Lk, Dv), value dtype, strides stride_dv*
+    GRAD_Q_SUM,   # in/out with ATOMIC_DQ: dQ summed in float32 (B, Hq, Lq, D), zeroed by the launcher
     SEED,         # in: the dropout seed, as in the forward
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -368,12 +372,13 @@ def _attention_bwd_dkdv_kernel(
     stride_gb, stride_gh, stride_gm, stride_gd,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_sqb, stride_sqh, stride_sqm, stride_sqd,
     heads_q, heads_k, group, len_q, len_k, dim, dim_v,
     bucket_q, bucket_k,  # unused: autotuning keys
     qk_scale, scale, dropout_p,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KEY_PADDING: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, WIDE_OFFSETS: tl.constexpr, FLAT_GRID: tl.constexpr, DOT_IN_FP32: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr, WIDE_OFFSETS: tl.constexpr, FLAT_GRID: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """One program per (block of BLOCK_N keys, key/value head, batch); it loops over the `group`
@@ -384,6 +389,12 @@ def _attention_bwd_dkdv_kernel(
         dV = sum over heads of Pd^T dO
         dPd = dO V^T;  dP = dPd * keep / (1 - p);  dS = P * (dP - delta)
         dK = scale * sum over heads of dS^T Q
+        with ATOMIC_DQ: GRAD_Q_SUM[query block] += scale * dS K  (float32 atomic adds)
+
+    ATOMIC_DQ makes the backward five products a score (FlashAttention-2's default) instead of
+    the seven of this kernel and the dQ kernel, which recomputes S and dP; the order of the adds
+    then varies from run to run, so the launcher takes the dQ kernel when PyTorch is asked for
+    deterministic algorithms.
 
     Causal: query blocks before the key block's first key are not visited; key blocks of padding
     keys only visit nothing and write zeros.
@@ -443,6 +454,11 @@ def _attention_bwd_dkdv_kernel(
             delta = tl.load(DELTA + row_base + idx_m, mask=idx_m < len_q, other=0.0)
             ds_t = p_t * (dp_t - delta[None, :])
             grad_k += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), input_precision=DOT_PRECISION)
+            if ATOMIC_DQ:
+                grad_q = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=DOT_PRECISION) * scale
+                tl.atomic_add(GRAD_Q_SUM + b * stride_sqb + h * stride_sqh + idx_m[:, None] * stride_sqm
+                              + offs_d[None, :] * stride_sqd, grad_q,
+                              mask=(idx_m[:, None] < len_q) & (offs_d[None, :] < dim), sem="relaxed")
 
     grad_k *= scale
     _store_tile(GRAD_K + b * stride_dkb + hk * stride_dkh + offs_d[None, :] * stride_dkd,
@@ -570,7 +586,7 @@ _GPU_CONFIGS = {
     },
 }
 _TUNING_KEY = ["bucket_q", "bucket_k", "group", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "MASK_KIND",
-               "HAS_KEY_PADDING", "HAS_DROPOUT", "ALIGN", "DOT_PRECISION"]
+               "HAS_KEY_PADDING", "HAS_DROPOUT", "ATOMIC_DQ", "ALIGN", "DOT_PRECISION"]
 _KERNELS = {"fwd": _attention_fwd_kernel, "dkdv": _attention_bwd_dkdv_kernel, "dq": _attention_bwd_dq_kernel}
 
 
@@ -587,7 +603,9 @@ def _configs(kind: str, head_class: int) -> list[tuple[int, int, int, int]]:
 def _autotuned(kind: str, head_class: int):
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
                for m, n, w, s in _configs(kind, head_class)]
-    return triton.autotune(configs=configs, key=_TUNING_KEY)(_KERNELS[kind])
+    # The dK/dV kernel's atomic dQ sums must start at zero for each timed run and the real one.
+    reset = ["GRAD_Q_SUM"] if kind == "dkdv" else None
+    return triton.autotune(configs=configs, key=_TUNING_KEY, reset_to_zero=reset)(_KERNELS[kind])
 
 
 _forced_config: int | None = None
@@ -836,10 +854,23 @@ def attention_bwd(grad_out, query, key, value, out, lse, attn_mask, key_padding_
         strides = (*_strides(query), *_strides(key), *_strides(value), *mask_strides, *_strides(grad_out))
         group = heads_q // heads_k
         tail = (_bucket(len_q), _bucket(len_k), scale * LOG2E, scale, float(dropout_p))
+        atomic_dq = not torch.are_deterministic_algorithms_enabled()
+        # With atomic dQ, the float32 sums: grad_q itself when it is float32, else a float32 tensor
+        # in its memory order (so that the final cast is one elementwise copy). Otherwise the
+        # argument is unused (grad_q, which the autotuner's reset_to_zero may zero before the dQ
+        # kernel writes it).
+        grad_q_sum = grad_q
+        if atomic_dq:
+            grad_q_sum = grad_q.zero_() if grad_q.dtype == torch.float32 else torch.zeros_like(grad_q,
+                                                                                                 dtype=torch.float32)
         _launch("dkdv", len_k, heads_k, batch,
-                (*shared, grad_k, grad_v, seed, *strides, *_strides(grad_k), *_strides(grad_v), heads_q, heads_k,
-                 group, len_q, len_k, dim, dim_v, *tail), meta, interpret)
-        _launch("dq", len_q, heads_q, batch,
-                (*shared, grad_q, seed, *strides, *_strides(grad_q), heads_q, group, len_q, len_k, dim, dim_v,
-                 *tail), meta, interpret)
+                (*shared, grad_k, grad_v, grad_q_sum, seed, *strides, *_strides(grad_k), *_strides(grad_v),
+                 *_strides(grad_q_sum), heads_q, heads_k, group, len_q, len_k, dim, dim_v, *tail),
+                {**meta, "ATOMIC_DQ": atomic_dq}, interpret)
+        if not atomic_dq:
+            _launch("dq", len_q, heads_q, batch,
+                    (*shared, grad_q, seed, *strides, *_strides(grad_q), heads_q, group, len_q, len_k, dim, dim_v,
+                     *tail), meta, interpret)
+        elif grad_q_sum is not grad_q:
+            grad_q.copy_(grad_q_sum)
     return grad_q, grad_k, grad_v, None
