@@ -3,7 +3,8 @@
     compute-sanitizer --tool memcheck python benchmarks/sanitize_cuda.py
     compute-sanitizer --tool racecheck python benchmarks/sanitize_cuda.py
 
-Each case runs forward and backward with backend="cuda", synchronises, and prints one line; the
+Each case runs forward and backward with backend="cuda" (attention's backward twice: with atomic dQ
+and with the dQ kernel of deterministic mode), synchronises, and prints one line; the
 script exits non-zero if a case raises. Shapes are small so the sanitizers finish quickly, odd so
 that the masked tails and the scalar (unaligned) paths run, and cover both the warp-per-row and
 the block-per-row norm kernels. Attention is included when fastformer.cuda.attention exists and
@@ -117,9 +118,16 @@ def run_attention(batch, heads_q, heads_k, len_q, len_k, head_dim, dtype, causal
         pad = torch.zeros(batch, len_k, dtype=torch.bool, device="cuda")
         pad[0, len_k - 5:] = True  # right padding: tiles skipped
         pad[-1, 1:len_k - 1:3] = True  # holes before the key end: padding bytes tested
-    out = fastformer.attention(q, k, v, dropout_p=dropout_p, is_causal=causal, key_padding_mask=pad,
-                               backend="cuda")
-    _backward([out], [q, k, v])
+    # dQ both ways: float32 atomics in the dK/dV kernel (the default), and the dQ kernel
+    # (deterministic algorithms).
+    for deterministic in (False, True):
+        torch.use_deterministic_algorithms(deterministic, warn_only=True)
+        try:
+            out = fastformer.attention(q, k, v, dropout_p=dropout_p, is_causal=causal, key_padding_mask=pad,
+                                       backend="cuda")
+            _backward([out], [q, k, v])
+        finally:
+            torch.use_deterministic_algorithms(False)
 
 
 def main() -> int:

@@ -21,7 +21,7 @@ from fastformer.cuda import attention as cuda_attention
 from fastformer.cuda import load_extension
 from fastformer.library import attention_layout_like
 from fastformer.masks import float_mask_in
-from helpers import ATTENTION_TOL, assert_rel_close, misaligned, require_backend
+from helpers import ATTENTION_TOL, assert_rel_close, deterministic_algorithms, misaligned, require_backend
 from test_attention import finfo_min_mask
 
 HALF = [torch.float16, torch.bfloat16]
@@ -226,7 +226,7 @@ def check_matches_float64_reference(shape, mask_kind, dim, dtype, device="cuda")
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", HALF, ids=str)
-@pytest.mark.parametrize("dim", [8, 32, 50, 64, 96, 100, 128])
+@pytest.mark.parametrize("dim", [8, 32, 33, 50, 64, 96, 100, 128])
 @pytest.mark.parametrize("mask_kind", MASK_KINDS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_matches_float64_reference(shape, mask_kind, dim, dtype):
@@ -309,8 +309,9 @@ def check_expanded_mask_views_give_the_materialised_masks_results(mask_dtype, de
         per_key = torch.randn(3, 1, 1, 45, device=device, dtype=mask_dtype)
     expanded = per_key.expand(3, 4, 37, 45)
     grad_out = torch.randn(3, 4, 37, 64, device=device, dtype=torch.float16)
-    out, lse, grads = _run(q, k, v, attn_mask=expanded, grad_out=grad_out)
-    want_out, want_lse, want_grads = _run(q, k, v, attn_mask=expanded.contiguous(), grad_out=grad_out)
+    with deterministic_algorithms():  # no atomic dQ: bitwise comparable gradients
+        out, lse, grads = _run(q, k, v, attn_mask=expanded, grad_out=grad_out)
+        want_out, want_lse, want_grads = _run(q, k, v, attn_mask=expanded.contiguous(), grad_out=grad_out)
     assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
     for grad, want in zip(grads, want_grads):
         assert torch.equal(grad, want)
@@ -459,27 +460,34 @@ def test_dropout_matches_reference_with_the_same_mask(mask_kind, dim, dtype):
 def check_odd_strides_and_unaligned_rows(dim, batch=2, heads=3, device="cuda"):
     """Packed QKV views (rows 16-byte aligned for dim 64: 16-byte cp.async; 4-byte aligned for 50:
     4-byte cp.async), a non-contiguous last dim (made contiguous), contiguous inputs and inputs
-    starting 2 bytes off (element-wise loads) all give bit-identical results."""
+    starting 2 bytes off (element-wise loads) all give bit-identical results (without atomic dQ,
+    whose order of adds varies on a GPU), and, with atomic dQ, the reference's."""
     dtype = torch.float16
     length = 67
     packed = torch.randn(batch, length, 3, heads, dim, device=device, dtype=dtype)
     q, k, v = (packed[:, :, i].transpose(1, 2) for i in range(3))  # row stride 9 * dim: unaligned for 50
     grad_out = torch.randn(batch, heads, length, dim, device=device, dtype=dtype)
-    out, lse, grads = _run(q, k, v, is_causal=True, grad_out=grad_out)
-    contiguous = _run(*(t.contiguous() for t in (q, k, v)), is_causal=True, grad_out=grad_out)
     transposed_last = [t.transpose(-1, -2).contiguous().transpose(-1, -2) for t in (q, k, v)]
     assert transposed_last[0].stride(-1) != 1
-    strided = _run(*transposed_last, is_causal=True, grad_out=grad_out)
-
-    unaligned = _run(*(misaligned(t) for t in (q, k, v)), is_causal=True, grad_out=misaligned(grad_out))
-    for other in (contiguous, strided, unaligned):
-        torch.testing.assert_close(out, other[0], atol=0, rtol=0)
-        torch.testing.assert_close(lse, other[1], atol=0, rtol=0)
-        for grad, grad_other in zip(grads, other[2]):
-            torch.testing.assert_close(grad, grad_other, atol=0, rtol=0)
+    layouts = [(q, k, v), tuple(t.contiguous() for t in (q, k, v)), transposed_last,
+               tuple(misaligned(t) for t in (q, k, v))]
     expected, expected_grads = _reference(q, k, v, grad_out, is_causal=True)
-    assert_rel_close(out, expected, ATTENTION_TOL[dtype][0], "out")
-    _check_grads(grads, expected_grads, ATTENTION_TOL[dtype][1], "strided")
+    for atomic_dq in (False, True):
+        with deterministic_algorithms(not atomic_dq):
+            runs = [_run(*inputs, is_causal=True, grad_out=grad_out if i < 3 else misaligned(grad_out))
+                    for i, inputs in enumerate(layouts)]
+        out, lse, grads = runs[0]
+        for other in runs[1:]:
+            torch.testing.assert_close(out, other[0], atol=0, rtol=0)
+            torch.testing.assert_close(lse, other[1], atol=0, rtol=0)
+            for grad, grad_other in zip(grads, other[2]):
+                if atomic_dq:
+                    assert_rel_close(grad_other, grad, 1e-3, "strided, atomic dQ")
+                else:
+                    torch.testing.assert_close(grad, grad_other, atol=0, rtol=0)
+            _check_grads(other[2], expected_grads, ATTENTION_TOL[dtype][1], f"strided, atomic dQ: {atomic_dq}")
+        assert_rel_close(out, expected, ATTENTION_TOL[dtype][0], "out")
+        _check_grads(grads, expected_grads, ATTENTION_TOL[dtype][1], f"strided, atomic dQ: {atomic_dq}")
 
 
 @pytest.mark.gpu
@@ -490,14 +498,20 @@ def test_odd_strides_and_unaligned_rows(dim):
 
 
 @pytest.mark.gpu
-def test_backward_is_deterministic():
+def test_backward_is_deterministic_when_asked():
+    """Under torch.use_deterministic_algorithms(True): no atomic dQ, bit-identical gradients; by
+    default (atomic dQ) dK and dV still are (they never use atomics)."""
     _cuda_ready()
     q, k, v = _qkv(2, 8, 2, 300, 300, 64, 64, torch.bfloat16)
     grad_out = torch.randn(2, 8, 300, 64, device="cuda", dtype=torch.bfloat16)
-    first = _run(q, k, v, is_causal=True, grad_out=grad_out)[2]
-    second = _run(q, k, v, is_causal=True, grad_out=grad_out)[2]
+    with deterministic_algorithms():
+        first = _run(q, k, v, is_causal=True, grad_out=grad_out)[2]
+        second = _run(q, k, v, is_causal=True, grad_out=grad_out)[2]
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+    atomic = _run(q, k, v, is_causal=True, grad_out=grad_out)[2]
+    assert torch.equal(atomic[1], first[1]) and torch.equal(atomic[2], first[2])
+    assert_rel_close(atomic[0], first[0], 1e-2, "dQ, atomic vs deterministic")
 
 
 def check_random_sweep(draws, lengths, seed, device="cuda"):

@@ -27,7 +27,8 @@ from fastformer.cuda import attention as cuda_attention
 from fastformer.cuda import bias_gelu as cuda_bias_gelu
 from fastformer.cuda import layer_norm as cuda_layer_norm
 from helpers import (ELEMENTWISE_TOL, PARAM_GRAD_TOL_HALF, Copies, HostReads, assert_rel_close,
-                     check_p_rounded_to_a_multiple_of_2_to_the_minus_16, in_memory_order, misaligned, offset_by)
+                     check_p_rounded_to_a_multiple_of_2_to_the_minus_16, deterministic_algorithms, in_memory_order,
+                     misaligned, offset_by)
 from test_attention import check_nan_and_inf_mask_values_give_nan_rows
 
 @pytest.fixture(scope="module", autouse=True)
@@ -123,8 +124,8 @@ def test_keep_mask_kernel_rounds_p_to_the_nearest_multiple_of_2_to_the_minus_16(
 # ----------------------------------------------------------------------------------------------
 # attention: the GPU tests' checks (test_cuda_attention.py), on the CPU, at smaller sizes
 # ----------------------------------------------------------------------------------------------
-# (B, Hq, Hk, Lq, Lk), mask kind, head dim, dtype: every mask kind, every compiled head dim (50 and
-# 100 padded to 64 and 128, 8 to 32), GQA / MQA, Lq != Lk, lengths that are not multiples of the tiles.
+# (B, Hq, Hk, Lq, Lk), mask kind, head dim, dtype: every mask kind, every compiled head dim (33 and 50
+# padded to 64, 100 to 128, 8 to 32), GQA / MQA, Lq != Lk, lengths that are not multiples of the tiles.
 CASES = [
     ((2, 2, 2, 97, 97), "none", 64, torch.float16),
     ((1, 4, 2, 33, 140), "causal", 32, torch.bfloat16),
@@ -138,12 +139,20 @@ CASES = [
     ((3, 2, 2, 1, 1), "none", 8, torch.float16),
     # two 128-row blocks of the forward (head dims <= 64), the diagonal crossing both m16 tiles of a warp
     ((1, 2, 1, 200, 150), "causal+padding", 64, torch.float16),
+    # an odd head dim: element-wise loads and stores, dQ's atomic adds one by one
+    ((2, 3, 1, 45, 70), "causal+padding", 33, torch.float16),
 ]
 
 
+# dQ: summed with atomics by the dK/dV kernel (the default), or by the dQ kernel (deterministic).
+DQ_PATHS = pytest.mark.parametrize("deterministic", [False, True], ids=["atomic_dq", "dq_kernel"])
+
+
+@DQ_PATHS
 @pytest.mark.parametrize("shape, mask_kind, dim, dtype", CASES, ids=lambda c: str(c).replace("torch.", ""))
-def test_attention_matches_float64_reference(shape, mask_kind, dim, dtype):
-    cuda_tests.check_matches_float64_reference(shape, mask_kind, dim, dtype, device="cpu")
+def test_attention_matches_float64_reference(shape, mask_kind, dim, dtype, deterministic):
+    with deterministic_algorithms(deterministic):
+        cuda_tests.check_matches_float64_reference(shape, mask_kind, dim, dtype, device="cpu")
 
 
 @pytest.mark.parametrize("dims", [(32, 64), (100, 24)], ids=str)
@@ -213,9 +222,12 @@ DROPOUT_CASES = [
 ]
 
 
+@DQ_PATHS
 @pytest.mark.parametrize("mask_kind, dim, dtype, shape", DROPOUT_CASES, ids=str)
-def test_attention_dropout_matches_reference_with_the_same_mask(mask_kind, dim, dtype, shape):
-    cuda_tests.check_dropout_matches_reference_with_the_same_mask(mask_kind, dim, dtype, shape=shape, device="cpu")
+def test_attention_dropout_matches_reference_with_the_same_mask(mask_kind, dim, dtype, shape, deterministic):
+    with deterministic_algorithms(deterministic):
+        cuda_tests.check_dropout_matches_reference_with_the_same_mask(mask_kind, dim, dtype, shape=shape,
+                                                                      device="cpu")
 
 
 @pytest.mark.parametrize("dim", [50, 64])
@@ -372,20 +384,27 @@ ALLOCATIONS_AND_VIEWS = {"aten::empty", "aten::empty_strided", "aten::view", "at
                          "aten::expand"}
 
 
+@DQ_PATHS
 @pytest.mark.parametrize("attn_mask", [None, "bool"])
-def test_attention_ops_run_only_their_kernels(emulated, attn_mask):
+def test_attention_ops_run_only_their_kernels(emulated, attn_mask, deterministic, monkeypatch):
     """With key padding (each batch row's key end and holes: one kernel of the op's own, where the
     launcher once ran about 8 ATen ops a call), dropout, causal and a bool mask, the forward and
-    backward ops ask ATen for nothing but outputs and views: each op is a few kernel launches."""
+    backward ops ask ATen for nothing but outputs and views: each op is a few kernel launches. With
+    atomic dQ, also one copy (the float32 sums cast into dQ; the preprocess kernel zeroes them)."""
     q, k, v = (torch.randn(2, 3, 30, 32, dtype=torch.float16) for _ in range(3))
     padding = torch.arange(30)[None, :] >= torch.tensor([30, 17])[:, None]
     mask = torch.rand(2, 1, 30, 30) > 0.2 if attn_mask else None
     seed, grad_out = torch.tensor(7), torch.randn(2, 3, 30, 32, dtype=torch.float16)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+    # Deterministic mode also has ATen fill what torch.empty returns; not the op's doing.
+    monkeypatch.setattr(torch.utils.deterministic, "fill_uninitialized_memory", False)
+    with deterministic_algorithms(deterministic), torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
         out, lse = emulated.cuda_attention_fwd(q, k, v, mask, padding, 0.2, True, 0.1, seed)
         emulated.cuda_attention_bwd(grad_out, q, k, v, out, lse, mask, padding, 0.2, True, 0.1, seed)
-    asked = {event.name for event in profile.events() if event.name.startswith("aten::")}
-    assert asked <= ALLOCATIONS_AND_VIEWS, sorted(asked - ALLOCATIONS_AND_VIEWS)
+    asked = [event.name for event in profile.events() if event.name.startswith("aten::")]
+    allowed = ALLOCATIONS_AND_VIEWS if deterministic else ALLOCATIONS_AND_VIEWS | {"aten::copy_"}
+    assert set(asked) <= allowed, sorted(set(asked) - allowed)
+    assert asked.count("aten::copy_") == (0 if deterministic else 1)
 
 
 # ----------------------------------------------------------------------------------------------

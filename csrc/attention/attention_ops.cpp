@@ -88,9 +88,9 @@ int load_bytes(std::initializer_list<const at::Tensor*> tensors) {
   return 0;
 }
 
-// Two adjacent elements (cols 2t, 2t + 1) at 4-byte boundaries.
-bool pairs_4b_aligned(const at::Tensor& t) {
-  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 4 != 0) return false;
+// Every two adjacent elements (cols 2t, 2t + 1) start at a boundary of their size together.
+bool pairs_aligned(const at::Tensor& t) {
+  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % (2 * t.element_size()) != 0) return false;
   for (int d = 0; d < 3; ++d) {
     if (t.size(d) > 1 && t.stride(d) % 2 != 0) return false;
   }
@@ -268,7 +268,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const
   p.out = out.data_ptr();
   p.o_batch_stride = out.stride(0), p.o_head_stride = out.stride(1), p.o_row_stride = out.stride(2);
   p.lse = lse.data_ptr<float>();
-  p.pair_stores = pairs_4b_aligned(out);
+  p.pair_stores = pairs_aligned(out);
   launch_attention_fwd(p, padded_head_dim(std::max(p.dim, p.dim_v)), q.scalar_type() == at::kBFloat16,
                        kernel_stream());
   FASTFORMER_CHECK_LAUNCH();
@@ -320,10 +320,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   p.dk_batch_stride = grad_k.stride(0), p.dk_head_stride = grad_k.stride(1), p.dk_row_stride = grad_k.stride(2);
   p.grad_v = grad_v.data_ptr();
   p.dv_batch_stride = grad_v.stride(0), p.dv_head_stride = grad_v.stride(1), p.dv_row_stride = grad_v.stride(2);
-  p.pair_stores = pairs_4b_aligned(grad_q) && pairs_4b_aligned(grad_k) && pairs_4b_aligned(grad_v);
+  p.pair_stores = pairs_aligned(grad_q) && pairs_aligned(grad_k) && pairs_aligned(grad_v);
+  // dQ from float32 atomic adds in the dK/dV kernel (FlashAttention-2's default: five products a
+  // score instead of seven), unless PyTorch is asked for deterministic algorithms: then the dQ
+  // kernel. The sums are laid out like grad_q, so that the cast into it is one elementwise copy;
+  // the preprocess kernel zeroes them.
+  at::Tensor grad_q_sum;
+  if (!at::globalContext().deterministicAlgorithms()) {
+    grad_q_sum = at::empty_strided(grad_q.sizes(), grad_q.strides(), grad_q.options().dtype(at::kFloat));
+    p.grad_q_sum = grad_q_sum.data_ptr<float>();
+    p.dqs_batch_stride = grad_q_sum.stride(0), p.dqs_head_stride = grad_q_sum.stride(1);
+    p.dqs_row_stride = grad_q_sum.stride(2);
+    p.pair_atomics = pairs_aligned(grad_q_sum);
+  }
   launch_attention_bwd(p, padded_head_dim(std::max(p.dim, p.dim_v)), q.scalar_type() == at::kBFloat16,
                        kernel_stream());
   FASTFORMER_CHECK_LAUNCH();  // any of the launches
+  if (grad_q_sum.defined()) grad_q.copy_(grad_q_sum);
   return {grad_q, grad_k, grad_v};
 }
 

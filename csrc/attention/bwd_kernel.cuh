@@ -1,10 +1,14 @@
-// Attention backward (FlashAttention-2), three kernels, no atomics (run-to-run deterministic):
+// Attention backward (FlashAttention-2), two or three kernels:
 //
-//   preprocess:  delta_i = rowsum(dO_i * O_i)                       (float32, (B, Hq, Lq))
+//   preprocess:  delta_i = rowsum(dO_i * O_i)                       (float32, (B, Hq, Lq)); zeroes
+//                the dQ sums of atomic dQ
 //   dK/dV:       one CTA per (block of 64 keys, key/value head, batch); loops over the query heads
 //                of its key/value head (GQA: their contributions are summed in registers) and over
-//                their query tiles
-//   dQ:          one CTA per (block of 64 query rows, query head, batch); loops over key tiles
+//                their query tiles; with atomic dQ (params.grad_q_sum set, the default) it also
+//                adds each query tile's scale dS K into float32 sums with atomicAdd
+//   dQ:          only without atomic dQ (torch.use_deterministic_algorithms(True)): one CTA per
+//                (block of 64 query rows, query head, batch); loops over key tiles, recomputing S
+//                and dP (two more products a score), no atomics: run-to-run identical gradients
 //
 // With s_ij and keep_ij as in the forward (scores.cuh; s in log2 units) and lse_i from it:
 //   P_ij  = 2^(s_ij - lse_i log2 e)              (0 where masked, and on rows with lse = -inf)
@@ -19,9 +23,13 @@
 //   dV += Pd^T dO    A = Pd^T from the S^T C fragments, B = dO as (k = query, n = d): ldsm_b_trans
 //   dP^T = V dO^T    A = V rows (ldsm_a),          B = dO as (k = d, n = query): ldsm_b on dO
 //   dK += dS^T Q     A = dS^T from C fragments,    B = Q as (k = query, n = d): ldsm_b_trans
-// so P and dS never leave registers. Query tiles (Q, dO) are double-buffered with cp.async: tile
-// it + 1 loads while tile it is used. lse and delta of the thread's query columns are read from
-// global memory (L1/L2-resident, 2 x 2 x BM / 8 floats per thread per tile).
+// so P and dS stay in registers for dV and dK. With atomic dQ, dS^T goes to shared memory as T:
+//   dQ += dS K       A = dS from dS^T (ldsm_a_trans), B = K as (k = key, n = d): ldsm_b_trans
+// warp w taking query rows 16 (w % (BM / 16)) .. + 15 and a slice of the head dim (traits.h), and
+// adding its fragment into grad_q_sum (float32 atomicAdd, scaled). Query tiles (Q, dO) are
+// double-buffered with cp.async: tile it + 1 loads while tile it is used. lse and delta of the
+// thread's query columns are read from global memory (L1/L2-resident, 2 x 2 x BM / 8 floats per
+// thread per tile).
 //
 // dQ kernel, warp w owns query rows m0 + 16 w .. + 15:
 //   S = Q K^T        (as the forward)
@@ -43,7 +51,8 @@
 namespace fastformer {
 namespace attention {
 
-// delta = rowsum(dO * O), one warp per row of (B, Hq, Lq).
+// delta = rowsum(dO * O), one warp per row of (B, Hq, Lq); with atomic dQ it also zeroes the row's
+// float32 dQ sums (one launch fewer than a separate fill).
 template <typename T>
 __global__ void __launch_bounds__(32 * kPreprocessRowsPerCta)
     attention_bwd_preprocess_kernel(const AttentionBwdParams p) {
@@ -63,6 +72,10 @@ __global__ void __launch_bounds__(32 * kPreprocessRowsPerCta)
 #pragma unroll
   for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
   if (lane == 0) p.delta[row] = sum;
+  if (p.grad_q_sum != nullptr) {
+    float* sums = p.grad_q_sum + b * p.dqs_batch_stride + h * p.dqs_head_stride + i * p.dqs_row_stride;
+    for (int c = lane; c < p.dim; c += 32) sums[c] = 0.0f;
+  }
 }
 
 // lse in log2 units for P = 2^(s - lse2); +inf (P = 0) past the last row or where lse = -inf.
@@ -78,11 +91,14 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dkdv_kernel(const 
   constexpr int kThreads = Tr::kThreads;
   constexpr int kMTiles = BM / 8;  // n8 tiles of S^T (its columns are queries)
   constexpr int kDTiles = HD / 8;
+  constexpr int LDS = Tr::kBwdDsStride, kDqCols = Tr::kBwdDqCols;
   static_assert(kMTiles * 4 <= 32, "the keep bits of a tile fit in one uint32");
   T* sK = reinterpret_cast<T*>(dynamic_shared_memory());
   T* sV = sK + BN * LD;
   T* sQ = sV + BN * LD;       // two buffers of BM rows
   T* sdO = sQ + 2 * BM * LD;  // two buffers of BM rows
+  T* sdS = sdO + 2 * BM * LD;  // with atomic dQ: dS^T, BN rows of LDS
+  const bool atomic_dq = p.grad_q_sum != nullptr;
 
   const GridPlace place = grid_place(p.len_k, BN, p.heads_k);
   const int n0 = place.block * BN;
@@ -91,6 +107,7 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dkdv_kernel(const 
   const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;
   const int g = lane / 4, t = lane % 4;
+  const int dq_tile = warp % Tr::kBwdDqRowTiles, dq_col0 = (warp / Tr::kBwdDqRowTiles) * kDqCols;
 
   const int key_len = key_length(p, b);
   const int m_begin = p.is_causal ? n0 : 0;  // queries i < n0 see none of keys n0..
@@ -261,7 +278,56 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dkdv_kernel(const 
         mma_16816<T>(acc_dk[2 * dd + 1], a, bfrag[2], bfrag[3]);
       }
     }
-    __syncthreads();  // every warp is done with buffer it % 2 before step it + 1 refills it
+
+    if (atomic_dq) {
+      // dS^T into shared memory as T (the values dK used), each warp its 16 key rows: the C
+      // fragments' pairs, 32-bit stores, conflict-free (rows of kBwdDsStride elements).
+#pragma unroll
+      for (int n = 0; n < kMTiles; ++n) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          T* pair = sdS + (warp * 16 + g + 8 * r) * LDS + 8 * n + 2 * t;
+          *reinterpret_cast<uint32_t*>(pair) = pack2<T>(dpt[n][2 * r], dpt[n][2 * r + 1]);
+        }
+      }
+      __syncthreads();  // dS^T complete
+      // dQ tile (m16 tile dq_tile of the queries, head-dim columns dq_col0 ..) = dS K over the
+      // CTA's keys: A = dS from dS^T (ldsm_a_trans), B = K as (k = key, n = d) (ldsm_b_trans).
+      float dq[kDqCols / 8][4];
+#pragma unroll
+      for (int d = 0; d < kDqCols / 8; ++d) dq[d][0] = dq[d][1] = dq[d][2] = dq[d][3] = 0.0f;
+#pragma unroll
+      for (int kk = 0; kk < BN / 16; ++kk) {
+        uint32_t a[4];
+        ldsm_a_trans<LDS>(a, sdS, kk * 16, dq_tile * 16, lane);
+#pragma unroll
+        for (int dd = 0; dd < kDqCols / 16; ++dd) {
+          uint32_t bfrag[4];
+          ldsm_b_trans<LD>(bfrag, sK, kk * 16, dq_col0 + dd * 16, lane);
+          mma_16816<T>(dq[2 * dd], a, bfrag[0], bfrag[1]);
+          mma_16816<T>(dq[2 * dd + 1], a, bfrag[2], bfrag[3]);
+        }
+      }
+      float* sums = p.grad_q_sum + b * p.dqs_batch_stride + h * p.dqs_head_stride;
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int i = m0 + dq_tile * 16 + g + 8 * r;
+        if (i >= p.len_q) continue;
+        float* row = sums + i * p.dqs_row_stride;
+#pragma unroll
+        for (int d = 0; d < kDqCols / 8; ++d) {
+          const int col = dq_col0 + 8 * d + 2 * t;
+          const float x = dq[d][2 * r] * p.scale, y = dq[d][2 * r + 1] * p.scale;
+          if (p.pair_atomics && col + 1 < p.dim) {
+            atomic_add_pair(row + col, x, y);
+          } else {
+            if (col < p.dim) atomicAdd(row + col, x);
+            if (col + 1 < p.dim) atomicAdd(row + col + 1, y);
+          }
+        }
+      }
+    }
+    __syncthreads();  // every warp is done with buffer it % 2 (and dS^T) before step it + 1 refills it
   }
 
   // Epilogue: rows = keys (zeros for keys no query saw), dK scaled.

@@ -34,6 +34,10 @@
 //     with .trans: lane L points at row k0 + L % 8 + ((L / 8) % 2) * 8, col n0 + (L / 16) * 8
 //     -> matrices (k0, n0), (k0+8, n0), (k0, n0+8), (k0+8, n0+8), transposed = (b0, b1) of
 //     n tile n0 and (b0, b1) of n tile n0 + 8.                              [ldsm_b_trans]
+//   * A fragment of rows m0..m0+15, cols k0..k0+15 from its transpose stored row-major (rows k,
+//     cols m; dS^T in the dK/dV kernel), with .trans: lanes address as ldsm_b does, rows k0 + L % 8
+//     + (L / 16) * 8, col m0 + ((L / 8) % 2) * 8 -> matrices (k0, m0), (k0, m0+8), (k0+8, m0),
+//     (k0+8, m0+8), transposed = a0, a1, a2, a3.                            [ldsm_a_trans]
 //
 // The PTX wrappers (mma_16816, ldmatrix_x4[_trans], fast_exp2, cp_async_*) are the only inline
 // assembly of the kernels; the tests' CPU emulator (FASTFORMER_CPU_EMULATION, tests/cuda_emulator)
@@ -137,7 +141,7 @@ __device__ __forceinline__ void cp_async_wait() {
 }
 #endif  // !FASTFORMER_CPU_EMULATION
 
-// The three ldmatrix patterns of the header comment. `tile` is the shared tile (row stride LD
+// The four ldmatrix patterns of the header comment. `tile` is the shared tile (row stride LD
 // elements); r0/c0 etc. are the fragment's origin in it.
 template <int LD, typename T>
 __device__ __forceinline__ void ldsm_a(uint32_t (&a)[4], const T* tile, int r0, int c0, int lane) {
@@ -150,6 +154,22 @@ __device__ __forceinline__ void ldsm_b(uint32_t (&b)[4], const T* tile, int n0, 
 template <int LD, typename T>
 __device__ __forceinline__ void ldsm_b_trans(uint32_t (&b)[4], const T* tile, int k0, int n0, int lane) {
   ldmatrix_x4_trans(b, tile + (k0 + (lane % 8) + ((lane / 8) % 2) * 8) * LD + n0 + (lane / 16) * 8);
+}
+template <int LD, typename T>
+__device__ __forceinline__ void ldsm_a_trans(uint32_t (&a)[4], const T* tile_t, int k0, int m0, int lane) {
+  ldmatrix_x4_trans(a, tile_t + (k0 + (lane % 8) + (lane / 16) * 8) * LD + m0 + ((lane / 8) % 2) * 8);
+}
+
+// address[0] += x, address[1] += y in global memory, atomically; address 8-byte aligned. sm_90 adds
+// the pair with one vector reduction (red.global.add.v2.f32: one instruction, one L2 operation),
+// earlier archs one by one. The CPU emulator takes the vector path (it checks the alignment).
+__device__ __forceinline__ void atomic_add_pair(float* address, float x, float y) {
+#if defined(FASTFORMER_CPU_EMULATION) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900)
+  atomicAdd(reinterpret_cast<float2*>(address), make_float2(x, y));
+#else
+  atomicAdd(address, x);
+  atomicAdd(address + 1, y);
+#endif
 }
 
 // Two floats -> one .b32 of two 16-bit elements (x in the low half: the lower column index).

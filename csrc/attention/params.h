@@ -89,8 +89,13 @@ struct AttentionBwdParams : AttentionParams {
   int64_t do_batch_stride, do_head_stride, do_row_stride;
   float* delta;  // (B, Hq, Lq) float32 contiguous: rowsum(dO * O), written by the preprocess
 
-  void* grad_q;  // (B, Hq, Lq, D)
+  void* grad_q;  // (B, Hq, Lq, D), written by the dQ kernel (when grad_q_sum is null)
   int64_t dq_batch_stride, dq_head_stride, dq_row_stride;
+  // Or, when not null: dQ summed with float32 atomics by the dK/dV kernel (B, Hq, Lq, D), unit
+  // column stride, zeroed by the torch side, which casts it into grad_q. No dQ kernel then.
+  float* grad_q_sum;
+  int64_t dqs_batch_stride, dqs_head_stride, dqs_row_stride;
+  bool pair_atomics;  // every pair (col 2t, 2t+1) of grad_q_sum is 8-byte aligned (atomic_add_pair)
   void* grad_k;  // (B, Hk, Lk, D)
   int64_t dk_batch_stride, dk_head_stride, dk_row_stride;
   void* grad_v;  // (B, Hk, Lk, Dv)

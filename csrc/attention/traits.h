@@ -52,6 +52,13 @@ struct AttentionTraits {
   static constexpr int kFwdSmemBytes = (kBlockM + 2 * kBlockN) * kSmemStride * kElementBytes;
   // dK/dV: K, V, and two buffers each of Q and dO
   static constexpr int kBwdKvSmemBytes = (2 * kBwdKvBlockN + 4 * kBwdKvBlockM) * kSmemStride * kElementBytes;
+  // dK/dV with atomic dQ: also dS^T (keys x queries) for the dS K product, rows of BM + 8 elements
+  // (an odd number of 16-byte chunks, as kSmemStride). Each warp takes one m16 tile of the query
+  // rows and kBwdDqCols of the head dim.
+  static constexpr int kBwdDsStride = kBwdKvBlockM + 8;
+  static constexpr int kBwdDsSmemBytes = kBwdKvBlockN * kBwdDsStride * kElementBytes;
+  static constexpr int kBwdDqRowTiles = kBwdKvBlockM / 16;
+  static constexpr int kBwdDqCols = kHeadDim * kBwdDqRowTiles / kWarps;
   // dQ: Q, dO, and two buffers each of K and V
   static constexpr int kBwdQSmemBytes = (2 * kBwdQBlockM + 4 * kBwdQBlockN) * kSmemStride * kElementBytes;
 
@@ -68,7 +75,10 @@ struct AttentionTraits {
   static_assert((kBlockN * kHeadDim / 8) % kThreads == 0, "forward tile loads");
   static_assert((kBwdKvBlockM * kHeadDim / 8) % kThreads == 0, "dK/dV tile loads");
   static_assert((kBwdQBlockN * kHeadDim / 8) % kThreads == 0, "dQ tile loads");
-  static_assert(kFwdSmemBytes <= 99 * 1024 && kBwdKvSmemBytes <= 99 * 1024 &&
+  static_assert(kBwdDsStride % 8 == 0 && (kBwdDsStride / 8) % 2 == 1, "dS^T rows: as kSmemStride");
+  static_assert(kWarps % kBwdDqRowTiles == 0 && kBwdDqCols % 16 == 0,
+                "atomic dQ: the warps split the query tiles and the head dim into whole n16 slices");
+  static_assert(kFwdSmemBytes <= 99 * 1024 && kBwdKvSmemBytes + kBwdDsSmemBytes <= 99 * 1024 &&
                     kBwdQSmemBytes <= 99 * 1024,
                 "shared memory within what every sm_8x/sm_90 GPU grants one block (99 KiB)");
 };

@@ -17,7 +17,10 @@ What the kernels handle (declared by :func:`support`):
   (B, L, H, D) projection), element by element otherwise;
 - is_causal (top-left aligned, as SDPA), with key tiles past the diagonal skipped;
 - GQA / MQA (Hq % Hk == 0): K and V are never repeated; the dK/dV kernel sums the query heads of
-  a key/value head in registers (no atomics: results are run-to-run identical);
+  a key/value head in registers (dK and dV are run-to-run identical);
+- dQ: summed by the dK/dV kernel with float32 atomics (FlashAttention-2's default; five products
+  a score), or, under ``torch.use_deterministic_algorithms(True)``, by a dQ kernel that recomputes
+  the scores (seven; run-to-run identical);
 - key_padding_mask: read as one byte per key; key tiles past each batch row's last unpadded key
   are skipped (right padding, the usual case, costs no work), and the bytes are tested only in
   batch rows with padding before that key end. Both found on the device by one small kernel

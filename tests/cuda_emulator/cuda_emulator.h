@@ -524,6 +524,22 @@ V __shfl_xor_sync(unsigned mask, V value, int lane_mask, int width = 32) {
   return ::fastformer_emulator::shuffle_xor(mask, value, lane_mask, width);
 }
 
+// Blocks run one after another, and a block's threads switch only at barriers and warp-wide
+// operations, so a plain read-modify-write is atomic here.
+inline float atomicAdd(float* address, float value) {
+  ::fastformer_emulator::check_aligned(address, sizeof(float), "atomicAdd address");
+  const float old = *address;
+  *address = old + value;
+  return old;
+}
+
+inline float2 atomicAdd(float2* address, float2 value) {
+  ::fastformer_emulator::check_aligned(address, sizeof(float2), "atomicAdd address");
+  const float2 old = *address;
+  *address = make_float2(old.x + value.x, old.y + value.y);
+  return old;
+}
+
 using std::max;
 using std::min;
 
