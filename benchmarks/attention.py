@@ -497,6 +497,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seq-first", action="store_true",
                         help="modules suite: sequence-first modules and inputs (batch_first=False, "
                              "PyTorch's default) instead of batch-first")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="run under torch.use_deterministic_algorithms(True, warn_only=True): the "
+                             "fastformer backward then takes its dQ kernel instead of atomic dQ sums")
     compiled = parser.add_mutually_exclusive_group()
     compiled.add_argument("--compile", dest="compile", action="store_true", default=None,
                           help="torch.compile providers also on the CPU (first shape of each suite)")
@@ -537,9 +540,16 @@ def run(args: argparse.Namespace) -> int:
         compile_here = policy == "all" or (policy == "first" and number == 0)
         cases.append(common.Case(f"modules {mshape.label()}",
                                  functools.partial(bench_modules, mshape, args, compile_here)))
-    return common.run_cases(args, cases, baseline=BASELINE, plot_x_label="sequence length L",
-                            plot_title=f"attention, {{device}}, {args.dtype}", summary_ops={OP},
-                            timing_note=f"; suites: {', '.join(args.suites)}")
+    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    if args.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        return common.run_cases(args, cases, baseline=BASELINE, plot_x_label="sequence length L",
+                                plot_title=f"attention, {{device}}, {args.dtype}", summary_ops={OP},
+                                timing_note=f"; suites: {', '.join(args.suites)}"
+                                            + ("; deterministic algorithms" if args.deterministic else ""))
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
 
 
 def main(argv: list[str] | None = None) -> int:

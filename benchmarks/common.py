@@ -192,6 +192,8 @@ def environment(device: str | torch.device | None = None) -> dict[str, Any]:
         "fastformer_backends": backends,
         "git_commit": git_commit(),
         "command": command_line(),
+        # the fast attention backward sums dQ with atomics unless this is set
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
     }
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)

@@ -326,6 +326,26 @@ def test_modules_suite_runs_sequence_first_modules(tmp_path):
     assert all(row["shape"].endswith("seq-first") for row in rows) and len(rows) == 12
 
 
+def test_attention_deterministic_runs_under_deterministic_algorithms_and_records_it(tmp_path, monkeypatch):
+    """--deterministic: the run sees torch.use_deterministic_algorithms(True) (so the fast attention
+    backward takes its dQ kernel), the environment records it, and the setting is restored after."""
+    import attention
+
+    seen = []
+    bench = attention.bench_attention
+    monkeypatch.setattr(attention, "bench_attention", lambda *a, **k: seen.append(
+        torch.are_deterministic_algorithms_enabled()) or bench(*a, **k))
+    out = tmp_path / "r.json"
+    args = attention.parse_args(["--device", "cpu", "--no-ceilings", "--no-compile", "--quick", "--repeats", "2",
+                                 "--warmup", "0", "--suites", "finetune", "--padding", "no", "-B", "2", "-H", "2",
+                                 "-L", "16", "-D", "8", "--providers", "torch-sdpa,fastformer-torch",
+                                 "--deterministic", "--json", str(out)])
+    before = torch.are_deterministic_algorithms_enabled()
+    assert attention.run(args) == 0
+    assert seen == [True] and torch.are_deterministic_algorithms_enabled() == before
+    assert json.loads(out.read_text())["environment"]["deterministic_algorithms"] is True
+
+
 @pytest.mark.parametrize("script", ["attention", "layer_norm", "gelu"])
 def test_a_providers_typo_is_an_error_not_a_baseline_only_run(script):
     """--providers parts that name no provider of the script (a typo) stop it with the known names;
