@@ -326,14 +326,17 @@ def _attention_bwd_preprocess_kernel(
     OUT,       # in: forward output (B, Hq, Lq, Dv), strides stride_o*
     GRAD_OUT,  # in: dO (B, Hq, Lq, Dv), strides stride_g*
     DELTA,     # out: (B, Hq, Lq) float32 contiguous
+    GRAD_Q_SUM,  # out with ZERO_GRAD_Q_SUM: the dK/dV kernel's float32 dQ sums (B, Hq, Lq, D), zeroed
     stride_ob, stride_oh, stride_om, stride_od,
     stride_gb, stride_gh, stride_gm, stride_gd,
-    heads_q, len_q, dim_v,
-    WIDE_OFFSETS: tl.constexpr, FLAT_GRID: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
+    stride_sqb, stride_sqh, stride_sqm, stride_sqd,
+    heads_q, len_q, dim, dim_v,
+    ZERO_GRAD_Q_SUM: tl.constexpr, WIDE_OFFSETS: tl.constexpr, FLAT_GRID: tl.constexpr, ALIGN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """delta_i = rowsum(dO_i * O_i) = sum_j P_ij dP_ij (the softmax backward's row term, with
-    P the probabilities and dP the gradient of the dropped-out probabilities times keep / (1-p))."""
+    P the probabilities and dP the gradient of the dropped-out probabilities times keep / (1-p)).
+    With ZERO_GRAD_Q_SUM it also zeroes the rows' dQ sums (one launch fewer than a fill)."""
     start_m, h, b = _program_block(len_q, heads_q, BLOCK_M, FLAT_GRID)
     offs_m = _indices(start_m, BLOCK_M, WIDE_OFFSETS)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -343,6 +346,11 @@ def _attention_bwd_preprocess_kernel(
     do = _load_tile(GRAD_OUT + b * stride_gb + h * stride_gh + offs_dv[None, :] * stride_gd,
                     offs_m[:, None] * stride_gm, row_ok, head_ok, ALIGN, 1, False).to(tl.float32)
     tl.store(DELTA + (b * heads_q + h) * len_q + offs_m, tl.sum(o * do, axis=1), mask=offs_m < len_q)
+    if ZERO_GRAD_Q_SUM:
+        offs_d = tl.arange(0, BLOCK_D)
+        tl.store(GRAD_Q_SUM + b * stride_sqb + h * stride_sqh + offs_m[:, None] * stride_sqm
+                 + offs_d[None, :] * stride_sqd, tl.zeros((BLOCK_M, BLOCK_D), tl.float32),
+                 mask=row_ok & (offs_d[None, :] < dim))
 
 
 @triton.jit
@@ -362,7 +370,7 @@ def _attention_bwd_dkdv_kernel(
     LSE, DELTA,   # in: (B, Hq, Lq) float32 contiguous
     GRAD_K,       # out: dK (B, Hk, Lk, D), key dtype, strides stride_dk*
     GRAD_V,       # out: dV (B, Hk, Lk, Dv), value dtype, strides stride_dv*
-    GRAD_Q_SUM,   # in/out with ATOMIC_DQ: dQ summed in float32 (B, Hq, Lq, D), zeroed by the launcher
+    GRAD_Q_SUM,   # in/out with ATOMIC_DQ: dQ summed in float32 (B, Hq, Lq, D), zeroed by the delta kernel
     SEED,         # in: the dropout seed, as in the forward
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -844,25 +852,26 @@ def attention_bwd(grad_out, query, key, value, out, lse, attn_mask, key_padding_
     interpret = interpreter_enabled()
     seed = seed_pointer(seed, dropout_p, query)
     delta = torch.empty((batch, heads_q, len_q), dtype=torch.float32, device=query.device)
+    # dQ from float32 atomic adds in the dK/dV kernel, unless PyTorch is asked for deterministic
+    # algorithms. The sums: grad_q itself when it is float32, else a float32 tensor in its memory
+    # order (so that the final cast is one elementwise copy); the delta kernel zeroes them. Without
+    # atomic dQ the argument is unused: grad_q, which the autotuner's reset_to_zero may zero before
+    # the dQ kernel writes it.
+    atomic_dq = not torch.are_deterministic_algorithms_enabled()
+    grad_q_sum = grad_q
+    if atomic_dq and grad_q.dtype != torch.float32:
+        grad_q_sum = torch.empty_like(grad_q, dtype=torch.float32)
     with on_device(query):
         block_m = _INTERPRETER_BLOCKS["BLOCK_M"] if interpret else 64
         _attention_bwd_preprocess_kernel[_grid(len_q, block_m, heads_q, batch, meta["FLAT_GRID"])](
-            out, grad_out, delta, *_strides(out), *_strides(grad_out), heads_q, len_q, dim_v,
-            WIDE_OFFSETS=meta["WIDE_OFFSETS"], FLAT_GRID=meta["FLAT_GRID"], ALIGN=meta["ALIGN"], BLOCK_M=block_m,
+            out, grad_out, delta, grad_q_sum, *_strides(out), *_strides(grad_out), *_strides(grad_q_sum), heads_q,
+            len_q, dim, dim_v, ZERO_GRAD_Q_SUM=atomic_dq, WIDE_OFFSETS=meta["WIDE_OFFSETS"],
+            FLAT_GRID=meta["FLAT_GRID"], ALIGN=meta["ALIGN"], BLOCK_M=block_m, BLOCK_D=meta["BLOCK_D"],
             BLOCK_DV=meta["BLOCK_DV"])
         shared = (query, key, value, mask, padding, grad_out, lse, delta)
         strides = (*_strides(query), *_strides(key), *_strides(value), *mask_strides, *_strides(grad_out))
         group = heads_q // heads_k
         tail = (_bucket(len_q), _bucket(len_k), scale * LOG2E, scale, float(dropout_p))
-        atomic_dq = not torch.are_deterministic_algorithms_enabled()
-        # With atomic dQ, the float32 sums: grad_q itself when it is float32, else a float32 tensor
-        # in its memory order (so that the final cast is one elementwise copy). Otherwise the
-        # argument is unused (grad_q, which the autotuner's reset_to_zero may zero before the dQ
-        # kernel writes it).
-        grad_q_sum = grad_q
-        if atomic_dq:
-            grad_q_sum = grad_q.zero_() if grad_q.dtype == torch.float32 else torch.zeros_like(grad_q,
-                                                                                                 dtype=torch.float32)
         _launch("dkdv", len_k, heads_k, batch,
                 (*shared, grad_k, grad_v, grad_q_sum, seed, *strides, *_strides(grad_k), *_strides(grad_v),
                  *_strides(grad_q_sum), heads_q, heads_k, group, len_q, len_k, dim, dim_v, *tail),
