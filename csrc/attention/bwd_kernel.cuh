@@ -2,10 +2,11 @@
 //
 //   preprocess:  delta_i = rowsum(dO_i * O_i)                       (float32, (B, Hq, Lq)); zeroes
 //                the dQ sums of atomic dQ
-//   dK/dV:       one CTA per (block of 64 keys, key/value head, batch); loops over the query heads
-//                of its key/value head (GQA: their contributions are summed in registers) and over
-//                their query tiles; with atomic dQ (params.grad_q_sum set, the default) it also
-//                adds each query tile's scale dS K into float32 sums with atomicAdd
+//   dK/dV:       one CTA per (block of keys, key/value head, batch): 128 keys and 8 warps up to
+//                head dim 64, else 64 and 4 (traits.h); loops over the query heads of its
+//                key/value head (GQA: their contributions are summed in registers) and over their
+//                query tiles; with atomic dQ (params.grad_q_sum set, the default) it also adds each
+//                query tile's scale dS K into float32 sums with atomicAdd
 //   dQ:          only without atomic dQ (torch.use_deterministic_algorithms(True)): one CTA per
 //                (block of 64 query rows, query head, batch); loops over key tiles, recomputing S
 //                and dP (two more products a score), no atomics: run-to-run identical gradients
@@ -85,10 +86,10 @@ __device__ __forceinline__ float lse_log2(const float* lse, int i, int len_q) {
 }
 
 template <typename Tr, bool kGeneral>
-__global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dkdv_kernel(const AttentionBwdParams p) {
+__global__ void __launch_bounds__(Tr::kBwdKvThreads) attention_bwd_dkdv_kernel(const AttentionBwdParams p) {
   using T = typename Tr::Element;
   constexpr int BN = Tr::kBwdKvBlockN, BM = Tr::kBwdKvBlockM, HD = Tr::kHeadDim, LD = Tr::kSmemStride;
-  constexpr int kThreads = Tr::kThreads;
+  constexpr int kThreads = Tr::kBwdKvThreads;
   constexpr int kMTiles = BM / 8;  // n8 tiles of S^T (its columns are queries)
   constexpr int kDTiles = HD / 8;
   constexpr int LDS = Tr::kBwdDsStride, kDqCols = Tr::kBwdDqCols;

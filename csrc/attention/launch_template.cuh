@@ -45,7 +45,7 @@ void run_attention_bwd(const AttentionBwdParams& p, cudaStream_t stream) {
   const int dkdv_smem = Tr::kBwdKvSmemBytes + (atomic_dq ? Tr::kBwdDsSmemBytes : 0);
   allow_dynamic_shared_memory(dkdv, Tr::kBwdKvSmemBytes + Tr::kBwdDsSmemBytes);
   const dim3 dkdv_grid(static_cast<unsigned>(flat_grid_ctas(p.len_k, Tr::kBwdKvBlockN, p.heads_k, p.batch)));
-  FASTFORMER_LAUNCH(dkdv, dkdv_grid, Tr::kThreads, dkdv_smem, stream)(p);
+  FASTFORMER_LAUNCH(dkdv, dkdv_grid, Tr::kBwdKvThreads, dkdv_smem, stream)(p);
   if (atomic_dq) return;
 
   auto dq = general ? attention_bwd_dq_kernel<Tr, true> : attention_bwd_dq_kernel<Tr, false>;

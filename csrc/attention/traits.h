@@ -4,9 +4,13 @@
 // in the forward up to head dim 64, 32 rows (kFwdMTiles = 2 m16 tiles) of the tile it holds:
 //   forward:  128 query rows per CTA up to head dim 64, else 64; key/value tiles of kBlockN = 64
 //             keys streamed.
-//   dK/dV:    64 keys per CTA (16 per warp), query tiles of kBwdKvBlockM streamed, over every
-//             query head of the key/value head (GQA).
+//   dK/dV:    16 keys per warp, 128 keys per CTA of 8 warps up to head dim 64 (as FlashAttention-2),
+//             else 64 per CTA of 4; query tiles of kBwdKvBlockM streamed, over every query head of
+//             the key/value head (GQA).
 //   dQ:       64 query rows per CTA, key/value tiles of kBwdQBlockN streamed.
+// Why 128 keys a dK/dV CTA: each streamed Q / dO tile then serves twice the keys, and each dQ
+// element takes Lk / 128 atomic adds instead of Lk / 64 (registers per thread are the same: a warp
+// still holds 16 keys). Above head dim 64 the shared memory would pass 99 KiB.
 // Why two m16 tiles a warp in the forward: a K or V fragment a warp reads from shared memory
 // (ldmatrix.x4: 512 bytes, 4 cycles of an SM's 128 bytes a cycle) feeds two mma.sync m16n8k16 per
 // m16 tile (2 cycles each on sm_80's 2048 FLOP a cycle per SM, fewer on sm_90). With one tile a
@@ -40,8 +44,10 @@ struct AttentionTraits {
   static constexpr int kFwdRowsPerWarp = kRowsPerWarp * kFwdMTiles;
   static constexpr int kBlockM = kFwdRowsPerWarp * kWarps;
   static constexpr int kBlockN = 64;
-  // backward, dK/dV kernel (keys held, queries streamed)
-  static constexpr int kBwdKvBlockN = kRowsPerWarp * kWarps;
+  // backward, dK/dV kernel (keys held, queries streamed): up to head dim 64, 8 warps, 128 keys
+  static constexpr int kBwdKvWarps = kHeadDim <= 64 ? 8 : 4;
+  static constexpr int kBwdKvThreads = 32 * kBwdKvWarps;
+  static constexpr int kBwdKvBlockN = kRowsPerWarp * kBwdKvWarps;
   static constexpr int kBwdKvBlockM = kHeadDim <= 64 ? 64 : 32;
   // backward, dQ kernel (queries held, keys streamed)
   static constexpr int kBwdQBlockM = kRowsPerWarp * kWarps;
@@ -58,7 +64,7 @@ struct AttentionTraits {
   static constexpr int kBwdDsStride = kBwdKvBlockM + 8;
   static constexpr int kBwdDsSmemBytes = kBwdKvBlockN * kBwdDsStride * kElementBytes;
   static constexpr int kBwdDqRowTiles = kBwdKvBlockM / 16;
-  static constexpr int kBwdDqCols = kHeadDim * kBwdDqRowTiles / kWarps;
+  static constexpr int kBwdDqCols = kHeadDim * kBwdDqRowTiles / kBwdKvWarps;
   // dQ: Q, dO, and two buffers each of K and V
   static constexpr int kBwdQSmemBytes = (2 * kBwdQBlockM + 4 * kBwdQBlockN) * kSmemStride * kElementBytes;
 
@@ -73,10 +79,12 @@ struct AttentionTraits {
                 "shared rows: whole 16-byte chunks, an odd number of them (conflict-free ldmatrix)");
   // The tile loader hands out 16-byte chunks round-robin: every thread gets the same number.
   static_assert((kBlockN * kHeadDim / 8) % kThreads == 0, "forward tile loads");
-  static_assert((kBwdKvBlockM * kHeadDim / 8) % kThreads == 0, "dK/dV tile loads");
+  static_assert((kBwdKvBlockM * kHeadDim / 8) % kBwdKvThreads == 0 &&
+                    (kBwdKvBlockN * kHeadDim / 8) % kBwdKvThreads == 0,
+                "dK/dV tile loads");
   static_assert((kBwdQBlockN * kHeadDim / 8) % kThreads == 0, "dQ tile loads");
   static_assert(kBwdDsStride % 8 == 0 && (kBwdDsStride / 8) % 2 == 1, "dS^T rows: as kSmemStride");
-  static_assert(kWarps % kBwdDqRowTiles == 0 && kBwdDqCols % 16 == 0,
+  static_assert(kBwdKvWarps % kBwdDqRowTiles == 0 && kBwdDqCols % 16 == 0,
                 "atomic dQ: the warps split the query tiles and the head dim into whole n16 slices");
   static_assert(kFwdSmemBytes <= 99 * 1024 && kBwdKvSmemBytes + kBwdDsSmemBytes <= 99 * 1024 &&
                     kBwdQSmemBytes <= 99 * 1024,
