@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 
 import pytest
@@ -129,8 +130,9 @@ def test_half_precision_head_dims_on_gpu(shape, mask_kind, dtype, backend):
 def test_every_triton_launch_config_on_gpu(dim, dtype):
     """The tests run one fixed Triton config (FASTFORMER_TRITON_AUTOTUNE=0, conftest.py); here config
     i of the forward, dK/dV and dQ lists runs for every i, with causal masking, GQA and scattered
-    key padding across several tiles. A config that needs more shared memory than the card has is
-    skipped, as the autotuner skips it."""
+    key padding across several tiles, the backward both with atomic dQ and in deterministic mode
+    (the dQ kernel). A config that needs more shared memory than the card has is skipped, as the
+    autotuner skips it."""
     triton_attention = pytest.importorskip("fastformer.triton.attention")
     from triton.runtime.errors import OutOfResources
 
@@ -143,15 +145,15 @@ def test_every_triton_launch_config_on_gpu(dim, dtype):
     count = max(len(triton_attention._configs(kind, triton_attention._head_class(block, block)))
                 for kind in ("fwd", "dkdv", "dq"))
     ran = 0
-    for index in range(count):
-        with triton_attention.use_config(index):
+    for index, deterministic in itertools.product(range(count), (False, True)):
+        with triton_attention.use_config(index), deterministic_algorithms(deterministic):
             try:
                 out = fastformer.attention(q, k, v, backend="triton", **kwargs)
                 assert_close_to_reference(out, reference.attention(q, k, v, **kwargs), q, k, v, dtype)
             except OutOfResources:
                 continue
         ran += 1
-    assert ran >= 1
+    assert ran >= 2
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
