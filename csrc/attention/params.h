@@ -92,7 +92,7 @@ struct AttentionBwdParams : AttentionParams {
   void* grad_q;  // (B, Hq, Lq, D), written by the dQ kernel (when grad_q_sum is null)
   int64_t dq_batch_stride, dq_head_stride, dq_row_stride;
   // Or, when not null: dQ summed with float32 atomics by the dK/dV kernel (B, Hq, Lq, D), unit
-  // column stride, zeroed by the torch side, which casts it into grad_q. No dQ kernel then.
+  // column stride, zeroed by the delta kernel; the torch side casts it into grad_q. No dQ kernel.
   float* grad_q_sum;
   int64_t dqs_batch_stride, dqs_head_stride, dqs_row_stride;
   bool pair_atomics;  // every pair (col 2t, 2t+1) of grad_q_sum is 8-byte aligned (atomic_add_pair)
