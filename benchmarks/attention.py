@@ -49,6 +49,7 @@ Exit status: 0, or 1 when a provider that accepted a call failed while running.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -540,16 +541,12 @@ def run(args: argparse.Namespace) -> int:
         compile_here = policy == "all" or (policy == "first" and number == 0)
         cases.append(common.Case(f"modules {mshape.label()}",
                                  functools.partial(bench_modules, mshape, args, compile_here)))
-    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    if args.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
+    modes = common.deterministic_algorithms() if args.deterministic else contextlib.nullcontext()
+    with modes:
         return common.run_cases(args, cases, baseline=BASELINE, plot_x_label="sequence length L",
                                 plot_title=f"attention, {{device}}, {args.dtype}", summary_ops={OP},
                                 timing_note=f"; suites: {', '.join(args.suites)}"
                                             + ("; deterministic algorithms" if args.deterministic else ""))
-    finally:
-        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,6 +22,7 @@ provider ms, so > 1 means faster than the baseline (what users would otherwise r
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import datetime
@@ -109,6 +110,20 @@ def command_line() -> str:
         world, local = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         command = f"torchrun --nnodes {max(1, world // local)} --nproc_per_node {local} " + command[len("python "):]
     return command
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool = True):
+    """torch.use_deterministic_algorithms(enabled, warn_only=True) inside the block, the previous
+    setting after. The fastformer attention backward sums dQ with atomics unless it is on (then it
+    runs its dQ kernel); warn_only, because other ops timed or run beside it may have no
+    deterministic kernel."""
+    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(enabled, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
 
 
 def cuobjdump() -> str | None:

@@ -249,14 +249,12 @@ def attention_case(dtype, dim, *, dim_v=None, batch=2, heads=4, heads_k=None, le
 
     def run():
         allowed = torch.backends.cuda.matmul.allow_tf32
-        modes = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
         torch.backends.cuda.matmul.allow_tf32 = tf32
-        torch.use_deterministic_algorithms(deterministic, warn_only=True)
         try:
-            launch()
+            with common.deterministic_algorithms(deterministic):
+                launch()
         finally:
             torch.backends.cuda.matmul.allow_tf32 = allowed
-            torch.use_deterministic_algorithms(modes[0], warn_only=modes[1])
 
     def launch():
         h_k, l_k, d_v = heads_k or heads, len_k or len_q, dim_v or dim

@@ -16,11 +16,15 @@ from __future__ import annotations
 import importlib.util
 import sys
 import traceback
+from pathlib import Path
 
 import torch
 
 import fastformer
 from fastformer import cuda as cuda_backend
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (benchmarks/common.py)
 
 
 def _t(*shape, dtype=torch.float32, grad=True):
@@ -121,13 +125,10 @@ def run_attention(batch, heads_q, heads_k, len_q, len_k, head_dim, dtype, causal
     # dQ both ways: float32 atomics in the dK/dV kernel (the default), and the dQ kernel
     # (deterministic algorithms).
     for deterministic in (False, True):
-        torch.use_deterministic_algorithms(deterministic, warn_only=True)
-        try:
+        with common.deterministic_algorithms(deterministic):
             out = fastformer.attention(q, k, v, dropout_p=dropout_p, is_causal=causal, key_padding_mask=pad,
                                        backend="cuda")
             _backward([out], [q, k, v])
-        finally:
-            torch.use_deterministic_algorithms(False)
 
 
 def main() -> int:
