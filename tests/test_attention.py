@@ -413,6 +413,36 @@ def test_key_padding_of_long_rows(dtype, backend, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic-dq", "dq-kernel"])
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+def test_keys_after_the_last_unpadded_key_are_never_read(is_causal, deterministic, backend, device):
+    """The fast kernels read no key or value after a batch row's last unpadded key (right
+    padding, as tokenizers pad): NaN and inf there change no output and no gradient, and get 0
+    gradients. The lengths end inside, at the edge of, and before the kernels' key tiles."""
+    dtype, batch, heads, len_q, len_k, dim = torch.float16, 4, 2, 40, 75, 16
+    q, k, v = make_qkv((batch, heads, heads, len_q, len_k, dim, dim), dtype, device)
+    lengths = torch.tensor([75, 64, 33, 1], device=device)
+    pad = torch.arange(len_k, device=device)[None, :] >= lengths[:, None]
+    kwargs = dict(key_padding_mask=pad, is_causal=is_causal)
+    require_backend(backend, "attention", q, k, v, **kwargs)
+    poisoned_k = k.detach().masked_fill(pad[:, None, :, None], float("nan")).requires_grad_()
+    poisoned_v = v.detach().masked_fill(pad[:, None, :, None], float("inf")).requires_grad_()
+    with deterministic_algorithms(deterministic):
+        out = fastformer.attention(q, poisoned_k, poisoned_v, backend=backend, **kwargs)
+        grad_out = torch.randn_like(out)
+        grads = torch.autograd.grad(out, (q, poisoned_k, poisoned_v), grad_out)
+    expected = reference.attention(q, k, v, **kwargs)
+    expected_grads = torch.autograd.grad(expected, (q, k, v), grad_out.double())
+    fwd_tol, grad_tol = ATTENTION_TOL[dtype]
+    assert_rel_close(out, expected, fwd_tol, "out")
+    for name, grad, want in zip("qkv", grads, expected_grads):
+        assert_rel_close(grad, want, grad_tol, f"grad {name}")
+    for grad in grads[1:]:
+        assert (grad.transpose(1, 2)[pad] == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("layout", ["blhd", "lbhd", "bhld"])
 def test_output_and_gradients_come_in_the_inputs_memory_order(layout, backend, device):
     """The kernel backends' output is laid out like the query and the gradients of q, k, v like

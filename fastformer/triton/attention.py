@@ -27,8 +27,9 @@ What the kernels handle (everything the op table declares for "attention"):
 - key_padding_mask: key tiles past each batch row's last unpadded key are skipped, and the
   forward reads the mask (one byte per key, nonzero = padding) inside key tiles only for batch
   rows with padding before that key end (right padding, the usual case, costs no work for the
-  padding; any other pattern is exact too); the backward kernels read it in every tile. No host
-  synchronisation;
+  padding; any other pattern is exact too); the dK/dV kernel reads its keys' bytes once and,
+  without causal or attn_mask, masks its scores by adding a per-key bias (0 or -inf); the dQ
+  kernel (deterministic mode) reads them in every tile. No host synchronisation;
 - attn_mask, bool (True = attend) or additive float, broadcastable to (B, Hq, Lq, Lk), loaded tile
   by tile with stride 0 on its broadcast dims;
 - dropout from Philox, the scores viewed as B Hq Lq rows of Lk keys (``fastformer.triton.dropout``:
@@ -86,21 +87,23 @@ MAX_HEAD_DIM = 256
 # tile helpers
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _scores(qk, q_idx, k_idx, MASK_TILE, stride_mask_q, stride_mask_k, PADDING_ROW, len_q, key_len,
-            qk_scale, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KEY_PADDING: tl.constexpr):
+def _scores(qk, q_idx, k_idx, key_ok, MASK_TILE, stride_mask_q, stride_mask_k, PADDING_ROW, len_q, qk_scale,
+            IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KEY_PADDING: tl.constexpr):
     """Scores in the log2 domain, -inf where key k_idx is not attended by query q_idx.
 
     qk is a tile of q . k products; q_idx / k_idx are the query / key indices broadcast to its
     shape ([:, None] and [None, :], or transposed: the tile may be (queries, keys) or (keys,
-    queries)). MASK_TILE points at the attn_mask of this (batch, query head), PADDING_ROW at the
-    key_padding_mask row of this batch row (one byte per key, nonzero = padding).
+    queries)), key_ok whether the keys exist (k_idx < key end) broadcast like k_idx. MASK_TILE points
+    at the attn_mask of this (batch, query head); with HAS_KEY_PADDING the keys' bytes are read from
+    PADDING_ROW, the key_padding_mask row of this batch row (nonzero = padding; a caller that holds
+    them passes them in key_ok instead).
         s = (scale * q.k + attn_mask) * log2(e)
     """
-    valid = (q_idx < len_q) & (k_idx < key_len)
+    valid = (q_idx < len_q) & key_ok
     if IS_CAUSAL:
         valid = valid & (k_idx <= q_idx)
     if HAS_KEY_PADDING:  # one byte per key, loaded along the key axis only
-        padded = tl.load(PADDING_ROW + k_idx, mask=k_idx < key_len, other=1)
+        padded = tl.load(PADDING_ROW + k_idx, mask=key_ok, other=1)
         valid = valid & (padded == 0)
     s = qk * qk_scale
     if MASK_KIND == 1:  # bool, stored as uint8: nonzero = may attend
@@ -292,8 +295,8 @@ def _attention_fwd_kernel(
             if stage == 0:
                 s = qk * qk_scale
             else:
-                s = _scores(qk, offs_m[:, None], idx_n[None, :], MASK_TILE, stride_mm, stride_mn, PADDING_ROW,
-                            len_q, key_len, qk_scale, IS_CAUSAL, MASK_KIND, HAS_KEY_PADDING)
+                s = _scores(qk, offs_m[:, None], idx_n[None, :], idx_n[None, :] < key_len, MASK_TILE, stride_mm,
+                            stride_mn, PADDING_ROW, len_q, qk_scale, IS_CAUSAL, MASK_KIND, HAS_KEY_PADDING)
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             base = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: exp2(-inf - 0) = 0
             p = tl.math.exp2(s - base[:, None])
@@ -405,7 +408,9 @@ def _attention_bwd_dkdv_kernel(
     deterministic algorithms.
 
     Causal: query blocks before the key block's first key are not visited; key blocks of padding
-    keys only visit nothing and write zeros.
+    keys only visit nothing and write zeros. Without causal or attn_mask, the scores need no mask
+    but the keys' own, an additive bias (0, or -inf for keys past Lk and padding): one FFMA a score
+    where ``_scores`` takes 3 to 6 operations.
     """
     start_n, hk, b = _program_block(len_k, heads_k, BLOCK_N, FLAT_GRID)
     offs_n = _indices(start_n, BLOCK_N, WIDE_OFFSETS)
@@ -415,15 +420,16 @@ def _attention_bwd_dkdv_kernel(
     if HAS_DROPOUT:
         seed = tl.load(SEED)
 
+    # Keys past Lk and padding keys read as 0 (their gradients are 0 whatever they hold, NaN
+    # included) and score -inf through key_bias; a block without a key to attend visits no query
+    # head. That bound, which comes from loaded data, is on the outer loop: on the query loop it
+    # cost up to 46 more registers a thread (ptxas, sm_90, bf16 head dim 64).
     PADDING_ROW = KEY_PADDING + b * stride_pb
     key_ok = offs_n < len_k
-    end_m = len_q
     if HAS_KEY_PADDING:
-        # Padding keys read as 0 (their gradients are 0 whatever they hold, NaN included); a
-        # block of padding keys only has nothing to visit.
-        padded = tl.load(PADDING_ROW + offs_n, mask=key_ok, other=1)
-        key_ok = key_ok & (padded == 0)
-        end_m = tl.where(tl.min(padded, axis=0) != 0, 0, len_q)
+        key_ok = key_ok & (tl.load(PADDING_ROW + offs_n, mask=key_ok, other=1) == 0)
+    key_bias = tl.where(key_ok, 0.0, float("-inf"))
+    heads_visited = tl.where(tl.max(key_ok.to(tl.int32), axis=0) == 0, 0, group)
     k = _load_tile(K + b * stride_kb + hk * stride_kh + offs_d[None, :] * stride_kd, offs_n[:, None] * stride_kn,
                    key_ok[:, None], offs_d[None, :] < dim, ALIGN, 1, DOT_IN_FP32)
     v = _load_tile(V + b * stride_vb + hk * stride_vh + offs_dv[None, :] * stride_vd, offs_n[:, None] * stride_vn,
@@ -434,19 +440,22 @@ def _attention_bwd_dkdv_kernel(
 
     grad_k = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     grad_v = tl.zeros((BLOCK_N, BLOCK_DV), tl.float32)
-    for g in range(0, group):
+    for g in range(0, heads_visited):
         h = hk * group + g
         Q_TILE = Q + b * stride_qb + h * stride_qh + offs_d[:, None] * stride_qd      # (D, M): Q^T
         DO_TILE = GRAD_OUT + b * stride_gb + h * stride_gh + offs_dv[None, :] * stride_gd  # (M, Dv)
         MASK_TILE = MASK + b * stride_mb + h * stride_mh
         row_base = (b * heads_q + h) * len_q
-        for start_m in range(begin_m, end_m, BLOCK_M):
+        for start_m in range(begin_m, len_q, BLOCK_M):
             idx_m = start_m + offs_m
             q_t = _load_tile(Q_TILE, idx_m[None, :] * stride_qm, idx_m[None, :] < len_q, offs_d[:, None] < dim,
                              ALIGN, 0, DOT_IN_FP32)
             qk_t = tl.dot(k, q_t, input_precision=DOT_PRECISION)
-            s_t = _scores(qk_t, idx_m[None, :], offs_n[:, None], MASK_TILE, stride_mm, stride_mn, PADDING_ROW, len_q,
-                          len_k, qk_scale, IS_CAUSAL, MASK_KIND, HAS_KEY_PADDING)
+            if IS_CAUSAL or MASK_KIND != 0:
+                s_t = _scores(qk_t, idx_m[None, :], offs_n[:, None], key_ok[:, None], MASK_TILE, stride_mm, stride_mn,
+                              PADDING_ROW, len_q, qk_scale, IS_CAUSAL, MASK_KIND, False)
+            else:  # rows past Lq need no mask: their lse reads as -inf, so P = 0 (_row_lse_log2)
+                s_t = qk_t * qk_scale + key_bias[:, None]
             p_t = tl.math.exp2(s_t - _row_lse_log2(LSE + row_base, idx_m, len_q)[None, :])
             do = _load_tile(DO_TILE, idx_m[:, None] * stride_gm, idx_m[:, None] < len_q, offs_dv[None, :] < dim_v,
                             ALIGN, 1, DOT_IN_FP32)
@@ -542,8 +551,8 @@ def _attention_bwd_dq_kernel(
         v = _load_tile(V_TILE, idx_n[:, None] * stride_vn, idx_n[:, None] < key_len, offs_dv[None, :] < dim_v,
                        ALIGN, 1, DOT_IN_FP32)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        s = _scores(qk, offs_m[:, None], idx_n[None, :], MASK_TILE, stride_mm, stride_mn, PADDING_ROW, len_q, key_len,
-                    qk_scale, IS_CAUSAL, MASK_KIND, HAS_KEY_PADDING)
+        s = _scores(qk, offs_m[:, None], idx_n[None, :], idx_n[None, :] < key_len, MASK_TILE, stride_mm, stride_mn,
+                    PADDING_ROW, len_q, qk_scale, IS_CAUSAL, MASK_KIND, HAS_KEY_PADDING)
         p = tl.math.exp2(s - lse_log2[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
