@@ -167,18 +167,7 @@ __global__ void __launch_bounds__(Tr::kBwdKvThreads) attention_bwd_dkdv_kernel(c
     float st[kMTiles][4];
 #pragma unroll
     for (int n = 0; n < kMTiles; ++n) st[n][0] = st[n][1] = st[n][2] = st[n][3] = 0.0f;
-#pragma unroll
-    for (int kk = 0; kk < HD / 16; ++kk) {
-      uint32_t a[4];
-      ldsm_a<LD>(a, sK, warp * 16, kk * 16, lane);
-#pragma unroll
-      for (int nn = 0; nn < BM / 16; ++nn) {
-        uint32_t bfrag[4];
-        ldsm_b<LD>(bfrag, sQb, nn * 16, kk * 16, lane);
-        mma_16816<T>(st[2 * nn], a, bfrag[0], bfrag[1]);
-        mma_16816<T>(st[2 * nn + 1], a, bfrag[2], bfrag[3]);
-      }
-    }
+    mma_rows_by_rows<T, LD, HD, BM>(st, sK, warp * 16, sQb, lane);
 
     // P^T (in place) and the keep bits.
     const bool need_mask =
@@ -216,35 +205,15 @@ __global__ void __launch_bounds__(Tr::kBwdKvThreads) attention_bwd_dkdv_kernel(c
         }
       }
       uint32_t a[4];
-      a[0] = pack2<T>(pd[0][0], pd[0][1]);
-      a[1] = pack2<T>(pd[0][2], pd[0][3]);
-      a[2] = pack2<T>(pd[1][0], pd[1][1]);
-      a[3] = pack2<T>(pd[1][2], pd[1][3]);
-#pragma unroll
-      for (int dd = 0; dd < HD / 16; ++dd) {
-        uint32_t bfrag[4];
-        ldsm_b_trans<LD>(bfrag, sdOb, kk2 * 16, dd * 16, lane);
-        mma_16816<T>(acc_dv[2 * dd], a, bfrag[0], bfrag[1]);
-        mma_16816<T>(acc_dv[2 * dd + 1], a, bfrag[2], bfrag[3]);
-      }
+      pack_a<T>(a, pd[0], pd[1]);
+      mma_fragment_by_rows<T, LD, HD>(acc_dv, a, sdOb, kk2 * 16, 0, lane);
     }
 
     // dP^T = V dO^T: the warp's 16 keys x BM queries.
     float dpt[kMTiles][4];
 #pragma unroll
     for (int n = 0; n < kMTiles; ++n) dpt[n][0] = dpt[n][1] = dpt[n][2] = dpt[n][3] = 0.0f;
-#pragma unroll
-    for (int kk = 0; kk < HD / 16; ++kk) {
-      uint32_t a[4];
-      ldsm_a<LD>(a, sV, warp * 16, kk * 16, lane);
-#pragma unroll
-      for (int nn = 0; nn < BM / 16; ++nn) {
-        uint32_t bfrag[4];
-        ldsm_b<LD>(bfrag, sdOb, nn * 16, kk * 16, lane);
-        mma_16816<T>(dpt[2 * nn], a, bfrag[0], bfrag[1]);
-        mma_16816<T>(dpt[2 * nn + 1], a, bfrag[2], bfrag[3]);
-      }
-    }
+    mma_rows_by_rows<T, LD, HD, BM>(dpt, sV, warp * 16, sdOb, lane);
 
     // dS^T = P^T (dP^T keep / (1 - p) - delta), in place of dP^T.
 #pragma unroll
@@ -267,17 +236,8 @@ __global__ void __launch_bounds__(Tr::kBwdKvThreads) attention_bwd_dkdv_kernel(c
 #pragma unroll
     for (int kk2 = 0; kk2 < BM / 16; ++kk2) {
       uint32_t a[4];
-      a[0] = pack2<T>(dpt[2 * kk2][0], dpt[2 * kk2][1]);
-      a[1] = pack2<T>(dpt[2 * kk2][2], dpt[2 * kk2][3]);
-      a[2] = pack2<T>(dpt[2 * kk2 + 1][0], dpt[2 * kk2 + 1][1]);
-      a[3] = pack2<T>(dpt[2 * kk2 + 1][2], dpt[2 * kk2 + 1][3]);
-#pragma unroll
-      for (int dd = 0; dd < HD / 16; ++dd) {
-        uint32_t bfrag[4];
-        ldsm_b_trans<LD>(bfrag, sQb, kk2 * 16, dd * 16, lane);
-        mma_16816<T>(acc_dk[2 * dd], a, bfrag[0], bfrag[1]);
-        mma_16816<T>(acc_dk[2 * dd + 1], a, bfrag[2], bfrag[3]);
-      }
+      pack_a<T>(a, dpt[2 * kk2], dpt[2 * kk2 + 1]);
+      mma_fragment_by_rows<T, LD, HD>(acc_dk, a, sQb, kk2 * 16, 0, lane);
     }
 
     if (atomic_dq) {
@@ -301,13 +261,7 @@ __global__ void __launch_bounds__(Tr::kBwdKvThreads) attention_bwd_dkdv_kernel(c
       for (int kk = 0; kk < BN / 16; ++kk) {
         uint32_t a[4];
         ldsm_a_trans<LDS>(a, sdS, kk * 16, dq_tile * 16, lane);
-#pragma unroll
-        for (int dd = 0; dd < kDqCols / 16; ++dd) {
-          uint32_t bfrag[4];
-          ldsm_b_trans<LD>(bfrag, sK, kk * 16, dq_col0 + dd * 16, lane);
-          mma_16816<T>(dq[2 * dd], a, bfrag[0], bfrag[1]);
-          mma_16816<T>(dq[2 * dd + 1], a, bfrag[2], bfrag[3]);
-        }
+        mma_fragment_by_rows<T, LD, kDqCols>(dq, a, sK, kk * 16, dq_col0, lane);
       }
       float* sums = p.grad_q_sum + b * p.dqs_batch_stride + h * p.dqs_head_stride;
 #pragma unroll
@@ -426,18 +380,7 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dq_kernel(const At
     float s[kNTiles][4];
 #pragma unroll
     for (int n = 0; n < kNTiles; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
-#pragma unroll
-    for (int kk = 0; kk < HD / 16; ++kk) {
-      uint32_t a[4];
-      ldsm_a<LD>(a, sQ, warp * 16, kk * 16, lane);
-#pragma unroll
-      for (int nn = 0; nn < BN / 16; ++nn) {
-        uint32_t bfrag[4];
-        ldsm_b<LD>(bfrag, sKb, nn * 16, kk * 16, lane);
-        mma_16816<T>(s[2 * nn], a, bfrag[0], bfrag[1]);
-        mma_16816<T>(s[2 * nn + 1], a, bfrag[2], bfrag[3]);
-      }
-    }
+    mma_rows_by_rows<T, LD, HD, BN>(s, sQ, warp * 16, sKb, lane);
 
     // P (in place) and the keep bits.
     const bool need_mask =
@@ -461,18 +404,7 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dq_kernel(const At
     float dp[kNTiles][4];
 #pragma unroll
     for (int n = 0; n < kNTiles; ++n) dp[n][0] = dp[n][1] = dp[n][2] = dp[n][3] = 0.0f;
-#pragma unroll
-    for (int kk = 0; kk < HD / 16; ++kk) {
-      uint32_t a[4];
-      ldsm_a<LD>(a, sdO, warp * 16, kk * 16, lane);
-#pragma unroll
-      for (int nn = 0; nn < BN / 16; ++nn) {
-        uint32_t bfrag[4];
-        ldsm_b<LD>(bfrag, sVb, nn * 16, kk * 16, lane);
-        mma_16816<T>(dp[2 * nn], a, bfrag[0], bfrag[1]);
-        mma_16816<T>(dp[2 * nn + 1], a, bfrag[2], bfrag[3]);
-      }
-    }
+    mma_rows_by_rows<T, LD, HD, BN>(dp, sdO, warp * 16, sVb, lane);
 
     // dS = P (dP keep / (1 - p) - delta), in place of dP.
 #pragma unroll
@@ -489,17 +421,8 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dq_kernel(const At
 #pragma unroll
     for (int kk2 = 0; kk2 < BN / 16; ++kk2) {
       uint32_t a[4];
-      a[0] = pack2<T>(dp[2 * kk2][0], dp[2 * kk2][1]);
-      a[1] = pack2<T>(dp[2 * kk2][2], dp[2 * kk2][3]);
-      a[2] = pack2<T>(dp[2 * kk2 + 1][0], dp[2 * kk2 + 1][1]);
-      a[3] = pack2<T>(dp[2 * kk2 + 1][2], dp[2 * kk2 + 1][3]);
-#pragma unroll
-      for (int dd = 0; dd < HD / 16; ++dd) {
-        uint32_t bfrag[4];
-        ldsm_b_trans<LD>(bfrag, sKb, kk2 * 16, dd * 16, lane);
-        mma_16816<T>(acc[2 * dd], a, bfrag[0], bfrag[1]);
-        mma_16816<T>(acc[2 * dd + 1], a, bfrag[2], bfrag[3]);
-      }
+      pack_a<T>(a, dp[2 * kk2], dp[2 * kk2 + 1]);
+      mma_fragment_by_rows<T, LD, HD>(acc, a, sKb, kk2 * 16, 0, lane);
     }
     __syncthreads();  // every warp is done with buffer j % 2 before step j + 1 refills it
   }

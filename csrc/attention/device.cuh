@@ -186,6 +186,50 @@ __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float x, float y) {
   return *reinterpret_cast<uint32_t*>(&h);
 }
 
+// The A fragment of a k16 slice from the C fragments of two n8 tiles side by side (lo: columns
+// 0..7 of the slice, hi: 8..15), rounded to T: how P and dS feed the next product (header comment).
+template <typename T>
+__device__ __forceinline__ void pack_a(uint32_t (&a)[4], const float (&lo)[4], const float (&hi)[4]) {
+  a[0] = pack2<T>(lo[0], lo[1]);
+  a[1] = pack2<T>(lo[2], lo[3]);
+  a[2] = pack2<T>(hi[0], hi[1]);
+  a[3] = pack2<T>(hi[2], hi[3]);
+}
+
+// Warp products over shared tiles of row stride LD, accumulated into the n8 C tiles of acc.
+// acc += A B^T for the 16 rows of sA from a_row and the first N rows of sB, both over K columns
+// (S = Q K^T with Q in sA and K in sB: B read with ldsm_b).
+template <typename T, int LD, int K, int N>
+__device__ __forceinline__ void mma_rows_by_rows(float (&acc)[N / 8][4], const T* sA, int a_row, const T* sB,
+                                                 int lane) {
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk) {
+    uint32_t a[4];
+    ldsm_a<LD>(a, sA, a_row, kk * 16, lane);
+#pragma unroll
+    for (int nn = 0; nn < N / 16; ++nn) {
+      uint32_t b[4];
+      ldsm_b<LD>(b, sB, nn * 16, kk * 16, lane);
+      mma_16816<T>(acc[2 * nn], a, b[0], b[1]);
+      mma_16816<T>(acc[2 * nn + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// acc += a B for an A fragment (16 x k16) and the 16 rows of sB from k_row, columns col0 ..
+// col0 + N - 1 (P V with P in registers and V in sB: B read with ldsm_b_trans).
+template <typename T, int LD, int N>
+__device__ __forceinline__ void mma_fragment_by_rows(float (&acc)[N / 8][4], const uint32_t (&a)[4], const T* sB,
+                                                     int k_row, int col0, int lane) {
+#pragma unroll
+  for (int dd = 0; dd < N / 16; ++dd) {
+    uint32_t b[4];
+    ldsm_b_trans<LD>(b, sB, k_row, col0 + dd * 16, lane);
+    mma_16816<T>(acc[2 * dd], a, b[0], b[1]);
+    mma_16816<T>(acc[2 * dd + 1], a, b[2], b[3]);
+  }
+}
+
 // Cooperative load of a ROWS x HD tile (row stride `row_stride` elements in global memory) into
 // shared memory rows of LD elements: rows >= rows_valid and columns >= cols_valid are zero.
 // Work is handed out in 16-byte chunks (8 elements), chunk c -> row c / (HD/8), col (c % (HD/8)) * 8;

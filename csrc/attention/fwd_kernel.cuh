@@ -184,12 +184,7 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_fwd_kernel(const Atten
     for (int kk2 = 0; kk2 < BN / 16; ++kk2) {
       uint32_t a[kMTiles][4];
 #pragma unroll
-      for (int mt = 0; mt < kMTiles; ++mt) {
-        a[mt][0] = pack2<T>(s[mt][2 * kk2][0], s[mt][2 * kk2][1]);
-        a[mt][1] = pack2<T>(s[mt][2 * kk2][2], s[mt][2 * kk2][3]);
-        a[mt][2] = pack2<T>(s[mt][2 * kk2 + 1][0], s[mt][2 * kk2 + 1][1]);
-        a[mt][3] = pack2<T>(s[mt][2 * kk2 + 1][2], s[mt][2 * kk2 + 1][3]);
-      }
+      for (int mt = 0; mt < kMTiles; ++mt) pack_a<T>(a[mt], s[mt][2 * kk2], s[mt][2 * kk2 + 1]);
 #pragma unroll
       for (int dd = 0; dd < HD / 16; ++dd) {
         uint32_t bfrag[4];
