@@ -219,6 +219,8 @@ DROPOUT_CASES = [
     ("causal+padding", 32, torch.bfloat16, (2, 2, 1, 45, 70)),
     ("float", 128, torch.float16, (2, 2, 1, 45, 70)),
     ("causal", 64, torch.bfloat16, (1, 2, 2, 160, 90)),  # every m16 tile of a 128-row forward block
+    # the fine-tuning case: right padding, whole key blocks unmasked, the last one masked by its key end
+    ("padding", 64, torch.bfloat16, (2, 2, 2, 100, 300)),
 ]
 
 

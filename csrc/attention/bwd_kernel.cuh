@@ -135,6 +135,9 @@ __global__ void __launch_bounds__(Tr::kBwdKvThreads) attention_bwd_dkdv_kernel(c
     for (int e = 0; e < 4; ++e) acc_dk[d][e] = acc_dv[d][e] = 0.0f;
   }
   const int keys[2] = {n0 + warp * 16 + g, n0 + warp * 16 + g + 8};  // rows g, g + 8 of the warp
+  // 0, or -inf for keys past the key end: all the mask those keys need on tiles that need no other
+  // (rows past Lq need none: lse_log2 makes their P 0).
+  const float key_bias[2] = {keys[0] < key_len ? 0.0f : -INFINITY, keys[1] < key_len ? 0.0f : -INFINITY};
 
   if (total > 0) {
     const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride + n0 * p.k_row_stride;
@@ -169,9 +172,9 @@ __global__ void __launch_bounds__(Tr::kBwdKvThreads) attention_bwd_dkdv_kernel(c
     for (int n = 0; n < kMTiles; ++n) st[n][0] = st[n][1] = st[n][2] = st[n][3] = 0.0f;
     mma_rows_by_rows<T, LD, HD, BM>(st, sK, warp * 16, sQb, lane);
 
-    // P^T (in place) and the keep bits.
+    // P^T (in place) and the keep bits; keys past the key end are masked by key_bias alone.
     const bool need_mask =
-        kGeneral || rules.has_padding_holes() || n0 + BN > key_len || (p.is_causal && n0 + BN - 1 > m0);
+        (kGeneral && rules.has_attn_mask()) || rules.has_padding_holes() || (p.is_causal && n0 + BN - 1 > m0);
     const bool dropout = kGeneral && p.has_dropout;
     const uint32_t keep = dropout ? rules.keep_bits_transposed<kMTiles>(m0 + 2 * t, keys[0]) : 0u;
     uint32_t keep_bits = dropout ? 0u : 0xffffffffu;  // keep, less the scores past Lq / Lk
@@ -184,7 +187,8 @@ __global__ void __launch_bounds__(Tr::kBwdKvThreads) attention_bwd_dkdv_kernel(c
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
           const int e = 2 * r + c;
-          const float s = need_mask ? rules.score<kGeneral>(st[n][e], i, keys[r]) : st[n][e] * p.scale_log2;
+          const float s =
+              need_mask ? rules.score<kGeneral>(st[n][e], i, keys[r]) : fmaf(st[n][e], p.scale_log2, key_bias[r]);
           st[n][e] = fast_exp2(s - l2);
           const uint32_t bit = 1u << (4 * n + e);
           if (dropout && i < p.len_q && keys[r] < p.len_k && (keep & bit)) keep_bits |= bit;
@@ -382,7 +386,8 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dq_kernel(const At
     for (int n = 0; n < kNTiles; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
     mma_rows_by_rows<T, LD, HD, BN>(s, sQ, warp * 16, sKb, lane);
 
-    // P (in place) and the keep bits.
+    // P (in place) and the keep bits. Unlike the other two kernels, every tile of the general variant
+    // is masked: skipping the mask under dropout alone took 168 -> 228 registers at head dim 64.
     const bool need_mask =
         kGeneral || rules.has_padding_holes() || n0 + BN > key_len || (p.is_causal && n0 + BN - 1 > m0);
     const bool dropout = kGeneral && p.has_dropout;

@@ -114,8 +114,8 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_fwd_kernel(const Atten
       }
     }
 
-    const bool need_mask =
-        kGeneral || rules.has_padding_holes() || n0 + BN > key_len || (p.is_causal && n0 + BN - 1 > m0);
+    const bool need_mask = (kGeneral && rules.has_attn_mask()) || rules.has_padding_holes() || n0 + BN > key_len ||
+                           (p.is_causal && n0 + BN - 1 > m0);
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt) {
       // Scores in log2 units; element e of tile n is (row i = rows[e / 2], key n0 + 8 n + 2 t + e % 2).

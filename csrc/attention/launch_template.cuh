@@ -1,10 +1,12 @@
 // The bodies of run_attention_fwd / run_attention_bwd, included by the one instantiation file per
 // (pass, head dim, dtype) under instantiations/ (so that the build compiles them in parallel).
 //
-// Each picks the kernel variant at run time: kGeneral (an attn_mask or dropout) or not (only key
-// lengths and the causal diagonal, masked on the tiles that need it). Grids: row blocks on x (the
-// fastest-varying, so CTAs reading the same K/V run together), then heads, then the batch, all on
-// gridDim.x (flat_grid_ctas in launch.h, grid_place in device.cuh).
+// Each picks the kernel variant at run time: kGeneral (attn_mask and dropout compiled in) or not.
+// The forward and dK/dV kernels mask only the tiles that need it: those crossing a key end (the
+// forward's) or the causal diagonal, those of a batch row with padding holes, and with an
+// attn_mask every tile; the dQ kernel also every tile of its general variant. Grids: row blocks
+// on x (the fastest-varying, so CTAs reading the same K/V run together), then heads, then the
+// batch, all on gridDim.x (flat_grid_ctas in launch.h, grid_place in device.cuh).
 // The caller checks the launches (FASTFORMER_CHECK_LAUNCH in attention_ops.cpp), which also
 // reports a refused shared-memory opt-in: the launch that needed it fails.
 #pragma once

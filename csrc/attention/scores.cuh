@@ -57,6 +57,8 @@ struct ScoreRules {
 
   // Whether a tile may hold padding keys before the key end (then every score must be masked).
   __device__ __forceinline__ bool has_padding_holes() const { return padding != nullptr; }
+  // Whether an attn_mask applies (then every score must be masked; dropout alone needs no mask).
+  __device__ __forceinline__ bool has_attn_mask() const { return bool_mask != nullptr || float_mask != nullptr; }
 
   // The score of q_i . k_j = acc, in log2 units, -inf where (i, j) is not attended.
   // kGeneral: an attn_mask may be present (compiled out of the kernels without one).
