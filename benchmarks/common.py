@@ -116,8 +116,8 @@ def command_line() -> str:
 def deterministic_algorithms(enabled: bool = True):
     """torch.use_deterministic_algorithms(enabled, warn_only=True) inside the block, the previous
     setting after. The fastformer attention backward sums dQ with atomics unless it is on (then it
-    runs its dQ kernel); warn_only, because other ops timed or run beside it may have no
-    deterministic kernel."""
+    runs its dQ kernel); warn_only, because other ops timed or run beside it (a float64
+    reference in the tests) may have no deterministic kernel."""
     previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(enabled, warn_only=True)
     try:

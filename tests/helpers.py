@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import fastformer
 import reference
 from fastformer import dispatch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+# torch.use_deterministic_algorithms(enabled) for a block, as the benchmarks switch it: the fast
+# attention backward sums dQ with float32 atomics unless it is on, so bitwise comparisons of
+# attention gradients on a GPU need it.
+from common import deterministic_algorithms  # noqa: E402,F401
 
 # Relative error ||out - ref|| / ||ref|| against float64, from DESIGN.md.
 ATTENTION_TOL = {torch.float32: (2e-3, 4e-3), torch.bfloat16: (2.5e-2, 5e-2),
@@ -22,20 +29,6 @@ PARAM_GRAD_TOL_HALF = 2e-1
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 BACKENDS = list(dispatch.BACKEND_NAMES)
-
-
-@contextlib.contextmanager
-def deterministic_algorithms(enabled: bool = True):
-    """torch.use_deterministic_algorithms(enabled) inside the block, the previous setting after.
-    warn_only: other ops of a test (a float64 reference on the GPU) may have no deterministic
-    kernel. The attention backward of the fast backends sums dQ with float32 atomics unless this
-    is on; bitwise comparisons of attention gradients on a GPU need it."""
-    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
-    torch.use_deterministic_algorithms(enabled, warn_only=True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
 
 
 def require_backend(backend: str, op, *args, **kwargs) -> None:
