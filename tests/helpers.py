@@ -66,6 +66,20 @@ def assert_rel_close(actual, expected, tol, what="", baseline=None):
                                 f"PyTorch's {baseline_error:.3g} in {actual.dtype}")
 
 
+def assert_grads_close(got, want, tol, what=""):
+    """Input gradients (of q, k, v) against the reference's: each within ``tol`` relative error,
+    except those the reference has at zero up to rounding (dQ with a single key), which need only
+    be that small relative to the largest gradient."""
+    scale = max(w.norm().item() for w in want)
+    for name, grad, expected in zip("qkv", got, want):
+        assert grad.shape == expected.shape, f"grad {name} {what}: shape {grad.shape} != {expected.shape}"
+        assert torch.isfinite(grad).all(), f"grad {name} {what}: non-finite"
+        if expected.norm() > 1e-6 * scale:
+            assert_rel_close(grad, expected, tol, f"grad {name} {what}")
+        else:
+            assert grad.double().norm() <= tol * scale, f"grad {name} {what}"
+
+
 def keep_mask_function(backend: str, monkeypatch):
     """The backend's debug path: ``f(seed, shape, dropout_p, device)`` -> the bool keep-mask its
     kernels regenerate for a tensor of ``shape`` (flattened to rows of its last dim).

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 import fastformer
 import reference
 from fastformer.functional import _draw_seed
-from helpers import (ATTENTION_TOL, BACKENDS, DEVICES, assert_rel_close, deterministic_algorithms, in_memory_order,
-                     keep_mask_function, require_backend)
+from helpers import (ATTENTION_TOL, BACKENDS, DEVICES, assert_grads_close, assert_rel_close, deterministic_algorithms,
+                     in_memory_order, keep_mask_function, require_backend)
 
 # (B, Hq, Hk, Lq, Lk, D, Dv): odd sizes, GQA, MQA, a single key, Dv != D, Lq != Lk.
 SHAPES = [
@@ -650,55 +650,104 @@ def test_default_backend_on_cpu_is_torch_and_agrees_with_forced():
     torch.testing.assert_close(fastformer.attention(q, k, v), fastformer.attention(q, k, v, backend="torch"))
 
 
-def _random_case(rng, device, real_sizes):
-    """One random draw of (B, Hq, Hk, Lq, Lk, D, dtype, causal, mask kind, layout)."""
-    dims = [16, 32, 50, 64, 80, 96, 128, 256]
-    lengths = [1, 2, 17, 33, 47, 64] if not real_sizes else [1, 128, 257, 512, 1000, 2048]
+# --------------------------------------------------------------------------------------------
+# Random sweeps: every feature of the op drawn at random, against the float64 reference
+# --------------------------------------------------------------------------------------------
+SWEEP_DIMS = [16, 32, 50, 64, 80, 96, 128, 256]
+
+
+def draw_attention_case(rng, lengths, dims, dtypes):
+    """One random call: sizes (GQA, Dv != D), dtype, causal, attn_mask kind (bool or float, full or
+    broadcast, float with -inf), key padding (right, scattered, a fully padded batch row), dropout,
+    scale, layout and whether the backward runs under deterministic algorithms."""
     heads_k = int(rng.choice([1, 2, 3]))
-    case = dict(batch=int(rng.integers(1, 4)), heads_k=heads_k, heads_q=heads_k * int(rng.choice([1, 2, 4])),
-                len_q=int(rng.choice(lengths)), len_k=int(rng.choice(lengths)), dim=int(rng.choice(dims)),
-                dtype=[torch.float32, torch.bfloat16, torch.float16][int(rng.integers(3))],
-                causal=bool(rng.integers(2)), mask=str(rng.choice(["none", "bool", "float", "padding"])),
-                layout=str(rng.choice(["bhld", "blhd"])))
-    return case
+    dim = int(rng.choice(dims))
+    return dict(batch=int(rng.integers(1, 4)), heads_k=heads_k, heads_q=heads_k * int(rng.choice([1, 2, 4])),
+                len_q=int(rng.choice(lengths)), len_k=int(rng.choice(lengths)), dim=dim,
+                dim_v=dim if rng.random() < 0.7 else int(rng.choice(dims)),
+                dtype=dtypes[int(rng.integers(len(dtypes)))], causal=bool(rng.integers(2)),
+                mask=str(rng.choice(["none", "bool", "bool-broadcast", "float", "float-inf"])),
+                padding=str(rng.choice(["none", "right", "scattered", "right+padded-row"])),
+                dropout_p=float(rng.choice([0.0, 0.3])),
+                scale=None if rng.random() < 0.7 else float(rng.uniform(0.05, 0.5)),
+                layout=str(rng.choice(["bhld", "blhd"])), deterministic=bool(rng.integers(2)))
 
 
-@pytest.mark.parametrize("device, real_sizes, draws", [
-    ("cpu", False, 24), pytest.param("cuda", True, 40, marks=pytest.mark.gpu)], ids=["cpu", "cuda"])
-def test_triton_random_sweep(device, real_sizes, draws):
-    """Random draws over every feature against float64 (and, at real sizes on the GPU, SDPA)."""
+def _case_inputs(c, device):
+    """(q, k, v, attn_mask, key_padding_mask) of a drawn case; rows may be left with no key."""
+    shape = (c["batch"], c["heads_q"], c["heads_k"], c["len_q"], c["len_k"], c["dim"], c["dim_v"])
+    q, k, v = make_qkv(shape, c["dtype"], device)
+    if c["layout"] == "bhld":
+        q, k, v = (t.detach().contiguous().requires_grad_() for t in (q, k, v))
+    batch, heads_q, len_q, len_k = c["batch"], c["heads_q"], c["len_q"], c["len_k"]
+    attn_mask = padding = None
+    if c["mask"] == "bool":
+        attn_mask = torch.rand(batch, 1, len_q, len_k, device=device) > 0.3
+    elif c["mask"] == "bool-broadcast":
+        attn_mask = torch.rand(len_q, len_k, device=device) > 0.3
+    elif c["mask"] == "float":
+        attn_mask = torch.randn(heads_q, len_q, len_k, device=device, dtype=c["dtype"])
+    elif c["mask"] == "float-inf":
+        attn_mask = torch.randn(batch, heads_q, len_q, len_k, device=device, dtype=c["dtype"])
+        attn_mask = attn_mask.masked_fill(torch.rand(attn_mask.shape, device=device) < 0.4, float("-inf"))
+    if c["padding"].startswith("right"):
+        padding = padding_mask(batch, len_k, device)
+        if c["padding"] == "right+padded-row":
+            padding[0] = True
+    elif c["padding"] == "scattered":
+        padding = torch.rand(batch, len_k, device=device) > 0.6
+    return q, k, v, attn_mask, padding
+
+
+def check_random_sweep(run, draws, seed, device, lengths, dims=SWEEP_DIMS, dtypes=DTYPES):
+    """``draws`` random calls (:func:`draw_attention_case`) against the float64 reference, dropout
+    with the keep-mask regenerated from the call's seed (``reference.philox_keep_mask``).
+
+    ``run(q, k, v, grad_out, kwargs) -> (out, (dq, dk, dv), seed)``: the call under test with
+    ``kwargs`` (attn_mask, key_padding_mask, is_causal, dropout_p, scale), its input gradients for
+    ``grad_out``, and the dropout seed it used (None without dropout)."""
     import numpy
 
-    rng = numpy.random.default_rng(20261128)
+    rng = numpy.random.default_rng(seed)
     for _ in range(draws):
-        c = _random_case(rng, device, real_sizes)
-        shape = (c["batch"], c["heads_q"], c["heads_k"], c["len_q"], c["len_k"], c["dim"], c["dim"])
-        q, k, v = make_qkv(shape, c["dtype"], device)
-        if c["layout"] == "bhld":
-            q, k, v = (t.detach().contiguous().requires_grad_() for t in (q, k, v))
-        attn_mask, padding = None, None
-        if c["mask"] == "bool":
-            attn_mask = torch.rand(c["batch"], 1, c["len_q"], c["len_k"], device=device) > 0.3
-        elif c["mask"] == "float":
-            attn_mask = torch.randn(c["heads_q"], c["len_q"], c["len_k"], device=device, dtype=c["dtype"])
-        elif c["mask"] == "padding":
-            padding = padding_mask(c["batch"], c["len_k"], device)
-            padding[0] = True  # one fully padded batch row
-        kwargs = dict(attn_mask=attn_mask, is_causal=c["causal"], key_padding_mask=padding)
-        require_backend("triton", "attention", q, k, v, **kwargs)
-        out = fastformer.attention(q, k, v, backend="triton", **kwargs)
-        expected = reference.attention(q, k, v, **kwargs)
+        c = draw_attention_case(rng, lengths, dims, dtypes)
+        q, k, v, attn_mask, padding = _case_inputs(c, device)
+        kwargs = dict(attn_mask=attn_mask, key_padding_mask=padding, is_causal=c["causal"], scale=c["scale"])
+        grad_out = torch.randn(c["batch"], c["heads_q"], c["len_q"], c["dim_v"], device=device, dtype=c["dtype"])
+        with deterministic_algorithms(c["deterministic"]):
+            out, grads, dropout_seed = run(q, k, v, grad_out, dict(kwargs, dropout_p=c["dropout_p"]))
+        keep = None
+        if c["dropout_p"] > 0.0:
+            keep = reference.philox_keep_mask(int(dropout_seed), out.shape[:3] + (c["len_k"],),
+                                              c["dropout_p"]).to(device)
+        q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+        expected = reference.attention(q64, k64, v64, keep=keep, dropout_p=c["dropout_p"], **kwargs)
+        want = torch.autograd.grad(expected, (q64, k64, v64), grad_out.double())
         fwd_tol, grad_tol = ATTENTION_TOL[c["dtype"]]
-        assert_rel_close(out, expected, fwd_tol, f"out {c}")
-        grad_out = torch.randn_like(expected)
-        got = torch.autograd.grad(out, (q, k, v), grad_out.to(c["dtype"]))
-        want = torch.autograd.grad(expected, (q, k, v), grad_out)
-        scale = max(g.norm().item() for g in want)
-        for name, grad, expected_grad in zip("qkv", got, want):
-            if expected_grad.norm() > 1e-6 * scale:
-                assert_rel_close(grad, expected_grad, grad_tol, f"grad {name} {c}")
-            else:  # e.g. dQ with a single key: zero up to rounding, relative to the other gradients
-                assert grad.double().norm() <= grad_tol * scale, f"grad {name} {c}"
+        if expected.norm() > 0:
+            assert_rel_close(out, expected, fwd_tol, f"out {c}")
+        else:  # every row without a key (or every weight dropped)
+            assert (out == 0).all(), f"out {c}"
+        assert_grads_close(grads, want, grad_tol, str(c))
+
+
+def public_api_run(backend):
+    """A ``run`` for :func:`check_random_sweep`: ``fastformer.attention`` on ``backend``, its
+    dropout seed drawn again from the same generator state."""
+    def run(q, k, v, grad_out, kwargs):
+        require_backend(backend, "attention", q, k, v, **kwargs)
+        generator_seed = int(torch.randint(0, 2**31, ()))  # each draw its own
+        out, seed = _same_seed_call(generator_seed, lambda: fastformer.attention(q, k, v, backend=backend, **kwargs),
+                                    backend, q.device)
+        return out, torch.autograd.grad(out, (q, k, v), grad_out), seed if kwargs["dropout_p"] else None
+    return run
+
+
+@pytest.mark.parametrize("device, lengths, draws", [
+    ("cpu", [1, 2, 17, 33, 47, 64], 24),
+    pytest.param("cuda", [1, 128, 257, 512, 1000, 2048], 40, marks=pytest.mark.gpu)], ids=["cpu", "cuda"])
+def test_triton_random_sweep(device, lengths, draws):
+    check_random_sweep(public_api_run("triton"), draws, 20261128, device, lengths)
 
 
 # CUDA's grid axes y and z stop at 65535 blocks, x at 2^31 - 1. A batch of 65536 short sequences

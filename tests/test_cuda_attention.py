@@ -19,9 +19,12 @@ import fastformer
 import reference
 from fastformer.cuda import attention as cuda_attention
 from fastformer.cuda import load_extension
+from fastformer.functional import _prepare_attention
 from fastformer.library import attention_layout_like
 from fastformer.masks import float_mask_in
-from helpers import ATTENTION_TOL, assert_rel_close, deterministic_algorithms, misaligned, require_backend
+from helpers import (ATTENTION_TOL, assert_grads_close, assert_rel_close, deterministic_algorithms, misaligned,
+                     require_backend)
+from test_attention import check_random_sweep as sweep
 from test_attention import finfo_min_mask
 
 HALF = [torch.float16, torch.bfloat16]
@@ -164,17 +167,6 @@ def _reference_lse(q, k, attn_mask=None, key_padding_mask=None, is_causal=False)
     return torch.logsumexp(s.masked_fill(~allowed, float("-inf")), dim=-1)
 
 
-def _check_grads(got, want, tol, what):
-    scale = max(w.norm().item() for w in want)
-    for name, grad, expected in zip("qkv", got, want):
-        assert grad.shape == expected.shape, f"grad {name} {what}"
-        assert torch.isfinite(grad).all(), f"grad {name} {what}: non-finite"
-        if expected.norm() > 1e-6 * scale:
-            assert_rel_close(grad, expected, tol, f"grad {name} {what}")
-        else:  # e.g. dQ with a single key: zero up to rounding, relative to the other gradients
-            assert grad.double().norm() <= tol * scale, f"grad {name} {what}"
-
-
 def _masks_of(kind, batch, heads_q, len_q, len_k, dtype, device="cuda"):
     """(attn_mask, key_padding_mask, is_causal); every query row keeps at least one key."""
     attn_mask, padding = None, None
@@ -221,7 +213,7 @@ def check_matches_float64_reference(shape, mask_kind, dim, dtype, device="cuda")
     alive = torch.isfinite(want_lse)
     torch.testing.assert_close(lse[alive].double(), want_lse[alive], atol=2e-2, rtol=2e-3)
     assert (lse[~alive] == float("-inf")).all()
-    _check_grads(grads, expected_grads, grad_tol, f"{shape} {mask_kind} {dim} {dtype}")
+    assert_grads_close(grads, expected_grads, grad_tol, f"{shape} {mask_kind} {dim} {dtype}")
 
 
 @pytest.mark.gpu
@@ -244,7 +236,7 @@ def check_value_head_dim_may_differ(dims, dtype, shape=(2, 4, 2, 70, 90), device
     expected, expected_grads = _reference(q, k, v, grad_out, is_causal=True)
     fwd_tol, grad_tol = ATTENTION_TOL[dtype]
     assert_rel_close(out, expected, fwd_tol, "out")
-    _check_grads(grads, expected_grads, grad_tol, str(dims))
+    assert_grads_close(grads, expected_grads, grad_tol, str(dims))
 
 
 @pytest.mark.gpu
@@ -289,7 +281,7 @@ def check_finfo_min_masks_keep_sdpa_semantics(dtype, device="cuda"):
     fwd_tol, grad_tol = ATTENTION_TOL[dtype]
     assert_rel_close(out, expected, fwd_tol, "out")
     assert torch.isfinite(lse).all()
-    _check_grads(grads, expected_grads, grad_tol, f"finfo.min mask {dtype}")
+    assert_grads_close(grads, expected_grads, grad_tol, f"finfo.min mask {dtype}")
 
 
 @pytest.mark.gpu
@@ -368,7 +360,7 @@ def check_rows_with_no_key_give_zero_and_zero_gradients(how, heads=2, dim=64, de
     expected, expected_grads = _reference(q, k, v, grad_out, **kwargs)
     fwd_tol, grad_tol = ATTENTION_TOL[dtype]
     assert_rel_close(out, expected, fwd_tol, "out")
-    _check_grads((grad_q, grad_k, grad_v), expected_grads, grad_tol, how)
+    assert_grads_close((grad_q, grad_k, grad_v), expected_grads, grad_tol, how)
 
 
 @pytest.mark.gpu
@@ -418,7 +410,7 @@ def check_key_padding_of_long_rows(layout, device="cuda"):
     fwd_tol, grad_tol = ATTENTION_TOL[dtype]
     assert_rel_close(out, expected, fwd_tol, "out")
     torch.testing.assert_close(lse.double(), _reference_lse(q, k, key_padding_mask=padding), atol=2e-2, rtol=2e-3)
-    _check_grads(grads, expected_grads, grad_tol, layout)
+    assert_grads_close(grads, expected_grads, grad_tol, layout)
 
 
 @pytest.mark.gpu
@@ -445,7 +437,7 @@ def check_dropout_matches_reference_with_the_same_mask(mask_kind, dim, dtype, sh
     expected, expected_grads = _reference(q, k, v, grad_out, keep=keep, dropout_p=p, **kwargs)
     fwd_tol, grad_tol = ATTENTION_TOL[dtype]
     assert_rel_close(out, expected, fwd_tol, "out")
-    _check_grads(grads, expected_grads, grad_tol, f"{mask_kind} {dim} {dtype}")
+    assert_grads_close(grads, expected_grads, grad_tol, f"{mask_kind} {dim} {dtype}")
 
 
 @pytest.mark.gpu
@@ -485,9 +477,9 @@ def check_odd_strides_and_unaligned_rows(dim, batch=2, heads=3, device="cuda"):
                     assert_rel_close(grad_other, grad, 1e-3, "strided, atomic dQ")
                 else:
                     torch.testing.assert_close(grad, grad_other, atol=0, rtol=0)
-            _check_grads(other[2], expected_grads, ATTENTION_TOL[dtype][1], f"strided, atomic dQ: {atomic_dq}")
+            assert_grads_close(other[2], expected_grads, ATTENTION_TOL[dtype][1], f"strided, atomic dQ: {atomic_dq}")
         assert_rel_close(out, expected, ATTENTION_TOL[dtype][0], "out")
-        _check_grads(grads, expected_grads, ATTENTION_TOL[dtype][1], f"strided, atomic dQ: {atomic_dq}")
+        assert_grads_close(grads, expected_grads, ATTENTION_TOL[dtype][1], f"strided, atomic dQ: {atomic_dq}")
 
 
 @pytest.mark.gpu
@@ -514,30 +506,26 @@ def test_backward_is_deterministic_when_asked():
     assert_rel_close(atomic[0], first[0], 1e-2, "dQ, atomic vs deterministic")
 
 
-def check_random_sweep(draws, lengths, seed, device="cuda"):
-    """Random draws over head dims, lengths, GQA, dtypes, causal, masks and layouts."""
-    import numpy
+def backend_functions_run(q, k, v, grad_out, kwargs):
+    """A ``run`` for ``test_attention.check_random_sweep``: the arguments checked and normalised as
+    ``fastformer.attention`` does, then the backend functions as the autograd layer calls them."""
+    dropout_p = kwargs["dropout_p"]
+    seed = torch.randint(0, 2**62, (), dtype=torch.int64, device=q.device) if dropout_p else None
+    _, args = _prepare_attention(q, k, v, kwargs["attn_mask"], dropout_p, kwargs["is_causal"], kwargs["scale"],
+                                 key_padding_mask=kwargs["key_padding_mask"])
+    q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, scale = args
+    if attn_mask is not None and attn_mask.dtype != torch.bool:
+        attn_mask = float_mask_in(attn_mask, q.dtype)
+    out, lse = cuda_attention.attention_fwd(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed)
+    grads = cuda_attention.attention_bwd(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, dropout_p,
+                                         is_causal, scale, seed, False)[:3]
+    return out, grads, seed
 
-    rng = numpy.random.default_rng(seed)
-    for _ in range(draws):
-        heads_k = int(rng.choice([1, 2, 3]))
-        heads_q = heads_k * int(rng.choice([1, 2, 4]))
-        batch = int(rng.integers(1, 4))
-        len_q, len_k = (int(rng.choice(lengths)) for _ in range(2))
-        dim = int(rng.choice([16, 32, 40, 64, 80, 96, 128]))
-        dtype = HALF[int(rng.integers(2))]
-        mask_kind = str(rng.choice(["none", "causal", "padding", "causal+padding", "scattered", "bool", "float"]))
-        layout = str(rng.choice(["bhld", "blhd"]))
-        case = (batch, heads_q, heads_k, len_q, len_k, dim, str(dtype), mask_kind, layout)
-        q, k, v = _qkv(batch, heads_q, heads_k, len_q, len_k, dim, dim, dtype, layout, device=device)
-        attn_mask, padding, is_causal = _masks_of(mask_kind, batch, heads_q, len_q, len_k, dtype, device=device)
-        kwargs = dict(attn_mask=attn_mask, key_padding_mask=padding, is_causal=is_causal)
-        grad_out = torch.randn(batch, heads_q, len_q, dim, device=device, dtype=dtype)
-        out, _, grads = _run(q, k, v, grad_out=grad_out, **kwargs)
-        expected, expected_grads = _reference(q, k, v, grad_out, **kwargs)
-        fwd_tol, grad_tol = ATTENTION_TOL[dtype]
-        assert_rel_close(out, expected, fwd_tol, f"out {case}")
-        _check_grads(grads, expected_grads, grad_tol, str(case))
+
+def check_random_sweep(draws, lengths, seed, device="cuda"):
+    """Random draws over every feature (test_attention.draw_attention_case) at the head dims and
+    dtypes the kernels take."""
+    sweep(backend_functions_run, draws, seed, device, lengths, dims=[16, 32, 40, 64, 80, 96, 128], dtypes=HALF)
 
 
 @pytest.mark.gpu
@@ -562,4 +550,4 @@ def test_public_api_with_the_cuda_backend(dtype):
     expected, want = _reference(q, k, v, grad_out, is_causal=True, key_padding_mask=padding)
     fwd_tol, grad_tol = ATTENTION_TOL[dtype]
     assert_rel_close(out, expected, fwd_tol, "out")
-    _check_grads(got, want, grad_tol, "public api")
+    assert_grads_close(got, want, grad_tol, "public api")
