@@ -245,7 +245,8 @@ def test_attention_random_sweep():
 # residual + dropout + LayerNorm / RMSNorm
 # ----------------------------------------------------------------------------------------------
 # (rows, N, dtype, aligned): warp per row vectorised (N a multiple of 16 bytes) and element-wise,
-# block per row (N above what a warp holds), float32 parameters next to half activations.
+# block per row (N above what a warp holds; above 8192, the instantiations bounded at 1024 threads),
+# float32 parameters next to half activations.
 NORM_CASES = [
     (37, 200, torch.float16, True),
     (9, 97, torch.bfloat16, True),
@@ -253,6 +254,8 @@ NORM_CASES = [
     (3, 1030, torch.bfloat16, False),
     (4, 512, torch.float16, False),  # a whole number of vectors, but the rows are not aligned to them
     (70, 64, torch.float32, True),
+    (2, 12000, torch.bfloat16, True),
+    (2, 9001, torch.float16, False),
 ]
 
 
