@@ -699,9 +699,18 @@ def _case_inputs(c, device):
     return q, k, v, attn_mask, padding
 
 
-def check_random_sweep(run, draws, seed, device, lengths, dims=SWEEP_DIMS, dtypes=DTYPES):
+def documented_keep_mask(seed, shape, dropout_p, device):
+    """The documented dropout keep-mask (``reference.philox_keep_mask``, NumPy on the CPU: for
+    small shapes) on ``device``."""
+    return reference.philox_keep_mask(int(seed), shape, dropout_p).to(device)
+
+
+def check_random_sweep(run, draws, seed, device, lengths, dims=SWEEP_DIMS, dtypes=DTYPES,
+                       keep_mask=documented_keep_mask):
     """``draws`` random calls (:func:`draw_attention_case`) against the float64 reference, dropout
-    with the keep-mask regenerated from the call's seed (``reference.philox_keep_mask``).
+    with the keep-mask regenerated from the call's seed by ``keep_mask(seed, shape, dropout_p,
+    device)``. (At real sizes on a GPU, pass the backend's own keep-mask kernel: the documented
+    mask's NumPy Philox would take minutes a draw; the dropout tests check that kernel against it.)
 
     ``run(q, k, v, grad_out, kwargs) -> (out, (dq, dk, dv), seed)``: the call under test with
     ``kwargs`` (attn_mask, key_padding_mask, is_causal, dropout_p, scale), its input gradients for
@@ -718,8 +727,7 @@ def check_random_sweep(run, draws, seed, device, lengths, dims=SWEEP_DIMS, dtype
             out, grads, dropout_seed = run(q, k, v, grad_out, dict(kwargs, dropout_p=c["dropout_p"]))
         keep = None
         if c["dropout_p"] > 0.0:
-            keep = reference.philox_keep_mask(int(dropout_seed), out.shape[:3] + (c["len_k"],),
-                                              c["dropout_p"]).to(device)
+            keep = keep_mask(dropout_seed, out.shape[:3] + (c["len_k"],), c["dropout_p"], device)
         q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
         expected = reference.attention(q64, k64, v64, keep=keep, dropout_p=c["dropout_p"], **kwargs)
         want = torch.autograd.grad(expected, (q64, k64, v64), grad_out.double())
@@ -747,7 +755,10 @@ def public_api_run(backend):
     ("cpu", [1, 2, 17, 33, 47, 64], 24),
     pytest.param("cuda", [1, 128, 257, 512, 1000, 2048], 40, marks=pytest.mark.gpu)], ids=["cpu", "cuda"])
 def test_triton_random_sweep(device, lengths, draws):
-    check_random_sweep(public_api_run("triton"), draws, 20261128, device, lengths)
+    from fastformer.triton.dropout import dropout_keep_mask
+
+    keep_mask = dropout_keep_mask if device == "cuda" else documented_keep_mask
+    check_random_sweep(public_api_run("triton"), draws, 20261128, device, lengths, keep_mask=keep_mask)
 
 
 # CUDA's grid axes y and z stop at 65535 blocks, x at 2^31 - 1. A batch of 65536 short sequences

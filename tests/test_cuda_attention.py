@@ -18,6 +18,7 @@ import torch
 import fastformer
 import reference
 from fastformer.cuda import attention as cuda_attention
+from fastformer.cuda import dropout as cuda_dropout
 from fastformer.cuda import load_extension
 from fastformer.functional import _prepare_attention
 from fastformer.library import attention_layout_like
@@ -524,8 +525,10 @@ def backend_functions_run(q, k, v, grad_out, kwargs):
 
 def check_random_sweep(draws, lengths, seed, device="cuda"):
     """Random draws over every feature (test_attention.draw_attention_case) at the head dims and
-    dtypes the kernels take."""
-    sweep(backend_functions_run, draws, seed, device, lengths, dims=[16, 32, 40, 64, 80, 96, 128], dtypes=HALF)
+    dtypes the kernels take; on the GPU, dropout against the extension's keep-mask kernel."""
+    keep_mask = {"keep_mask": cuda_dropout.dropout_keep_mask} if device == "cuda" else {}
+    sweep(backend_functions_run, draws, seed, device, lengths, dims=[16, 32, 40, 64, 80, 96, 128], dtypes=HALF,
+          **keep_mask)
 
 
 @pytest.mark.gpu
