@@ -172,6 +172,26 @@ def _key_range(PADDING_ROW, len_k):
 
 
 @triton.jit
+def _as_uniform(value, SCRATCH):
+    """``value`` (int32, the same in every thread) read back through a global-memory word this
+    program owns, so that ptxas knows it is the same in every thread of a warp.
+
+    A value that comes out of a cross-thread reduction (``_key_range``) is, to ptxas, a per-thread
+    value: the loop bounds, tile offsets and masks computed from it then take per-thread registers
+    and predicates instead of the uniform datapath (sm_75+). A load from one address for every
+    thread is uniform. Measured at compile time (ptxas of Triton 3.8, sm_90, bf16 head dim 64,
+    key padding, forward; BLOCK_M x BLOCK_N, warps: registers without -> with this): 128x32 w4
+    194 -> 155, 64x64 w4 137 -> 120, 64x32 w4 121 -> 93, 128x64 w4 238 -> 209 (benchmarks/results/
+    tuning-log.md). The load is volatile so that the compiler does not forward the stored value;
+    the barrier keeps any thread from overwriting the word (the caller's later store of its real
+    contents) before every thread has read it."""
+    tl.store(SCRATCH, value.to(SCRATCH.dtype.element_ty, bitcast=True))
+    value = tl.load(SCRATCH, volatile=True).to(tl.int32, bitcast=True)
+    tl.debug_barrier()
+    return value
+
+
+@triton.jit
 def _unmasked_key_end(key_len, holes, start_m, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
                       MASK_KIND: tl.constexpr, HAS_KEY_PADDING: tl.constexpr):
     """The key tiles of a block of query rows from start_m that end before this need no mask:
@@ -261,16 +281,20 @@ def _attention_fwd_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
 
     PADDING_ROW = KEY_PADDING + b * stride_pb
+    row_base = (b * heads_q + h) * len_q
     key_len = len_k
     holes = False
     if HAS_KEY_PADDING:
         key_len, holes = _key_range(PADDING_ROW, len_k)
+        # through the lse word of this block's first row (written at the end), holes as the sign
+        packed = _as_uniform(tl.where(holes, -key_len - 1, key_len), LSE + row_base + start_m)
+        holes = packed < 0
+        key_len = tl.where(holes, -packed - 1, packed)
     q = _load_tile(Q + b * stride_qb + h * stride_qh + offs_d[None, :] * stride_qd, offs_m[:, None] * stride_qm,
                    offs_m[:, None] < len_q, offs_d[None, :] < dim, ALIGN, 1, DOT_IN_FP32)
     K_TILE = K + b * stride_kb + hk * stride_kh + offs_d[None, :] * stride_kd
     V_TILE = V + b * stride_vb + hk * stride_vh + offs_dv[None, :] * stride_vd
     MASK_TILE = MASK + b * stride_mb + h * stride_mh
-    row_base = (b * heads_q + h) * len_q
     if HAS_DROPOUT:
         seed = tl.load(SEED)
 
