@@ -176,13 +176,14 @@ def _as_uniform(value, SCRATCH):
     """``value`` (int32, the same in every thread) read back through a global-memory word this
     program owns, so that ptxas knows it is the same in every thread of a warp.
 
-    A value that comes out of a cross-thread reduction (``_key_range``) is, to ptxas, a per-thread
-    value: the loop bounds, tile offsets and masks computed from it then take per-thread registers
-    and predicates instead of the uniform datapath (sm_75+). A load from one address for every
-    thread is uniform. Measured at compile time (ptxas of Triton 3.8, sm_90, bf16 head dim 64,
-    key padding, forward; BLOCK_M x BLOCK_N, warps: registers without -> with this): 128x32 w4
-    194 -> 155, 64x64 w4 137 -> 120, 64x32 w4 121 -> 93, 128x64 w4 238 -> 209 (benchmarks/results/
-    tuning-log.md). The load is volatile so that the compiler does not forward the stored value;
+    With Triton 3.8, a value that comes out of a cross-thread reduction (``_key_range``) is, to
+    ptxas, a per-thread value: the loop bounds, tile offsets and masks computed from it then take
+    per-thread registers and predicates instead of the uniform datapath (sm_75+). A load from one
+    address for every thread is uniform. Measured at compile time (sm_90, bf16 head dim 64, key
+    padding, forward; BLOCK_M x BLOCK_N, warps: registers without -> with this): 128x32 w4 194 ->
+    155, 64x64 w4 137 -> 120, 64x32 w4 121 -> 93, 128x64 w4 238 -> 209; Triton 3.2 and 3.6 had
+    no such cost, and move a few registers either way (benchmarks/results/tuning-log.md). The
+    load is volatile so that the compiler does not forward the stored value;
     the barrier keeps any thread from overwriting the word (the caller's later store of its real
     contents) before every thread has read it."""
     tl.store(SCRATCH, value.to(SCRATCH.dtype.element_ty, bitcast=True))
