@@ -647,7 +647,10 @@ def _autotuned(kind: str, head_class: int):
                for m, n, w, s in _configs(kind, head_class)]
     # The dK/dV kernel's atomic dQ sums must start at zero for each timed run and the real one.
     reset = ["GRAD_Q_SUM"] if kind == "dkdv" else None
-    return triton.autotune(configs=configs, key=_TUNING_KEY, reset_to_zero=reset)(_KERNELS[kind])
+    # Only the key's names that are parameters of this kernel: Triton 3.9 refuses the others.
+    parameters = {param.name for param in _KERNELS[kind].params}
+    key = [name for name in _TUNING_KEY if name in parameters]
+    return triton.autotune(configs=configs, key=key, reset_to_zero=reset)(_KERNELS[kind])
 
 
 _forced_config: int | None = None
