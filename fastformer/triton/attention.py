@@ -71,7 +71,7 @@ import triton
 import triton.language as tl
 
 from fastformer.library import attention_layout_like, attention_output_like
-from fastformer.triton import alignment, interpreter_enabled, on_device
+from fastformer.triton import _major_minor, alignment, interpreter_enabled, on_device
 from fastformer.triton.dropout import dropout_keep, seed_pointer, wide_offsets
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * LOG2E)
@@ -171,6 +171,12 @@ def _key_range(PADDING_ROW, len_k):
     return end, unpadded < end
 
 
+# Triton 3.8 alone leaves the result of a reduction a per-thread value to ptxas (_as_uniform);
+# 3.2 to 3.7 and 3.9 compile it uniform, and the read-back there moves registers either way (up
+# to +30 at 128 x 128 tiles with 3.9).
+_READ_BACK_KEY_END = tl.constexpr(_major_minor(triton.__version__) == (3, 8))
+
+
 @triton.jit
 def _as_uniform(value, SCRATCH):
     """``value`` (int32, the same in every thread) read back through a global-memory word this
@@ -181,9 +187,8 @@ def _as_uniform(value, SCRATCH):
     per-thread registers and predicates instead of the uniform datapath (sm_75+). A load from one
     address for every thread is uniform. Measured at compile time (sm_90, bf16 head dim 64, key
     padding, forward; BLOCK_M x BLOCK_N, warps: registers without -> with this): 128x32 w4 194 ->
-    155, 64x64 w4 137 -> 120, 64x32 w4 121 -> 93, 128x64 w4 238 -> 209; Triton 3.2 and 3.6 had
-    no such cost, and move a few registers either way (benchmarks/results/tuning-log.md). The
-    load is volatile so that the compiler does not forward the stored value;
+    155, 64x64 w4 137 -> 120, 64x32 w4 121 -> 93, 128x64 w4 238 -> 209 (benchmarks/results/
+    tuning-log.md). The load is volatile so that the compiler does not forward the stored value;
     the barrier keeps any thread from overwriting the word (the caller's later store of its real
     contents) before every thread has read it."""
     tl.store(SCRATCH, value.to(SCRATCH.dtype.element_ty, bitcast=True))
@@ -287,10 +292,11 @@ def _attention_fwd_kernel(
     holes = False
     if HAS_KEY_PADDING:
         key_len, holes = _key_range(PADDING_ROW, len_k)
-        # through the lse word of this block's first row (written at the end), holes as the sign
-        packed = _as_uniform(tl.where(holes, -key_len - 1, key_len), LSE + row_base + start_m)
-        holes = packed < 0
-        key_len = tl.where(holes, -packed - 1, packed)
+        if _READ_BACK_KEY_END:
+            # through the lse word of this block's first row (written at the end), holes as the sign
+            packed = _as_uniform(tl.where(holes, -key_len - 1, key_len), LSE + row_base + start_m)
+            holes = packed < 0
+            key_len = tl.where(holes, -packed - 1, packed)
     q = _load_tile(Q + b * stride_qb + h * stride_qh + offs_d[None, :] * stride_qd, offs_m[:, None] * stride_qm,
                    offs_m[:, None] < len_q, offs_d[None, :] < dim, ALIGN, 1, DOT_IN_FP32)
     K_TILE = K + b * stride_kb + hk * stride_kh + offs_d[None, :] * stride_kd
