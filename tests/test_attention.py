@@ -817,6 +817,25 @@ def test_triton_compile_workers_come_from_the_environment(monkeypatch):
     assert 0 <= triton_attention._compile_workers() <= 8
 
 
+def test_triton_autotune_keys_name_only_the_kernels_own_parameters():
+    """Triton 3.9 refuses an autotune key naming anything else (older versions skip such names),
+    so a key shared by the three kernels broke every autotuned launch there."""
+    triton_attention = pytest.importorskip("fastformer.triton.attention")
+    import compile_triton  # benchmarks/: Triton 3.2 builds an autotuner only with a driver
+
+    def keys(kind, head_class):  # a fresh autotuner, not the launcher's cached one
+        with compile_triton.compile_only(90):
+            return triton_attention._autotuned.__wrapped__(kind, head_class).keys
+
+    for kind, kernel in triton_attention._KERNELS.items():
+        parameters = set(kernel.arg_names)
+        for head_class in (64, 128, 256):
+            key = keys(kind, head_class)
+            assert set(key) <= parameters, (kind, sorted(set(key) - parameters))
+            assert "bucket_q" in key and "HAS_DROPOUT" in key, (kind, key)
+    assert "ATOMIC_DQ" in keys("dkdv", 64)
+
+
 @pytest.mark.parametrize("mask_kind", ["none", "causal+padding", "bool"])
 def test_triton_flat_grid_computes_what_the_3d_grid_does(mask_kind, monkeypatch):
     """Launches past the grid's y/z limit decode (row block, head, batch) from one axis: with the

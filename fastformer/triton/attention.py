@@ -654,8 +654,7 @@ def _autotuned(kind: str, head_class: int):
     # The dK/dV kernel's atomic dQ sums must start at zero for each timed run and the real one.
     reset = ["GRAD_Q_SUM"] if kind == "dkdv" else None
     # Only the key's names that are parameters of this kernel: Triton 3.9 refuses the others.
-    parameters = {param.name for param in _KERNELS[kind].params}
-    key = [name for name in _TUNING_KEY if name in parameters]
+    key = [name for name in _TUNING_KEY if name in _KERNELS[kind].arg_names]
     return triton.autotune(configs=configs, key=key, reset_to_zero=reset)(_KERNELS[kind])
 
 
