@@ -131,9 +131,9 @@ def _qkv(batch, heads_q, heads_k, len_q, len_k, dim, dim_v, dtype, layout="blhd"
 
 
 def _run(q, k, v, attn_mask=None, key_padding_mask=None, is_causal=False, dropout_p=0.0, seed=None,
-         grad_out=None):
+         grad_out=None, scale=None):
     """(out, lse, (dq, dk, dv)) from the backend functions, as the autograd layer calls them."""
-    scale = 1.0 / math.sqrt(q.shape[-1])
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     out, lse = cuda_attention.attention_fwd(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed)
     grads = None
     if grad_out is not None:
@@ -517,9 +517,7 @@ def backend_functions_run(q, k, v, grad_out, kwargs):
     q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, scale = args
     if attn_mask is not None and attn_mask.dtype != torch.bool:
         attn_mask = float_mask_in(attn_mask, q.dtype)
-    out, lse = cuda_attention.attention_fwd(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed)
-    grads = cuda_attention.attention_bwd(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, dropout_p,
-                                         is_causal, scale, seed, False)[:3]
+    out, _, grads = _run(q, k, v, attn_mask, key_padding_mask, is_causal, dropout_p, seed, grad_out, scale)
     return out, grads, seed
 
 
