@@ -489,6 +489,19 @@ def test_transformer_encoder_inference_nested_tensor_path(norm_first):
     torch.testing.assert_close(out[keep], expected[keep])
 
 
+def test_tanh_gelu_in_inference_is_tanh_gelu():
+    """eval + no_grad: PyTorch's layer takes its native fast path, which computes an
+    ``nn.GELU(approximate="tanh")`` activation as the exact erf GELU (PyTorch 2.6-2.14). The fast
+    layer computes what the module says, as PyTorch's own layer does with gradients on."""
+    ref, fast = make_pair(False, nn.GELU("tanh"), batch_first=True)
+    ref.eval(), fast.eval()
+    x = 3 * torch.randn(B, S, D_MODEL, dtype=F64)  # pre-activations of a few units: tanh and erf differ
+    expected = ref(x.clone().requires_grad_()).detach()  # gradients on: PyTorch's module-by-module path
+    with torch.no_grad():
+        out = fast(x)
+    torch.testing.assert_close(out, expected)
+
+
 def test_nested_tensor_input_directly():
     _, fast = make_pair(False, "gelu", batch_first=True)
     fast.eval()

@@ -96,6 +96,10 @@ class FastTransformerEncoderLayer(nn.TransformerEncoderLayer):
     mask (a mask must be given, as in PyTorch); the hint is trusted and the causal kernel path used.
     Input (S, N, E), (N, S, E) with ``batch_first=True``, or unbatched (S, E).
 
+    An ``nn.GELU(approximate="tanh")`` activation is the tanh GELU in every mode. PyTorch's layer
+    computes it as the exact erf GELU in inference (eval, no gradients), where it takes its native
+    fast path, so the two layers differ there (by up to 5e-4 in an activation value).
+
     Fully masked query rows (e.g. a sequence whose keys are all padding): PyTorch's layer returns
     NaN there; this layer returns finite values: the attention output of such a row is 0 (so the
     row becomes ``norm1(x + out_proj.bias)`` and so on) and its gradients are finite.
