@@ -67,11 +67,12 @@ def assert_rel_close(actual, expected, tol, what="", baseline=None):
 
 
 def assert_grads_close(got, want, tol, what=""):
-    """Input gradients (of q, k, v) against the reference's: each within ``tol`` relative error,
-    except those the reference has at zero up to rounding (dQ with a single key), which need only
-    be that small relative to the largest gradient."""
+    """Input gradients (of q, k, v and maybe attn_mask) against the reference's: each within
+    ``tol`` relative error, except those the reference has at zero up to rounding (dQ with a single
+    key), which need only be that small relative to the largest gradient."""
+    assert len(got) == len(want), f"{what}: {len(got)} gradients, expected {len(want)}"
     scale = max(w.norm().item() for w in want)
-    for name, grad, expected in zip("qkv", got, want):
+    for name, grad, expected in zip(("q", "k", "v", "attn_mask"), got, want):
         assert grad.shape == expected.shape, f"grad {name} {what}: shape {grad.shape} != {expected.shape}"
         assert torch.isfinite(grad).all(), f"grad {name} {what}: non-finite"
         if expected.norm() > 1e-6 * scale:

@@ -473,22 +473,37 @@ def test_output_and_gradients_come_in_the_inputs_memory_order(layout, backend, d
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("mask_shape", [(1, 1, 9, 12), (4, 9, 12), (2, 1, 1, 12), (12,)],
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("mask_shape", [(2, 4, 40, 70), (1, 1, 40, 70), (4, 40, 70), (2, 1, 1, 70), (70,)],
                          ids=str)
-def test_float_mask_gradient(mask_shape, backend):
-    """A learned additive bias (e.g. relative positions) gets its gradient, summed over broadcasts."""
-    shape = (2, 4, 2, 9, 12, 16, 16)
-    q, k, v = make_qkv(shape, torch.float64, "cpu")
-    bias = torch.randn(mask_shape, dtype=torch.float64, requires_grad=True)
-    pad = padding_mask(2, 12, "cpu")
-    require_backend(backend, "attention", q, k, v, attn_mask=bias, key_padding_mask=pad)
-    out = fastformer.attention(q, k, v, attn_mask=bias, key_padding_mask=pad, backend=backend)
-    expected = reference.attention(q, k, v, attn_mask=bias, key_padding_mask=pad)
-    grad_out = torch.randn_like(out)
-    got = torch.autograd.grad(out, (q, k, v, bias), grad_out)
-    want = torch.autograd.grad(expected, (q, k, v, bias), grad_out)
-    for grad, expected_grad in zip(got, want):
-        torch.testing.assert_close(grad, expected_grad)
+def test_float_mask_gradient(mask_shape, is_causal, deterministic, dtype, backend):
+    """A learned additive bias (e.g. relative positions) gets its gradient, summed over
+    broadcasts, in the mask's shape and dtype; zero where the kernels skip tiles (a query block
+    before a causal key block, a key block of padding only)."""
+    shape = (2, 4, 2, 40, 70, 16, 16)
+    q, k, v = make_qkv(shape, dtype, "cpu")
+    bias = torch.randn(mask_shape, dtype=dtype, requires_grad=True)
+    pad = torch.zeros(2, 70, dtype=torch.bool)
+    pad[1, 30:] = True  # batch row 1: keys 30.. padding, whole key blocks of it
+    pad[0, 5] = True
+    require_backend(backend, "attention", q, k, v, attn_mask=bias, key_padding_mask=pad, is_causal=is_causal)
+    with deterministic_algorithms(deterministic):
+        out = fastformer.attention(q, k, v, attn_mask=bias, key_padding_mask=pad, is_causal=is_causal,
+                                   backend=backend)
+        grad_out = torch.randn_like(out)
+        got = torch.autograd.grad(out, (q, k, v, bias), grad_out)
+    inputs64 = [t.detach().double().requires_grad_() for t in (q, k, v, bias)]
+    expected = reference.attention(*inputs64[:3], attn_mask=inputs64[3], key_padding_mask=pad, is_causal=is_causal)
+    want = torch.autograd.grad(expected, inputs64, grad_out.double())
+    assert got[3].dtype == bias.dtype and got[3].shape == bias.shape
+    if deterministic:  # the same bits again
+        with deterministic_algorithms(True):
+            again = fastformer.attention(q, k, v, attn_mask=bias, key_padding_mask=pad, is_causal=is_causal,
+                                         backend=backend)
+            assert torch.equal(torch.autograd.grad(again, bias, grad_out)[0], got[3])
+    assert_grads_close(got, want, ATTENTION_TOL[dtype][1], f"mask {mask_shape}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -706,21 +721,25 @@ def documented_keep_mask(seed, shape, dropout_p, device):
 
 
 def check_random_sweep(run, draws, seed, device, lengths, dims=SWEEP_DIMS, dtypes=DTYPES,
-                       keep_mask=documented_keep_mask):
+                       keep_mask=documented_keep_mask, mask_grad=False):
     """``draws`` random calls (:func:`draw_attention_case`) against the float64 reference, dropout
     with the keep-mask regenerated from the call's seed by ``keep_mask(seed, shape, dropout_p,
     device)``. (At real sizes on a GPU, pass the backend's own keep-mask kernel: the documented
     mask's NumPy Philox would take minutes a draw; the dropout tests check that kernel against it.)
+    With ``mask_grad``, three in four float masks require grad.
 
-    ``run(q, k, v, grad_out, kwargs) -> (out, (dq, dk, dv), seed)``: the call under test with
-    ``kwargs`` (attn_mask, key_padding_mask, is_causal, dropout_p, scale), its input gradients for
-    ``grad_out``, and the dropout seed it used (None without dropout)."""
+    ``run(q, k, v, grad_out, kwargs) -> (out, grads, seed)``: the call under test with ``kwargs``
+    (attn_mask, key_padding_mask, is_causal, dropout_p, scale), its gradients for ``grad_out``
+    (of q, k, v, and of attn_mask where it requires grad), and the dropout seed it used (None
+    without dropout)."""
     import numpy
 
     rng = numpy.random.default_rng(seed)
     for _ in range(draws):
         c = draw_attention_case(rng, lengths, dims, dtypes)
         q, k, v, attn_mask, padding = _case_inputs(c, device)
+        if mask_grad and c["mask"].startswith("float") and rng.random() < 0.75:
+            attn_mask.requires_grad_()
         kwargs = dict(attn_mask=attn_mask, key_padding_mask=padding, is_causal=c["causal"], scale=c["scale"])
         grad_out = torch.randn(c["batch"], c["heads_q"], c["len_q"], c["dim_v"], device=device, dtype=c["dtype"])
         with deterministic_algorithms(c["deterministic"]):
@@ -728,15 +747,21 @@ def check_random_sweep(run, draws, seed, device, lengths, dims=SWEEP_DIMS, dtype
         keep = None
         if c["dropout_p"] > 0.0:
             keep = keep_mask(dropout_seed, out.shape[:3] + (c["len_k"],), c["dropout_p"], device)
-        q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-        expected = reference.attention(q64, k64, v64, keep=keep, dropout_p=c["dropout_p"], **kwargs)
-        want = torch.autograd.grad(expected, (q64, k64, v64), grad_out.double())
+        inputs64 = [t.detach().double().requires_grad_() for t in _differentiable(q, k, v, attn_mask)]
+        expected = reference.attention(*inputs64[:3], keep=keep, dropout_p=c["dropout_p"],
+                                       **dict(kwargs, attn_mask=inputs64[3] if len(inputs64) > 3 else attn_mask))
+        want = torch.autograd.grad(expected, inputs64, grad_out.double())
         fwd_tol, grad_tol = ATTENTION_TOL[c["dtype"]]
         if expected.norm() > 0:
             assert_rel_close(out, expected, fwd_tol, f"out {c}")
         else:  # every row without a key (or every weight dropped)
             assert (out == 0).all(), f"out {c}"
         assert_grads_close(grads, want, grad_tol, str(c))
+
+
+def _differentiable(q, k, v, attn_mask):
+    """The inputs a sweep differentiates: q, k, v, and attn_mask where it requires grad."""
+    return (q, k, v) if attn_mask is None or not attn_mask.requires_grad else (q, k, v, attn_mask)
 
 
 def public_api_run(backend):
@@ -747,7 +772,8 @@ def public_api_run(backend):
         generator_seed = int(torch.randint(0, 2**31, ()))  # each draw its own
         out, seed = _same_seed_call(generator_seed, lambda: fastformer.attention(q, k, v, backend=backend, **kwargs),
                                     backend, q.device)
-        return out, torch.autograd.grad(out, (q, k, v), grad_out), seed if kwargs["dropout_p"] else None
+        grads = torch.autograd.grad(out, _differentiable(q, k, v, kwargs["attn_mask"]), grad_out)
+        return out, grads, seed if kwargs["dropout_p"] else None
     return run
 
 
@@ -758,7 +784,8 @@ def test_triton_random_sweep(device, lengths, draws):
     from fastformer.triton.dropout import dropout_keep_mask
 
     keep_mask = dropout_keep_mask if device == "cuda" else documented_keep_mask
-    check_random_sweep(public_api_run("triton"), draws, 20261128, device, lengths, keep_mask=keep_mask)
+    check_random_sweep(public_api_run("triton"), draws, 20261128, device, lengths, keep_mask=keep_mask,
+                       mask_grad=True)
 
 
 # CUDA's grid axes y and z stop at 65535 blocks, x at 2^31 - 1. A batch of 65536 short sequences

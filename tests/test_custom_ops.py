@@ -28,8 +28,8 @@ def _attention_samples(backend):
     padding = torch.zeros(2, 6, dtype=torch.bool)
     padding[0, 3:] = True
     padding[1, :] = True  # a fully padded batch row
-    # Only the torch backend differentiates a float attn_mask (dispatch sends such calls there).
-    bias = torch.randn(1, 4, 5, 6, requires_grad=backend == "torch")
+    # A learned bias, broadcast over the batch: its gradient is summed over it.
+    bias = torch.randn(1, 4, 5, 6, requires_grad=True)
     return [
         (*qkv(2, 4, 2, 5, 6, 8, 8), bias, padding, 0.0, True, 0.3, None, backend),
         (*qkv(2, 4, 4, 5, 6, 8, 4), torch.rand(2, 1, 5, 6) > 0.5, None, 0.2, False, 0.5, SEED, backend),

@@ -64,7 +64,7 @@ def op_table() -> dict:
     gelu = Support(devices=devices, dtypes=dtypes, forced_only_devices=emulated,
                    features=frozenset({"bias", "tanh", "erf", "dropout"}))
     attention = Support(devices=devices, dtypes=dtypes, forced_only_devices=emulated,
-                        features=frozenset({"dropout", "causal", "bool_mask", "float_mask",
+                        features=frozenset({"dropout", "causal", "bool_mask", "float_mask", "mask_grad",
                                             "key_padding_mask", "gqa", "value_dim"}),
                         head_dims=(1, 256))
     return {

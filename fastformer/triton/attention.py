@@ -31,14 +31,15 @@ What the kernels handle (everything the op table declares for "attention"):
   without causal or attn_mask, masks its scores by adding a per-key bias (0 or -inf); the dQ
   kernel (deterministic mode) reads them in every tile. No host synchronisation;
 - attn_mask, bool (True = attend) or additive float, broadcastable to (B, Hq, Lq, Lk), loaded tile
-  by tile with stride 0 on its broadcast dims;
+  by tile with stride 0 on its broadcast dims; a float mask's gradient (dS, from the dK/dV
+  kernel: stored for a full-shape mask, added up by atomics for a broadcast one);
 - dropout from Philox, the scores viewed as B Hq Lq rows of Lk keys (``fastformer.triton.dropout``:
   one Philox call per 8 keys of a row), exactly ``dropout_keep_mask(seed, (B, Hq, Lq, Lk), p)``,
   regenerated in the backward;
 - rows with no key left: output 0, lse = -inf, gradients 0 (never NaN);
 - any batch and head count (past 65535, one flat grid axis: ``_program_block``), and int64 index arithmetic
   where the scores or a tensor's rows within one (batch, head) pass 2^31 elements (WIDE_OFFSETS).
-Not handled (the op falls back to the torch backend): a gradient for a float attn_mask.
+Not handled (the op falls back to the torch backend): float64.
 
 Under Triton's interpreter (DOT_IN_FP32) the tiles that feed tl.dot are upcast to float32 as
 they are loaded: the interpreter multiplies the raw bits of bfloat16 operands (triton #11584). On
@@ -78,6 +79,8 @@ LOG2E = 1.4426950408889634  # exp(x) = exp2(x * LOG2E)
 
 # MASK_KIND values
 NO_MASK, BOOL_MASK, FLOAT_MASK = 0, 1, 2
+# MASK_GRAD values: how the dK/dV kernel writes dS, the gradient of a float attn_mask
+NO_MASK_GRAD, STORE_MASK_GRAD, ADD_MASK_GRAD = 0, 1, 2
 
 # The largest head dim the kernels take (a tile of BLOCK x 256 float32 per operand).
 MAX_HEAD_DIM = 256
@@ -405,6 +408,8 @@ def _attention_bwd_dkdv_kernel(
     GRAD_K,       # out: dK (B, Hk, Lk, D), key dtype, strides stride_dk*
     GRAD_V,       # out: dV (B, Hk, Lk, Dv), value dtype, strides stride_dv*
     GRAD_Q_SUM,   # in/out with ATOMIC_DQ: dQ summed in float32 (B, Hq, Lq, D), zeroed by the delta kernel
+    GRAD_MASK,    # out with MASK_GRAD: dS (B, Hq, Lq, Lk), strides stride_dm*; STORE: in the mask's
+                  #     dtype; ADD: float32 atomic adds, stride 0 on the dims the mask broadcasts
     SEED,         # in: the dropout seed, as in the forward
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -415,11 +420,13 @@ def _attention_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     stride_sqb, stride_sqh, stride_sqm, stride_sqd,
+    stride_dmb, stride_dmh, stride_dmm, stride_dmn,
     heads_q, heads_k, group, len_q, len_k, dim, dim_v,
     bucket_q, bucket_k,  # unused: autotuning keys
     qk_scale, scale, dropout_p,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KEY_PADDING: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr, WIDE_OFFSETS: tl.constexpr, FLAT_GRID: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr, MASK_GRAD: tl.constexpr, WIDE_OFFSETS: tl.constexpr,
+    FLAT_GRID: tl.constexpr,
     DOT_IN_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
@@ -432,11 +439,13 @@ def _attention_bwd_dkdv_kernel(
         dPd = dO V^T;  dP = dPd * keep / (1 - p);  dS = P * (dP - delta)
         dK = scale * sum over heads of dS^T Q
         with ATOMIC_DQ: GRAD_Q_SUM[query block] += scale * dS K  (float32 atomic adds)
+        with MASK_GRAD: d attn_mask = dS  (the mask is added to the scaled scores)
 
     ATOMIC_DQ makes the backward five products a score (FlashAttention-2's default) instead of
     the seven of this kernel and the dQ kernel, which recomputes S and dP; the order of the adds
     then varies from run to run, so the launcher takes the dQ kernel when PyTorch is asked for
-    deterministic algorithms.
+    deterministic algorithms. So do a broadcast mask's gradient sums (ADD): there the launcher
+    has the full dS stored instead and sums it afterwards.
 
     Causal: query blocks before the key block's first key are not visited; key blocks of padding
     keys only visit nothing and write zeros. Without causal or attn_mask, the scores need no mask
@@ -507,6 +516,14 @@ def _attention_bwd_dkdv_kernel(
                 tl.atomic_add(GRAD_Q_SUM + b * stride_sqb + h * stride_sqh + idx_m[:, None] * stride_sqm
                               + offs_d[None, :] * stride_sqd, grad_q,
                               mask=(idx_m[:, None] < len_q) & (offs_d[None, :] < dim), sem="relaxed")
+            if MASK_GRAD != 0:
+                grad_mask = GRAD_MASK + b * stride_dmb + h * stride_dmh + idx_m[None, :] * stride_dmm \
+                    + offs_n[:, None] * stride_dmn
+                in_bounds = (idx_m[None, :] < len_q) & (offs_n[:, None] < len_k)
+                if MASK_GRAD == 1:
+                    tl.store(grad_mask, ds_t.to(GRAD_MASK.dtype.element_ty), mask=in_bounds)
+                else:
+                    tl.atomic_add(grad_mask, ds_t, mask=in_bounds, sem="relaxed")
 
     grad_k *= scale
     _store_tile(GRAD_K + b * stride_dkb + hk * stride_dkh + offs_d[None, :] * stride_dkd,
@@ -634,7 +651,7 @@ _GPU_CONFIGS = {
     },
 }
 _TUNING_KEY = ["bucket_q", "bucket_k", "group", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "MASK_KIND",
-               "HAS_KEY_PADDING", "HAS_DROPOUT", "ATOMIC_DQ", "ALIGN", "DOT_PRECISION"]
+               "HAS_KEY_PADDING", "HAS_DROPOUT", "ATOMIC_DQ", "MASK_GRAD", "ALIGN", "DOT_PRECISION"]
 _KERNELS = {"fwd": _attention_fwd_kernel, "dkdv": _attention_bwd_dkdv_kernel, "dq": _attention_bwd_dq_kernel}
 
 
@@ -651,8 +668,9 @@ def _configs(kind: str, head_class: int) -> list[tuple[int, int, int, int]]:
 def _autotuned(kind: str, head_class: int):
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
                for m, n, w, s in _configs(kind, head_class)]
-    # The dK/dV kernel's atomic dQ sums must start at zero for each timed run and the real one.
-    reset = ["GRAD_Q_SUM"] if kind == "dkdv" else None
+    # The dK/dV kernel's atomic sums (dQ, a broadcast mask's gradient) must start at zero for each
+    # timed run and the real one; so must a stored mask gradient, whose skipped tiles stay unwritten.
+    reset = ["GRAD_Q_SUM", "GRAD_MASK"] if kind == "dkdv" else None
     # Only the key's names that are parameters of this kernel: Triton 3.9 refuses the others.
     key = [name for name in _TUNING_KEY if name in _KERNELS[kind].arg_names]
     return triton.autotune(configs=configs, key=key, reset_to_zero=reset)(_KERNELS[kind])
@@ -877,18 +895,35 @@ def attention_fwd(query, key, value, attn_mask, key_padding_mask, dropout_p, is_
     return out, lse
 
 
+def _mask_grad_target(attn_mask, scores_shape, deterministic):
+    """(tensor, MASK_GRAD): where the dK/dV kernel writes dS, the gradient of a float attn_mask.
+
+    A mask of the scores' full shape (B, Hq, Lq, Lk) gets dS stored in its own dtype. A mask that
+    broadcasts (a (1, Hq, Lq, Lk) learned position bias, a (B, 1, 1, Lk) key bias) gets dS added
+    up in float32 by atomics into a tensor of its own shape; under deterministic algorithms the
+    full dS is stored in float32 instead, and summed by the caller. Zero-filled: the tiles the
+    kernel skips (causal, padding) have no gradient.
+    """
+    if tuple(attn_mask.shape) == scores_shape:
+        return torch.zeros(scores_shape, dtype=attn_mask.dtype, device=attn_mask.device), STORE_MASK_GRAD
+    if deterministic:
+        return torch.zeros(scores_shape, dtype=torch.float32, device=attn_mask.device), STORE_MASK_GRAD
+    return torch.zeros(attn_mask.shape, dtype=torch.float32, device=attn_mask.device), ADD_MASK_GRAD
+
+
 def attention_bwd(grad_out, query, key, value, out, lse, attn_mask, key_padding_mask, dropout_p,
                   is_causal, scale, seed, mask_needs_grad):
-    """Returns (grad_query, grad_key, grad_value, None): gradients in the input dtypes, each in its
-    input's memory order (``fastformer.library.attention_layout_like``)."""
-    if mask_needs_grad:
-        raise NotImplementedError("attention (triton): no gradient for attn_mask (the op table does "
-                                  "not declare mask_grad, so dispatch sends such calls to the torch backend)")
+    """Returns (grad_query, grad_key, grad_value, grad_attn_mask): gradients in the input dtypes,
+    each in its input's memory order (``fastformer.library.attention_layout_like``); the mask's,
+    with ``mask_needs_grad`` (else None), in the 4-D shape it came in (size 1 where it broadcasts)."""
     batch, heads_q, len_q, dim = query.shape
     heads_k, len_k, dim_v = key.shape[1], key.shape[2], value.shape[-1]
     grad_q, grad_k, grad_v = (attention_layout_like(t) for t in (query, key, value))
     if batch * heads_q * len_q == 0 or len_k == 0:
-        return grad_q.zero_(), grad_k.zero_(), grad_v.zero_(), None
+        grad_mask = None
+        if mask_needs_grad:
+            grad_mask = torch.zeros(attn_mask.shape, dtype=attn_mask.dtype, device=attn_mask.device)
+        return grad_q.zero_(), grad_k.zero_(), grad_v.zero_(), grad_mask
     mask, padding, mask_strides, meta = _common(query, key, value, attn_mask, key_padding_mask, dropout_p,
                                                 is_causal, (out, grad_out, grad_q, grad_k, grad_v))
     interpret = interpreter_enabled()
@@ -903,6 +938,15 @@ def attention_bwd(grad_out, query, key, value, out, lse, attn_mask, key_padding_
     grad_q_sum = grad_q
     if atomic_dq and grad_q.dtype != torch.float32:
         grad_q_sum = torch.empty_like(grad_q, dtype=torch.float32)
+    # Without a mask gradient, GRAD_MASK is grad_k, unused (the autotuner may zero it before the
+    # kernel writes it).
+    scores_shape = (batch, heads_q, len_q, len_k)
+    mask_grad, grad_mask_strides, grad_mask_sums = NO_MASK_GRAD, (0, 0, 0, 0), grad_k
+    if mask_needs_grad:
+        grad_mask_sums, mask_grad = _mask_grad_target(attn_mask, scores_shape, deterministic=not atomic_dq)
+        grad_mask_strides = tuple(stride if size == full else 0 for size, full, stride
+                                  in zip(grad_mask_sums.shape, scores_shape, grad_mask_sums.stride()))
+        meta["WIDE_OFFSETS"] = meta["WIDE_OFFSETS"] or _wide_rows((grad_mask_sums,))
     with on_device(query):
         block_m = _INTERPRETER_BLOCKS["BLOCK_M"] if interpret else 64
         _attention_bwd_preprocess_kernel[_grid(len_q, block_m, heads_q, batch, meta["FLAT_GRID"])](
@@ -915,13 +959,19 @@ def attention_bwd(grad_out, query, key, value, out, lse, attn_mask, key_padding_
         group = heads_q // heads_k
         tail = (_bucket(len_q), _bucket(len_k), scale * LOG2E, scale, float(dropout_p))
         _launch("dkdv", len_k, heads_k, batch,
-                (*shared, grad_k, grad_v, grad_q_sum, seed, *strides, *_strides(grad_k), *_strides(grad_v),
-                 *_strides(grad_q_sum), heads_q, heads_k, group, len_q, len_k, dim, dim_v, *tail),
-                {**meta, "ATOMIC_DQ": atomic_dq}, interpret)
+                (*shared, grad_k, grad_v, grad_q_sum, grad_mask_sums, seed, *strides, *_strides(grad_k),
+                 *_strides(grad_v), *_strides(grad_q_sum), *grad_mask_strides, heads_q, heads_k, group, len_q,
+                 len_k, dim, dim_v, *tail),
+                {**meta, "ATOMIC_DQ": atomic_dq, "MASK_GRAD": mask_grad}, interpret)
         if not atomic_dq:
             _launch("dq", len_q, heads_q, batch,
                     (*shared, grad_q, seed, *strides, *_strides(grad_q), heads_q, group, len_q, len_k, dim, dim_v,
                      *tail), meta, interpret)
         elif grad_q_sum is not grad_q:
             grad_q.copy_(grad_q_sum)
-    return grad_q, grad_k, grad_v, None
+    grad_mask = None
+    if mask_grad != NO_MASK_GRAD:
+        broadcast = [d for d in range(4) if attn_mask.shape[d] != grad_mask_sums.shape[d]]
+        grad_mask = grad_mask_sums.sum(broadcast, keepdim=True) if broadcast else grad_mask_sums
+        grad_mask = grad_mask.to(attn_mask.dtype)
+    return grad_q, grad_k, grad_v, grad_mask
