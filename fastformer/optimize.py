@@ -17,6 +17,11 @@ built on them; DistilBERT), when ``transformers`` is installed:
     *Intermediate (GELU) -> dense without bias, then ``bias_gelu``
     DistilBERT's TransformerBlock (transformers >= 5) -> both residual adds (and the FFN's dropout)
                             in ``residual_layer_norm``, the FFN's bias + GELU in ``bias_gelu``
+    MPNetSelfAttention   -> ``fastformer.attention`` with the relative position bias as its float
+                            mask (MPNet, e.g. all-mpnet-base-v2, keeps its own attention, outside
+                            the registry); the bias, a learned embedding, gets its gradient from
+                            the kernel
+    MPNetAttention       -> the self-attention, then dropout + residual + LayerNorm fused
 
 Everything else is left alone, and the report says why.
 """
@@ -241,7 +246,7 @@ def _optimize_hugging_face_model(transformers, model, prefix, report, undo):
         block, base = _HF_BLOCKS[kind], _original_class(module)
         reasons = _hf_block_unsupported_reasons(kind, module, base)
         if not reasons:
-            if kind != "output":
+            if kind in _FFN_KINDS:
                 undo.set_attribute(module, "fastformer_gelu", _gelu_kind(_activation(kind, module)))
             undo.set_attribute(module, "fastformer_reads", _reads(module, block))
             if (base, kind) not in checked:
@@ -254,6 +259,8 @@ def _optimize_hugging_face_model(transformers, model, prefix, report, undo):
         gelu = ", the FFN's bias + GELU" if kind == "distilbert block" and module.fastformer_gelu else ""
         report.replaced[qualified(name)] = f"{base.__name__}: {block.what}{gelu}"
         fused_norms.update(id(getattr(module, norm)) for norm in block.norms)
+    if any(what.startswith("MPNetSelfAttention") for what in report.replaced.values()):
+        report.left_alone.pop(attention_key, None)  # swapped as a block instead
     for name, module in model.named_modules():
         if isinstance(module, nn.LayerNorm) and id(module) not in fused_norms:
             report.left_alone[qualified(name)] = "LayerNorm outside the blocks that fastformer fuses (runs as is)"
@@ -441,7 +448,14 @@ def _hf_block_kind(module) -> str | None:
         return "intermediate"
     if cls.__name__ == "TransformerBlock" and cls.__module__.endswith(".modeling_distilbert"):
         return "distilbert block"
+    if cls.__name__ == "MPNetSelfAttention" and cls.__module__.endswith(".modeling_mpnet"):
+        return "mpnet attention"
+    if cls.__name__ == "MPNetAttention" and cls.__module__.endswith(".modeling_mpnet"):
+        return "mpnet attention block"
     return None
+
+
+_FFN_KINDS = ("intermediate", "distilbert block")  # the blocks that hold an FFN activation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -506,14 +520,22 @@ def _behaviour_reasons(kind, module, base) -> list[str]:
     parameter = next(module.parameters())
     if parameter.device.type == "meta":
         return []
-    width = module.ffn.lin1.in_features if kind == "distilbert block" else module.dense.in_features
+    width = {"distilbert block": lambda: module.ffn.lin1.in_features, "mpnet attention": lambda: module.q.in_features,
+             "mpnet attention block": lambda: module.attn.q.in_features}.get(kind, lambda: module.dense.in_features)()
     generator = _private_generator(parameter.device)
 
-    def rand(size):
-        return torch.randn(2, 3, size, generator=generator, device=parameter.device, dtype=parameter.dtype)
-    inputs = (rand(width),) if kind != "output" else (rand(width), rand(module.dense.out_features))
+    def rand(*sizes):
+        return torch.randn(*sizes, generator=generator, device=parameter.device, dtype=parameter.dtype)
+    inputs = (rand(2, 3, width),)
+    if kind == "output":
+        inputs += (rand(2, 3, module.dense.out_features),)
+    if kind.startswith("mpnet"):  # no mask, a position bias
+        heads = (module if kind == "mpnet attention" else module.attn).num_attention_heads
+        inputs += (None, rand(2, heads, 3, 3))
     with _evaluating(module), torch.no_grad():
         expected, actual = base.forward(module, *inputs), _HF_BLOCKS[kind].forward(module, *inputs)
+    if kind.startswith("mpnet"):  # (attention output,)
+        expected, actual = expected[0], actual[0]
     mismatch = _mismatch(actual, expected)
     return [] if mismatch is None else [f"its forward computes something else on a random input ({mismatch})"]
 
@@ -598,7 +620,7 @@ def _as_optimized(module, kind) -> bool:
             part = part._modules.get(name)
         if not is_plain(part, cls):
             return False
-    return kind == "output" or _gelu_kind(_activation(kind, module)) == module.fastformer_gelu
+    return kind not in _FFN_KINDS or _gelu_kind(_activation(kind, module)) == module.fastformer_gelu
 
 
 def _original_forward(module, *args, **kwargs):
@@ -646,6 +668,37 @@ def _fused_distilbert_block_forward(self, hidden_states, attention_mask=None, **
     return out
 
 
+def _fused_mpnet_attention_forward(self, hidden_states, attention_mask=None, position_bias=None,
+                                   output_attentions=False, **kwargs):
+    """MPNet's self-attention: softmax(q k^T / sqrt(d) + position_bias + mask) v, then o, with the
+    bias and the model's mask as one float mask of ``fastformer.attention``. output_attentions
+    (the weights) takes the original forward."""
+    if output_attentions or not _as_optimized(self, "mpnet attention"):
+        return _original_forward(self, hidden_states, attention_mask, position_bias, output_attentions, **kwargs)
+    heads, head_dim = self.num_attention_heads, self.attention_head_size
+    shape = (*hidden_states.shape[:-1], heads, head_dim)
+    q, k, v = (projection(hidden_states).view(shape).transpose(1, 2) for projection in (self.q, self.k, self.v))
+    mask = attention_mask
+    if position_bias is not None:
+        mask = _with_position_bias(position_bias, attention_mask, False, q.shape[2], k.shape[2])
+    out = fastformer.attention(q, k, v, attn_mask=mask, dropout_p=self.dropout.p if self.dropout.training else 0.0,
+                               scale=1.0 / math.sqrt(head_dim), backend=getattr(self, "fastformer_backend", None))
+    return (self.o(out.transpose(1, 2).reshape(*hidden_states.shape[:-1], heads * head_dim)),)
+
+
+def _fused_mpnet_attention_block_forward(self, hidden_states, attention_mask=None, position_bias=None,
+                                         output_attentions=False, **kwargs):
+    """MPNet's attention block: LayerNorm(dropout(attn(h)) + h), the last three steps fused."""
+    if not _as_optimized(self, "mpnet attention block"):
+        return _original_forward(self, hidden_states, attention_mask, position_bias, output_attentions, **kwargs)
+    attention = self.attn(hidden_states, attention_mask, position_bias, output_attentions=output_attentions)
+    norm = self.LayerNorm
+    out, _ = fastformer.residual_layer_norm(attention[0], hidden_states, norm.weight, norm.bias, norm.eps,
+                                            self.dropout.p if self.dropout.training else 0.0,
+                                            backend=getattr(self, "fastformer_backend", None))
+    return (out, *attention[1:])
+
+
 # The Hugging Face blocks optimize fuses (see _hf_block_kind).
 _HF_BLOCKS = {
     "output": _HFBlock(("self", "hidden_states", "input_tensor"),
@@ -661,6 +714,15 @@ _HF_BLOCKS = {
          "ffn.lin2": nn.Linear, "ffn.dropout": nn.Dropout}, ("attention", "ffn", "ffn.activation"),
         _fused_distilbert_block_forward, ("sa_layer_norm", "output_layer_norm"),
         "both residual adds + LayerNorms fused", reads=("sa_layer_norm", "output_layer_norm", "ffn", "ffn.dropout")),
+    "mpnet attention": _HFBlock(
+        ("self", "hidden_states", "attention_mask", "position_bias", "output_attentions", "kwargs"),
+        {"q": nn.Linear, "k": nn.Linear, "v": nn.Linear, "o": nn.Linear, "dropout": nn.Dropout}, (),
+        _fused_mpnet_attention_forward, (), "attention with its relative position bias -> fastformer.attention",
+        reads=("dropout",)),
+    "mpnet attention block": _HFBlock(
+        ("self", "hidden_states", "attention_mask", "position_bias", "output_attentions", "kwargs"),
+        {"LayerNorm": nn.LayerNorm, "dropout": nn.Dropout}, ("attn",), _fused_mpnet_attention_block_forward,
+        ("LayerNorm",), "dropout + residual + LayerNorm fused", reads=("LayerNorm", "dropout")),
 }
 
 

@@ -14,7 +14,8 @@ from torch import nn
 
 import fastformer
 from fastformer.nn import FastMultiheadAttention, FastTransformerEncoderLayer
-from helpers import HostReads, LoRALinear, record_bias_gelu_biases, require_backend, seeded_gradients
+from helpers import (HostReads, LoRALinear, assert_rel_close, record_bias_gelu_biases, require_backend,
+                     seeded_gradients)
 
 
 class Classifier(nn.Module):
@@ -339,7 +340,8 @@ def _tiny_hf_model(family, **config_options):
         config = transformers.AlbertConfig(embedding_size=16, **sizes)
     else:
         config = {"bert": transformers.BertConfig, "electra": transformers.ElectraConfig,
-                  "deberta-v2": transformers.DebertaV2Config}[family](**sizes, **config_options)
+                  "deberta-v2": transformers.DebertaV2Config, "mpnet": transformers.MPNetConfig,
+                  }[family](**sizes, **config_options)
     torch.manual_seed(0)
     return transformers.AutoModelForSequenceClassification.from_config(config).eval()
 
@@ -446,6 +448,55 @@ def test_distilbert_blocks_fused_same_logits_gradients_and_dropout(activation, m
         block.ffn.dropout.p = 0.25
     model(input_ids=ids, attention_mask=mask)
     assert dropout_ps == [0.0, 0.25, 0.0, 0.25]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_mpnet_attention_and_its_learned_position_bias(backend, monkeypatch):
+    """MPNet (all-mpnet-base-v2) computes its attention itself, outside transformers' registry:
+    optimize swaps its self-attention (the relative position bias becomes fastformer.attention's
+    float mask, whose gradient trains relative_attention_bias) and its attention block (dropout +
+    residual + LayerNorm fused). Same logits and gradients as the original with padding, in
+    training mode (float64 on the torch backend; float32 on Triton's, whose kernels compute the
+    bias gradient); output_attentions=True still returns the weights."""
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    model = _tiny_hf_model("mpnet", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0).to(dtype)
+    ids, mask = torch.randint(3, 50, (3, 9)), torch.ones(3, 9, dtype=torch.long)
+    mask[1, 4:] = 0
+    require_backend(backend, "attention", *[torch.randn(3, 4, 9, 8, dtype=dtype)] * 3,
+                    attn_mask=torch.randn(3, 4, 9, 9, dtype=dtype, requires_grad=True))
+    original = copy.deepcopy(model)
+    fastformer.optimize(model, backend=backend, verify=True)
+    report = model.fastformer_report
+    for layer in ("0", "1"):
+        assert report.replaced[f"mpnet.encoder.layer.{layer}.attention.attn"].startswith("MPNetSelfAttention")
+        assert report.replaced[f"mpnet.encoder.layer.{layer}.attention"].startswith("MPNetAttention")
+    assert list(report.left_alone) == ["mpnet.embeddings.LayerNorm"]
+
+    masks = []
+    attention = fastformer.attention
+    monkeypatch.setattr(fastformer, "attention", lambda *args, **kwargs: masks.append(kwargs["attn_mask"])
+                        or attention(*args, **kwargs))
+    logits = [m.train()(input_ids=ids, attention_mask=mask).logits for m in (model, original)]
+    assert len(masks) == 2 and all(m.requires_grad and m.shape == (3, 4, 9, 9) for m in masks)
+    tol = 1e-7 if dtype == torch.float64 else 1e-4
+    assert_rel_close(logits[0], logits[1], tol, "logits")
+    for m, out in zip((model, original), logits):
+        (out * torch.arange(1.0, 3.0, dtype=out.dtype)).sum().backward()
+    scale = max(p.grad.norm() for p in original.parameters())
+    for (name, parameter), expected in zip(model.named_parameters(), original.parameters()):
+        if expected.grad.norm() > 1e-6 * scale:
+            assert_rel_close(parameter.grad, expected.grad, 10 * tol, name)
+        else:  # zero up to rounding (the key bias: softmax ignores it)
+            assert parameter.grad.norm() <= 10 * tol * scale, name
+    # (so the bias's gradient, from the kernels, was compared above, not taken for zero)
+    assert original.mpnet.encoder.relative_attention_bias.weight.grad.norm() > 1e-6 * scale
+
+    with torch.no_grad():
+        weights = [m.eval()(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
+                   for m in (model, original)]
+    for got, want in zip(weights[0], weights[1]):
+        torch.testing.assert_close(got, want)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
