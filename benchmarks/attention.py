@@ -8,6 +8,10 @@ Suites (``--suites``, default all three):
 - ``finetune``: the fine-tuning shapes, B=32, L=128/256/512, H=4/8/12, D=50/64, without and with
   IMDB-like key padding (each row's key length drawn uniformly between 10% and 100% of L, right
   padding). ``--batch``, ``--seq-lens``, ``--heads``, ``--head-dims``, ``--padding`` override it.
+  ``--position-bias``: every call also adds a learned relative-position bias (1, H, L, L) to the
+  scores (T5's, MPNet's), which requires grad: fastformer takes it as its float attn_mask and
+  returns its gradient; SDPA (and the compiled reference) get it with padding and causality
+  folded in as -inf, as a model passes it. flash-attn and xformers are skipped there.
 - ``long``: a long-sequence sweep, L=1k..16k with B*L = 16k tokens, D=64/128 with H*D = 2048
   (FlashAttention's benchmark set-up), causal and not.
 - ``modules``: ``nn.MultiheadAttention`` vs ``FastMultiheadAttention`` and
@@ -112,6 +116,7 @@ class Shape:
     causal: bool = False
     padding: bool = False
     plot: bool = True  # a line point of the PNG chart (the chart shows the largest H, D=64)
+    bias: bool = False  # a learned (1, H, L, L) position bias that requires grad
 
     def label(self, lengths: list[int]) -> str:
         text = f"B={self.batch} H={self.heads} L={self.seq_len} D={self.head_dim}"
@@ -119,11 +124,14 @@ class Shape:
             text += " causal"
         if self.padding:
             text += f" pad({100.0 * sum(lengths) / (len(lengths) * self.seq_len):.0f}% real)"
+        if self.bias:
+            text += " +bias"
         return text
 
     def name(self) -> str:
         return (f"B={self.batch} H={self.heads} L={self.seq_len} D={self.head_dim}"
-                + (" causal" if self.causal else "") + (" padded" if self.padding else ""))
+                + (" causal" if self.causal else "") + (" padded" if self.padding else "")
+                + (" +bias" if self.bias else ""))
 
     def group(self) -> str:
         """Plot panel: rows differing only in L share a panel; "" = not plotted."""
@@ -132,7 +140,7 @@ class Shape:
         if self.suite == "long":
             return f"long D={self.head_dim}" + (" causal" if self.causal else "")
         return (f"B={self.batch} H={self.heads} D={self.head_dim}" + (" causal" if self.causal else "")
-                + (" padded" if self.padding else ""))
+                + (" padded" if self.padding else "") + (" +bias" if self.bias else ""))
 
 
 def _flags(choice: str) -> list[bool]:
@@ -161,7 +169,7 @@ def attention_shapes(args) -> list[Shape]:
             if args.quick and cuda and not (args.head_dims or D == 64 or (L == 512 and pad)):
                 continue  # --quick keeps D=50 only for the padded L=512 shape
             shapes.append(Shape("finetune", batch, H, L, D, args.causal, pad,
-                                plot=H == max(heads) and D == plot_dim))
+                                plot=H == max(heads) and D == plot_dim, bias=args.position_bias))
     if "long" in args.suites:
         if cuda:
             tokens, seq_lens, dims = 16384, [1024, 2048, 4096, 8192, 16384], [64, 128]
@@ -233,15 +241,35 @@ def make_inputs(shape: Shape, args) -> dict:
     q, k, v = projection(), projection(), projection()
     grad_out = projection(False)
     lengths = key_lengths(B, L, shape.padding, args.seed)
-    key_padding_mask = sdpa_mask = None
+    key_padding_mask = sdpa_mask = position_bias = None
+    causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()
     if shape.padding:
         positions = torch.arange(L, device=device)
         key_padding_mask = positions[None, :] >= torch.tensor(lengths, device=device)[:, None]
         sdpa_mask = ~key_padding_mask[:, None, None, :]  # (B, 1, 1, Lk), True = attend
         if shape.causal:  # SDPA refuses attn_mask together with is_causal: fold causality in
-            sdpa_mask = sdpa_mask & torch.ones(L, L, dtype=torch.bool, device=device).tril()
+            sdpa_mask = sdpa_mask & causal
+    if shape.bias:
+        position_bias = torch.randn(1, H, L, L, device=device, dtype=dtype, generator=generator).requires_grad_()
+        if shape.causal and sdpa_mask is None:  # folded into the bias with -inf, as padding
+            sdpa_mask = causal
     return {"q": q, "k": k, "v": v, "grad_out": grad_out, "lengths": lengths,
-            "key_padding_mask": key_padding_mask, "sdpa_mask": sdpa_mask}
+            "key_padding_mask": key_padding_mask, "sdpa_mask": sdpa_mask, "position_bias": position_bias}
+
+
+def sdpa_attn_mask(inputs):
+    """SDPA's attn_mask: the boolean mask, or the position bias with it folded in as -inf
+    (computed inside the timed call, so that the bias gets its gradient through it)."""
+    mask, bias = inputs["sdpa_mask"], inputs["position_bias"]
+    if bias is None:
+        return mask
+    return bias if mask is None else bias.masked_fill(~mask, float("-inf"))
+
+
+def grad_inputs(inputs) -> tuple:
+    """What the gradients are taken w.r.t.: q, k, v, and the position bias."""
+    bias = inputs["position_bias"]
+    return (inputs["q"], inputs["k"], inputs["v"]) + (() if bias is None else (bias,))
 
 
 def forward_flops(heads: int, head_dim: int, lengths: list[int], causal: bool) -> float:
@@ -254,16 +282,16 @@ def forward_flops(heads: int, head_dim: int, lengths: list[int], causal: bool) -
 # attention providers: name -> (function of no arguments returning the output, or skip reason)
 # --------------------------------------------------------------------------------------------
 def _sdpa(inputs, shape: Shape, dropout_p: float, backend=None) -> Callable:
-    q, k, v, mask = inputs["q"], inputs["k"], inputs["v"], inputs["sdpa_mask"]
-    is_causal = shape.causal and mask is None
+    q, k, v = inputs["q"], inputs["k"], inputs["v"]
+    is_causal = shape.causal and inputs["sdpa_mask"] is None
     if backend is None:
-        return lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
-                                                      is_causal=is_causal)
+        return lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_attn_mask(inputs),
+                                                      dropout_p=dropout_p, is_causal=is_causal)
     from torch.nn.attention import sdpa_kernel
 
     def run():
         with sdpa_kernel(backend):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_attn_mask(inputs), dropout_p=dropout_p,
                                                   is_causal=is_causal)
     return run
 
@@ -271,7 +299,9 @@ def _sdpa(inputs, shape: Shape, dropout_p: float, backend=None) -> Callable:
 def reference_attention(q, k, v, mask, is_causal: bool, dropout_p: float):
     """softmax(q k^T / sqrt(D) + mask) v, scores in float32: what a model written by hand does."""
     scores = (q @ k.transpose(-2, -1)).float() * (q.shape[-1] ** -0.5)
-    if mask is not None:
+    if mask is not None and mask.dtype != torch.bool:
+        scores = scores + mask
+    elif mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     elif is_causal:
         L = q.shape[-2]
@@ -290,9 +320,9 @@ def _compiled(inputs, shape: Shape, dropout_p: float) -> Callable:
     global _COMPILED_REFERENCE
     if _COMPILED_REFERENCE is None:
         _COMPILED_REFERENCE = common.compile_fn(reference_attention, dynamic=False)
-    q, k, v, mask = inputs["q"], inputs["k"], inputs["v"], inputs["sdpa_mask"]
-    compiled = _COMPILED_REFERENCE
-    return lambda: compiled(q, k, v, mask, shape.causal and mask is None, dropout_p)
+    q, k, v = inputs["q"], inputs["k"], inputs["v"]
+    compiled, causal = _COMPILED_REFERENCE, shape.causal and inputs["sdpa_mask"] is None
+    return lambda: compiled(q, k, v, sdpa_attn_mask(inputs), causal, dropout_p)
 
 
 def _flash_attn(module, inputs, shape: Shape, dropout_p: float) -> Callable:
@@ -345,6 +375,8 @@ def attention_providers(shape: Shape, inputs, args, compile_here: bool, skips: c
         module = common.optional_import(module_name)
         if module is None:
             skips.add(name, label, f"{module_name} is not installed")
+        elif shape.bias:
+            skips.add(name, label, "a position bias that requires grad (not benchmarked)")
         elif shape.padding:
             skips.add(name, label, "key padding needs its variable-length API on unpadded tokens "
                                    "(not benchmarked)")
@@ -354,7 +386,7 @@ def attention_providers(shape: Shape, inputs, args, compile_here: bool, skips: c
             providers[name] = factory(module, inputs, shape, p)
     q, k, v = inputs["q"], inputs["k"], inputs["v"]
     usable, reasons = common.fastformer_backends_for(
-        fastformer.attention, q, k, v, dropout_p=p, is_causal=shape.causal,
+        fastformer.attention, q, k, v, attn_mask=inputs["position_bias"], dropout_p=p, is_causal=shape.causal,
         key_padding_mask=inputs["key_padding_mask"])
     for backend in fastformer.available_backends():
         name = f"fastformer-{backend}"
@@ -368,8 +400,8 @@ def attention_providers(shape: Shape, inputs, args, compile_here: bool, skips: c
 
 
 def _fastformer(inputs, shape: Shape, dropout_p: float, backend: str) -> Callable:
-    q, k, v, padding = inputs["q"], inputs["k"], inputs["v"], inputs["key_padding_mask"]
-    return lambda: fastformer.attention(q, k, v, dropout_p=dropout_p, is_causal=shape.causal,
+    q, k, v, padding, bias = (inputs[name] for name in ("q", "k", "v", "key_padding_mask", "position_bias"))
+    return lambda: fastformer.attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, is_causal=shape.causal,
                                         key_padding_mask=padding, backend=backend)
 
 
@@ -396,9 +428,9 @@ def bench_attention(shape: Shape, args, compile_here: bool, skips, failures) -> 
     providers = attention_providers(shape, inputs, args, compile_here, skips, label)
     flops = forward_flops(shape.heads, shape.head_dim, inputs["lengths"], shape.causal)
     work = {pass_: flops * PASS_FLOP_FACTOR[pass_] for pass_ in args.passes}
-    rows = common.run_providers(OP, providers, BASELINE, (inputs["q"], inputs["k"], inputs["v"]),
-                                (inputs["grad_out"],), args, label=label, suite=shape.suite,
-                                group=shape.group(), size=shape.seq_len, work=work, kind="flops",
+    rows = common.run_providers(OP, providers, BASELINE, grad_inputs(inputs), (inputs["grad_out"],), args,
+                                label=label, suite=shape.suite, group=shape.group(), size=shape.seq_len,
+                                work=work, kind="flops",
                                 tolerances=TOLERANCES[args.torch_dtype], check=args.dropout == 0.0,
                                 skips=skips, failures=failures, refusal=_unsupported)
     del inputs, providers
@@ -489,6 +521,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--padding", choices=["no", "yes", "both"],
                         help="finetune: IMDB-like key padding (default: both)")
     parser.add_argument("--causal", action="store_true", help="finetune: is_causal=True (top-left)")
+    parser.add_argument("--position-bias", action="store_true",
+                        help="finetune: add a learned (1, H, L, L) position bias that requires grad")
     parser.add_argument("--long-seq-lens", type=common.int_list, help="long suite: sequence lengths")
     parser.add_argument("--long-tokens", type=int, help="long suite: B * L (default 16384 on CUDA)")
     parser.add_argument("--dropout", type=float, default=0.0,

@@ -346,6 +346,30 @@ def test_attention_deterministic_runs_under_deterministic_algorithms_and_records
     assert json.loads(out.read_text())["environment"]["deterministic_algorithms"] is True
 
 
+def test_attention_position_bias_gets_its_gradient_checked_against_sdpa(tmp_path, monkeypatch):
+    """--position-bias: a learned (1, H, L, L) bias that requires grad is one of the differentiated
+    inputs of every provider (fastformer's as attn_mask, SDPA's with the padding folded in), and
+    the providers' gradients of it agree with SDPA's."""
+    import attention
+    import common
+
+    differentiated = []
+    run_providers = common.run_providers
+    monkeypatch.setattr(common, "run_providers", lambda op, providers, baseline, grad_inputs, *a, **k: (
+        differentiated.append(grad_inputs), run_providers(op, providers, baseline, grad_inputs, *a, **k))[1])
+    out = tmp_path / "r.json"
+    args = attention.parse_args(["--device", "cpu", "--no-ceilings", "--no-compile", "--repeats", "2", "--warmup",
+                                 "0", "--suites", "finetune", "--padding", "both", "--causal", "-B", "2", "-H", "2",
+                                 "-L", "24", "-D", "8", "--providers", "torch-sdpa,sdpa-math,fastformer-torch",
+                                 "--position-bias", "--json", str(out)])
+    assert attention.run(args) == 0
+    assert [tuple(t.shape) for t in differentiated[0]][3:] == [(1, 2, 24, 24)]
+    rows = json.loads(out.read_text())["rows"]
+    assert {row["provider"] for row in rows} == {"torch-sdpa", "sdpa-math", "fastformer-torch"}
+    assert all(row["shape"].endswith("+bias") for row in rows) and len(rows) == 18
+    assert all(row["rel_err"] < 1e-5 for row in rows if row["provider"] != "torch-sdpa")
+
+
 @pytest.mark.parametrize("script", ["attention", "layer_norm", "gelu"])
 def test_a_providers_typo_is_an_error_not_a_baseline_only_run(script):
     """--providers parts that name no provider of the script (a typo) stop it with the known names;
