@@ -22,6 +22,9 @@ built on them; DistilBERT), when ``transformers`` is installed:
                             the registry); the bias, a learned embedding, gets its gradient from
                             the kernel
     MPNetAttention       -> the self-attention, then dropout + residual + LayerNorm fused
+    DeBERTa-v2/v3's DisentangledSelfAttention -> ``fastformer.attention``, its position terms
+                            (c2p, p2c, computed as transformers computes them) and the padding as
+                            one float mask, whose gradient flows back through those terms
 
 Everything else is left alone, and the report says why.
 """
@@ -259,7 +262,7 @@ def _optimize_hugging_face_model(transformers, model, prefix, report, undo):
         gelu = ", the FFN's bias + GELU" if kind == "distilbert block" and module.fastformer_gelu else ""
         report.replaced[qualified(name)] = f"{base.__name__}: {block.what}{gelu}"
         fused_norms.update(id(getattr(module, norm)) for norm in block.norms)
-    if any(what.startswith("MPNetSelfAttention") for what in report.replaced.values()):
+    if any(what.startswith(("MPNetSelfAttention", "DisentangledSelfAttention")) for what in report.replaced.values()):
         report.left_alone.pop(attention_key, None)  # swapped as a block instead
     for name, module in model.named_modules():
         if isinstance(module, nn.LayerNorm) and id(module) not in fused_norms:
@@ -452,6 +455,8 @@ def _hf_block_kind(module) -> str | None:
         return "mpnet attention"
     if cls.__name__ == "MPNetAttention" and cls.__module__.endswith(".modeling_mpnet"):
         return "mpnet attention block"
+    if cls.__name__ == "DisentangledSelfAttention" and cls.__module__.endswith(".modeling_deberta_v2"):
+        return "deberta attention"
     return None
 
 
@@ -521,7 +526,8 @@ def _behaviour_reasons(kind, module, base) -> list[str]:
     if parameter.device.type == "meta":
         return []
     width = {"distilbert block": lambda: module.ffn.lin1.in_features, "mpnet attention": lambda: module.q.in_features,
-             "mpnet attention block": lambda: module.attn.q.in_features}.get(kind, lambda: module.dense.in_features)()
+             "mpnet attention block": lambda: module.attn.q.in_features,
+             "deberta attention": lambda: module.query_proj.in_features}.get(kind, lambda: module.dense.in_features)()
     generator = _private_generator(parameter.device)
 
     def rand(*sizes):
@@ -532,9 +538,14 @@ def _behaviour_reasons(kind, module, base) -> list[str]:
     if kind.startswith("mpnet"):  # no mask, a position bias
         heads = (module if kind == "mpnet attention" else module.attn).num_attention_heads
         inputs += (None, rand(2, heads, 3, 3))
+    if kind == "deberta attention":  # a padding mask (the last key of row 1), relative embeddings
+        keep = torch.ones(2, 1, 3, 3, dtype=torch.bool, device=parameter.device)
+        keep[1, :, :, 2] = False
+        embeddings = rand(2 * module.pos_ebd_size, width) if module.relative_attention else None
+        inputs += (keep, False, None, None, embeddings)
     with _evaluating(module), torch.no_grad():
         expected, actual = base.forward(module, *inputs), _HF_BLOCKS[kind].forward(module, *inputs)
-    if kind.startswith("mpnet"):  # (attention output,)
+    if kind.startswith("mpnet") or kind == "deberta attention":  # (attention output, ...)
         expected, actual = expected[0], actual[0]
     mismatch = _mismatch(actual, expected)
     return [] if mismatch is None else [f"its forward computes something else on a random input ({mismatch})"]
@@ -699,6 +710,40 @@ def _fused_mpnet_attention_block_forward(self, hidden_states, attention_mask=Non
     return (out, *attention[1:])
 
 
+def _fused_deberta_attention_forward(self, hidden_states, attention_mask, output_attentions=False, query_states=None,
+                                     relative_pos=None, rel_embeddings=None):
+    """DeBERTa-v2/v3's disentangled self-attention: softmax(q k^T / sqrt(d s) + c2p + p2c) v, s = 1
+    + the number of position terms. The position terms (transformers' own code, from q, k and the
+    relative embeddings) with -inf on the masked keys make the float mask of
+    ``fastformer.attention`` (without them: the boolean mask). A row with no key (a padded query)
+    gets the mean of the values, as in the original, which fills all its scores with the same
+    lowest value (so no gradient reaches q, k or the position terms from it); the padded
+    positions matter where a convolution follows the first layer (conv_kernel_size).
+    output_attentions and query_states (the enhanced mask decoder of pretraining) take the
+    original forward."""
+    if output_attentions or query_states is not None or not _as_optimized(self, "deberta attention"):
+        return _original_forward(self, hidden_states, attention_mask, output_attentions, query_states, relative_pos,
+                                 rel_embeddings)
+    heads = self.num_attention_heads
+    query_layer, key_layer, value_layer = (self.transpose_for_scores(projection(hidden_states), heads)
+                                           for projection in (self.query_proj, self.key_proj, self.value_proj))
+    scale_factor = 1 + ("c2p" in self.pos_att_type) + ("p2c" in self.pos_att_type)
+    length, head_dim = query_layer.shape[-2], query_layer.shape[-1]
+    q, k, v = (t.view(-1, heads, length, head_dim) for t in (query_layer, key_layer, value_layer))
+    keep = attention_mask.bool()
+    mask = keep
+    if self.relative_attention:
+        bias = self.disentangled_attention_bias(query_layer, key_layer, relative_pos,
+                                                self.pos_dropout(rel_embeddings), scale_factor)
+        mask = bias.view(-1, heads, length, length).masked_fill(~keep, float("-inf"))
+    # The original's scale: sqrt(d s) rounded to float32 (transformers' scaled_size_sqrt).
+    scale = 1.0 / torch.sqrt(torch.tensor(head_dim * scale_factor, dtype=torch.float32)).item()
+    out = fastformer.attention(q, k, v, attn_mask=mask, dropout_p=self.dropout.p if self.dropout.training else 0.0,
+                               scale=scale, backend=getattr(self, "fastformer_backend", None))
+    out = torch.where(keep.any(-1, keepdim=True), out, v.mean(-2, keepdim=True))
+    return out.transpose(1, 2).reshape(*hidden_states.shape[:-1], heads * head_dim), None
+
+
 # The Hugging Face blocks optimize fuses (see _hf_block_kind).
 _HF_BLOCKS = {
     "output": _HFBlock(("self", "hidden_states", "input_tensor"),
@@ -723,6 +768,12 @@ _HF_BLOCKS = {
         ("self", "hidden_states", "attention_mask", "position_bias", "output_attentions", "kwargs"),
         {"LayerNorm": nn.LayerNorm, "dropout": nn.Dropout}, ("attn",), _fused_mpnet_attention_block_forward,
         ("LayerNorm",), "dropout + residual + LayerNorm fused", reads=("LayerNorm", "dropout")),
+    "deberta attention": _HFBlock(
+        ("self", "hidden_states", "attention_mask", "output_attentions", "query_states", "relative_pos",
+         "rel_embeddings"),
+        {"query_proj": nn.Linear, "key_proj": nn.Linear, "value_proj": nn.Linear, "dropout": nn.Dropout},
+        ("pos_dropout", "pos_key_proj", "pos_query_proj"), _fused_deberta_attention_forward, (),
+        "disentangled attention (position terms as its float mask) -> fastformer.attention", reads=("dropout",)),
 }
 
 

@@ -500,6 +500,58 @@ def test_mpnet_attention_and_its_learned_position_bias(backend, monkeypatch):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("options", [dict(relative_attention=True, pos_att_type=["p2c", "c2p"], position_buckets=8,
+                                          max_relative_positions=16, conv_kernel_size=3),
+                                     dict(relative_attention=True, pos_att_type=["c2p"], share_att_key=True),
+                                     dict(relative_attention=False)], ids=["v3-like+conv", "c2p-shared", "absolute"])
+def test_deberta_v2_disentangled_attention(options, backend, monkeypatch):
+    """DeBERTa-v2/v3 keeps its own attention, outside transformers' registry: optimize swaps its
+    DisentangledSelfAttention, whose position terms (c2p, p2c, from q, k and the relative
+    embeddings) and padding become fastformer.attention's float mask. Same logits and gradients
+    as the original with padding in training mode (float64 on the torch backend, float32 on
+    Triton's, which computes the mask's gradient), padded positions included: a row with no key
+    averages every value, as the original's, which the convolution after the first layer reads."""
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    model = _tiny_hf_model("deberta-v2", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                           pooler_dropout=0.0, **options).to(dtype)
+    require_backend(backend, "attention", *[torch.randn(3, 4, 9, 8, dtype=dtype)] * 3,
+                    attn_mask=torch.randn(3, 4, 9, 9, dtype=dtype, requires_grad=True))
+    original = copy.deepcopy(model)
+    fastformer.optimize(model, backend=backend, verify=True)
+    report = model.fastformer_report
+    assert [name for name, what in report.replaced.items() if what.startswith("DisentangledSelfAttention")] == [
+        "deberta.encoder.layer.0.attention.self", "deberta.encoder.layer.1.attention.self"]
+
+    calls = []
+    attention = fastformer.attention
+    monkeypatch.setattr(fastformer, "attention", lambda *args, **kwargs: calls.append(kwargs["attn_mask"])
+                        or attention(*args, **kwargs))
+    ids, mask = torch.randint(3, 50, (3, 9)), torch.ones(3, 9, dtype=torch.long)
+    mask[1, 4:] = 0
+    outputs = [m.train()(input_ids=ids, attention_mask=mask, output_hidden_states=True) for m in (model, original)]
+    assert len(calls) == 2 and all(m.requires_grad == options["relative_attention"] for m in calls)
+    tol = 1e-7 if dtype == torch.float64 else 1e-4
+    assert_rel_close(outputs[0].logits, outputs[1].logits, tol, "logits")
+    for got, want in zip(outputs[0].hidden_states, outputs[1].hidden_states):  # padded positions too
+        assert_rel_close(got, want, tol, "hidden states")
+    weights = torch.randn(outputs[1].hidden_states[-1].shape, dtype=dtype)
+    for m, out in zip((model, original), outputs):  # the padded positions' outputs reach the loss too
+        ((out.logits * torch.arange(1.0, 3.0, dtype=dtype)).sum() + (out.hidden_states[-1] * weights).sum()).backward()
+    scale = max(p.grad.norm() for p in original.parameters() if p.grad is not None)
+    for (name, parameter), expected in zip(model.named_parameters(), original.parameters()):
+        if expected.grad is None or expected.grad.norm() <= 1e-6 * scale:  # unused, or zero up to rounding
+            assert parameter.grad is None or parameter.grad.norm() <= 10 * tol * scale, name
+        else:
+            assert_rel_close(parameter.grad, expected.grad, 10 * tol, name)
+    with torch.no_grad():
+        weights = [m.eval()(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
+                   for m in (model, original)]
+    for got, want in zip(weights[0], weights[1]):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
 def test_distilbert_block_of_another_transformers_version_is_left_alone(monkeypatch):
     optimize_module = importlib.import_module("fastformer.optimize")
     block = optimize_module._HF_BLOCKS["distilbert block"]
@@ -596,16 +648,19 @@ def test_hf_optimize_twice_verify_in_training_mode_and_pickle(family, monkeypatc
 @pytest.mark.parametrize("family", ["bert", "deberta-v2"])
 def test_hf_sequence_classifier_verifies_and_reports_what_transformers_took(family):
     """A model with a classification head: verify=True compares its logits (one row per sequence,
-    not per token). The report says attention was replaced only where transformers routes it to
-    fastformer (DeBERTa-v2 keeps its own attention: transformers 5 only logs that it refuses), and
-    names the LayerNorms it leaves as they are (the embeddings')."""
+    not per token). The report says attention went through transformers' registry only where
+    transformers routes it to fastformer (DeBERTa-v2 keeps its own attention, transformers 5 only
+    logs that it refuses: optimize swaps that module instead), and names the LayerNorms it leaves
+    as they are (the embeddings')."""
     model = _tiny_hf_model(family)
     original = copy.deepcopy(model)
     fastformer.optimize(model, verify=True)
     report = model.fastformer_report
     routed = model.config._attn_implementation == "fastformer"
-    assert routed or family != "bert"
-    assert ("(attention)" in report.replaced) == routed and ("(attention)" in report.left_alone) != routed
+    assert routed == (family == "bert")
+    assert ("(attention)" in report.replaced) == routed and "(attention)" not in report.left_alone
+    swapped = [name for name, what in report.replaced.items() if what.startswith("DisentangledSelfAttention")]
+    assert len(swapped) == (0 if routed else 2)
     assert sum("LayerNorm fused" in what for what in report.replaced.values()) == 4
     assert [name.split(".", 1)[1] for name in report.left_alone if "LayerNorm" in name] == ["embeddings.LayerNorm"]
     ids, mask = torch.randint(0, 50, (3, 8)), torch.ones(3, 8, dtype=torch.long)
