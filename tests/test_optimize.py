@@ -537,7 +537,8 @@ def test_deberta_v2_disentangled_attention(options, backend, monkeypatch):
         assert_rel_close(got, want, tol, "hidden states")
     weights = torch.randn(outputs[1].hidden_states[-1].shape, dtype=dtype)
     for m, out in zip((model, original), outputs):  # the padded positions' outputs reach the loss too
-        ((out.logits * torch.arange(1.0, 3.0, dtype=dtype)).sum() + (out.hidden_states[-1] * weights).sum()).backward()
+        loss = (out.logits * torch.arange(1.0, 3.0, dtype=dtype)).sum() + (out.hidden_states[-1] * weights).sum()
+        loss.backward()
     scale = max(p.grad.norm() for p in original.parameters() if p.grad is not None)
     for (name, parameter), expected in zip(model.named_parameters(), original.parameters()):
         if expected.grad is None or expected.grad.norm() <= 1e-6 * scale:  # unused, or zero up to rounding
