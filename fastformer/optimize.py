@@ -716,11 +716,11 @@ def _fused_deberta_attention_forward(self, hidden_states, attention_mask, output
     + the number of position terms. The position terms (transformers' own code, from q, k and the
     relative embeddings) with -inf on the masked keys make the float mask of
     ``fastformer.attention`` (without them: the boolean mask). A row with no key (a padded query)
-    gets the mean of the values, as in the original, which fills all its scores with the same
-    lowest value (so no gradient reaches q, k or the position terms from it); the padded
-    positions matter where a convolution follows the first layer (conv_kernel_size).
-    output_attentions and query_states (the enhanced mask decoder of pretraining) take the
-    original forward."""
+    gets the mean of the values, as in the original (there before attention dropout), which fills
+    all its scores with the same lowest value, so no gradient reaches q, k or the position terms
+    from it; the padded positions matter where a convolution follows the first layer
+    (conv_kernel_size). output_attentions and query_states (the enhanced mask decoder of
+    pretraining) take the original forward."""
     if output_attentions or query_states is not None or not _as_optimized(self, "deberta attention"):
         return _original_forward(self, hidden_states, attention_mask, output_attentions, query_states, relative_pos,
                                  rel_embeddings)
