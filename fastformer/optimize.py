@@ -241,6 +241,7 @@ def _optimize_hugging_face_model(transformers, model, prefix, report, undo):
         report.left_alone[attention_key] = (f"transformers {transformers.__version__} has no attention "
                                             f"registry (AttentionInterface)")
     fused_norms = set()  # ids of the LayerNorms that run fused
+    swapped_kinds = set()
     checked = {}  # (class, kind) -> what the behaviour check found (the first module of each class)
     for name, module in list(model.named_modules()):
         kind = _hf_block_kind(module)
@@ -262,8 +263,9 @@ def _optimize_hugging_face_model(transformers, model, prefix, report, undo):
         gelu = ", the FFN's bias + GELU" if kind == "distilbert block" and module.fastformer_gelu else ""
         report.replaced[qualified(name)] = f"{base.__name__}: {block.what}{gelu}"
         fused_norms.update(id(getattr(module, norm)) for norm in block.norms)
-    if any(what.startswith(("MPNetSelfAttention", "DisentangledSelfAttention")) for what in report.replaced.values()):
-        report.left_alone.pop(attention_key, None)  # swapped as a block instead
+        swapped_kinds.add(kind)
+    if swapped_kinds & _ATTENTION_KINDS:
+        report.left_alone.pop(attention_key, None)  # the model's own attention, swapped as a block instead
     for name, module in model.named_modules():
         if isinstance(module, nn.LayerNorm) and id(module) not in fused_norms:
             report.left_alone[qualified(name)] = "LayerNorm outside the blocks that fastformer fuses (runs as is)"
@@ -461,6 +463,7 @@ def _hf_block_kind(module) -> str | None:
 
 
 _FFN_KINDS = ("intermediate", "distilbert block")  # the blocks that hold an FFN activation
+_ATTENTION_KINDS = {"mpnet attention", "deberta attention"}  # attention computed outside the registry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -525,9 +528,9 @@ def _behaviour_reasons(kind, module, base) -> list[str]:
     parameter = next(module.parameters())
     if parameter.device.type == "meta":
         return []
-    width = {"distilbert block": lambda: module.ffn.lin1.in_features, "mpnet attention": lambda: module.q.in_features,
-             "mpnet attention block": lambda: module.attn.q.in_features,
-             "deberta attention": lambda: module.query_proj.in_features}.get(kind, lambda: module.dense.in_features)()
+    first_linear = {"distilbert block": "ffn.lin1", "mpnet attention": "q", "mpnet attention block": "attn.q",
+                    "deberta attention": "query_proj"}.get(kind, "dense")
+    width = _attribute(module, first_linear).in_features
     generator = _private_generator(parameter.device)
 
     def rand(*sizes):
@@ -545,7 +548,7 @@ def _behaviour_reasons(kind, module, base) -> list[str]:
         inputs += (keep, False, None, None, embeddings)
     with _evaluating(module), torch.no_grad():
         expected, actual = base.forward(module, *inputs), _HF_BLOCKS[kind].forward(module, *inputs)
-    if kind.startswith("mpnet") or kind == "deberta attention":  # (attention output, ...)
+    if isinstance(expected, tuple):  # (attention output, ...)
         expected, actual = expected[0], actual[0]
     mismatch = _mismatch(actual, expected)
     return [] if mismatch is None else [f"its forward computes something else on a random input ({mismatch})"]

@@ -483,15 +483,27 @@ def test_mpnet_attention_and_its_learned_position_bias(backend, monkeypatch):
     assert_rel_close(logits[0], logits[1], tol, "logits")
     for m, out in zip((model, original), logits):
         (out * torch.arange(1.0, 3.0, dtype=out.dtype)).sum().backward()
-    scale = max(p.grad.norm() for p in original.parameters())
-    for (name, parameter), expected in zip(model.named_parameters(), original.parameters()):
-        if expected.grad.norm() > 1e-6 * scale:
-            assert_rel_close(parameter.grad, expected.grad, 10 * tol, name)
-        else:  # zero up to rounding (the key bias: softmax ignores it)
-            assert parameter.grad.norm() <= 10 * tol * scale, name
-    # (so the bias's gradient, from the kernels, was compared above, not taken for zero)
+    scale = _assert_same_parameter_gradients(model, original, 10 * tol)
+    # (so the bias's gradient, from the kernels, was compared relatively, not taken for zero)
     assert original.mpnet.encoder.relative_attention_bias.weight.grad.norm() > 1e-6 * scale
+    _assert_same_attention_weights(model, original, ids, mask)
 
+
+def _assert_same_parameter_gradients(model, original, tol):
+    """Each parameter's gradient within ``tol`` of the original's; those the original has at zero
+    up to rounding (a key bias: softmax ignores it) or not at all need only be that small relative
+    to the largest. Returns that largest gradient norm."""
+    scale = max(p.grad.norm() for p in original.parameters() if p.grad is not None)
+    for (name, parameter), expected in zip(model.named_parameters(), original.parameters()):
+        if expected.grad is None or expected.grad.norm() <= 1e-6 * scale:
+            assert parameter.grad is None or parameter.grad.norm() <= tol * scale, name
+        else:
+            assert_rel_close(parameter.grad, expected.grad, tol, name)
+    return scale
+
+
+def _assert_same_attention_weights(model, original, ids, mask):
+    """output_attentions=True (the original forward of a swapped attention) gives the original's weights."""
     with torch.no_grad():
         weights = [m.eval()(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
                    for m in (model, original)]
@@ -539,17 +551,8 @@ def test_deberta_v2_disentangled_attention(options, backend, monkeypatch):
     for m, out in zip((model, original), outputs):  # the padded positions' outputs reach the loss too
         loss = (out.logits * torch.arange(1.0, 3.0, dtype=dtype)).sum() + (out.hidden_states[-1] * weights).sum()
         loss.backward()
-    scale = max(p.grad.norm() for p in original.parameters() if p.grad is not None)
-    for (name, parameter), expected in zip(model.named_parameters(), original.parameters()):
-        if expected.grad is None or expected.grad.norm() <= 1e-6 * scale:  # unused, or zero up to rounding
-            assert parameter.grad is None or parameter.grad.norm() <= 10 * tol * scale, name
-        else:
-            assert_rel_close(parameter.grad, expected.grad, 10 * tol, name)
-    with torch.no_grad():
-        weights = [m.eval()(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
-                   for m in (model, original)]
-    for got, want in zip(weights[0], weights[1]):
-        torch.testing.assert_close(got, want)
+    _assert_same_parameter_gradients(model, original, 10 * tol)
+    _assert_same_attention_weights(model, original, ids, mask)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
