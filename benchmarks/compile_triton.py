@@ -241,12 +241,14 @@ def _projection(batch, length, heads, dim, dtype):
 def attention_case(dtype, dim, *, dim_v=None, batch=2, heads=4, heads_k=None, len_q=128, len_k=None,
                    causal=False, mask=None, padding=False, dropout=0.0, tf32=False,
                    deterministic=False, mask_grad=False) -> Callable[[], None]:
-    """mask: "bool" (Lq, Lk), "float" (B, 1, Lq, Lk), "float-full" (B, H, Lq, Lk).
+    """mask: "bool" (Lq, Lk), "float" (B, 1, Lq, Lk), "float-full" (B, H, Lq, Lk), "float-keys"
+    (B, 1, 1, Lk).
     tf32: float32 products on the tensor cores (torch.backends.cuda.matmul.allow_tf32 set during
     the launches); without it float32 attention multiplies in full float32, without them.
     deterministic: the backward under torch.use_deterministic_algorithms(True), which takes the dQ
     kernel (and the dK/dV kernel without atomic dQ). mask_grad: the backward also computes the
-    float mask's gradient (stored for a full mask or under deterministic, else added up)."""
+    float mask's gradient (stored for a full mask or under deterministic, else added up; for
+    "float-keys" summed over each block's queries first)."""
     from fastformer.triton import attention as triton_attention
 
     def run():
@@ -269,6 +271,8 @@ def attention_case(dtype, dim, *, dim_v=None, batch=2, heads=4, heads_k=None, le
             attn_mask = torch.empty(batch, 1, len_q, l_k, dtype=dtype)
         elif mask == "float-full":
             attn_mask = torch.empty(batch, heads, len_q, l_k, dtype=dtype)
+        elif mask == "float-keys":
+            attn_mask = torch.empty(batch, 1, 1, l_k, dtype=dtype)
         key_padding_mask = torch.zeros(batch, l_k, dtype=torch.bool) if padding else None
         seed = torch.tensor(7) if dropout else None
         out, lse = triton_attention.attention_fwd(q, k, v, attn_mask, key_padding_mask, dropout,
@@ -336,6 +340,8 @@ def default_cases() -> dict[str, Callable[[], None]]:
                                                                        mask="float", mask_grad=True),
         "attention bf16 d64 L512 float-mask-full mask-grad deterministic": attention_case(
             BF16, 64, len_q=512, heads=12, mask="float-full", mask_grad=True, deterministic=True),
+        "attention bf16 d64 L512 padding float-key-bias mask-grad": attention_case(
+            BF16, 64, len_q=512, heads=12, padding=True, mask="float-keys", mask_grad=True),
         "attention fp32 d64 tf32 causal padding": attention_case(FP32, 64, causal=True, padding=True,
                                                                  tf32=True),
         "attention bf16 d200/dv256 Lq100 Lk300 causal": attention_case(BF16, 200, dim_v=256, len_q=100,

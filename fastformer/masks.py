@@ -39,3 +39,36 @@ def float_mask_in(mask, dtype):
     if torch.finfo(mask.dtype).max > finfo.max:
         mask = torch.where(mask.isinf(), mask, mask.clamp(finfo.min, finfo.max))
     return mask.to(dtype)
+
+
+def mask_grad_buffer(attn_mask, scores_shape, deterministic, dtype=None):
+    """(zero-filled tensor, accumulate): where an attention backward kernel writes dS, the gradient
+    of a float ``attn_mask`` (4-D, broadcastable to ``scores_shape`` = (B, Hq, Lq, Lk)).
+
+    A mask of the full shape gets dS stored, in ``dtype`` (default: the mask's). A mask that
+    broadcasts (a (1, Hq, Lq, Lk) learned position bias, a (B, 1, 1, Lk) key bias) gets dS added
+    up in float32 with atomics (``accumulate``) into a tensor of its own shape, which the kernel
+    reads with stride 0 on the broadcast dims (:func:`broadcast_strides`); under deterministic
+    algorithms the full dS is stored in float32 instead, to be summed afterwards. Zero-filled: the
+    tiles the kernels skip (causal, padding) have no gradient. :func:`mask_grad_from` turns the
+    tensor into the mask's gradient.
+    """
+    scores_shape = tuple(scores_shape)
+    if tuple(attn_mask.shape) == scores_shape:
+        return torch.zeros(scores_shape, dtype=dtype or attn_mask.dtype, device=attn_mask.device), False
+    if deterministic:
+        return torch.zeros(scores_shape, dtype=torch.float32, device=attn_mask.device), False
+    return torch.zeros(attn_mask.shape, dtype=torch.float32, device=attn_mask.device), True
+
+
+def broadcast_strides(t, shape):
+    """The strides of ``t`` viewed as broadcast to ``shape``: 0 on the dims it broadcasts."""
+    return tuple(stride if size == full else 0 for size, full, stride in zip(t.shape, shape, t.stride()))
+
+
+def mask_grad_from(buffer, attn_mask):
+    """The gradient of ``attn_mask`` from :func:`mask_grad_buffer`'s tensor, once the kernel wrote
+    it: summed over the dims where the mask broadcasts, in the mask's dtype and shape."""
+    broadcast = [d for d in range(buffer.dim()) if attn_mask.shape[d] != buffer.shape[d]]
+    grad = buffer.sum(broadcast, keepdim=True) if broadcast else buffer
+    return grad.to(attn_mask.dtype)

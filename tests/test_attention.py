@@ -673,15 +673,15 @@ SWEEP_DIMS = [16, 32, 50, 64, 80, 96, 128, 256]
 
 def draw_attention_case(rng, lengths, dims, dtypes):
     """One random call: sizes (GQA, Dv != D), dtype, causal, attn_mask kind (bool or float, full or
-    broadcast, float with -inf), key padding (right, scattered, a fully padded batch row), dropout,
-    scale, layout and whether the backward runs under deterministic algorithms."""
+    broadcast, float with -inf, a float bias per key), key padding (right, scattered, a fully padded
+    batch row), dropout, scale, layout and whether the backward runs under deterministic algorithms."""
     heads_k = int(rng.choice([1, 2, 3]))
     dim = int(rng.choice(dims))
     return dict(batch=int(rng.integers(1, 4)), heads_k=heads_k, heads_q=heads_k * int(rng.choice([1, 2, 4])),
                 len_q=int(rng.choice(lengths)), len_k=int(rng.choice(lengths)), dim=dim,
                 dim_v=dim if rng.random() < 0.7 else int(rng.choice(dims)),
                 dtype=dtypes[int(rng.integers(len(dtypes)))], causal=bool(rng.integers(2)),
-                mask=str(rng.choice(["none", "bool", "bool-broadcast", "float", "float-inf"])),
+                mask=str(rng.choice(["none", "bool", "bool-broadcast", "float", "float-inf", "float-keys"])),
                 padding=str(rng.choice(["none", "right", "scattered", "right+padded-row"])),
                 dropout_p=float(rng.choice([0.0, 0.3])),
                 scale=None if rng.random() < 0.7 else float(rng.uniform(0.05, 0.5)),
@@ -705,6 +705,8 @@ def _case_inputs(c, device):
     elif c["mask"] == "float-inf":
         attn_mask = torch.randn(batch, heads_q, len_q, len_k, device=device, dtype=c["dtype"])
         attn_mask = attn_mask.masked_fill(torch.rand(attn_mask.shape, device=device) < 0.4, float("-inf"))
+    elif c["mask"] == "float-keys":
+        attn_mask = torch.randn(batch, 1, 1, len_k, device=device, dtype=c["dtype"])
     if c["padding"].startswith("right"):
         padding = padding_mask(batch, len_k, device)
         if c["padding"] == "right+padded-row":

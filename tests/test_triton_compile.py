@@ -56,6 +56,9 @@ def test_every_kernel_compiles_for_sm90_and_sm80(tmp_path):
         # the dK/dV kernel with atomic dQ (the default) and without (deterministic mode, with the dQ kernel)
         assert {k["constants"]["ATOMIC_DQ"] for k in matmul_kernels if k["kernel"] == "_attention_bwd_dkdv_kernel"} \
             == {True, False}
+        # and each way of writing a float mask's gradient (none, stored, added, summed a key then added)
+        assert {k["constants"]["MASK_GRAD"] for k in matmul_kernels if k["kernel"] == "_attention_bwd_dkdv_kernel"} \
+            == {0, 1, 2, 3}
         # Float32 products are plain TF32 only where PyTorch's switch allows it (the " tf32 " case).
         float32 = {k["case"]: k["constants"]["DOT_PRECISION"] for k in matmul_kernels if " fp32 " in k["case"]}
         assert float32 and all(precision == ("tf32" if " tf32 " in case else "tf32x3")

@@ -72,6 +72,7 @@ import triton
 import triton.language as tl
 
 from fastformer.library import attention_layout_like, attention_output_like
+from fastformer.masks import broadcast_strides, mask_grad_buffer, mask_grad_from
 from fastformer.triton import _major_minor, alignment, interpreter_enabled, on_device
 from fastformer.triton.dropout import dropout_keep, seed_pointer, wide_offsets
 
@@ -79,8 +80,9 @@ LOG2E = 1.4426950408889634  # exp(x) = exp2(x * LOG2E)
 
 # MASK_KIND values
 NO_MASK, BOOL_MASK, FLOAT_MASK = 0, 1, 2
-# MASK_GRAD values: how the dK/dV kernel writes dS, the gradient of a float attn_mask
-NO_MASK_GRAD, STORE_MASK_GRAD, ADD_MASK_GRAD = 0, 1, 2
+# MASK_GRAD values: how the dK/dV kernel writes dS, the gradient of a float attn_mask (ADD_KEYS: a
+# mask broadcast over the query rows, each tile's dS summed over its queries before the adds)
+NO_MASK_GRAD, STORE_MASK_GRAD, ADD_MASK_GRAD, ADD_KEYS_MASK_GRAD = 0, 1, 2, 3
 
 # The largest head dim the kernels take (a tile of BLOCK x 256 float32 per operand).
 MAX_HEAD_DIM = 256
@@ -409,7 +411,7 @@ def _attention_bwd_dkdv_kernel(
     GRAD_V,       # out: dV (B, Hk, Lk, Dv), value dtype, strides stride_dv*
     GRAD_Q_SUM,   # in/out with ATOMIC_DQ: dQ summed in float32 (B, Hq, Lq, D), zeroed by the delta kernel
     GRAD_MASK,    # out with MASK_GRAD: dS (B, Hq, Lq, Lk), strides stride_dm*; STORE: in the mask's
-                  #     dtype; ADD: float32 atomic adds, stride 0 on the dims the mask broadcasts
+                  #     dtype; ADD, ADD_KEYS: float32 atomic adds, stride 0 on the dims the mask broadcasts
     SEED,         # in: the dropout seed, as in the forward
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -439,13 +441,14 @@ def _attention_bwd_dkdv_kernel(
         dPd = dO V^T;  dP = dPd * keep / (1 - p);  dS = P * (dP - delta)
         dK = scale * sum over heads of dS^T Q
         with ATOMIC_DQ: GRAD_Q_SUM[query block] += scale * dS K  (float32 atomic adds)
-        with MASK_GRAD: d attn_mask = dS  (the mask is added to the scaled scores)
+        with MASK_GRAD: d attn_mask = dS  (the mask is added to the scaled scores; ADD_KEYS: a
+                        per-key mask, dS summed over the block's queries)
 
     ATOMIC_DQ makes the backward five products a score (FlashAttention-2's default) instead of
     the seven of this kernel and the dQ kernel, which recomputes S and dP; the order of the adds
     then varies from run to run, so the launcher takes the dQ kernel when PyTorch is asked for
-    deterministic algorithms. So do a broadcast mask's gradient sums (ADD): there the launcher
-    has the full dS stored instead and sums it afterwards.
+    deterministic algorithms. So do a broadcast mask's gradient sums (ADD, ADD_KEYS): there the
+    launcher has the full dS stored instead and sums it afterwards.
 
     Causal: query blocks before the key block's first key are not visited; key blocks of padding
     keys only visit nothing and write zeros. Without causal or attn_mask, the scores need no mask
@@ -522,8 +525,12 @@ def _attention_bwd_dkdv_kernel(
                 in_bounds = (idx_m[None, :] < len_q) & (offs_n[:, None] < len_k)
                 if MASK_GRAD == 1:
                     tl.store(grad_mask, ds_t.to(GRAD_MASK.dtype.element_ty), mask=in_bounds)
-                else:
+                elif MASK_GRAD == 2:
                     tl.atomic_add(grad_mask, ds_t, mask=in_bounds, sem="relaxed")
+                else:  # one add a key, not BLOCK_M adds contending for the same word
+                    key_sums = tl.sum(tl.where(in_bounds, ds_t, 0.0), axis=1)
+                    tl.atomic_add(GRAD_MASK + b * stride_dmb + h * stride_dmh + offs_n * stride_dmn, key_sums,
+                                  mask=offs_n < len_k, sem="relaxed")
 
     grad_k *= scale
     _store_tile(GRAD_K + b * stride_dkb + hk * stride_dkh + offs_d[None, :] * stride_dkd,
@@ -895,22 +902,6 @@ def attention_fwd(query, key, value, attn_mask, key_padding_mask, dropout_p, is_
     return out, lse
 
 
-def _mask_grad_target(attn_mask, scores_shape, deterministic):
-    """(tensor, MASK_GRAD): where the dK/dV kernel writes dS, the gradient of a float attn_mask.
-
-    A mask of the scores' full shape (B, Hq, Lq, Lk) gets dS stored in its own dtype. A mask that
-    broadcasts (a (1, Hq, Lq, Lk) learned position bias, a (B, 1, 1, Lk) key bias) gets dS added
-    up in float32 by atomics into a tensor of its own shape; under deterministic algorithms the
-    full dS is stored in float32 instead, and summed by the caller. Zero-filled: the tiles the
-    kernel skips (causal, padding) have no gradient.
-    """
-    if tuple(attn_mask.shape) == scores_shape:
-        return torch.zeros(scores_shape, dtype=attn_mask.dtype, device=attn_mask.device), STORE_MASK_GRAD
-    if deterministic:
-        return torch.zeros(scores_shape, dtype=torch.float32, device=attn_mask.device), STORE_MASK_GRAD
-    return torch.zeros(attn_mask.shape, dtype=torch.float32, device=attn_mask.device), ADD_MASK_GRAD
-
-
 def attention_bwd(grad_out, query, key, value, out, lse, attn_mask, key_padding_mask, dropout_p,
                   is_causal, scale, seed, mask_needs_grad):
     """Returns (grad_query, grad_key, grad_value, grad_attn_mask): gradients in the input dtypes,
@@ -943,9 +934,11 @@ def attention_bwd(grad_out, query, key, value, out, lse, attn_mask, key_padding_
     scores_shape = (batch, heads_q, len_q, len_k)
     mask_grad, grad_mask_strides, grad_mask_sums = NO_MASK_GRAD, (0, 0, 0, 0), grad_k
     if mask_needs_grad:
-        grad_mask_sums, mask_grad = _mask_grad_target(attn_mask, scores_shape, deterministic=not atomic_dq)
-        grad_mask_strides = tuple(stride if size == full else 0 for size, full, stride
-                                  in zip(grad_mask_sums.shape, scores_shape, grad_mask_sums.stride()))
+        grad_mask_sums, accumulate = mask_grad_buffer(attn_mask, scores_shape, deterministic=not atomic_dq)
+        grad_mask_strides = broadcast_strides(grad_mask_sums, scores_shape)
+        mask_grad = STORE_MASK_GRAD
+        if accumulate:
+            mask_grad = ADD_KEYS_MASK_GRAD if grad_mask_strides[2] == 0 and len_q > 1 else ADD_MASK_GRAD
         meta["WIDE_OFFSETS"] = meta["WIDE_OFFSETS"] or _wide_rows((grad_mask_sums,))
     with on_device(query):
         block_m = _INTERPRETER_BLOCKS["BLOCK_M"] if interpret else 64
@@ -969,9 +962,5 @@ def attention_bwd(grad_out, query, key, value, out, lse, attn_mask, key_padding_
                      *tail), meta, interpret)
         elif grad_q_sum is not grad_q:
             grad_q.copy_(grad_q_sum)
-    grad_mask = None
-    if mask_grad != NO_MASK_GRAD:
-        broadcast = [d for d in range(4) if attn_mask.shape[d] != grad_mask_sums.shape[d]]
-        grad_mask = grad_mask_sums.sum(broadcast, keepdim=True) if broadcast else grad_mask_sums
-        grad_mask = grad_mask.to(attn_mask.dtype)
+    grad_mask = mask_grad_from(grad_mask_sums, attn_mask) if mask_grad != NO_MASK_GRAD else None
     return grad_q, grad_k, grad_v, grad_mask
