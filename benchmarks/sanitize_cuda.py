@@ -4,7 +4,8 @@
     compute-sanitizer --tool racecheck python benchmarks/sanitize_cuda.py
 
 Each case runs forward and backward with backend="cuda" (attention's backward twice: with atomic dQ
-and with the dQ kernel of deterministic mode), synchronises, and prints one line; the
+and with the dQ kernel of deterministic mode; some cases with a learned float bias, whose gradient
+takes the dK/dV kernel's mask-gradient variant), synchronises, and prints one line; the
 script exits non-zero if a case raises. Shapes are small so the sanitizers finish quickly, odd so
 that the masked tails and the scalar (unaligned) paths run, and cover both the warp-per-row and
 the block-per-row norm kernels. Attention is included when fastformer.cuda.attention exists and
@@ -103,20 +104,32 @@ def attention_available() -> bool:
                for schema in torch._C._jit_get_all_schemas())
 
 
+# The shape of a learned float bias (requiring grad) by name: the dK/dV kernel's mask-gradient
+# variant stores its gradient ("full"), adds it with atomics ("heads"), or sums it over the queries
+# first ("keys").
+BIAS_SHAPES = {"full": lambda b, h, lq, lk: (b, h, lq, lk), "heads": lambda b, h, lq, lk: (1, h, lq, lk),
+               "keys": lambda b, h, lq, lk: (b, 1, 1, lk)}
+
+
 def attention_cases():
-    # (batch, heads_q, heads_k, len_q, len_k, head_dim, dtype, causal, padding, dropout_p)
+    # (batch, heads_q, heads_k, len_q, len_k, head_dim, dtype, causal, padding, dropout_p, bias)
     return [
-        (2, 4, 2, 37, 45, 64, torch.bfloat16, True, True, 0.0),
-        (2, 2, 2, 33, 33, 64, torch.float16, False, True, 0.1),
-        (1, 2, 1, 17, 29, 128, torch.bfloat16, True, False, 0.0),
-        (2, 2, 2, 33, 40, 50, torch.float16, False, True, 0.0),  # rows 4-byte aligned: 4-byte cp.async
+        (2, 4, 2, 37, 45, 64, torch.bfloat16, True, True, 0.0, None),
+        (2, 2, 2, 33, 33, 64, torch.float16, False, True, 0.1, None),
+        (1, 2, 1, 17, 29, 128, torch.bfloat16, True, False, 0.0, None),
+        (2, 2, 2, 33, 40, 50, torch.float16, False, True, 0.0, None),  # rows 4-byte aligned: 4-byte cp.async
+        (2, 4, 2, 37, 45, 32, torch.bfloat16, True, True, 0.0, "heads"),
+        (2, 2, 2, 33, 140, 96, torch.float16, False, True, 0.1, "keys"),
+        (1, 2, 1, 17, 29, 128, torch.bfloat16, False, False, 0.0, "full"),
     ]
 
 
-def run_attention(batch, heads_q, heads_k, len_q, len_k, head_dim, dtype, causal, padding, dropout_p):
+def run_attention(batch, heads_q, heads_k, len_q, len_k, head_dim, dtype, causal, padding, dropout_p, bias):
     q = _t(batch, heads_q, len_q, head_dim, dtype=dtype)
     k = _t(batch, heads_k, len_k, head_dim, dtype=dtype)
     v = _t(batch, heads_k, len_k, head_dim, dtype=dtype)
+    if bias is not None:
+        bias = _t(*BIAS_SHAPES[bias](batch, heads_q, len_q, len_k), dtype=dtype)
     pad = None
     if padding:
         pad = torch.zeros(batch, len_k, dtype=torch.bool, device="cuda")
@@ -126,9 +139,9 @@ def run_attention(batch, heads_q, heads_k, len_q, len_k, head_dim, dtype, causal
     # (deterministic algorithms).
     for deterministic in (False, True):
         with common.deterministic_algorithms(deterministic):
-            out = fastformer.attention(q, k, v, dropout_p=dropout_p, is_causal=causal, key_padding_mask=pad,
-                                       backend="cuda")
-            _backward([out], [q, k, v])
+            out = fastformer.attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, is_causal=causal,
+                                       key_padding_mask=pad, backend="cuda")
+            _backward([out], [q, k, v, bias])
 
 
 def main() -> int:

@@ -4,12 +4,13 @@ Without a GPU: what support() declares, the Python-side argument handling, and (
 extension is built) the registered ops' schemas and meta shapes. On a GPU (marked ``gpu``): the
 kernels through the backend contract (attention_fwd / attention_bwd) against the float64
 reference, over head dims 8..128 (compiled 32/64/96/128, others padded), odd lengths, causal,
-GQA/MQA, every mask kind, rows with no key, dropout against the regenerated keep-mask, odd strides
-and unaligned rows, and a random sweep at real sizes.
+GQA/MQA, every mask kind, a float mask's gradient, rows with no key, dropout against the regenerated
+keep-mask, odd strides and unaligned rows, and a random sweep at real sizes.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -35,7 +36,8 @@ FWD_SCHEMA = ("fastformer::cuda_attention_fwd(Tensor query, Tensor key, Tensor v
               "bool out_like_query=True) -> (Tensor out, Tensor lse)")
 BWD_SCHEMA = ("fastformer::cuda_attention_bwd(Tensor grad_out, Tensor query, Tensor key, Tensor value, "
               "Tensor out, Tensor lse, Tensor? attn_mask, Tensor? key_padding_mask, float scale, bool is_causal, "
-              "float dropout_p, Tensor? seed) -> (Tensor grad_query, Tensor grad_key, Tensor grad_value)")
+              "float dropout_p, Tensor? seed, Tensor(a!)? grad_attn_mask=None) -> (Tensor grad_query, "
+              "Tensor grad_key, Tensor grad_value)")
 
 needs_extension = pytest.mark.skipif(load_extension() is None, reason="fastformer._C is not built")
 
@@ -47,9 +49,8 @@ def test_support_declares_what_the_kernels_do():
     support = cuda_attention.support()
     assert support.devices == frozenset({"cuda"})
     assert support.dtypes == frozenset({torch.float16, torch.bfloat16})
-    assert support.features == frozenset({"dropout", "causal", "bool_mask", "float_mask", "key_padding_mask",
-                                          "gqa", "value_dim"})
-    assert "mask_grad" not in support.features
+    assert support.features == frozenset({"dropout", "causal", "bool_mask", "float_mask", "mask_grad",
+                                          "key_padding_mask", "gqa", "value_dim"})
     assert support.head_dims == (1, 128)
     assert support.min_compute_capability == (8, 0)
 
@@ -109,6 +110,31 @@ def test_a_bad_key_padding_mask_is_rejected_by_the_op(shape, dtype):
         torch.ops.fastformer.cuda_attention_fwd(q, k, k, None, padding, 0.125, False, 0.0, None)
 
 
+@needs_extension
+@pytest.mark.parametrize("grad_shape, grad_dtype, mask_dtype, message", [
+    ((1, 4, 1, 65), torch.float32, torch.float16, None),  # a per-key bias per head: accepted
+    ((2, 4, 97, 65), torch.float16, torch.float16, "must be a float32 tensor of 4 dims"),
+    ((4, 97, 65), torch.float32, torch.float16, "must be a float32 tensor of 4 dims"),
+    ((2, 3, 97, 65), torch.float32, torch.float16, "must be a float32 tensor of 4 dims"),
+    ((2, 4, 97, 65), torch.float32, torch.bool, "gradient of a float attn_mask, and attn_mask is Bool"),
+    ((2, 4, 97, 65), torch.float32, None, "gradient of a float attn_mask, and attn_mask is None"),
+], ids=str)
+def test_a_bad_grad_attn_mask_is_rejected_by_the_op(grad_shape, grad_dtype, mask_dtype, message):
+    """The backward op checks the tensor it writes the mask's gradient into (its Meta kernel here)."""
+    q = torch.empty(2, 4, 97, 64, device="meta", dtype=torch.float16)
+    k = torch.empty(2, 2, 65, 64, device="meta", dtype=torch.float16)
+    out, lse = torch.empty_like(q), torch.empty(2, 4, 97, device="meta")
+    mask = None if mask_dtype is None else torch.empty(1, 4, 1, 65, device="meta", dtype=mask_dtype)
+    grad = torch.empty(grad_shape, device="meta", dtype=grad_dtype)
+    call = functools.partial(torch.ops.fastformer.cuda_attention_bwd, out, q, k, k, out, lse, mask, None, 0.125,
+                             False, 0.0, None, grad)
+    if message is None:
+        assert [g.shape for g in call()] == [q.shape, k.shape, k.shape]
+    else:
+        with pytest.raises(RuntimeError, match=message):
+            call()
+
+
 # --------------------------------------------------------------------------------------------
 # on a GPU, through the backend contract (attention_fwd / attention_bwd)
 # --------------------------------------------------------------------------------------------
@@ -131,14 +157,16 @@ def _qkv(batch, heads_q, heads_k, len_q, len_k, dim, dim_v, dtype, layout="blhd"
 
 
 def _run(q, k, v, attn_mask=None, key_padding_mask=None, is_causal=False, dropout_p=0.0, seed=None,
-         grad_out=None, scale=None):
-    """(out, lse, (dq, dk, dv)) from the backend functions, as the autograd layer calls them."""
+         grad_out=None, scale=None, mask_needs_grad=False):
+    """(out, lse, (dq, dk, dv)) from the backend functions, as the autograd layer calls them; with
+    ``mask_needs_grad``, (dq, dk, dv, d attn_mask)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     out, lse = cuda_attention.attention_fwd(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed)
     grads = None
     if grad_out is not None:
         grads = cuda_attention.attention_bwd(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, dropout_p,
-                                             is_causal, scale, seed, False)[:3]
+                                             is_causal, scale, seed, mask_needs_grad)
+        grads = grads if mask_needs_grad else grads[:3]
     return out, lse, grads
 
 
@@ -490,6 +518,45 @@ def test_odd_strides_and_unaligned_rows(dim):
     check_odd_strides_and_unaligned_rows(dim)
 
 
+# Float masks whose gradient the kernels write: full shape (stored), broadcast over the batch, the
+# heads, both (a learned position bias: atomic adds), and per key (summed over the queries first).
+MASK_GRAD_SHAPES = [(2, 4, 70, 150), (1, 4, 70, 150), (1, 1, 70, 150), (2, 1, 1, 150), (1, 1, 1, 150)]
+
+
+def check_float_mask_gradient(mask_shape, is_causal, deterministic, dtype, mask_dtype, dim=32, device="cuda"):
+    """d attn_mask = dS against float64, in the mask's shape and dtype; zero where the kernels skip
+    tiles (the causal key block after every query, batch row 1's key block of padding only: 128
+    keys a block at head dims <= 64); bitwise repeatable under deterministic algorithms."""
+    q, k, v = _qkv(2, 4, 2, 70, 150, dim, dim, dtype, device=device)
+    bias = torch.randn(mask_shape, device=device, dtype=mask_dtype)
+    padding = torch.zeros(2, 150, dtype=torch.bool, device=device)
+    padding[1, 60:] = True
+    padding[0, 5] = True  # a hole: the padding bytes are read
+    grad_out = torch.randn(2, 4, 70, dim, device=device, dtype=dtype)
+    kwargs = dict(attn_mask=bias, key_padding_mask=padding, is_causal=is_causal)
+    with deterministic_algorithms(deterministic):
+        _, _, grads = _run(q, k, v, grad_out=grad_out, mask_needs_grad=True, **kwargs)
+        if deterministic:
+            again = _run(q, k, v, grad_out=grad_out, mask_needs_grad=True, **kwargs)[2]
+            assert torch.equal(again[3], grads[3])
+    assert grads[3].dtype == mask_dtype and grads[3].shape == bias.shape
+    inputs64 = [t.detach().double().requires_grad_() for t in (q, k, v, bias)]
+    expected = reference.attention(*inputs64[:3], **dict(kwargs, attn_mask=inputs64[3]))
+    want = torch.autograd.grad(expected, inputs64, grad_out.double())
+    assert_grads_close(grads, want, ATTENTION_TOL[dtype][1], f"mask {mask_shape} {mask_dtype}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dim", [32, 64, 128])
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("mask_shape", MASK_GRAD_SHAPES, ids=str)
+def test_float_mask_gradient(mask_shape, is_causal, deterministic, dim):
+    _cuda_ready()
+    check_float_mask_gradient(mask_shape, is_causal, deterministic, torch.bfloat16, torch.float32, dim)
+    check_float_mask_gradient(mask_shape, is_causal, deterministic, torch.float16, torch.float16, dim)
+
+
 @pytest.mark.gpu
 def test_backward_is_deterministic_when_asked():
     """Under torch.use_deterministic_algorithms(True): no atomic dQ, bit-identical gradients; by
@@ -512,12 +579,17 @@ def backend_functions_run(q, k, v, grad_out, kwargs):
     ``fastformer.attention`` does, then the backend functions as the autograd layer calls them."""
     dropout_p = kwargs["dropout_p"]
     seed = torch.randint(0, 2**62, (), dtype=torch.int64, device=q.device) if dropout_p else None
-    _, args = _prepare_attention(q, k, v, kwargs["attn_mask"], dropout_p, kwargs["is_causal"], kwargs["scale"],
+    given_mask = kwargs["attn_mask"]
+    mask_needs_grad = given_mask is not None and given_mask.requires_grad
+    _, args = _prepare_attention(q, k, v, given_mask, dropout_p, kwargs["is_causal"], kwargs["scale"],
                                  key_padding_mask=kwargs["key_padding_mask"])
     q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, scale = args
     if attn_mask is not None and attn_mask.dtype != torch.bool:
         attn_mask = float_mask_in(attn_mask, q.dtype)
-    out, _, grads = _run(q, k, v, attn_mask, key_padding_mask, is_causal, dropout_p, seed, grad_out, scale)
+    out, _, grads = _run(q, k, v, attn_mask.detach() if mask_needs_grad else attn_mask, key_padding_mask, is_causal,
+                         dropout_p, seed, grad_out, scale, mask_needs_grad)
+    if mask_needs_grad:  # back through the broadcast to 4-D and the cast, to the mask as given
+        grads = (*grads[:3], torch.autograd.grad(attn_mask, given_mask, grads[3])[0])
     return out, grads, seed
 
 
@@ -526,7 +598,7 @@ def check_random_sweep(draws, lengths, seed, device="cuda"):
     dtypes the kernels take; on the GPU, dropout against the extension's keep-mask kernel."""
     keep_mask = {"keep_mask": cuda_dropout.dropout_keep_mask} if device == "cuda" else {}
     sweep(backend_functions_run, draws, seed, device, lengths, dims=[16, 32, 40, 64, 80, 96, 128], dtypes=HALF,
-          **keep_mask)
+          mask_grad=True, **keep_mask)
 
 
 @pytest.mark.gpu

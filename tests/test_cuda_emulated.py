@@ -71,6 +71,9 @@ def _opcheck_cases():
         ("cuda_attention_fwd", (q, k, v, mask, padding, 0.2, True, 0.1, seed)),
         ("cuda_attention_fwd", (q, k, v, None, None, 0.2, False, 0.0, None)),
         ("cuda_attention_bwd", (torch.randn_like(out), q, k, v, out, lse, mask, padding, 0.2, True, 0.1, seed)),
+        # the gradient of a float mask broadcast over batch and heads, written into the last argument
+        ("cuda_attention_bwd", (torch.randn_like(out), q, k, v, out, lse, mask, padding, 0.2, True, 0.1, seed,
+                                torch.zeros(1, 1, 9, 11))),
         ("cuda_residual_norm_fwd", (x, residual, weight, bias, 1e-5, 0.1, False, seed, True)),
         ("cuda_residual_norm_fwd", (x, None, None, None, 1e-6, 0.0, True, None, False)),
         ("cuda_residual_norm_bwd", (torch.randn_like(x), torch.randn_like(x), residual_out, weight, bias, rstd,
@@ -153,6 +156,14 @@ DQ_PATHS = pytest.mark.parametrize("deterministic", [False, True], ids=["atomic_
 def test_attention_matches_float64_reference(shape, mask_kind, dim, dtype, deterministic):
     with deterministic_algorithms(deterministic):
         cuda_tests.check_matches_float64_reference(shape, mask_kind, dim, dtype, device="cpu")
+
+
+@DQ_PATHS
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("mask_shape", cuda_tests.MASK_GRAD_SHAPES, ids=str)
+def test_attention_float_mask_gradient(mask_shape, is_causal, deterministic):
+    dtype, mask_dtype = (torch.bfloat16, torch.float32) if is_causal else (torch.float16, torch.float16)
+    cuda_tests.check_float_mask_gradient(mask_shape, is_causal, deterministic, dtype, mask_dtype, device="cpu")
 
 
 @pytest.mark.parametrize("dims", [(32, 64), (100, 24)], ids=str)

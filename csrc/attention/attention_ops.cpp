@@ -6,7 +6,9 @@
 // materialised. key_padding_mask is bool (B, Lk), True = padding: read by the kernels as bytes,
 // with each batch row's key end and whether it has padding before it found on the device by one
 // small kernel (key_range.cu; no host synchronisation, see params.h). The dropout seed comes as a
-// one-element int64 tensor on the device, which the kernels load (see op_utils.h).
+// one-element int64 tensor on the device, which the kernels load (see op_utils.h). The backward
+// writes a float mask's gradient into grad_attn_mask when given one (float32, zero-filled by the
+// caller; fastformer/masks.py: mask_grad_buffer says which shape).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -275,11 +277,33 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const
   return {out, lse};
 }
 
+// Checks grad_attn_mask (float32, 4-D, each dim the scores' size or 1, on q's device, and a float
+// attn_mask to go with it) and returns whether the kernel must add into it with atomics: where it
+// broadcasts over a dim of size > 1.
+bool check_grad_attn_mask(const at::Tensor& grad, const c10::optional<at::Tensor>& attn_mask, const Sizes& s,
+                          const at::Tensor& q) {
+  TORCH_CHECK(attn_mask.has_value() && attn_mask->defined() && at::isFloatingType(attn_mask->scalar_type()), kOp,
+              "grad_attn_mask is the gradient of a float attn_mask, and attn_mask is ",
+              attn_mask.has_value() && attn_mask->defined() ? c10::toString(attn_mask->scalar_type()) : "None");
+  check_same_device(q, grad, "grad_attn_mask");
+  const int64_t target[4] = {s.batch, s.heads_q, s.len_q, s.len_k};
+  bool broadcast = false;
+  bool shape_ok = grad.dim() == 4 && grad.scalar_type() == at::kFloat;
+  for (int64_t d = 0; shape_ok && d < 4; ++d) {
+    shape_ok = grad.size(d) == target[d] || grad.size(d) == 1;
+    broadcast = broadcast || (grad.size(d) == 1 && target[d] > 1);
+  }
+  TORCH_CHECK(shape_ok, kOp, "grad_attn_mask must be a float32 tensor of 4 dims, each 1 or that of (B, Hq, Lq, Lk) = (",
+              s.batch, ", ", s.heads_q, ", ", s.len_q, ", ", s.len_k, "), got ", grad.scalar_type(), " ",
+              grad.sizes());
+  return broadcast;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const c10::optional<at::Tensor>& attn_mask,
     const c10::optional<at::Tensor>& key_padding_mask, double scale, bool is_causal, double dropout_p,
-    const c10::optional<at::Tensor>& seed) {
+    const c10::optional<at::Tensor>& seed, const c10::optional<at::Tensor>& grad_attn_mask) {
   const Sizes s = check_inputs(q, k, v);
   TORCH_CHECK(on_kernel_device(q), kOp, "query must be a CUDA tensor");
   for (const at::Tensor* t : {&k, &v, &grad_out, &out, &lse}) check_same_device(q, *t, "an input");
@@ -293,6 +317,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() &&
                   lse.sizes() == at::IntArrayRef({s.batch, s.heads_q, s.len_q}),
               kOp, "lse must be a contiguous float32 tensor of shape (B, Hq, Lq), got ", lse.sizes());
+  const bool mask_grad = grad_attn_mask.has_value() && grad_attn_mask->defined();
+  const bool mask_grad_atomic = mask_grad && check_grad_attn_mask(*grad_attn_mask, attn_mask, s, q);
+  if (mask_grad_atomic) {
+    at::globalContext().alertNotDeterministic(
+        "fastformer attention (cuda) backward into a broadcast grad_attn_mask (float32 atomic adds); "
+        "pass one of the full (B, Hq, Lq, Lk) shape and sum it instead");
+  }
   const KernelDeviceGuard guard(q.device());
   at::Tensor grad_q = gradient_like(q);
   at::Tensor grad_k = gradient_like(k);
@@ -333,6 +364,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     p.dqs_row_stride = grad_q_sum.stride(2);
     p.pair_atomics = pairs_aligned(grad_q_sum);
   }
+  // The mask's gradient: zero-filled by the caller (the kernel skips tiles: causal, padding),
+  // read through stride 0 on the dims it broadcasts.
+  if (mask_grad) {
+    const at::Tensor& grad = *grad_attn_mask;
+    p.grad_mask = grad.data_ptr<float>();
+    int64_t* strides[4] = {&p.dm_batch_stride, &p.dm_head_stride, &p.dm_row_stride, &p.dm_col_stride};
+    for (int d = 0; d < 4; ++d) *strides[d] = grad.size(d) == 1 ? 0 : grad.stride(d);
+    p.grad_mask_atomic = mask_grad_atomic;
+  }
   launch_attention_bwd(p, padded_head_dim(std::max(p.dim, p.dim_v)), q.scalar_type() == at::kBFloat16,
                        kernel_stream());
   FASTFORMER_CHECK_LAUNCH();  // any of the launches
@@ -355,9 +395,11 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_meta(const at::Tensor& q, const
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_meta(
     const at::Tensor&, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor&,
-    const at::Tensor&, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>& key_padding_mask, double,
-    bool, double, const c10::optional<at::Tensor>&) {
-  check_key_padding_mask(key_padding_mask, check_inputs(q, k, v));
+    const at::Tensor&, const c10::optional<at::Tensor>& attn_mask, const c10::optional<at::Tensor>& key_padding_mask,
+    double, bool, double, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>& grad_attn_mask) {
+  const Sizes s = check_inputs(q, k, v);
+  check_key_padding_mask(key_padding_mask, s);
+  if (grad_attn_mask.has_value() && grad_attn_mask->defined()) check_grad_attn_mask(*grad_attn_mask, attn_mask, s, q);
   return {gradient_like(q), gradient_like(k), gradient_like(v)};
 }
 
@@ -374,8 +416,8 @@ TORCH_LIBRARY_FRAGMENT(FASTFORMER_OPS_NAMESPACE, m) {
       "bool out_like_query=True) -> (Tensor out, Tensor lse)");
   m.def(
       "cuda_attention_bwd(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor out, Tensor lse, "
-      "Tensor? attn_mask, Tensor? key_padding_mask, float scale, bool is_causal, float dropout_p, Tensor? seed) "
-      "-> (Tensor grad_query, Tensor grad_key, Tensor grad_value)");
+      "Tensor? attn_mask, Tensor? key_padding_mask, float scale, bool is_causal, float dropout_p, Tensor? seed, "
+      "Tensor(a!)? grad_attn_mask=None) -> (Tensor grad_query, Tensor grad_key, Tensor grad_value)");
 }
 
 TORCH_LIBRARY_IMPL(FASTFORMER_OPS_NAMESPACE, FASTFORMER_KERNEL_DISPATCH_KEY, m) {

@@ -6,7 +6,8 @@
 //                head dim 64, else 64 and 4 (traits.h); loops over the query heads of its
 //                key/value head (GQA: their contributions are summed in registers) and over their
 //                query tiles; with atomic dQ (params.grad_q_sum set, the default) it also adds each
-//                query tile's scale dS K into float32 sums with atomicAdd
+//                query tile's scale dS K into float32 sums with atomicAdd; with a float mask that
+//                needs a gradient (params.grad_mask set; its own variant, kMaskGrad) it writes dS
 //   dQ:          only without atomic dQ (torch.use_deterministic_algorithms(True)): one CTA per
 //                (block of 64 query rows, query head, batch); loops over key tiles, recomputing S
 //                and dP (two more products a score), no atomics: run-to-run identical gradients
@@ -17,7 +18,7 @@
 //   dV    = Pd^T dO
 //   dP_ij = (dO_i . v_j) keep_ij / (1 - p)
 //   dS_ij = P_ij (dP_ij - delta_i)
-//   dK    = scale dS^T Q,     dQ = scale dS K
+//   dK    = scale dS^T Q,     dQ = scale dS K,     d attn_mask = dS (summed where it broadcasts)
 //
 // dK/dV kernel, warp w owns keys n0 + 16 w .. + 15 and works on transposed tiles, keys x queries:
 //   S^T = K Q^T      A = K rows (ldsm_a),          B = Q as (k = d, n = query): ldsm_b on Q
@@ -85,7 +86,61 @@ __device__ __forceinline__ float lse_log2(const float* lse, int i, int len_q) {
   return l == -INFINITY ? INFINITY : l * kLog2e;
 }
 
-template <typename Tr, bool kGeneral>
+// d attn_mask = dS (the mask is added to the scaled scores), for one warp's tile of dS^T: its 16
+// keys x kMTiles * 8 queries from m0, element e of tile n at key keys[e / 2], query m0 + 8 n + 2 t
+// + e % 2 (as S^T in the dK/dV kernel). Stored where grad_mask has the full shape; added with
+// atomics where it broadcasts, and where it broadcasts over the queries (a per-key bias) summed
+// over the tile's queries first (registers, then the quad's lanes): one add per key and warp.
+// Scores past Lq or Lk are left out. Every lane of the warp must call it (shuffles).
+template <int kMTiles>
+__device__ __forceinline__ void write_mask_grad(const AttentionBwdParams& p, int b, int h, int m0,
+                                                const int (&keys)[2], const float (&ds_t)[kMTiles][4], int t) {
+  float* grad = p.grad_mask + b * p.dm_batch_stride + h * p.dm_head_stride;
+  if (p.grad_mask_atomic && p.dm_row_stride == 0) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float sum = 0.0f;
+#pragma unroll
+      for (int n = 0; n < kMTiles; ++n) {
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          if (m0 + 8 * n + 2 * t + c < p.len_q) sum += ds_t[n][2 * r + c];
+        }
+      }
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      if (t == 0 && keys[r] < p.len_k && sum != 0.0f) atomicAdd(grad + keys[r] * p.dm_col_stride, sum);
+    }
+    return;
+  }
+  // Row offsets stepped by adds: 64-bit products of each element's own indices spilled 16 bytes
+  // at head dim 64 (ptxas, sm_90a).
+  float* key_cols[2] = {grad + keys[0] * p.dm_col_stride, grad + keys[1] * p.dm_col_stride};
+  const int64_t rows8 = 8 * p.dm_row_stride;
+  int64_t row = (m0 + 2 * t) * p.dm_row_stride;
+#pragma unroll
+  for (int n = 0; n < kMTiles; ++n, row += rows8) {
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      const int i = m0 + 8 * n + 2 * t + c;
+      if (i >= p.len_q) continue;
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        if (keys[r] >= p.len_k) continue;
+        float* at = key_cols[r] + row + c * p.dm_row_stride;
+        const float ds = ds_t[n][2 * r + c];
+        if (!p.grad_mask_atomic) {
+          *at = ds;
+        } else if (ds != 0.0f) {  // masked scores (P = 0) add nothing
+          atomicAdd(at, ds);
+        }
+      }
+    }
+  }
+}
+
+// kMaskGrad (only with kGeneral: a float mask): also writes the mask's gradient (write_mask_grad).
+template <typename Tr, bool kGeneral, bool kMaskGrad = false>
 __global__ void __launch_bounds__(Tr::kBwdKvThreads) attention_bwd_dkdv_kernel(const AttentionBwdParams p) {
   using T = typename Tr::Element;
   constexpr int BN = Tr::kBwdKvBlockN, BM = Tr::kBwdKvBlockM, HD = Tr::kHeadDim, LD = Tr::kSmemStride;
@@ -94,6 +149,7 @@ __global__ void __launch_bounds__(Tr::kBwdKvThreads) attention_bwd_dkdv_kernel(c
   constexpr int kDTiles = HD / 8;
   constexpr int LDS = Tr::kBwdDsStride, kDqCols = Tr::kBwdDqCols;
   static_assert(kMTiles * 4 <= 32, "the keep bits of a tile fit in one uint32");
+  static_assert(kGeneral || !kMaskGrad, "a mask gradient needs the variant that reads the mask");
   T* sK = reinterpret_cast<T*>(dynamic_shared_memory());
   T* sV = sK + BN * LD;
   T* sQ = sV + BN * LD;       // two buffers of BM rows
@@ -235,6 +291,8 @@ __global__ void __launch_bounds__(Tr::kBwdKvThreads) attention_bwd_dkdv_kernel(c
         }
       }
     }
+
+    if constexpr (kMaskGrad) write_mask_grad<kMTiles>(p, b, h, m0, keys, dpt, t);
 
     // dK += dS^T Q.
 #pragma unroll

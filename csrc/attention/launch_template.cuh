@@ -1,7 +1,8 @@
 // The bodies of run_attention_fwd / run_attention_bwd, included by the one instantiation file per
 // (pass, head dim, dtype) under instantiations/ (so that the build compiles them in parallel).
 //
-// Each picks the kernel variant at run time: kGeneral (attn_mask and dropout compiled in) or not.
+// Each picks the kernel variant at run time: kGeneral (attn_mask and dropout compiled in) or not,
+// and for the dK/dV kernel kMaskGrad (a float mask's gradient written too).
 // The forward and dK/dV kernels mask only the tiles that need it: those crossing a key end (the
 // forward's) or the causal diagonal, those of a batch row with padding holes, and with an
 // attn_mask every tile; the dQ kernel also every tile of its general variant. Grids: row blocks
@@ -42,7 +43,10 @@ void run_attention_bwd(const AttentionBwdParams& p, cudaStream_t stream) {
   FASTFORMER_LAUNCH(preprocess, static_cast<unsigned>((rows + kPreprocessRowsPerCta - 1) / kPreprocessRowsPerCta),
                     32 * kPreprocessRowsPerCta, 0, stream)(p);
 
-  auto dkdv = general ? attention_bwd_dkdv_kernel<Tr, true> : attention_bwd_dkdv_kernel<Tr, false>;
+  // The mask gradient's own variant, so that the registers of the others do not pay for it.
+  auto dkdv = p.grad_mask != nullptr ? attention_bwd_dkdv_kernel<Tr, true, true>
+              : general              ? attention_bwd_dkdv_kernel<Tr, true>
+                                     : attention_bwd_dkdv_kernel<Tr, false>;
   const bool atomic_dq = p.grad_q_sum != nullptr;  // then dK/dV also sums dQ, with dS^T in shared memory
   const int dkdv_smem = Tr::kBwdKvSmemBytes + (atomic_dq ? Tr::kBwdDsSmemBytes : 0);
   allow_dynamic_shared_memory(dkdv, Tr::kBwdKvSmemBytes + Tr::kBwdDsSmemBytes);

@@ -100,6 +100,13 @@ struct AttentionBwdParams : AttentionParams {
   int64_t dk_batch_stride, dk_head_stride, dk_row_stride;
   void* grad_v;  // (B, Hk, Lk, Dv)
   int64_t dv_batch_stride, dv_head_stride, dv_row_stride;
+  // Optional, with a float mask: its gradient d attn_mask = dS, written by the dK/dV kernel into
+  // a zero-filled float32 tensor viewed as (B, Hq, Lq, Lk). Stored where that tensor has the full
+  // shape (each score is visited once); where it broadcasts (stride 0 on those dims,
+  // grad_mask_atomic), added with atomicAdd. nullptr: no mask gradient.
+  float* grad_mask;
+  int64_t dm_batch_stride, dm_head_stride, dm_row_stride, dm_col_stride;
+  bool grad_mask_atomic;
 };
 
 }  // namespace attention

@@ -30,8 +30,11 @@ What the kernels handle (declared by :func:`support`):
   read as float32; fastformer.attention saturates a wider one first);
 - dropout, regenerated in the backward from the seed.
 - a value head dim different from the query/key one (both up to 128; the instantiation is chosen
-  by the larger, which is also the head dim dispatch checks).
-Not handled: a gradient for attn_mask (dispatch sends those calls to another backend).
+  by the larger, which is also the head dim dispatch checks);
+- a float attn_mask's gradient (a learned position bias): dS, written by the dK/dV kernel's own
+  variant into float32, stored where the mask has the full (B, Hq, Lq, Lk) shape, added with
+  atomics where it broadcasts (summed over the queries first for a per-key bias), or under
+  deterministic algorithms stored in full and summed here (``fastformer.masks.mask_grad_buffer``).
 """
 
 from __future__ import annotations
@@ -39,13 +42,14 @@ from __future__ import annotations
 import torch
 
 from fastformer import cuda
+from fastformer.masks import mask_grad_buffer, mask_grad_from
 
 __all__ = ["MAX_HEAD_DIM", "attention_bwd", "attention_fwd", "support"]
 
 # The largest head dim the kernels are compiled for (csrc/attention/launch.h, kMaxHeadDim).
 MAX_HEAD_DIM = 128
 DTYPES = frozenset({torch.float16, torch.bfloat16})
-FEATURES = frozenset({"dropout", "causal", "bool_mask", "float_mask", "key_padding_mask", "gqa",
+FEATURES = frozenset({"dropout", "causal", "bool_mask", "float_mask", "mask_grad", "key_padding_mask", "gqa",
                       "value_dim"})
 
 
@@ -93,17 +97,21 @@ def attention_fwd(query, key, value, attn_mask, key_padding_mask, dropout_p, is_
 
 def attention_bwd(grad_out, query, key, value, out, lse, attn_mask, key_padding_mask, dropout_p,
                   is_causal, scale, seed, mask_needs_grad):
-    """Returns (grad_query, grad_key, grad_value, None): gradients in the input dtypes, each in its
-    input's memory order (``fastformer.library.attention_layout_like``)."""
-    if mask_needs_grad:
-        raise NotImplementedError("attention (cuda): no gradient for attn_mask (support() does not declare "
-                                  "mask_grad, so dispatch sends such calls to another backend)")
+    """Returns (grad_query, grad_key, grad_value, grad_attn_mask): gradients in the input dtypes,
+    each in its input's memory order (``fastformer.library.attention_layout_like``); the mask's,
+    with ``mask_needs_grad`` (else None), in the 4-D shape and the dtype it came in."""
     _check(query, key, value)
     query, key, value, out, grad_out = (_last_dim_contiguous(t) for t in (query, key, value, out, grad_out))
     if grad_out.dtype != query.dtype:
         grad_out = grad_out.to(query.dtype)
     seed = cuda.seed_argument("attention (cuda)", seed, query)
+    grad_mask_buffer = None
+    if mask_needs_grad:
+        scores_shape = (query.shape[0], query.shape[1], query.shape[2], key.shape[2])
+        grad_mask_buffer, _ = mask_grad_buffer(attn_mask, scores_shape, torch.are_deterministic_algorithms_enabled(),
+                                               dtype=torch.float32)
     grad_q, grad_k, grad_v = cuda.kernel_ops().cuda_attention_bwd(
         grad_out, query, key, value, out, lse.contiguous(), attn_mask, key_padding_mask, float(scale),
-        bool(is_causal), float(dropout_p), seed)
-    return grad_q, grad_k, grad_v, None
+        bool(is_causal), float(dropout_p), seed, grad_mask_buffer)
+    grad_mask = None if grad_mask_buffer is None else mask_grad_from(grad_mask_buffer, attn_mask)
+    return grad_q, grad_k, grad_v, grad_mask
