@@ -25,6 +25,9 @@ built on them; DistilBERT), when ``transformers`` is installed:
     DeBERTa-v2/v3's DisentangledSelfAttention -> ``fastformer.attention``, its position terms
                             (c2p, p2c, computed as transformers computes them) and the padding as
                             one float mask, whose gradient flows back through those terms
+    ModernBertEncoderLayer (transformers >= 5) -> the first residual add and the MLP's LayerNorm
+                            (pre-norm) in ``residual_layer_norm``; its attention goes through the
+                            registry as above
 
 Everything else is left alone, and the report says why.
 """
@@ -459,6 +462,8 @@ def _hf_block_kind(module) -> str | None:
         return "mpnet attention block"
     if cls.__name__ == "DisentangledSelfAttention" and cls.__module__.endswith(".modeling_deberta_v2"):
         return "deberta attention"
+    if cls.__name__ == "ModernBertEncoderLayer" and cls.__module__.endswith(".modeling_modernbert"):
+        return "modernbert layer"
     return None
 
 
@@ -529,7 +534,7 @@ def _behaviour_reasons(kind, module, base) -> list[str]:
     if parameter.device.type == "meta":
         return []
     first_linear = {"distilbert block": "ffn.lin1", "mpnet attention": "q", "mpnet attention block": "attn.q",
-                    "deberta attention": "query_proj"}.get(kind, "dense")
+                    "deberta attention": "query_proj", "modernbert layer": "mlp.Wi"}.get(kind, "dense")
     width = _attribute(module, first_linear).in_features
     generator = _private_generator(parameter.device)
 
@@ -546,6 +551,9 @@ def _behaviour_reasons(kind, module, base) -> list[str]:
         keep[1, :, :, 2] = False
         embeddings = rand(2 * module.pos_ebd_size, width) if module.relative_attention else None
         inputs += (keep, False, None, None, embeddings)
+    if kind == "modernbert layer":  # no mask, rotary (cos, sin) of random angles
+        angles = rand(2, 3, module.attn.head_dim)
+        inputs += (None, (angles.cos(), angles.sin()))
     with _evaluating(module), torch.no_grad():
         expected, actual = base.forward(module, *inputs), _HF_BLOCKS[kind].forward(module, *inputs)
     if isinstance(expected, tuple):  # (attention output, ...)
@@ -682,6 +690,20 @@ def _fused_distilbert_block_forward(self, hidden_states, attention_mask=None, **
     return out
 
 
+def _fused_modernbert_layer_forward(self, hidden_states, attention_mask=None, position_embeddings=None, **kwargs):
+    """ModernBERT's pre-norm layer: h = h + attn(attn_norm(h)); out = h + mlp(mlp_norm(h)), the
+    first residual add fused into mlp_norm (one pass over the stream that returns both h and its
+    norm, where the add and the norm took one each)."""
+    if not _as_optimized(self, "modernbert layer"):
+        return _original_forward(self, hidden_states, attention_mask, position_embeddings, **kwargs)
+    attention_output, _ = self.attn(self.attn_norm(hidden_states), position_embeddings=position_embeddings,
+                                    attention_mask=attention_mask, **kwargs)
+    norm = self.mlp_norm
+    normed, hidden_states = fastformer.residual_layer_norm(attention_output, hidden_states, norm.weight, norm.bias,
+                                                           norm.eps, backend=getattr(self, "fastformer_backend", None))
+    return hidden_states + self.mlp(normed)
+
+
 def _fused_mpnet_attention_forward(self, hidden_states, attention_mask=None, position_bias=None,
                                    output_attentions=False, **kwargs):
     """MPNet's self-attention: softmax(q k^T / sqrt(d) + position_bias + mask) v, then o, with the
@@ -777,6 +799,11 @@ _HF_BLOCKS = {
         {"query_proj": nn.Linear, "key_proj": nn.Linear, "value_proj": nn.Linear, "dropout": nn.Dropout},
         ("pos_dropout", "pos_key_proj", "pos_query_proj"), _fused_deberta_attention_forward, (),
         "disentangled attention (position terms as its float mask) -> fastformer.attention", reads=("dropout",)),
+    # ModernBERT's layer in transformers 5 (older versions take other arguments: left alone).
+    "modernbert layer": _HFBlock(
+        ("self", "hidden_states", "attention_mask", "position_embeddings", "kwargs"), {"mlp_norm": nn.LayerNorm},
+        ("attn_norm", "attn", "mlp"), _fused_modernbert_layer_forward, ("mlp_norm",),
+        "residual add + the MLP's LayerNorm fused", reads=("mlp_norm",)),
 }
 
 

@@ -338,6 +338,9 @@ def _tiny_hf_model(family, **config_options):
                                                **config_options)
     elif family == "albert":
         config = transformers.AlbertConfig(embedding_size=16, **sizes)
+    elif family == "modernbert":  # local (sliding window) and global layers, pre-norm
+        config = transformers.ModernBertConfig(**{**sizes, **config_options}, pad_token_id=0, bos_token_id=1,
+                                               eos_token_id=2, cls_token_id=1, sep_token_id=2)
     else:
         config = {"bert": transformers.BertConfig, "electra": transformers.ElectraConfig,
                   "deberta-v2": transformers.DebertaV2Config, "mpnet": transformers.MPNetConfig,
@@ -553,6 +556,41 @@ def test_deberta_v2_disentangled_attention(options, backend, monkeypatch):
         loss.backward()
     _assert_same_parameter_gradients(model, original, 10 * tol)
     _assert_same_attention_weights(model, original, ids, mask)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("norm_bias", [False, True], ids=["no-bias", "bias"])
+def test_modernbert_layer_fuses_its_residual_add_into_the_mlp_norm(norm_bias, backend, monkeypatch):
+    """ModernBERT's pre-norm layer: h + attn(attn_norm(h)) and mlp_norm of it in one
+    residual_layer_norm (layer 0's attn_norm is an Identity; layers alternate sliding-window and
+    global attention). Same logits and parameter gradients as the original with padding, in
+    training mode (float64 on the torch backend, float32 on Triton's)."""
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    model = _tiny_hf_model("modernbert", num_hidden_layers=3, global_attn_every_n_layers=2, local_attention=4,
+                           norm_bias=norm_bias).to(dtype)
+    ids, mask = torch.randint(3, 50, (3, 9)), torch.ones(3, 9, dtype=torch.long)
+    mask[1, 4:] = 0
+    x = torch.randn(3, 32, dtype=dtype)
+    require_backend(backend, "residual_layer_norm", x, x, x[0], x[0] if norm_bias else None)
+    original = copy.deepcopy(model)
+    fastformer.optimize(model, backend=backend, verify=True)
+    report = model.fastformer_report
+    for layer in range(3):
+        assert report.replaced[f"model.layers.{layer}"].startswith("ModernBertEncoderLayer: residual add")
+        assert f"model.layers.{layer}.mlp_norm" not in report.left_alone
+
+    residual_norms = []
+    residual_layer_norm = fastformer.residual_layer_norm
+    monkeypatch.setattr(fastformer, "residual_layer_norm", lambda *args, **kwargs: residual_norms.append(
+        kwargs["backend"]) or residual_layer_norm(*args, **kwargs))
+    logits = [m.train()(input_ids=ids, attention_mask=mask).logits for m in (model, original)]
+    assert residual_norms == [backend] * 3
+    tol = 1e-7 if dtype == torch.float64 else 1e-4
+    assert_rel_close(logits[0], logits[1], tol, "logits")
+    for out in logits:
+        (out * torch.arange(1.0, 3.0, dtype=out.dtype)).sum().backward()
+    _assert_same_parameter_gradients(model, original, 10 * tol)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
