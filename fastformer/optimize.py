@@ -25,6 +25,10 @@ built on them; DistilBERT), when ``transformers`` is installed:
     DeBERTa-v2/v3's DisentangledSelfAttention -> ``fastformer.attention``, its position terms
                             (c2p, p2c, computed as transformers computes them) and the padding as
                             one float mask, whose gradient flows back through those terms
+    AlbertAttention (transformers >= 5) -> q, k, v, fastformer's registry attention function, then
+                            dense, then dropout + residual + LayerNorm fused
+    AlbertLayer (transformers >= 5) -> the FFN's residual add + LayerNorm fused, its bias + GELU
+                            in ``bias_gelu``
     ModernBertEncoderLayer (transformers >= 5) -> the first residual add and the MLP's LayerNorm
                             (pre-norm) in ``residual_layer_norm``; its attention goes through the
                             registry as above
@@ -263,7 +267,7 @@ def _optimize_hugging_face_model(transformers, model, prefix, report, undo):
             report.left_alone[qualified(name)] = f"{base.__name__}: " + "; ".join(reasons)
             continue
         undo.set_class(module, _fast_subclass(base, block.forward))
-        gelu = ", the FFN's bias + GELU" if kind == "distilbert block" and module.fastformer_gelu else ""
+        gelu = ", the FFN's bias + GELU" if kind in _FFN_KINDS[1:] and module.fastformer_gelu else ""
         report.replaced[qualified(name)] = f"{base.__name__}: {block.what}{gelu}"
         fused_norms.update(id(getattr(module, norm)) for norm in block.norms)
         swapped_kinds.add(kind)
@@ -464,10 +468,14 @@ def _hf_block_kind(module) -> str | None:
         return "deberta attention"
     if cls.__name__ == "ModernBertEncoderLayer" and cls.__module__.endswith(".modeling_modernbert"):
         return "modernbert layer"
+    if cls.__name__ == "AlbertAttention" and cls.__module__.endswith(".modeling_albert"):
+        return "albert attention"
+    if cls.__name__ == "AlbertLayer" and cls.__module__.endswith(".modeling_albert"):
+        return "albert layer"
     return None
 
 
-_FFN_KINDS = ("intermediate", "distilbert block")  # the blocks that hold an FFN activation
+_FFN_KINDS = ("intermediate", "distilbert block", "albert layer")  # the blocks that hold an FFN activation
 _ATTENTION_KINDS = {"mpnet attention", "deberta attention"}  # attention computed outside the registry
 
 
@@ -493,7 +501,8 @@ def _attribute(module, path: str):
 
 def _activation(kind, module):
     """The FFN activation of a block (None: the block has none)."""
-    path = {"intermediate": "intermediate_act_fn", "distilbert block": "ffn.activation"}.get(kind)
+    path = {"intermediate": "intermediate_act_fn", "distilbert block": "ffn.activation",
+            "albert layer": "activation"}.get(kind)
     return None if path is None else _attribute(module, path)
 
 
@@ -521,8 +530,13 @@ def _hf_block_unsupported_reasons(kind, module, base) -> list[str]:
     if kind == "intermediate" and _gelu_kind(module.intermediate_act_fn) is None:
         reasons.append(f"activation {type(module.intermediate_act_fn).__name__} is not a GELU that "
                        f"bias_gelu computes")
-    if kind == "distilbert block" and getattr(getattr(module, "ffn", None), "chunk_size_feed_forward", 0):
+    chunking = {"distilbert block": "ffn.chunk_size_feed_forward", "albert layer": "chunk_size_feed_forward"}
+    if kind in chunking and _attribute(module, chunking[kind]):
         reasons.append("feed-forward chunking is on (chunk_size_feed_forward)")
+    implementation = getattr(getattr(module, "config", None), "_attn_implementation", None)
+    if kind == "albert attention" and implementation != "fastformer":
+        reasons.append(f"its attention is transformers' {implementation!r}, not fastformer's, which the fused "
+                       f"forward calls")
     return reasons
 
 
@@ -534,7 +548,8 @@ def _behaviour_reasons(kind, module, base) -> list[str]:
     if parameter.device.type == "meta":
         return []
     first_linear = {"distilbert block": "ffn.lin1", "mpnet attention": "q", "mpnet attention block": "attn.q",
-                    "deberta attention": "query_proj", "modernbert layer": "mlp.Wi"}.get(kind, "dense")
+                    "deberta attention": "query_proj", "modernbert layer": "mlp.Wi", "albert attention": "query",
+                    "albert layer": "ffn"}.get(kind, "dense")
     width = _attribute(module, first_linear).in_features
     generator = _private_generator(parameter.device)
 
@@ -680,13 +695,16 @@ def _fused_distilbert_block_forward(self, hidden_states, attention_mask=None, **
     x, _ = fastformer.residual_layer_norm(attention_output, hidden_states, norm.weight, norm.bias, norm.eps,
                                           backend=backend)
     ffn = self.ffn
-    if self.fastformer_gelu is None:
-        h = ffn.activation(ffn.lin1(x))
-    else:
-        h = linear_bias_gelu(x, ffn.lin1, self.fastformer_gelu, backend=backend)
-    norm = self.output_layer_norm
-    out, _ = fastformer.residual_layer_norm(ffn.lin2(h), x, norm.weight, norm.bias, norm.eps,
-                                            ffn.dropout.p if ffn.dropout.training else 0.0, backend=backend)
+    return _fused_ffn(x, ffn.lin1, ffn.activation, ffn.lin2, self.fastformer_gelu, self.output_layer_norm,
+                      ffn.dropout.p if ffn.dropout.training else 0.0, backend)
+
+
+def _fused_ffn(x, lin1, activation, lin2, gelu, norm, dropout_p, backend):
+    """LayerNorm(dropout(lin2(activation(lin1(x)))) + x) with the residual add and the dropout fused
+    into the norm, and lin1's bias into the GELU (``gelu``: "none" or "tanh"; None: another
+    activation, run as is)."""
+    h = activation(lin1(x)) if gelu is None else linear_bias_gelu(x, lin1, gelu, backend=backend)
+    out, _ = fastformer.residual_layer_norm(lin2(h), x, norm.weight, norm.bias, norm.eps, dropout_p, backend=backend)
     return out
 
 
@@ -702,6 +720,36 @@ def _fused_modernbert_layer_forward(self, hidden_states, attention_mask=None, po
     normed, hidden_states = fastformer.residual_layer_norm(attention_output, hidden_states, norm.weight, norm.bias,
                                                            norm.eps, backend=getattr(self, "fastformer_backend", None))
     return hidden_states + self.mlp(normed)
+
+
+def _fused_albert_attention_forward(self, hidden_states, attention_mask=None, **kwargs):
+    """ALBERT's attention: LayerNorm(h + dropout(dense(attention(h)))), the attention through
+    fastformer's registry function (the model's, checked at each call), the last three steps
+    fused."""
+    if getattr(self.config, "_attn_implementation", None) != "fastformer" or not _as_optimized(
+            self, "albert attention"):
+        return _original_forward(self, hidden_states, attention_mask, **kwargs)
+    shape = (*hidden_states.shape[:-1], -1, self.attention_head_size)
+    q, k, v = (projection(hidden_states).view(shape).transpose(1, 2)
+               for projection in (self.query, self.key, self.value))
+    out, weights = _hf_attention(self, q, k, v, attention_mask, scaling=self.scaling,
+                                 dropout=self.attention_dropout.p if self.training else 0.0, **kwargs)
+    norm, dropout = self.LayerNorm, self.output_dropout
+    out, _ = fastformer.residual_layer_norm(self.dense(out.reshape(*hidden_states.shape[:-1], -1)), hidden_states,
+                                            norm.weight, norm.bias, norm.eps, dropout.p if dropout.training else 0.0,
+                                            backend=getattr(self, "fastformer_backend", None))
+    return out, weights
+
+
+def _fused_albert_layer_forward(self, hidden_states, attention_mask=None, **kwargs):
+    """ALBERT's layer: x = attention(h); out = LayerNorm(ffn_output(act(ffn(x))) + x), the residual
+    add fused into the LayerNorm and the FFN's bias into its GELU (``fastformer_gelu``; None:
+    another activation, run as is)."""
+    if not _as_optimized(self, "albert layer"):
+        return _original_forward(self, hidden_states, attention_mask, **kwargs)
+    attention_output, _ = self.attention(hidden_states, attention_mask, **kwargs)
+    return _fused_ffn(attention_output, self.ffn, self.activation, self.ffn_output, self.fastformer_gelu,
+                      self.full_layer_layer_norm, 0.0, getattr(self, "fastformer_backend", None))
 
 
 def _fused_mpnet_attention_forward(self, hidden_states, attention_mask=None, position_bias=None,
@@ -799,6 +847,19 @@ _HF_BLOCKS = {
         {"query_proj": nn.Linear, "key_proj": nn.Linear, "value_proj": nn.Linear, "dropout": nn.Dropout},
         ("pos_dropout", "pos_key_proj", "pos_query_proj"), _fused_deberta_attention_forward, (),
         "disentangled attention (position terms as its float mask) -> fastformer.attention", reads=("dropout",)),
+    # ALBERT's attention and layer in transformers 5 (older versions take other arguments: left
+    # alone). The layer's `dropout` is unused by its own forward too.
+    "albert attention": _HFBlock(
+        ("self", "hidden_states", "attention_mask", "kwargs"),
+        {"query": nn.Linear, "key": nn.Linear, "value": nn.Linear, "dense": nn.Linear, "LayerNorm": nn.LayerNorm,
+         "attention_dropout": nn.Dropout, "output_dropout": nn.Dropout}, (), _fused_albert_attention_forward,
+        ("LayerNorm",), "dropout + residual + LayerNorm fused", reads=("LayerNorm", "attention_dropout",
+                                                                       "output_dropout")),
+    "albert layer": _HFBlock(
+        ("self", "hidden_states", "attention_mask", "kwargs"),
+        {"ffn": nn.Linear, "ffn_output": nn.Linear, "full_layer_layer_norm": nn.LayerNorm},
+        ("attention", "activation", "dropout"), _fused_albert_layer_forward, ("full_layer_layer_norm",),
+        "residual add + LayerNorm fused", reads=("full_layer_layer_norm",)),
     # ModernBERT's layer in transformers 5 (older versions take other arguments: left alone).
     "modernbert layer": _HFBlock(
         ("self", "hidden_states", "attention_mask", "position_embeddings", "kwargs"), {"mlp_norm": nn.LayerNorm},

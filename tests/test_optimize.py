@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import importlib.util
 import io
 import os
@@ -337,7 +338,7 @@ def _tiny_hf_model(family, **config_options):
         config = transformers.DistilBertConfig(vocab_size=50, dim=32, n_layers=2, n_heads=4, hidden_dim=48,
                                                **config_options)
     elif family == "albert":
-        config = transformers.AlbertConfig(embedding_size=16, **sizes)
+        config = transformers.AlbertConfig(embedding_size=16, **sizes, **config_options)
     elif family == "modernbert":  # local (sliding window) and global layers, pre-norm
         config = transformers.ModernBertConfig(**{**sizes, **config_options}, pad_token_id=0, bos_token_id=1,
                                                eos_token_id=2, cls_token_id=1, sep_token_id=2)
@@ -591,6 +592,50 @@ def test_modernbert_layer_fuses_its_residual_add_into_the_mlp_norm(norm_bias, ba
     for out in logits:
         (out * torch.arange(1.0, 3.0, dtype=out.dtype)).sum().backward()
     _assert_same_parameter_gradients(model, original, 10 * tol)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("hidden_act", ["gelu_new", "relu"])
+def test_albert_attention_and_layer_fuse_their_residual_norms(hidden_act, backend, monkeypatch):
+    """ALBERT (one layer shared by every depth): its attention module runs dropout + residual +
+    LayerNorm fused, its layer the FFN's residual add + LayerNorm and, with a GELU, the FFN's bias
+    + GELU. Same logits and parameter gradients as the original with padding, in training mode
+    (float64 on the torch backend, float32 on Triton's); with another attention implementation
+    set afterwards, the original forward runs (and returns the weights)."""
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    model = _tiny_hf_model("albert", hidden_act=hidden_act, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                           classifier_dropout_prob=0.0).to(dtype)
+    ids, mask = torch.randint(3, 50, (3, 9)), torch.ones(3, 9, dtype=torch.long)
+    mask[1, 4:] = 0
+    x = torch.randn(3, 32, dtype=dtype)
+    require_backend(backend, "residual_layer_norm", x, x, x[0], x[0])
+    original = copy.deepcopy(model)
+    fastformer.optimize(model, backend=backend, verify=True)
+    report = model.fastformer_report
+    layer = "albert.encoder.albert_layer_groups.0.albert_layers.0"
+    assert report.replaced[f"{layer}.attention"] == "AlbertAttention: dropout + residual + LayerNorm fused"
+    gelu = ", the FFN's bias + GELU" if hidden_act == "gelu_new" else ""
+    assert report.replaced[layer] == f"AlbertLayer: residual add + LayerNorm fused{gelu}"
+    assert list(report.left_alone) == ["albert.embeddings.LayerNorm"]
+
+    calls = []
+    for name in ("residual_layer_norm", "bias_gelu"):
+        op = getattr(fastformer, name)
+        monkeypatch.setattr(fastformer, name, functools.partial(
+            lambda op, name, *args, **kwargs: calls.append(name) or op(*args, **kwargs), op, name))
+    logits = [m.train()(input_ids=ids, attention_mask=mask).logits for m in (model, original)]
+    per_layer = ["residual_layer_norm", "bias_gelu", "residual_layer_norm"] if gelu else ["residual_layer_norm"] * 2
+    assert calls == per_layer * 2  # the shared layer, at both depths
+    tol = 1e-7 if dtype == torch.float64 else 1e-4
+    assert_rel_close(logits[0], logits[1], tol, "logits")
+    for out in logits:
+        (out * torch.arange(1.0, 3.0, dtype=out.dtype)).sum().backward()
+    _assert_same_parameter_gradients(model, original, 10 * tol)
+
+    model.set_attn_implementation("eager")
+    original.set_attn_implementation("eager")
+    _assert_same_attention_weights(model, original, ids, mask)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
