@@ -525,8 +525,8 @@ MASK_GRAD_SHAPES = [(2, 4, 70, 150), (1, 4, 70, 150), (1, 1, 70, 150), (2, 1, 1,
 
 def check_float_mask_gradient(mask_shape, is_causal, deterministic, dtype, mask_dtype, dim=32, device="cuda"):
     """d attn_mask = dS against float64, in the mask's shape and dtype; zero where the kernels skip
-    tiles (the causal key block after every query, batch row 1's key block of padding only: 128
-    keys a block at head dims <= 64); bitwise repeatable under deterministic algorithms."""
+    tiles (the causal key blocks after every query, batch row 1's key blocks of padding only: 128
+    keys a block up to head dim 64, 64 above); bitwise repeatable under deterministic algorithms."""
     q, k, v = _qkv(2, 4, 2, 70, 150, dim, dim, dtype, device=device)
     bias = torch.randn(mask_shape, device=device, dtype=mask_dtype)
     padding = torch.zeros(2, 150, dtype=torch.bool, device=device)
