@@ -267,7 +267,8 @@ def _optimize_hugging_face_model(transformers, model, prefix, report, undo):
             report.left_alone[qualified(name)] = f"{base.__name__}: " + "; ".join(reasons)
             continue
         undo.set_class(module, _fast_subclass(base, block.forward))
-        gelu = ", the FFN's bias + GELU" if kind in _FFN_KINDS[1:] and module.fastformer_gelu else ""
+        fused_gelu = kind in ("distilbert block", "albert layer") and module.fastformer_gelu
+        gelu = ", the FFN's bias + GELU" if fused_gelu else ""
         report.replaced[qualified(name)] = f"{base.__name__}: {block.what}{gelu}"
         fused_norms.update(id(getattr(module, norm)) for norm in block.norms)
         swapped_kinds.add(kind)
@@ -716,9 +717,9 @@ def _fused_modernbert_layer_forward(self, hidden_states, attention_mask=None, po
         return _original_forward(self, hidden_states, attention_mask, position_embeddings, **kwargs)
     attention_output, _ = self.attn(self.attn_norm(hidden_states), position_embeddings=position_embeddings,
                                     attention_mask=attention_mask, **kwargs)
-    norm = self.mlp_norm
+    norm, backend = self.mlp_norm, getattr(self, "fastformer_backend", None)
     normed, hidden_states = fastformer.residual_layer_norm(attention_output, hidden_states, norm.weight, norm.bias,
-                                                           norm.eps, backend=getattr(self, "fastformer_backend", None))
+                                                           norm.eps, backend=backend)
     return hidden_states + self.mlp(normed)
 
 
