@@ -29,6 +29,8 @@ built on them; DistilBERT), when ``transformers`` is installed:
                             dense, then dropout + residual + LayerNorm fused
     AlbertLayer (transformers >= 5) -> the FFN's residual add + LayerNorm fused, its bias + GELU
                             in ``bias_gelu``
+    NomicBertLayer       -> both residual adds (with their dropout) and LayerNorms in
+                            ``residual_layer_norm`` (nomic-embed-text; post-norm)
     ModernBertEncoderLayer (transformers >= 5) -> the first residual add and the MLP's LayerNorm
                             (pre-norm) in ``residual_layer_norm``; its attention goes through the
                             registry as above
@@ -469,6 +471,8 @@ def _hf_block_kind(module) -> str | None:
         return "deberta attention"
     if cls.__name__ == "ModernBertEncoderLayer" and cls.__module__.endswith(".modeling_modernbert"):
         return "modernbert layer"
+    if cls.__name__ == "NomicBertLayer" and cls.__module__.endswith(".modeling_nomic_bert"):
+        return "nomic bert layer"
     if cls.__name__ == "AlbertAttention" and cls.__module__.endswith(".modeling_albert"):
         return "albert attention"
     if cls.__name__ == "AlbertLayer" and cls.__module__.endswith(".modeling_albert"):
@@ -550,7 +554,7 @@ def _behaviour_reasons(kind, module, base) -> list[str]:
         return []
     first_linear = {"distilbert block": "ffn.lin1", "mpnet attention": "q", "mpnet attention block": "attn.q",
                     "deberta attention": "query_proj", "modernbert layer": "mlp.Wi", "albert attention": "query",
-                    "albert layer": "ffn"}.get(kind, "dense")
+                    "albert layer": "ffn", "nomic bert layer": "self_attn.q_proj"}.get(kind, "dense")
     width = _attribute(module, first_linear).in_features
     generator = _private_generator(parameter.device)
 
@@ -567,8 +571,8 @@ def _behaviour_reasons(kind, module, base) -> list[str]:
         keep[1, :, :, 2] = False
         embeddings = rand(2 * module.pos_ebd_size, width) if module.relative_attention else None
         inputs += (keep, False, None, None, embeddings)
-    if kind == "modernbert layer":  # no mask, rotary (cos, sin) of random angles
-        angles = rand(2, 3, module.attn.head_dim)
+    if kind in ("modernbert layer", "nomic bert layer"):  # no mask, rotary (cos, sin) of random angles
+        angles = rand(2, 3, (module.attn if kind == "modernbert layer" else module.self_attn).head_dim)
         inputs += (None, (angles.cos(), angles.sin()))
     with _evaluating(module), torch.no_grad():
         expected, actual = base.forward(module, *inputs), _HF_BLOCKS[kind].forward(module, *inputs)
@@ -665,15 +669,20 @@ def _original_forward(module, *args, **kwargs):
     return _original_class(module).forward(module, *args, **kwargs)
 
 
+def _residual_norm(x, residual, norm, dropout, backend):
+    """norm(dropout(x) + residual) in one ``residual_layer_norm``: the dropout in its own mode, as
+    ``dropout(x)`` would apply it (None: no dropout)."""
+    dropout_p = dropout.p if dropout is not None and dropout.training else 0.0
+    out, _ = fastformer.residual_layer_norm(x, residual, norm.weight, norm.bias, norm.eps, dropout_p, backend=backend)
+    return out
+
+
 def _fused_output_forward(self, hidden_states, input_tensor):
     """LayerNorm(dropout(dense(h)) + input) with the last three steps in one fused op."""
     if not _as_optimized(self, "output"):
         return _original_forward(self, hidden_states, input_tensor)
-    dropout_p = self.dropout.p if self.dropout.training else 0.0  # its own mode, as self.dropout(x)
-    out, _ = fastformer.residual_layer_norm(self.dense(hidden_states), input_tensor, self.LayerNorm.weight,
-                                            self.LayerNorm.bias, self.LayerNorm.eps, dropout_p,
-                                            backend=getattr(self, "fastformer_backend", None))
-    return out
+    return _residual_norm(self.dense(hidden_states), input_tensor, self.LayerNorm, self.dropout,
+                          getattr(self, "fastformer_backend", None))
 
 
 def _fused_intermediate_forward(self, hidden_states):
@@ -723,6 +732,21 @@ def _fused_modernbert_layer_forward(self, hidden_states, attention_mask=None, po
     return hidden_states + self.mlp(normed)
 
 
+def _fused_nomic_bert_layer_forward(self, hidden_states, attention_mask=None, position_embeddings=None,
+                                    **kwargs):
+    """NomicBERT's post-norm layer (nomic-embed-text): x = LayerNorm(h + dropout(attn(h))); out =
+    LayerNorm(x + dropout(mlp(x))), each residual add with its dropout fused into its LayerNorm
+    (its SwiGLU MLP runs as is)."""
+    if not _as_optimized(self, "nomic bert layer"):
+        return _original_forward(self, hidden_states, attention_mask, position_embeddings, **kwargs)
+    backend = getattr(self, "fastformer_backend", None)
+    attention_output, _ = self.self_attn(hidden_states, attention_mask=attention_mask,
+                                         position_embeddings=position_embeddings, **kwargs)
+    x = _residual_norm(attention_output, hidden_states, self.post_attention_layernorm, self.post_attention_dropout,
+                       backend)
+    return _residual_norm(self.mlp(x), x, self.post_mlp_layernorm, self.post_mlp_dropout, backend)
+
+
 def _fused_albert_attention_forward(self, hidden_states, attention_mask=None, **kwargs):
     """ALBERT's attention: LayerNorm(h + dropout(dense(attention(h)))), the attention through
     fastformer's registry function (the model's, checked at each call), the last three steps
@@ -735,10 +759,8 @@ def _fused_albert_attention_forward(self, hidden_states, attention_mask=None, **
                for projection in (self.query, self.key, self.value))
     out, weights = _hf_attention(self, q, k, v, attention_mask, scaling=self.scaling,
                                  dropout=self.attention_dropout.p if self.training else 0.0, **kwargs)
-    norm, dropout = self.LayerNorm, self.output_dropout
-    out, _ = fastformer.residual_layer_norm(self.dense(out.reshape(*hidden_states.shape[:-1], -1)), hidden_states,
-                                            norm.weight, norm.bias, norm.eps, dropout.p if dropout.training else 0.0,
-                                            backend=getattr(self, "fastformer_backend", None))
+    out = _residual_norm(self.dense(out.reshape(*hidden_states.shape[:-1], -1)), hidden_states, self.LayerNorm,
+                         self.output_dropout, getattr(self, "fastformer_backend", None))
     return out, weights
 
 
@@ -777,10 +799,8 @@ def _fused_mpnet_attention_block_forward(self, hidden_states, attention_mask=Non
     if not _as_optimized(self, "mpnet attention block"):
         return _original_forward(self, hidden_states, attention_mask, position_bias, output_attentions, **kwargs)
     attention = self.attn(hidden_states, attention_mask, position_bias, output_attentions=output_attentions)
-    norm = self.LayerNorm
-    out, _ = fastformer.residual_layer_norm(attention[0], hidden_states, norm.weight, norm.bias, norm.eps,
-                                            self.dropout.p if self.dropout.training else 0.0,
-                                            backend=getattr(self, "fastformer_backend", None))
+    out = _residual_norm(attention[0], hidden_states, self.LayerNorm, self.dropout,
+                         getattr(self, "fastformer_backend", None))
     return (out, *attention[1:])
 
 
@@ -861,6 +881,13 @@ _HF_BLOCKS = {
         {"ffn": nn.Linear, "ffn_output": nn.Linear, "full_layer_layer_norm": nn.LayerNorm},
         ("attention", "activation", "dropout"), _fused_albert_layer_forward, ("full_layer_layer_norm",),
         "residual add + LayerNorm fused", reads=("full_layer_layer_norm",)),
+    "nomic bert layer": _HFBlock(
+        ("self", "hidden_states", "attention_mask", "position_embeddings", "kwargs"),
+        {"post_attention_layernorm": nn.LayerNorm, "post_mlp_layernorm": nn.LayerNorm,
+         "post_attention_dropout": nn.Dropout, "post_mlp_dropout": nn.Dropout}, ("self_attn", "mlp"),
+        _fused_nomic_bert_layer_forward, ("post_attention_layernorm", "post_mlp_layernorm"),
+        "both residual adds (with their dropout) + LayerNorms fused",
+        reads=("post_attention_layernorm", "post_mlp_layernorm", "post_attention_dropout", "post_mlp_dropout")),
     # ModernBERT's layer in transformers 5 (older versions take other arguments: left alone).
     "modernbert layer": _HFBlock(
         ("self", "hidden_states", "attention_mask", "position_embeddings", "kwargs"), {"mlp_norm": nn.LayerNorm},

@@ -339,6 +339,8 @@ def _tiny_hf_model(family, **config_options):
                                                **config_options)
     elif family == "albert":
         config = transformers.AlbertConfig(embedding_size=16, **sizes, **config_options)
+    elif family == "nomic_bert":  # rotary positions, SwiGLU MLP, post-norm
+        config = transformers.NomicBertConfig(**{**sizes, **config_options}, pad_token_id=0)
     elif family == "modernbert":  # local (sliding window) and global layers, pre-norm
         config = transformers.ModernBertConfig(**{**sizes, **config_options}, pad_token_id=0, bos_token_id=1,
                                                eos_token_id=2, cls_token_id=1, sep_token_id=2)
@@ -416,6 +418,18 @@ def test_hf_gradient_checkpointing_with_dropout_gives_the_same_gradients(family,
         assert torch.equal(got, expected), name
 
 
+def _record_residual_norm_dropout(monkeypatch) -> list:
+    """The dropout_p of each fastformer.residual_layer_norm call from here on, in call order."""
+    dropout_ps = []
+    residual_layer_norm = fastformer.residual_layer_norm
+
+    def spy(x, residual, weight, bias, eps=1e-5, dropout_p=0.0, **kwargs):
+        dropout_ps.append(dropout_p)
+        return residual_layer_norm(x, residual, weight, bias, eps, dropout_p, **kwargs)
+    monkeypatch.setattr(fastformer, "residual_layer_norm", spy)
+    return dropout_ps
+
+
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
 @pytest.mark.parametrize("activation", ["gelu", "relu"])
 def test_distilbert_blocks_fused_same_logits_gradients_and_dropout(activation, monkeypatch):
@@ -441,13 +455,7 @@ def test_distilbert_blocks_fused_same_logits_gradients_and_dropout(activation, m
     for (name, parameter), expected in zip(model.named_parameters(), original.parameters()):
         torch.testing.assert_close(parameter.grad, expected.grad, msg=name)
 
-    dropout_ps = []
-    residual_layer_norm = fastformer.residual_layer_norm
-
-    def spy(x, residual, weight, bias, eps=1e-5, dropout_p=0.0, **kwargs):
-        dropout_ps.append(dropout_p)
-        return residual_layer_norm(x, residual, weight, bias, eps, dropout_p, **kwargs)
-    monkeypatch.setattr(fastformer, "residual_layer_norm", spy)
+    dropout_ps = _record_residual_norm_dropout(monkeypatch)
     for block in model.distilbert.transformer.layer:
         block.ffn.dropout.p = 0.25
     model(input_ids=ids, attention_mask=mask)
@@ -559,6 +567,31 @@ def test_deberta_v2_disentangled_attention(options, backend, monkeypatch):
     _assert_same_attention_weights(model, original, ids, mask)
 
 
+def _optimize_tiny_hf_model(family, backend, bias=True, **config_options):
+    """(optimized model, unswapped copy, input ids, padding mask) of a tiny model of ``family``,
+    float64 on the torch backend and float32 on Triton's, optimize(verify=True) on ``backend``;
+    skips where ``backend`` cannot run residual_layer_norm here."""
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    model = _tiny_hf_model(family, **config_options).to(dtype)
+    x = torch.randn(3, 32, dtype=dtype)
+    require_backend(backend, "residual_layer_norm", x, x, x[0], x[0] if bias else None)
+    original = copy.deepcopy(model)
+    fastformer.optimize(model, backend=backend, verify=True)
+    ids, mask = torch.randint(3, 50, (3, 9)), torch.ones(3, 9, dtype=torch.long)
+    mask[1, 4:] = 0
+    return model, original, ids, mask
+
+
+def _assert_same_training_step(model, original, ids, mask):
+    """Logits and every parameter gradient as the original's, in training mode with padding."""
+    logits = [m.train()(input_ids=ids, attention_mask=mask).logits for m in (model, original)]
+    tol = 1e-7 if logits[1].dtype == torch.float64 else 1e-4
+    assert_rel_close(logits[0], logits[1], tol, "logits")
+    for out in logits:
+        (out * torch.arange(1.0, 3.0, dtype=out.dtype)).sum().backward()
+    _assert_same_parameter_gradients(model, original, 10 * tol)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("norm_bias", [False, True], ids=["no-bias", "bias"])
@@ -567,15 +600,9 @@ def test_modernbert_layer_fuses_its_residual_add_into_the_mlp_norm(norm_bias, ba
     residual_layer_norm (layer 0's attn_norm is an Identity; layers alternate sliding-window and
     global attention). Same logits and parameter gradients as the original with padding, in
     training mode (float64 on the torch backend, float32 on Triton's)."""
-    dtype = torch.float64 if backend == "torch" else torch.float32
-    model = _tiny_hf_model("modernbert", num_hidden_layers=3, global_attn_every_n_layers=2, local_attention=4,
-                           norm_bias=norm_bias).to(dtype)
-    ids, mask = torch.randint(3, 50, (3, 9)), torch.ones(3, 9, dtype=torch.long)
-    mask[1, 4:] = 0
-    x = torch.randn(3, 32, dtype=dtype)
-    require_backend(backend, "residual_layer_norm", x, x, x[0], x[0] if norm_bias else None)
-    original = copy.deepcopy(model)
-    fastformer.optimize(model, backend=backend, verify=True)
+    model, original, ids, mask = _optimize_tiny_hf_model(
+        "modernbert", backend, bias=norm_bias, num_hidden_layers=3, global_attn_every_n_layers=2, local_attention=4,
+        norm_bias=norm_bias)
     report = model.fastformer_report
     for layer in range(3):
         assert report.replaced[f"model.layers.{layer}"].startswith("ModernBertEncoderLayer: residual add")
@@ -585,13 +612,32 @@ def test_modernbert_layer_fuses_its_residual_add_into_the_mlp_norm(norm_bias, ba
     residual_layer_norm = fastformer.residual_layer_norm
     monkeypatch.setattr(fastformer, "residual_layer_norm", lambda *args, **kwargs: residual_norms.append(
         kwargs["backend"]) or residual_layer_norm(*args, **kwargs))
-    logits = [m.train()(input_ids=ids, attention_mask=mask).logits for m in (model, original)]
+    _assert_same_training_step(model, original, ids, mask)
     assert residual_norms == [backend] * 3
-    tol = 1e-7 if dtype == torch.float64 else 1e-4
-    assert_rel_close(logits[0], logits[1], tol, "logits")
-    for out in logits:
-        (out * torch.arange(1.0, 3.0, dtype=out.dtype)).sum().backward()
-    _assert_same_parameter_gradients(model, original, 10 * tol)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_nomic_bert_layer_fuses_both_residual_norms(backend, monkeypatch):
+    """NomicBERT's post-norm layer (nomic-embed-text): each residual add, with its dropout, and its
+    LayerNorm in one residual_layer_norm. Same logits and parameter gradients as the original with
+    padding, in training mode (float64 on the torch backend, float32 on Triton's); the dropout
+    probabilities reach the fused ops in training mode only."""
+    model, original, ids, mask = _optimize_tiny_hf_model(
+        "nomic_bert", backend, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=0.0)
+    report = model.fastformer_report
+    assert [name for name, what in report.replaced.items() if what.startswith("NomicBertLayer: both")] == [
+        "nomic_bert.layers.0", "nomic_bert.layers.1"]
+    assert list(report.left_alone) == ["nomic_bert.embeddings.LayerNorm"]
+    _assert_same_training_step(model, original, ids, mask)
+
+    dropout_ps = _record_residual_norm_dropout(monkeypatch)
+    for layer in model.nomic_bert.layers:
+        layer.post_mlp_dropout.p = 0.25
+    with torch.no_grad():
+        model.train()(input_ids=ids, attention_mask=mask)
+        model.eval()(input_ids=ids, attention_mask=mask)
+    assert dropout_ps == [0.0, 0.25] * 2 + [0.0] * 4
 
 
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
@@ -603,15 +649,9 @@ def test_albert_attention_and_layer_fuse_their_residual_norms(hidden_act, backen
     + GELU. Same logits and parameter gradients as the original with padding, in training mode
     (float64 on the torch backend, float32 on Triton's); with another attention implementation
     set afterwards, the original forward runs (and returns the weights)."""
-    dtype = torch.float64 if backend == "torch" else torch.float32
-    model = _tiny_hf_model("albert", hidden_act=hidden_act, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                           classifier_dropout_prob=0.0).to(dtype)
-    ids, mask = torch.randint(3, 50, (3, 9)), torch.ones(3, 9, dtype=torch.long)
-    mask[1, 4:] = 0
-    x = torch.randn(3, 32, dtype=dtype)
-    require_backend(backend, "residual_layer_norm", x, x, x[0], x[0])
-    original = copy.deepcopy(model)
-    fastformer.optimize(model, backend=backend, verify=True)
+    model, original, ids, mask = _optimize_tiny_hf_model(
+        "albert", backend, hidden_act=hidden_act, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        classifier_dropout_prob=0.0)
     report = model.fastformer_report
     layer = "albert.encoder.albert_layer_groups.0.albert_layers.0"
     assert report.replaced[f"{layer}.attention"] == "AlbertAttention: dropout + residual + LayerNorm fused"
@@ -624,14 +664,9 @@ def test_albert_attention_and_layer_fuse_their_residual_norms(hidden_act, backen
         op = getattr(fastformer, name)
         monkeypatch.setattr(fastformer, name, functools.partial(
             lambda op, name, *args, **kwargs: calls.append(name) or op(*args, **kwargs), op, name))
-    logits = [m.train()(input_ids=ids, attention_mask=mask).logits for m in (model, original)]
+    _assert_same_training_step(model, original, ids, mask)
     per_layer = ["residual_layer_norm", "bias_gelu", "residual_layer_norm"] if gelu else ["residual_layer_norm"] * 2
     assert calls == per_layer * 2  # the shared layer, at both depths
-    tol = 1e-7 if dtype == torch.float64 else 1e-4
-    assert_rel_close(logits[0], logits[1], tol, "logits")
-    for out in logits:
-        (out * torch.arange(1.0, 3.0, dtype=out.dtype)).sum().backward()
-    _assert_same_parameter_gradients(model, original, 10 * tol)
 
     model.set_attn_implementation("eager")
     original.set_attn_implementation("eager")
