@@ -461,26 +461,12 @@ def _hf_block_kind(module) -> str | None:
         return "output"
     if cls.__name__.endswith("Intermediate") and hasattr(module, "intermediate_act_fn"):
         return "intermediate"
-    if cls.__name__ == "TransformerBlock" and cls.__module__.endswith(".modeling_distilbert"):
-        return "distilbert block"
-    if cls.__name__ == "MPNetSelfAttention" and cls.__module__.endswith(".modeling_mpnet"):
-        return "mpnet attention"
-    if cls.__name__ == "MPNetAttention" and cls.__module__.endswith(".modeling_mpnet"):
-        return "mpnet attention block"
-    if cls.__name__ == "DisentangledSelfAttention" and cls.__module__.endswith(".modeling_deberta_v2"):
-        return "deberta attention"
-    if cls.__name__ == "ModernBertEncoderLayer" and cls.__module__.endswith(".modeling_modernbert"):
-        return "modernbert layer"
-    if cls.__name__ == "NomicBertLayer" and cls.__module__.endswith(".modeling_nomic_bert"):
-        return "nomic bert layer"
-    if cls.__name__ == "AlbertAttention" and cls.__module__.endswith(".modeling_albert"):
-        return "albert attention"
-    if cls.__name__ == "AlbertLayer" and cls.__module__.endswith(".modeling_albert"):
-        return "albert layer"
+    for kind, block in _HF_BLOCKS.items():
+        if block.model_class is not None and (cls.__module__.rsplit(".", 1)[-1], cls.__name__) == block.model_class:
+            return kind
     return None
 
 
-_FFN_KINDS = ("intermediate", "distilbert block", "albert layer")  # the blocks that hold an FFN activation
 _ATTENTION_KINDS = {"mpnet attention", "deberta attention"}  # attention computed outside the registry
 
 
@@ -496,6 +482,11 @@ class _HFBlock:
     norms: tuple  # the LayerNorms that run fused
     what: str
     reads: tuple = ()  # the parts whose parameters the fused forward uses instead of calling them
+    model_class: tuple | None = None  # (transformers module, class name) of the one class it fuses
+    width: str = "dense"  # a Linear whose in_features is the block input's width (behaviour check)
+    activation: str | None = None  # the FFN activation's path, in blocks that hold one
+    chunking: str | None = None  # the path of chunk_size_feed_forward, which refuses the block when set
+    rotary: str | None = None  # the attention whose head_dim the (cos, sin) position embeddings take
 
 
 def _attribute(module, path: str):
@@ -506,8 +497,7 @@ def _attribute(module, path: str):
 
 def _activation(kind, module):
     """The FFN activation of a block (None: the block has none)."""
-    path = {"intermediate": "intermediate_act_fn", "distilbert block": "ffn.activation",
-            "albert layer": "activation"}.get(kind)
+    path = _HF_BLOCKS[kind].activation
     return None if path is None else _attribute(module, path)
 
 
@@ -535,8 +525,7 @@ def _hf_block_unsupported_reasons(kind, module, base) -> list[str]:
     if kind == "intermediate" and _gelu_kind(module.intermediate_act_fn) is None:
         reasons.append(f"activation {type(module.intermediate_act_fn).__name__} is not a GELU that "
                        f"bias_gelu computes")
-    chunking = {"distilbert block": "ffn.chunk_size_feed_forward", "albert layer": "chunk_size_feed_forward"}
-    if kind in chunking and _attribute(module, chunking[kind]):
+    if block.chunking is not None and _attribute(module, block.chunking):
         reasons.append("feed-forward chunking is on (chunk_size_feed_forward)")
     implementation = getattr(getattr(module, "config", None), "_attn_implementation", None)
     if kind == "albert attention" and implementation != "fastformer":
@@ -552,10 +541,8 @@ def _behaviour_reasons(kind, module, base) -> list[str]:
     parameter = next(module.parameters())
     if parameter.device.type == "meta":
         return []
-    first_linear = {"distilbert block": "ffn.lin1", "mpnet attention": "q", "mpnet attention block": "attn.q",
-                    "deberta attention": "query_proj", "modernbert layer": "mlp.Wi", "albert attention": "query",
-                    "albert layer": "ffn", "nomic bert layer": "self_attn.q_proj"}.get(kind, "dense")
-    width = _attribute(module, first_linear).in_features
+    block = _HF_BLOCKS[kind]
+    width = _attribute(module, block.width).in_features
     generator = _private_generator(parameter.device)
 
     def rand(*sizes):
@@ -571,11 +558,11 @@ def _behaviour_reasons(kind, module, base) -> list[str]:
         keep[1, :, :, 2] = False
         embeddings = rand(2 * module.pos_ebd_size, width) if module.relative_attention else None
         inputs += (keep, False, None, None, embeddings)
-    if kind in ("modernbert layer", "nomic bert layer"):  # no mask, rotary (cos, sin) of random angles
-        angles = rand(2, 3, (module.attn if kind == "modernbert layer" else module.self_attn).head_dim)
+    if block.rotary is not None:  # no mask, rotary (cos, sin) of random angles
+        angles = rand(2, 3, _attribute(module, block.rotary).head_dim)
         inputs += (None, (angles.cos(), angles.sin()))
     with _evaluating(module), torch.no_grad():
-        expected, actual = base.forward(module, *inputs), _HF_BLOCKS[kind].forward(module, *inputs)
+        expected, actual = base.forward(module, *inputs), block.forward(module, *inputs)
     if isinstance(expected, tuple):  # (attention output, ...)
         expected, actual = expected[0], actual[0]
     mismatch = _mismatch(actual, expected)
@@ -845,29 +832,33 @@ _HF_BLOCKS = {
                        _fused_output_forward, ("LayerNorm",), "dropout + residual + LayerNorm fused",
                        reads=("LayerNorm", "dropout")),
     "intermediate": _HFBlock(("self", "hidden_states"), {"dense": nn.Linear}, ("intermediate_act_fn",),
-                             _fused_intermediate_forward, (), "bias + GELU fused"),
+                             _fused_intermediate_forward, (), "bias + GELU fused", activation="intermediate_act_fn"),
     # DistilBERT's block in transformers 5 (older versions take other arguments: left alone).
     "distilbert block": _HFBlock(
         ("self", "hidden_states", "attention_mask", "kwargs"),
         {"sa_layer_norm": nn.LayerNorm, "output_layer_norm": nn.LayerNorm, "ffn.lin1": nn.Linear,
          "ffn.lin2": nn.Linear, "ffn.dropout": nn.Dropout}, ("attention", "ffn", "ffn.activation"),
         _fused_distilbert_block_forward, ("sa_layer_norm", "output_layer_norm"),
-        "both residual adds + LayerNorms fused", reads=("sa_layer_norm", "output_layer_norm", "ffn", "ffn.dropout")),
+        "both residual adds + LayerNorms fused", reads=("sa_layer_norm", "output_layer_norm", "ffn", "ffn.dropout"),
+        model_class=("modeling_distilbert", "TransformerBlock"), width="ffn.lin1", activation="ffn.activation",
+        chunking="ffn.chunk_size_feed_forward"),
     "mpnet attention": _HFBlock(
         ("self", "hidden_states", "attention_mask", "position_bias", "output_attentions", "kwargs"),
         {"q": nn.Linear, "k": nn.Linear, "v": nn.Linear, "o": nn.Linear, "dropout": nn.Dropout}, (),
         _fused_mpnet_attention_forward, (), "attention with its relative position bias -> fastformer.attention",
-        reads=("dropout",)),
+        reads=("dropout",), model_class=("modeling_mpnet", "MPNetSelfAttention"), width="q"),
     "mpnet attention block": _HFBlock(
         ("self", "hidden_states", "attention_mask", "position_bias", "output_attentions", "kwargs"),
         {"LayerNorm": nn.LayerNorm, "dropout": nn.Dropout}, ("attn",), _fused_mpnet_attention_block_forward,
-        ("LayerNorm",), "dropout + residual + LayerNorm fused", reads=("LayerNorm", "dropout")),
+        ("LayerNorm",), "dropout + residual + LayerNorm fused", reads=("LayerNorm", "dropout"),
+        model_class=("modeling_mpnet", "MPNetAttention"), width="attn.q"),
     "deberta attention": _HFBlock(
         ("self", "hidden_states", "attention_mask", "output_attentions", "query_states", "relative_pos",
          "rel_embeddings"),
         {"query_proj": nn.Linear, "key_proj": nn.Linear, "value_proj": nn.Linear, "dropout": nn.Dropout},
         ("pos_dropout", "pos_key_proj", "pos_query_proj"), _fused_deberta_attention_forward, (),
-        "disentangled attention (position terms as its float mask) -> fastformer.attention", reads=("dropout",)),
+        "disentangled attention (position terms as its float mask) -> fastformer.attention", reads=("dropout",),
+        model_class=("modeling_deberta_v2", "DisentangledSelfAttention"), width="query_proj"),
     # ALBERT's attention and layer in transformers 5 (older versions take other arguments: left
     # alone). The layer's `dropout` is unused by its own forward too.
     "albert attention": _HFBlock(
@@ -875,25 +866,31 @@ _HF_BLOCKS = {
         {"query": nn.Linear, "key": nn.Linear, "value": nn.Linear, "dense": nn.Linear, "LayerNorm": nn.LayerNorm,
          "attention_dropout": nn.Dropout, "output_dropout": nn.Dropout}, (), _fused_albert_attention_forward,
         ("LayerNorm",), "dropout + residual + LayerNorm fused", reads=("LayerNorm", "attention_dropout",
-                                                                       "output_dropout")),
+                                                                       "output_dropout"),
+        model_class=("modeling_albert", "AlbertAttention"), width="query"),
     "albert layer": _HFBlock(
         ("self", "hidden_states", "attention_mask", "kwargs"),
         {"ffn": nn.Linear, "ffn_output": nn.Linear, "full_layer_layer_norm": nn.LayerNorm},
         ("attention", "activation", "dropout"), _fused_albert_layer_forward, ("full_layer_layer_norm",),
-        "residual add + LayerNorm fused", reads=("full_layer_layer_norm",)),
+        "residual add + LayerNorm fused", reads=("full_layer_layer_norm",),
+        model_class=("modeling_albert", "AlbertLayer"), width="ffn", activation="activation",
+        chunking="chunk_size_feed_forward"),
     "nomic bert layer": _HFBlock(
         ("self", "hidden_states", "attention_mask", "position_embeddings", "kwargs"),
         {"post_attention_layernorm": nn.LayerNorm, "post_mlp_layernorm": nn.LayerNorm,
          "post_attention_dropout": nn.Dropout, "post_mlp_dropout": nn.Dropout}, ("self_attn", "mlp"),
         _fused_nomic_bert_layer_forward, ("post_attention_layernorm", "post_mlp_layernorm"),
         "both residual adds (with their dropout) + LayerNorms fused",
-        reads=("post_attention_layernorm", "post_mlp_layernorm", "post_attention_dropout", "post_mlp_dropout")),
+        reads=("post_attention_layernorm", "post_mlp_layernorm", "post_attention_dropout", "post_mlp_dropout"),
+        model_class=("modeling_nomic_bert", "NomicBertLayer"), width="self_attn.q_proj", rotary="self_attn"),
     # ModernBERT's layer in transformers 5 (older versions take other arguments: left alone).
     "modernbert layer": _HFBlock(
         ("self", "hidden_states", "attention_mask", "position_embeddings", "kwargs"), {"mlp_norm": nn.LayerNorm},
         ("attn_norm", "attn", "mlp"), _fused_modernbert_layer_forward, ("mlp_norm",),
-        "residual add + the MLP's LayerNorm fused", reads=("mlp_norm",)),
+        "residual add + the MLP's LayerNorm fused", reads=("mlp_norm",),
+        model_class=("modeling_modernbert", "ModernBertEncoderLayer"), width="mlp.Wi", rotary="attn"),
 }
+_FFN_KINDS = tuple(kind for kind, block in _HF_BLOCKS.items() if block.activation)  # blocks with an FFN activation
 
 
 # --------------------------------------------------------------------------------------------
