@@ -129,8 +129,11 @@ class Shape:
         return text
 
     def name(self) -> str:
-        return (f"B={self.batch} H={self.heads} L={self.seq_len} D={self.head_dim}"
-                + (" causal" if self.causal else "") + (" padded" if self.padding else "")
+        return f"B={self.batch} H={self.heads} L={self.seq_len} D={self.head_dim}" + self._variant()
+
+    def _variant(self) -> str:
+        """" causal", " padded", " +bias" as they apply (name and plot panel)."""
+        return ((" causal" if self.causal else "") + (" padded" if self.padding else "")
                 + (" +bias" if self.bias else ""))
 
     def group(self) -> str:
@@ -139,8 +142,7 @@ class Shape:
             return ""
         if self.suite == "long":
             return f"long D={self.head_dim}" + (" causal" if self.causal else "")
-        return (f"B={self.batch} H={self.heads} D={self.head_dim}" + (" causal" if self.causal else "")
-                + (" padded" if self.padding else "") + (" +bias" if self.bias else ""))
+        return f"B={self.batch} H={self.heads} D={self.head_dim}" + self._variant()
 
 
 def _flags(choice: str) -> list[bool]:
