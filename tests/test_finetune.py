@@ -395,6 +395,28 @@ def test_time_shares_note_says_how_fused_kernels_count():
     assert report.shares_note({"variants": {"torch": {"time_shares": None}}}) == ""
 
 
+def test_a_generic_backward_op_counts_where_its_forward_op_did():
+    """BmmBackward0 says nothing of attention: the two batched matmuls' backward nodes count as
+    attention for the one run inside an attention-named block, as 'rest' for the other."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    x = torch.randn(2, 8, 16, requires_grad=True)
+    linear = torch.nn.Linear(16, 16)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with record_function("toy_attention"):
+            scores = torch.bmm(x, x.transpose(1, 2))
+        linear(torch.bmm(scores, x)).sum().backward()
+    events = prof.events()
+    category_of = train_lib._Categorizer(events)
+    nodes = [e for e in events if e.name == "autograd::engine::evaluate_function: BmmBackward0"]
+    assert sorted(category_of(e) for e in nodes) == ["attention", "rest"]
+    assert {category_of(e) for e in events if e.name == "autograd::engine::evaluate_function: AddmmBackward0"} \
+        == {"rest"}
+    matmuls = [e for e in events if e.name == "aten::bmm" and e.cpu_parent is not None
+               and e.cpu_parent.name == "BmmBackward0"]
+    assert sorted(category_of(e) for e in matmuls) == ["attention"] * 2 + ["rest"] * 2
+
+
 def test_time_shares_from_gpu_kernels():
     """The CUDA branch on hand-made profiler events (no GPU needed): kernels by their own name, else
     by the operator that launched them; kernels linked to no operator by their name alone."""

@@ -97,8 +97,8 @@ def _fmt(value, spec: str, missing: str = "-") -> str:
 SHARES_NOTE = ("Time shares by op name: fastformer's LayerNorm column holds the dropout and residual add it "
                "fuses, its GELU column the activation dropout it fuses and the bias add where bias_gelu "
                "takes it (kernel backends); the torch variant counts its dropout and add in 'rest', its "
-               "bias in the GEMM. Backward matmuls recorded under generic names (on the CPU, attention's "
-               "BmmBackward0) count as 'rest' in both. Compare totals by step time.")
+               "bias in the GEMM. A backward op with a generic name (BmmBackward0) counts where its forward op "
+               "did. Compare totals by step time.")
 COMPILED_SHARES_NOTE = ("Time shares by kernel name, under torch.compile: a generated kernel fusing several ops "
                         "counts as attention if its name mentions it, else LayerNorm, else GELU, so the torch "
                         "variant's dropout and residual adds can count as LayerNorm, as fastformer's do. Compare "

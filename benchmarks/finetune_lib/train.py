@@ -161,14 +161,50 @@ def categorize(name: str) -> str | None:
     return None
 
 
-def _category_of(event) -> str:
-    """The category of the innermost enclosing operator whose name says one, else "rest"."""
+def _named_category(event) -> str | None:
+    """The category of the innermost enclosing operator whose name says one."""
     while event is not None:
         category = categorize(event.name)
         if category is not None:
             return category
         event = event.cpu_parent
-    return "rest"
+    return None
+
+
+def _is_backward_node(event) -> bool:
+    # The autograd engine records the forward thread and sequence number of the node it runs.
+    return event.sequence_nr >= 0 and bool(getattr(event, "fwd_thread", 0))
+
+
+class _Categorizer:
+    """Categories of CPU operators: by their names and their enclosing operators' names, and for
+    the backward, also by the forward operator that created the autograd node. A generic backward
+    node (BmmBackward0, MulBackward0) then counts where its forward ran: the matmuls of a decomposed
+    attention count as attention in the backward as in the forward.
+
+    Link: a forward operator records the autograd sequence number current on its thread when it
+    starts; the node it creates takes that number, so the last forward operator to start with
+    number N on a thread is the one that created node N there (earlier ones created no node)."""
+
+    def __init__(self, events):
+        from torch.autograd import DeviceType
+
+        creators = {}
+        for event in events:
+            if (event.device_type == DeviceType.CPU and event.sequence_nr >= 0
+                    and not getattr(event, "fwd_thread", 0)):
+                key = (event.thread, event.sequence_nr)
+                if key not in creators or event.time_range.start >= creators[key].time_range.start:
+                    creators[key] = event
+        self._forward = {key: _named_category(event) for key, event in creators.items()}
+
+    def __call__(self, event) -> str:
+        category = _named_category(event)
+        while category is None and event is not None:
+            if _is_backward_node(event):
+                category = self._forward.get((event.fwd_thread, event.sequence_nr))
+            event = event.cpu_parent
+        return category or "rest"
 
 
 def time_shares(events, device: torch.device) -> dict:
@@ -177,16 +213,20 @@ def time_shares(events, device: torch.device) -> dict:
     GPU: device time of every kernel, by the kernel's own name, else by the operators that launched
     it. CPU: self time of every operator, by its own name or its enclosing operators' names
     (e.g. the matmuls inside ``aten::scaled_dot_product_attention`` count as attention).
+    Backward operators with no telling name count where their forward operator did
+    (``_Categorizer``), on both.
     """
     totals = dict.fromkeys(SHARE_KEYS, 0.0)
     from torch.autograd import DeviceType
+
+    category_of = _Categorizer(events)
 
     if device.type == "cuda":
         linked = {}
         for event in events:
             if event.device_type == DeviceType.CPU:
                 for kernel in getattr(event, "kernels", ()):
-                    category = categorize(kernel.name) or _category_of(event)
+                    category = categorize(kernel.name) or category_of(event)
                     totals[category] += kernel.duration
                     linked[(kernel.name, kernel.duration)] = linked.get((kernel.name, kernel.duration), 0) + 1
         for event in events:  # kernels the profiler could not link to an operator
@@ -201,7 +241,7 @@ def time_shares(events, device: torch.device) -> dict:
     else:
         for event in events:
             if event.device_type == DeviceType.CPU and not event.is_async:
-                totals[_category_of(event)] += event.self_cpu_time_total
+                totals[category_of(event)] += event.self_cpu_time_total
         clock = "self CPU time of the operators"
     total = sum(totals.values())
     shares = {key: (value / total if total > 0 else math.nan) for key, value in totals.items()}
