@@ -31,6 +31,10 @@ built on them; DistilBERT), when ``transformers`` is installed:
                             in ``bias_gelu``
     NomicBertLayer       -> both residual adds (with their dropout) and LayerNorms in
                             ``residual_layer_norm`` (nomic-embed-text; post-norm)
+    EsmLayer             -> the attention's residual add (with its dropout) and the FFN's LayerNorm
+                            (pre-norm) in ``residual_layer_norm``, the FFN's bias + GELU in
+                            ``bias_gelu`` (ESM-2 protein models); its attention goes through the
+                            registry as above
     ModernBertEncoderLayer (transformers >= 5) -> the first residual add and the MLP's LayerNorm
                             (pre-norm) in ``residual_layer_norm``; its attention goes through the
                             registry as above
@@ -43,9 +47,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import inspect
 import logging
 import math
+import types
 
 import torch
 import torch.nn.functional as F
@@ -269,7 +275,7 @@ def _optimize_hugging_face_model(transformers, model, prefix, report, undo):
             report.left_alone[qualified(name)] = f"{base.__name__}: " + "; ".join(reasons)
             continue
         undo.set_class(module, _fast_subclass(base, block.forward))
-        fused_gelu = kind in ("distilbert block", "albert layer") and module.fastformer_gelu
+        fused_gelu = kind in _FFN_KINDS and kind != "intermediate" and module.fastformer_gelu
         gelu = ", the FFN's bias + GELU" if fused_gelu else ""
         report.replaced[qualified(name)] = f"{base.__name__}: {block.what}{gelu}"
         fused_norms.update(id(getattr(module, norm)) for norm in block.norms)
@@ -484,9 +490,9 @@ class _HFBlock:
     reads: tuple = ()  # the parts whose parameters the fused forward uses instead of calling them
     model_class: tuple | None = None  # (transformers module, class name) of the one class it fuses
     width: str = "dense"  # a Linear whose in_features is the block input's width (behaviour check)
-    activation: str | None = None  # the FFN activation's path, in blocks that hold one
+    activation: object = None  # the FFN activation's path, or a function of the block that finds it
     chunking: str | None = None  # the path of chunk_size_feed_forward, which refuses the block when set
-    rotary: str | None = None  # the attention whose head_dim the (cos, sin) position embeddings take
+    rotary: str | None = None  # the path of the head size that rotary (cos, sin) position embeddings take
 
 
 def _attribute(module, path: str):
@@ -498,7 +504,9 @@ def _attribute(module, path: str):
 def _activation(kind, module):
     """The FFN activation of a block (None: the block has none)."""
     path = _HF_BLOCKS[kind].activation
-    return None if path is None else _attribute(module, path)
+    if path is None:
+        return None
+    return path(module) if callable(path) else _attribute(module, path)
 
 
 def _hf_block_unsupported_reasons(kind, module, base) -> list[str]:
@@ -558,11 +566,12 @@ def _behaviour_reasons(kind, module, base) -> list[str]:
         keep[1, :, :, 2] = False
         embeddings = rand(2 * module.pos_ebd_size, width) if module.relative_attention else None
         inputs += (keep, False, None, None, embeddings)
-    if block.rotary is not None:  # no mask, rotary (cos, sin) of random angles
-        angles = rand(2, 3, _attribute(module, block.rotary).head_dim)
-        inputs += (None, (angles.cos(), angles.sin()))
+    kwargs = {}
+    if block.rotary is not None:  # rotary (cos, sin) of random angles
+        angles = rand(2, 3, _attribute(module, block.rotary))
+        kwargs["position_embeddings"] = (angles.cos(), angles.sin())
     with _evaluating(module), torch.no_grad():
-        expected, actual = base.forward(module, *inputs), block.forward(module, *inputs)
+        expected, actual = base.forward(module, *inputs, **kwargs), block.forward(module, *inputs, **kwargs)
     if isinstance(expected, tuple):  # (attention output, ...)
         expected, actual = expected[0], actual[0]
     mismatch = _mismatch(actual, expected)
@@ -580,6 +589,25 @@ def _gelu_kind(activation) -> str | None:
         return "none"
     if name in ("NewGELUActivation", "GELUTanh", "PytorchGELUTanh", "FastGELUActivation"):
         return "tanh"
+    if isinstance(activation, types.FunctionType):  # a model's own GELU function (ESM's)
+        return _gelu_function_kind(activation)
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _gelu_function_kind(function) -> str | None:
+    """"none" / "tanh" for a plain function equal to that GELU in float64 on points that tell them
+    apart (they differ by up to 2e-4 there), else None."""
+    x = torch.linspace(-6.0, 6.0, 121, dtype=torch.float64)
+    try:
+        with torch.no_grad():
+            y = function(x)
+    except Exception:
+        return None
+    for approximate in ("none", "tanh"):
+        if isinstance(y, torch.Tensor) and y.shape == x.shape and torch.allclose(
+                y, F.gelu(x, approximate=approximate), rtol=1e-12, atol=1e-12):
+            return approximate
     return None
 
 
@@ -762,6 +790,33 @@ def _fused_albert_layer_forward(self, hidden_states, attention_mask=None, **kwar
                       self.full_layer_layer_norm, 0.0, getattr(self, "fastformer_backend", None))
 
 
+def _fused_esm_layer_forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
+                             encoder_attention_mask=None, position_embeddings=None, **kwargs):
+    """ESM's pre-norm layer (ESM-2): x = h + dropout(dense(attn(attn_norm(h)))); out = output(
+    gelu(intermediate.dense(LayerNorm(x))), x), the first residual add with its dropout fused into
+    the FFN's LayerNorm (one pass that returns x and its norm) and intermediate.dense's bias into
+    the GELU (``fastformer_gelu``; None: another activation, the intermediate runs as is). The
+    attention's pre-norm and the last residual add run as they are."""
+    if encoder_hidden_states is not None or not _as_optimized(self, "esm layer"):
+        return _original_forward(self, hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask,
+                                 position_embeddings, **kwargs)
+    backend, attention = getattr(self, "fastformer_backend", None), self.attention
+    attention_output, _ = attention.self(attention.LayerNorm(hidden_states), attention_mask=attention_mask,
+                                         position_embeddings=position_embeddings, **kwargs)
+    output, norm = attention.output, self.LayerNorm
+    dropout_p = output.dropout.p if output.dropout.training else 0.0
+    normed, x = fastformer.residual_layer_norm(output.dense(attention_output), hidden_states, norm.weight, norm.bias,
+                                               norm.eps, dropout_p, backend=backend)
+    if self.fastformer_gelu is None:
+        return self.output(self.intermediate(normed), x)
+    return self.output(linear_bias_gelu(normed, self.intermediate.dense, self.fastformer_gelu, backend=backend), x)
+
+
+def _esm_gelu(layer):
+    """ESM's FFN activation: the module-level ``gelu`` that EsmIntermediate's forward calls."""
+    return getattr(inspect.getmodule(type(layer.intermediate)), "gelu", None)
+
+
 def _fused_mpnet_attention_forward(self, hidden_states, attention_mask=None, position_bias=None,
                                    output_attentions=False, **kwargs):
     """MPNet's self-attention: softmax(q k^T / sqrt(d) + position_bias + mask) v, then o, with the
@@ -882,13 +937,25 @@ _HF_BLOCKS = {
         _fused_nomic_bert_layer_forward, ("post_attention_layernorm", "post_mlp_layernorm"),
         "both residual adds (with their dropout) + LayerNorms fused",
         reads=("post_attention_layernorm", "post_mlp_layernorm", "post_attention_dropout", "post_mlp_dropout"),
-        model_class=("modeling_nomic_bert", "NomicBertLayer"), width="self_attn.q_proj", rotary="self_attn"),
+        model_class=("modeling_nomic_bert", "NomicBertLayer"), width="self_attn.q_proj", rotary="self_attn.head_dim"),
     # ModernBERT's layer in transformers 5 (older versions take other arguments: left alone).
     "modernbert layer": _HFBlock(
         ("self", "hidden_states", "attention_mask", "position_embeddings", "kwargs"), {"mlp_norm": nn.LayerNorm},
         ("attn_norm", "attn", "mlp"), _fused_modernbert_layer_forward, ("mlp_norm",),
         "residual add + the MLP's LayerNorm fused", reads=("mlp_norm",),
-        model_class=("modeling_modernbert", "ModernBertEncoderLayer"), width="mlp.Wi", rotary="attn"),
+        model_class=("modeling_modernbert", "ModernBertEncoderLayer"), width="mlp.Wi", rotary="attn.head_dim"),
+    # ESM's layer (ESM-2, pre-norm) in transformers 5; with cross-attention (a decoder) it has
+    # another child and is left alone.
+    "esm layer": _HFBlock(
+        ("self", "hidden_states", "attention_mask", "encoder_hidden_states", "encoder_attention_mask",
+         "position_embeddings", "kwargs"),
+        {"attention.LayerNorm": nn.LayerNorm, "attention.output.dense": nn.Linear,
+         "attention.output.dropout": nn.Dropout, "LayerNorm": nn.LayerNorm, "intermediate.dense": nn.Linear},
+        ("attention", "attention.self", "attention.output", "intermediate", "output"), _fused_esm_layer_forward,
+        ("LayerNorm",), "the attention's residual add (with its dropout) + the FFN's LayerNorm fused",
+        reads=("attention", "attention.output", "attention.output.dropout", "LayerNorm", "intermediate"),
+        model_class=("modeling_esm", "EsmLayer"), width="intermediate.dense", activation=_esm_gelu,
+        chunking="chunk_size_feed_forward", rotary="attention.self.attention_head_size"),
 }
 _FFN_KINDS = tuple(kind for kind, block in _HF_BLOCKS.items() if block.activation)  # blocks with an FFN activation
 

@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import importlib.util
 import io
+import math
 import os
 
 import pytest
@@ -341,6 +342,8 @@ def _tiny_hf_model(family, **config_options):
         config = transformers.AlbertConfig(embedding_size=16, **sizes, **config_options)
     elif family == "nomic_bert":  # rotary positions, SwiGLU MLP, post-norm
         config = transformers.NomicBertConfig(**{**sizes, **config_options}, pad_token_id=0)
+    elif family == "esm":  # pre-norm, rotary positions by default (ESM-2)
+        config = transformers.EsmConfig(**{**sizes, **config_options}, pad_token_id=1, mask_token_id=2)
     elif family == "modernbert":  # local (sliding window) and global layers, pre-norm
         config = transformers.ModernBertConfig(**{**sizes, **config_options}, pad_token_id=0, bos_token_id=1,
                                                eos_token_id=2, cls_token_id=1, sep_token_id=2)
@@ -638,6 +641,70 @@ def test_nomic_bert_layer_fuses_both_residual_norms(backend, monkeypatch):
         model.train()(input_ids=ids, attention_mask=mask)
         model.eval()(input_ids=ids, attention_mask=mask)
     assert dropout_ps == [0.0, 0.25] * 2 + [0.0] * 4
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("positions", ["rotary", "absolute"])
+def test_esm_layer_fuses_the_attention_residual_into_the_ffn_norm(positions, backend, monkeypatch):
+    """ESM's pre-norm layer (ESM-2): h + dropout(dense(attn(attn_norm(h)))) and the FFN's LayerNorm
+    of it in one residual_layer_norm, the FFN's bias + erf GELU (ESM's own function) in bias_gelu.
+    Same logits and parameter gradients as the original with padding, in training mode (float64 on
+    the torch backend, float32 on Triton's); the attention output's dropout probability reaches the
+    fused op in training mode only."""
+    model, original, ids, mask = _optimize_tiny_hf_model(
+        "esm", backend, position_embedding_type=positions, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0)
+    report = model.fastformer_report
+    assert [name for name, what in report.replaced.items() if what.startswith(
+        "EsmLayer: the attention's residual add") and what.endswith("the FFN's bias + GELU")] == [
+        "esm.encoder.layer.0", "esm.encoder.layer.1"]
+    assert sorted(report.left_alone) == ["esm.encoder.emb_layer_norm_after", "esm.encoder.layer.0.attention.LayerNorm",
+                                         "esm.encoder.layer.1.attention.LayerNorm"]
+    gelus = []
+    bias_gelu = fastformer.bias_gelu
+    monkeypatch.setattr(fastformer, "bias_gelu", lambda x, bias=None, approximate="none", **kwargs: gelus.append(
+        (approximate, kwargs["backend"])) or bias_gelu(x, bias, approximate, **kwargs))
+    _assert_same_training_step(model, original, ids, mask)
+    assert gelus == [("none", backend)] * 2
+
+    dropout_ps = _record_residual_norm_dropout(monkeypatch)
+    for layer in model.esm.encoder.layer:
+        layer.attention.output.dropout.p = 0.25
+    with torch.no_grad():
+        model.train()(input_ids=ids, attention_mask=mask)
+        model.eval()(input_ids=ids, attention_mask=mask)
+    assert dropout_ps == [0.25, 0.25, 0.0, 0.0]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
+def test_esm_decoder_layer_with_cross_attention_is_left_alone():
+    model = _tiny_hf_model("esm", is_decoder=True, add_cross_attention=True).double()
+    fastformer.optimize(model, backend="torch")
+    why = model.fastformer_report.left_alone["esm.encoder.layer.0"]
+    assert why.startswith("EsmLayer:") and "crossattention" in why
+    assert type(model.esm.encoder.layer[0]).__name__ == "EsmLayer"
+
+
+def test_a_gelu_function_is_fused_only_when_it_equals_one_that_bias_gelu_computes():
+    """A model's own GELU function (ESM's) is told apart from the other GELU and from look-alikes
+    in float64."""
+    from fastformer.optimize import _gelu_kind
+
+    def erf_gelu(x):
+        return x * 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
+
+    def tanh_gelu(x):
+        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+    def sigmoid_gelu(x):  # the "quick" approximation: not what bias_gelu computes
+        return x * torch.sigmoid(1.702 * x)
+
+    def broken(x):
+        raise RuntimeError("no")
+
+    assert [_gelu_kind(f) for f in (erf_gelu, tanh_gelu, sigmoid_gelu, broken, torch.relu)] == [
+        "none", "tanh", None, None, None]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
