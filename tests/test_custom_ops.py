@@ -166,6 +166,38 @@ def test_compile_fullgraph_with_dynamic_shapes_and_a_mask(mask_dtype):
         torch.testing.assert_close(compiled(q, k, v, mask), attend(q, k, v, mask))
 
 
+def _padded_batch(batch, length, width):
+    x = torch.randn(batch, length, width)
+    padding = torch.arange(length) >= torch.randint(1, length + 1, (batch, 1))
+    return x, padding
+
+
+def test_torch_export_of_an_optimized_encoder_with_dynamic_shapes(tmp_path):
+    """torch.export (the path to AOTInductor, ExecuTorch and ONNX): the ops are nodes of the graph,
+    with the backend chosen at export; the program runs at other batch sizes and lengths, and again
+    after torch.export.save / load."""
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(32, 4, 64, batch_first=True)
+    encoder = fastformer.optimize(torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval())
+    batch, length = torch.export.Dim("batch", min=2, max=64), torch.export.Dim("length", min=2, max=512)
+    x, padding = _padded_batch(3, 9, 32)
+    program = torch.export.export(encoder, (x,), {"src_key_padding_mask": padding},
+                                  dynamic_shapes={"src": {0: batch, 1: length},
+                                                  "src_key_padding_mask": {0: batch, 1: length}})
+    ops = [node for node in program.graph.nodes if str(node.target).startswith("fastformer.")]
+    assert sorted(str(node.target) for node in ops) == ["fastformer.attention_fwd.default"] * 2 + [
+        "fastformer.residual_norm_fwd.default"] * 4
+    assert {node.args[-1] for node in ops} == {fastformer.explain("attention", *(x.unsqueeze(1),) * 3).backend}
+    torch.export.save(program, tmp_path / "encoder.pt2")
+    loaded = torch.export.load(tmp_path / "encoder.pt2")
+    for shape in [(2, 5), (5, 17)]:
+        x, padding = _padded_batch(*shape, 32)
+        with torch.no_grad():
+            expected = encoder(x, src_key_padding_mask=padding)
+            for exported in (program, loaded):
+                torch.testing.assert_close(exported.module()(x, src_key_padding_mask=padding), expected)
+
+
 def test_compile_fullgraph_with_dropout_draws_a_fresh_mask_each_step():
     torch._dynamo.reset()
     model = TinyEncoderLayer(dropout_p=0.2)

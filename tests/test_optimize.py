@@ -356,6 +356,28 @@ def _tiny_hf_model(family, **config_options):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
+@pytest.mark.parametrize("family", ["bert", "esm"])
+def test_optimized_hf_model_exports_with_dynamic_shapes(family):
+    """torch.export of an optimized model: the registry's attention function and the fused blocks
+    trace with symbolic batch size and length, and the program matches the model at other shapes."""
+    model = fastformer.optimize(_tiny_hf_model(family))
+    batch, length = torch.export.Dim("batch", min=2, max=64), torch.export.Dim("length", min=2, max=256)
+
+    def inputs(batch_size, seq_len):
+        mask = (torch.arange(seq_len) < torch.randint(1, seq_len + 1, (batch_size, 1))).long()
+        return {"input_ids": torch.randint(3, 50, (batch_size, seq_len)), "attention_mask": mask}
+    program = torch.export.export(model, (), inputs(3, 9), dynamic_shapes={
+        "input_ids": {0: batch, 1: length}, "attention_mask": {0: batch, 1: length}})
+    targets = {str(node.target) for node in program.graph.nodes}
+    assert {"fastformer.attention_fwd.default", "fastformer.residual_norm_fwd.default",
+            "fastformer.bias_gelu_fwd.default"} <= targets
+    for shape in [(2, 5), (4, 30)]:
+        batch_inputs = inputs(*shape)
+        with torch.no_grad():
+            torch.testing.assert_close(program.module()(**batch_inputs).logits, model(**batch_inputs).logits)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
 @pytest.mark.parametrize("family", ["bert", "electra", "albert", "distilbert"])
 def test_hf_attention_calls_carry_the_forced_backend(family, monkeypatch):
     """optimize(backend=...) reaches every attention module that transformers routes to fastformer,
