@@ -13,6 +13,27 @@ def attention(q, k, v, attn_mask=None, key_padding_mask=None, is_causal=False, s
 
     keep: optional bool (B, Hq, Lq, Lk) dropout keep-mask, applied as keep / (1 - dropout_p).
     """
+    probs, v = _attention_probs(q, k, v, attn_mask, key_padding_mask, is_causal, scale)
+    if keep is not None:
+        probs = probs * keep / (1.0 - dropout_p)
+    return torch.einsum("bhqk,bhkd->bhqd", probs, v)
+
+
+def attention_scores_grad(q, k, v, out, grad_out, attn_mask=None, key_padding_mask=None, is_causal=False,
+                          scale=None):
+    """dS = P * (dO V^T - rowsum(dO * O)) in float64: the gradient of the scores, and so of an
+    additive float mask, as flash-style kernels compute it from the output they stored. With the
+    exact O it is autograd's gradient; with a kernel's own rounded O it is that kernel's algorithm
+    computed exactly, so the kernel's error against it is its float32 arithmetic alone."""
+    probs, v = _attention_probs(q, k, v, attn_mask, key_padding_mask, is_causal, scale)
+    grad_out = grad_out.double()
+    grad_probs = torch.einsum("bhqd,bhkd->bhqk", grad_out, v)
+    delta = (grad_out * out.double()).sum(dim=-1, keepdim=True)
+    return probs * (grad_probs - delta)
+
+
+def _attention_probs(q, k, v, attn_mask, key_padding_mask, is_causal, scale):
+    """(P, V with its heads repeated for GQA), float64; P's rows with no key left are 0."""
     q, k, v = q.double(), k.double(), v.double()
     batch, heads_q, len_q, dim = q.shape
     group = heads_q // k.shape[1]
@@ -34,10 +55,7 @@ def attention(q, k, v, attn_mask=None, key_padding_mask=None, is_causal=False, s
         allowed = allowed & torch.ones(len_q, len_k, dtype=torch.bool, device=q.device).tril()
     scores = scores.masked_fill(~allowed, float("-inf"))
     alive = allowed.any(dim=-1, keepdim=True)
-    probs = torch.softmax(scores.masked_fill(~alive, 0.0), dim=-1) * alive
-    if keep is not None:
-        probs = probs * keep / (1.0 - dropout_p)
-    return torch.einsum("bhqk,bhkd->bhqd", probs, v)
+    return torch.softmax(scores.masked_fill(~alive, 0.0), dim=-1) * alive, v
 
 
 def residual_norm(x, residual, weight, bias, eps, rms=False, keep=None, dropout_p=0.0):
