@@ -66,17 +66,19 @@ def assert_rel_close(actual, expected, tol, what="", baseline=None):
                                 f"PyTorch's {baseline_error:.3g} in {actual.dtype}")
 
 
-def assert_grads_close(got, want, tol, what=""):
+def assert_grads_close(got, want, tol, what="", baselines=None):
     """Input gradients (of q, k, v and maybe attn_mask) against the reference's: each within
-    ``tol`` relative error, except those the reference has at zero up to rounding (dQ with a single
-    key), which need only be that small relative to the largest gradient."""
+    ``tol`` relative error (and, with ``baselines``, plain PyTorch's gradients in the half dtype,
+    BASELINE_MULTIPLE times their error), except those the reference has at zero up to rounding
+    (dQ with a single key), which need only be that small relative to the largest gradient."""
     assert len(got) == len(want), f"{what}: {len(got)} gradients, expected {len(want)}"
     scale = max(w.norm().item() for w in want)
-    for name, grad, expected in zip(("q", "k", "v", "attn_mask"), got, want):
+    baselines = (None,) * len(want) if baselines is None else baselines
+    for name, grad, expected, baseline in zip(("q", "k", "v", "attn_mask"), got, want, baselines):
         assert grad.shape == expected.shape, f"grad {name} {what}: shape {grad.shape} != {expected.shape}"
         assert torch.isfinite(grad).all(), f"grad {name} {what}: non-finite"
         if expected.norm() > 1e-6 * scale:
-            assert_rel_close(grad, expected, tol, f"grad {name} {what}")
+            assert_rel_close(grad, expected, tol, f"grad {name} {what}", baseline=baseline)
         else:
             assert grad.double().norm() <= tol * scale, f"grad {name} {what}"
 

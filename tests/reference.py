@@ -8,12 +8,14 @@ import torch
 
 
 def attention(q, k, v, attn_mask=None, key_padding_mask=None, is_causal=False, scale=None, keep=None,
-              dropout_p=0.0):
+              dropout_p=0.0, compute_dtype=torch.float64):
     """softmax(scale Q K^T + masks) V in float64; rows with no key left give 0.
 
     keep: optional bool (B, Hq, Lq, Lk) dropout keep-mask, applied as keep / (1 - dropout_p).
+    compute_dtype: another dtype computes the same formula in it, step by step as plain PyTorch
+    would (the baseline of DESIGN.md's half-precision criterion).
     """
-    probs, v = _attention_probs(q, k, v, attn_mask, key_padding_mask, is_causal, scale)
+    probs, v = _attention_probs(q, k, v, attn_mask, key_padding_mask, is_causal, scale, compute_dtype)
     if keep is not None:
         probs = probs * keep / (1.0 - dropout_p)
     return torch.einsum("bhqk,bhkd->bhqd", probs, v)
@@ -32,9 +34,9 @@ def attention_scores_grad(q, k, v, out, grad_out, attn_mask=None, key_padding_ma
     return probs * (grad_probs - delta)
 
 
-def _attention_probs(q, k, v, attn_mask, key_padding_mask, is_causal, scale):
-    """(P, V with its heads repeated for GQA), float64; P's rows with no key left are 0."""
-    q, k, v = q.double(), k.double(), v.double()
+def _attention_probs(q, k, v, attn_mask, key_padding_mask, is_causal, scale, compute_dtype=torch.float64):
+    """(P, V with its heads repeated for GQA) in ``compute_dtype``; P's rows with no key left are 0."""
+    q, k, v = q.to(compute_dtype), k.to(compute_dtype), v.to(compute_dtype)
     batch, heads_q, len_q, dim = q.shape
     group = heads_q // k.shape[1]
     k = k.repeat_interleave(group, dim=1)
@@ -47,7 +49,7 @@ def _attention_probs(q, k, v, attn_mask, key_padding_mask, is_causal, scale):
         if attn_mask.dtype == torch.bool:
             allowed = allowed & attn_mask
         else:
-            scores = scores + attn_mask.double()
+            scores = scores + attn_mask.to(compute_dtype)
             allowed = allowed & (attn_mask != float("-inf"))
     if key_padding_mask is not None:
         allowed = allowed & ~key_padding_mask[:, None, None, :]
