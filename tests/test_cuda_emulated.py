@@ -21,7 +21,9 @@ import torch
 
 import fastformer.cuda
 import reference
+import test_bias_gelu as bias_gelu_tests
 import test_cuda_attention as cuda_tests
+import test_residual_norm as residual_norm_tests
 from cuda_emulator import build
 from fastformer.cuda import attention as cuda_attention
 from fastformer.cuda import bias_gelu as cuda_bias_gelu
@@ -288,9 +290,12 @@ def test_residual_norm_matches_float64_reference(rows, n, dtype, aligned, rms, d
     x64, res64, w64 = (t.detach().double().requires_grad_() for t in (x, residual, weight))
     b64 = None if bias is None else bias.detach().double().requires_grad_()
     want, want_residual = reference.residual_norm(x64, res64, w64, b64, 1e-5, rms=rms, keep=keep, dropout_p=dropout_p)
+    plain_inputs = [t.detach().requires_grad_() for t in (x, residual, weight, bias) if t is not None]
+    plain, plain_residual = residual_norm_tests.plain_pytorch(  # the baseline of half-precision error
+        "rms" if rms else "layer", *plain_inputs[:3], None if bias is None else plain_inputs[3], 1e-5, keep, dropout_p)
     fwd_tol, grad_tol = ELEMENTWISE_TOL[dtype]
-    assert_rel_close(out, want, fwd_tol, "out")
-    assert_rel_close(residual_out, want_residual, fwd_tol, "residual_out")
+    assert_rel_close(out, want, fwd_tol, "out", plain)
+    assert_rel_close(residual_out, want_residual, fwd_tol, "residual_out", plain_residual)
 
     grad_out, grad_residual_out = torch.randn(rows, n, dtype=dtype), torch.randn(rows, n, dtype=dtype)
     # the autograd layer passes residual_out as `normed` when it was stored (fastformer/library.py)
@@ -298,11 +303,12 @@ def test_residual_norm_matches_float64_reference(rows, n, dtype, aligned, rms, d
                                               dropout_p, rms, seed, True)
     inputs = [x64, res64, w64] + ([b64] if b64 is not None else [])
     want_grads = torch.autograd.grad((want, want_residual), inputs, (grad_out.double(), grad_residual_out.double()))
+    plain_grads = torch.autograd.grad((plain, plain_residual), plain_inputs, (grad_out, grad_residual_out))
     param_tol = grad_tol if dtype == torch.float32 else PARAM_GRAD_TOL_HALF
-    for name, got, expected, tol in zip(("x", "residual", "weight", "bias"), grads, want_grads,
-                                        (grad_tol, grad_tol, param_tol, param_tol)):
+    for name, got, expected, tol, baseline in zip(("x", "residual", "weight", "bias"), grads, want_grads,
+                                                  (grad_tol, grad_tol, param_tol, param_tol), plain_grads):
         assert got is not None, name
-        assert_rel_close(got, expected, tol, f"grad {name}")
+        assert_rel_close(got, expected, tol, f"grad {name}", baseline if baseline.dtype == got.dtype else None)
 
 
 # (rows, N, x's offset in elements from a 16-byte boundary): a warp per row and a block per row
@@ -455,14 +461,18 @@ def test_bias_gelu_matches_float64_reference(shape, dtype, bias_dtype, aligned, 
     if dropout_p:  # the mask of the (rows, N) view, as documented
         keep = reference.philox_keep_mask(int(seed), (x.numel() // n, n), dropout_p).view(shape)
         want = want * keep / (1.0 - dropout_p)
+    plain_x = x.detach().requires_grad_()
+    plain = bias_gelu_tests.plain_pytorch(plain_x, bias, approximate)
+    if dropout_p:
+        plain = plain * (keep / (1.0 - dropout_p)).to(dtype)
     fwd_tol, grad_tol = ELEMENTWISE_TOL[dtype]
     assert out.shape == x.shape and out.dtype == dtype
-    assert_rel_close(out, want, fwd_tol, "out")
+    assert_rel_close(out, want, fwd_tol, "out", plain)
 
     grad_out = torch.randn(*shape, dtype=dtype)
     grad_x, grad_bias = cuda_bias_gelu.bias_gelu_bwd(grad_out, x, bias, approximate, dropout_p, seed)
     want_grads = torch.autograd.grad(want, [x64] + ([b64] if b64 is not None else []), grad_out.double())
-    assert_rel_close(grad_x, want_grads[0], grad_tol, "grad x")
+    assert_rel_close(grad_x, want_grads[0], grad_tol, "grad x", torch.autograd.grad(plain, plain_x, grad_out)[0])
     if dropout_p:  # a few wrong mask bits would hide in a relative error: the dropped ones, exactly
         assert not out[~keep].any() and not grad_x[~keep].any()
     if bias is None:
