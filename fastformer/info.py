@@ -86,6 +86,7 @@ def collect() -> dict:
         "cuda_extension": {
             "built": cuda_backend.load_extension() is not None,
             "build_info": cuda_backend.extension_build_info(),
+            "stale": cuda_backend.extension_stale_reasons() if cuda_backend.load_extension() is not None else [],
         },
         "cuda_verified": _verified(),
         "backends": backends,
@@ -108,6 +109,8 @@ def _print_report(facts: dict) -> None:
     extension = facts["cuda_extension"]
     print(f"CUDA extension fastformer._C: {'built' if extension['built'] else 'not built'}"
           + (f" {extension['build_info']}" if extension["build_info"] else ""))
+    for reason in extension.get("stale", []):
+        print(f"  not used: {reason}")
     print("CUDA kernels verified on a GPU (fastformer/cuda/verified.json; backend=None uses only "
           "these, backend='cuda' runs any):")
     verified = facts["cuda_verified"]

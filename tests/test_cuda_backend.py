@@ -15,6 +15,7 @@ import torch
 import fastformer
 from fastformer import cuda as cuda_backend
 from fastformer import dispatch, library
+from fastformer.cuda.source_digest import source_digest
 from fastformer.dispatch import Call
 from helpers import check_p_rounded_to_a_multiple_of_2_to_the_minus_16
 
@@ -61,6 +62,56 @@ def cuda_available(monkeypatch):
 def test_extension_imports_when_the_build_is_required():
     """CI sets FASTFORMER_BUILD_CUDA=1 where nvcc exists: the extension must then be importable."""
     assert built, cuda_backend.extension_unavailable_reasons()
+
+
+@needs_extension
+def test_extension_records_the_sources_it_was_built_from():
+    """build_info() carries the digest of csrc/ at build time: this checkout's, which it was built from."""
+    assert cuda_backend.extension_build_info()["source_digest"] == source_digest(cuda_backend.CHECKOUT_CSRC)
+    assert cuda_backend.extension_stale_reasons() == []
+
+
+def test_an_extension_built_from_other_sources_is_not_used(monkeypatch, tmp_path):
+    """A checkout whose csrc/ changed since the build: the extension counts as unavailable (its
+    kernels are not this checkout's) and the launchers say why; the same digest, none (a build
+    older than the record) or no csrc/ (an installed wheel) leave it usable."""
+    csrc = tmp_path / "csrc"
+    (csrc / "op").mkdir(parents=True)
+    (csrc / "op" / "kernel.cu").write_text("// the sources built")
+    built_from = source_digest(csrc)
+    monkeypatch.setattr(cuda_backend, "CHECKOUT_CSRC", csrc)
+    monkeypatch.setattr(cuda_backend, "load_extension", lambda: object())
+
+    def stale_reasons(info):
+        monkeypatch.setattr(cuda_backend, "extension_build_info", lambda: info)
+        monkeypatch.setattr(cuda_backend, "_stale", None)
+        return cuda_backend.extension_stale_reasons()
+
+    assert stale_reasons({"source_digest": built_from}) == []
+    (csrc / "op" / "kernel.cu").write_text("// edited since")
+    assert stale_reasons({}) == []
+    [reason] = stale_reasons({"source_digest": built_from})
+    assert "other CUDA sources than this checkout's csrc/" in reason and "rebuild" in reason
+    assert reason in cuda_backend.extension_unavailable_reasons()
+    with pytest.raises(RuntimeError, match="other CUDA sources"):
+        cuda_backend.require_extension()
+    monkeypatch.setattr(cuda_backend, "CHECKOUT_CSRC", tmp_path / "absent")
+    assert stale_reasons({"source_digest": built_from}) == []
+
+
+def test_source_digest_follows_the_sources_not_the_docs(tmp_path):
+    csrc = tmp_path / "csrc"
+    (csrc / "op").mkdir(parents=True)
+    (csrc / "op" / "kernel.cu").write_text("x")
+    (csrc / "README.md").write_text("a doc")
+    first = source_digest(csrc)
+    (csrc / "README.md").write_text("another doc")
+    assert source_digest(csrc) == first
+    (csrc / "op" / "traits.h").write_text("y")
+    second = source_digest(csrc)
+    assert second != first
+    (csrc / "op" / "traits.h").rename(csrc / "op" / "params.h")
+    assert source_digest(csrc) not in (first, second)
 
 
 @needs_extension

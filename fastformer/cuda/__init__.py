@@ -7,6 +7,8 @@ only imported when one of the functions below is first called.
 - ``load_extension()``: the ``fastformer._C`` module, or None.
 - ``extension_unavailable_reasons()``: why the extension cannot be used here ([] when it can).
 - ``extension_build_info()``: how the extension was built, or None.
+- ``extension_stale_reasons()``: a reason when the extension was built from other sources than
+  this checkout's csrc/ (then it counts as unavailable), else [].
 - ``op_table()``: op name -> (dispatch.Support, implementation module), for ``fastformer.dispatch``.
   Each implementation module (``layer_norm``, ``bias_gelu``, ``attention``) declares its
   ``support()``; a module that does not exist is left out.
@@ -27,7 +29,8 @@ import re
 import threading
 from pathlib import Path
 
-__all__ = ["load_extension", "extension_unavailable_reasons", "extension_build_info", "op_table",
+__all__ = ["load_extension", "extension_unavailable_reasons", "extension_build_info", "extension_stale_reasons",
+           "op_table",
            "require_extension", "kernel_ops", "verified_record", "VERIFIED_RECORD", "UNVERIFIED_REASON",
            "KERNEL_DEVICE", "OPS_NAMESPACE"]
 
@@ -63,7 +66,8 @@ def load_extension():
 
 
 def extension_build_info() -> dict | None:
-    """``fastformer._C.build_info()``: cuda_runtime_version, torch_version, compiled_archs.
+    """``fastformer._C.build_info()``: cuda_runtime_version, torch_version, compiled_archs,
+    source_digest (extensions built before it was recorded lack it).
 
     None when the extension is not available.
     """
@@ -86,6 +90,8 @@ def extension_unavailable_reasons() -> list[str]:
     reasons = []
     if load_extension() is None:
         reasons.append(_load_error_reason(_load_error))
+    else:
+        reasons += extension_stale_reasons()
     if torch.version.cuda is None:
         reasons.append(f"PyTorch {torch.__version__} is a CPU-only build")
     elif not _cuda_device_visible(torch):
@@ -101,6 +107,27 @@ def _load_error_reason(exc: BaseException | None) -> str:
         return f"{EXTENSION_MODULE} is not built ({error}); build it with {BUILD_COMMAND}"
     # Built, but does not load: typically compiled against another torch or CUDA version.
     return f"{EXTENSION_MODULE} cannot be loaded ({error}); rebuild it with {BUILD_COMMAND}"
+
+
+# The csrc/ of the source checkout this package was imported from (absent in an installed wheel).
+CHECKOUT_CSRC = Path(__file__).resolve().parents[2] / "csrc"
+_stale: list[str] | None = None  # extension_stale_reasons(), once computed
+
+
+def extension_stale_reasons() -> list[str]:
+    """A reason when the loaded extension was built from other CUDA sources than this checkout's
+    csrc/ (edited, or checked out at another commit, since the build): its kernels are not the
+    ones the checkout describes, and tests or benchmarks of them would mislead."""
+    global _stale
+    if _stale is None:
+        from fastformer.cuda.source_digest import source_digest
+
+        built = (extension_build_info() or {}).get("source_digest")
+        _stale = []
+        if built and CHECKOUT_CSRC.is_dir() and source_digest(CHECKOUT_CSRC) != built:
+            _stale.append(f"{EXTENSION_MODULE} was built from other CUDA sources than this checkout's csrc/ "
+                          f"(changed since the build); rebuild it with {BUILD_COMMAND}")
+    return _stale
 
 
 def _cuda_device_visible(torch) -> bool:
@@ -149,9 +176,10 @@ def _target_runs_on(target: str, major: int, minor: int) -> bool:
 
 
 def require_extension():
-    """The extension module, or RuntimeError with the reasons it cannot be used (for launchers)."""
+    """The extension module, or RuntimeError with the reasons it cannot be used (for launchers):
+    not built, not loadable, or built from other sources than this checkout's csrc/."""
     module = load_extension()
-    if module is None:
+    if module is None or extension_stale_reasons():
         raise RuntimeError("fastformer cuda backend: " + "; ".join(extension_unavailable_reasons()))
     return module
 
