@@ -47,7 +47,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import functools
 import inspect
 import logging
 import math
@@ -590,11 +589,15 @@ def _gelu_kind(activation) -> str | None:
     if name in ("NewGELUActivation", "GELUTanh", "PytorchGELUTanh", "FastGELUActivation"):
         return "tanh"
     if isinstance(activation, types.FunctionType):  # a model's own GELU function (ESM's)
-        return _gelu_function_kind(activation)
+        if activation not in _GELU_FUNCTION_KINDS:  # probed once (optimize): a forward only looks it up
+            _GELU_FUNCTION_KINDS[activation] = _gelu_function_kind(activation)
+        return _GELU_FUNCTION_KINDS[activation]
     return None
 
 
-@functools.lru_cache(maxsize=None)
+_GELU_FUNCTION_KINDS = {}  # function -> _gelu_function_kind(function)
+
+
 def _gelu_function_kind(function) -> str | None:
     """"none" / "tanh" for a plain function equal to that GELU in float64 on points that tell them
     apart (they differ by up to 2e-4 there), else None."""
@@ -872,12 +875,25 @@ def _fused_deberta_attention_forward(self, hidden_states, attention_mask, output
         bias = self.disentangled_attention_bias(query_layer, key_layer, relative_pos,
                                                 self.pos_dropout(rel_embeddings), scale_factor)
         mask = bias.view(-1, heads, length, length).masked_fill(~keep, float("-inf"))
-    # The original's scale: sqrt(d s) rounded to float32 (transformers' scaled_size_sqrt).
-    scale = 1.0 / torch.sqrt(torch.tensor(head_dim * scale_factor, dtype=torch.float32)).item()
+    scale = _deberta_scale(self.attention_head_size, scale_factor)
     out = fastformer.attention(q, k, v, attn_mask=mask, dropout_p=self.dropout.p if self.dropout.training else 0.0,
                                scale=scale, backend=getattr(self, "fastformer_backend", None))
     out = torch.where(keep.any(-1, keepdim=True), out, v.mean(-2, keepdim=True))
     return out.transpose(1, 2).reshape(*hidden_states.shape[:-1], heads * head_dim), None
+
+
+_DEBERTA_SCALES = {}  # (head size, scale factor) -> _deberta_scale's value
+
+
+def _deberta_scale(head_size, scale_factor) -> float:
+    """1 / sqrt(d s) as transformers' scaled_size_sqrt computes it: in float32 by torch on the CPU
+    (whose sqrt may differ by an ulp from the correctly rounded one: sqrt(42)). Computed once per
+    size, when optimize's behaviour check first runs the block, so that a compiled forward reads a
+    Python float: a tensor's .item() in it would break the graph at every layer."""
+    key = (head_size, scale_factor)
+    if key not in _DEBERTA_SCALES:
+        _DEBERTA_SCALES[key] = 1.0 / torch.sqrt(torch.tensor(head_size * scale_factor, dtype=torch.float32)).item()
+    return _DEBERTA_SCALES[key]
 
 
 # The Hugging Face blocks optimize fuses (see _hf_block_kind).

@@ -378,6 +378,23 @@ def test_optimized_hf_model_exports_with_dynamic_shapes(family):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
+@pytest.mark.parametrize("family, options", [
+    ("bert", {}), ("distilbert", {}), ("albert", {}), ("mpnet", {}), ("nomic_bert", {}), ("modernbert", {}),
+    ("esm", {}), ("deberta-v2", dict(relative_attention=True, pos_att_type=["c2p", "p2c"], position_buckets=8))])
+def test_optimized_hf_model_compiles_without_graph_breaks(family, options):
+    """torch.compile sees one graph for a training step's forward, as without optimize: the fused
+    blocks' per-call checks and arguments trace (DeBERTa's scale once came from a tensor's .item(),
+    ESM's GELU check from a probe: a graph break at every layer)."""
+    model = fastformer.optimize(_tiny_hf_model(family, **options).train())
+    assert model.fastformer_report.replaced
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[1, 5:] = 0
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(model)(input_ids=torch.randint(3, 50, (3, 9)), attention_mask=mask)
+    assert explanation.graph_break_count == 0, [str(reason.reason)[:200] for reason in explanation.break_reasons]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
 @pytest.mark.parametrize("family", ["bert", "electra", "albert", "distilbert"])
 def test_hf_attention_calls_carry_the_forced_backend(family, monkeypatch):
     """optimize(backend=...) reaches every attention module that transformers routes to fastformer,
