@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -95,8 +96,23 @@ def test_an_extension_built_from_other_sources_is_not_used(monkeypatch, tmp_path
     assert reason in cuda_backend.extension_unavailable_reasons()
     with pytest.raises(RuntimeError, match="other CUDA sources"):
         cuda_backend.require_extension()
-    monkeypatch.setattr(cuda_backend, "CHECKOUT_CSRC", tmp_path / "absent")
+    monkeypatch.setattr(cuda_backend, "CHECKOUT_CSRC", None)
     assert stale_reasons({"source_digest": built_from}) == []
+
+
+def test_only_a_fastformer_checkout_compares_its_csrc(monkeypatch, tmp_path):
+    """An installed copy's parent folder (site-packages) may hold anything, even a csrc/: only a
+    folder whose pyproject.toml names fastformer counts as the checkout."""
+    assert cuda_backend.CHECKOUT_CSRC == Path(cuda_backend.__file__).resolve().parents[2] / "csrc"
+    package = tmp_path / "site-packages" / "fastformer" / "cuda"
+    package.mkdir(parents=True)
+    (tmp_path / "site-packages" / "csrc").mkdir()
+    monkeypatch.setattr(cuda_backend, "__file__", str(package / "__init__.py"))
+    assert cuda_backend._checkout_csrc() is None
+    (tmp_path / "site-packages" / "pyproject.toml").write_text('[project]\nname = "another"\n')
+    assert cuda_backend._checkout_csrc() is None
+    (tmp_path / "site-packages" / "pyproject.toml").write_text('[project]\nname = "fastformer"\n')
+    assert cuda_backend._checkout_csrc() == tmp_path / "site-packages" / "csrc"
 
 
 def test_source_digest_follows_the_sources_not_the_docs(tmp_path):

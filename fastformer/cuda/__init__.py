@@ -30,8 +30,7 @@ import threading
 from pathlib import Path
 
 __all__ = ["load_extension", "extension_unavailable_reasons", "extension_build_info", "extension_stale_reasons",
-           "op_table",
-           "require_extension", "kernel_ops", "verified_record", "VERIFIED_RECORD", "UNVERIFIED_REASON",
+           "op_table", "require_extension", "kernel_ops", "verified_record", "VERIFIED_RECORD", "UNVERIFIED_REASON",
            "KERNEL_DEVICE", "OPS_NAMESPACE"]
 
 EXTENSION_MODULE = "fastformer._C"
@@ -109,8 +108,18 @@ def _load_error_reason(exc: BaseException | None) -> str:
     return f"{EXTENSION_MODULE} cannot be loaded ({error}); rebuild it with {BUILD_COMMAND}"
 
 
-# The csrc/ of the source checkout this package was imported from (absent in an installed wheel).
-CHECKOUT_CSRC = Path(__file__).resolve().parents[2] / "csrc"
+def _checkout_csrc() -> Path | None:
+    """csrc/ of the source checkout (or unpacked sdist) this package was imported from; None for
+    an installed copy, whose parent folder is not fastformer's project."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        ours = 'name = "fastformer"' in (root / "pyproject.toml").read_text()
+    except OSError:
+        return None
+    return root / "csrc" if ours and (root / "csrc").is_dir() else None
+
+
+CHECKOUT_CSRC = _checkout_csrc()
 _stale: list[str] | None = None  # extension_stale_reasons(), once computed
 
 
@@ -124,7 +133,7 @@ def extension_stale_reasons() -> list[str]:
 
         built = (extension_build_info() or {}).get("source_digest")
         _stale = []
-        if built and CHECKOUT_CSRC.is_dir() and source_digest(CHECKOUT_CSRC) != built:
+        if built and CHECKOUT_CSRC is not None and source_digest(CHECKOUT_CSRC) != built:
             _stale.append(f"{EXTENSION_MODULE} was built from other CUDA sources than this checkout's csrc/ "
                           f"(changed since the build); rebuild it with {BUILD_COMMAND}")
     return _stale
