@@ -221,6 +221,12 @@ def environment(device: str | torch.device | None = None) -> dict[str, Any]:
         env["driver"] = _nvidia_driver()
         # float32 matmuls, and fastformer's float32 attention, in TF32 or exact
         env["tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
+        try:  # which CUDA sources the measured kernels were built from (source_digest)
+            from fastformer import cuda as cuda_backend
+
+            env["cuda_extension"] = cuda_backend.extension_build_info()
+        except Exception:
+            env["cuda_extension"] = None
     else:
         env["cpu_threads"] = torch.get_num_threads()
     env["timer"] = timer_name(device)
