@@ -723,6 +723,21 @@ def test_a_run_stopped_by_sigterm_still_writes_its_json(tmp_path, monkeypatch):
     assert "SIGTERM" in results["interrupted"] and results["data"]["train"]["reviews"] > 0
 
 
+@pytest.mark.parametrize("torch_accuracy, fast_accuracy, reviews, verdict", [
+    (0.880, 0.875, 25_000, "passed"),  # half a point apart
+    (0.880, 0.860, 25_000, "failed"),  # 2 points apart, noise +-0.29: a real difference
+    (0.780, 0.765, 1_000, "inconclusive"),  # 1.5 points apart, noise +-1.9: a quick run cannot tell
+    (0.780, 0.700, 1_000, "failed"),  # 8 points apart
+])
+def test_accuracy_check_tells_a_difference_from_sampling_noise(torch_accuracy, fast_accuracy, reviews, verdict):
+    def run(accuracy):
+        return {"test_accuracy": accuracy, "epochs": [{"test": {"reviews": reviews}}], "timed_steps": 0}
+
+    accuracy = finetune.compare({"torch": run(torch_accuracy), "fastformer": run(fast_accuracy)})["accuracy"]
+    assert accuracy["verdict"] == verdict and accuracy["passed"] == (verdict == "passed")
+    assert accuracy["difference_points"] == pytest.approx(100 * (fast_accuracy - torch_accuracy))
+
+
 def test_untimed_runs_show_no_made_up_rates():
     from finetune_lib import report
     nan = float("nan")
