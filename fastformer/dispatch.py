@@ -99,6 +99,14 @@ class Support:
     # Why the automatic choice passes over this kernel although it can run the call (e.g. a CUDA
     # kernel not yet verified on a GPU); forcing the backend still uses it. Empty: no such reason.
     not_automatic: tuple[str, ...] = ()
+    # The devices and dtypes as the reasons name them, joined once: a call traced by torch.compile
+    # then reads strings, where iterating a frozenset made torch 2.6's dynamo fail on its guards.
+    device_names: str = dataclasses.field(init=False, repr=False, compare=False)
+    dtype_names: str = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "device_names", ", ".join(sorted(self.devices)))
+        object.__setattr__(self, "dtype_names", ", ".join(sorted(str(d).replace("torch.", "") for d in self.dtypes)))
 
 
 @dataclasses.dataclass
@@ -237,15 +245,13 @@ def not_supported_reasons(backend: str, call: Call, forced: bool = True) -> tupl
         return (f"{call.op} is not implemented by the {backend} backend",)
     support = table[call.op][0]
     if call.device.type not in support.devices:
-        reasons.append(f"device {call.device.type} not supported (supports: "
-                       f"{', '.join(sorted(support.devices))})")
+        reasons.append(f"device {call.device.type} not supported (supports: {support.device_names})")
     elif call.device.type in support.forced_only_devices and not forced:
         reasons.append(f"runs on {call.device.type} only when forced (an emulation for testing)")
     if call.dtype not in support.dtypes:
-        names = ", ".join(sorted(str(d).replace("torch.", "") for d in support.dtypes))
         reasons.append(f"dtype {str(call.dtype).replace('torch.', '')} not supported "
-                       f"(supports: {names})")
-    for feature in sorted(call.needs - support.features):
+                       f"(supports: {support.dtype_names})")
+    for feature in sorted(f for f in call.needs if f not in support.features):
         reasons.append(f"{FEATURES[feature]} not supported")
     if support.head_dims is not None and call.head_dim is not None:
         low, high = support.head_dims

@@ -86,6 +86,18 @@ def assert_grads_close(got, want, tol, what="", baselines=None):
             assert grad.double().norm() <= tol * scale, f"grad {name} {what}"
 
 
+def graph_breaks(fn, *args, **kwargs) -> dict:
+    """{reason: count} of the graph breaks torch.compile (backend "eager") meets running
+    ``fn(*args, **kwargs)``; empty when it traces as one graph. (Counted by dynamo's own counters:
+    torch._dynamo.explain fails on some modules with torch 2.6.)"""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.compile(fn, backend="eager")(*args, **kwargs)
+    return dict(counters["graph_break"])
+
+
 def keep_mask_function(backend: str, monkeypatch):
     """The backend's debug path: ``f(seed, shape, dropout_p, device)`` -> the bool keep-mask its
     kernels regenerate for a tensor of ``shape`` (flattened to rows of its last dim).

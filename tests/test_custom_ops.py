@@ -198,6 +198,23 @@ def test_torch_export_of_an_optimized_encoder_with_dynamic_shapes(tmp_path):
                 torch.testing.assert_close(exported.module()(x, src_key_padding_mask=padding), expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_compile_fullgraph_where_a_backend_refuses_the_dtype(dtype):
+    """A dtype that some backend does not take (float64: the torch backend's alone) traces too:
+    choosing the backend reads the reasons' names joined beforehand (iterating a capability's
+    frozenset while tracing made torch 2.6's dynamo fail building its guards)."""
+    q, x = torch.randn(2, 2, 5, 8, dtype=dtype), torch.randn(4, 16, dtype=dtype)
+
+    def step(q, x):
+        return (fastformer.attention(q, q, q), fastformer.residual_layer_norm(x, x, None, None)[0],
+                fastformer.bias_gelu(x))
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend="eager", fullgraph=True)
+    for got, want in zip(compiled(q, x), step(q, x)):
+        torch.testing.assert_close(got, want)
+
+
 def test_compile_fullgraph_with_dropout_draws_a_fresh_mask_each_step():
     torch._dynamo.reset()
     model = TinyEncoderLayer(dropout_p=0.2)

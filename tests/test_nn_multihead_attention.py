@@ -12,7 +12,7 @@ from torch import nn
 
 import fastformer.functional
 from fastformer.nn import FastMultiheadAttention
-from helpers import ZeroFills
+from helpers import ZeroFills, graph_breaks
 
 E, H, L, S, B = 200, 4, 13, 17, 3
 KDIM, VDIM = 72, 56
@@ -450,3 +450,5 @@ def test_mismatched_mask_dtypes_warn_like_pytorch():
         ref(x, x, x, **kwargs)
     with pytest.warns(UserWarning, match="mismatched key_padding_mask and attn_mask"):
         fast(x, x, x, **kwargs)
+    # Compiled, the warning is left out: its call would break the graph (at every layer).
+    assert graph_breaks(fast, x, x, x, **kwargs) == {}

@@ -222,7 +222,9 @@ class FastMultiheadAttention(nn.MultiheadAttention):
             if mask is not None and mask.dtype != torch.bool and not mask.is_floating_point():
                 raise AssertionError(f"FastMultiheadAttention: only bool and floating types of {name} are "
                                      f"supported, got {mask.dtype}")
-        if key_padding_mask is not None and attn_mask is not None and key_padding_mask.dtype != attn_mask.dtype:
+        # In eager mode only: under torch.compile a warning call breaks the graph, at every layer.
+        if (key_padding_mask is not None and attn_mask is not None and key_padding_mask.dtype != attn_mask.dtype
+                and not torch.compiler.is_compiling()):
             warnings.warn("Support for mismatched key_padding_mask and attn_mask is deprecated. "
                           "Use same type for both instead.", stacklevel=3)
         if is_causal and attn_mask is None:
