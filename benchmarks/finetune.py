@@ -381,7 +381,7 @@ def run_variants(args, results, build, base, config, train_data, test_data, pad,
             log(f"speedup fastformer/torch: {comparison['speedup_tokens_per_s']:.3f}x tokens/s")
         if "accuracy" in comparison:
             accuracy = comparison["accuracy"]
-            verdict = accuracy.get("verdict", "passed" if accuracy["passed"] else "failed")
+            verdict = accuracy["verdict"]
             log(f"accuracy check (within {accuracy['tolerance_points']:g} point): {verdict.upper()} "
                 f"(fastformer - torch = {accuracy['difference_points']:+.2f} points; sampling noise on "
                 f"{accuracy['test_reviews']} test reviews: +-{accuracy['standard_error_points']:.2f} points"

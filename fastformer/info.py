@@ -86,7 +86,7 @@ def collect() -> dict:
         "cuda_extension": {
             "built": cuda_backend.load_extension() is not None,
             "build_info": cuda_backend.extension_build_info(),
-            "stale": cuda_backend.extension_stale_reasons() if cuda_backend.load_extension() is not None else [],
+            "stale": cuda_backend.extension_stale_reasons(),
         },
         "cuda_verified": _verified(),
         "backends": backends,

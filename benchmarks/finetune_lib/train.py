@@ -191,8 +191,7 @@ class _Categorizer:
 
         creators = {}
         for event in events:
-            if (event.device_type == DeviceType.CPU and event.sequence_nr >= 0
-                    and not getattr(event, "fwd_thread", 0)):
+            if event.device_type == DeviceType.CPU and event.sequence_nr >= 0 and not _is_backward_node(event):
                 key = (event.thread, event.sequence_nr)
                 if key not in creators or event.time_range.start >= creators[key].time_range.start:
                     creators[key] = event
