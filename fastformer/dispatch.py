@@ -55,6 +55,7 @@ FEATURES = {
     "bias": "a bias",
     "tanh": 'approximate="tanh"',
     "erf": 'approximate="none" (erf)',
+    "forward_ad": "forward-mode autodiff (torch.func.jvp / jacfwd, torch.autograd.forward_ad)",
 }
 
 

@@ -1,4 +1,4 @@
-"""The ops' autograd layer, in two wrappers around one forward and one backward per op.
+"""The ops' autograd layer, in three wrappers around one forward and one backward per op.
 
 - ``torch.library`` custom ops (schema, fake implementation, autograd registration): what
   ``torch.compile`` sees. Each op is one opaque node whose output shapes come from the fake
@@ -7,6 +7,8 @@
 - ``torch.autograd.Function`` classes (``AttentionFunction``, ...): the eager path. A custom op
   call costs tens of microseconds of Python wrapping, as long as a whole attention kernel at
   fine-tuning sizes; the Function costs a few.
+- A second ``torch.autograd.Function`` per op (``AttentionFunctionForTransforms``, ...), in the
+  form torch.func's transforms take (vmap, grad, per-sample gradients): used while one is active.
 
 Both call the same ``_*_forward`` / ``_*_backward`` bodies, and those call the backend module that
 ``fastformer.dispatch`` chose (the ``backend`` argument), so every backend plugs in underneath.
@@ -54,52 +56,128 @@ def _implementation(backend: str, op: str):
     return sys.modules.get(path) or importlib.import_module(path)
 
 
-class _RefuseDifferentiation(torch.autograd.Function):
-    """Passes first-order gradients through; differentiating them again raises ``message``. What
-    the gradients depend on (the incoming gradients, the op's saved inputs) rides along as inputs,
-    so that the graph from the gradients back to the op's inputs runs through this node (PyTorch's
-    ``once_differentiable`` detaches it instead, and ``torch.autograd.grad`` then only says that the
-    inputs look unused)."""
-
-    @staticmethod
-    def forward(ctx, message, count, *tensors):
-        ctx.message = message
-        return tuple(t if t is None else t.view_as(t) for t in tensors[:count])
-
-    @staticmethod
-    def backward(ctx, *grads):
-        raise RuntimeError(ctx.message)
+def _double_backward_message(label: str, backend: str) -> str:
+    return (f"fastformer {label} (backend {backend!r}): this backward cannot be differentiated again "
+            f"(double backward, create_graph=True); second derivatives need backend='torch' in eager mode")
 
 
-def _first_order_unless_differentiable(op: str, label: Optional[str] = None):
-    """Decorates an autograd.Function's backward. A backend module whose backward is composed of
-    differentiable PyTorch ops says so (``DIFFERENTIABLE_BACKWARD = True``), and autograd can
-    differentiate it again (double backward, e.g. a gradient penalty). A kernel's backward is
-    opaque: there differentiating its gradients again raises, instead of silently treating them as
-    constants (which drops the second-order terms). ``op`` names the backend module to ask,
-    ``label`` the op in the error (default: ``op``)."""
-    label = label or op
+def _first_order_backward(op: str, label: str, body, vmap_rule):
+    """An op's backward ``body(..., backend)`` as autograd calls it from the op's Function.
 
-    def decorate(backward):
-        @functools.wraps(backward)
-        def run(ctx, *grads):
-            # Grad mode is off in a plain backward (no create_graph): nothing to refuse.
-            if not torch.is_grad_enabled() or getattr(_implementation(ctx.backend, op),
-                                                      "DIFFERENTIABLE_BACKWARD", False):
-                return backward(ctx, *grads)
-            with torch.no_grad():
-                outputs = backward(ctx, *grads)
-            # The gradients depend on the incoming ones and on the saved inputs (constant incoming
-            # gradients, e.g. grad_outputs=ones, still leave the second-order terms through these).
-            depends_on = [t for t in (*grads, *ctx.saved_tensors) if isinstance(t, Tensor) and t.requires_grad]
-            if not depends_on:
-                return outputs
-            message = (f"fastformer {label} (backend {ctx.backend!r}): this backward cannot be differentiated "
-                       f"again (double backward, create_graph=True); second derivatives need "
-                       f"backend='torch' in eager mode")
-            return _RefuseDifferentiation.apply(message, len(outputs), *outputs, *depends_on)
-        return run
-    return decorate
+    A backend module whose backward is composed of differentiable PyTorch ops says so
+    (``DIFFERENTIABLE_BACKWARD = True``), and ``body`` runs as it is: autograd can differentiate
+    it again (double backward, e.g. a gradient penalty), torch.func transforms go through its
+    PyTorch ops. A kernel's backward is opaque: in a plain backward (no graph recorded) it runs as
+    it is; where a graph is recorded (``create_graph=True``, torch.func's grad) or a torch.func
+    transform is active, it runs as a Function of its own, whose inputs (the incoming gradients,
+    the op's saved inputs) are what the gradients depend on: differentiating them again raises
+    (where PyTorch's ``once_differentiable`` would silently drop the second-order terms), and
+    under ``vmap`` its ``vmap_rule`` runs the kernels on the batch (per-sample gradients)."""
+
+    class FirstOrderBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(*args):
+            return body(*args)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            ctx.backend = inputs[-1]
+
+        @staticmethod
+        def backward(ctx, *grads):
+            raise RuntimeError(_double_backward_message(label, ctx.backend))
+
+        @staticmethod
+        def vmap(info, in_dims, *args):
+            return vmap_rule(FirstOrderBackward.apply, info, in_dims, *args)
+
+    FirstOrderBackward.__name__ = FirstOrderBackward.__qualname__ = f"{_camel(op)}Backward"
+
+    def run(*args):
+        if getattr(_implementation(args[-1], op), "DIFFERENTIABLE_BACKWARD", False) or not (
+                torch.is_grad_enabled() or torch._C._are_functorch_transforms_active()):
+            return body(*args)
+        return FirstOrderBackward.apply(*args)
+    return run
+
+
+def _camel(name: str) -> str:
+    return "".join(part.title() for part in name.split("_"))
+
+
+# --------------------------------------------------------------------------------------------
+# torch.func transforms (grad, vjp, jacrev, vmap, and their compositions such as per-sample
+# gradients, vmap(grad(f))): each op has a second autograd.Function, of the form these transforms
+# take (a forward without ctx, setup_context, a vmap rule), used only while a transform is active:
+# that form costs about 20 microseconds more per call than the eager Function. A vmap rule runs
+# the kernels once on the whole batch, the vmapped dim folded into the op's batch (attention) or
+# rows (norms, bias_gelu); where that cannot give per-sample results (weights that differ per
+# sample, as torch.func's model ensembling makes them; dropout under vmap's randomness="same") it
+# runs the op once per sample. Forward-mode AD (jvp, jacfwd) is not among them: dispatch sends
+# such calls to the torch backend (the "forward_ad" feature).
+# --------------------------------------------------------------------------------------------
+def _function_for_transforms(op: str, forward, save, grads, vmap_rule, non_differentiable=()):
+    """The autograd.Function of ``op`` for torch.func: ``forward(*inputs)``, ``save(ctx, inputs,
+    output)`` and ``grads(ctx, *grad_outputs)`` as the eager Function has them, the outputs at
+    ``non_differentiable`` positions marked so, and ``vmap_rule(apply, info, in_dims, *inputs)``."""
+
+    class ForTransforms(torch.autograd.Function):
+        @staticmethod
+        def forward(*inputs):
+            return forward(*inputs)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            save(ctx, inputs, output)
+            ctx.mark_non_differentiable(*(output[i] for i in non_differentiable))
+
+        @staticmethod
+        def backward(ctx, *grad_outputs):
+            return grads(ctx, *grad_outputs)
+
+        @staticmethod
+        def vmap(info, in_dims, *inputs):
+            return vmap_rule(ForTransforms.apply, info, in_dims, *inputs)
+
+    ForTransforms.__name__ = ForTransforms.__qualname__ = f"{_camel(op)}FunctionForTransforms"
+    return ForTransforms
+
+
+def _to_front(t: Tensor, dim: Optional[int], size: int) -> Tensor:
+    """``t`` with its vmapped dim first; one without (the same for every sample) broadcast."""
+    return t.movedim(dim, 0) if dim is not None else t.expand(size, *t.shape)
+
+
+def _fold(t: Optional[Tensor], dim: Optional[int], size: int) -> Optional[Tensor]:
+    """(size, B, ...) as (size * B, ...): the vmapped dim folded into the first one."""
+    return None if t is None else _to_front(t, dim, size).flatten(0, 1)
+
+
+def _unfold(t: Tensor, size: int) -> Tensor:
+    return t.unflatten(0, (size, t.shape[0] // size))
+
+
+def _one_seed(seed: Optional[Tensor], dim: Optional[int]) -> Optional[Tensor]:
+    """The seed of a folded call. Under vmap's randomness="different" each sample drew one; the
+    first does for all, since the kernels' random streams differ by batch row (or row) already."""
+    return seed if seed is None or dim is None else seed.select(dim, 0)
+
+
+def _same_for_every_sample(seed: Optional[Tensor], dim: Optional[int]) -> bool:
+    """Dropout with one seed for all samples (vmap's randomness="same"): every sample must then
+    drop the same elements, which a folded call, drawing per batch row, would not."""
+    return seed is not None and dim is None
+
+
+def _vmap_by_samples(apply, info, in_dims, *args):
+    """The op once per sample of the vmapped dim, the results stacked (PyTorch's own fallback for
+    an op without a batching rule does the same)."""
+    results = [apply(*(a if d is None else a.select(d, n) for a, d in zip(args, in_dims)))
+               for n in range(info.batch_size)]
+    if isinstance(results[0], Tensor):
+        return torch.stack(results), 0
+    stacked = tuple(None if outs[0] is None else torch.stack(outs) for outs in zip(*results))
+    return stacked, tuple(None if t is None else 0 for t in stacked)
 
 
 def _absent(like: Tensor) -> Tensor:
@@ -174,8 +252,10 @@ def takes_mixed_dtypes(backend: str, op: str) -> bool:
     return getattr(_implementation(backend, op), "MIXED_DTYPES", False)
 
 
-def _eager_or_compiled(function, op, public_op, forward_name):
-    """The op while torch.compile traces (an opaque node), the autograd.Function otherwise."""
+def _eager_or_compiled(function, function_for_transforms, op, public_op, forward_name):
+    """The op while torch.compile traces (an opaque node); in eager mode, the backend's PyTorch
+    forward where it has one (native autograd, see NATIVE_AUTOGRAD), else the autograd.Function,
+    in the form torch.func takes while one of its transforms is active."""
     def call(*args):
         if torch.compiler.is_compiling():
             return op(*args)
@@ -188,6 +268,8 @@ def _eager_or_compiled(function, op, public_op, forward_name):
                 # Under a profiler, PyTorch ops composing the forward show under the op's name.
                 with torch.autograd.profiler.record_function(f"fastformer::{name}"):
                     return eager(*args[:-1])
+        if torch._C._are_functorch_transforms_active():
+            return function_for_transforms.apply(*args)
         return function.apply(*args)
     return call
 
@@ -281,6 +363,62 @@ attention_fwd.register_autograd(functools.partial(_attention_grads, backward=att
                                 setup_context=_attention_save)
 
 
+def _fold_attention_mask(attn_mask, dim, size, batch, per_sample):
+    """attn_mask (4-d, broadcastable to (B, Hq, Lq, Lk)) for a call whose batch folds ``size``
+    samples of ``batch``: one that is the same for every sample and broadcasts over the batch stays
+    as it is, unless its gradient must come out per sample (``per_sample``)."""
+    if attn_mask is None or dim is None and attn_mask.shape[0] == 1 and not per_sample:
+        return attn_mask
+    front = _to_front(attn_mask, dim, size)
+    return front.expand(size, batch, *front.shape[2:]).flatten(0, 1)
+
+
+def _attention_vmap(apply, info, in_dims, query, key, value, attn_mask, key_padding_mask, dropout_p,
+                    is_causal, scale, seed, backend):
+    """vmap of the forward: the vmapped dim folded into the batch dim, one call."""
+    if _same_for_every_sample(seed, in_dims[8]):
+        return _vmap_by_samples(apply, info, in_dims, query, key, value, attn_mask, key_padding_mask,
+                                dropout_p, is_causal, scale, seed, backend)
+    size = info.batch_size
+    query, key, value = (_fold(t, d, size) for t, d in zip((query, key, value), in_dims[:3]))
+    attn_mask = _fold_attention_mask(attn_mask, in_dims[3], size, query.shape[0] // size, False)
+    out, lse = apply(query, key, value, attn_mask, _fold(key_padding_mask, in_dims[4], size), dropout_p,
+                     is_causal, scale, _one_seed(seed, in_dims[8]), backend)
+    if lse.numel() == 0:  # (the torch backend keeps none)
+        return (_unfold(out, size), lse), (0, None)
+    return (_unfold(out, size), _unfold(lse, size)), (0, 0)
+
+
+def _attention_backward_vmap(apply, info, in_dims, grad_out, query, key, value, out, lse, attn_mask,
+                             key_padding_mask, dropout_p, is_causal, scale, seed, mask_needs_grad, backend):
+    """vmap of the backward, folded as the forward. A mask gradient comes out per sample, summed
+    over the batch where the mask broadcasts over it."""
+    args = (grad_out, query, key, value, out, lse, attn_mask, key_padding_mask, dropout_p, is_causal, scale,
+            seed, mask_needs_grad, backend)
+    if _same_for_every_sample(seed, in_dims[11]):
+        return _vmap_by_samples(apply, info, in_dims, *args)
+    size = info.batch_size
+    grad_out, query, key, value, out = (_fold(t, d, size) for t, d in zip(args[:5], in_dims))
+    if in_dims[5] is not None or lse.numel() > 0:
+        lse = _fold(lse, in_dims[5], size)
+    batch = query.shape[0] // size
+    mask = _fold_attention_mask(attn_mask, in_dims[6], size, batch, mask_needs_grad)
+    grad_q, grad_k, grad_v, grad_mask = apply(
+        grad_out, query, key, value, out, lse, mask, _fold(key_padding_mask, in_dims[7], size), dropout_p,
+        is_causal, scale, _one_seed(seed, in_dims[11]), mask_needs_grad, backend)
+    grads = tuple(_unfold(g, size) for g in (grad_q, grad_k, grad_v))
+    if not mask_needs_grad:
+        return (*grads, None), (0, 0, 0, None)
+    grad_mask = _unfold(grad_mask, size)
+    if _to_front(attn_mask, in_dims[6], size).shape[1] == 1 < batch:
+        grad_mask = grad_mask.sum(1, keepdim=True, dtype=torch.float32).to(grad_mask.dtype)
+    return (*grads, grad_mask), (0, 0, 0, 0)
+
+
+_attention_backward_first_order = _first_order_backward("attention", "attention", _attention_backward,
+                                                        _attention_backward_vmap)
+
+
 class AttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *inputs):
@@ -290,12 +428,17 @@ class AttentionFunction(torch.autograd.Function):
         return out, lse
 
     @staticmethod
-    @_first_order_unless_differentiable("attention")
     def backward(ctx, grad_out, grad_lse):
-        return _attention_grads(ctx, grad_out, grad_lse, backward=_attention_backward)
+        return _attention_grads(ctx, grad_out, grad_lse, backward=_attention_backward_first_order)
 
 
-attention = _eager_or_compiled(AttentionFunction, attention_fwd, "attention", "attention_fwd")
+AttentionFunctionForTransforms = _function_for_transforms(
+    "attention", _attention_forward, _attention_save,
+    functools.partial(_attention_grads, backward=_attention_backward_first_order), _attention_vmap,
+    non_differentiable=(1,))
+
+attention = _eager_or_compiled(AttentionFunction, AttentionFunctionForTransforms, attention_fwd, "attention",
+                               "attention_fwd")
 
 
 # --------------------------------------------------------------------------------------------
@@ -411,6 +554,56 @@ residual_norm_fwd.register_autograd(functools.partial(_residual_norm_grads, back
                                     setup_context=_residual_norm_save)
 
 
+def _residual_norm_vmap(apply, info, in_dims, x, residual, weight, bias, eps, dropout_p, rms, seed,
+                        store_residual, backend):
+    """vmap of the forward: the vmapped dim folded into the rows, one call, unless the weight or
+    bias differ per sample."""
+    args = (x, residual, weight, bias, eps, dropout_p, rms, seed, store_residual, backend)
+    if in_dims[2] is not None or in_dims[3] is not None or _same_for_every_sample(seed, in_dims[7]):
+        return _vmap_by_samples(apply, info, in_dims, *args)
+    size = info.batch_size
+    x = _to_front(x, in_dims[0], size)
+    residual = None if residual is None else _to_front(residual, in_dims[1], size)
+    out, residual_out, mean, rstd = apply(x, residual, weight, bias, eps, dropout_p, rms,
+                                          _one_seed(seed, in_dims[7]), store_residual, backend)
+    outputs = [out, residual_out if store_residual else residual_out.new_empty(0)]
+    outputs += [t if t.numel() == 0 else _unfold(t, size) for t in (mean, rstd)]
+    return tuple(outputs), tuple(None if t.numel() == 0 else 0 for t in outputs)
+
+
+def _residual_norm_backward_vmap(apply, info, in_dims, grad_out, grad_residual_out, normed, weight, bias,
+                                 mean, rstd, dropout_p, rms, seed, has_residual, x_dtype, backend):
+    """vmap of the backward, folded as the forward. The kernels sum the weight and bias gradients
+    over all the rows they see; per sample, they are summed here from dy and xhat."""
+    args = (grad_out, grad_residual_out, normed, weight, bias, mean, rstd, dropout_p, rms, seed, has_residual,
+            x_dtype, backend)
+    if in_dims[3] is not None or in_dims[4] is not None or _same_for_every_sample(seed, in_dims[9]):
+        return _vmap_by_samples(apply, info, in_dims, *args)
+    size = info.batch_size
+    grad_out, normed = _to_front(grad_out, in_dims[0], size), _to_front(normed, in_dims[2], size)
+    if grad_residual_out is not None:
+        grad_residual_out = _to_front(grad_residual_out, in_dims[1], size)
+    mean, rstd = (t if d is None and t.numel() == 0 else _fold(t, d, size) for t, d in ((mean, in_dims[5]),
+                                                                                       (rstd, in_dims[6])))
+    grad_x, grad_residual, grad_weight, grad_bias = apply(
+        grad_out, grad_residual_out, normed, weight, bias, mean, rstd, dropout_p, rms,
+        _one_seed(seed, in_dims[9]), has_residual, x_dtype, backend)
+    rows = tuple(range(1, grad_out.dim() - 1))  # each sample's rows
+    dy = grad_out.to(rstd.dtype)
+    if grad_weight is not None:
+        xhat = normed.to(rstd.dtype) if rms else normed.to(rstd.dtype) - mean.view(grad_out.shape[:-1]).unsqueeze(-1)
+        xhat = xhat * rstd.view(grad_out.shape[:-1]).unsqueeze(-1)
+        grad_weight = (dy * xhat).sum(rows).to(grad_weight.dtype)
+    if grad_bias is not None:
+        grad_bias = dy.sum(rows).to(grad_bias.dtype)
+    grads = (grad_x, grad_residual, grad_weight, grad_bias)
+    return grads, tuple(None if g is None else 0 for g in grads)
+
+
+_residual_norm_backward_first_order = _first_order_backward(
+    "residual_layer_norm", "residual norm", _residual_norm_backward, _residual_norm_backward_vmap)
+
+
 class ResidualNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *inputs):
@@ -420,12 +613,16 @@ class ResidualNormFunction(torch.autograd.Function):
         return outputs
 
     @staticmethod
-    @_first_order_unless_differentiable("residual_layer_norm", "residual norm")
     def backward(ctx, *grads):
-        return _residual_norm_grads(ctx, *grads, backward=_residual_norm_backward)
+        return _residual_norm_grads(ctx, *grads, backward=_residual_norm_backward_first_order)
 
 
-residual_norm = _eager_or_compiled(ResidualNormFunction, residual_norm_fwd,
+ResidualNormFunctionForTransforms = _function_for_transforms(
+    "residual_norm", _residual_norm_forward, _residual_norm_save,
+    functools.partial(_residual_norm_grads, backward=_residual_norm_backward_first_order), _residual_norm_vmap,
+    non_differentiable=(2, 3))
+
+residual_norm = _eager_or_compiled(ResidualNormFunction, ResidualNormFunctionForTransforms, residual_norm_fwd,
                                    lambda *args: _norm_name(args[6]), "residual_norm_fwd")
 
 
@@ -483,6 +680,32 @@ bias_gelu_fwd.register_autograd(functools.partial(_bias_gelu_grads, backward=bia
                                 setup_context=_bias_gelu_save)
 
 
+def _bias_gelu_vmap(apply, info, in_dims, x, bias, approximate, dropout_p, seed, backend):
+    """vmap of the forward: the vmapped dim folded into the rows, one call, unless the bias differs
+    per sample."""
+    if in_dims[1] is not None or _same_for_every_sample(seed, in_dims[4]):
+        return _vmap_by_samples(apply, info, in_dims, x, bias, approximate, dropout_p, seed, backend)
+    x = _to_front(x, in_dims[0], info.batch_size)
+    return apply(x, bias, approximate, dropout_p, _one_seed(seed, in_dims[4]), backend), 0
+
+
+def _bias_gelu_backward_vmap(apply, info, in_dims, grad_out, x, bias, approximate, dropout_p, seed, backend):
+    """vmap of the backward, folded as the forward; the bias gradient summed per sample here."""
+    if in_dims[2] is not None or _same_for_every_sample(seed, in_dims[5]):
+        return _vmap_by_samples(apply, info, in_dims, grad_out, x, bias, approximate, dropout_p, seed, backend)
+    size = info.batch_size
+    grad_x, grad_bias = apply(_to_front(grad_out, in_dims[0], size), _to_front(x, in_dims[1], size), bias,
+                              approximate, dropout_p, _one_seed(seed, in_dims[5]), backend)
+    if grad_bias is None:
+        return (grad_x, None), (0, None)
+    rows = tuple(range(1, grad_x.dim() - 1))
+    return (grad_x, grad_x.sum(rows, dtype=torch.float32).to(grad_bias.dtype)), (0, 0)
+
+
+_bias_gelu_backward_first_order = _first_order_backward("bias_gelu", "bias_gelu", _bias_gelu_backward,
+                                                        _bias_gelu_backward_vmap)
+
+
 class BiasGeluFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *inputs):
@@ -491,12 +714,16 @@ class BiasGeluFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @_first_order_unless_differentiable("bias_gelu")
     def backward(ctx, grad_out):
-        return _bias_gelu_grads(ctx, grad_out, backward=_bias_gelu_backward)
+        return _bias_gelu_grads(ctx, grad_out, backward=_bias_gelu_backward_first_order)
 
 
-bias_gelu = _eager_or_compiled(BiasGeluFunction, bias_gelu_fwd, "bias_gelu", "bias_gelu_fwd")
+BiasGeluFunctionForTransforms = _function_for_transforms(
+    "bias_gelu", _bias_gelu_forward, _bias_gelu_save,
+    functools.partial(_bias_gelu_grads, backward=_bias_gelu_backward_first_order), _bias_gelu_vmap)
+
+bias_gelu = _eager_or_compiled(BiasGeluFunction, BiasGeluFunctionForTransforms, bias_gelu_fwd, "bias_gelu",
+                               "bias_gelu_fwd")
 
 
 # --------------------------------------------------------------------------------------------

@@ -353,10 +353,12 @@ def _computes_attention_itself(module) -> bool:
 
 
 def _values_readable(t: torch.Tensor) -> bool:
-    """Whether reading ``t``'s values on the host is free: a CPU tensor, outside torch.compile. A
-    GPU tensor's would wait for the device (draining its queue) and is refused while a CUDA graph
-    is captured, so the Hugging Face glue never reads a mask's values there."""
-    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+    """Whether reading ``t``'s values on the host is free: a CPU tensor, outside torch.compile and
+    torch.func transforms (vmap cannot branch on values). A GPU tensor's would wait for the device
+    (draining its queue) and is refused while a CUDA graph is captured, so the Hugging Face glue
+    never reads a mask's values there."""
+    return (t.device.type == "cpu" and not torch.compiler.is_compiling()
+            and not torch._C._are_functorch_transforms_active())
 
 
 def _hf_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,

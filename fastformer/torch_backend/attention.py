@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fastformer.masks import fold_key_padding, future_keys
 from fastformer.torch_backend.dropout import dropout, dropout_keep_mask, uses_own_sampler
@@ -139,6 +140,10 @@ def _sdpa(query, key, value, mask, dropout_p, is_causal, scale):
                                               scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
     batch = query.shape[0]
+    if not torch.compiler.is_compiling() and torch.autograd.forward_ad._current_level >= 0:
+        # Forward-mode autodiff (torch.func.jvp, jacfwd): only SDPA's math computes tangents.
+        with sdpa_kernel([SDPBackend.MATH]):
+            return sdpa(query, key, value, mask)
     if batch <= SDPA_MAX_BATCH:
         return sdpa(query, key, value, mask)
     slices = [slice(start, start + SDPA_MAX_BATCH) for start in range(0, batch, SDPA_MAX_BATCH)]
