@@ -59,6 +59,19 @@ FEATURES = {
 }
 
 
+def func_transforms_active() -> bool:
+    """Whether a torch.func transform (vmap, grad, jvp, ...) is active: code that branches on a
+    tensor's values, or draws random numbers in place, must not run then."""
+    return torch._C._are_functorch_transforms_active()
+
+
+def forward_mode_ad() -> bool:
+    """Whether forward-mode autodiff is on (``torch.autograd.forward_ad``'s dual level, which
+    torch.func.jvp and jacfwd enter too): only PyTorch's own ops carry tangents. torch.compile
+    traces none."""
+    return not torch.compiler.is_compiling() and torch.autograd.forward_ad._current_level >= 0
+
+
 class BackendUnavailableError(ValueError):
     """A forced backend cannot take the call; the message lists every reason."""
 

@@ -38,13 +38,8 @@ def _seed_for(dropout_p: float, backend: str, op: str, forward_name: str,
 def _needs(**flags: bool) -> frozenset:
     """The features a call needs: those flagged, and forward-mode autodiff when it is on (only
     PyTorch's own ops carry tangents; the kernels' autograd.Functions define no jvp)."""
-    flags["forward_ad"] = _forward_mode_ad()
+    flags["forward_ad"] = dispatch.forward_mode_ad()
     return frozenset(name for name, on in flags.items() if on)
-
-
-def _forward_mode_ad() -> bool:
-    # torch.func.jvp / jacfwd enter a dual level too. (torch.compile traces no forward-mode AD.)
-    return not torch.compiler.is_compiling() and torch.autograd.forward_ad._current_level >= 0
 
 
 def _drops_some(dropout_p: float) -> bool:

@@ -95,7 +95,7 @@ def _first_order_backward(op: str, label: str, body, vmap_rule):
 
     def run(*args):
         if getattr(_implementation(args[-1], op), "DIFFERENTIABLE_BACKWARD", False) or not (
-                torch.is_grad_enabled() or torch._C._are_functorch_transforms_active()):
+                torch.is_grad_enabled() or dispatch.func_transforms_active()):
             return body(*args)
         return FirstOrderBackward.apply(*args)
     return run
@@ -268,7 +268,7 @@ def _eager_or_compiled(function, function_for_transforms, op, public_op, forward
                 # Under a profiler, PyTorch ops composing the forward show under the op's name.
                 with torch.autograd.profiler.record_function(f"fastformer::{name}"):
                     return eager(*args[:-1])
-        if torch._C._are_functorch_transforms_active():
+        if dispatch.func_transforms_active():
             return function_for_transforms.apply(*args)
         return function.apply(*args)
     return call
@@ -384,7 +384,7 @@ def _attention_vmap(apply, info, in_dims, query, key, value, attn_mask, key_padd
     attn_mask = _fold_attention_mask(attn_mask, in_dims[3], size, query.shape[0] // size, False)
     out, lse = apply(query, key, value, attn_mask, _fold(key_padding_mask, in_dims[4], size), dropout_p,
                      is_causal, scale, _one_seed(seed, in_dims[8]), backend)
-    if lse.numel() == 0:  # (the torch backend keeps none)
+    if lse.dim() == 1:  # (the torch backend keeps none: an empty vector)
         return (_unfold(out, size), lse), (0, None)
     return (_unfold(out, size), _unfold(lse, size)), (0, 0)
 
@@ -399,7 +399,7 @@ def _attention_backward_vmap(apply, info, in_dims, grad_out, query, key, value, 
         return _vmap_by_samples(apply, info, in_dims, *args)
     size = info.batch_size
     grad_out, query, key, value, out = (_fold(t, d, size) for t, d in zip(args[:5], in_dims))
-    if in_dims[5] is not None or lse.numel() > 0:
+    if in_dims[5] is not None or lse.dim() > 1:
         lse = _fold(lse, in_dims[5], size)
     batch = query.shape[0] // size
     mask = _fold_attention_mask(attn_mask, in_dims[6], size, batch, mask_needs_grad)
@@ -566,9 +566,9 @@ def _residual_norm_vmap(apply, info, in_dims, x, residual, weight, bias, eps, dr
     residual = None if residual is None else _to_front(residual, in_dims[1], size)
     out, residual_out, mean, rstd = apply(x, residual, weight, bias, eps, dropout_p, rms,
                                           _one_seed(seed, in_dims[7]), store_residual, backend)
-    outputs = [out, residual_out if store_residual else residual_out.new_empty(0)]
-    outputs += [t if t.numel() == 0 else _unfold(t, size) for t in (mean, rstd)]
-    return tuple(outputs), tuple(None if t.numel() == 0 else 0 for t in outputs)
+    mean = mean if rms else _unfold(mean, size)  # (empty in RMS mode)
+    return ((out, residual_out, mean, _unfold(rstd, size)),
+            (0, 0 if store_residual else None, None if rms else 0, 0))
 
 
 def _residual_norm_backward_vmap(apply, info, in_dims, grad_out, grad_residual_out, normed, weight, bias,
@@ -583,8 +583,8 @@ def _residual_norm_backward_vmap(apply, info, in_dims, grad_out, grad_residual_o
     grad_out, normed = _to_front(grad_out, in_dims[0], size), _to_front(normed, in_dims[2], size)
     if grad_residual_out is not None:
         grad_residual_out = _to_front(grad_residual_out, in_dims[1], size)
-    mean, rstd = (t if d is None and t.numel() == 0 else _fold(t, d, size) for t, d in ((mean, in_dims[5]),
-                                                                                       (rstd, in_dims[6])))
+    mean = mean if rms and in_dims[5] is None else _fold(mean, in_dims[5], size)  # (empty in RMS mode)
+    rstd = _fold(rstd, in_dims[6], size)
     grad_x, grad_residual, grad_weight, grad_bias = apply(
         grad_out, grad_residual_out, normed, weight, bias, mean, rstd, dropout_p, rms,
         _one_seed(seed, in_dims[9]), has_residual, x_dtype, backend)

@@ -358,7 +358,7 @@ def _values_readable(t: torch.Tensor) -> bool:
     (draining its queue) and is refused while a CUDA graph is captured, so the Hugging Face glue
     never reads a mask's values there."""
     return (t.device.type == "cpu" and not torch.compiler.is_compiling()
-            and not torch._C._are_functorch_transforms_active())
+            and not dispatch.func_transforms_active())
 
 
 def _hf_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,

@@ -151,6 +151,27 @@ def test_vmap_matches_each_sample(op, device, backend, dtype):
             assert_rel_close(out[n], expected, tol, f"sample {n} output {i}")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", CASES)
+def test_vmap_of_empty_rows_keeps_each_samples_shape(op, device, backend):
+    """No rows (an empty batch): every output keeps the shape one sample's call gives it."""
+    if device == "cpu" and backend == "cuda":
+        pytest.skip("the cuda backend runs on CUDA devices")
+    weight = _rand(16, device=device, dtype=torch.float16)
+    x = _rand(SAMPLES, 2, 3, 0, 16, device=device, dtype=torch.float16)  # attention: (B, H, L, D), L = 0
+    calls = {"attention": lambda x: (fastformer.attention(x, x, x, backend=backend),),
+             "residual_layer_norm": lambda x: fastformer.residual_layer_norm(x, x, weight, weight, backend=backend),
+             "residual_rms_norm": lambda x: fastformer.residual_rms_norm(x, None, weight, backend=backend),
+             "bias_gelu": lambda x: (fastformer.bias_gelu(x, weight, backend=backend),)}
+    one = x[0]
+    explain_args = {"attention": (one, one, one), "residual_layer_norm": (one, one, weight, weight),
+                    "residual_rms_norm": (one, None, weight), "bias_gelu": (one, weight)}[op]
+    require_backend(backend, PUBLIC_OPS[op], *explain_args)
+    batched, single = vmap(calls[op])(x), calls[op](x[0])
+    assert [tuple(t.shape) for t in batched] == [(SAMPLES, *t.shape) for t in single]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("device", DEVICES)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from fastformer.dispatch import forward_mode_ad
 from fastformer.masks import fold_key_padding, future_keys
 from fastformer.torch_backend.dropout import dropout, dropout_keep_mask, uses_own_sampler
 
@@ -140,8 +141,7 @@ def _sdpa(query, key, value, mask, dropout_p, is_causal, scale):
                                               scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
     batch = query.shape[0]
-    if not torch.compiler.is_compiling() and torch.autograd.forward_ad._current_level >= 0:
-        # Forward-mode autodiff (torch.func.jvp, jacfwd): only SDPA's math computes tangents.
+    if forward_mode_ad():  # (torch.func.jvp, jacfwd): only SDPA's math kernel computes tangents
         with sdpa_kernel([SDPBackend.MATH]):
             return sdpa(query, key, value, mask)
     if batch <= SDPA_MAX_BATCH:

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastformer.dispatch import func_transforms_active
+
 _INT32_MIN = -(2**31)
 
 
@@ -69,7 +71,7 @@ def uses_own_sampler(x: Tensor) -> bool:
     place into a new tensor cannot). GPUs keep PyTorch's one-pass fused dropout kernel.
     """
     return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-            and not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active())
+            and not torch.compiler.is_compiling() and not func_transforms_active())
 
 
 def scaled_keep_mask(x: Tensor, dropout_p: float) -> Tensor:
