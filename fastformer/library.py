@@ -212,9 +212,10 @@ def attention_layout_like(t: Tensor, last_dim: Optional[int] = None) -> Tensor:
     op (torch.compile's path, whose fake kernel cannot know the runtime strides of its inputs)
     returns the output as (B, L, H, D) memory and the gradients contiguous."""
     shape = (*t.shape[:3], t.shape[3] if last_dim is None else last_dim)
+    old_strides = t.stride()
     strides = [0, 0, 0, 1]
     step = shape[3]
-    for dim in sorted(range(3), key=lambda d: (-t.stride(d), d))[::-1]:  # innermost first
+    for dim in sorted((0, 1, 2), key=lambda d: (old_strides[d], -d)):  # innermost first
         strides[dim] = step
         step *= max(shape[dim], 1)  # as PyTorch's contiguous strides
     return torch.empty_strided(shape, strides, dtype=t.dtype, device=t.device)

@@ -66,3 +66,15 @@ def test_known_values():
     assert vector_alignment((200,), (rows[:, 1:101],)) == 1  # starts one element in
     strided = torch.empty(3, 64, 2, dtype=torch.float16)[..., 0]
     assert vector_alignment((64,), (strided,)) == 1  # a strided last dim: no vectors at all
+
+
+def test_host_grid_arithmetic_matches_triton():
+    """The launchers' plain-Python cdiv and next_power_of_2 give what triton's do (whose host calls
+    are slow since Triton 3.5), 0 included."""
+    triton = pytest.importorskip("triton")
+    from fastformer.triton import cdiv, next_power_of_2
+
+    for n in [*range(0, 300), 2**31 - 1, 2**31, 2**31 + 1, 10**12]:
+        assert next_power_of_2(n) == triton.next_power_of_2(n), n
+        for divisor in (1, 2, 3, 16, 64, 128, 1000):
+            assert cdiv(n, divisor) == triton.cdiv(n, divisor), (n, divisor)

@@ -871,6 +871,75 @@ def test_triton_autotune_keys_name_only_the_kernels_own_parameters(monkeypatch):
     assert "ATOMIC_DQ" in keys[triton_attention._KERNELS["dkdv"]][0]
 
 
+def test_triton_autotuned_launches_reuse_the_chosen_config(monkeypatch):
+    """After the autotuner has chosen a config for a launch key, launches with that key go to the
+    kernel directly with the chosen config (the GPU path, with the launches recorded instead of
+    run); a new length bucket, switch or tensor dtype goes through the autotuner again. The key
+    reads the dtypes of the launch's leading tensor arguments: every launch must put all its
+    tensors first."""
+    triton_attention = pytest.importorskip("fastformer.triton.attention")
+    from triton.runtime import interpreter, jit
+
+    monkeypatch.setenv("FASTFORMER_TRITON_AUTOTUNE", "1")
+    monkeypatch.setattr(triton_attention, "interpreter_enabled", lambda: False)
+    monkeypatch.setattr(triton_attention, "_chosen_configs", {})
+    monkeypatch.setattr(triton_attention, "_precompiled", set())
+    chosen = triton_attention.triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2)
+    launches = []
+
+    class RecordingTuner:
+        configs = [chosen]  # one config: nothing to precompile
+
+        def __init__(self, kind):
+            self.kind = kind
+            self.best_config = None
+
+        def __getitem__(self, grid):
+            def run(*args, **meta):
+                self.best_config = chosen
+                launches.append(("tuner", self.kind, None, args, meta))
+            return run
+
+    monkeypatch.setattr(triton_attention, "_autotuned", lambda kind, head_class: RecordingTuner(kind))
+    kinds = {kernel: kind for kind, kernel in triton_attention._KERNELS.items()}
+
+    def record(kernel, grid):
+        return lambda *args, **kwargs: launches.append(("direct", kinds.get(kernel), grid, args, kwargs))
+
+    for cls in (jit.KernelInterface, interpreter.InterpretedFunction):
+        if "__getitem__" in vars(cls):
+            monkeypatch.setattr(cls, "__getitem__", record)
+
+    def forward_and_backward(length, dtype, deterministic=False):
+        launches.clear()
+        q, k, v = (torch.randn(2, 3, length, 16, dtype=dtype) for _ in range(3))
+        out, lse = triton_attention.attention_fwd(q, k, v, None, None, 0.0, False, 0.25, None)
+        with deterministic_algorithms(deterministic):
+            triton_attention.attention_bwd(out, q, k, v, out, lse, None, None, 0.0, False, 0.25, None, False)
+        return [(how, kind) for how, kind, *_ in launches if kind is not None]
+
+    tuned = [("tuner", "fwd"), ("tuner", "dkdv")]
+    direct = [("direct", "fwd"), ("direct", "dkdv")]
+    assert forward_and_backward(70, torch.float32) == tuned
+    assert forward_and_backward(70, torch.float32) == direct
+    assert forward_and_backward(100, torch.float32) == direct  # the same length bucket (128)
+    assert forward_and_backward(130, torch.float32) == tuned  # a new bucket
+    assert forward_and_backward(70, torch.float16) == tuned  # new dtypes (and so DOT_PRECISION)
+    assert forward_and_backward(70, torch.bfloat16) == tuned  # new dtypes only
+    # deterministic: the forward as before, dK/dV without atomic dQ, and a dQ kernel
+    assert forward_and_backward(70, torch.float32, True) == [("direct", "fwd"), ("tuner", "dkdv"), ("tuner", "dq")]
+    assert forward_and_backward(70, torch.float32, True) == [*direct, ("direct", "dq")]
+
+    forward_and_backward(70, torch.float32)
+    for how, kind, grid, args, kwargs in launches:
+        if how == "direct" and kind is not None:
+            assert {key: kwargs[key] for key in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")} == \
+                {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+            assert grid == (2 if kind == "fwd" else 3, 3, 2)  # 70 rows of BLOCK_M = 64 or keys of BLOCK_N = 32
+        tensors = [isinstance(arg, torch.Tensor) for arg in args]
+        assert tensors == sorted(tensors, reverse=True), f"{kind}: a tensor argument after a non-tensor"
+
+
 @pytest.mark.parametrize("mask_kind", ["none", "causal+padding", "bool"])
 def test_triton_flat_grid_computes_what_the_3d_grid_does(mask_kind, monkeypatch):
     """Launches past the grid's y/z limit decode (row block, head, batch) from one axis: with the

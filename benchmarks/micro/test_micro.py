@@ -7,9 +7,11 @@
 One forward + backward step per op and backend that can run here (plus PyTorch's own way, as a
 reference), on one fine-tuning-sized shape on CUDA (bfloat16) or a small one on the CPU
 (float32). Each timed call ends with a CUDA synchronisation, so the times are wall-clock times of
-whole steps, launch overhead included. The "overhead" group times what fastformer itself adds to
-a call (checks, dispatch, the autograd.Function) with kernels that compute nothing
-(``null_backend.py``), beside the least a bare autograd.Function costs.
+whole steps, launch overhead included. The "overhead" groups time what fastformer itself adds to
+a call (checks, dispatch, the autograd.Function) with kernels that compute nothing: functions
+that only allocate the outputs (``null_backend.py``), and the Triton backend's own launchers with
+every launch a no-op (their host arithmetic included); beside them, the least a bare
+autograd.Function costs, and the same layer step of PyTorch's own layer.
 
 They live outside tests/, so the normal test run does not collect them; without pytest-benchmark
 the module is skipped.
@@ -136,15 +138,34 @@ def test_bias_gelu_eager(benchmark, gelu_inputs):
 # --------------------------------------------------------------------------------------------
 # What fastformer itself costs per call, apart from any kernel
 # --------------------------------------------------------------------------------------------
-@pytest.fixture
-def null_kernels(monkeypatch):
-    """The kernel backend "triton" replaced by ``null_backend``'s kernels, which allocate their
-    outputs and compute nothing, and made available on this machine's device: what is left of a
-    call is fastformer's Python (checks, dispatch, dropout seeds) and PyTorch's autograd around it,
-    on the path every kernel backend takes (autograd.Function, linear biases handed to bias_gelu)."""
+@pytest.fixture(params=["null kernels", "triton launchers"])
+def overhead_kernels(request, monkeypatch):
+    """The kernel backend "triton", made available on this machine's device, with kernels that
+    compute nothing, so that what is left of a call is host work: fastformer's Python (checks,
+    dispatch, dropout seeds) and PyTorch's autograd around it, on the path every kernel backend
+    takes (autograd.Function, linear biases handed to bias_gelu).
+
+    - "null kernels": ``null_backend``'s functions in place of the launchers; they only allocate
+      the outputs.
+    - "triton launchers": the Triton backend's own launchers (their grid, config and alignment
+      arithmetic, allocations and argument lists), each launch (``kernel[grid](...)``) a no-op,
+      with a fixed launch config (on a GPU, the autotuner's choice once made; Triton's own launch
+      cost is not included).
+    """
     everything = dispatch._OP_TABLES["torch"]["attention"][0]
     support = dataclasses.replace(everything, forced_only_devices=frozenset())
-    table = {op: (support, null_backend.__name__) for op in dispatch.OPS}
+    if request.param == "null kernels":
+        table = {op: (support, null_backend.__name__) for op in dispatch.OPS}
+    else:
+        pytest.importorskip("triton")
+        from triton.runtime import interpreter, jit
+
+        import fastformer.triton.attention as triton_attention
+        table = {op: (support, module) for op, (_, module) in fastformer.triton.op_table().items()}
+        for cls in (jit.KernelInterface, interpreter.InterpretedFunction):  # (Triton < 3.3: its own)
+            if "__getitem__" in vars(cls):
+                monkeypatch.setattr(cls, "__getitem__", lambda kernel, grid: lambda *args, **kwargs: None)
+        monkeypatch.setattr(triton_attention, "_forced_config", 0)
     monkeypatch.setitem(dispatch._OP_TABLES, "triton", table)
     monkeypatch.setitem(dispatch._UNAVAILABLE, "triton", ())
     return "triton"
@@ -174,27 +195,27 @@ class _NullAttentionFunction(torch.autograd.Function):
 
 def test_overhead_floor_autograd_function(benchmark, tiny_inputs):
     q, k, v, grad = tiny_inputs[0]
-    benchmark.group = "overhead per call, fwd+bwd, null kernels"
+    benchmark.group = "overhead per call, fwd+bwd"
     benchmark(_step(lambda: _NullAttentionFunction.apply(q, k, v), (q, k, v), (grad,)))
 
 
-def test_overhead_attention(benchmark, tiny_inputs, null_kernels):
+def test_overhead_attention(benchmark, tiny_inputs, overhead_kernels):
     q, k, v, grad = tiny_inputs[0]
-    benchmark.group = "overhead per call, fwd+bwd, null kernels"
-    benchmark(_step(lambda: fastformer.attention(q, k, v, backend=null_kernels), (q, k, v), (grad,)))
+    benchmark.group = "overhead per call, fwd+bwd"
+    benchmark(_step(lambda: fastformer.attention(q, k, v, backend=overhead_kernels), (q, k, v), (grad,)))
 
 
-def test_overhead_residual_layer_norm(benchmark, tiny_inputs, null_kernels):
+def test_overhead_residual_layer_norm(benchmark, tiny_inputs, overhead_kernels):
     x, residual, weight, bias, g1, g2 = tiny_inputs[1]
-    benchmark.group = "overhead per call, fwd+bwd, null kernels"
-    benchmark(_step(lambda: fastformer.residual_layer_norm(x, residual, weight, bias, backend=null_kernels),
+    benchmark.group = "overhead per call, fwd+bwd"
+    benchmark(_step(lambda: fastformer.residual_layer_norm(x, residual, weight, bias, backend=overhead_kernels),
                     (x, residual, weight, bias), (g1, g2)))
 
 
-def test_overhead_bias_gelu(benchmark, tiny_inputs, null_kernels):
+def test_overhead_bias_gelu(benchmark, tiny_inputs, overhead_kernels):
     x, _, _, bias, grad, _ = tiny_inputs[1]
-    benchmark.group = "overhead per call, fwd+bwd, null kernels"
-    benchmark(_step(lambda: fastformer.bias_gelu(x, bias, backend=null_kernels), (x, bias), (grad,)))
+    benchmark.group = "overhead per call, fwd+bwd"
+    benchmark(_step(lambda: fastformer.bias_gelu(x, bias, backend=overhead_kernels), (x, bias), (grad,)))
 
 
 @pytest.fixture(scope="module")
@@ -211,7 +232,7 @@ def _layer(cls):
     return cls(32, 4, 64, dropout=0.1, activation="gelu", batch_first=True, device=DEVICE, dtype=DTYPE)
 
 
-def test_overhead_encoder_layer_step(benchmark, layer_inputs, null_kernels):
+def test_overhead_encoder_layer_step(benchmark, layer_inputs, overhead_kernels):
     """A FastTransformerEncoderLayer training step (dropout on, key padding) with null kernels:
     its GEMMs and PyTorch ops at a tiny size, fastformer's Python around its 10 kernels."""
     x, padding, grad = layer_inputs
@@ -219,7 +240,7 @@ def test_overhead_encoder_layer_step(benchmark, layer_inputs, null_kernels):
     benchmark.group = "overhead per layer step, fwd+bwd, tiny shape"
 
     def forward():
-        with fastformer.use_backend(null_kernels):
+        with fastformer.use_backend(overhead_kernels):
             return layer(x, src_key_padding_mask=padding)
     benchmark(_step(forward, (x, *layer.parameters()), (grad,)))
 

@@ -87,6 +87,19 @@ def on_device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
+# The launchers' grid and block arithmetic, in plain Python: triton.cdiv and triton.next_power_of_2
+# are constexpr functions since Triton 3.5, whose calls from host code cost about 2 microseconds
+# each (a launch makes several), as much as a small kernel's launch.
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for non-negative ``a`` and positive ``b``, as ``triton.cdiv``."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The least power of two >= n, as ``triton.next_power_of_2`` (which gives 0 for 0)."""
+    return 0 if n <= 0 else 1 << (n - 1).bit_length()
+
+
 @functools.lru_cache(maxsize=None)
 def num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count

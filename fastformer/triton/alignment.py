@@ -26,15 +26,23 @@ def vector_alignment(extents, tensors) -> int:
     that every row of every tensor in ``tensors`` (rows along the leading dims, elements along the
     last) starts on, with every length in ``extents`` (where the row masks change) a multiple of
     it; 1 when a tensor's last dim is strided."""
-    if any(t.stride(-1) != 1 and t.shape[-1] > 1 for t in tensors):
-        return 1
-    values = list(extents)
-    for t in tensors:  # an aligned row start: its address over the element size, a multiple of ALIGN
-        values += [t.data_ptr() // t.element_size(), *t.stride()[:-1]]
-    align = VECTOR_BYTES // min(t.element_size() for t in tensors)
-    while align > 1 and any(value % align for value in values):
-        align //= 2
-    return align
+    # The largest power of two dividing every value is the lowest set bit of their bitwise or
+    # (one pass: this runs at every launch).
+    bits = 0
+    narrowest = VECTOR_BYTES
+    for t in tensors:
+        strides = t.stride()
+        if strides[-1] != 1 and t.shape[-1] > 1:
+            return 1
+        element_size = t.element_size()
+        narrowest = min(narrowest, element_size)
+        bits |= t.data_ptr() // element_size  # an aligned row start: its address over the element size
+        for stride in strides[:-1]:
+            bits |= stride
+    for extent in extents:
+        bits |= extent
+    widest = VECTOR_BYTES // narrowest
+    return min(widest, bits & -bits) if bits else widest
 
 
 @triton.jit

@@ -65,6 +65,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import functools
+import inspect
 import os
 
 import torch
@@ -73,7 +74,7 @@ import triton.language as tl
 
 from fastformer.library import attention_layout_like, attention_output_like
 from fastformer.masks import broadcast_strides, mask_grad_buffer, mask_grad_from
-from fastformer.triton import _major_minor, alignment, interpreter_enabled, on_device
+from fastformer.triton import _major_minor, alignment, cdiv, interpreter_enabled, next_power_of_2, on_device
 from fastformer.triton.dropout import dropout_keep, seed_pointer, wide_offsets
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * LOG2E)
@@ -726,13 +727,25 @@ def _compile_workers() -> int:
 def _tuning_arg_positions(kind: str) -> tuple[int, ...]:
     """Where the tuning key's run-time arguments are in a launch's positional arguments (its
     compile-time ones are in the launch's meta)."""
-    runtime = [param.name for param in _KERNELS[kind].params if not param.is_constexpr]
+    parameters = inspect.signature(_KERNELS[kind].fn).parameters  # (.fn: JIT and interpreted kernels alike)
+    runtime = [name for name, parameter in parameters.items() if "constexpr" not in str(parameter.annotation)]
     return tuple(runtime.index(name) for name in _TUNING_KEY if name in runtime)
 
 
-def _precompile(tuner, kind: str, args: tuple, meta: dict) -> None:
-    """Compiles every config of ``tuner`` for this launch on threads, once per tuning key."""
-    key = (kind, args[0].dtype, *(args[i] for i in _tuning_arg_positions(kind)), *meta.items())
+def _launch_key(kind: str, args: tuple, meta: dict) -> tuple:
+    """What tells one launch's tuning apart: everything in the autotuner's own key (the values of
+    the tuning key's arguments, the dtypes of the tensor arguments, which come first in every
+    launch) and all the compile-time switches."""
+    dtypes = []
+    for arg in args:
+        if not isinstance(arg, torch.Tensor):
+            break
+        dtypes.append(arg.dtype)
+    return (kind, *dtypes, *(args[i] for i in _tuning_arg_positions(kind)), *meta.items())
+
+
+def _precompile(tuner, key: tuple, args: tuple, meta: dict) -> None:
+    """Compiles every config of ``tuner`` for this launch on threads, once per launch key."""
     if key in _precompiled:
         return
     _precompiled.add(key)
@@ -753,6 +766,15 @@ def _precompile(tuner, kind: str, args: tuple, meta: dict) -> None:
         list(pool.map(compile_config, configs[1:]))
 
 
+# The config the autotuner chose, by launch key. Triton's Autotuner.run costs 25-40 microseconds a
+# launch even when its cache has the answer (measured on the CPU with Triton 3.6 and 3.8: it
+# rebuilds a dict of the launch's 40-60 arguments and scans its list of argument names for each),
+# as long as a small kernel runs. Once it has chosen for a key, later launches with that key go to
+# the kernel directly with the chosen config's kwargs, as the autotuner itself launches it on a
+# cache hit (it would also call the Config's pre_hook: _autotuned's configs have none).
+_chosen_configs: dict = {}
+
+
 def _launch(kind: str, rows: int, heads: int, batch: int, args: tuple, meta: dict, interpret: bool):
     """Launch kernel ``kind`` over (cdiv(rows, BLOCK), heads, batch) programs (``_program_block``);
     BLOCK is BLOCK_M for the forward and dQ (query blocks), BLOCK_N for dK/dV (key blocks). Row
@@ -768,9 +790,17 @@ def _launch(kind: str, rows: int, heads: int, batch: int, args: tuple, meta: dic
     head_class = _head_class(meta["BLOCK_D"], meta["BLOCK_DV"])
     index = _fixed_config_index()
     if index is None:
-        tuner = _autotuned(kind, head_class)
-        _precompile(tuner, kind, args, meta)
-        tuner[grid](*args, **meta)
+        key = _launch_key(kind, args, meta)
+        config = _chosen_configs.get(key)
+        if config is None:
+            tuner = _autotuned(kind, head_class)
+            _precompile(tuner, key, args, meta)
+            tuner[grid](*args, **meta)
+            chosen = getattr(tuner, "best_config", None)  # (none where a run chose nothing: compile_triton.py's)
+            if chosen is not None:
+                _chosen_configs[key] = chosen
+            return
+        _KERNELS[kind][grid(config.kwargs)](*args, **meta, **config.all_kwargs())
         return
     configs = _configs(kind, head_class)
     block_m, block_n, num_warps, num_stages = configs[index % len(configs)]
@@ -784,15 +814,15 @@ GRID_YZ_LIMIT = 65535  # CUDA's limit on grid axes y and z; x holds 2^31 - 1
 def _grid(rows: int, block: int, heads: int, batch: int, flat: bool) -> tuple[int, ...]:
     """The grid of a (row block, head, batch) launch, as ``_program_block`` decodes it."""
     if not flat:
-        return (triton.cdiv(rows, block), heads, batch)
-    programs = triton.cdiv(rows, block) * heads * batch
+        return (cdiv(rows, block), heads, batch)
+    programs = cdiv(rows, block) * heads * batch
     if programs >= 2**31:  # billions of heads of tiny sequences
         raise ValueError(f"attention (triton): {programs} programs exceed the grid limit of 2^31 - 1")
     return (programs,)
 
 
 def _head_block(dim: int) -> int:
-    return max(16, triton.next_power_of_2(dim))
+    return max(16, next_power_of_2(dim))
 
 
 # --------------------------------------------------------------------------------------------
@@ -878,7 +908,7 @@ def _wide_rows(tensors) -> bool:
 
 
 def _bucket(length: int) -> int:
-    return triton.next_power_of_2(max(1, length))
+    return next_power_of_2(max(1, length))
 
 
 def attention_fwd(query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed, *,

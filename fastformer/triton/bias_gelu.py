@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastformer.triton import alignment, interpreter_enabled, num_sms, on_device
+from fastformer.triton import alignment, cdiv, interpreter_enabled, next_power_of_2, num_sms, on_device
 from fastformer.triton.dropout import dropout_keep, seed_pointer, wide_offsets
 
 
@@ -202,9 +202,9 @@ def _block_n(n: int, max_block_n: int) -> int:
     """The widest power of two <= max_block_n that pads N by at most 1/8 (else the least padding)."""
     candidates = [b for b in (1024, 512, 256, 128, 64, 32, 16) if _MIN_BLOCK_N <= b <= max_block_n]
     for block in candidates:
-        if triton.cdiv(n, block) * block <= n + n // 8:
+        if cdiv(n, block) * block <= n + n // 8:
             return block
-    return min(candidates, key=lambda block: (triton.cdiv(n, block) * block, -block))
+    return min(candidates, key=lambda block: (cdiv(n, block) * block, -block))
 
 
 def _tiles(rows: int, n: int) -> tuple[int, int, int]:
@@ -212,7 +212,7 @@ def _tiles(rows: int, n: int) -> tuple[int, int, int]:
     interpret = interpreter_enabled()
     tile = _INTERPRETER_TILE if interpret else _GPU_TILE
     block_n = _block_n(n, _INTERPRETER_MAX_BLOCK_N if interpret else _GPU_MAX_BLOCK_N)
-    block_m = min(max(1, tile // block_n), triton.next_power_of_2(rows))
+    block_m = min(max(1, tile // block_n), next_power_of_2(rows))
     num_warps = max(1, min(8, block_m * block_n // 1024))  # 32 elements a thread: 4 x 16 bytes in bf16
     return block_m, block_n, num_warps
 
@@ -224,7 +224,7 @@ def _row_groups(rows: int, block_m: int, col_blocks: int, device: torch.device, 
     Without a bias, one tile per program, as the forward. With one, one wave of programs, each
     walking a run of row blocks, so that few partial bias sums are written.
     """
-    row_blocks = triton.cdiv(rows, block_m)
+    row_blocks = cdiv(rows, block_m)
     if not has_bias:
         return row_blocks, block_m
     if device.type == "cuda":
@@ -232,8 +232,8 @@ def _row_groups(rows: int, block_m: int, col_blocks: int, device: torch.device, 
         wanted = max(1, num_sms(device.index) * per_sm // col_blocks)
     else:
         wanted = _INTERPRETER_ROW_GROUPS
-    blocks_per_program = triton.cdiv(row_blocks, wanted)
-    return triton.cdiv(row_blocks, blocks_per_program), blocks_per_program * block_m
+    blocks_per_program = cdiv(row_blocks, wanted)
+    return cdiv(row_blocks, blocks_per_program), blocks_per_program * block_m
 
 
 def _as_rows(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -255,7 +255,7 @@ def bias_gelu_fwd(x, bias, approximate, dropout_p, seed):
     x2 = _as_rows(x, n)
     rows = x2.shape[0]
     block_m, block_n, num_warps = _tiles(rows, n)
-    grid = (triton.cdiv(rows, block_m), triton.cdiv(n, block_n))
+    grid = (cdiv(rows, block_m), cdiv(n, block_n))
     bias_arg = x2 if bias is None else bias.contiguous()  # never read without a bias
     with on_device(x):
         _bias_gelu_fwd_kernel[grid](
@@ -276,7 +276,7 @@ def bias_gelu_bwd(grad_out, x, bias, approximate, dropout_p, seed):
     x2, dy2 = _as_rows(x, n), _as_rows(grad_out, n)
     rows = x2.shape[0]
     block_m, block_n, num_warps = _tiles(rows, n)
-    col_blocks = triton.cdiv(n, block_n)
+    col_blocks = cdiv(n, block_n)
     groups, rows_per_program = _row_groups(rows, block_m, col_blocks, x.device, bias is not None, dropout_p > 0.0)
     if bias is None:
         bias_arg = partial = x2  # never read or written without a bias

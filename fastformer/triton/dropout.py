@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastformer.triton import _major_minor
+from fastformer.triton import _major_minor, cdiv, next_power_of_2
 from fastformer.validation import check_seed
 
 # Past this many elements the groups' Philox counters take a high word (WIDE_OFFSETS).
@@ -158,10 +158,10 @@ def dropout_keep_mask(seed: torch.Tensor, shape, dropout_p: float, device, *,
     if keep.numel():
         row_length = keep.shape[-1] if keep.dim() else 1
         rows = keep.numel() // row_length
-        block_cols = min(256, max(GROUP, triton.next_power_of_2(row_length)))
+        block_cols = min(256, max(GROUP, next_power_of_2(row_length)))
         block_rows = max(1, 1024 // block_cols)
-        col_blocks = triton.cdiv(row_length, block_cols)
-        _dropout_keep_mask_kernel[(triton.cdiv(rows, block_rows) * col_blocks,)](
+        col_blocks = cdiv(row_length, block_cols)
+        _dropout_keep_mask_kernel[(cdiv(rows, block_rows) * col_blocks,)](
             keep, seed, rows, row_length, col_blocks, dropout_p,
             WIDE_OFFSETS=wide_offsets(keep.numel()), BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
             TRANSPOSED=transposed_tiles)

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastformer.triton import MAX_HIDDEN, interpreter_enabled, num_sms, on_device
+from fastformer.triton import MAX_HIDDEN, cdiv, interpreter_enabled, next_power_of_2, num_sms, on_device
 from fastformer.triton.alignment import row as aligned_row
 from fastformer.triton.alignment import tile
 from fastformer.triton.alignment import vector_alignment
@@ -213,11 +213,11 @@ _GPU_BWD_PROGRAMS_PER_SM, _INTERPRETER_BWD_PROGRAMS = 2, 4
 
 
 def _launch_config(n: int, rows: int) -> dict:
-    block_n = max(16, triton.next_power_of_2(n))  # at least 16: dropout draws 4 columns at a time
-    if block_n > triton.next_power_of_2(MAX_HIDDEN):
+    block_n = max(16, next_power_of_2(n))  # at least 16: dropout draws 4 columns at a time
+    if block_n > next_power_of_2(MAX_HIDDEN):
         raise ValueError(f"residual norm (triton): hidden size {n} exceeds {MAX_HIDDEN}")
     tile = _INTERPRETER_TILE if interpreter_enabled() else _GPU_TILE
-    block_m = max(1, min(tile // block_n, triton.next_power_of_2(rows)))
+    block_m = max(1, min(tile // block_n, next_power_of_2(rows)))
     elements = block_m * block_n
     num_warps = 4 if elements <= 1024 else 8 if elements <= 4096 else 16
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps}
@@ -226,15 +226,15 @@ def _launch_config(n: int, rows: int) -> dict:
 def _backward_grid(rows: int, block_m: int, device: torch.device) -> tuple[int, int]:
     """(programs, rows_per_program) of the backward: enough programs to fill the GPU once, each
     taking a run of whole tiles; rows_per_program is a multiple of block_m."""
-    tiles = triton.cdiv(rows, block_m)
+    tiles = cdiv(rows, block_m)
     if tiles == 0:
         return 1, block_m  # no rows: one program writes the zero partial sums
     if interpreter_enabled() or device.type != "cuda":
         wanted = _INTERPRETER_BWD_PROGRAMS
     else:
         wanted = _GPU_BWD_PROGRAMS_PER_SM * num_sms(device.index)
-    tiles_per_program = triton.cdiv(tiles, min(tiles, wanted))
-    return triton.cdiv(tiles, tiles_per_program), tiles_per_program * block_m
+    tiles_per_program = cdiv(tiles, min(tiles, wanted))
+    return cdiv(tiles, tiles_per_program), tiles_per_program * block_m
 
 
 def residual_norm_fwd(x, residual, weight, bias, eps, dropout_p, rms, seed, store_residual):
@@ -251,7 +251,7 @@ def residual_norm_fwd(x, residual, weight, bias, eps, dropout_p, rms, seed, stor
         return out, residual_out, mean, rstd
     config = _launch_config(n, rows)
     with on_device(x):
-        _residual_norm_fwd_kernel[(triton.cdiv(rows, config["BLOCK_M"]),)](
+        _residual_norm_fwd_kernel[(cdiv(rows, config["BLOCK_M"]),)](
             x, x if residual is None else residual, x if weight is None else weight,
             x if bias is None else bias, out, out if not store_residual else residual_out,
             rstd if rms else mean, rstd, seed_pointer(seed, dropout_p, x),
