@@ -748,3 +748,16 @@ def test_untimed_runs_show_no_made_up_rates():
         assert row[1:4] == ["-", "-", "-"] and "nan" not in " ".join(row)
     assert finetune.compare({"torch": run, "fastformer": run}) == {}
     assert data_lib.length_summary([10, 20, 30, 40])["median"] == 25
+
+
+def test_gpu_busy_column():
+    """A GPU run's time shares carry gpu_busy (kernel time over the profiled steps' wall time): the
+    table shows it as a percentage; a CPU run (none) shows '-'."""
+    from finetune_lib import report
+    run = {"tokens_per_s": 1000.0, "padding_fraction": 0.1, "step_ms": {"median": 5.0, "p20": 4.0, "p80": 6.0},
+           "timed_steps": 3, "backends": {}}
+    gpu = dict(run, time_shares={"shares": {"attention": 0.5, "rest": 0.5}, "profiled_ms": 3.0, "gpu_busy": 0.4})
+    cpu = dict(run, time_shares={"shares": {"attention": 0.5, "rest": 0.5}, "profiled_ms": 3.0})
+    headers, rows = report.table_rows({"variants": {"torch": gpu, "fastformer": cpu}})
+    column = headers.index("GPU busy")
+    assert [row[column] for row in rows] == ["40%", "-"]

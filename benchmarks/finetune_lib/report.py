@@ -107,11 +107,12 @@ COMPILED_SHARES_NOTE = ("Time shares by kernel name, under torch.compile: a gene
 
 def table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     headers = ["variant", "tokens/s", "padding", "speedup", "step ms (p20-p80)", "peak MiB", "attention", "LayerNorm",
-               "GELU", "rest", "test acc", "backends"]
+               "GELU", "rest", "GPU busy", "test acc", "backends"]
     rows = []
     base = _finite(results.get("variants", {}).get("torch", {}).get("tokens_per_s"))
     for name, run in results.get("variants", {}).items():
         shares = (run.get("time_shares") or {}).get("shares", {})
+        busy = _finite((run.get("time_shares") or {}).get("gpu_busy"))  # GPU runs only
         step = run.get("step_ms", {})
         rate = _finite(run.get("tokens_per_s"))  # NaN when no step was timed
         speedup = rate / base if base and rate is not None else None
@@ -125,6 +126,7 @@ def table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
             _fmt(run.get("peak_memory_mib"), ",.0f"),
             *(_fmt(100 * shares[k], ".1f") + "%" if k in shares and math.isfinite(shares[k]) else "-"
               for k in ("attention", "layer_norm", "gelu", "rest")),
+            "-" if busy is None else _fmt(100 * busy, ".0f") + "%",
             _fmt(100 * run["test_accuracy"], ".2f") + "%" if run.get("test_accuracy") is not None else "-",
             used or "-"])
     return headers, rows

@@ -452,6 +452,7 @@ def _training(kernels: str, base: nn.Module, train_data: data_lib.Encoded, test_
     if config.profile_steps <= 0 or profile_to > total_steps:  # none asked, or too short a run
         profile_from = profile_to = -1
     profiler = shares = None
+    profiled_seconds = 0.0
     if config.compile and device.type != "cuda":
         # On the CPU a compiled graph's generated code runs inside one profiler event: no op names.
         profile_from = profile_to = -1
@@ -503,10 +504,16 @@ def _training(kernels: str, base: nn.Module, train_data: data_lib.Encoded, test_
                 backends = dict(seen)
             if profiler is not None:
                 profiler.step()
+            if profile_from < step < profile_to:  # the profiler's recorded steps
+                profiled_seconds += elapsed
             if profiler is not None and step == profile_to - 1:
                 profiler.stop()
                 try:
                     shares = time_shares(profiler.events(), device)
+                    if device.type == "cuda":
+                        # Kernel time over the same steps' wall time: well under 1, the GPU waited on
+                        # the host (the profiler's own host work lowers it a little).
+                        shares["gpu_busy"] = shares["profiled_ms"] / (profiled_seconds * 1e3)
                 except Exception as error:  # a measurement must never stop the training
                     shares = {"error": f"{type(error).__name__}: {error}"}
                 profiler = None
