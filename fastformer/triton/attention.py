@@ -67,6 +67,7 @@ import contextlib
 import functools
 import inspect
 import os
+import threading
 
 import torch
 import triton
@@ -773,6 +774,7 @@ def _precompile(tuner, key: tuple, args: tuple, meta: dict) -> None:
 # the kernel directly with the chosen config's kwargs, as the autotuner itself launches it on a
 # cache hit (it would also call the Config's pre_hook: _autotuned's configs have none).
 _chosen_configs: dict = {}
+_tuning_lock = threading.Lock()
 
 
 def _launch(kind: str, rows: int, heads: int, batch: int, args: tuple, meta: dict, interpret: bool):
@@ -794,9 +796,12 @@ def _launch(kind: str, rows: int, heads: int, batch: int, args: tuple, meta: dic
         config = _chosen_configs.get(key)
         if config is None:
             tuner = _autotuned(kind, head_class)
-            _precompile(tuner, key, args, meta)
-            tuner[grid](*args, **meta)
-            chosen = getattr(tuner, "best_config", None)  # (none where a run chose nothing: compile_triton.py's)
+            # One thread at a time: the autotuner keeps the launch's arguments and its choice on
+            # itself (nargs, best_config), which another thread's launch would overwrite.
+            with _tuning_lock:
+                _precompile(tuner, key, args, meta)
+                tuner[grid](*args, **meta)
+                chosen = getattr(tuner, "best_config", None)  # (none where a run chose nothing: compile_triton.py's)
             if chosen is not None:
                 _chosen_configs[key] = chosen
             return
