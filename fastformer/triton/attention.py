@@ -767,7 +767,7 @@ def _precompile(tuner, key: tuple, args: tuple, meta: dict) -> None:
         list(pool.map(compile_config, configs[1:]))
 
 
-# The config the autotuner chose, by launch key. Triton's Autotuner.run costs 25-40 microseconds a
+# The config the autotuner chose, by launch key. Triton's Autotuner.run costs 22-42 microseconds a
 # launch even when its cache has the answer (measured on the CPU with Triton 3.6 and 3.8: it
 # rebuilds a dict of the launch's 40-60 arguments and scans its list of argument names for each),
 # as long as a small kernel runs. Once it has chosen for a key, later launches with that key go to
