@@ -161,6 +161,25 @@ def test_every_triton_launch_config_on_gpu(dim, dtype):
     assert ran >= 2
 
 
+@pytest.mark.gpu
+def test_autotuned_triton_launches_on_gpu(monkeypatch):
+    """With autotuning on (the tests otherwise run one fixed config): the first call tunes each
+    kernel, later calls with the same launch key launch the chosen config directly; all match the
+    float64 reference, forward and gradients, with atomic dQ and in deterministic mode."""
+    triton_attention = pytest.importorskip("fastformer.triton.attention")
+    monkeypatch.setenv("FASTFORMER_TRITON_AUTOTUNE", "1")
+    monkeypatch.setattr(triton_attention, "_chosen_configs", {})
+    shape = (2, 4, 2, 150, 270, 64, 64)
+    kwargs = dict(is_causal=True, key_padding_mask=padding_mask(2, 270, "cuda"))
+    for deterministic in (False, True):
+        with deterministic_algorithms(deterministic):
+            for _ in range(2):  # tuned, then launched with the chosen configs
+                q, k, v = make_qkv(shape, torch.bfloat16, "cuda")
+                assert_matches_reference(q, k, v, torch.bfloat16, "triton", **kwargs)
+    kinds = {key[0] for key in triton_attention._chosen_configs}
+    assert kinds == {"fwd", "dkdv", "dq"}, kinds
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mask_kind", ["bool", "float", "causal+padding"])
 def test_same_results_as_sdpa(mask_kind, backend):
