@@ -1,4 +1,5 @@
-"""``vector_alignment``: the vector width the Triton launchers promise the compiler.
+"""The Triton launchers' host-side helpers: above all ``vector_alignment``, the vector width the
+launchers promise the compiler; also their grid arithmetic and device switch.
 
 A wrong promise gives misaligned vector accesses on the GPU (a crash or wrong values) that the
 interpreter never shows, so the promise is checked here against every row's actual address: for
@@ -78,3 +79,21 @@ def test_host_grid_arithmetic_matches_triton():
         assert next_power_of_2(n) == triton.next_power_of_2(n), n
         for divisor in (1, 2, 3, 16, 64, 128, 1000):
             assert cdiv(n, divisor) == triton.cdiv(n, divisor), (n, divisor)
+
+
+def test_launches_switch_device_only_for_a_tensor_on_another_gpu(monkeypatch):
+    """``on_device``: Triton launches on the current device, so a tensor on another GPU gets a
+    switch to its device; one on the current GPU or on the CPU none (a switch costs host time at
+    every launch). Faked devices: this runs without a GPU."""
+    import contextlib
+    import types
+
+    import fastformer.triton as triton_backend
+
+    switches = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: switches.append(device) or contextlib.nullcontext())
+    for device in (torch.device("cuda", 1), torch.device("cpu"), torch.device("cuda", 0)):
+        with triton_backend.on_device(types.SimpleNamespace(device=device)):
+            pass
+    assert switches == [torch.device("cuda", 0)]

@@ -83,8 +83,13 @@ MAX_HIDDEN = 16384
 # helpers shared by the launchers
 # --------------------------------------------------------------------------------------------
 def on_device(t: torch.Tensor):
-    """Launch on ``t``'s GPU (Triton launches on the current device), or do nothing on the CPU."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+    """Launch on ``t``'s GPU (Triton launches on the current device): a device switch where ``t`` is
+    on another GPU, nothing where it is on the current one (the usual case; a switch costs a few
+    microseconds of host time at every launch) or on the CPU."""
+    device = t.device
+    if device.type != "cuda" or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
 
 
 # The launchers' grid and block arithmetic, in plain Python: triton.cdiv and triton.next_power_of_2
