@@ -233,8 +233,9 @@ def _layer(cls):
 
 
 def test_overhead_encoder_layer_step(benchmark, layer_inputs, overhead_kernels):
-    """A FastTransformerEncoderLayer training step (dropout on, key padding) with null kernels:
-    its GEMMs and PyTorch ops at a tiny size, fastformer's Python around its 10 kernels."""
+    """A FastTransformerEncoderLayer training step (dropout on, key padding) with kernels that
+    compute nothing (either kind, see ``overhead_kernels``): its GEMMs and PyTorch ops at a tiny
+    size, the host work around its 10 kernels."""
     x, padding, grad = layer_inputs
     layer = _layer(fastformer.FastTransformerEncoderLayer)
     benchmark.group = "overhead per layer step, fwd+bwd, tiny shape"
