@@ -74,30 +74,19 @@ def _first_order_backward(op: str, label: str, body, vmap_rule):
     (where PyTorch's ``once_differentiable`` would silently drop the second-order terms), and
     under ``vmap`` its ``vmap_rule`` runs the kernels on the batch (per-sample gradients)."""
 
-    class FirstOrderBackward(torch.autograd.Function):
-        @staticmethod
-        def forward(*args):
-            return body(*args)
+    def keep_backend(ctx, inputs, output):
+        ctx.backend = inputs[-1]
 
-        @staticmethod
-        def setup_context(ctx, inputs, output):
-            ctx.backend = inputs[-1]
+    def refuse(ctx, *grads):
+        raise RuntimeError(_double_backward_message(label, ctx.backend))
 
-        @staticmethod
-        def backward(ctx, *grads):
-            raise RuntimeError(_double_backward_message(label, ctx.backend))
-
-        @staticmethod
-        def vmap(info, in_dims, *args):
-            return vmap_rule(FirstOrderBackward.apply, info, in_dims, *args)
-
-    FirstOrderBackward.__name__ = FirstOrderBackward.__qualname__ = f"{_camel(op)}Backward"
+    backward_function = _function_for_transforms(f"{_camel(op)}Backward", body, keep_backend, refuse, vmap_rule)
 
     def run(*args):
         if getattr(_implementation(args[-1], op), "DIFFERENTIABLE_BACKWARD", False) or not (
                 torch.is_grad_enabled() or dispatch.func_transforms_active()):
             return body(*args)
-        return FirstOrderBackward.apply(*args)
+        return backward_function.apply(*args)
     return run
 
 
@@ -116,10 +105,11 @@ def _camel(name: str) -> str:
 # runs the op once per sample. Forward-mode AD (jvp, jacfwd) is not among them: dispatch sends
 # such calls to the torch backend (the "forward_ad" feature).
 # --------------------------------------------------------------------------------------------
-def _function_for_transforms(op: str, forward, save, grads, vmap_rule, non_differentiable=()):
-    """The autograd.Function of ``op`` for torch.func: ``forward(*inputs)``, ``save(ctx, inputs,
-    output)`` and ``grads(ctx, *grad_outputs)`` as the eager Function has them, the outputs at
-    ``non_differentiable`` positions marked so, and ``vmap_rule(apply, info, in_dims, *inputs)``."""
+def _function_for_transforms(name: str, forward, save, grads, vmap_rule, non_differentiable=()):
+    """An autograd.Function called ``name`` in the form torch.func takes: ``forward(*inputs)``,
+    ``save(ctx, inputs, output)`` and ``grads(ctx, *grad_outputs)`` as an eager Function has them,
+    the outputs at ``non_differentiable`` positions marked so, and ``vmap_rule(apply, info, in_dims,
+    *inputs)``. (Each op's for transforms, and each kernel backward's, ``_first_order_backward``.)"""
 
     class ForTransforms(torch.autograd.Function):
         @staticmethod
@@ -139,7 +129,7 @@ def _function_for_transforms(op: str, forward, save, grads, vmap_rule, non_diffe
         def vmap(info, in_dims, *inputs):
             return vmap_rule(ForTransforms.apply, info, in_dims, *inputs)
 
-    ForTransforms.__name__ = ForTransforms.__qualname__ = f"{_camel(op)}FunctionForTransforms"
+    ForTransforms.__name__ = ForTransforms.__qualname__ = name
     return ForTransforms
 
 
@@ -434,7 +424,7 @@ class AttentionFunction(torch.autograd.Function):
 
 
 AttentionFunctionForTransforms = _function_for_transforms(
-    "attention", _attention_forward, _attention_save,
+    "AttentionFunctionForTransforms", _attention_forward, _attention_save,
     functools.partial(_attention_grads, backward=_attention_backward_first_order), _attention_vmap,
     non_differentiable=(1,))
 
@@ -592,7 +582,8 @@ def _residual_norm_backward_vmap(apply, info, in_dims, grad_out, grad_residual_o
     rows = tuple(range(1, grad_out.dim() - 1))  # each sample's rows
     dy = grad_out.to(rstd.dtype)
     if grad_weight is not None:
-        xhat = normed.to(rstd.dtype) if rms else normed.to(rstd.dtype) - mean.view(grad_out.shape[:-1]).unsqueeze(-1)
+        r = normed.to(rstd.dtype)
+        xhat = r if rms else r - mean.view(grad_out.shape[:-1]).unsqueeze(-1)
         xhat = xhat * rstd.view(grad_out.shape[:-1]).unsqueeze(-1)
         grad_weight = (dy * xhat).sum(rows).to(grad_weight.dtype)
     if grad_bias is not None:
@@ -619,7 +610,7 @@ class ResidualNormFunction(torch.autograd.Function):
 
 
 ResidualNormFunctionForTransforms = _function_for_transforms(
-    "residual_norm", _residual_norm_forward, _residual_norm_save,
+    "ResidualNormFunctionForTransforms", _residual_norm_forward, _residual_norm_save,
     functools.partial(_residual_norm_grads, backward=_residual_norm_backward_first_order), _residual_norm_vmap,
     non_differentiable=(2, 3))
 
@@ -720,7 +711,7 @@ class BiasGeluFunction(torch.autograd.Function):
 
 
 BiasGeluFunctionForTransforms = _function_for_transforms(
-    "bias_gelu", _bias_gelu_forward, _bias_gelu_save,
+    "BiasGeluFunctionForTransforms", _bias_gelu_forward, _bias_gelu_save,
     functools.partial(_bias_gelu_grads, backward=_bias_gelu_backward_first_order), _bias_gelu_vmap)
 
 bias_gelu = _eager_or_compiled(BiasGeluFunction, BiasGeluFunctionForTransforms, bias_gelu_fwd, "bias_gelu",
