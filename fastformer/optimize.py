@@ -286,7 +286,13 @@ def _optimize_hugging_face_model(transformers, model, prefix, report, undo):
             report.left_alone[qualified(name)] = "LayerNorm outside the blocks that fastformer fuses (runs as is)"
 
 
+# transformers.masking_utils, for _hf_mask: imported when the mask function is registered, not
+# in it (torch 2.11's dynamo breaks the graph at an import of a lazily loaded module).
+_masking_utils = None
+
+
 def _register_attention(transformers) -> bool:
+    global _masking_utils
     interface = getattr(transformers, "AttentionInterface", None)
     if interface is None:
         return False
@@ -294,9 +300,12 @@ def _register_attention(transformers) -> bool:
     masks = getattr(transformers, "AttentionMaskInterface", None)
     if masks is not None:  # ask for SDPA's boolean masks (True = may attend), which we take as is
         try:
-            from transformers.masking_utils import sdpa_mask  # noqa: F401
+            from transformers import masking_utils
         except ImportError:
+            masking_utils = None
+        if not hasattr(masking_utils, "sdpa_mask"):
             return True  # older versions build the eager additive mask, which we also take
+        _masking_utils = masking_utils
         masks.register("fastformer", _hf_mask)
     return True
 
@@ -370,8 +379,7 @@ def _hf_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_func
     ``.all()``: so do we where that read is free (:func:`_values_readable`), once; on a GPU the
     padding mask is handed over as is (an all-False ``key_padding_mask`` costs the kernels a few
     small device ops per call, not a wait for the GPU)."""
-    from transformers import masking_utils
-
+    masking_utils = _masking_utils
     if mask_function is None:
         mask_function = masking_utils.causal_mask_function
     plain_padding = (mask_function is masking_utils.bidirectional_mask_function

@@ -39,6 +39,14 @@ def require_backend(backend: str, op, *args, **kwargs) -> None:
         pytest.skip(str(error))
 
 
+def require_available(backend: str | None) -> None:
+    """Skip, with the reasons, when ``backend`` cannot run on this machine at all (e.g. Triton's
+    interpreter with a NumPy it fails on); None (dispatch's choice) always runs."""
+    reasons = [] if backend is None else fastformer.available_backends()[backend]
+    if reasons:
+        pytest.skip(f"backend {backend!r} is unavailable: " + "; ".join(reasons))
+
+
 def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     actual, expected = actual.double(), expected.double()
     denominator = expected.norm().item()

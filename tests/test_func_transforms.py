@@ -16,7 +16,7 @@ import fastformer
 import reference
 from fastformer import dispatch
 from helpers import (ATTENTION_TOL, BACKENDS, DEVICES, ELEMENTWISE_TOL, PARAM_GRAD_TOL_HALF, assert_rel_close,
-                     require_backend)
+                     require_available, require_backend)
 
 SAMPLES = 3  # the vmapped dim
 # The torch backend's SDPA on the CPU has no batching rule: PyTorch runs it sample by sample, and
@@ -351,6 +351,8 @@ def test_per_sample_gradients_of_an_optimized_bert(backend):
     against each example's gradient through the original model (eager attention: transformers'
     own mask code branches on the mask's values, which vmap refuses)."""
     import transformers
+
+    require_available(backend)
 
     config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                      intermediate_size=48, max_position_embeddings=16, hidden_dropout_prob=0.0,

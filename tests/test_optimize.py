@@ -16,8 +16,8 @@ from torch import nn
 
 import fastformer
 from fastformer.nn import FastMultiheadAttention, FastTransformerEncoderLayer
-from helpers import (HostReads, LoRALinear, assert_rel_close, graph_breaks, record_bias_gelu_biases, require_backend,
-                     seeded_gradients)
+from helpers import (HostReads, LoRALinear, assert_rel_close, graph_breaks, record_bias_gelu_biases,
+                     require_available, require_backend, seeded_gradients)
 
 
 class Classifier(nn.Module):
@@ -238,6 +238,8 @@ def test_hf_intermediate_bias_goes_where_it_is_cheapest(backend, bias_fused, mon
     bias in the GEMM; on a kernel backend (Triton here, in its interpreter) bias_gelu gets it."""
     import transformers
 
+    require_available(backend)
+
     config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                                      intermediate_size=48, hidden_dropout_prob=0.0,
                                      attention_probs_dropout_prob=0.0)
@@ -266,6 +268,7 @@ def test_hf_blocks_changed_after_optimize_run_as_they_are(family, change, backen
     stays fused; another activation, a hook on a part whose parameters the fused forward reads
     (a LayerNorm, DistilBERT's FFN): the block runs its original forward. Triton (in its
     interpreter) is the backend that moves the dense's bias into bias_gelu."""
+    require_available(backend)
     model = _tiny_hf_model(family, **({"dropout": 0.0} if family == "distilbert" else {}))
     original = copy.deepcopy(model)
     fastformer.optimize(model, backend=backend)
