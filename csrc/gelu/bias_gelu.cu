@@ -15,6 +15,7 @@
 // partial row per row group, which the torch side sums (no atomics: deterministic).
 #include "common/device_utils.cuh"
 #include "common/philox.cuh"
+#include "common/static_switch.h"
 #include "gelu/bias_gelu.h"
 
 namespace fastformer {
@@ -151,33 +152,6 @@ __global__ void __launch_bounds__(kThreads) bias_gelu_bwd_kernel(const BwdParams
 // --------------------------------------------------------------------------------------------
 // launch: the runtime switches become template arguments
 // --------------------------------------------------------------------------------------------
-// Without dropout (p == 0) the kernels are the ones without any of its code.
-template <template <class> class Kernel, typename Params, typename T, bool kVectorized, bool kTanh,
-          bool kBias>
-void launch_dropout(const Params& p, dim3 grid, dim3 block, int64_t rows_per_group,
-                    cudaStream_t stream) {
-  if (p.dropout_p > 0.0f) {
-    Kernel<Traits<T, kVectorized, kTanh, kBias, true>>::run(p, grid, block, rows_per_group, stream);
-  } else {
-    Kernel<Traits<T, kVectorized, kTanh, kBias, false>>::run(p, grid, block, rows_per_group, stream);
-  }
-}
-
-template <template <class> class Kernel, typename Params, typename T, bool kVectorized>
-void launch_with(const Params& p, const LaunchShape& s, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(s.column_blocks), static_cast<unsigned>(s.row_groups));
-  const dim3 block(s.tx, s.ty);
-  const bool has_bias = p.bias != nullptr;
-#define FASTFORMER_GELU_LAUNCH(TANH, BIAS) \
-  launch_dropout<Kernel, Params, T, kVectorized, TANH, BIAS>(p, grid, block, s.rows_per_group, stream)
-  if (p.tanh) {
-    has_bias ? FASTFORMER_GELU_LAUNCH(true, true) : FASTFORMER_GELU_LAUNCH(true, false);
-  } else {
-    has_bias ? FASTFORMER_GELU_LAUNCH(false, true) : FASTFORMER_GELU_LAUNCH(false, false);
-  }
-#undef FASTFORMER_GELU_LAUNCH
-}
-
 template <class K>
 struct Fwd {
   static void run(const FwdParams& p, dim3 grid, dim3 block, int64_t rows_per_group,
@@ -196,18 +170,21 @@ struct Bwd {
   }
 };
 
+// Without dropout (p == 0) the kernels are the ones without any of its code.
 template <template <class> class Kernel, typename Params>
 void launch_any(const Params& p, const LaunchShape& s, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(s.column_blocks), static_cast<unsigned>(s.row_groups));
+  const dim3 block(s.tx, s.ty);
+  auto launch = [&](auto type) {
+    with_flags([&](auto vectorized, auto tanh, auto bias, auto dropout) {
+      Kernel<Traits<decltype(type), vectorized, tanh, bias, dropout>>::run(p, grid, block, s.rows_per_group,
+                                                                            stream);
+    }, s.vectorized, p.tanh, p.bias != nullptr, p.dropout_p > 0.0f);
+  };
   switch (p.dtype) {
-#define FASTFORMER_GELU_DTYPE(ENUM, TYPE)                                      \
-  case DType::ENUM:                                                            \
-    s.vectorized ? launch_with<Kernel, Params, TYPE, true>(p, s, stream)       \
-                 : launch_with<Kernel, Params, TYPE, false>(p, s, stream);     \
-    break;
-    FASTFORMER_GELU_DTYPE(kFloat32, float)
-    FASTFORMER_GELU_DTYPE(kFloat16, __half)
-    FASTFORMER_GELU_DTYPE(kBFloat16, __nv_bfloat16)
-#undef FASTFORMER_GELU_DTYPE
+    case DType::kFloat32: launch(float{}); break;
+    case DType::kFloat16: launch(__half{}); break;
+    case DType::kBFloat16: launch(__nv_bfloat16{}); break;
   }
 }
 

@@ -7,6 +7,7 @@
 // two-step mean, so forward and backward normalise identically.
 #include "common/device_utils.cuh"
 #include "common/philox.cuh"
+#include "common/static_switch.h"
 #include "layer_norm/residual_norm.h"
 
 namespace fastformer {
@@ -253,38 +254,11 @@ void launch(const BwdParams& p, const LaunchShape& shape, cudaStream_t stream) {
   FASTFORMER_LAUNCH(kernel, p.partials, shape.threads, shared, stream)(p);
 }
 
-template <typename T, typename X, bool kVectorized, bool kWarpPerRow, bool kRms>
-void launch_dropout(const BwdParams& p, const LaunchShape& shape, cudaStream_t stream) {
-  if (p.dropout_p > 0.0f) {
-    launch<T, X, kVectorized, kWarpPerRow, kRms, true>(p, shape, stream);
-  } else {
-    launch<T, X, kVectorized, kWarpPerRow, kRms, false>(p, shape, stream);
-  }
-}
-
-template <typename T, typename X, bool kVectorized, bool kWarpPerRow>
-void launch_rms(const BwdParams& p, const LaunchShape& shape, cudaStream_t stream) {
-  if (p.rms) {
-    launch_dropout<T, X, kVectorized, kWarpPerRow, true>(p, shape, stream);
-  } else {
-    launch_dropout<T, X, kVectorized, kWarpPerRow, false>(p, shape, stream);
-  }
-}
-
-template <typename T, typename X>
-void launch_typed(const BwdParams& p, const LaunchShape& shape, cudaStream_t stream) {
-  if (shape.vectorized) {
-    shape.warp_per_row ? launch_rms<T, X, true, true>(p, shape, stream)
-                       : launch_rms<T, X, true, false>(p, shape, stream);
-  } else {
-    shape.warp_per_row ? launch_rms<T, X, false, true>(p, shape, stream)
-                       : launch_rms<T, X, false, false>(p, shape, stream);
-  }
-}
-
 void launch_bwd(const BwdParams& p, const LaunchShape& shape, cudaStream_t stream) {
   dispatch_types(p.dtype, p.x_dtype, [&](auto stream_type, auto x_type) {
-    launch_typed<decltype(stream_type), decltype(x_type)>(p, shape, stream);
+    with_flags([&](auto vectorized, auto warp_per_row, auto rms, auto dropout) {
+      launch<decltype(stream_type), decltype(x_type), vectorized, warp_per_row, rms, dropout>(p, shape, stream);
+    }, shape.vectorized, shape.warp_per_row, p.rms, p.dropout_p > 0.0f);
   });
 }
 

@@ -8,6 +8,7 @@
 // spread 1e-2 keeps its digits (a one-pass E[r^2] - E[r]^2 would lose all of them).
 #include "common/device_utils.cuh"
 #include "common/philox.cuh"
+#include "common/static_switch.h"
 #include "layer_norm/residual_norm.h"
 
 namespace fastformer {
@@ -169,51 +170,18 @@ void launch(const FwdParams& p, const LaunchShape& shape, cudaStream_t stream) {
   FASTFORMER_LAUNCH(kernel, static_cast<unsigned>(blocks), shape.threads, 0, stream)(p);
 }
 
-// A narrower x comes with a residual (the stream type is x + residual's): no instantiation
-// without one.
-template <typename T, typename X, bool kVectorized, bool kWarpPerRow, bool kRms, bool kDropout>
-void launch_residual(const FwdParams& p, const LaunchShape& shape, cudaStream_t stream) {
-  if constexpr (std::is_same_v<T, X>) {
-    if (p.residual == nullptr) {
-      launch<T, X, kVectorized, kWarpPerRow, kRms, kDropout, false>(p, shape, stream);
-      return;
-    }
-  }
-  launch<T, X, kVectorized, kWarpPerRow, kRms, kDropout, true>(p, shape, stream);
-}
-
-template <typename T, typename X, bool kVectorized, bool kWarpPerRow, bool kRms>
-void launch_dropout(const FwdParams& p, const LaunchShape& shape, cudaStream_t stream) {
-  if (p.dropout_p > 0.0f) {
-    launch_residual<T, X, kVectorized, kWarpPerRow, kRms, true>(p, shape, stream);
-  } else {
-    launch_residual<T, X, kVectorized, kWarpPerRow, kRms, false>(p, shape, stream);
-  }
-}
-
-template <typename T, typename X, bool kVectorized, bool kWarpPerRow>
-void launch_rms(const FwdParams& p, const LaunchShape& shape, cudaStream_t stream) {
-  if (p.rms) {
-    launch_dropout<T, X, kVectorized, kWarpPerRow, true>(p, shape, stream);
-  } else {
-    launch_dropout<T, X, kVectorized, kWarpPerRow, false>(p, shape, stream);
-  }
-}
-
-template <typename T, typename X>
-void launch_typed(const FwdParams& p, const LaunchShape& shape, cudaStream_t stream) {
-  if (shape.vectorized) {
-    shape.warp_per_row ? launch_rms<T, X, true, true>(p, shape, stream)
-                       : launch_rms<T, X, true, false>(p, shape, stream);
-  } else {
-    shape.warp_per_row ? launch_rms<T, X, false, true>(p, shape, stream)
-                       : launch_rms<T, X, false, false>(p, shape, stream);
-  }
-}
-
 void launch_fwd(const FwdParams& p, const LaunchShape& shape, cudaStream_t stream) {
   dispatch_types(p.dtype, p.x_dtype, [&](auto stream_type, auto x_type) {
-    launch_typed<decltype(stream_type), decltype(x_type)>(p, shape, stream);
+    using T = decltype(stream_type);
+    using X = decltype(x_type);
+    // A narrower x comes with a residual (the stream type is x + residual's): no instantiation
+    // without one.
+    const bool has_residual = !std::is_same_v<T, X> || p.residual != nullptr;
+    with_flags([&](auto vectorized, auto warp_per_row, auto rms, auto dropout, auto residual) {
+      if constexpr (std::is_same_v<T, X> || residual) {
+        launch<T, X, vectorized, warp_per_row, rms, dropout, residual>(p, shape, stream);
+      }
+    }, shape.vectorized, shape.warp_per_row, p.rms, p.dropout_p > 0.0f, has_residual);
   });
 }
 
