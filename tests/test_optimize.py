@@ -358,6 +358,26 @@ def _tiny_hf_model(family, **config_options):
     return transformers.AutoModelForSequenceClassification.from_config(config).eval()
 
 
+def _unless_transformers_alone_fails(run, model, original):
+    """``run(model)``, an optimized model. Where it raises, ``run(original)`` too, the same model
+    as transformers builds it: if that raises as well, this torch cannot compile or export the
+    model with or without fastformer (transformers 5 on torch 2.6: dynamo fails in transformers'
+    own mask and output code), and the test is skipped with that error; else the first error
+    stands."""
+    import transformers
+
+    try:
+        return run(model)
+    except Exception:
+        try:
+            run(original)
+        except Exception as error:
+            first_line = (str(error).splitlines() or [""])[0][:300]
+            pytest.skip(f"torch {torch.__version__} with transformers {transformers.__version__} fails on the model "
+                        f"without fastformer too: {type(error).__name__}: {first_line}")
+        raise
+
+
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
 @pytest.mark.parametrize("family", ["bert", "esm"])
 def test_optimized_hf_model_exports_with_dynamic_shapes(family):
@@ -369,8 +389,11 @@ def test_optimized_hf_model_exports_with_dynamic_shapes(family):
     def inputs(batch_size, seq_len):
         mask = (torch.arange(seq_len) < torch.randint(1, seq_len + 1, (batch_size, 1))).long()
         return {"input_ids": torch.randint(3, 50, (batch_size, seq_len)), "attention_mask": mask}
-    program = torch.export.export(model, (), inputs(3, 9), dynamic_shapes={
-        "input_ids": {0: batch, 1: length}, "attention_mask": {0: batch, 1: length}})
+
+    def export(module):
+        return torch.export.export(module, (), inputs(3, 9), dynamic_shapes={
+            "input_ids": {0: batch, 1: length}, "attention_mask": {0: batch, 1: length}})
+    program = _unless_transformers_alone_fails(export, model, _tiny_hf_model(family))
     targets = {str(node.target) for node in program.graph.nodes}
     assert {"fastformer.attention_fwd.default", "fastformer.residual_norm_fwd.default",
             "fastformer.bias_gelu_fwd.default"} <= targets
@@ -392,7 +415,19 @@ def test_optimized_hf_model_compiles_without_graph_breaks(family, options):
     assert model.fastformer_report.replaced
     mask = torch.ones(3, 9, dtype=torch.long)
     mask[1, 5:] = 0
-    assert graph_breaks(model, input_ids=torch.randint(3, 50, (3, 9)), attention_mask=mask) == {}
+    ids = torch.randint(3, 50, (3, 9))
+    original = _tiny_hf_model(family, **options).train()
+    breaks = _unless_transformers_alone_fails(lambda module: graph_breaks(module, input_ids=ids, attention_mask=mask),
+                                              model, original)
+    if breaks:  # skipped where transformers' own code breaks the graph (or fails) without fastformer
+        try:
+            alone = graph_breaks(original, input_ids=ids, attention_mask=mask)
+            why = f"breaks the graph as well: {alone}" if set(breaks) <= set(alone) else None
+        except Exception as error:
+            why = f"fails: {type(error).__name__}: {(str(error).splitlines() or [''])[0][:300]}"
+        if why:
+            pytest.skip(f"torch {torch.__version__}: the model without fastformer {why}")
+    assert breaks == {}
 
 
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
@@ -404,22 +439,26 @@ def test_optimized_hf_model_trains_the_same_compiled(family, options):
     the custom ops' backward included: the learned position bias's gradient of MPNet and DeBERTa)
     gives the eager step's logits and parameter gradients, float64, two batch shapes (dropout 0:
     the same results, not the same random draws)."""
-    model = _tiny_hf_model(family, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **options)
-    model = fastformer.optimize(model.double().train(), backend="torch")
-    compiled_model = copy.deepcopy(model)
-    torch._dynamo.reset()
-    compiled = torch.compile(compiled_model, backend="aot_eager", fullgraph=True)
-    for batch, length in [(3, 9), (2, 13)]:
-        mask = torch.ones(batch, length, dtype=torch.long)
-        mask[1, length // 2:] = 0
-        inputs = dict(input_ids=torch.randint(3, 50, (batch, length)), attention_mask=mask)
-        model.zero_grad()
-        compiled_model.zero_grad()
-        logits = [m(**inputs).logits for m in (model, compiled)]
-        for out in logits:
-            (out * torch.arange(1.0, 3.0, dtype=out.dtype)).sum().backward()
-        assert_rel_close(logits[1], logits[0], 1e-12, "logits")
-        _assert_same_parameter_gradients(compiled_model, model, 1e-10)
+    def new_model():
+        model = _tiny_hf_model(family, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **options)
+        return model.double().train()
+
+    def train_steps(model):
+        compiled_model = copy.deepcopy(model)
+        torch._dynamo.reset()
+        compiled = torch.compile(compiled_model, backend="aot_eager", fullgraph=True)
+        for batch, length in [(3, 9), (2, 13)]:
+            mask = torch.ones(batch, length, dtype=torch.long)
+            mask[1, length // 2:] = 0
+            inputs = dict(input_ids=torch.randint(3, 50, (batch, length)), attention_mask=mask)
+            model.zero_grad()
+            compiled_model.zero_grad()
+            logits = [m(**inputs).logits for m in (model, compiled)]
+            for out in logits:
+                (out * torch.arange(1.0, 3.0, dtype=out.dtype)).sum().backward()
+            assert_rel_close(logits[1], logits[0], 1e-12, "logits")
+            _assert_same_parameter_gradients(compiled_model, model, 1e-10)
+    _unless_transformers_alone_fails(train_steps, fastformer.optimize(new_model(), backend="torch"), new_model())
 
 
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
