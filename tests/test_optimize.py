@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import dis
 import functools
 import importlib.util
 import io
 import math
 import os
+import sys
+import types
 
 import pytest
 import torch
@@ -428,6 +431,25 @@ def test_optimized_hf_model_compiles_without_graph_breaks(family, options):
         if why:
             pytest.skip(f"torch {torch.__version__}: the model without fastformer {why}")
     assert breaks == {}
+
+
+def test_code_that_runs_inside_a_forward_imports_nothing():
+    """Only optimize's set-up imports transformers: torch 2.11's dynamo breaks the graph at an
+    import of a lazily loaded module (transformers' are), so an import in the attention and mask
+    functions transformers calls, or in a fused block's forward, cost a graph break per layer
+    there (not on the torch of CI, which traces such imports)."""
+    optimize_module = sys.modules["fastformer.optimize"]
+    set_up = {"_optimize_hugging_face", "_register_attention", "_registered_attention"}
+    functions = {name: function for name, function in vars(optimize_module).items()
+                 if isinstance(function, types.FunctionType) and function.__module__ == optimize_module.__name__}
+    assert {"_hf_mask", "_hf_attention", "_fused_output_forward"} <= functions.keys()
+    importing = {}
+    for name, function in functions.items():
+        codes = [function.__code__, *(c for c in function.__code__.co_consts if isinstance(c, types.CodeType))]
+        imported = [i.argval for code in codes for i in dis.get_instructions(code) if i.opname == "IMPORT_NAME"]
+        if imported and name not in set_up:
+            importing[name] = imported
+    assert importing == {}
 
 
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
