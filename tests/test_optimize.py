@@ -436,7 +436,7 @@ def test_optimized_hf_model_compiles_without_graph_breaks(family, options):
 def test_code_that_runs_inside_a_forward_imports_nothing():
     """Only optimize's set-up imports transformers: torch 2.11's dynamo breaks the graph at an
     import of a lazily loaded module (transformers' are), so an import in the attention and mask
-    functions transformers calls, or in a fused block's forward, cost a graph break per layer
+    functions transformers calls, or in a fused block's forward, costs a graph break per layer
     there (not on the torch of CI, which traces such imports)."""
     optimize_module = sys.modules["fastformer.optimize"]
     set_up = {"_optimize_hugging_face", "_register_attention", "_registered_attention"}
