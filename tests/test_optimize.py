@@ -361,24 +361,33 @@ def _tiny_hf_model(family, **config_options):
     return transformers.AutoModelForSequenceClassification.from_config(config).eval()
 
 
-def _unless_transformers_alone_fails(run, model, original):
-    """``run(model)``, an optimized model. Where it raises, ``run(original)`` too, the same model
-    as transformers builds it: if that raises as well, this torch cannot compile or export the
-    model with or without fastformer (transformers 5 on torch 2.6: dynamo fails in transformers'
-    own mask and output code), and the test is skipped with that error; else the first error
-    stands."""
+def _unless_transformers_alone_fails(run, model, original, flaws=lambda result: set()):
+    """``run(model)``, an optimized model. Where it raises, or its result has ``flaws`` (e.g. the
+    graph breaks' reasons), ``run(original)`` too, the same model as transformers builds it: if
+    that raises, or has those flaws as well, this torch cannot compile or export the model cleanly
+    with or without fastformer (transformers 5 on torch 2.6: dynamo fails in transformers' own mask
+    and output code), and the test is skipped saying so; else the first error stands, or the result
+    is returned for the test to judge."""
     import transformers
 
+    error = None
     try:
-        return run(model)
-    except Exception:
-        try:
-            run(original)
-        except Exception as error:
-            first_line = (str(error).splitlines() or [""])[0][:300]
-            pytest.skip(f"torch {torch.__version__} with transformers {transformers.__version__} fails on the model "
-                        f"without fastformer too: {type(error).__name__}: {first_line}")
-        raise
+        result = run(model)
+    except Exception as raised:
+        error, result = raised, None
+    if error is None and not flaws(result):
+        return result
+    try:
+        alone = run(original)
+        why = f"as well: {alone}" if error is None and flaws(result) <= flaws(alone) else None
+    except Exception as original_error:
+        why = f"too: {type(original_error).__name__}: {(str(original_error).splitlines() or [''])[0][:300]}"
+    if why:
+        pytest.skip(f"torch {torch.__version__} with transformers {transformers.__version__}, the model without "
+                    f"fastformer fails {why}")
+    if error is not None:
+        raise error
+    return result
 
 
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
@@ -419,17 +428,8 @@ def test_optimized_hf_model_compiles_without_graph_breaks(family, options):
     mask = torch.ones(3, 9, dtype=torch.long)
     mask[1, 5:] = 0
     ids = torch.randint(3, 50, (3, 9))
-    original = _tiny_hf_model(family, **options).train()
     breaks = _unless_transformers_alone_fails(lambda module: graph_breaks(module, input_ids=ids, attention_mask=mask),
-                                              model, original)
-    if breaks:  # skipped where transformers' own code breaks the graph (or fails) without fastformer
-        try:
-            alone = graph_breaks(original, input_ids=ids, attention_mask=mask)
-            why = f"breaks the graph as well: {alone}" if set(breaks) <= set(alone) else None
-        except Exception as error:
-            why = f"fails: {type(error).__name__}: {(str(error).splitlines() or [''])[0][:300]}"
-        if why:
-            pytest.skip(f"torch {torch.__version__}: the model without fastformer {why}")
+                                              model, _tiny_hf_model(family, **options).train(), flaws=set)
     assert breaks == {}
 
 
