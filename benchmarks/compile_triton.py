@@ -2,6 +2,9 @@
 
     python benchmarks/compile_triton.py [--arch 90 --arch 80] [--full] [--json PATH]
 
+Targets: sm_80 (A100), sm_86 / sm_89 / sm_120 (99 KiB of shared memory a block: RTX 30xx-50xx,
+A10, L4, L40S), sm_90 (H100, H200), sm_100 (B200).
+
 CI runs the Triton kernels in Triton's interpreter, which never lowers a kernel to a GPU: a kernel
 that passes there can still fail to compile for sm_80 or sm_90, or ask for more shared memory than
 the card has. This script calls the real launchers (``fastformer.triton.*``) on CPU tensors with
@@ -20,7 +23,9 @@ random-number work a thread does).
 
 Exit status 1 when a kernel fails to compile, when a launch has no configuration that fits the
 target's shared memory (an autotuned launch may keep configurations that do not fit: the autotuner
-skips those), or when a Triton kernel of the package was not compiled by any case; 0 otherwise.
+skips those; a launch that fits none raises OutOfResources here as on a GPU, which is a problem
+unless the launcher catches it and falls back to other kernels), or when a Triton kernel of the
+package was not compiled by any case; 0 otherwise.
 Spills are reported, not failed. Cases: the default set covers every kernel, dtype, head-dim class
 and compile-time switch at least once; ``--full`` takes their product (slow: about half an hour
 per target on two cores the first time; Triton caches what it compiled).
@@ -54,6 +59,7 @@ import common  # noqa: E402
 import triton  # noqa: E402
 from triton.runtime.autotuner import Autotuner  # noqa: E402
 from triton.runtime.driver import driver  # noqa: E402
+from triton.runtime.errors import OutOfResources  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 try:
@@ -62,8 +68,9 @@ except ImportError:  # triton < 3.0
     from triton.compiler.compiler import GPUTarget
 
 # The most shared memory one block may use, in bytes (CUDA C++ Programming Guide, "Technical
-# Specifications per Compute Capability": 163 KB on 8.0, 99 KB on 8.6/8.9, 227 KB on 9.0).
-SHARED_MEMORY_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+# Specifications per Compute Capability" and the sections on each capability's shared memory:
+# 163 KB on 8.0, 99 KB on 8.6, 8.9 and 12.0, 227 KB on 9.0 and 10.0).
+SHARED_MEMORY_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
 
 
 # --------------------------------------------------------------------------------------------
@@ -88,6 +95,9 @@ class Compiled:
     mul_hi: int = 0             # mul.hi.u32 in the PTX: 20 per Philox call
     seconds: float = 0.0
     error: str | None = None
+    # No configuration of its launch fits, so the launch raised OutOfResources as on a GPU (see
+    # compile_only), and the launcher caught it and went on with other kernels (set by main).
+    fell_back: bool = False
 
     @property
     def fits(self) -> bool:
@@ -136,9 +146,12 @@ def _resources(cubin: bytes) -> tuple[int | None, int | None]:
 
 
 def _mma(ptx: str) -> str:
-    if "wgmma.mma_async" in ptx:
-        return "wgmma"
-    return "mma.sync" if "mma.sync" in ptx else ""
+    """The tensor-core instruction of a kernel's matmuls: tcgen05 (sm_100), wgmma (sm_90),
+    mma.sync (sm_80 and up); empty: none (FMA)."""
+    for instruction, name in (("tcgen05.mma", "tcgen05"), ("wgmma.mma_async", "wgmma"), ("mma.sync", "mma.sync")):
+        if instruction in ptx:
+            return name
+    return ""
 
 
 _PTX_BITS = {"b8": 8, "u8": 8, "s8": 8, "b16": 16, "u16": 16, "s16": 16, "f16": 16, "b32": 32,
@@ -166,7 +179,8 @@ class _Recorder:
 
     def compile(self, fn: JITFunction, original_run, args, kwargs) -> Any:
         launch = self.autotuned_launch
-        if launch is None:
+        single = launch is None
+        if single:
             self.launches += 1
             launch = self.launches
         record = Compiled(self.case, launch, fn.__name__, self.arch,
@@ -191,13 +205,25 @@ class _Recorder:
             record.load_bytes, record.async_copy_bytes = _widest_accesses(kernel.asm["ptx"])
             record.mul_hi = len(re.findall(r"\bmul\.hi\.u32\b", kernel.asm["ptx"]))
         self.results.append(record)
+        if single:
+            self.launched(launch)
         return kernel
+
+    def launched(self, launch: int) -> None:
+        """What a GPU does at a launch whose configurations all compiled but none fits in shared
+        memory: Triton raises OutOfResources before running anything."""
+        group = [r for r in self.results if r.launch == launch]
+        if group and not any(r.error for r in group) and not any(r.fits for r in group):
+            raise OutOfResources(min(r.shared_bytes for r in group), SHARED_MEMORY_LIMIT[self.arch],
+                                 "shared memory")
 
 
 @contextlib.contextmanager
 def compile_only(arch: int):
     """Within the block, launching a Triton kernel compiles it for sm_<arch> and runs nothing; an
-    autotuned kernel compiles every configuration. Yields the recorder of what was compiled."""
+    autotuned kernel compiles every configuration. A launch none of whose configurations fits in
+    the target's shared memory raises OutOfResources, as on a GPU. Yields the recorder of what was
+    compiled."""
     recorder = _Recorder(arch)
     jit_run, autotuner_run = JITFunction.run, Autotuner.run
 
@@ -214,12 +240,18 @@ def compile_only(arch: int):
         finally:
             recorder.autotuned_launch = None
             self.nargs = None
+        recorder.launched(recorder.launches)
 
+    from fastformer.triton import attention as triton_attention
+
+    # The attention launches that fell back on a GPU are remembered per device: here, per target.
+    unfit, triton_attention._atomic_dq_unfit = triton_attention._atomic_dq_unfit, set()
     driver.set_active(_CompileOnlyDriver(arch))
     JITFunction.run, Autotuner.run = run, autotuned_run
     try:
         yield recorder
     finally:
+        triton_attention._atomic_dq_unfit = unfit
         JITFunction.run, Autotuner.run = jit_run, autotuner_run
         try:
             driver.reset_active()
@@ -408,7 +440,8 @@ def package_kernels() -> set[str]:
 # --------------------------------------------------------------------------------------------
 def problems(results: list[Compiled], expected_kernels: set[str]) -> list[str]:
     """One line per compile error, per launch of which no configuration fits the target's shared
-    memory, and per target for the expected kernels that no case compiled."""
+    memory (unless its launcher fell back to other kernels: the case's own problem if it did not,
+    see main), and per target for the expected kernels that no case compiled."""
     found = []
     for r in results:
         if r.error:
@@ -417,7 +450,7 @@ def problems(results: list[Compiled], expected_kernels: set[str]) -> list[str]:
     for r in results:
         launches.setdefault((r.arch, r.case, r.launch), []).append(r)
     for (arch, case, _), group in launches.items():
-        if not any(r.fits for r in group) and not any(r.error for r in group):
+        if not any(r.fits or r.fell_back for r in group) and not any(r.error for r in group):
             smallest = min(r.shared_bytes for r in group)
             found.append(f"sm_{arch} {group[0].kernel} in '{case}': no configuration fits in "
                          f"{SHARED_MEMORY_LIMIT[arch]} bytes of shared memory (smallest needs {smallest})")
@@ -438,6 +471,8 @@ def format_results(results: list[Compiled]) -> str:
     for r in results:
         blocks = "x".join(str(r.constants[k]) for k in _SWITCHES if k in r.constants)
         note = r.error or ("" if r.fits else f"over the {SHARED_MEMORY_LIMIT[r.arch] // 1024} KiB limit")
+        if r.fell_back:
+            note += "; no config fits: the launcher fell back"
         rows.append([f"sm_{r.arch}", r.kernel.strip("_"), blocks, str(r.num_warps), str(r.num_stages),
                      "" if r.shared_bytes is None else f"{r.shared_bytes / 1024:.0f}",
                      "" if r.registers is None else str(r.registers),
@@ -445,6 +480,30 @@ def format_results(results: list[Compiled]) -> str:
                      str(r.async_copy_bytes), str(r.mul_hi), f"{r.seconds:.1f}", note])
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def compile_cases(arch: int, cases: dict[str, Callable[[], None]]) -> tuple[list[Compiled], list[str]]:
+    """Runs each case compiling for sm_<arch>; returns what was compiled and a line per case that
+    a launch stopped (OutOfResources that no launcher caught: a crash on a GPU). Launches that
+    raised and were caught are marked ``fell_back``."""
+    stopped_cases = []
+    with compile_only(arch) as recorder:
+        for name, case in cases.items():
+            recorder.case = name
+            start = time.perf_counter()
+            try:
+                case()
+                stopped = None
+            except OutOfResources as exc:
+                stopped = exc
+                stopped_cases.append(f"sm_{arch} '{name}' stopped: {exc}")
+            compiled = [r for r in recorder.results if r.case == name]
+            if stopped is None:  # the launches that raised were caught by their launchers
+                for r in compiled:
+                    r.fell_back = not r.error and not any(
+                        other.fits or other.error for other in compiled if other.launch == r.launch)
+            print(f"sm_{arch}  {name}: {len(compiled)} compiled, {time.perf_counter() - start:.1f} s", flush=True)
+    return recorder.results, stopped_cases
 
 
 def main(argv=None) -> int:
@@ -462,19 +521,14 @@ def main(argv=None) -> int:
     expected = package_kernels() if not args.select else set()
 
     results: list[Compiled] = []
+    unhandled: list[str] = []
     for arch in archs:
-        with compile_only(arch) as recorder:
-            for name, case in cases.items():
-                recorder.case = name
-                start = time.perf_counter()
-                case()
-                compiled = [r for r in recorder.results if r.case == name]
-                print(f"sm_{arch}  {name}: {len(compiled)} compiled, {time.perf_counter() - start:.1f} s",
-                      flush=True)
-        results += recorder.results
+        compiled, stopped = compile_cases(arch, cases)
+        results += compiled
+        unhandled += stopped
     print()
     print(format_results(results))
-    found = problems(results, expected)
+    found = unhandled + problems(results, expected)
     spilled = sorted({(r.arch, r.kernel) for r in results if r.spill_bytes})
     print(f"\n{len(results)} kernels compiled for {', '.join(f'sm_{a}' for a in archs)} with triton "
           f"{triton.__version__}; {len(spilled)} (arch, kernel) pairs spill registers in some config")

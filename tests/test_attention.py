@@ -646,6 +646,48 @@ def test_triton_backward_launches_the_dq_kernel_only_when_deterministic(determin
     assert launched == (["fwd", "dkdv", "dq"] if deterministic else ["fwd", "dkdv"])
 
 
+def test_triton_backward_takes_the_dq_kernel_where_atomic_dq_fits_no_config(monkeypatch):
+    """On a GPU whose shared memory holds no config of the dK/dV kernel with atomic dQ (float32 at
+    head dims over 128 on 99 KiB GPUs; tests/test_triton_compile.py), Triton raises OutOfResources
+    at that launch before running anything: the backward then computes dQ with the dQ kernel, as in
+    deterministic mode, right, and later calls of that (device, dtype, head dims) go there
+    directly. Here the launch raises as Triton would."""
+    from triton.runtime.errors import OutOfResources
+
+    from fastformer.triton import attention as triton_attention
+
+    shape = (2, 4, 2, 33, 40, 24, 20)
+    q, k, v = make_qkv(shape, torch.float32, "cpu")
+    attn_mask, key_padding_mask, is_causal = make_masks("gqa+padding", shape, torch.float32, "cpu")
+    kwargs = dict(attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal)
+    require_backend("triton", "attention", q, k, v, **kwargs)
+    monkeypatch.setattr(triton_attention, "_atomic_dq_unfit", set())
+    launched = []
+    launch = triton_attention._launch
+
+    def launch_on_a_small_gpu(kind, rows, heads, batch, args, meta, interpret):
+        launched.append((kind, meta.get("ATOMIC_DQ")))
+        if kind == "dkdv" and meta["ATOMIC_DQ"]:
+            raise OutOfResources(118784, 101376, "shared memory")
+        return launch(kind, rows, heads, batch, args, meta, interpret)
+
+    monkeypatch.setattr(triton_attention, "_launch", launch_on_a_small_gpu)
+    grad_out = torch.randn(*shape[:2], shape[3], shape[6], dtype=torch.float64)
+    expected = _grads(reference.attention(q, k, v, **kwargs), (q, k, v), grad_out)
+    for call in range(2):
+        launched.clear()
+        grads = _grads(fastformer.attention(q, k, v, backend="triton", **kwargs), (q, k, v), grad_out.float())
+        for name, got, want in zip("qkv", grads, expected):
+            assert_rel_close(got, want, ATTENTION_TOL[torch.float32][1], f"grad {name}, call {call}")
+        tried = [("dkdv", True)] if call == 0 else []
+        assert launched == [("fwd", None), *tried, ("dkdv", False), ("dq", None)], call
+    # A config forced by use_config(i) that does not fit is the caller's error, not the device's.
+    monkeypatch.setattr(triton_attention, "_atomic_dq_unfit", set())
+    with triton_attention.use_config(0), pytest.raises(OutOfResources):
+        fastformer.attention(q, k, v, backend="triton", **kwargs).sum().backward()
+    assert triton_attention._atomic_dq_unfit == set()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_dropout_is_reproducible_and_fresh_per_call(backend):
     q, k, v = make_qkv((2, 2, 2, 16, 16, 8, 8), torch.float32, "cpu", requires_grad=False)

@@ -205,14 +205,65 @@ def test_report_names_compile_errors_shared_memory_and_missing_kernels(tmp_path)
             recorder.case = "bad"
             _double_kernel[(1,)](x, BLOCK=48)
             _double_kernel[(1,)](x, BLOCK=64)
-            _square_matmul_kernel[(1,)](x, x, x.float(), BLOCK=256)  # 2 x 128 KiB of operands
+            try:  # raises, as a launch that does not fit does on a GPU
+                _square_matmul_kernel[(1,)](x, x, x.float(), BLOCK=256)  # 2 x 128 KiB of operands
+                raised = None
+            except compile_triton.OutOfResources as exc:
+                raised = str(exc)
             _square_matmul_kernel[(1,)](x, x, x.float(), BLOCK=32)
-        print(json.dumps(compile_triton.problems(recorder.results, {{"_double_kernel", "_absent_kernel"}})))
+        print(json.dumps([raised, compile_triton.problems(recorder.results, {{"_double_kernel", "_absent_kernel"}})]))
     """))
     result = _run(["bad_kernels.py"], tmp_path, 600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    problems = json.loads(result.stdout.strip().splitlines()[-1])
+    raised, problems = json.loads(result.stdout.strip().splitlines()[-1])
+    assert raised and "shared memory" in raised
     assert len(problems) == 3, problems
     assert "_double_kernel {'BLOCK': 48}" in problems[0] and "power of 2" in problems[0]
     assert "_square_matmul_kernel" in problems[1] and "no configuration fits in 232448 bytes" in problems[1]
     assert problems[2] == "sm_90: no case compiled _absent_kernel"
+
+
+def test_every_attention_launch_runs_on_a_gpu_with_99_kib_of_shared_memory(tmp_path):
+    """sm_89 (as sm_86 and sm_120: RTX 30xx-50xx, A10, L4, L40S) gives a block 99 KiB of shared
+    memory, the least of the GPUs Triton supports. The last config of each list (what
+    FASTFORMER_TRITON_AUTOTUNE=0 launches, and the autotuner's last resort) must fit there in
+    float32, the widest dtype, for every head-dim class, with atomic dQ and without (deterministic
+    mode), masks, mask gradients and dropout. The one launch allowed not to fit, the dK/dV kernel
+    with atomic dQ in float32 at head dims over 128, raises OutOfResources there as on a GPU (the
+    compile-only driver does what Triton does at a launch), and attention_bwd must then take the
+    dQ kernel instead."""
+    (tmp_path / "small_gpu.py").write_text(textwrap.dedent(f"""
+        import json, os, sys
+        import torch
+        sys.path.insert(0, {str(SCRIPT.parent)!r})
+        import compile_triton
+
+        os.environ["FASTFORMER_TRITON_AUTOTUNE"] = "0"  # each launch: its list's last config
+        cases = {{}}
+        for dim in (64, 128, 256):
+            case = compile_triton.attention_case
+            cases[f"d{{dim}} gqa float-mask mask-grad"] = case(torch.float32, dim, heads_k=2, mask="float",
+                                                               mask_grad=True)
+            cases[f"d{{dim}} causal padding dropout"] = case(torch.float32, dim, causal=True, padding=True,
+                                                             mask="bool", dropout=0.1)
+            cases[f"d{{dim}} deterministic"] = case(torch.float32, dim, mask="float", mask_grad=True, dropout=0.1,
+                                                    deterministic=True)
+        results, stopped = compile_triton.compile_cases(89, cases)
+        print(json.dumps({{"stopped": stopped, "problems": compile_triton.problems(results, set()),
+                          "records": [dict(case=r.case, kernel=r.kernel, atomic=r.constants.get("ATOMIC_DQ"),
+                                           block_d=r.constants.get("BLOCK_D"), fits=r.fits, fell_back=r.fell_back)
+                                      for r in results]}}))
+    """))
+    result = _run(["small_gpu.py"], tmp_path, 1800)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["stopped"] == [] and report["problems"] == [], report
+    records = report["records"]
+    for r in records:
+        assert r["fits"] or (r["fell_back"] and r["kernel"] == "_attention_bwd_dkdv_kernel" and r["atomic"]
+                             and r["block_d"] == 256), r
+    for case in {r["case"] for r in records}:
+        fitting = {r["kernel"] for r in records if r["case"] == case and r["fits"]}
+        assert {"_attention_fwd_kernel", "_attention_bwd_dkdv_kernel"} <= fitting, case
+        if "deterministic" in case or any(r["fell_back"] for r in records if r["case"] == case):
+            assert "_attention_bwd_dq_kernel" in fitting, case

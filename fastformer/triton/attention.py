@@ -72,6 +72,7 @@ import threading
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from fastformer.library import attention_layout_like, attention_output_like
 from fastformer.masks import broadcast_strides, mask_grad_buffer, mask_grad_from
@@ -631,32 +632,36 @@ _INTERPRETER_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32}
 
 # On the GPU: (BLOCK_M, BLOCK_N, num_warps, num_stages) for Hopper / Ampere, by padded head dim
 # (the larger of D and Dv). Configs that do not fit in shared memory (float32 inputs need about
-# twice the bytes of 16-bit ones) are skipped by the autotuner; each list ends with a small
-# single-stage config that fits every dtype and head dim in under 99 KiB (checked by compiling
-# for sm_90 with ptxas), so that some config always runs.
+# twice the bytes of 16-bit ones) are skipped by the autotuner. Each list ends with a
+# single-stage config that fits in 99 KiB for every dtype with Triton 3.2 to 3.8: the least
+# shared memory a block gets on the GPUs Triton supports (compute capability 8.6, 8.9 and 12.0:
+# RTX 30xx-50xx, A10, L4, L40S), so that some config always runs (checked for sm_89 by
+# tests/test_triton_compile.py). One exception: the dK/dV kernel with atomic dQ in float32 at
+# head dims over 128 needs 116-128 KiB with Triton 3.6 and 3.8 even on 16 x 16 tiles;
+# attention_bwd then takes the dQ kernel instead (``_atomic_dq_unfit``).
 _GPU_CONFIGS = {
     "fwd": {
         64: [(128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 4, 4), (128, 32, 4, 4), (64, 64, 4, 3),
-             (64, 64, 4, 4), (64, 32, 4, 3)],
+             (64, 64, 4, 4), (64, 32, 4, 3), (32, 32, 4, 1)],
         128: [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3),
-              (64, 64, 4, 2), (64, 32, 4, 3)],
-        256: [(128, 64, 8, 2), (64, 64, 4, 2), (64, 64, 8, 2), (64, 32, 4, 2), (32, 32, 4, 2)],
-        "small": [(32, 32, 4, 1)],
+              (64, 64, 4, 2), (64, 32, 4, 3), (32, 32, 4, 1)],
+        256: [(128, 64, 8, 2), (64, 64, 4, 2), (64, 64, 8, 2), (64, 32, 4, 2), (32, 32, 4, 2), (32, 32, 4, 1),
+              (16, 16, 4, 1)],
     },
     "dkdv": {  # (BLOCK_M: query rows streamed, BLOCK_N: keys held by the program)
         64: [(32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 2), (64, 64, 4, 3), (32, 64, 4, 3),
-             (64, 64, 4, 2)],
+             (64, 64, 4, 2), (16, 32, 4, 1)],
         128: [(32, 128, 8, 2), (32, 128, 4, 2), (64, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3),
-              (64, 64, 8, 3)],
-        256: [(32, 64, 4, 2), (32, 64, 8, 2), (16, 64, 4, 2), (32, 32, 4, 2), (16, 32, 4, 2)],
-        "small": [(16, 32, 4, 1)],
+              (64, 64, 8, 3), (16, 32, 4, 1), (16, 16, 4, 1)],
+        256: [(32, 64, 4, 2), (32, 64, 8, 2), (16, 64, 4, 2), (32, 32, 4, 2), (16, 32, 4, 2), (16, 32, 4, 1),
+              (16, 16, 2, 1)],
     },
     "dq": {  # (BLOCK_M: query rows held by the program, BLOCK_N: keys streamed)
         64: [(128, 32, 4, 3), (128, 64, 8, 3), (128, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3),
-             (128, 128, 8, 2)],
-        128: [(128, 32, 8, 2), (128, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3)],
-        256: [(64, 32, 4, 2), (64, 32, 8, 2), (32, 32, 4, 2), (64, 16, 4, 2), (32, 64, 4, 2)],
-        "small": [(32, 16, 4, 1)],
+             (128, 128, 8, 2), (32, 16, 4, 1)],
+        128: [(128, 32, 8, 2), (128, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3), (32, 16, 4, 1)],
+        256: [(64, 32, 4, 2), (64, 32, 8, 2), (32, 32, 4, 2), (64, 16, 4, 2), (32, 64, 4, 2), (32, 16, 4, 1),
+              (16, 16, 4, 1)],
     },
 }
 _TUNING_KEY = ["bucket_q", "bucket_k", "group", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "MASK_KIND",
@@ -670,7 +675,7 @@ def _head_class(block_d: int, block_dv: int) -> int:
 
 
 def _configs(kind: str, head_class: int) -> list[tuple[int, int, int, int]]:
-    return _GPU_CONFIGS[kind][head_class] + _GPU_CONFIGS[kind]["small"]
+    return _GPU_CONFIGS[kind][head_class]
 
 
 @functools.lru_cache(maxsize=None)
@@ -937,11 +942,38 @@ def attention_fwd(query, key, value, attn_mask, key_padding_mask, dropout_p, is_
     return out, lse
 
 
+# (device, dtype, BLOCK_D, BLOCK_DV) of backward launches whose dK/dV kernel with atomic dQ fit no
+# config in the GPU's shared memory (float32 at head dims over 128 on 99 KiB GPUs, see
+# _GPU_CONFIGS): they take the dQ kernel, as in deterministic mode.
+_atomic_dq_unfit: set = set()
+
+
 def attention_bwd(grad_out, query, key, value, out, lse, attn_mask, key_padding_mask, dropout_p,
                   is_causal, scale, seed, mask_needs_grad):
     """Returns (grad_query, grad_key, grad_value, grad_attn_mask): gradients in the input dtypes,
     each in its input's memory order (``fastformer.library.attention_layout_like``); the mask's,
-    with ``mask_needs_grad`` (else None), in the 4-D shape it came in (size 1 where it broadcasts)."""
+    with ``mask_needs_grad`` (else None), in the 4-D shape it came in (size 1 where it broadcasts).
+
+    dQ comes from float32 atomic adds in the dK/dV kernel, unless PyTorch is asked for
+    deterministic algorithms or that kernel fits no config in the GPU's shared memory (Triton then
+    raises OutOfResources before launching anything; under ``use_config`` that error is the
+    caller's): then from the dQ kernel."""
+    args = (grad_out, query, key, value, out, lse, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed,
+            mask_needs_grad)
+    launch = (query.device, query.dtype, _head_block(query.shape[-1]), _head_block(value.shape[-1]))
+    if torch.are_deterministic_algorithms_enabled() or launch in _atomic_dq_unfit:
+        return _attention_bwd(*args, atomic_dq=False)
+    try:
+        return _attention_bwd(*args, atomic_dq=True)
+    except OutOfResources:
+        if _forced_config is not None:  # use_config(i): that config does not fit, not every config
+            raise
+        _atomic_dq_unfit.add(launch)
+        return _attention_bwd(*args, atomic_dq=False)
+
+
+def _attention_bwd(grad_out, query, key, value, out, lse, attn_mask, key_padding_mask, dropout_p,
+                   is_causal, scale, seed, mask_needs_grad, *, atomic_dq):
     batch, heads_q, len_q, dim = query.shape
     heads_k, len_k, dim_v = key.shape[1], key.shape[2], value.shape[-1]
     grad_q, grad_k, grad_v = (attention_layout_like(t) for t in (query, key, value))
@@ -955,12 +987,10 @@ def attention_bwd(grad_out, query, key, value, out, lse, attn_mask, key_padding_
     interpret = interpreter_enabled()
     seed = seed_pointer(seed, dropout_p, query)
     delta = torch.empty((batch, heads_q, len_q), dtype=torch.float32, device=query.device)
-    # dQ from float32 atomic adds in the dK/dV kernel, unless PyTorch is asked for deterministic
-    # algorithms. The sums: grad_q itself when it is float32, else a float32 tensor in its memory
+    # The atomic dQ sums: grad_q itself when it is float32, else a float32 tensor in its memory
     # order (so that the final cast is one elementwise copy); the delta kernel zeroes them. Without
     # atomic dQ the argument is unused: grad_q, which the autotuner's reset_to_zero may zero before
     # the dQ kernel writes it.
-    atomic_dq = not torch.are_deterministic_algorithms_enabled()
     grad_q_sum = grad_q
     if atomic_dq and grad_q.dtype != torch.float32:
         grad_q_sum = torch.empty_like(grad_q, dtype=torch.float32)
