@@ -470,6 +470,28 @@ def test_max_hidden_and_compute_capability_reasons(monkeypatch):
                                                          hidden=4096)) == ()
 
 
+@pytest.mark.parametrize("capability", [(7, 0), (7, 5), (8, 0), (8, 6), (8, 9), (9, 0), (10, 0), (12, 0)],
+                         ids=lambda c: "sm_%d%d" % c)
+def test_triton_takes_gpus_of_compute_capability_8_0_and_up(monkeypatch, capability):
+    """Triton supports compute capability 8.0 and up: on a T4 (7.5) or a V100 (7.0) its tl.dot gets
+    no tensor cores, and in bfloat16 Triton 3.2 fails to compile the attention kernels. There every
+    op passes over the triton backend (the torch one takes the call) and forcing it says why."""
+    pytest.importorskip("triton")
+    from fastformer import triton as triton_backend
+
+    monkeypatch.setitem(dispatch._UNAVAILABLE, "triton", ())
+    monkeypatch.setitem(dispatch._OP_TABLES, "triton", triton_backend.op_table())
+    monkeypatch.setattr(dispatch, "_compute_capability", lambda device: capability)
+    for op in OPS:
+        sizes = dict(head_dim=64) if op == "attention" else dict(hidden=768)
+        call = Call(op, torch.device("cuda"), torch.bfloat16, **sizes)
+        reasons = dispatch.not_supported_reasons("triton", call)
+        if capability >= (8, 0):
+            assert reasons == (), (op, reasons)
+        else:
+            assert reasons == ("compute capability %d.%d not supported (needs >= 8.0)" % capability,), (op, reasons)
+
+
 def test_selection_uses_the_tables(fake_triton, monkeypatch):
     """The fake table drives explain() and forcing of real calls, end to end."""
     q, k, v = qkv(head_dim=200)

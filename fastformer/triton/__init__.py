@@ -59,13 +59,12 @@ def op_table() -> dict:
     devices = supported_devices()
     emulated = frozenset({"cpu"}) & devices  # the interpreter: tests only, never chosen automatically
     dtypes = frozenset({torch.float16, torch.bfloat16, torch.float32})
-    norm = Support(devices=devices, dtypes=dtypes, forced_only_devices=emulated,
-                   features=frozenset({"dropout", "residual", "weight", "bias"}), max_hidden=MAX_HIDDEN)
-    gelu = Support(devices=devices, dtypes=dtypes, forced_only_devices=emulated,
-                   features=frozenset({"bias", "tanh", "erf", "dropout"}))
-    attention = Support(devices=devices, dtypes=dtypes, forced_only_devices=emulated,
-                        features=frozenset({"dropout", "causal", "bool_mask", "float_mask", "mask_grad",
-                                            "key_padding_mask", "gqa", "value_dim"}),
+    common = dict(devices=devices, dtypes=dtypes, forced_only_devices=emulated,
+                  min_compute_capability=MIN_COMPUTE_CAPABILITY)
+    norm = Support(**common, features=frozenset({"dropout", "residual", "weight", "bias"}), max_hidden=MAX_HIDDEN)
+    gelu = Support(**common, features=frozenset({"bias", "tanh", "erf", "dropout"}))
+    attention = Support(**common, features=frozenset({"dropout", "causal", "bool_mask", "float_mask", "mask_grad",
+                                                      "key_padding_mask", "gqa", "value_dim"}),
                         head_dims=(1, 256))
     return {
         "attention": (attention, "fastformer.triton.attention"),
@@ -77,6 +76,11 @@ def op_table() -> dict:
 
 # One row of a norm lives in registers: 16384 float32 values is 64 KiB per program.
 MAX_HIDDEN = 16384
+# Triton supports NVIDIA GPUs of compute capability 8.0 and up (its README). Compiled for sm_75
+# (T4) by benchmarks/compile_triton.py, the attention kernels get no tensor cores from Triton 3.6
+# and 3.8 (tl.dot falls back to FMA below 8.0: triton-lang/triton#5066) and spill kilobytes a
+# thread, and in bfloat16 Triton 3.2 fails to compile them. Older GPUs take the torch backend.
+MIN_COMPUTE_CAPABILITY = (8, 0)
 
 
 # --------------------------------------------------------------------------------------------
