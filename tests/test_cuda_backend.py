@@ -311,7 +311,14 @@ def _record(*ops):
                  "command": "make test PYTEST_ARGS='-m gpu'"} for op in ops}
 
 
-def test_automatic_choice_passes_over_unverified_cuda_kernels(monkeypatch):
+@pytest.fixture
+def on_an_h100(monkeypatch):
+    """The calls below name a CUDA device this machine may not have: dispatch asks its compute
+    capability (the triton backend needs 8.0)."""
+    monkeypatch.setattr(dispatch, "_compute_capability", lambda device: (9, 0))
+
+
+def test_automatic_choice_passes_over_unverified_cuda_kernels(monkeypatch, on_an_h100):
     monkeypatch.setattr(cuda_backend, "verified_record", lambda: {})
     monkeypatch.setitem(dispatch._UNAVAILABLE, "cuda", ())
     monkeypatch.setitem(dispatch._OP_TABLES, "cuda", cuda_backend.op_table())
@@ -328,7 +335,7 @@ def test_automatic_choice_passes_over_unverified_cuda_kernels(monkeypatch):
         assert dispatch.select_backend(call).backend == "cuda"
 
 
-def test_verified_kernels_are_chosen_automatically(monkeypatch):
+def test_verified_kernels_are_chosen_automatically(monkeypatch, on_an_h100):
     monkeypatch.setattr(cuda_backend, "verified_record", lambda: _record("bias_gelu"))
     monkeypatch.setitem(dispatch._UNAVAILABLE, "cuda", ())
     monkeypatch.setitem(dispatch._OP_TABLES, "cuda", cuda_backend.op_table())
