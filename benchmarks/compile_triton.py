@@ -96,7 +96,7 @@ class Compiled:
     seconds: float = 0.0
     error: str | None = None
     # No configuration of its launch fits, so the launch raised OutOfResources as on a GPU (see
-    # compile_only), and the launcher caught it and went on with other kernels (set by main).
+    # compile_only), and the launcher caught it and went on with other kernels (compile_cases).
     fell_back: bool = False
 
     @property
@@ -224,6 +224,8 @@ def compile_only(arch: int):
     autotuned kernel compiles every configuration. A launch none of whose configurations fits in
     the target's shared memory raises OutOfResources, as on a GPU. Yields the recorder of what was
     compiled."""
+    from fastformer.triton import attention as triton_attention
+
     recorder = _Recorder(arch)
     jit_run, autotuner_run = JITFunction.run, Autotuner.run
 
@@ -241,8 +243,6 @@ def compile_only(arch: int):
             recorder.autotuned_launch = None
             self.nargs = None
         recorder.launched(recorder.launches)
-
-    from fastformer.triton import attention as triton_attention
 
     # The attention launches that fell back on a GPU are remembered per device: here, per target.
     unfit, triton_attention._atomic_dq_unfit = triton_attention._atomic_dq_unfit, set()
@@ -440,8 +440,8 @@ def package_kernels() -> set[str]:
 # --------------------------------------------------------------------------------------------
 def problems(results: list[Compiled], expected_kernels: set[str]) -> list[str]:
     """One line per compile error, per launch of which no configuration fits the target's shared
-    memory (unless its launcher fell back to other kernels: the case's own problem if it did not,
-    see main), and per target for the expected kernels that no case compiled."""
+    memory (unless its launcher fell back to other kernels; if it did not, compile_cases reports
+    the case as stopped), and per target for the expected kernels that no case compiled."""
     found = []
     for r in results:
         if r.error:
