@@ -5,8 +5,10 @@ The interpreter tests check what the kernels compute; they never lower a kernel 
 compiles for sm_90 / sm_80 and launches nothing: every kernel, autotune configuration and
 compile-time switch the launchers produce must compile, some configuration of every launch must fit
 in the target's shared memory, the attention kernels must use tensor cores, and rows that are only
-4- or 16-byte aligned (head dim 50, hidden size 200) must still be loaded in vectors. The third test
-checks that the script reports what it claims to (compile errors, shared memory, missing kernels).
+4- or 16-byte aligned (head dim 50, hidden size 200) must still be loaded in vectors. Another test
+checks that the script reports what it claims to (compile errors, shared memory, missing kernels),
+and the last one that every attention launch also runs on a GPU with 99 KiB of shared memory a
+block (sm_89), through a fallback where no configuration fits.
 """
 
 import json
