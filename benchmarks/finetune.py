@@ -400,7 +400,11 @@ def main(argv=None) -> int:
         report.print_table(results, results["title"])
         write_outputs(argparse.Namespace(json=None, plot=args.plot, table=args.table), results)
         return 0
-    dist_info, device = train_lib.init_distributed(args.device)
+    try:
+        dist_info, device = train_lib.init_distributed(args.device)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     log = print if dist_info.main else (lambda *a, **k: None)
     problem = args.backend and args.kernels != "torch" and backend_problem(args.backend, device, args.precision)
     if problem:  # before the data are loaded and the torch variant has trained

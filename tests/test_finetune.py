@@ -588,6 +588,7 @@ def test_compiled_variants(tmp_path, monkeypatch, capsys):
 
 
 def test_ddp_two_gloo_processes(tmp_path):
+    """Two processes on the CPU (gloo), also on a machine with one GPU, where cuda:1 does not exist."""
     out = tmp_path / "ddp.json"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS="1")
@@ -595,7 +596,8 @@ def test_ddp_two_gloo_processes(tmp_path):
                str(REPO_ROOT / "benchmarks" / "finetune.py"), "--synthetic", "--quick", "--train-size", "128",
                "--test-size", "40", "--epochs", "1", "--max-length", "32", "--d-model", "32", "--layers", "1",
                "--ff", "64", "--vocab-size", "500", "--batch-size", "8", "--warmup-steps", "1",
-               "--profile-steps", "0", "--kernels", "fastformer", "--no-progress", "--json", str(out)]
+               "--profile-steps", "0", "--kernels", "fastformer", "--no-progress", "--device", "cpu",
+               "--json", str(out)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     results = json.loads(out.read_text())
@@ -606,6 +608,20 @@ def test_ddp_two_gloo_processes(tmp_path):
     assert run["epochs"][0]["train_loss"] == pytest.approx(sum(run["losses"]) / len(run["losses"]))
     assert run["epochs"][0]["test"]["reviews"] == 40  # every test review once, across ranks
     assert run["tokens_per_s"] > 0 and 0 <= run["test_accuracy"] <= 1
+
+
+def test_more_processes_than_gpus_is_refused_before_any_cuda_call(monkeypatch, capsys):
+    """torchrun --nproc_per_node 2 on a one-GPU machine: rank 1 is told what to do, not handed
+    CUDA's "invalid device ordinal" from deep inside set_device."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: pytest.fail(f"set_device({device})"))
+    for name, value in (("WORLD_SIZE", "2"), ("RANK", "1"), ("LOCAL_RANK", "1")):
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=r"LOCAL_RANK 1\) has no GPU.*1 CUDA device.*--nproc_per_node 1.*--device cpu"):
+        train_lib.init_distributed(None)
+    assert finetune.main(["--synthetic", "--quick"]) == 2
+    assert "has no GPU of its own" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------------------

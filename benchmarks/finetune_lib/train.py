@@ -111,6 +111,11 @@ def init_distributed(device_arg: str | None) -> tuple[Dist, torch.device]:
     else:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda" and device.index is None:
+        if world_size > 1 and local_rank >= torch.cuda.device_count():
+            gpus = torch.cuda.device_count()
+            raise ValueError(f"process {rank} (LOCAL_RANK {local_rank}) has no GPU of its own: this machine has "
+                             f"{gpus} CUDA device(s); start at most {gpus} processes a node "
+                             f"(torchrun --nproc_per_node {gpus}), or pass --device cpu to train on CPUs (gloo)")
         device = torch.device("cuda", local_rank if world_size > 1 else torch.cuda.current_device())
     if device.type == "cuda":
         torch.cuda.set_device(device)
