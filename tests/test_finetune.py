@@ -618,7 +618,8 @@ def test_more_processes_than_gpus_is_refused_before_any_cuda_call(monkeypatch, c
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: pytest.fail(f"set_device({device})"))
     for name, value in (("WORLD_SIZE", "2"), ("RANK", "1"), ("LOCAL_RANK", "1")):
         monkeypatch.setenv(name, value)
-    with pytest.raises(ValueError, match=r"LOCAL_RANK 1\) has no GPU.*1 CUDA device.*--nproc_per_node 1.*--device cpu"):
+    expected = r"LOCAL_RANK 1\) has no GPU.*1 CUDA device.*--nproc_per_node 1.*--device cpu"
+    with pytest.raises(ValueError, match=expected):
         train_lib.init_distributed(None)
     assert finetune.main(["--synthetic", "--quick"]) == 2
     assert "has no GPU of its own" in capsys.readouterr().err
