@@ -15,7 +15,7 @@ import torch
 
 import fastformer
 from fastformer import cuda as cuda_backend
-from fastformer import dispatch, library
+from fastformer import dispatch
 from fastformer.cuda.source_digest import source_digest
 from fastformer.dispatch import Call
 from helpers import check_p_rounded_to_a_multiple_of_2_to_the_minus_16
@@ -477,25 +477,3 @@ def test_norm_backward_is_deterministic_and_paths_agree(norm):
     torch.testing.assert_close(out4.float(), out3.float(), rtol=2e-2, atol=2e-2)
     for a, b in zip(grads4, grads3):
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-1)
-
-
-SEED = torch.tensor(1234)
-
-
-@pytest.mark.gpu
-def test_opcheck_library_ops_with_the_cuda_backend():
-    """The public custom ops with backend="cuda": schema, fake implementation, autograd, AOT."""
-    def t(*shape, dtype=torch.float32):
-        return torch.randn(*shape, device="cuda", dtype=dtype, requires_grad=True)
-
-    x, residual, weight, bias = t(6, 40), t(6, 40), t(40), t(40)
-    for args in [(x, residual, weight, bias, 1e-5, 0.1, False, SEED, True, "cuda"),
-                 (x, None, None, None, 1e-5, 0.0, False, None, False, "cuda"),
-                 (x, residual, weight, None, 1e-6, 0.0, True, None, True, "cuda"),
-                 (t(6, 40, dtype=torch.bfloat16), None, weight, None, 1e-6, 0.3, True, SEED, True, "cuda"),
-                 # autocast: a bfloat16 sublayer output meets the float32 residual stream
-                 (t(6, 40, dtype=torch.bfloat16), residual, weight, bias, 1e-5, 0.1, False, SEED, True, "cuda")]:
-        torch.library.opcheck(library.residual_norm_fwd, args)
-    h = t(3, 5, 7)
-    for args in [(h, t(7), "tanh", "cuda"), (h, None, "none", "cuda")]:
-        torch.library.opcheck(library.bias_gelu_fwd, args)

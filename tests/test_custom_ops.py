@@ -14,60 +14,73 @@ import torch
 
 import fastformer
 from fastformer import dispatch, library
-from helpers import require_backend
+from helpers import BACKENDS, DEVICES, require_backend
 
 SEED = torch.tensor(1234)
 
 
-def _attention_samples(backend):
-    def qkv(batch, heads_q, heads_k, len_q, len_k, dim, dim_v):
-        return (torch.randn(batch, heads_q, len_q, dim, requires_grad=True),
-                torch.randn(batch, heads_k, len_k, dim, requires_grad=True),
-                torch.randn(batch, heads_k, len_k, dim_v, requires_grad=True))
+def _attention_samples(backend, device):
+    def t(*shape):
+        return torch.randn(*shape, device=device, requires_grad=True)
 
-    padding = torch.zeros(2, 6, dtype=torch.bool)
+    def qkv(batch, heads_q, heads_k, len_q, len_k, dim, dim_v):
+        return t(batch, heads_q, len_q, dim), t(batch, heads_k, len_k, dim), t(batch, heads_k, len_k, dim_v)
+
+    padding = torch.zeros(2, 6, dtype=torch.bool, device=device)
     padding[0, 3:] = True
     padding[1, :] = True  # a fully padded batch row
     # A learned bias, broadcast over the batch: its gradient is summed over it.
-    bias = torch.randn(1, 4, 5, 6, requires_grad=True)
+    bias, seed = t(1, 4, 5, 6), SEED.to(device)
     return [
         (*qkv(2, 4, 2, 5, 6, 8, 8), bias, padding, 0.0, True, 0.3, None, backend),
-        (*qkv(2, 4, 4, 5, 6, 8, 4), torch.rand(2, 1, 5, 6) > 0.5, None, 0.2, False, 0.5, SEED, backend),
+        (*qkv(2, 4, 4, 5, 6, 8, 4), torch.rand(2, 1, 5, 6, device=device) > 0.5, None, 0.2, False, 0.5, seed,
+         backend),
         (*qkv(1, 2, 1, 3, 1, 16, 16), None, None, 0.0, False, 0.25, None, backend),
     ]
 
 
-def _residual_norm_samples(backend):
-    x, residual = torch.randn(6, 10, requires_grad=True), torch.randn(6, 10, requires_grad=True)
-    weight, bias = torch.randn(10, requires_grad=True), torch.randn(10, requires_grad=True)
+def _residual_norm_samples(backend, device):
+    def t(*shape, dtype=torch.float32):
+        return torch.randn(*shape, device=device, dtype=dtype, requires_grad=True)
+
+    # Rows of 10 values and of 40: kernels take rows of a multiple of 4 or 8 values in vectors.
+    x, residual, weight, bias, seed = t(6, 10), t(6, 10), t(10), t(10), SEED.to(device)
+    wide_residual, wide_weight, wide_bias = t(6, 40), t(40), t(40)
     return [
-        (x, residual, weight, bias, 1e-5, 0.1, False, SEED, True, backend),
+        (x, residual, weight, bias, 1e-5, 0.1, False, seed, True, backend),
         (x, None, None, None, 1e-5, 0.0, False, None, False, backend),
-        (x, residual, weight, None, 1e-6, 0.0, True, None, True, backend),
-        (x.detach().bfloat16().requires_grad_(), None, weight, None, 1e-6, 0.3, True, SEED, True, backend),
+        (t(6, 40), wide_residual, wide_weight, None, 1e-6, 0.0, True, None, True, backend),
+        (t(6, 40, dtype=torch.bfloat16), None, wide_weight, None, 1e-6, 0.3, True, seed, True, backend),
+        # autocast: a bfloat16 sublayer output meets the float32 residual stream
+        (t(6, 40, dtype=torch.bfloat16), wide_residual, wide_weight, wide_bias, 1e-5, 0.1, False, seed, True,
+         backend),
     ]
 
 
-def _bias_gelu_samples(backend):
-    x = torch.randn(3, 5, 7, requires_grad=True)
-    return [(x, torch.randn(7, requires_grad=True), "tanh", 0.0, None, backend),
+def _bias_gelu_samples(backend, device):
+    def t(*shape):
+        return torch.randn(*shape, device=device, requires_grad=True)
+
+    x = t(3, 5, 7)
+    return [(x, t(7), "tanh", 0.0, None, backend),
             (x, None, "none", 0.0, None, backend),
-            (x, torch.randn(7, requires_grad=True), "none", 0.3, SEED, backend)]
+            (x, t(7), "none", 0.3, SEED.to(device), backend)]
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op, samples, public_op", [
     (library.attention_fwd, _attention_samples, "attention"),
     (library.residual_norm_fwd, _residual_norm_samples, "residual_layer_norm"),
     (library.bias_gelu_fwd, _bias_gelu_samples, "bias_gelu"),
 ], ids=["attention", "residual_norm", "bias_gelu"])
-def test_opcheck(op, samples, public_op, backend):
-    """Schema, fake implementation, autograd registration and AOT tracing, per backend."""
-    reasons = dispatch.not_supported_reasons(backend, dispatch.Call(public_op, torch.device("cpu"),
+def test_opcheck(op, samples, public_op, backend, device):
+    """Schema, fake implementation, autograd registration and AOT tracing, per backend and device."""
+    reasons = dispatch.not_supported_reasons(backend, dispatch.Call(public_op, torch.device(device),
                                                                     torch.float32))
     if reasons:
-        pytest.skip(f"{backend} cannot run {public_op} here: " + "; ".join(reasons))
-    for args in samples(backend):
+        pytest.skip(f"{backend} cannot run {public_op} on {device} here: " + "; ".join(reasons))
+    for args in samples(backend, device):
         torch.library.opcheck(op, args)
 
 
