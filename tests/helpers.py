@@ -47,6 +47,21 @@ def require_available(backend: str | None) -> None:
         pytest.skip(f"backend {backend!r} is unavailable: " + "; ".join(reasons))
 
 
+def kernel_device(backend: str | None) -> str:
+    """The device whose tensors ``backend`` takes on this machine: the CPU for the torch backend and
+    dispatch's choice, and for the triton backend in Triton's interpreter (machines without a
+    GPU); the GPU otherwise. Skips, with the reasons, when the backend cannot run here at all."""
+    require_available(backend)
+    if backend in (None, "torch"):
+        return "cpu"
+    if backend == "triton":
+        from fastformer.triton import interpreter_enabled
+
+        if interpreter_enabled():
+            return "cpu"
+    return "cuda"
+
+
 def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     actual, expected = actual.double(), expected.double()
     denominator = expected.norm().item()

@@ -16,7 +16,7 @@ import fastformer
 import reference
 from fastformer import dispatch
 from helpers import (ATTENTION_TOL, BACKENDS, DEVICES, ELEMENTWISE_TOL, PARAM_GRAD_TOL_HALF, assert_rel_close,
-                     require_available, require_backend)
+                     kernel_device, require_backend)
 
 SAMPLES = 3  # the vmapped dim
 # The torch backend's SDPA on the CPU has no batching rule: PyTorch runs it sample by sample, and
@@ -249,13 +249,13 @@ def test_model_ensembling(device, backend):
             assert_rel_close(grads[name][n], param.grad, ATTENTION_TOL[torch.float32][1], f"model {n} {name}")
 
 
-def _with_dropout(op, backend):
+def _with_dropout(op, backend, device):
     """(function of one input, SAMPLES identical samples of it) for op with dropout 0.5; the norms'
     function returns the residual stream dropout(x) + x.flip(-1)."""
     if op == "attention":
-        q = torch.randn(1, 2, 6, 8).expand(SAMPLES, -1, -1, -1, -1)
+        q = torch.randn(1, 2, 6, 8, device=device).expand(SAMPLES, -1, -1, -1, -1)
         return lambda q: fastformer.attention(q, q, q, dropout_p=0.5, backend=backend), q
-    x = torch.randn(4, 32).expand(SAMPLES, -1, -1)
+    x = torch.randn(4, 32, device=device).expand(SAMPLES, -1, -1)
     if op == "bias_gelu":
         return lambda x: fastformer.bias_gelu(x, None, dropout_p=0.5, backend=backend), x
     if op == "residual_rms_norm":
@@ -263,13 +263,14 @@ def _with_dropout(op, backend):
     return lambda x: fastformer.residual_layer_norm(x, x.flip(-1), None, None, dropout_p=0.5, backend=backend)[1], x
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", CASES)
-def test_dropout_follows_vmaps_randomness(op, backend):
+def test_dropout_follows_vmaps_randomness(op, backend, device):
     """randomness="error" raises PyTorch's error; "different" drops different elements in each
     sample, "same" the same ones; either way the backward regenerates the forward's mask (a
     dropped element passes no gradient)."""
-    function, x = _with_dropout(op, backend)
+    function, x = _with_dropout(op, backend, device)
     one = x[0]
     args = {"attention": (one, one, one), "residual_layer_norm": (one, one, None, None),
             "residual_rms_norm": (one, one, None), "bias_gelu": (one,)}[op]
@@ -352,17 +353,17 @@ def test_per_sample_gradients_of_an_optimized_bert(backend):
     own mask code branches on the mask's values, which vmap refuses)."""
     import transformers
 
-    require_available(backend)
+    device = kernel_device(backend)
 
     config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                      intermediate_size=48, max_position_embeddings=16, hidden_dropout_prob=0.0,
                                      attention_probs_dropout_prob=0.0)
     config._attn_implementation = "eager"
-    original = transformers.BertForSequenceClassification(config)
+    original = transformers.BertForSequenceClassification(config).to(device)
     model = fastformer.optimize(copy.deepcopy(original), backend=backend)
-    ids = torch.randint(1, 50, (SAMPLES, 9))
-    mask = (torch.arange(9) < torch.tensor([[9], [5], [2]])).long()
-    labels = torch.tensor([0, 1, 1])
+    ids = torch.randint(1, 50, (SAMPLES, 9), device=device)
+    mask = (torch.arange(9, device=device) < torch.tensor([[9], [5], [2]], device=device)).long()
+    labels = torch.tensor([0, 1, 1], device=device)
 
     def loss(module):
         def per_example(params, ids, mask, label):

@@ -19,8 +19,8 @@ from torch import nn
 
 import fastformer
 from fastformer.nn import FastMultiheadAttention, FastTransformerEncoderLayer
-from helpers import (HostReads, LoRALinear, assert_rel_close, graph_breaks, record_bias_gelu_biases,
-                     require_available, require_backend, seeded_gradients)
+from helpers import (HostReads, LoRALinear, assert_rel_close, graph_breaks, kernel_device, record_bias_gelu_biases,
+                     require_backend, seeded_gradients)
 
 
 class Classifier(nn.Module):
@@ -238,20 +238,21 @@ def test_minilm_fine_tuning_steps_give_the_same_losses():
 @pytest.mark.parametrize("backend, bias_fused", [(None, False), ("triton", True)])
 def test_hf_intermediate_bias_goes_where_it_is_cheapest(backend, bias_fused, monkeypatch):
     """BERT's intermediate dense + GELU: on the torch backend (the CPU's choice) the dense keeps its
-    bias in the GEMM; on a kernel backend (Triton here, in its interpreter) bias_gelu gets it."""
+    bias in the GEMM; on a kernel backend (Triton here, in its interpreter without a GPU) bias_gelu
+    gets it."""
     import transformers
 
-    require_available(backend)
+    device = kernel_device(backend)
 
     config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                                      intermediate_size=48, hidden_dropout_prob=0.0,
                                      attention_probs_dropout_prob=0.0)
     torch.manual_seed(0)
-    model = transformers.BertModel(config, add_pooling_layer=False).eval()
+    model = transformers.BertModel(config, add_pooling_layer=False).eval().to(device)
     original = copy.deepcopy(model)
     fastformer.optimize(model, backend=backend)
     biases = record_bias_gelu_biases(monkeypatch)
-    ids = torch.randint(0, 50, (2, 7))
+    ids = torch.randint(0, 50, (2, 7), device=device)
     with torch.no_grad():
         torch.testing.assert_close(model(ids).last_hidden_state, original(ids).last_hidden_state,
                                    rtol=1e-4, atol=1e-4)
@@ -270,9 +271,9 @@ def test_hf_blocks_changed_after_optimize_run_as_they_are(family, change, backen
     """A LoRA adapter put in place of a dense after optimize (as peft does) is called, and the block
     stays fused; another activation, a hook on a part whose parameters the fused forward reads
     (a LayerNorm, DistilBERT's FFN): the block runs its original forward. Triton (in its
-    interpreter) is the backend that moves the dense's bias into bias_gelu."""
-    require_available(backend)
-    model = _tiny_hf_model(family, **({"dropout": 0.0} if family == "distilbert" else {}))
+    interpreter without a GPU) is the backend that moves the dense's bias into bias_gelu."""
+    device = kernel_device(backend)
+    model = _tiny_hf_model(family, **({"dropout": 0.0} if family == "distilbert" else {})).to(device)
     original = copy.deepcopy(model)
     fastformer.optimize(model, backend=backend)
     fused_norms, real_norm = [], fastformer.residual_layer_norm
@@ -299,7 +300,7 @@ def test_hf_blocks_changed_after_optimize_run_as_they_are(family, change, backen
                 block.ffn.register_forward_hook(lambda module, args, out: calls.append(1) or out * 0.5)
             else:
                 block.output_layer_norm.register_forward_hook(lambda *args: calls.append(1))
-    ids = torch.randint(0, 50, (2, 7))
+    ids = torch.randint(0, 50, (2, 7), device=device)
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, original(ids).logits, rtol=1e-4, atol=1e-4)
     assert len(calls) == (2 if "hooked" in change else 0)
