@@ -341,6 +341,25 @@ def test_wider_float_masks_stay_finite_in_the_query_dtype(dtype, mask_dtype, bac
     torch.testing.assert_close(out[:, :, 1].double(), v[:, :, 2].double(), atol=1e-2, rtol=1e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_the_torch_backend_saturates_masks_for_sdpas_cuda_kernels(dtype):
+    """SDPA's memory-efficient CUDA kernel takes mask + scores to log2 units, where finfo.min
+    overflows to -inf (NaN rows): finite values are clipped to where their product with log2(e)
+    stays finite, infinities kept (they mean "no weight"). Checked end to end on a GPU by the two
+    tests above."""
+    from fastformer.torch_backend.attention import saturated_for_cuda_sdpa
+
+    finfo = torch.finfo(dtype)
+    mask = torch.tensor([finfo.min, float("-inf"), -1e30, 0.5, finfo.max, float("inf")], dtype=dtype)
+    saturated = saturated_for_cuda_sdpa(mask)
+    assert saturated.dtype == dtype
+    assert torch.isfinite(saturated[[0, 2, 3, 4]].float() * math.log2(math.e)).all()
+    assert saturated[0] < -2e38 and saturated[4] > 2e38
+    assert torch.equal(saturated[1:4], mask[1:4]) and saturated[5] == float("inf")
+    for other in (torch.float16, torch.float64):  # no value of theirs overflows there / SDPA's math
+        assert torch.equal(saturated_for_cuda_sdpa(mask.to(other)), mask.to(other))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_under_autocast_inputs_are_cast_as_sdpa_casts_them(backend, device):

@@ -32,6 +32,13 @@ _CHUNK_BYTES = 256 * 2**20
 # again (double backward; fastformer.library reads this).
 DIFFERENTIABLE_BACKWARD = True
 
+# SDPA's memory-efficient CUDA kernel adds the mask to the scores and then multiplies them by
+# log2(e): a finite mask value beyond +-2.36e38 (finfo(float32 or bfloat16).min, which Hugging Face
+# fills its masks with) overflows to infinity there, and a row masked only that way gives NaN
+# where SDPA's math (the CPU) attends uniformly (pytorch/pytorch#110213). On CUDA, finite values
+# of such masks are saturated at this bound, as the Triton and CUDA kernels saturate them.
+_CUDA_MASK_LIMIT = 2.35e38
+
 
 def _folded_mask(query, key, attn_mask, key_padding_mask, is_causal):
     """One mask holding attn_mask, key_padding_mask and causality, plus the rows still alive.
@@ -55,7 +62,15 @@ def _folded_mask(query, key, attn_mask, key_padding_mask, is_causal):
     attends = mask if mask.dtype == torch.bool else mask != float("-inf")
     alive = attends.any(dim=-1, keepdim=True)
     mask = mask | ~alive if mask.dtype == torch.bool else mask.masked_fill(~alive, 0.0)
-    return mask, alive
+    return (saturated_for_cuda_sdpa(mask) if mask.is_cuda else mask), alive
+
+
+def saturated_for_cuda_sdpa(mask):
+    """A float32 or bfloat16 mask with its finite values clipped to +-_CUDA_MASK_LIMIT, its
+    infinities kept; other masks as they are."""
+    if mask.dtype not in (torch.float32, torch.bfloat16):
+        return mask
+    return torch.where(mask.isinf(), mask, mask.clamp(-_CUDA_MASK_LIMIT, _CUDA_MASK_LIMIT))
 
 
 def _batch_chunks(batch, heads, len_q, len_k):
