@@ -17,7 +17,7 @@ import fastformer
 import reference
 from fastformer.torch_backend import dropout as torch_dropout
 from helpers import (BACKENDS, DEVICES, ELEMENTWISE_TOL, HostReads, assert_rel_close,
-                     check_p_rounded_to_a_multiple_of_2_to_the_minus_16, require_backend,
+                     check_p_rounded_to_a_multiple_of_2_to_the_minus_16, kernel_device, require_backend,
                      seeded_gradients)
 from test_attention import assert_close_to_reference, make_qkv, padding_mask
 
@@ -250,7 +250,8 @@ def test_triton_keep_mask_rate_and_independence():
     of one word), are dropped together at rate p^2."""
     keep_mask = _triton_keep_mask()
     p, rows, length = 0.3, 400, 203
-    dropped = ~keep_mask(torch.tensor(77), (rows, length), p, "cpu")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dropped = ~keep_mask(torch.tensor(77), (rows, length), p, device).cpu()
     assert within_sigmas(int(dropped.sum()), rows * length, p)
     for offset in range(1, 9):  # column pairs (c, c + offset)
         both = dropped[:, :-offset] & dropped[:, offset:]
@@ -312,7 +313,7 @@ def _ops_with_dropout(backend, attention_inputs, norm_inputs):
 def test_triton_dropout_reads_no_value_on_the_host():
     """Forward and backward of the Triton kernels with dropout: the seed is passed as a pointer,
     and nothing else is read on the host either (key padding ends are computed on the device)."""
-    inputs = _dropout_inputs("triton", "cpu")
+    inputs = _dropout_inputs("triton", kernel_device("triton"))
     with HostReads() as reads:
         out, normed, residual_out = _ops_with_dropout("triton", *inputs)
         (out.sum() + normed.sum() + residual_out.sum()).backward()
