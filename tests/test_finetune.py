@@ -29,6 +29,10 @@ from finetune_lib import models  # noqa: E402
 from finetune_lib import train as train_lib  # noqa: E402
 
 REAL_IMDB = REPO_ROOT.parent / "shared" / "data" / "imdb"
+# The script's runs in these tests train on the CPU, also on a machine with a GPU (where the
+# script's default is the GPU, with TF32 matmuls switched on for the process): the GPU run is
+# benchmarks/gpu_check.sh's finetune step.
+ON_CPU = ["--device", "cpu"]
 
 REVIEWS = [
     ("A wonderful film.<br /><br />I LOVED every minute, the acting was superb.", 1),
@@ -147,7 +151,7 @@ def test_missing_or_wrong_data_says_how_to_get_it(tmp_path, monkeypatch):
 def test_cli_without_data_exits_with_the_message(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv(data_lib.DATA_ENV_VAR, raising=False)
     monkeypatch.chdir(tmp_path)
-    assert finetune.main(["--quick", "--no-progress"]) == 2
+    assert finetune.main(["--quick", "--no-progress", *ON_CPU]) == 2
     err = capsys.readouterr().err
     assert "--data PATH" in err and "--data hf" in err and "--synthetic" in err
 
@@ -462,7 +466,7 @@ def _data_args():
 
 def test_quick_end_to_end(tmp_path, capsys):
     out = tmp_path / "quick.json"
-    args = [*_data_args(), "--quick", "--train-size", "160", "--test-size", "64", "--epochs", "1",
+    args = [*_data_args(), *ON_CPU, "--quick", "--train-size", "160", "--test-size", "64", "--epochs", "1",
             "--max-length", "48", "--d-model", "32", "--layers", "1", "--ff", "64", "--vocab-size", "1000",
             "--warmup-steps", "1", "--profile-steps", "1", "--equivalence-steps", "3", "--no-progress",
             "--json", str(out), "--plot", str(tmp_path / "quick.png"), "--table", str(tmp_path / "quick.md")]
@@ -497,7 +501,8 @@ def test_a_saved_tokenizer_makes_runs_repeat_exactly(tmp_path):
     results = []
     for run in range(2):
         out = tmp_path / f"run{run}.json"
-        args = ["--synthetic", "--train-size", "96", "--test-size", "16", "--max-length", "32", "--d-model", "32",
+        args = ["--synthetic", *ON_CPU, "--train-size", "96", "--test-size", "16", "--max-length", "32",
+                "--d-model", "32",
                 "--layers", "1", "--ff", "64", "--vocab-size", "300", "--batch-size", "8", "--epochs", "1",
                 "--kernels", "torch", "--equivalence-steps", "0", "--profile-steps", "0", "--no-progress",
                 "--tokenizer", str(saved), "--json", str(out)]
@@ -513,7 +518,8 @@ def test_a_saved_tokenizer_makes_runs_repeat_exactly(tmp_path):
 
 def test_max_steps_bounds_a_run_and_still_evaluates(tmp_path):
     out = tmp_path / "bounded.json"
-    args = ["--synthetic", "--train-size", "96", "--test-size", "16", "--max-length", "32", "--d-model", "32",
+    args = ["--synthetic", *ON_CPU, "--train-size", "96", "--test-size", "16", "--max-length", "32",
+            "--d-model", "32",
             "--layers", "1", "--ff", "64", "--vocab-size", "300", "--batch-size", "8", "--epochs", "2",
             "--max-steps", "5", "--warmup-steps", "1", "--profile-steps", "0", "--equivalence-steps", "0",
             "--no-progress", "--json", str(out)]
@@ -527,7 +533,8 @@ def test_max_steps_bounds_a_run_and_still_evaluates(tmp_path):
 
 def test_check_equivalence_mode(tmp_path):
     out = tmp_path / "check.json"
-    args = ["--synthetic", "--check-equivalence", "--train-size", "64", "--test-size", "8", "--max-length", "32",
+    args = ["--synthetic", *ON_CPU, "--check-equivalence", "--train-size", "64", "--test-size", "8",
+            "--max-length", "32",
             "--d-model", "32", "--layers", "1", "--ff", "64", "--vocab-size", "300", "--batch-size", "8",
             "--equivalence-steps", "4", "--no-progress", "--json", str(out), "--plot", str(tmp_path / "none.png")]
     assert finetune.main(args) == 0
@@ -541,7 +548,7 @@ def test_compiled_variants(tmp_path, monkeypatch, capsys):
     graph compiled in a training step, the recording of backends included), evaluation eager.
     aot_eager keeps it fast; inductor is PyTorch's business."""
     out = tmp_path / "compiled.json"
-    args = ["--synthetic", "--quick", "--train-size", "97", "--test-size", "16", "--epochs", "1",
+    args = ["--synthetic", *ON_CPU, "--quick", "--train-size", "97", "--test-size", "16", "--epochs", "1",
             "--max-length", "40", "--d-model", "32", "--layers", "1", "--ff", "64", "--vocab-size", "300",
             "--batch-size", "8",
             "--warmup-steps", "1", "--profile-steps", "1", "--equivalence-steps", "2", "--no-progress",
@@ -733,8 +740,8 @@ def test_a_run_stopped_by_sigterm_still_writes_its_json(tmp_path, monkeypatch):
         raise finetune.common.Stop("signal 15")
     monkeypatch.setattr(finetune, "run_variants", stopped)
     out = tmp_path / "r.json"
-    status = finetune.main(["--synthetic", "--quick", "--train-size", "64", "--test-size", "32", "--max-length", "16",
-                            "--no-progress", "--json", str(out)])
+    status = finetune.main(["--synthetic", *ON_CPU, "--quick", "--train-size", "64", "--test-size", "32",
+                            "--max-length", "16", "--no-progress", "--json", str(out)])
     assert status == 128 + 15
     results = json.loads(out.read_text())
     assert "SIGTERM" in results["interrupted"] and results["data"]["train"]["reviews"] > 0
