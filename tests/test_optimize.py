@@ -19,8 +19,8 @@ from torch import nn
 
 import fastformer
 from fastformer.nn import FastMultiheadAttention, FastTransformerEncoderLayer
-from helpers import (HostReads, LoRALinear, assert_rel_close, graph_breaks, kernel_device, record_bias_gelu_biases,
-                     require_backend, seeded_gradients)
+from helpers import (HostReads, LoRALinear, assert_rel_close, deterministic_algorithms, graph_breaks, kernel_device,
+                     record_bias_gelu_biases, require_backend, seeded_gradients)
 
 
 class Classifier(nn.Module):
@@ -508,11 +508,12 @@ def test_hf_training_step_reads_nothing_on_the_host(family, monkeypatch):
     here): each read would wait for the GPU, and CUDA graph capture refuses them (transformers'
     own SDPA path reads the padding mask once per forward)."""
     monkeypatch.setattr(importlib.import_module("fastformer.optimize"), "_values_readable", lambda t: False)
-    model = _tiny_hf_model(family).train()
+    device = kernel_device("triton")
+    model = _tiny_hf_model(family).train().to(device)
     fastformer.optimize(model, backend="triton")
-    ids = torch.randint(0, 50, (2, 9))
-    attention_mask = (torch.arange(9)[None, :] < torch.tensor([9, 5])[:, None]).long()
-    require_backend("triton", "attention", *(torch.randn(2, 4, 9, 8) for _ in range(3)))
+    ids = torch.randint(0, 50, (2, 9), device=device)
+    attention_mask = (torch.arange(9, device=device)[None, :] < torch.tensor([9, 5], device=device)[:, None]).long()
+    require_backend("triton", "attention", *(torch.randn(2, 4, 9, 8, device=device) for _ in range(3)))
     for mask in (attention_mask, torch.ones_like(attention_mask)):  # padded, and a batch with none
         with HostReads() as reads:
             model(input_ids=ids, attention_mask=mask).logits.sum().backward()
@@ -525,17 +526,20 @@ def test_hf_training_step_reads_nothing_on_the_host(family, monkeypatch):
 def test_hf_gradient_checkpointing_with_dropout_gives_the_same_gradients(family, backend):
     """gradient_checkpointing_enable() on an optimized model in training: the recomputed blocks
     (fused attention, norms, GELU) draw the same dropout masks, so the gradients are those of the
-    run without checkpointing."""
-    model = _tiny_hf_model(family).train()
+    run without checkpointing (on a GPU in deterministic mode: atomic dQ sums in any order)."""
+    device = kernel_device(backend)
+    model = _tiny_hf_model(family).train().to(device)
     fastformer.optimize(model, backend=backend)
-    require_backend(backend, "attention", *(torch.randn(2, 4, 9, 8) for _ in range(3)), dropout_p=0.1)
-    ids = torch.randint(0, 50, (2, 9))
-    attention_mask = (torch.arange(9)[None, :] < torch.tensor([9, 5])[:, None]).long()
+    require_backend(backend, "attention", *(torch.randn(2, 4, 9, 8, device=device) for _ in range(3)),
+                    dropout_p=0.1)
+    ids = torch.randint(0, 50, (2, 9), device=device)
+    attention_mask = (torch.arange(9, device=device)[None, :] < torch.tensor([9, 5], device=device)[:, None]).long()
     params = list(model.parameters())
 
     def gradients():
-        return seeded_gradients(lambda: model(input_ids=ids, attention_mask=attention_mask).logits.square().sum(),
-                                params)
+        with deterministic_algorithms(device == "cuda"):
+            return seeded_gradients(
+                lambda: model(input_ids=ids, attention_mask=attention_mask).logits.square().sum(), params)
 
     plain = gradients()
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24's name
@@ -790,7 +794,8 @@ def test_esm_layer_fuses_the_attention_residual_into_the_ffn_norm(positions, bac
     assert [name for name, what in report.replaced.items() if what.startswith(
         "EsmLayer: the attention's residual add") and what.endswith("the FFN's bias + GELU")] == [
         "esm.encoder.layer.0", "esm.encoder.layer.1"]
-    assert sorted(report.left_alone) == ["esm.encoder.emb_layer_norm_after", "esm.encoder.layer.0.attention.LayerNorm",
+    assert sorted(report.left_alone) == ["esm.encoder.emb_layer_norm_after",
+                                         "esm.encoder.layer.0.attention.LayerNorm",
                                          "esm.encoder.layer.1.attention.LayerNorm"]
     gelus = []
     bias_gelu = fastformer.bias_gelu
