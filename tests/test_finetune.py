@@ -447,7 +447,16 @@ def test_time_shares_from_gpu_kernels():
     norm = cpu(5, "autograd::engine::evaluate_function: NativeLayerNormBackward0")
     launch_norm = cpu(6, "cudaLaunchKernel", norm)
     launch_norm.append_kernel("void at::native::elementwise_kernel", 0, 4.0)  # named by its operator
-    events = [sdpa, launch_attention, matmul, launch_matmul, norm, launch_norm,
+    # record_function ranges (the profiler's ProfilerStep#N, the optimizer's) also come as device
+    # events spanning their kernels and the gaps between them: not kernel time. One linked to its
+    # CPU range (as the profiler links them), one not.
+    step = FunctionEvent(20, "ProfilerStep#2", thread=0, start_us=0, end_us=90, use_device="cuda",
+                         is_user_annotation=True)
+    step.append_kernel("ProfilerStep#2", 0, 80.0)
+    annotations = [FunctionEvent(i, name, thread=7, start_us=0, end_us=us, device_type=DeviceType.CUDA,
+                                 use_device="cuda", is_user_annotation=True)
+                   for i, name, us in ((21, "ProfilerStep#2", 80), (22, "Optimizer.step#Adam.step", 30))]
+    events = [sdpa, launch_attention, matmul, launch_matmul, norm, launch_norm, step, *annotations,
               gpu(10, "fmha_cutlassF_f32_aligned_64x64_rf_sm80", 10), gpu(11, "sm90_xmma_gemm_f32f32", 20),
               gpu(12, "void at::native::elementwise_kernel", 4), gpu(13, "_bias_gelu_fwd_kernel", 6)]
     result = train_lib.time_shares(events, torch.device("cuda"))

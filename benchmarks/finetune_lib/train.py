@@ -215,7 +215,9 @@ def time_shares(events, device: torch.device) -> dict:
     """Share of attention / LayerNorm / GELU / the rest in the profiled steps.
 
     GPU: device time of every kernel, by the kernel's own name, else by the operators that launched
-    it. CPU: self time of every operator, by its own name or its enclosing operators' names
+    it; not the device-side copies of record_function ranges (the profiler's ProfilerStep#N, the
+    optimizer's), which span kernels and the gaps between them (PyTorch's own tables leave them
+    out too). CPU: self time of every operator, by its own name or its enclosing operators' names
     (e.g. the matmuls inside ``aten::scaled_dot_product_attention`` count as attention).
     Backward operators with no telling name count where their forward operator did
     (``_Categorizer``), on both.
@@ -230,11 +232,13 @@ def time_shares(events, device: torch.device) -> dict:
         for event in events:
             if event.device_type == DeviceType.CPU:
                 for kernel in getattr(event, "kernels", ()):
+                    if event.is_user_annotation and kernel.name == event.name:
+                        continue  # the range's own device-side copy
                     category = categorize(kernel.name) or category_of(event)
                     totals[category] += kernel.duration
                     linked[(kernel.name, kernel.duration)] = linked.get((kernel.name, kernel.duration), 0) + 1
         for event in events:  # kernels the profiler could not link to an operator
-            if event.device_type != DeviceType.CPU:
+            if event.device_type != DeviceType.CPU and not event.is_user_annotation:
                 duration = event.time_range.end - event.time_range.start
                 key = (event.name, duration)
                 if linked.get(key, 0) > 0:
