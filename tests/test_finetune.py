@@ -269,18 +269,27 @@ def test_training_steps_give_the_same_losses_with_dropout_0():
     assert losses[0] != losses[-1]  # it trained
 
 
+def test_warm_up_kinds_follow_what_the_kernels_compile_for():
+    kind = train_lib.warm_up_kind
+    assert kind([30, 33]) == kind([20, 35])  # bucket 64, odd length, odd token count, padded
+    assert kind([30, 33]) != kind([30, 34])  # a stride of 600 * 34 divides by 16, of 600 * 33 not
+    assert kind([30, 34]) == kind([38, 20])  # 2 divides 34 and 38, 4 divides 68 and 76 tokens
+    assert kind([34] * 4) != kind([34] * 8)  # 136 tokens (8 | 136) against 272 (16 | 272)
+    assert kind([32, 32]) != kind([48, 48]) and kind([32, 32])[1] == kind([48, 48])[1] == 16  # buckets
+    assert kind([40, 40]) != kind([40, 39])  # padded or not
+    assert kind([7])[-1] and not kind([7, 7])[-1]  # one review: torch.compile specialises size 1
+
+
 def test_kernel_warm_up_runs_one_batch_per_kind_and_changes_nothing():
-    """One untimed forward + backward per (length bucket, length % 16 == 0, padded or not) of the
-    epoch's batches; weights, gradients and the random state are left as they were."""
+    """One untimed forward + backward per kind of the epoch's batches; weights, gradients and the
+    random state are left as they were."""
     lengths = torch.randint(3, 41, (49,), generator=torch.Generator().manual_seed(0)).tolist()  # 6 x 8 + 1
     train_data = data_lib.Encoded([[5 + n % 7] * n for n in lengths], [n % 2 for n in lengths])
     model = models.make_variant(_tiny_scratch(dropout=0.2, vocab_size=200), "fastformer", None)
     config = train_lib.TrainConfig(batch_size=8, progress=False)
     expected, order = set(), torch.Generator().manual_seed(config.seed)
     for indices in data_lib.make_batches(train_data.lengths, 8, order):
-        lengths = [train_data.lengths[i] for i in indices]
-        expected.add((1 << (max(lengths) - 1).bit_length(), max(lengths) % 16 == 0, min(lengths) < max(lengths),
-                      len(lengths) == 1))
+        expected.add(train_lib.warm_up_kind([train_data.lengths[i] for i in indices]))
     weights = {name: p.clone() for name, p in model.state_dict().items()}
     state = torch.get_rng_state()
     assert any(kind[-1] for kind in expected)  # a batch of one review: a shape of its own for torch.compile

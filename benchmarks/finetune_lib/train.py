@@ -373,25 +373,30 @@ def _random_state_kept(device: torch.device):
     return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
+def warm_up_kind(lengths: list[int]) -> tuple:
+    """What decides which kernels a batch of reviews of these lengths compiles and autotunes:
+    Triton's autotuning key (the padded length's power-of-two bucket); Triton's specialisation of
+    integer arguments divisible by 16, strides included (the padded length, and so the strides of
+    (batch, length, features) activations, and the batch's token count, the rows of the norms and
+    GELU: by the power of two, up to 16, dividing each); padded or not; and torch.compile's
+    specialisation of sizes 0 and 1 (a batch of one review)."""
+    longest = max(lengths)
+    return (1 << max(0, longest - 1).bit_length(), math.gcd(longest, 16), math.gcd(len(lengths) * longest, 16),
+            min(lengths) < longest, len(lengths) == 1)
+
+
 def warm_up_kernels(model: nn.Module, data: data_lib.Encoded, pad: int, config: TrainConfig,
                     device: torch.device) -> int:
     """Forward and backward, without an optimizer step and with the random state restored, on one
-    batch of each kind the training will see; returns how many. Kernels are compiled and autotuned
-    per kind on first use: Triton's per sequence-length bucket (powers of two, its autotuning
-    key), per length divisibility by 16 (its specialisation) and per padded or not; torch.compile
-    compiles on the first and on any whose shapes its guards reject (with dynamic shapes, a batch
-    of one review: sizes 0 and 1 are specialised). The batches
-    are those of every epoch, in the training's order (the same generator and seed), taken whole
-    (not a rank's shard), so that every rank runs the same ones."""
+    batch of each kind (:func:`warm_up_kind`) the training will see; returns how many, so that no
+    timed step compiles a kernel. The batches are those of every epoch, in the training's order
+    (the same generator and seed), taken whole (not a rank's shard), so that every rank runs the
+    same ones."""
     kinds = {}
     order = torch.Generator().manual_seed(config.seed)
     for _ in range(config.epochs):
         for indices in data_lib.make_batches(data.lengths, config.batch_size, order, config.bucketing):
-            lengths = [data.lengths[i] for i in indices]
-            longest = max(lengths)
-            kind = (1 << max(0, longest - 1).bit_length(), longest % 16 == 0, min(lengths) < longest,
-                    len(indices) == 1)
-            kinds.setdefault(kind, indices)
+            kinds.setdefault(warm_up_kind([data.lengths[i] for i in indices]), indices)
     with _random_state_kept(device):
         for indices in kinds.values():
             ids, padding, labels = (t.to(device) for t in data_lib.collate(data, indices, pad))
