@@ -269,6 +269,26 @@ def test_training_steps_give_the_same_losses_with_dropout_0():
     assert losses[0] != losses[-1]  # it trained
 
 
+def test_the_equivalence_check_runs_without_tf32_and_restores_it(monkeypatch):
+    """The script switches TF32 on for training on a GPU; the check compares float32 math."""
+    flags = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = [flag.allow_tf32 for flag in flags]
+    seen = []
+    compare = train_lib.compare_first_step
+    monkeypatch.setattr(train_lib, "compare_first_step", lambda *a: seen.append(
+        (flags[0].allow_tf32, flags[1].allow_tf32)) or compare(*a))
+    train_data, _ = _tiny_encoded(16)
+    try:
+        flags[0].allow_tf32 = flags[1].allow_tf32 = True
+        check = train_lib.check_equivalence(_tiny_scratch(dropout=0.0, vocab_size=200), train_data, 0,
+                                            train_lib.TrainConfig(batch_size=8, progress=False), steps=1,
+                                            device=torch.device("cpu"), dist_info=train_lib.Dist())
+        assert flags[0].allow_tf32 and flags[1].allow_tf32
+    finally:
+        flags[0].allow_tf32, flags[1].allow_tf32 = saved
+    assert seen == [(False, False)] and check["tf32"] is False and check["passed"]
+
+
 def test_warm_up_kinds_follow_what_the_kernels_compile_for():
     kind = train_lib.warm_up_kind
     assert kind([30, 33]) == kind([20, 35])  # bucket 64, odd length, odd token count, padded
