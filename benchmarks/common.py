@@ -597,8 +597,6 @@ def write_json(path: str | os.PathLike, rows: Sequence[Row], env: dict[str, Any]
 
     ``extra`` holds e.g. "ceilings" and "skipped"; parent folders are created.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "schema_version": JSON_SCHEMA_VERSION,
         "environment": env,
@@ -606,16 +604,26 @@ def write_json(path: str | os.PathLike, rows: Sequence[Row], env: dict[str, Any]
         "rows": [{k: _json_value(v) for k, v in row.as_dict().items()} for row in rows],
         **extra,
     }
-    with open(path, "w", encoding="utf-8") as f:
+    with _replaced_whole(path) as f:
         json.dump(payload, f, indent=2, default=str)
         f.write("\n")
 
 
-def write_csv(path: str | os.PathLike, rows: Sequence[Row]) -> None:
-    """One line per row, the columns of :class:`Row` (empty cell for None); makes parent dirs."""
+@contextlib.contextmanager
+def _replaced_whole(path: str | os.PathLike):
+    """A text file written beside ``path`` and moved onto it when complete (parent folders made):
+    a run killed while writing leaves the previous version, never half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8", newline="") as f:
+    partial = path.with_name(f".{path.name}.partial")
+    with open(partial, "w", encoding="utf-8", newline="") as f:
+        yield f
+    os.replace(partial, path)
+
+
+def write_csv(path: str | os.PathLike, rows: Sequence[Row]) -> None:
+    """One line per row, the columns of :class:`Row` (empty cell for None); makes parent dirs."""
+    with _replaced_whole(path) as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         for row in rows:
@@ -754,19 +762,36 @@ def guarded(what: str, failures: dict[str, str], bench: Callable[..., list], *ar
         return getattr(exc, "partial_rows", []), not fatal
 
 
+def _process_age() -> float:
+    """Seconds since this process started (Linux; 0 elsewhere): imports and CUDA's start-up count
+    against a run's budget too."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+        return max(0.0, time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, AttributeError):
+        return 0.0
+
+
 class Budget:
-    """Wall-clock budget of a run (``--max-seconds``): scripts stop starting new shapes past it."""
+    """Wall-clock budget of a run (``--max-seconds``, counted from the process's start): scripts
+    stop starting new shapes once the next one, assumed to take as long as the longest so far,
+    would end past it."""
 
     def __init__(self, seconds: float | None):
         self.seconds = seconds
-        self.start = time.monotonic()
+        self.start = time.monotonic() - _process_age()
+        self.longest_case = 0.0
         self.stopped_early = False
 
     def elapsed(self) -> float:
         return time.monotonic() - self.start
 
+    def case_took(self, seconds: float) -> None:
+        self.longest_case = max(self.longest_case, seconds)
+
     def exhausted(self) -> bool:
-        if self.seconds is not None and self.elapsed() > self.seconds:
+        if self.seconds is not None and self.elapsed() + self.longest_case > self.seconds:
             self.stopped_early = True
         return self.stopped_early
 
@@ -1150,8 +1175,9 @@ def add_common_arguments(parser) -> None:
     parser.add_argument("--warmup", type=int, help="untimed runs before the timed ones")
     parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats (smoke run)")
     parser.add_argument("--max-seconds", type=float,
-                        help="stop starting new shapes after this many seconds (results so far "
-                             "are still printed and written)")
+                        help="stop starting new shapes when the next one, taken to last as long as the "
+                             "longest so far, would end past this many seconds from the start of the "
+                             "process (results so far are still printed and written)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
     parser.add_argument("--json", metavar="PATH", help="write environment, ceilings and rows as JSON")
     parser.add_argument("--csv", metavar="PATH", help="write the rows as CSV")
@@ -1252,17 +1278,25 @@ def finish(rows: Sequence[Row], env: dict[str, Any], args, *, ceilings, skips: S
     notice = cpu_notice(args.device)
     if notice:
         print(notice)
-    extra = {"ceilings": ceilings, "skipped": skips.entries, "failures": failures,
-             "stopped_early": budget.stopped_early, "elapsed_s": round(budget.elapsed(), 1),
-             "gpu_kernels_measured": torch.device(args.device).type == "cuda"}
-    if args.json:
-        write_json(args.json, rows, env, **extra)
-        print(f"wrote {args.json}")
-    if args.csv:
-        write_csv(args.csv, rows)
-        print(f"wrote {args.csv}")
+    save_rows(rows, env, args, ceilings=ceilings, skips=skips, budget=budget, failures=failures)
+    for path in (args.json, args.csv):
+        if path:
+            print(f"wrote {path}")
     if args.plot and plot_rows(rows, args.plot, x_label=plot_x_label, title=plot_title):
         print(f"wrote {args.plot}")
+
+
+def save_rows(rows: Sequence[Row], env: dict[str, Any], args, *, ceilings, skips: Skips, budget: Budget,
+              failures: dict[str, str], final: bool = True) -> None:
+    """--json and --csv of the rows so far: after each shape (``final`` False), so that a run
+    killed in a hung kernel keeps what it measured, and at the end."""
+    extra = {"ceilings": ceilings, "skipped": skips.entries, "failures": failures,
+             "stopped_early": budget.stopped_early, "elapsed_s": round(budget.elapsed(), 1),
+             "gpu_kernels_measured": torch.device(args.device).type == "cuda", "final": final}
+    if args.json:
+        write_json(args.json, rows, env, **extra)
+    if args.csv:
+        write_csv(args.csv, rows)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1304,8 +1338,12 @@ def run_cases(args, cases: Sequence[Case], *, baseline: str, plot_x_label: str, 
         for number, case in enumerate(cases, 1):
             if budget.exhausted():
                 break
+            started = time.monotonic()
             new, keep_going = guarded(case.label, failures, case.bench, skips, failures)
+            budget.case_took(time.monotonic() - started)
             rows += new  # after an error that ends the run too: what the case measured before it
+            save_rows(rows, env, args, ceilings=args.ceilings, skips=skips, budget=budget, failures=failures,
+                      final=False)
             if not keep_going:
                 budget.stopped_early = True
                 break

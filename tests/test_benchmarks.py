@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -222,6 +223,41 @@ def test_sigterm_writes_the_results_and_exits_143(tmp_path):
         signal.signal(signal.SIGTERM, previous)
     payload = json.loads(out.read_text())
     assert [row["provider"] for row in payload["rows"]] == ["base"] and payload["stopped_early"]
+
+
+def test_the_results_so_far_are_on_disk_after_each_shape(tmp_path):
+    """A run killed outright (a hung kernel ignores SIGTERM; `timeout` then kills it) keeps every
+    shape it finished: --json and --csv are rewritten whole after each one, marked not final."""
+    import gelu
+
+    out, table = tmp_path / "r.json", tmp_path / "r.csv"
+    args = gelu.parse_args(["--device", "cpu", "--no-ceilings", "--no-compile", "--json", str(out),
+                            "--csv", str(table)])
+    measured = [common.Row(op="op", provider="base", shape="s", dtype="float32", pass_="fwd", ms=1.0, spread=0.0)]
+    seen = []
+
+    def reads_the_files(skips, failures):
+        payload = json.loads(out.read_text())
+        seen.append(([row["provider"] for row in payload["rows"]], payload["final"], table.read_text().count("\n")))
+        return []
+
+    cases = [common.Case("s", lambda skips, failures: measured), common.Case("t", reads_the_files)]
+    assert common.run_cases(args, cases, baseline="base", plot_x_label="x", plot_title="t") == 0
+    assert seen == [(["base"], False, 2)] and json.loads(out.read_text())["final"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["r.csv", "r.json"]  # no partial files left
+
+
+def test_the_budget_counts_from_the_process_start_and_looks_one_shape_ahead():
+    assert common._process_age() > 0  # (Linux: /proc/self/stat)
+    assert abs(common.Budget(None).elapsed() - common._process_age()) < 1
+    budget = common.Budget(10.0)
+    budget.start = time.monotonic() - 5  # 5 s in
+    assert not budget.exhausted()
+    budget.case_took(4)  # 9 s if the next shape takes as long
+    assert not budget.exhausted()
+    budget.case_took(6)  # 11 s: past the budget, so it is not started
+    assert budget.exhausted() and budget.stopped_early
+    assert not common.Budget(None).exhausted()
 
 
 def test_useful_flops_count_only_real_tokens():
