@@ -390,7 +390,7 @@ def attention_providers(shape: Shape, inputs, args, compile_here: bool, skips: c
     usable, reasons = common.fastformer_backends_for(
         fastformer.attention, q, k, v, attn_mask=inputs["position_bias"], dropout_p=p, is_causal=shape.causal,
         key_padding_mask=inputs["key_padding_mask"])
-    for backend in fastformer.available_backends():
+    for backend in common.fastformer_backends():
         name = f"fastformer-{backend}"
         if not common.wanted(name, args.providers, BASELINE):
             continue

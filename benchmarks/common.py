@@ -1244,6 +1244,15 @@ def unmatched_selection(selection: str | None, providers: Sequence[str]) -> list
     return [part for part in _selection_parts(selection) if not any(part in name for name in providers)]
 
 
+def fastformer_backends() -> list[str]:
+    """fastformer's backends in the order the scripts run them: the hand-written CUDA kernels last,
+    so that a memory fault in one (it ends the run: the CUDA context is lost) costs no other
+    provider's rows of that shape."""
+    import fastformer
+
+    return sorted(fastformer.available_backends(), key=lambda backend: backend == "cuda")
+
+
 def fastformer_backends_for(op, *args, **kwargs) -> tuple[list[str], dict[str, list[str]]]:
     """(backends that can take this call, backend -> reasons for those that cannot)."""
     import fastformer

@@ -86,7 +86,7 @@ def bench_shape(approximate: str, rows_n: int, width: int, args, skips, failures
             installed = common.optional_import(module) is not None
             skips.add(name, label, f"no bias + GELU op ({what})" if installed else f"{module} is not installed")
     usable, reasons = common.fastformer_backends_for(fastformer.bias_gelu, x, bias, approximate, dropout_p=p)
-    for backend in fastformer.available_backends():
+    for backend in common.fastformer_backends():
         name = f"fastformer-{backend}"
         if not common.wanted(name, args.providers, BASELINE):
             continue

@@ -154,7 +154,7 @@ def bench_shape(norm: str, rows_n: int, hidden: int, args, skips, failures) -> l
     else:
         call = (fastformer.residual_rms_norm, (x, residual, weight), {"eps": eps, "dropout_p": p})
     usable, reasons = common.fastformer_backends_for(call[0], *call[1], **call[2])
-    for backend in fastformer.available_backends():
+    for backend in common.fastformer_backends():
         name = f"fastformer-{backend}"
         if not common.wanted(name, args.providers, BASELINE):
             continue

@@ -247,6 +247,18 @@ def test_the_results_so_far_are_on_disk_after_each_shape(tmp_path):
     assert sorted(path.name for path in tmp_path.iterdir()) == ["r.csv", "r.json"]  # no partial files left
 
 
+def test_the_cuda_backend_runs_last_of_the_providers():
+    """A memory fault of a hand-written kernel loses the CUDA context and ends the run: fastformer's
+    other backends run before it, in every script."""
+    import fastformer
+
+    order = common.fastformer_backends()
+    assert sorted(order) == sorted(fastformer.available_backends()) and order[-1] == "cuda"
+    for script in ("attention", "layer_norm", "gelu"):
+        source = (BENCH / f"{script}.py").read_text()
+        assert "in common.fastformer_backends():" in source and "in fastformer.available_backends()" not in source
+
+
 def test_the_budget_counts_from_the_process_start_and_looks_one_shape_ahead():
     assert common._process_age() > 0  # (Linux: /proc/self/stat)
     assert abs(common.Budget(None).elapsed() - common._process_age()) < 1
