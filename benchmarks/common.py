@@ -656,14 +656,16 @@ def markdown_pivot(rows: Sequence[Row], pass_: str, value: str = "ms") -> str:
             row = cell.get((op, shape, dtype, provider))
             if row is None:
                 cells.append("")
-            elif value == "rate":
+                continue
+            if value == "rate":
                 rate = row.tflops if row.tflops is not None else row.gbps
-                cells.append("-" if rate is None else _format_rate(rate))
+                text = "-" if rate is None else _format_rate(rate)
             else:
                 text = _format_ms(row.ms)
                 if row.ratio_vs_baseline is not None:
                     text += f" ({row.ratio_vs_baseline:.2f}x)"
-                cells.append(text)
+            # A result that differs from the baseline's beyond tolerance is no speed-up.
+            cells.append(f"{text} MISMATCH" if row.note.startswith("MISMATCH") else text)
         lines.append(f"| {op} | {shape} | {dtype} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -443,6 +443,19 @@ def test_summary_table_keeps_same_shapes_of_two_suites_apart():
     assert len([line for line in table.splitlines() if line.startswith("| attention")]) == 3
 
 
+def test_summary_tables_mark_results_that_differ_from_the_baseline():
+    """A fast but wrong kernel must not read as a speed-up in a headline table."""
+    import dataclasses
+
+    wrong = dataclasses.replace(_row("b", "s", "x", 1.0), note="MISMATCH: rel err 0.3 > 0.025")
+    rows = [_row("a", "s", "x", 2.0), wrong]
+    for value in ("ms", "rate"):
+        line = next(line for line in common.markdown_pivot(rows, "fwd", value).splitlines()
+                    if line.startswith("| attention"))
+        right, marked = line.split("|")[4:6]
+        assert "MISMATCH" in marked and "MISMATCH" not in right, line
+
+
 @pytest.mark.skipif(not HAS_MPL, reason="needs matplotlib")
 def test_plot_of_a_backward_only_run(tmp_path):
     rows = [_row("a", "s1", "x", 2.0, "bwd"), _row("a", "s2", "x", 4.0, "bwd")]
