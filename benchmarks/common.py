@@ -82,15 +82,21 @@ def _git(*args: str) -> str | None:
     return result.stdout.strip() if result.returncode == 0 else None
 
 
+# Names the commit where the scripts run from a copy of a checkout without its .git (as copied
+# to a rented GPU machine): whoever copies it knows the commit.
+COMMIT_ENV_VAR = "FASTFORMER_GIT_COMMIT"
+
+
 def git_commit() -> str:
     """Short commit of the repository these scripts live in, '-dirty' if tracked files changed.
 
-    'unknown' outside a git checkout or before the first commit. Untracked files and anything under
-    benchmarks/results/ (results being written) do not make a checkout dirty.
+    Outside a git checkout or before the first commit: $FASTFORMER_GIT_COMMIT, else 'unknown'.
+    Untracked files and anything under benchmarks/results/ (results being written) do not make a
+    checkout dirty.
     """
     commit = _git("rev-parse", "--short", "HEAD")
     if not commit:
-        return "unknown"
+        return os.environ.get(COMMIT_ENV_VAR, "").strip() or "unknown"
     changes = _git("status", "--porcelain", "--untracked-files=no", "--", ".",
                    ":(exclude)benchmarks/results")
     return commit + ("-dirty" if changes else "")

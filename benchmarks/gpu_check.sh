@@ -54,6 +54,9 @@
 #   --finetune-data DIR  the IMDB data for finetune.py --data (also: FASTFORMER_IMDB_DATA, which
 #                    finetune.py reads too; FASTFORMER_IMDB, its older name, still works)
 #   --archive FILE   also pack DIR into FILE (.tar.gz), e.g. to copy one file off the machine
+#
+# On a copy of the checkout without its .git, export FASTFORMER_GIT_COMMIT=<commit> first: every
+# result records the commit it measured.
 set -uo pipefail
 
 usage() { sed -n '2,/^set -uo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; }
@@ -205,7 +208,7 @@ py_has() { "$PY" -c "import importlib.util, sys; sys.exit(0 if importlib.util.fi
 # ---- env ------------------------------------------------------------------------------------
 env_report() {
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-  echo "commit: $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  echo "commit: $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo "${FASTFORMER_GIT_COMMIT:-unknown}")"
   echo "cores: $(nproc 2>/dev/null)"
   command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi
   for tool in nvcc compute-sanitizer ninja; do

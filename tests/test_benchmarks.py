@@ -247,6 +247,14 @@ def test_the_results_so_far_are_on_disk_after_each_shape(tmp_path):
     assert sorted(path.name for path in tmp_path.iterdir()) == ["r.csv", "r.json"]  # no partial files left
 
 
+def test_a_copy_without_git_records_the_commit_it_is_told(monkeypatch):
+    monkeypatch.setattr(common, "_git", lambda *args: None)  # no .git (a copied working tree)
+    monkeypatch.delenv(common.COMMIT_ENV_VAR, raising=False)
+    assert common.git_commit() == "unknown"
+    monkeypatch.setenv(common.COMMIT_ENV_VAR, "1e52125 ")
+    assert common.git_commit() == "1e52125" and common.environment("cpu")["git_commit"] == "1e52125"
+
+
 def test_the_cuda_backend_runs_last_of_the_providers():
     """A memory fault of a hand-written kernel loses the CUDA context and ends the run: fastformer's
     other backends run before it, in every script."""
