@@ -12,8 +12,8 @@
 #               (the CUDA extension; on failure, install-without-cuda installs the package without it)
 #   extension   whether fastformer._C loads (if not after a good build: setup.py build_ext --inplace)
 #   info        python -m fastformer.info --json > DIR/info.json
-#   tests       the whole pytest suite, GPU tests included (at most 240 s, less when 150 s would
-#               not be left for the benchmarks; no -x; per-test timeout with
+#   tests       the whole pytest suite, GPU tests included (at most 240 s, less when the
+#               benchmarks' 205 s would not be left; no -x; per-test timeout with
 #               pytest-timeout; a line per test), JUnit XML in DIR/junit.xml; without the two
 #               CPU-only files that CI runs: tests/test_triton_compile.py (compiles ~300 Triton
 #               kernels one by one on a cold cache) and tests/test_cuda_emulated.py (builds and runs
@@ -21,7 +21,7 @@
 #               handed out one by one (worksteal): most of the step is Triton compiling the GPU
 #               tests' kernels (about 900 for test_attention.py alone), one core a worker
 #   attention, layer_norm, gelu
-#               benchmarks/<name>.py --quick --json/--csv/--plot into DIR (with
+#               benchmarks/<name>.py --quick --json/--csv/--plot into DIR (120, 45 and 40 s; with
 #               TRITON_PRINT_AUTOTUNING=1, here and in finetune: each autotuning's choice logged)
 #   memcheck, racecheck
 #               compute-sanitizer --tool memcheck / racecheck on benchmarks/sanitize_cuda.py
@@ -352,10 +352,11 @@ if [ -n "$PYTEST_EXTRA" ]; then
   PYTEST+=("${extra[@]}")
 fi
 [ "$HAVE_GPU" = 0 ] && STEP_NOTE="${STEP_NOTE:+$STEP_NOTE, }no GPU: gpu tests skipped"
-# At most 240 s, and short enough to leave the three benchmarks (the headline numbers) BENCH_SHARE
-# seconds, but at least 60 s: a slow build shortens the tests, whose per-test lines still show
-# what passed.
-BENCH_SHARE=150
+# At most 240 s, and short enough to leave the three benchmarks (the headline numbers) their
+# seconds (BENCH_SHARE, below), but at least 60 s: a slow build shortens the tests, whose per-test
+# lines still show what passed.
+ATTENTION_SECONDS=120 LAYER_NORM_SECONDS=45 GELU_SECONDS=40
+BENCH_SHARE=$((ATTENTION_SECONDS + LAYER_NORM_SECONDS + GELU_SECONDS))
 tests_limit=$((BUDGET - (SECONDS - START) - RESERVE - BENCH_SHARE))
 [ "$tests_limit" -gt 240 ] && tests_limit=240
 [ "$tests_limit" -lt 60 ] && tests_limit=60
@@ -377,9 +378,9 @@ bench() {  # bench NAME TIMEOUT
     --json "$OUT/$name.json" --csv "$OUT/$name.csv" --plot "$OUT/$name.png"
 }
 [ "$HAVE_GPU" = 0 ] && echo "gpu_check: no GPU: the benchmarks run on the CPU (GPU kernels not measured)"
-bench attention 170
-bench layer_norm 80
-bench gelu 70
+bench attention "$ATTENTION_SECONDS"
+bench layer_norm "$LAYER_NORM_SECONDS"
+bench gelu "$GELU_SECONDS"
 
 # ---- compute-sanitizer ----------------------------------------------------------------------
 SANITIZER="$(command -v compute-sanitizer || true)"
