@@ -367,8 +367,9 @@ def run_variants(args, results, build, base, config, train_data, test_data, pad,
         if args.variant_order is None:
             args.variant_order = "alternate" if device.type == "cpu" else "sequential"
             results["config"]["variant_order"] = args.variant_order
-        results["variants"] = train_lib.train_variants(kernels, base, train_data, test_data, pad, config, device,
-                                                       dist_info, log, args.variant_order)
+        results["variants"] = {}  # filled as each variant finishes: a run cut short keeps those
+        train_lib.train_variants(kernels, base, train_data, test_data, pad, config, device, dist_info, log,
+                                 args.variant_order, into=results["variants"])
         results["comparison"] = compare(results["variants"])
         untimed = [name for name, run in results["variants"].items() if not run["timed_steps"]]
         if untimed:
@@ -446,8 +447,11 @@ def main(argv=None) -> int:
                               dist_info, log)
     except (common.Stop, KeyboardInterrupt) as stop:
         signum = signal.SIGTERM if isinstance(stop, common.Stop) else signal.SIGINT
-        results["interrupted"] = (f"stopped by {signal.Signals(signum).name} before the end: the variants' "
-                                  f"results are missing (the equivalence check is kept if it ended)")
+        finished = list(results.get("variants", {}))
+        results["interrupted"] = (f"stopped by {signal.Signals(signum).name} before the end: "
+                                  + (f"kept the variants that finished ({', '.join(finished)})" if finished
+                                     else "no variant finished")
+                                  + " (and the equivalence check if it ended)")
         log(f"interrupted: {results['interrupted']}")
         status = 128 + signum
     if dist_info.main:

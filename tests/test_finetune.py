@@ -785,6 +785,33 @@ def test_a_run_stopped_by_sigterm_still_writes_its_json(tmp_path, monkeypatch):
     assert "SIGTERM" in results["interrupted"] and results["data"]["train"]["reviews"] > 0
 
 
+def test_a_run_stopped_after_one_variant_keeps_that_variant(tmp_path, monkeypatch):
+    """A time box that ends during the second variant: the first one's results are written (a
+    GPU run's minutes are too scarce to throw them away), with the table and plot of what is there."""
+    finish = train_lib._finish
+    finished = []
+
+    def stopped_in_the_second(steps):
+        if finished:
+            raise finetune.common.Stop("signal 15")
+        finished.append(1)
+        return finish(steps)
+
+    monkeypatch.setattr(train_lib, "_finish", stopped_in_the_second)
+    out = tmp_path / "r.json"
+    status = finetune.main(["--synthetic", *ON_CPU, "--quick", "--train-size", "64", "--test-size", "32",
+                            "--max-length", "16", "--d-model", "32", "--layers", "1", "--ff", "64",
+                            "--vocab-size", "300", "--epochs", "1", "--equivalence-steps", "0",
+                            "--profile-steps", "0", "--batch-size", "8", "--warmup-steps", "1",
+                            "--variant-order", "sequential", "--no-progress", "--json", str(out),
+                            "--table", str(tmp_path / "r.md"), "--plot", str(tmp_path / "r.png")])
+    assert status == 128 + 15
+    results = json.loads(out.read_text())
+    assert list(results["variants"]) == ["torch"] and results["variants"]["torch"]["tokens_per_s"] > 0
+    assert "kept the variants that finished (torch)" in results["interrupted"]
+    assert "| torch |" in (tmp_path / "r.md").read_text()
+
+
 @pytest.mark.parametrize("torch_accuracy, fast_accuracy, reviews, verdict", [
     (0.880, 0.875, 25_000, "passed"),  # half a point apart
     (0.880, 0.860, 25_000, "failed"),  # 2 points apart, noise +-0.29: a real difference

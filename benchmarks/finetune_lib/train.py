@@ -613,8 +613,9 @@ VARIANT_ORDERS = ("sequential", "alternate")
 
 def train_variants(names: list[str], base: nn.Module, train_data: data_lib.Encoded, test_data: data_lib.Encoded,
                    pad: int, config: TrainConfig, device: torch.device, dist_info: Dist,
-                   log: Callable[[str], None] = print, order: str = "sequential") -> dict:
-    """Train a copy of ``base`` in each variant; {name: measurements and results}.
+                   log: Callable[[str], None] = print, order: str = "sequential", into: dict | None = None) -> dict:
+    """Train a copy of ``base`` in each variant; {name: measurements and results}, also put into
+    ``into`` as each variant finishes (a run stopped by a signal keeps the finished ones).
 
     ``sequential`` trains one variant after the other. ``alternate`` gives them a step each in
     turn, swapping the order every round (a variant's profiled steps run back to back), so that
@@ -624,15 +625,17 @@ def train_variants(names: list[str], base: nn.Module, train_data: data_lib.Encod
     """
     if order not in VARIANT_ORDERS:
         raise ValueError(f"order must be one of {VARIANT_ORDERS}, got {order!r}")
+    results = {} if into is None else into
     alternate = order == "alternate" and len(names) > 1
     runs = {name: _training(name, base, train_data, test_data, pad, config, device, dist_info, log,
                             measure_memory=not alternate) for name in names}
     if not alternate:
-        return {name: _finish(steps) for name, steps in runs.items()}
+        for name, steps in runs.items():
+            results[name] = _finish(steps)
+        return results
     stepping = {name: _OwnRandomState(steps, device) for name, steps in runs.items()}
-    results: dict = {}
     turn = list(names)
-    while len(results) < len(names):
+    while any(name not in results for name in names):
         for name in turn:
             while name not in results:
                 try:
@@ -641,7 +644,7 @@ def train_variants(names: list[str], base: nn.Module, train_data: data_lib.Encod
                 except StopIteration as stop:
                     results[name] = stop.value
         turn.reverse()
-    return {name: results[name] for name in names}
+    return results
 
 
 def _mean(values: list[float]) -> float:
