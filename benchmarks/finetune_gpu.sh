@@ -2,7 +2,7 @@
 # The fine-tuning benchmark's GPU runs in one call, each time-boxed, results in one folder:
 #
 #   bash benchmarks/finetune_gpu.sh --data DIR [--minilm-path DIR] [--out DIR] [--budget SECONDS]
-#                                   [--compile] [--archive FILE.tar.gz]
+#                                   [--runs LIST] [--compile] [--archive FILE.tar.gz]
 #
 # Runs, in this order (the cheapest first, so that a short budget still brings something back):
 #   quick     benchmarks/finetune.py --quick
@@ -22,7 +22,9 @@
 #   --out DIR          where everything goes (default: benchmarks/results)
 #   --budget S         seconds for all runs (default 540, so that the call fits in 10 minutes)
 #   --python PY        the interpreter (default: $PYTHON, else python3)
-#   --compile          also the torch.compile run
+#   --runs LIST        comma-separated runs among quick, scratch, minilm, compiled (default: the first
+#                      three; e.g. scratch,minilm after gpu_check.sh's finetune step ran --quick)
+#   --compile          also the torch.compile run (same as adding compiled to --runs)
 #   --archive FILE     also pack the run's files into FILE (.tar.gz), to copy one file off the machine
 #
 # Exit status: 0 when every run finished, 1 when one failed or was cut short, 2 for bad arguments.
@@ -37,16 +39,17 @@ OUT=""
 BUDGET=540
 PY="${PYTHON:-python3}"
 COMPILE=0
+RUNS="quick,scratch,minilm"
 ARCHIVE=""
 
 bad_usage() { echo "finetune_gpu.sh: $*" >&2; exit 2; }
 while [ $# -gt 0 ]; do
   case "$1" in
-    --data|--minilm-path|--out|--budget|--python|--archive)
+    --data|--minilm-path|--out|--budget|--python|--archive|--runs)
       [ $# -ge 2 ] && [ -n "$2" ] && [ "${2#--}" = "$2" ] || bad_usage "$1 needs a value"
       case "$1" in
         --data) DATA="$2" ;; --minilm-path) MINILM="$2" ;; --out) OUT="$2" ;;
-        --budget) BUDGET="$2" ;; --python) PY="$2" ;; --archive) ARCHIVE="$2" ;;
+        --budget) BUDGET="$2" ;; --python) PY="$2" ;; --archive) ARCHIVE="$2" ;; --runs) RUNS="$2" ;;
       esac
       shift 2 ;;
     --compile) COMPILE=1; shift ;;
@@ -55,6 +58,15 @@ while [ $# -gt 0 ]; do
   esac
 done
 case "$BUDGET" in ''|*[!0-9]*) bad_usage "--budget must be whole seconds" ;; esac
+[ "$COMPILE" = 1 ] && RUNS="$RUNS,compiled"
+IFS=',' read -r -a run_names <<< "${RUNS// /}"
+for name in "${run_names[@]}"; do
+  case "$name" in
+    quick|scratch|minilm|compiled) ;;
+    *) bad_usage "--runs: no run '$name' (quick, scratch, minilm, compiled)" ;;
+  esac
+done
+wanted() { case ",${RUNS// /}," in *",$1,"*) return 0 ;; esac; return 1; }
 [ -n "$DATA" ] || bad_usage "--data DIR is needed (the IMDB folder; see benchmarks/pack_finetune_inputs.py)"
 absolute() { case "$1" in ''|/*) printf '%s' "$1" ;; *) printf '%s/%s' "$PWD" "$1" ;; esac; }
 [ "$DATA" = hf ] || DATA="$(absolute "$DATA")"
@@ -98,12 +110,12 @@ run() {
   tail -n 3 "$OUT/logs/$name.log" | sed 's/^/  /'
 }
 
-run quick 150 --quick
-run scratch 240 --epochs 1
+wanted quick && run quick 150 --quick
+wanted scratch && run scratch 240 --epochs 1
 minilm_args=(--model minilm --epochs 1)
 [ -n "$MINILM" ] && minilm_args+=(--minilm-path "$MINILM")
-run minilm 240 "${minilm_args[@]}"
-[ "$COMPILE" = 1 ] && run compiled 300 --epochs 1 --compile
+wanted minilm && run minilm 240 "${minilm_args[@]}"
+wanted compiled && run compiled 300 --epochs 1 --compile
 
 if [ -n "$ARCHIVE" ] && [ ${#WRITTEN[@]} -gt 0 ]; then
   tar -czf "$ARCHIVE" -C "$OUT" "${WRITTEN[@]#"$OUT"/}" &&

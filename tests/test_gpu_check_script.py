@@ -261,6 +261,15 @@ def test_finetune_gpu_time_boxes_each_run_within_the_budget(tmp_path):
     assert "scratch: TIMEOUT" in result.stdout and "minilm not run: time budget used up" in result.stdout
 
 
+def test_finetune_gpu_runs_what_it_is_asked_to(tmp_path):
+    """--runs scratch,minilm after gpu_check.sh's finetune step ran --quick; a misspelt run is refused."""
+    result, calls = _finetune_gpu(tmp_path, "--runs", "scratch, minilm")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert [call[2] for call in calls] == ["--epochs", "--model"]
+    result, calls = _finetune_gpu(tmp_path / "again", "--runs", "scratch,minlm")
+    assert result.returncode == 2 and "--runs: no run 'minlm'" in result.stderr and calls == []
+
+
 def test_finetune_gpu_needs_the_data(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "FASTFORMER_IMDB_DATA"}
     result = subprocess.run(["bash", str(BENCH / "finetune_gpu.sh")], capture_output=True, text=True, env=env,
