@@ -746,11 +746,21 @@ def install_sigterm_handler() -> None:
         pass
 
 
+# CUDA errors that leave the context unusable (every later call fails with them), as the runtime
+# words them; torch reports them as "CUDA error: ...", Triton's launcher as "Triton Error [CUDA]: ...".
+_STICKY_CUDA_ERRORS = ("illegal memory access", "misaligned address", "unspecified launch failure",
+                       "device-side assert", "illegal instruction", "launch timed out", "hardware stack error",
+                       "CUBLAS_STATUS_EXECUTION_FAILED", "CUBLAS_STATUS_INTERNAL_ERROR")
+
+
 def fatal_device_error(exc: BaseException) -> bool:
-    """Whether ``exc`` leaves the CUDA context unusable: every later call would fail too."""
+    """Whether ``exc`` leaves the CUDA context unusable: every later call would fail too. Running
+    out of memory does not (the provider is skipped, the next one runs)."""
     text = str(exc)
-    return (type(exc).__name__ == "AcceleratorError" or "CUDA error" in text or "CUBLAS_STATUS" in text
-            or "device-side assert" in text or "illegal memory access" in text)
+    if "out of memory" in text.lower():
+        return False
+    return (type(exc).__name__ == "AcceleratorError" or any(error in text for error in _STICKY_CUDA_ERRORS)
+            or "CUDA error" in text or "Triton Error [CUDA]" in text)
 
 
 def guarded(what: str, failures: dict[str, str], bench: Callable[..., list], *args) -> tuple[list, bool]:

@@ -180,6 +180,23 @@ def test_a_device_error_stops_the_run_before_the_next_providers():
     assert keep_going and calls and {r.provider for r in rows} == {"base", "later"}
 
 
+@pytest.mark.parametrize("message, fatal", [
+    ("CUDA error: an illegal memory access was encountered", True),
+    ("Triton Error [CUDA]: misaligned address", True),  # Triton's launcher's wording
+    ("Triton Error [CUDA]: unspecified launch failure", True),
+    ("CUDA error: device-side assert triggered", True),
+    ("CUBLAS_STATUS_EXECUTION_FAILED when calling `cublasSgemm( handle, ...)`", True),
+    ("CUDA error: out of memory", False),  # the next provider may fit
+    ("CUDA out of memory. Tried to allocate 2.00 GiB", False),
+    ("CUBLAS_STATUS_NOT_SUPPORTED when calling `cublasGemmEx( handle, ...)`", False),
+    ("head dim 300 is not supported", False),
+])
+def test_which_errors_end_a_run(message, fatal):
+    """Errors that lose the CUDA context end the run (the next provider would be blamed for them);
+    the others skip or fail one provider."""
+    assert common.fatal_device_error(RuntimeError(message)) == fatal
+
+
 def test_a_fatal_error_keeps_the_rows_measured_before_it(tmp_path):
     """run_cases stops at a CUDA error but writes what that shape measured before it."""
     import gelu
