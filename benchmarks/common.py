@@ -980,6 +980,9 @@ def run_providers(op: str, providers: dict[str, Callable], baseline: str, grad_i
                 else:  # run once anyway: compiles, autotunes, and shows a refusal before timing
                     outputs_and_grads(fn, inputs_of(name), grad_outputs, False)
                 first_s = time.perf_counter() - start
+                # What a provider warns is seen by now: recording it again at every timed call
+                # would cost inside the measurement.
+                warnings.simplefilter("ignore")
 
                 def make_row(pass_, timing, peak, name=name, errors=errors, first_s=first_s):
                     ms = timing["median"]
