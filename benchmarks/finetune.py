@@ -23,7 +23,8 @@ Checks: with ``both``, dropout 0 first: the two variants' logits and every param
 one padded batch must agree within DESIGN.md's tolerances, then their losses step by step over the
 first ``--equivalence-steps`` steps on random (not bucketed) batches; with dropout on, the
 distributions of their training-mode logits over 64 draws (``--check-equivalence`` does only these
-checks and exits 1 on failure); after training, the test accuracies must agree within 1 point.
+checks and exits 1 on failure; TF32 is off during them); after training, the test accuracies must
+agree within 1 point.
 
 Examples:
   python benchmarks/finetune.py --data path/to/imdb --quick --json q.json --plot q.png
