@@ -83,20 +83,22 @@ def _git(*args: str) -> str | None:
 
 
 # Names the commit where the scripts run from a copy of a checkout without its .git (as copied
-# to a rented GPU machine): whoever copies it knows the commit.
+# to a rented GPU machine; perhaps into another repository's folder): whoever copies it knows it.
 COMMIT_ENV_VAR = "FASTFORMER_GIT_COMMIT"
 
 
 def git_commit() -> str:
-    """Short commit of the repository these scripts live in, '-dirty' if tracked files changed.
-
-    Outside a git checkout or before the first commit: $FASTFORMER_GIT_COMMIT, else 'unknown'.
-    Untracked files and anything under benchmarks/results/ (results being written) do not make a
-    checkout dirty.
+    """$FASTFORMER_GIT_COMMIT when set; else the short commit of the repository these scripts live
+    in, '-dirty' if tracked files changed ('unknown' outside a git checkout or before the first
+    commit). Untracked files and anything under benchmarks/results/ (results being written) do not
+    make a checkout dirty.
     """
+    named = os.environ.get(COMMIT_ENV_VAR, "").strip()
+    if named:
+        return named
     commit = _git("rev-parse", "--short", "HEAD")
     if not commit:
-        return os.environ.get(COMMIT_ENV_VAR, "").strip() or "unknown"
+        return "unknown"
     changes = _git("status", "--porcelain", "--untracked-files=no", "--", ".",
                    ":(exclude)benchmarks/results")
     return commit + ("-dirty" if changes else "")

@@ -56,7 +56,7 @@
 #   --archive FILE   also pack DIR into FILE (.tar.gz), e.g. to copy one file off the machine
 #
 # On a copy of the checkout without its .git, export FASTFORMER_GIT_COMMIT=<commit> first: every
-# result records the commit it measured.
+# result records the commit it measured (the variable, when set, wins over git's answer).
 set -uo pipefail
 
 usage() { sed -n '2,/^set -uo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; }
@@ -176,8 +176,9 @@ run_step() {
   local log="$OUT/logs/$name.log" left rc t0 status note=""
   if skipped_by_user "$name"; then skip "$name" "--skip"; return 0; fi
   left=$((BUDGET - (SECONDS - START) - RESERVE))
-  if [ "$left" -lt 10 ]; then
-    record "$name" "not-run" 0 "time budget used up"
+  # A step is not started with less than 30 s (or its own limit) left: it could not finish.
+  if [ "$left" -lt 30 ] && [ "$left" -lt "$limit" ]; then
+    record "$name" "not-run" 0 "time budget used up (${left}s left)"
     return 125
   fi
   [ "$limit" -gt "$left" ] && limit=$left
@@ -208,7 +209,7 @@ py_has() { "$PY" -c "import importlib.util, sys; sys.exit(0 if importlib.util.fi
 # ---- env ------------------------------------------------------------------------------------
 env_report() {
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-  echo "commit: $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo "${FASTFORMER_GIT_COMMIT:-unknown}")"
+  echo "commit: ${FASTFORMER_GIT_COMMIT:-$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)}"
   echo "cores: $(nproc 2>/dev/null)"
   command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi
   for tool in nvcc compute-sanitizer ninja; do
@@ -300,22 +301,25 @@ fi
 
 # ---- does the extension load? ----------------------------------------------------------------
 EXT_OK=0
+# Loads, and can run here (built from this csrc/, for this GPU): else the reasons, on stdout.
 ext_loads() {
-  "$PY" -c "import sys; from fastformer import cuda; sys.exit(0 if cuda.load_extension() is not None else 1)" >/dev/null 2>&1
+  "$PY" -c "import sys; from fastformer import cuda
+reasons = ['does not load'] if cuda.load_extension() is None else cuda.extension_unavailable_reasons()
+print('; '.join(reasons)); sys.exit(1 if reasons else 0)" 2>/dev/null
 }
 if skipped_by_user extension; then
   skip extension "--skip"
   # Not reported, but the sanitizer steps need to know.
-  [ "$HAVE_GPU" = 1 ] && ext_loads && EXT_OK=1
+  [ "$HAVE_GPU" = 1 ] && ext_loads > /dev/null && EXT_OK=1
 elif [ "$HAVE_GPU" = 1 ]; then
-  if ext_loads; then
+  if why="$(ext_loads)"; then
     EXT_OK=1
-    record extension pass 0 "fastformer._C loads"
+    record extension pass 0 "fastformer._C loads and runs here"
   elif [ "$CUDA_BUILT" = 1 ]; then
-    STEP_NOTE="fastformer._C did not load after the install; built in place"
+    STEP_NOTE="fastformer._C after the install: ${why:-does not load}; built in place"
     if run_step extension 240 env FASTFORMER_BUILD_CUDA=1 MAX_JOBS="$(nproc)" \
         "$PY" setup.py build_ext --inplace; then
-      if ext_loads; then EXT_OK=1; else record extension-load FAIL 0 "fastformer._C still does not load"; fi
+      if why="$(ext_loads)"; then EXT_OK=1; else record extension-load FAIL 0 "fastformer._C: ${why:-does not load}"; fi
     fi
   else
     record extension FAIL 0 "fastformer._C not built (see logs/build.log)"
@@ -386,13 +390,27 @@ bench gelu "$GELU_SECONDS"
 SANITIZER="$(command -v compute-sanitizer || true)"
 [ -z "$SANITIZER" ] && [ -x /usr/local/cuda/bin/compute-sanitizer ] && SANITIZER=/usr/local/cuda/bin/compute-sanitizer
 # Some container runtimes (gVisor) refuse the tool: "Device not supported", then error 999 at the
-# first allocation. Ask once on a one-line program, and skip both checks with that reason.
+# first allocation. Ask once on a one-line program, with the checks' own flags, and skip both checks
+# with that reason. Where the one-liner fails on CUDA API errors of PyTorch's own start-up (a
+# symbol lookup the driver answers "not found"), ask again without API error reports: the checks
+# are after memory errors and races in our kernels, and a failed launch of ours raises anyway.
 SANITIZER_REFUSED=""
+SANITIZER_FLAGS=(--error-exitcode 1 --print-limit 50)
+sanitizer_probe() {
+  timeout 60 "$SANITIZER" --tool memcheck "${SANITIZER_FLAGS[@]}" "$@" "$PY" -c \
+    "import torch; torch.zeros(1, device='cuda') + 1; torch.cuda.synchronize()" >> "$OUT/logs/sanitizer-probe.log" 2>&1
+}
 if [ "$HAVE_GPU" = 1 ] && [ -n "$SANITIZER" ] && [ "$EXT_OK" = 1 ] &&
    ! { skipped_by_user memcheck && skipped_by_user racecheck; } &&
    [ $((BUDGET - (SECONDS - START) - RESERVE)) -ge 60 ]; then
-  probe="$(timeout 60 "$SANITIZER" --tool memcheck "$PY" -c "import torch; torch.zeros(1, device='cuda')" 2>&1)"
-  case "$probe" in *"Device not supported"*) SANITIZER_REFUSED="compute-sanitizer: Device not supported here" ;; esac
+  if ! sanitizer_probe; then
+    if grep -q "Device not supported" "$OUT/logs/sanitizer-probe.log"; then
+      SANITIZER_REFUSED="compute-sanitizer: Device not supported here (logs/sanitizer-probe.log)"
+    elif sanitizer_probe --report-api-errors no; then
+      SANITIZER_FLAGS+=(--report-api-errors no)
+      echo "gpu_check: compute-sanitizer runs with --report-api-errors no (logs/sanitizer-probe.log)"
+    fi
+  fi
 fi
 for tool in memcheck racecheck; do
   if skipped_by_user "$tool"; then skip "$tool" "--skip"
@@ -404,7 +422,7 @@ for tool in memcheck racecheck; do
   else
     # No caching allocator: each tensor is its own allocation, so out-of-bounds accesses show.
     run_step "$tool" 150 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
-      "$SANITIZER" --tool "$tool" --error-exitcode 1 --print-limit 50 "$PY" benchmarks/sanitize_cuda.py
+      "$SANITIZER" --tool "$tool" "${SANITIZER_FLAGS[@]}" "$PY" benchmarks/sanitize_cuda.py
   fi
 done
 

@@ -265,11 +265,15 @@ def test_the_results_so_far_are_on_disk_after_each_shape(tmp_path):
 
 
 def test_a_copy_without_git_records_the_commit_it_is_told(monkeypatch):
-    monkeypatch.setattr(common, "_git", lambda *args: None)  # no .git (a copied working tree)
     monkeypatch.delenv(common.COMMIT_ENV_VAR, raising=False)
+    assert common.git_commit() != "unknown"  # this checkout
+    monkeypatch.setattr(common, "_git", lambda *args: None)  # no .git (a copied working tree)
     assert common.git_commit() == "unknown"
     monkeypatch.setenv(common.COMMIT_ENV_VAR, "1e52125 ")
     assert common.git_commit() == "1e52125" and common.environment("cpu")["git_commit"] == "1e52125"
+    monkeypatch.undo()
+    monkeypatch.setenv(common.COMMIT_ENV_VAR, "1e52125")
+    assert common.git_commit() == "1e52125"  # also inside a git checkout (maybe another repository's)
 
 
 def test_the_cuda_backend_runs_last_of_the_providers():
