@@ -19,6 +19,12 @@ from helpers import BACKENDS, DEVICES, require_backend
 SEED = torch.tensor(1234)
 
 
+def _seed(backend, device):
+    """The dropout seed as fastformer draws it: on the data's device for the kernels, which load it
+    there, on the host for the torch backend, which seeds a torch.Generator with it."""
+    return SEED if backend == "torch" else SEED.to(device)
+
+
 def _attention_samples(backend, device):
     def t(*shape):
         return torch.randn(*shape, device=device, requires_grad=True)
@@ -30,7 +36,7 @@ def _attention_samples(backend, device):
     padding[0, 3:] = True
     padding[1, :] = True  # a fully padded batch row
     # A learned bias, broadcast over the batch: its gradient is summed over it.
-    bias, seed = t(1, 4, 5, 6), SEED.to(device)
+    bias, seed = t(1, 4, 5, 6), _seed(backend, device)
     return [
         (*qkv(2, 4, 2, 5, 6, 8, 8), bias, padding, 0.0, True, 0.3, None, backend),
         (*qkv(2, 4, 4, 5, 6, 8, 4), torch.rand(2, 1, 5, 6, device=device) > 0.5, None, 0.2, False, 0.5, seed,
@@ -44,7 +50,7 @@ def _residual_norm_samples(backend, device):
         return torch.randn(*shape, device=device, dtype=dtype, requires_grad=True)
 
     # Rows of 10 values and of 40: kernels take rows of a multiple of 4 or 8 values in vectors.
-    x, residual, weight, bias, seed = t(6, 10), t(6, 10), t(10), t(10), SEED.to(device)
+    x, residual, weight, bias, seed = t(6, 10), t(6, 10), t(10), t(10), _seed(backend, device)
     wide_residual, wide_weight, wide_bias = t(6, 40), t(40), t(40)
     return [
         (x, residual, weight, bias, 1e-5, 0.1, False, seed, True, backend),
@@ -64,7 +70,7 @@ def _bias_gelu_samples(backend, device):
     x = t(3, 5, 7)
     return [(x, t(7), "tanh", 0.0, None, backend),
             (x, None, "none", 0.0, None, backend),
-            (x, t(7), "none", 0.3, SEED.to(device), backend)]
+            (x, t(7), "none", 0.3, _seed(backend, device), backend)]
 
 
 @pytest.mark.parametrize("device", DEVICES)
