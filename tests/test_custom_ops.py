@@ -26,8 +26,10 @@ def _seed(backend, device):
 
 
 def _attention_samples(backend, device):
+    dtype = torch.bfloat16 if backend == "cuda" else torch.float32  # (its kernels take 16-bit inputs)
+
     def t(*shape):
-        return torch.randn(*shape, device=device, requires_grad=True)
+        return torch.randn(*shape, device=device, dtype=dtype, requires_grad=True)
 
     def qkv(batch, heads_q, heads_k, len_q, len_k, dim, dim_v):
         return t(batch, heads_q, len_q, dim), t(batch, heads_k, len_k, dim), t(batch, heads_k, len_k, dim_v)
@@ -82,11 +84,12 @@ def _bias_gelu_samples(backend, device):
 ], ids=["attention", "residual_norm", "bias_gelu"])
 def test_opcheck(op, samples, public_op, backend, device):
     """Schema, fake implementation, autograd registration and AOT tracing, per backend and device."""
+    cases = samples(backend, device)
     reasons = dispatch.not_supported_reasons(backend, dispatch.Call(public_op, torch.device(device),
-                                                                    torch.float32))
+                                                                    cases[0][0].dtype))
     if reasons:
         pytest.skip(f"{backend} cannot run {public_op} on {device} here: " + "; ".join(reasons))
-    for args in samples(backend, device):
+    for args in cases:
         torch.library.opcheck(op, args)
 
 
