@@ -176,8 +176,9 @@ run_step() {
   local log="$OUT/logs/$name.log" left rc t0 status note=""
   if skipped_by_user "$name"; then skip "$name" "--skip"; return 0; fi
   left=$((BUDGET - (SECONDS - START) - RESERVE))
-  # A step is not started with less than 30 s (or its own limit) left: it could not finish.
-  if [ "$left" -lt 30 ] && [ "$left" -lt "$limit" ]; then
+  # A step is not started with less than 30 s left (10 s for one whose own limit fits in them):
+  # it could not finish.
+  if [ "$left" -lt 10 ] || { [ "$left" -lt 30 ] && [ "$left" -lt "$limit" ]; }; then
     record "$name" "not-run" 0 "time budget used up (${left}s left)"
     return 125
   fi
@@ -374,11 +375,12 @@ tests_line="$(grep -E '[0-9]+ (passed|failed|error)' "$OUT/logs/tests.log" 2>/de
 # what the attention config lists should keep on this card.
 export TRITON_PRINT_AUTOTUNING=1
 bench() {  # bench NAME TIMEOUT
-  local name="$1" limit="$2" left
+  local name="$1" limit="$2" left capped
   left=$((BUDGET - (SECONDS - START) - RESERVE))
-  [ "$limit" -gt "$left" ] && limit=$left
+  capped=$((limit < left ? limit : left))  # what run_step will give it (it decides whether to start)
   # The script stops starting new shapes 25 s before the timeout, so that it still writes its files.
-  run_step "$name" "$limit" "$PY" "benchmarks/$name.py" --quick --max-seconds $((limit > 60 ? limit - 25 : limit / 2)) \
+  run_step "$name" "$limit" "$PY" "benchmarks/$name.py" --quick \
+    --max-seconds $((capped > 60 ? capped - 25 : capped / 2)) \
     --json "$OUT/$name.json" --csv "$OUT/$name.csv" --plot "$OUT/$name.png"
 }
 [ "$HAVE_GPU" = 0 ] && echo "gpu_check: no GPU: the benchmarks run on the CPU (GPU kernels not measured)"

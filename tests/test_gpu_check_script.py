@@ -122,6 +122,21 @@ def test_finetune_falls_back_to_synthetic_reviews_only_without_data(checkout, tm
     assert "--synthetic" in argv and "--data" not in argv
 
 
+def test_a_benchmark_is_not_started_without_the_time_to_finish(checkout, tmp_path):
+    """25 s left (45 s of budget less the summary's 20): too little for any of the benchmarks,
+    whose limits are longer; each is reported as not run (a fault), none is started."""
+    for name in ("attention", "layer_norm", "gelu"):
+        (checkout / "benchmarks" / f"{name}.py").write_text(
+            f"import pathlib; pathlib.Path({str(tmp_path / 'started')!r}).write_text('{name}')\n")
+    out = tmp_path / "out"
+    result = _gpu_check(checkout / "benchmarks" / "gpu_check.sh", out, _env(tmp_path), "--cpu-ok", "--budget", "45",
+                        "--skip", "env,info,tests,memcheck,racecheck,finetune")
+    steps = _steps(out)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert [steps[name][0] for name in ("attention", "layer_norm", "gelu")] == ["not-run"] * 3, steps
+    assert "time budget used up" in steps["attention"][2] and not (tmp_path / "started").exists()
+
+
 # ---- --skip against the time budget -------------------------------------------------------------
 def test_skipped_steps_are_skipped_when_the_budget_is_short(tmp_path):
     """Everything but the summary left out, 35 s of budget (15 s once the
