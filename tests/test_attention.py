@@ -13,7 +13,7 @@ import fastformer
 import reference
 from fastformer.functional import _draw_seed
 from helpers import (ATTENTION_TOL, BACKENDS, DEVICES, HALF_DTYPES, assert_grads_close, assert_rel_close,
-                     deterministic_algorithms, in_memory_order, keep_mask_function, require_backend)
+                     deterministic_algorithms, in_memory_order, keep_mask_function, kernel_device, require_backend)
 
 # (B, Hq, Hk, Lq, Lk, D, Dv): odd sizes, GQA, MQA, a single key, Dv != D, Lq != Lk.
 SHAPES = [
@@ -663,7 +663,7 @@ def test_backward_with_and_without_atomic_dq(case, dtype, backend, device, monke
 def test_triton_backward_launches_the_dq_kernel_only_when_deterministic(deterministic, monkeypatch):
     from fastformer.triton import attention as triton_attention
 
-    q, k, v = make_qkv((1, 2, 2, 20, 20, 16, 16), torch.float32, "cpu")
+    q, k, v = make_qkv((1, 2, 2, 20, 20, 16, 16), torch.float32, kernel_device("triton"))
     require_backend("triton", "attention", q, k, v)
     launched = []
     launch = triton_attention._launch
@@ -684,8 +684,9 @@ def test_triton_backward_takes_the_dq_kernel_where_atomic_dq_fits_no_config(monk
     from fastformer.triton import attention as triton_attention
 
     shape = (2, 4, 2, 33, 40, 24, 20)
-    q, k, v = make_qkv(shape, torch.float32, "cpu")
-    attn_mask, key_padding_mask, is_causal = make_masks("gqa+padding", shape, torch.float32, "cpu")
+    device = kernel_device("triton")
+    q, k, v = make_qkv(shape, torch.float32, device)
+    attn_mask, key_padding_mask, is_causal = make_masks("gqa+padding", shape, torch.float32, device)
     kwargs = dict(attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal)
     require_backend("triton", "attention", q, k, v, **kwargs)
     monkeypatch.setattr(triton_attention, "_atomic_dq_unfit", set())
@@ -699,7 +700,7 @@ def test_triton_backward_takes_the_dq_kernel_where_atomic_dq_fits_no_config(monk
         return launch(kind, rows, heads, batch, args, meta, interpret)
 
     monkeypatch.setattr(triton_attention, "_launch", launch_on_a_small_gpu)
-    grad_out = torch.randn(*shape[:2], shape[3], shape[6], dtype=torch.float64)
+    grad_out = torch.randn(*shape[:2], shape[3], shape[6], dtype=torch.float64, device=device)
     expected = _grads(reference.attention(q, k, v, **kwargs), (q, k, v), grad_out)
     for call in range(2):
         launched.clear()
