@@ -19,6 +19,11 @@ from helpers import BACKENDS, DEVICES, require_backend
 SEED = torch.tensor(1234)
 
 
+def _leaves(device, dtype=torch.float32):
+    """``leaf(*shape)``: a random tensor on ``device`` that requires grad."""
+    return lambda *shape, dtype=dtype: torch.randn(*shape, device=device, dtype=dtype, requires_grad=True)
+
+
 def _seed(backend, device):
     """The dropout seed as fastformer draws it: on the data's device for the kernels, which load it
     there, on the host for the torch backend, which seeds a torch.Generator with it."""
@@ -26,10 +31,7 @@ def _seed(backend, device):
 
 
 def _attention_samples(backend, device):
-    dtype = torch.bfloat16 if backend == "cuda" else torch.float32  # (its kernels take 16-bit inputs)
-
-    def t(*shape):
-        return torch.randn(*shape, device=device, dtype=dtype, requires_grad=True)
+    t = _leaves(device, torch.bfloat16 if backend == "cuda" else torch.float32)  # (its kernels take 16-bit inputs)
 
     def qkv(batch, heads_q, heads_k, len_q, len_k, dim, dim_v):
         return t(batch, heads_q, len_q, dim), t(batch, heads_k, len_k, dim), t(batch, heads_k, len_k, dim_v)
@@ -48,8 +50,7 @@ def _attention_samples(backend, device):
 
 
 def _residual_norm_samples(backend, device):
-    def t(*shape, dtype=torch.float32):
-        return torch.randn(*shape, device=device, dtype=dtype, requires_grad=True)
+    t = _leaves(device)
 
     # Rows of 10 values and of 40: kernels take rows of a multiple of 4 or 8 values in vectors.
     x, residual, weight, bias, seed = t(6, 10), t(6, 10), t(10), t(10), _seed(backend, device)
@@ -66,8 +67,7 @@ def _residual_norm_samples(backend, device):
 
 
 def _bias_gelu_samples(backend, device):
-    def t(*shape):
-        return torch.randn(*shape, device=device, requires_grad=True)
+    t = _leaves(device)
 
     x = t(3, 5, 7)
     return [(x, t(7), "tanh", 0.0, None, backend),

@@ -500,6 +500,11 @@ def test_hf_attention_calls_carry_the_forced_backend(family, monkeypatch):
     assert backends == ["torch", "torch"]  # one call per layer
 
 
+def _padded_attention_mask(device):
+    """A Hugging Face attention mask (1 = token) of two sequences of 9 positions, 9 and 5 tokens."""
+    return (torch.arange(9, device=device)[None, :] < torch.tensor([9, 5], device=device)[:, None]).long()
+
+
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
 @pytest.mark.parametrize("family", ["bert", "distilbert"])
 def test_hf_training_step_reads_nothing_on_the_host(family, monkeypatch):
@@ -512,7 +517,7 @@ def test_hf_training_step_reads_nothing_on_the_host(family, monkeypatch):
     model = _tiny_hf_model(family).train().to(device)
     fastformer.optimize(model, backend="triton")
     ids = torch.randint(0, 50, (2, 9), device=device)
-    attention_mask = (torch.arange(9, device=device)[None, :] < torch.tensor([9, 5], device=device)[:, None]).long()
+    attention_mask = _padded_attention_mask(device)
     require_backend("triton", "attention", *(torch.randn(2, 4, 9, 8, device=device) for _ in range(3)))
     for mask in (attention_mask, torch.ones_like(attention_mask)):  # padded, and a batch with none
         with HostReads() as reads:
@@ -533,7 +538,7 @@ def test_hf_gradient_checkpointing_with_dropout_gives_the_same_gradients(family,
     require_backend(backend, "attention", *(torch.randn(2, 4, 9, 8, device=device) for _ in range(3)),
                     dropout_p=0.1)
     ids = torch.randint(0, 50, (2, 9), device=device)
-    attention_mask = (torch.arange(9, device=device)[None, :] < torch.tensor([9, 5], device=device)[:, None]).long()
+    attention_mask = _padded_attention_mask(device)
     params = list(model.parameters())
 
     def gradients():

@@ -770,6 +770,7 @@ def _tf32_off():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
+@_tf32_off()
 def check_equivalence(base: nn.Module, train_data: data_lib.Encoded, pad: int, config: TrainConfig,
                       steps: int, device: torch.device, dist_info: Dist,
                       with_dropout: nn.Module | None = None) -> dict:
@@ -781,12 +782,6 @@ def check_equivalence(base: nn.Module, train_data: data_lib.Encoded, pad: int, c
     PyTorch's, not torch.compile. TF32 is off during the check: its 10-bit products, in every
     matmul of a whole model, would blur the float32 tolerances of DESIGN.md, which are those of
     one op."""
-    with _tf32_off():
-        return {**_check_equivalence(base, train_data, pad, config, steps, device, dist_info, with_dropout),
-                "tf32": False}
-
-
-def _check_equivalence(base, train_data, pad, config, steps, device, dist_info, with_dropout) -> dict:
     config = dataclasses.replace(config, max_steps=steps, epochs=max(1, config.epochs), evaluate=False,
                                  profile_steps=0, warmup_steps=0, progress=False, bucketing=False,
                                  compile=False)
@@ -799,7 +794,7 @@ def _check_equivalence(base, train_data, pad, config, steps, device, dist_info, 
     tolerance = LOSS_TOLERANCE[config.precision]
     worst = max(differences, default=math.nan)
     finite = all(math.isfinite(x) for x in reference + candidate)
-    return {"steps": len(differences), "tolerance": tolerance, "max_relative_difference": worst,
+    return {"steps": len(differences), "tolerance": tolerance, "max_relative_difference": worst, "tf32": False,
             "passed": bool(differences) and finite and worst <= tolerance and first_step["passed"]
             and (dropout is None or dropout["passed"]),
             "first_step": first_step, "dropout": dropout, "losses": runs, "relative_differences": differences,
