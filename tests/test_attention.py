@@ -534,9 +534,10 @@ def test_float_mask_gradient(mask_shape, is_causal, deterministic, dtype, backen
     broadcasts, in the mask's shape and dtype; zero where the kernels skip tiles (a query block
     before a causal key block, a key block of padding only)."""
     shape = (2, 4, 2, 40, 70, 16, 16)
-    q, k, v = make_qkv(shape, dtype, "cpu")
-    bias = torch.randn(mask_shape, dtype=dtype, requires_grad=True)
-    pad = torch.zeros(2, 70, dtype=torch.bool)
+    device = kernel_device(backend)
+    q, k, v = make_qkv(shape, dtype, device)
+    bias = torch.randn(mask_shape, dtype=dtype, device=device, requires_grad=True)
+    pad = torch.zeros(2, 70, dtype=torch.bool, device=device)
     pad[1, 30:] = True  # batch row 1: keys 30.. padding, whole key blocks of it
     pad[0, 5] = True
     require_backend(backend, "attention", q, k, v, attn_mask=bias, key_padding_mask=pad, is_causal=is_causal)
@@ -718,7 +719,8 @@ def test_triton_backward_takes_the_dq_kernel_where_atomic_dq_fits_no_config(monk
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_dropout_is_reproducible_and_fresh_per_call(backend):
-    q, k, v = make_qkv((2, 2, 2, 16, 16, 8, 8), torch.float32, "cpu", requires_grad=False)
+    dtype = torch.bfloat16 if backend == "cuda" else torch.float32  # (the CUDA kernels are 16-bit only)
+    q, k, v = make_qkv((2, 2, 2, 16, 16, 8, 8), dtype, kernel_device(backend), requires_grad=False)
     require_backend(backend, "attention", q, k, v, dropout_p=0.5)
     torch.manual_seed(3)
     first = fastformer.attention(q, k, v, dropout_p=0.5, backend=backend)
@@ -738,9 +740,11 @@ def test_dropout_is_reproducible_and_fresh_per_call(backend):
 @pytest.mark.parametrize("sizes", [(0, 2, 5, 7), (2, 0, 5, 7), (2, 2, 0, 7), (2, 2, 5, 0)], ids=str)
 def test_empty_sizes(sizes, backend):
     batch, heads, len_q, len_k = sizes
-    q = torch.randn(batch, heads, len_q, 8, requires_grad=True)
-    k = torch.randn(batch, heads, len_k, 8, requires_grad=True)
-    v = torch.randn(batch, heads, len_k, 4, requires_grad=True)
+    like = dict(device=kernel_device(backend), dtype=torch.bfloat16 if backend == "cuda" else torch.float32,
+                requires_grad=True)
+    q = torch.randn(batch, heads, len_q, 8, **like)
+    k = torch.randn(batch, heads, len_k, 8, **like)
+    v = torch.randn(batch, heads, len_k, 4, **like)
     require_backend(backend, "attention", q, k, v)
     out = fastformer.attention(q, k, v, backend=backend)
     assert out.shape == (batch, heads, len_q, 4)
@@ -1039,16 +1043,19 @@ def test_triton_flat_grid_computes_what_the_3d_grid_does(mask_kind, monkeypatch)
     row blocks, dropout and masks."""
     triton_attention = pytest.importorskip("fastformer.triton.attention")
     shape = (3, 4, 2, 70, 45, 16, 16)
-    q, k, v = make_qkv(shape, torch.float32, "cpu")
-    attn_mask, key_padding_mask, is_causal = make_masks(mask_kind, shape, torch.float32, "cpu")
+    device = kernel_device("triton")
+    q, k, v = make_qkv(shape, torch.float32, device)
+    attn_mask, key_padding_mask, is_causal = make_masks(mask_kind, shape, torch.float32, device)
     kwargs = dict(attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal, dropout_p=0.3)
     require_backend("triton", "attention", q, k, v, **kwargs)
     results = []
     for limit in (triton_attention.GRID_YZ_LIMIT, 1):
         monkeypatch.setattr(triton_attention, "GRID_YZ_LIMIT", limit)
         torch.manual_seed(5)
-        out = fastformer.attention(q, k, v, backend="triton", **kwargs)
-        results.append((out, *torch.autograd.grad(out, (q, k, v), torch.ones_like(out))))
+        # (on a GPU, atomic dQ adds in a different order from run to run)
+        with deterministic_algorithms(device != "cpu"):
+            out = fastformer.attention(q, k, v, backend="triton", **kwargs)
+            results.append((out, *torch.autograd.grad(out, (q, k, v), torch.ones_like(out))))
     for flat, grid_3d in zip(*results):
         torch.testing.assert_close(flat, grid_3d, rtol=0, atol=0)
 

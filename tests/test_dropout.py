@@ -465,9 +465,10 @@ def test_dropout_one_drops_everything(backend):
     """dropout_p = 1 (valid for nn.Dropout, SDPA and PyTorch's encoder layers) drops every
     element: attention and bias_gelu give zeros and zero gradients, a residual norm normalises the
     residual alone (residual_out = residual). No kernel sees p = 1 (its 1 / (1 - p) is inf)."""
-    (q, k, v, pad), (x, residual, weight) = _dropout_inputs(backend, "cpu")
+    dtype = torch.bfloat16 if backend == "cuda" else torch.float32  # (the CUDA attention is 16-bit only)
+    (q, k, v, pad), (x, residual, weight) = _dropout_inputs(backend, kernel_device(backend), dtype)
     residual.requires_grad_()
-    bias = torch.randn(40)
+    bias = torch.randn(40, device=x.device, dtype=dtype)
     require_backend(backend, "bias_gelu", x, bias, dropout_p=0.3)
     out = fastformer.attention(q, k, v, dropout_p=1.0, key_padding_mask=pad, backend=backend)
     normed, residual_out = fastformer.residual_layer_norm(x, residual, weight, None, dropout_p=1.0, backend=backend)
@@ -475,11 +476,11 @@ def test_dropout_one_drops_everything(backend):
     assert (out == 0).all() and (activated == 0).all()
     assert torch.equal(residual_out, residual)
     expected = F.layer_norm(residual.double(), (40,), weight.double())
-    assert_rel_close(normed, expected, ELEMENTWISE_TOL[torch.float32][0], "normed")
+    assert_rel_close(normed, expected, ELEMENTWISE_TOL[dtype][0], "normed")
     weights = torch.randn_like(normed)
     inputs = (q, k, v, x, residual)
     grads = torch.autograd.grad((out.sum() + (normed * weights).sum() + activated.sum()), inputs)
     for name, grad in zip("qkvx", grads):
         assert (grad == 0).all(), f"grad {name}"
     expected_grad = torch.autograd.grad((expected * weights).sum(), residual)[0]
-    assert_rel_close(grads[4], expected_grad, ELEMENTWISE_TOL[torch.float32][1], "grad residual")
+    assert_rel_close(grads[4], expected_grad, ELEMENTWISE_TOL[dtype][1], "grad residual")
