@@ -16,6 +16,8 @@ Sizes are small: an emulated attention call takes 0.1-1 s here.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -23,8 +25,11 @@ import fastformer.cuda
 import reference
 import test_bias_gelu as bias_gelu_tests
 import test_cuda_attention as cuda_tests
+import test_nn_encoder as encoder_tests
+import test_nn_multihead_attention as multihead_attention_tests
 import test_residual_norm as residual_norm_tests
 from cuda_emulator import build
+from fastformer import dispatch
 from fastformer.cuda import attention as cuda_attention
 from fastformer.cuda import bias_gelu as cuda_bias_gelu
 from fastformer.cuda import layer_norm as cuda_layer_norm
@@ -541,3 +546,27 @@ def test_attention_batch_beyond_the_grid_axes_y_and_z(monkeypatch):
     rows = torch.tensor([0, 1, batch - 2, batch - 1])
     for got, want in zip(whole, run(q[rows], k[rows], v[rows], grad_out[rows])):
         torch.testing.assert_close(got[rows], want, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# the drop-in modules on the CUDA kernels, through dispatch
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture
+def cuda_backend_takes_cpu_tensors(monkeypatch):
+    """dispatch lets the cuda backend, when forced, take the CPU tensors of the emulated ops."""
+    table = {op: (dataclasses.replace(support, devices=frozenset({"cpu"}), forced_only_devices=frozenset({"cpu"})),
+                  module) for op, (support, module) in dispatch._OP_TABLES["cuda"].items()}
+    monkeypatch.setitem(dispatch._OP_TABLES, "cuda", table)
+    monkeypatch.setitem(dispatch._UNAVAILABLE, "cuda", ())
+
+
+@pytest.mark.parametrize("cname, mode, mask", multihead_attention_tests.HALF_CASES,
+                         ids=["-".join(case) for case in multihead_attention_tests.HALF_CASES])
+def test_multihead_attention_parity_in_bfloat16(cname, mode, mask, cuda_backend_takes_cpu_tensors):
+    multihead_attention_tests.check_parity_in_bfloat16(cname, mode, mask, "cuda", "cpu")
+
+
+@pytest.mark.parametrize("norm_first, activation, mask_kind", [(False, "gelu", "padding"), (True, "relu", "causal")],
+                         ids=str)
+def test_encoder_layer_parity_in_bfloat16(norm_first, activation, mask_kind, cuda_backend_takes_cpu_tensors):
+    encoder_tests.check_parity_in_bfloat16(norm_first, activation, mask_kind, "cuda", "cpu")

@@ -2,6 +2,7 @@
 weights, gradients of parameters, inputs and float masks), state_dict both ways, dropout, fully
 masked rows, bad shapes, and the single packed QKV GEMM for self-attention."""
 
+import copy
 import itertools
 import warnings
 
@@ -12,7 +13,7 @@ from torch import nn
 
 import fastformer.functional
 from fastformer.nn import FastMultiheadAttention
-from helpers import ZeroFills, graph_breaks
+from helpers import ATTENTION_TOL, ZeroFills, assert_rel_close, graph_breaks, kernel_device
 
 E, H, L, S, B = 200, 4, 13, 17, 3
 KDIM, VDIM = 72, 56
@@ -452,3 +453,63 @@ def test_mismatched_mask_dtypes_warn_like_pytorch():
         fast(x, x, x, **kwargs)
     # Compiled, the warning is left out: its call would break the graph (at every layer).
     assert graph_breaks(fast, x, x, x, **kwargs) == {}
+
+
+# (config, inputs, mask): self- and cross-attention, the layouts, padding, causal, a float mask
+# (whose gradient the kernels compute), appended bias_k / zero keys.
+HALF_CASES = [("plain", "self", "kpm_bool"), ("batch_first", "self", "causal+kpm_bool"),
+              ("kdim_vdim", "cross", "attn2d_float"), ("bias_kv_zero_attn", "self", "kpm_bool"),
+              ("plain", "kv", "none")]
+
+
+def _copies(tensors, device, dtype):
+    """``tensors`` (None kept) on ``device``, floating ones in ``dtype``, as new leaves; a tensor
+    passed more than once (self-attention's query, key and value) stays one tensor."""
+    copies = {}
+
+    def copy_of(t):
+        if t is None:
+            return None
+        if id(t) not in copies:
+            moved = t.detach().to(device, dtype if t.is_floating_point() else t.dtype)
+            copies[id(t)] = moved.requires_grad_(t.requires_grad)
+        return copies[id(t)]
+
+    return tuple(copy_of(t) for t in tensors)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+@pytest.mark.parametrize("cname, mode, mask", HALF_CASES, ids=["-".join(case) for case in HALF_CASES])
+def test_parity_in_bfloat16_on_each_backend(cname, mode, mask, backend):
+    """In bfloat16, as models train, on each backend's device (the GPU for the kernels; Triton's
+    interpreter without one; tests/test_cuda_emulated.py runs the CUDA kernels' case on the CPU)."""
+    check_parity_in_bfloat16(cname, mode, mask, backend, kernel_device(backend))
+
+
+def check_parity_in_bfloat16(cname, mode, mask, backend, device):
+    """The output and the gradients of inputs, float masks and parameters against
+    nn.MultiheadAttention in float64, within DESIGN.md's attention tolerances and at most
+    BASELINE_MULTIPLE times the error of nn.MultiheadAttention itself in bfloat16 (whose
+    projections round as ours do)."""
+    cfg = CONFIGS[cname]
+    ref, fast = make_pair(**cfg)
+    fast = fast.to(device, torch.bfloat16)
+    fast.fastformer_backend = backend
+    ref = ref.to(device)
+    plain = copy.deepcopy(ref).to(torch.bfloat16)
+    inputs = make_inputs(cfg, mode, batched=True)
+    masks = make_masks(mask, True, L, L if mode == "self" else S)
+    probe = torch.randn(inputs[0].shape[:-1] + (E,), dtype=torch.bfloat16).double()  # d loss / d out
+    results = {}
+    for name, module in (("float64", ref), ("fast", fast), ("plain", plain)):
+        dtype = DT if name == "float64" else torch.bfloat16
+        *these_inputs, attn_mask, kpm = _copies((*inputs, *masks[:2]), device, dtype)
+        results[name] = run(module, these_inputs, (attn_mask, kpm, masks[2]), False, False,
+                            (probe.to(device, dtype),))
+    want, got, baseline = results["float64"], results["fast"], results["plain"]
+    forward_tol, grad_tol = ATTENTION_TOL[torch.bfloat16]
+    assert_rel_close(got[0], want[0], forward_tol, "out", baseline=baseline[0])
+    names = ["input/mask"] * (len(got[2]) - len(list(fast.parameters()))) + [n for n, _ in fast.named_parameters()]
+    for name, g, w, b in zip(names, got[2], want[2], baseline[2]):
+        assert g is not None and g.dtype == torch.bfloat16, name
+        assert_rel_close(g, w, grad_tol, f"gradient of {name}", baseline=b)
