@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+import importlib
 import json
 import os
 import shutil
@@ -14,7 +16,7 @@ import torch
 
 import fastformer
 from fastformer import dispatch, library
-from helpers import BACKENDS, DEVICES, require_backend
+from helpers import BACKENDS, DEVICES, assert_rel_close, require_available, require_backend
 
 SEED = torch.tensor(1234)
 
@@ -237,12 +239,69 @@ def test_compile_fullgraph_where_a_backend_refuses_the_dtype(dtype):
         torch.testing.assert_close(got, want)
 
 
-def test_compile_fullgraph_with_dropout_draws_a_fresh_mask_each_step():
+# The kernel backends' functions each op calls, forward and backward (fastformer.<backend>.<module>).
+KERNEL_FUNCTIONS = {"attention": ("attention_fwd", "attention_bwd"),
+                    "layer_norm": ("residual_norm_fwd", "residual_norm_bwd"),
+                    "bias_gelu": ("bias_gelu_fwd", "bias_gelu_bwd")}
+
+
+def _count_kernel_calls(backend, monkeypatch) -> collections.Counter:
+    """Counts, by function name, the calls of ``backend``'s launchers from now on."""
+    calls = collections.Counter()
+    for module_name, names in KERNEL_FUNCTIONS.items():
+        module = importlib.import_module(f"fastformer.{backend}.{module_name}")
+        for name in names:
+            def counted(*args, _real=getattr(module, name), _name=name, **kwargs):
+                calls[_name] += 1
+                return _real(*args, **kwargs)
+            monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+# Compiled against eager, both in bfloat16: Inductor rounds where it fuses, so results may differ by
+# about a bfloat16 ulp in places (on the CPU, torch backend: the same output, gradients up to 3.3e-3).
+COMPILED_VS_EAGER_BF16_TOL = 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_compile_fullgraph_on_the_gpu_runs_the_backends_kernels(backend, monkeypatch):
+    """Inductor on the GPU, in bfloat16, with a backend forced while tracing: the compiled model's
+    ops are opaque nodes that call that backend's kernels, forward and backward, and give eager's
+    outputs and gradients up to bfloat16 rounding (Inductor fuses the linear layers' bias adds
+    and casts its own way)."""
+    require_available(backend)
+    calls = _count_kernel_calls(backend, monkeypatch)
     torch._dynamo.reset()
-    model = TinyEncoderLayer(dropout_p=0.2)
-    compiled = torch.compile(model, fullgraph=True)
+    model = TinyEncoderLayer().to("cuda", torch.bfloat16)
     x, padding = _inputs()
-    first, second = compiled(x, padding), compiled(x, padding)
+    x, padding = x.to("cuda", torch.bfloat16), padding.cuda()
+    with fastformer.use_backend(backend):
+        eager = model(x, padding)
+        eager_grads = torch.autograd.grad(eager.float().square().sum(), list(model.parameters()))
+        compiled = torch.compile(model, fullgraph=True)
+        calls.clear()
+        out = compiled(x, padding)
+        grads = torch.autograd.grad(out.float().square().sum(), list(model.parameters()))
+    assert calls == {"attention_fwd": 1, "attention_bwd": 1, "residual_norm_fwd": 2, "residual_norm_bwd": 2,
+                     "bias_gelu_fwd": 1, "bias_gelu_bwd": 1}, calls
+    assert_rel_close(out, eager, COMPILED_VS_EAGER_BF16_TOL, "out")
+    for (name, _), grad, expected in zip(model.named_parameters(), grads, eager_grads):
+        assert_rel_close(grad, expected, COMPILED_VS_EAGER_BF16_TOL, f"grad {name}")
+
+
+@pytest.mark.parametrize("device, backend", [("cpu", None), pytest.param("cuda", "triton", marks=pytest.mark.gpu),
+                                             pytest.param("cuda", "cuda", marks=pytest.mark.gpu)])
+def test_compile_fullgraph_with_dropout_draws_a_fresh_mask_each_step(device, backend):
+    require_available(backend)
+    torch._dynamo.reset()
+    model = TinyEncoderLayer(dropout_p=0.2).to(device)
+    x, padding = (t.to(device) for t in _inputs())
+    if backend == "cuda":  # (its attention kernels take 16-bit inputs)
+        model, x = model.to(torch.bfloat16), x.to(torch.bfloat16)
+    with fastformer.use_backend(backend):
+        compiled = torch.compile(model, fullgraph=True)
+        first, second = compiled(x, padding), compiled(x, padding)
     assert torch.isfinite(first).all()
     assert not torch.equal(first, second)  # the seed is a graph input, not a baked-in constant
     first.sum().backward()
