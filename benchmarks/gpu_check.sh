@@ -19,7 +19,9 @@
 #               kernels one by one on a cold cache) and tests/test_cuda_emulated.py (builds and runs
 #               the CPU emulator of the CUDA kernels). With pytest-xdist, up to 12 workers, tests
 #               handed out one by one (worksteal): most of the step is Triton compiling the GPU
-#               tests' kernels (about 900 for test_attention.py alone), one core a worker
+#               tests' kernels (about 900 for test_attention.py alone), one core a worker. The
+#               tests that run nowhere else come first (tests/conftest.py): the CUDA kernels',
+#               then the other GPU tests, then those CI runs on the CPU
 #   attention, layer_norm, gelu
 #               benchmarks/<name>.py --quick --json/--csv/--plot into DIR (120, 45 and 40 s; with
 #               TRITON_PRINT_AUTOTUNING=1, here and in finetune: each autotuning's choice logged)

@@ -342,3 +342,23 @@ def test_a_gpu_run_is_summarized_and_headlined_as_one(tmp_path, capsys):
     assert text.startswith("# fastformer GPU check\n") and "GPU kernels not measured" not in text
     assert summarize.main([str(out), "--readme"]) == 0
     assert "on Pretend GPU" in capsys.readouterr().out
+
+
+def test_a_gpu_run_takes_the_tests_that_run_nowhere_else_first():
+    """On a GPU the suite is reordered (tests/conftest.py): the CUDA kernels' tests, then the other
+    GPU tests and the Triton backend's (on the GPU there), then what CI runs on the CPU."""
+    from types import SimpleNamespace
+
+    from conftest import _gpu_run_priority
+
+    def item(file, backend=None, gpu=False):
+        callspec = SimpleNamespace(params={"backend": backend, "dtype": "bf16"}) if backend else None
+        return SimpleNamespace(path=Path("tests") / file, keywords={"gpu": True} if gpu else {},
+                               callspec=callspec)
+
+    cases = {("test_attention.py", "cuda", False): 0, ("test_cuda_attention.py", None, True): 0,
+             ("test_attention.py", "triton", False): 1, ("test_attention.py", "torch", True): 1,
+             ("test_optimize.py", None, True): 1, ("test_cuda_backend.py", None, False): 2,
+             ("test_attention.py", "torch", False): 2, ("test_dispatch.py", None, False): 2}
+    for (file, backend, gpu), priority in cases.items():
+        assert _gpu_run_priority(item(file, backend, gpu)) == priority, (file, backend, gpu)
