@@ -25,6 +25,7 @@ import fastformer.cuda
 import reference
 import test_bias_gelu as bias_gelu_tests
 import test_cuda_attention as cuda_tests
+import test_custom_ops as custom_ops_tests
 import test_nn_encoder as encoder_tests
 import test_nn_multihead_attention as multihead_attention_tests
 import test_residual_norm as residual_norm_tests
@@ -570,3 +571,7 @@ def test_multihead_attention_parity_in_bfloat16(cname, mode, mask, cuda_backend_
                          ids=str)
 def test_encoder_layer_parity_in_bfloat16(norm_first, activation, mask_kind, cuda_backend_takes_cpu_tensors):
     encoder_tests.check_parity_in_bfloat16(norm_first, activation, mask_kind, "cuda", "cpu")
+
+
+def test_compile_fullgraph_runs_the_cuda_kernels(cuda_backend_takes_cpu_tensors, monkeypatch):
+    custom_ops_tests.check_compile_fullgraph_runs_the_forced_backends_kernels("cuda", "cpu", monkeypatch)

@@ -16,7 +16,7 @@ import torch
 
 import fastformer
 from fastformer import dispatch, library
-from helpers import BACKENDS, DEVICES, assert_rel_close, require_available, require_backend
+from helpers import BACKENDS, DEVICES, assert_rel_close, kernel_device, require_available, require_backend
 
 SEED = torch.tensor(1234)
 
@@ -263,19 +263,23 @@ def _count_kernel_calls(backend, monkeypatch) -> collections.Counter:
 COMPILED_VS_EAGER_BF16_TOL = 2e-2
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_compile_fullgraph_on_the_gpu_runs_the_backends_kernels(backend, monkeypatch):
-    """Inductor on the GPU, in bfloat16, with a backend forced while tracing: the compiled model's
-    ops are opaque nodes that call that backend's kernels, forward and backward, and give eager's
-    outputs and gradients up to bfloat16 rounding (Inductor fuses the linear layers' bias adds
-    and casts its own way)."""
-    require_available(backend)
+def test_compile_fullgraph_runs_the_forced_backends_kernels(backend, monkeypatch):
+    """On the GPU; Triton also in its interpreter, and tests/test_cuda_emulated.py runs the CUDA
+    kernels' case on the CPU."""
+    check_compile_fullgraph_runs_the_forced_backends_kernels(backend, kernel_device(backend), monkeypatch)
+
+
+def check_compile_fullgraph_runs_the_forced_backends_kernels(backend, device, monkeypatch):
+    """Inductor, in bfloat16, with a kernel backend forced while tracing: the compiled model's ops
+    are opaque nodes that call that backend's kernels, forward and backward, and give eager's
+    outputs and gradients up to bfloat16 rounding (Inductor fuses the linear layers' bias adds and
+    casts its own way)."""
     calls = _count_kernel_calls(backend, monkeypatch)
     torch._dynamo.reset()
-    model = TinyEncoderLayer().to("cuda", torch.bfloat16)
+    model = TinyEncoderLayer().to(device, torch.bfloat16)
     x, padding = _inputs()
-    x, padding = x.to("cuda", torch.bfloat16), padding.cuda()
+    x, padding = x.to(device, torch.bfloat16), padding.to(device)
     with fastformer.use_backend(backend):
         eager = model(x, padding)
         eager_grads = torch.autograd.grad(eager.float().square().sum(), list(model.parameters()))
@@ -293,7 +297,7 @@ def test_compile_fullgraph_on_the_gpu_runs_the_backends_kernels(backend, monkeyp
 @pytest.mark.parametrize("device, backend", [("cpu", None), pytest.param("cuda", "triton", marks=pytest.mark.gpu),
                                              pytest.param("cuda", "cuda", marks=pytest.mark.gpu)])
 def test_compile_fullgraph_with_dropout_draws_a_fresh_mask_each_step(device, backend):
-    require_available(backend)
+    require_available(backend)  # (None, dispatch's choice, always runs)
     torch._dynamo.reset()
     model = TinyEncoderLayer(dropout_p=0.2).to(device)
     x, padding = (t.to(device) for t in _inputs())
