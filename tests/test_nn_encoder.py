@@ -423,11 +423,16 @@ def test_a_kernel_backend_training_step_copies_no_tensor(batch_first, backend, d
 def _training_step(mode, backend, device, norm_first=False, batch_first=True):
     """One training step (forward and backward; dropout, padding, GELU) of a fresh
     FastTransformerEncoderLayer on ``backend`` inside dispatch mode ``mode``, which it returns;
-    skips when the backend cannot run here. Every parameter must get a finite gradient."""
-    _, fast = make_pair(norm_first, "gelu", batch_first=batch_first, dtype=torch.float32)
+    skips when the backend cannot run here. Every parameter must get a finite gradient. In bfloat16
+    on the cuda backend, whose attention kernels take 16-bit inputs only, else in float32."""
+    dtype = torch.bfloat16 if backend == "cuda" else torch.float32
+    _, fast = make_pair(norm_first, "gelu", batch_first=batch_first, dtype=dtype)
     fast = fast.to(device)
-    x = torch.randn((B, S, D_MODEL) if batch_first else (S, B, D_MODEL), device=device, requires_grad=True)
+    x = torch.randn((B, S, D_MODEL) if batch_first else (S, B, D_MODEL), device=device, dtype=dtype,
+                    requires_grad=True)
     padding = padding_mask().to(device)
+    heads = torch.empty(B, NHEAD, S, D_MODEL // NHEAD, device=device, dtype=dtype)
+    require_backend(backend, "attention", heads, heads, heads, dropout_p=0.1, key_padding_mask=padding)
     require_backend(backend, "residual_layer_norm", x, x, fast.norm1.weight, fast.norm1.bias)
     with fastformer.use_backend(backend), mode:
         fast(x, src_key_padding_mask=padding).square().sum().backward()
