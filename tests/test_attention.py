@@ -419,6 +419,14 @@ def check_nan_and_inf_mask_values_give_nan_rows(attend, dtype, device):
 def test_nan_and_inf_mask_values_give_nan_rows(dtype, backend, device):
     q = torch.randn(2, 2, 12, 16, dtype=dtype, device=device)
     require_backend(backend, "attention", q, q, q, attn_mask=torch.zeros(2, 1, 12, 12, dtype=dtype, device=device))
+    if backend == "torch":  # which runs SDPA: held to what SDPA itself does on this machine
+        try:
+            check_nan_and_inf_mask_values_give_nan_rows(
+                lambda q, k, v, mask: F.scaled_dot_product_attention(q, k, v, attn_mask=mask), dtype, device)
+        except AssertionError:
+            pytest.skip(f"PyTorch's SDPA itself ({device}, {dtype}) gives no NaN row for a NaN or +inf mask value "
+                        "on this machine (seen: float16 on the CPU, a row of 12 keys with a +inf gives 0, on an "
+                        "AMD EPYC without AVX-512, torch 2.14.1)")
     check_nan_and_inf_mask_values_give_nan_rows(
         lambda q, k, v, mask: fastformer.attention(q, k, v, attn_mask=mask, backend=backend), dtype, device)
 
@@ -739,9 +747,14 @@ def test_dropout_is_reproducible_and_fresh_per_call(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("sizes", [(0, 2, 5, 7), (2, 0, 5, 7), (2, 2, 0, 7), (2, 2, 5, 0)], ids=str)
 def test_empty_sizes(sizes, backend):
+    check_empty_sizes(sizes, backend, kernel_device(backend))
+
+
+def check_empty_sizes(sizes, backend, device):
+    """Empty outputs, and zero gradients of the right shapes (as autograd hands the backward an
+    empty gradient, with whatever strides)."""
     batch, heads, len_q, len_k = sizes
-    like = dict(device=kernel_device(backend), dtype=torch.bfloat16 if backend == "cuda" else torch.float32,
-                requires_grad=True)
+    like = dict(device=device, dtype=torch.bfloat16 if backend == "cuda" else torch.float32, requires_grad=True)
     q = torch.randn(batch, heads, len_q, 8, **like)
     k = torch.randn(batch, heads, len_k, 8, **like)
     v = torch.randn(batch, heads, len_k, 4, **like)

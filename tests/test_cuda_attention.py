@@ -65,7 +65,10 @@ def test_arguments_the_kernels_cannot_take_are_rejected_clearly():
                         ((wide,) * 3, "head dims up to 128"),
                         ((half, half, wide), "head dims up to 128"),
                         ((torch.zeros(1, 3, 4, 8, dtype=torch.float16, device="meta"), half, half),
-                         "multiple of key/value heads")]:
+                         "multiple of key/value heads"),
+                        ((half, half[:, :0], half[:, :0]), r"query heads \(2\) must be a multiple of key/value "
+                                                           r"heads \(0\)"),
+                        ((half[:, :0],) * 3, "CUDA tensor")]:  # no heads at all: empty, but on the meta device
         with pytest.raises(ValueError, match=match):
             cuda_attention._check(*args)
 

@@ -23,6 +23,7 @@ import torch
 
 import fastformer.cuda
 import reference
+import test_attention as attention_tests
 import test_bias_gelu as bias_gelu_tests
 import test_cuda_attention as cuda_tests
 import test_custom_ops as custom_ops_tests
@@ -34,10 +35,9 @@ from fastformer import dispatch
 from fastformer.cuda import attention as cuda_attention
 from fastformer.cuda import bias_gelu as cuda_bias_gelu
 from fastformer.cuda import layer_norm as cuda_layer_norm
-from helpers import (ELEMENTWISE_TOL, PARAM_GRAD_TOL_HALF, Copies, HostReads, assert_rel_close,
+from helpers import (ELEMENTWISE_TOL, PARAM_GRAD_TOL_HALF, Copies, HostReads, ZeroFills, assert_rel_close,
                      check_p_rounded_to_a_multiple_of_2_to_the_minus_16, deterministic_algorithms, in_memory_order,
                      misaligned, offset_by)
-from test_attention import check_nan_and_inf_mask_values_give_nan_rows
 
 @pytest.fixture(scope="module", autouse=True)
 def emulated():
@@ -192,7 +192,7 @@ def test_attention_finfo_min_masks_keep_sdpa_semantics(dtype):
 def test_attention_nan_and_inf_mask_values_give_nan_rows(dtype):
     def attend(q, k, v, mask):
         return cuda_attention.attention_fwd(q, k, v, mask, None, 0.0, False, q.shape[-1] ** -0.5, None)[0]
-    check_nan_and_inf_mask_values_give_nan_rows(attend, dtype, device="cpu")
+    attention_tests.check_nan_and_inf_mask_values_give_nan_rows(attend, dtype, device="cpu")
 
 
 @pytest.mark.parametrize("mask_dtype", cuda_tests.MASK_DTYPES, ids=str)
@@ -575,3 +575,20 @@ def test_encoder_layer_parity_in_bfloat16(norm_first, activation, mask_kind, cud
 
 def test_compile_fullgraph_runs_the_cuda_kernels(cuda_backend_takes_cpu_tensors, monkeypatch):
     custom_ops_tests.check_compile_fullgraph_runs_the_forced_backends_kernels("cuda", "cpu", monkeypatch)
+
+
+
+@pytest.mark.parametrize("mode", ["fills no zeros", "copies no tensor"])
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "seq_first"])
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post_norm", "pre_norm"])
+def test_an_encoder_layer_training_step(mode, batch_first, norm_first, cuda_backend_takes_cpu_tensors):
+    """tests/test_nn_encoder.py's checks of a training step on the cuda backend (dropout, padding,
+    GELU): no zero-filled tensor, no copy, a finite gradient for every parameter."""
+    watch = ZeroFills() if mode == "fills no zeros" else Copies()
+    encoder_tests._training_step(watch, "cuda", "cpu", norm_first=norm_first, batch_first=batch_first)
+    assert (watch.fills if mode == "fills no zeros" else watch.copies) == []
+
+
+@pytest.mark.parametrize("sizes", [(0, 2, 5, 7), (2, 0, 5, 7), (2, 2, 0, 7), (2, 2, 5, 0)], ids=str)
+def test_attention_of_empty_sizes(sizes, cuda_backend_takes_cpu_tensors):
+    attention_tests.check_empty_sizes(sizes, "cuda", "cpu")

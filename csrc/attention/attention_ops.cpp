@@ -34,6 +34,11 @@ struct Sizes {
   int64_t batch, heads_q, heads_k, len_q, len_k, dim, dim_v;
 };
 
+// What the kernels need of a (B, H, L, D) tensor's last dim: stride 1 (the strides of a dim of
+// size 1, or of a tensor with no element, which PyTorch calls contiguous whatever they are, do not
+// matter; autograd passes such empty gradients).
+bool last_dim_contiguous(const at::Tensor& t) { return t.stride(3) == 1 || t.size(3) == 1 || t.numel() == 0; }
+
 Sizes check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, kOp,
               "query, key and value must be 4-D (batch, heads, seq_len, head_dim), got ", q.sizes(), ", ",
@@ -49,12 +54,13 @@ Sizes check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   TORCH_CHECK(v.size(1) == s.heads_k && v.size(2) == s.len_k, kOp, "key ", k.sizes(), " and value ", v.sizes(),
               " must agree on heads and seq_len");
   TORCH_CHECK(k.size(3) == s.dim, kOp, "query and key head dims differ: ", s.dim, " vs ", k.size(3));
-  TORCH_CHECK(s.heads_k > 0 && s.heads_q % s.heads_k == 0, kOp, "query heads (", s.heads_q,
+  // (No heads at all is an empty call, as in fastformer.attention's own check.)
+  TORCH_CHECK(s.heads_k > 0 ? s.heads_q % s.heads_k == 0 : s.heads_q == 0, kOp, "query heads (", s.heads_q,
               ") must be a multiple of key/value heads (", s.heads_k, ")");
   TORCH_CHECK(s.dim >= 1 && s.dim_v >= 1 && std::max(s.dim, s.dim_v) <= kMaxHeadDim, kOp,
               "head dims 1..", kMaxHeadDim, " supported, got ", s.dim, " and ", s.dim_v);
   for (const at::Tensor* t : {&q, &k, &v}) {
-    TORCH_CHECK(t->stride(3) == 1 || t->size(3) == 1, kOp,
+    TORCH_CHECK(last_dim_contiguous(*t), kOp,
                 "the last dim of query, key and value must be contiguous (stride 1), got strides ", t->strides());
   }
   TORCH_CHECK(s.len_q <= std::numeric_limits<int>::max() && s.len_k <= std::numeric_limits<int>::max(), kOp,
@@ -312,8 +318,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
               " and out ", out.sizes(), " must have shape ", at::IntArrayRef(out_shape));
   TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(), kOp,
               "grad_out and out must have the query's dtype");
-  TORCH_CHECK(grad_out.stride(3) == 1 || s.dim_v == 1, kOp, "grad_out's last dim must be contiguous");
-  TORCH_CHECK(out.stride(3) == 1 || s.dim_v == 1, kOp, "out's last dim must be contiguous");
+  TORCH_CHECK(last_dim_contiguous(grad_out), kOp, "grad_out's last dim must be contiguous");
+  TORCH_CHECK(last_dim_contiguous(out), kOp, "out's last dim must be contiguous");
   TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() &&
                   lse.sizes() == at::IntArrayRef({s.batch, s.heads_q, s.len_q}),
               kOp, "lse must be a contiguous float32 tensor of shape (B, Hq, Lq), got ", lse.sizes());

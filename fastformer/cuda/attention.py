@@ -71,9 +71,11 @@ def _check(query, key, value):
     dim, dim_v = query.shape[-1], value.shape[-1]
     if max(dim, dim_v) > MAX_HEAD_DIM:
         raise ValueError(f"attention (cuda): head dims up to {MAX_HEAD_DIM}, got {dim} and {dim_v}")
-    if key.shape[1] == 0 or query.shape[1] % key.shape[1] != 0:
-        raise ValueError(f"attention (cuda): query heads ({query.shape[1]}) must be a multiple of key/value "
-                         f"heads ({key.shape[1]})")
+    heads_q, heads_k = query.shape[1], key.shape[1]
+    heads_fit = heads_q % heads_k == 0 if heads_k > 0 else heads_q == 0  # (no heads at all: an empty call)
+    if not heads_fit:
+        raise ValueError(f"attention (cuda): query heads ({heads_q}) must be a multiple of key/value heads "
+                         f"({heads_k})")
     for name, t in (("query", query), ("key", key), ("value", value)):
         if t.device.type != cuda.KERNEL_DEVICE:
             raise ValueError(f"attention (cuda): {name} must be a CUDA tensor, got {t.device}")
