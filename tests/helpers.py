@@ -62,6 +62,12 @@ def kernel_device(backend: str | None) -> str:
     return "cuda"
 
 
+def attention_dtype(backend: str | None) -> torch.dtype:
+    """The dtype a test runs ``backend``'s attention in: bfloat16 for the cuda backend, whose
+    attention kernels take 16-bit inputs only; float32 otherwise."""
+    return torch.bfloat16 if backend == "cuda" else torch.float32
+
+
 def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     actual, expected = actual.double(), expected.double()
     denominator = expected.norm().item()

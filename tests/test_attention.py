@@ -13,7 +13,8 @@ import fastformer
 import reference
 from fastformer.functional import _draw_seed
 from helpers import (ATTENTION_TOL, BACKENDS, DEVICES, HALF_DTYPES, assert_grads_close, assert_rel_close,
-                     deterministic_algorithms, in_memory_order, keep_mask_function, kernel_device, require_backend)
+                     attention_dtype, deterministic_algorithms, in_memory_order, keep_mask_function, kernel_device,
+                     require_backend)
 
 # (B, Hq, Hk, Lq, Lk, D, Dv): odd sizes, GQA, MQA, a single key, Dv != D, Lq != Lk.
 SHAPES = [
@@ -727,8 +728,7 @@ def test_triton_backward_takes_the_dq_kernel_where_atomic_dq_fits_no_config(monk
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_dropout_is_reproducible_and_fresh_per_call(backend):
-    dtype = torch.bfloat16 if backend == "cuda" else torch.float32  # (the CUDA kernels are 16-bit only)
-    q, k, v = make_qkv((2, 2, 2, 16, 16, 8, 8), dtype, kernel_device(backend), requires_grad=False)
+    q, k, v = make_qkv((2, 2, 2, 16, 16, 8, 8), attention_dtype(backend), kernel_device(backend), requires_grad=False)
     require_backend(backend, "attention", q, k, v, dropout_p=0.5)
     torch.manual_seed(3)
     first = fastformer.attention(q, k, v, dropout_p=0.5, backend=backend)
@@ -744,8 +744,12 @@ def test_dropout_is_reproducible_and_fresh_per_call(backend):
     assert_rel_close(mean, fastformer.attention(q, k, v, backend=backend), 0.25, "mean over calls")
 
 
+# (B, H, Lq, Lk), one of them 0
+EMPTY_SIZES = [(0, 2, 5, 7), (2, 0, 5, 7), (2, 2, 0, 7), (2, 2, 5, 0)]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("sizes", [(0, 2, 5, 7), (2, 0, 5, 7), (2, 2, 0, 7), (2, 2, 5, 0)], ids=str)
+@pytest.mark.parametrize("sizes", EMPTY_SIZES, ids=str)
 def test_empty_sizes(sizes, backend):
     check_empty_sizes(sizes, backend, kernel_device(backend))
 
@@ -754,7 +758,7 @@ def check_empty_sizes(sizes, backend, device):
     """Empty outputs, and zero gradients of the right shapes (as autograd hands the backward an
     empty gradient, with whatever strides)."""
     batch, heads, len_q, len_k = sizes
-    like = dict(device=device, dtype=torch.bfloat16 if backend == "cuda" else torch.float32, requires_grad=True)
+    like = dict(device=device, dtype=attention_dtype(backend), requires_grad=True)
     q = torch.randn(batch, heads, len_q, 8, **like)
     k = torch.randn(batch, heads, len_k, 8, **like)
     v = torch.randn(batch, heads, len_k, 4, **like)

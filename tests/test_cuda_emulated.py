@@ -577,7 +577,6 @@ def test_compile_fullgraph_runs_the_cuda_kernels(cuda_backend_takes_cpu_tensors,
     custom_ops_tests.check_compile_fullgraph_runs_the_forced_backends_kernels("cuda", "cpu", monkeypatch)
 
 
-
 @pytest.mark.parametrize("mode", ["fills no zeros", "copies no tensor"])
 @pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "seq_first"])
 @pytest.mark.parametrize("norm_first", [False, True], ids=["post_norm", "pre_norm"])
@@ -589,6 +588,6 @@ def test_an_encoder_layer_training_step(mode, batch_first, norm_first, cuda_back
     assert (watch.fills if mode == "fills no zeros" else watch.copies) == []
 
 
-@pytest.mark.parametrize("sizes", [(0, 2, 5, 7), (2, 0, 5, 7), (2, 2, 0, 7), (2, 2, 5, 0)], ids=str)
+@pytest.mark.parametrize("sizes", attention_tests.EMPTY_SIZES, ids=str)
 def test_attention_of_empty_sizes(sizes, cuda_backend_takes_cpu_tensors):
     attention_tests.check_empty_sizes(sizes, "cuda", "cpu")

@@ -16,7 +16,8 @@ import torch
 
 import fastformer
 from fastformer import dispatch, library
-from helpers import BACKENDS, DEVICES, assert_rel_close, kernel_device, require_available, require_backend
+from helpers import (BACKENDS, DEVICES, assert_rel_close, attention_dtype, kernel_device, require_available,
+                     require_backend)
 
 SEED = torch.tensor(1234)
 
@@ -33,7 +34,7 @@ def _seed(backend, device):
 
 
 def _attention_samples(backend, device):
-    t = _leaves(device, torch.bfloat16 if backend == "cuda" else torch.float32)  # (its kernels take 16-bit inputs)
+    t = _leaves(device, attention_dtype(backend))
 
     def qkv(batch, heads_q, heads_k, len_q, len_k, dim, dim_v):
         return t(batch, heads_q, len_q, dim), t(batch, heads_k, len_k, dim), t(batch, heads_k, len_k, dim_v)
@@ -299,10 +300,9 @@ def check_compile_fullgraph_runs_the_forced_backends_kernels(backend, device, mo
 def test_compile_fullgraph_with_dropout_draws_a_fresh_mask_each_step(device, backend):
     require_available(backend)  # (None, dispatch's choice, always runs)
     torch._dynamo.reset()
-    model = TinyEncoderLayer(dropout_p=0.2).to(device)
-    x, padding = (t.to(device) for t in _inputs())
-    if backend == "cuda":  # (its attention kernels take 16-bit inputs)
-        model, x = model.to(torch.bfloat16), x.to(torch.bfloat16)
+    model = TinyEncoderLayer(dropout_p=0.2).to(device, attention_dtype(backend))
+    x, padding = _inputs()
+    x, padding = x.to(device, attention_dtype(backend)), padding.to(device)
     with fastformer.use_backend(backend):
         compiled = torch.compile(model, fullgraph=True)
         first, second = compiled(x, padding), compiled(x, padding)

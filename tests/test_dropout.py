@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import fastformer
 import reference
 from fastformer.torch_backend import dropout as torch_dropout
-from helpers import (BACKENDS, DEVICES, ELEMENTWISE_TOL, HostReads, assert_rel_close,
+from helpers import (BACKENDS, DEVICES, ELEMENTWISE_TOL, HostReads, assert_rel_close, attention_dtype,
                      check_p_rounded_to_a_multiple_of_2_to_the_minus_16, kernel_device, require_backend,
                      seeded_gradients)
 from test_attention import assert_close_to_reference, make_qkv, padding_mask
@@ -465,7 +465,7 @@ def test_dropout_one_drops_everything(backend):
     """dropout_p = 1 (valid for nn.Dropout, SDPA and PyTorch's encoder layers) drops every
     element: attention and bias_gelu give zeros and zero gradients, a residual norm normalises the
     residual alone (residual_out = residual). No kernel sees p = 1 (its 1 / (1 - p) is inf)."""
-    dtype = torch.bfloat16 if backend == "cuda" else torch.float32  # (the CUDA attention is 16-bit only)
+    dtype = attention_dtype(backend)
     (q, k, v, pad), (x, residual, weight) = _dropout_inputs(backend, kernel_device(backend), dtype)
     residual.requires_grad_()
     bias = torch.randn(40, device=x.device, dtype=dtype)

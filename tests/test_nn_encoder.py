@@ -16,7 +16,7 @@ from fastformer import dispatch
 from fastformer.nn.encoder import FastTransformerEncoderLayer
 from fastformer.nn.multihead_attention import FastMultiheadAttention
 from helpers import (ATTENTION_TOL, PARAM_GRAD_TOL_HALF, Copies, DEVICES, LoRALinear, ZeroFills, assert_rel_close,
-                     kernel_device, record_bias_gelu_biases, require_backend)
+                     attention_dtype, kernel_device, record_bias_gelu_biases, require_backend)
 
 # PyTorch warns when a float causal mask meets a bool padding mask ("causal+padding"); so does
 # FastMultiheadAttention, as PyTorch's MultiheadAttention.
@@ -253,7 +253,8 @@ class DoubledGELU(nn.GELU):
 def test_submodules_changed_after_construction_run_as_they_are(change, backend):
     """A LoRA adapter put in place of linear1, a GELU subclass, a norm swapped for another kind, a
     hook: the fused forward would skip them (it reads parameters, not modules), so the layer calls
-    them as PyTorch's does. Triton (in its interpreter) is the backend that fuses linear1's bias."""
+    them as PyTorch's does. Triton (on the GPU, or in its interpreter) is the backend that fuses
+    linear1's bias."""
     device = kernel_device(backend)
     ref, fast = make_pair(False, "gelu", dtype=torch.float32, dropout=0.0)
     fast.fastformer_backend = backend
@@ -423,9 +424,9 @@ def test_a_kernel_backend_training_step_copies_no_tensor(batch_first, backend, d
 def _training_step(mode, backend, device, norm_first=False, batch_first=True):
     """One training step (forward and backward; dropout, padding, GELU) of a fresh
     FastTransformerEncoderLayer on ``backend`` inside dispatch mode ``mode``, which it returns;
-    skips when the backend cannot run here. Every parameter must get a finite gradient. In bfloat16
-    on the cuda backend, whose attention kernels take 16-bit inputs only, else in float32."""
-    dtype = torch.bfloat16 if backend == "cuda" else torch.float32
+    skips when the backend cannot run here. Every parameter must get a finite gradient. In
+    ``attention_dtype(backend)``."""
+    dtype = attention_dtype(backend)
     _, fast = make_pair(norm_first, "gelu", batch_first=batch_first, dtype=dtype)
     fast = fast.to(device)
     x = torch.randn((B, S, D_MODEL) if batch_first else (S, B, D_MODEL), device=device, dtype=dtype,
