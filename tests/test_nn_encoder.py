@@ -393,6 +393,30 @@ def test_train_mode_dropout(norm_first):
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+DROPOUT_MODULES = ["dropout", "dropout1", "dropout2"]
+
+
+@pytest.mark.parametrize("layer_training", [True, False], ids=["layer_train", "layer_eval"])
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post_norm", "pre_norm"])
+def test_each_dropout_follows_its_own_module_mode(norm_first, activation, layer_training):
+    """As PyTorch's forward calls them, each nn.Dropout applies by its own train/eval mode, not
+    the layer's: a module left in train() under an eval() layer (Monte Carlo dropout) drops, one
+    put in eval() under a training layer does not. (Gradients on: PyTorch's inference fast path,
+    which skips the dropout modules, is not taken.)"""
+    ref, fast = make_pair(norm_first, activation, dropout=0.5)
+    x = torch.randn(S, B, D_MODEL, dtype=F64)
+    for active in [None, *DROPOUT_MODULES]:
+        for layer in (ref, fast):
+            layer.train(layer_training)
+            layer.self_attn.eval()
+            for name in DROPOUT_MODULES:
+                getattr(layer, name).train(name == active)
+        if active is None:  # no dropout anywhere: the two layers agree
+            assert_rel_close(fast(x), ref(x), 1e-10, "out")
+        for layer in (ref, fast):
+            assert torch.equal(layer(x), layer(x)) == (active is None), (type(layer).__name__, active)
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
 @pytest.mark.parametrize("norm_first", [False, True], ids=["post_norm", "pre_norm"])

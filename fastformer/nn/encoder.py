@@ -73,9 +73,11 @@ class FastTransformerEncoderLayer(nn.TransformerEncoderLayer):
                                                      # its normalisation norm2(x1), the FFN input
             y = x1 + dropout2(ff(h2))                # no norm follows inside the layer: plain add
 
-    Dropout (attention weights, after the activation, dropout1/dropout2) is applied only in
-    training mode, with the probabilities of ``self.self_attn.dropout``, ``self.dropout``,
-    ``self.dropout1`` and ``self.dropout2``, as PyTorch does. On the CPU in float32/float64 the
+    Dropout (attention weights, after the activation, dropout1/dropout2) is applied with the
+    probabilities of ``self.self_attn.dropout``, ``self.dropout``, ``self.dropout1`` and
+    ``self.dropout2``, each where its own module is in training mode, as PyTorch's forward does
+    (so Monte Carlo dropout, ``eval()`` then ``train()`` on the dropout modules, keeps working;
+    PyTorch's inference fast path, taken without gradients, skips the dropout modules). On the CPU in float32/float64 the
     masks are drawn by ``fastformer.torch_backend.dropout`` (32 random bits per element, twice as
     fast as ``bernoulli_``), so they differ from PyTorch's draws for the same seed.
 
@@ -153,15 +155,17 @@ class FastTransformerEncoderLayer(nn.TransformerEncoderLayer):
 
     def _forward_dense(self, x: Tensor, src_mask, padding, is_causal) -> Tensor:
         """x: (S, N, E), (N, S, E) or (S, E); the per-token ops do not care which."""
-        p1 = self.dropout1.p if self.training else 0.0
-        p2 = self.dropout2.p if self.training else 0.0
+        # Each dropout follows its own module's mode, as when PyTorch's forward calls the modules
+        # (a layer in eval() with its nn.Dropout modules in train(): Monte Carlo dropout).
+        p1 = self.dropout1.p if self.dropout1.training else 0.0
+        p2 = self.dropout2.p if self.dropout2.training else 0.0
         if self.norm_first:
             h1, _ = fastformer.residual_layer_norm(x, None, self.norm1.weight, self.norm1.bias,
                                                    self.norm1.eps, backend=self.fastformer_backend)
             h2, x1 = fastformer.residual_layer_norm(self._sa(h1, src_mask, padding, is_causal), x,
                                                     self.norm2.weight, self.norm2.bias,
                                                     self.norm2.eps, p1, backend=self.fastformer_backend)
-            return dropout_add(self._ff(h2), x1, p2, self.training)
+            return dropout_add(self._ff(h2), x1, p2, self.dropout2.training)
         x1, _ = fastformer.residual_layer_norm(self._sa(x, src_mask, padding, is_causal), x,
                                                self.norm1.weight, self.norm1.bias, self.norm1.eps, p1,
                                                backend=self.fastformer_backend)
@@ -175,10 +179,10 @@ class FastTransformerEncoderLayer(nn.TransformerEncoderLayer):
         GELU, the bias of linear1, the GELU and the dropout are one op."""
         approximate = gelu_approximate(self.activation)
         if approximate is not None:
-            p = self.dropout.p if self.training else 0.0
+            p = self.dropout.p if self.dropout.training else 0.0
             h = linear_bias_gelu(x, self.linear1, approximate, dropout_p=p, backend=self.fastformer_backend)
         else:
-            h = dropout(self.activation(self.linear1(x)), self.dropout.p, self.training)
+            h = dropout(self.activation(self.linear1(x)), self.dropout.p, self.dropout.training)
         return self.linear2(h)
 
     def _sa(self, x: Tensor, attn_mask, key_padding_mask, is_causal) -> Tensor:
