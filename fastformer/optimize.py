@@ -44,12 +44,14 @@ Everything else is left alone, and the report says why.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import copy
 import dataclasses
 import inspect
 import logging
 import math
+import textwrap
 import types
 
 import torch
@@ -348,17 +350,31 @@ def _hf_attention_unsupported_reason(model) -> str | None:
 
 def _computes_attention_itself(module) -> bool:
     """A transformers module whose forward takes the model's attention_mask and runs its own
-    softmax, without looking the attention function up in the registry."""
+    softmax, without looking the attention function up in the registry. Read from the forward's
+    code (its syntax tree), so that a comment or a docstring example mentioning a softmax (ELECTRA's
+    masked-LM head, BART's generation example) does not count."""
     cls = type(module)
     if not cls.__module__.startswith("transformers."):
         return False
     try:
         if "attention_mask" not in inspect.signature(cls.forward).parameters:
             return False
-        source = inspect.getsource(cls.forward)
-    except (TypeError, ValueError, OSError):  # no Python source to read: assume the worst
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls.forward)))
+    except (TypeError, ValueError, OSError, SyntaxError):  # no Python source to read: assume the worst
         return True
-    return "softmax" in source and "ALL_ATTENTION_FUNCTIONS" not in source and "_attn_implementation" not in source
+    names = {node.id if isinstance(node, ast.Name) else node.attr
+             for node in ast.walk(tree) if isinstance(node, (ast.Name, ast.Attribute))}
+    calls_softmax = any(isinstance(node, ast.Call) and _called_name(node.func) == "softmax"
+                        for node in ast.walk(tree))
+    return calls_softmax and not names & {"ALL_ATTENTION_FUNCTIONS", "_attn_implementation"}
+
+
+def _called_name(func: ast.expr) -> str | None:
+    """The name a call's function goes by: ``softmax`` for ``softmax(x)``, ``F.softmax(x)`` and
+    ``x.softmax()``."""
+    if isinstance(func, ast.Name):
+        return func.id
+    return func.attr if isinstance(func, ast.Attribute) else None
 
 
 def _values_readable(t: torch.Tensor) -> bool:

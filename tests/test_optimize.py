@@ -1126,6 +1126,57 @@ def test_hf_attention_is_left_alone_where_the_model_needs_more(model_type, optio
         torch.testing.assert_close(model(input_ids=ids)[0], original(input_ids=ids)[0])
 
 
+class _SoftmaxInCode(nn.Module):
+    def forward(self, scores, attention_mask=None):
+        return (scores + attention_mask).softmax(-1)
+
+
+class _SoftmaxInWordsOnly(nn.Module):
+    def forward(self, logits, attention_mask=None):
+        """Example: ``probs = model(...).softmax(-1)``."""
+        return logits  # a softmax layer would go here
+
+
+class _SoftmaxThroughRegistry(nn.Module):
+    def forward(self, scores, attention_mask=None):
+        attention = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]  # noqa: F821 (never run)
+        return attention(scores, attention_mask).softmax(-1)
+
+
+@pytest.mark.parametrize("cls, computes", [(_SoftmaxInCode, True), (_SoftmaxInWordsOnly, False),
+                                           (_SoftmaxThroughRegistry, False)])
+def test_attention_computed_by_a_module_is_read_from_its_code(cls, computes, monkeypatch):
+    """Only a softmax the forward calls counts, not one its comments or docstring mention."""
+    optimize_module = importlib.import_module("fastformer.optimize")
+    monkeypatch.setattr(cls, "__module__", "transformers.models.example")  # only transformers' are read
+    assert optimize_module._computes_attention_itself(cls()) is computes
+
+
+@pytest.mark.parametrize("auto_class, model_type", [("AutoModelForMaskedLM", "electra"),
+                                                    ("AutoModelForSeq2SeqLM", "bart")])
+def test_hf_heads_that_mention_a_softmax_get_fastformer_attention(auto_class, model_type):
+    """ELECTRA's masked-LM head names a softmax in a comment, BART's generation head in a docstring
+    example: their attention is switched as their base models' is, with the same outputs."""
+    transformers = pytest.importorskip("transformers")
+    options = dict(d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                   decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32) if model_type == "bart" \
+        else dict(hidden_size=16, embedding_size=16, num_hidden_layers=1, num_attention_heads=2,
+                  intermediate_size=32)
+    config = transformers.AutoConfig.for_model(model_type, vocab_size=60, max_position_embeddings=40, **options)
+    torch.manual_seed(0)
+    model = getattr(transformers, auto_class).from_config(config).eval()
+    original = copy.deepcopy(model)
+    fastformer.optimize(model)
+    assert "(attention)" in model.fastformer_report.replaced, model.fastformer_report.left_alone
+    assert model.config._attn_implementation == "fastformer"
+    ids = torch.randint(1, 60, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, 4:] = 0
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits,
+                                   original(input_ids=ids, attention_mask=mask).logits)
+
+
 def test_hf_attention_function_folds_position_bias_as_sdpa_does():
     """Relative position biases (T5, LayoutLMv3) reach the attention function as position_bias:
     added to the scores with the mask (boolean, float, none, or causality), as transformers' SDPA
