@@ -246,6 +246,28 @@ def test_strided_inputs_and_an_output_scaled_in_place(norm, backend, autograd, d
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["strided", "expanded"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("norm", NORMS)
+def test_weight_and_bias_of_any_strides(norm, dtype, layout, backend, device):
+    """weight and bias as views: a column of a stacked (N, 2) parameter (stride 2; what vmap over
+    per-sample parameters with in_dims=1 hands the op), or one value expanded to N (stride 0).
+    Kernels that read them as contiguous vectors got O(1) errors, and read past a stride-0 one."""
+    hidden = 200
+    x, residual, _, _ = make_inputs((7, hidden), "residual", dtype, device)
+    if layout == "strided":
+        stacked = (1.0 + 0.5 * torch.randn(hidden, 2, device=device, dtype=torch.float64)).to(dtype)
+        stacked.requires_grad_()
+        weight, bias = stacked[:, 0], stacked[:, 1]
+    else:
+        scalars = torch.tensor([1.5, -0.25], device=device, dtype=torch.float64).to(dtype).requires_grad_()
+        weight, bias = scalars[0].expand(hidden), scalars[1].expand(hidden)
+    require(backend, norm, x, residual, weight, bias)
+    check_against_reference(norm, (x, residual, weight, bias), dtype, backend)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("norm", NORMS)
 def test_without_dropout_x_and_residual_share_one_gradient(norm, backend, device, monkeypatch):
     """Without dropout the kernel writes the gradient of residual_out once and x and residual both

@@ -191,7 +191,7 @@ def _residual_norm_bwd_kernel(
 # launchers
 # --------------------------------------------------------------------------------------------
 def _columns_contiguous(t):
-    """Kernels take a row stride and contiguous columns."""
+    """Kernels take a row stride and contiguous columns (weight and bias: contiguous vectors)."""
     return t if t is None or t.stride(-1) == 1 else t.contiguous()
 
 
@@ -241,6 +241,7 @@ def residual_norm_fwd(x, residual, weight, bias, eps, dropout_p, rms, seed, stor
     """Returns (out, residual_out or empty, mean or empty, rstd); x and residual are (rows, N),
     out and residual_out in the dtype of x + residual."""
     x, residual = _columns_contiguous(x), _columns_contiguous(residual)
+    weight, bias = _columns_contiguous(weight), _columns_contiguous(bias)
     rows, n = x.shape
     dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
     out = torch.empty((rows, n), dtype=dtype, device=x.device)
@@ -269,7 +270,7 @@ def residual_norm_bwd(grad_out, grad_residual_out, normed, weight, bias, mean, r
     """Returns (grad_x, grad_residual or None, grad_weight or None, grad_bias or None); grad_x in
     ``x_dtype`` (default: normed's), grad_residual in normed's dtype (that of x + residual)."""
     grad_out, grad_residual_out = _columns_contiguous(grad_out), _columns_contiguous(grad_residual_out)
-    normed = _columns_contiguous(normed)
+    normed, weight = _columns_contiguous(normed), _columns_contiguous(weight)
     rows, n = normed.shape
     grad_x = torch.empty((rows, n), dtype=x_dtype or normed.dtype, device=normed.device)
     grad_residual = torch.empty((rows, n), dtype=normed.dtype, device=normed.device) if has_residual else None
