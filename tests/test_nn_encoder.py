@@ -594,6 +594,20 @@ def test_deepcopy_keeps_working():
     torch.testing.assert_close(clone(x), fast(x), rtol=0, atol=0)
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_jit_trace_matches_eager():
+    """torch.jit.trace, which users of PyTorch's layer may deploy with, traces the fused layer too
+    (its attention included: SDPA's GQA flag is a plain bool under tracing)."""
+    _, fast = make_pair(False, "gelu")
+    fast.eval()
+    x = torch.randn(S, B, D_MODEL, dtype=F64)
+    pad = padding_mask()
+    traced = torch.jit.trace(fast, example_kwarg_inputs={"src": x, "src_key_padding_mask": pad})
+    other = torch.randn(S, B, D_MODEL, dtype=F64)
+    torch.testing.assert_close(traced(src=other, src_key_padding_mask=pad),
+                               fast(other, src_key_padding_mask=pad))
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_optimized_transformer_encoder_passes_bool_padding_to_the_layers(training, monkeypatch):
     """fastformer.optimize turns nn.TransformerEncoder into FastTransformerEncoder: a boolean

@@ -187,6 +187,24 @@ def test_parity_eval_mode_no_grad():
     torch.testing.assert_close(got[1, :5], want[1, :5])
 
 
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning")
+def test_nested_tensor_input_as_pytorch():
+    """Ragged batches (nested tensors) on PyTorch's inference fast path: the same outputs, nested
+    alike; outside that path, PyTorch's own error."""
+    ref, fast = make_pair(batch_first=True)
+    ref, fast = ref.float().eval(), fast.float().eval()
+    x = torch.nested.nested_tensor([torch.randn(3, E), torch.randn(6, E)])
+    with torch.no_grad():
+        want, _ = ref(x, x, x, need_weights=False)
+        got, _ = fast(x, x, x, need_weights=False)
+    assert got.is_nested
+    for got_row, want_row in zip(got.unbind(), want.unbind()):
+        torch.testing.assert_close(got_row, want_row)
+    fast.train()
+    with pytest.raises(AssertionError, match="NestedTensor"):
+        fast(x, x, x, need_weights=False)
+
+
 # --------------------------------------------------------------------------------------------
 # parameters, initialisation, state_dict
 # --------------------------------------------------------------------------------------------

@@ -43,6 +43,8 @@ class FastMultiheadAttention(nn.MultiheadAttention):
       PyTorch does on its SDPA path. With ``add_bias_kv`` / ``add_zero_attn`` (which append keys)
       the given ``attn_mask`` is used instead, as PyTorch does when it needs the weights.
     * Dropout on the attention weights: ``dropout`` in training mode only, as PyTorch.
+    * Nested-tensor (ragged batch) inputs run PyTorch's own forward, which takes them on its
+      inference fast path (``FastTransformerEncoderLayer`` pads them for the fused op instead).
 
     Differences from ``torch.nn.MultiheadAttention`` (intended):
 
@@ -69,6 +71,12 @@ class FastMultiheadAttention(nn.MultiheadAttention):
                 need_weights: bool = True, attn_mask: Tensor | None = None,
                 average_attn_weights: bool = True, is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
         """As ``torch.nn.MultiheadAttention.forward``; returns ``(attn_output, attn_weights or None)``."""
+        if query.is_nested or key.is_nested or value.is_nested:
+            # Ragged batches: PyTorch's own implementation, which takes them on its inference fast
+            # path (and says why not elsewhere).
+            return super().forward(query, key, value, key_padding_mask=key_padding_mask,
+                                   need_weights=need_weights, attn_mask=attn_mask,
+                                   average_attn_weights=average_attn_weights, is_causal=is_causal)
         self_attention = query is key and key is value
         kv_shared = key is value
         batched = self._check_shapes(query, key, value, key_padding_mask, attn_mask)

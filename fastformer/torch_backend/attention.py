@@ -152,8 +152,9 @@ def _sdpa(query, key, value, mask, dropout_p, is_causal, scale):
     """SDPA on (B, H, L, D) inputs and a 4-D mask (or None), in batch slices of at most
     ``SDPA_MAX_BATCH``."""
     def sdpa(q, k, v, m):
+        # bool(): under torch.jit.trace sizes are traced tensors, which SDPA's flag refuses.
         return F.scaled_dot_product_attention(q, k, v, attn_mask=m, dropout_p=dropout_p, is_causal=is_causal,
-                                              scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+                                              scale=scale, enable_gqa=bool(q.shape[1] != k.shape[1]))
 
     batch = query.shape[0]
     if forward_mode_ad():  # (torch.func.jvp, jacfwd): only SDPA's math kernel computes tangents
