@@ -87,7 +87,7 @@ def _prepare_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_caus
     if key_padding_mask is not None:
         if not isinstance(key_padding_mask, torch.Tensor):
             raise TypeError(f"{op}: key_padding_mask must be a torch.Tensor or None, "
-                            f"got {type(key_padding_mask).__name__}")
+                            f"got {check.type_name(key_padding_mask)}")
         if key_padding_mask.dtype != torch.bool:
             raise TypeError(f"{op}: key_padding_mask must be a bool tensor (True = padding), "
                             f"got dtype {key_padding_mask.dtype}")
@@ -242,7 +242,7 @@ def _prepare_bias_gelu(x, bias=None, approximate="none", *, dropout_p=0.0):
         raise ValueError(f"{op}: the last dim of x must be >= 1, got shape {check.shape_of(x)}")
     check.check_vector(op, "bias", bias, hidden, x.dtype, x.device)
     if not isinstance(approximate, str):
-        raise TypeError(f"{op}: approximate must be 'none' or 'tanh', got {type(approximate).__name__}")
+        raise TypeError(f"{op}: approximate must be 'none' or 'tanh', got {check.type_name(approximate)}")
     if approximate not in ("none", "tanh"):
         raise ValueError(f"{op}: approximate must be 'none' or 'tanh', got {approximate!r}")
     dropout_p = check.check_probability(op, "dropout_p", dropout_p)

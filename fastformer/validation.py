@@ -14,11 +14,17 @@ def shape_of(t: torch.Tensor) -> str:
     return str(tuple(t.shape))
 
 
+def type_name(value) -> str:
+    """``str`` for builtins, the qualified name otherwise: NumPy's bool is not "bool"."""
+    cls = type(value)
+    return cls.__name__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+
+
 def check_tensor(op: str, name: str, t, *, ndim: int | None = None, min_ndim: int | None = None,
                  layout: str = "") -> None:
     """A floating-point tensor, with ``ndim`` dims exactly or at least ``min_ndim``."""
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type_name(t)}")
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{op}: {name} must be a floating-point tensor (float16, bfloat16, float32 "
                         f"or float64), got dtype {t.dtype}")
@@ -62,7 +68,7 @@ def check_vector(op: str, name: str, t, size: int, dtype: torch.dtype, device, *
 def check_seed(op: str, seed, device: torch.device) -> None:
     """A kernel's dropout seed: one int64 on the data's ``device``, which the kernel loads."""
     if not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64 or seed.numel() != 1:
-        seen = f"{seed.dtype} of shape {shape_of(seed)}" if isinstance(seed, torch.Tensor) else type(seed).__name__
+        seen = f"{seed.dtype} of shape {shape_of(seed)}" if isinstance(seed, torch.Tensor) else type_name(seed)
         raise TypeError(f"{op}: seed must be a one-element int64 tensor, got {seen}")
     if seed.device != device:
         raise ValueError(f"{op}: seed must be on the data's device ({device}), got {seed.device}")
@@ -75,7 +81,7 @@ def is_real_number(value) -> bool:
 
 def check_probability(op: str, name: str, p) -> float:
     if not is_real_number(p):
-        raise TypeError(f"{op}: {name} must be a float in [0, 1], got {type(p).__name__} {p!r}")
+        raise TypeError(f"{op}: {name} must be a float in [0, 1], got {type_name(p)} {p!r}")
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"{op}: {name} must be in [0, 1], got {p}")
     return float(p)
@@ -94,7 +100,7 @@ def _as_finite_float(op: str, name: str, value, what: str) -> float:
 
 def check_non_negative(op: str, name: str, value) -> float:
     if not is_real_number(value):
-        raise TypeError(f"{op}: {name} must be a non-negative float, got {type(value).__name__} {value!r}")
+        raise TypeError(f"{op}: {name} must be a non-negative float, got {type_name(value)} {value!r}")
     if not value >= 0.0:
         raise ValueError(f"{op}: {name} must be a non-negative finite float, got {value}")
     return _as_finite_float(op, name, value, "non-negative finite float")
@@ -102,13 +108,13 @@ def check_non_negative(op: str, name: str, value) -> float:
 
 def check_finite(op: str, name: str, value) -> float:
     if not is_real_number(value):
-        raise TypeError(f"{op}: {name} must be a float or None, got {type(value).__name__} {value!r}")
+        raise TypeError(f"{op}: {name} must be a float or None, got {type_name(value)} {value!r}")
     return _as_finite_float(op, name, value, "finite float")
 
 
 def check_bool(op: str, name: str, value) -> bool:
     if not isinstance(value, bool):
-        raise TypeError(f"{op}: {name} must be a bool, got {type(value).__name__} {value!r}")
+        raise TypeError(f"{op}: {name} must be a bool, got {type_name(value)} {value!r}")
     return value
 
 
@@ -121,7 +127,7 @@ def broadcast_mask_4d(op: str, name: str, mask, target: tuple[int, int, int, int
     if mask is None:
         return None
     if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"{op}: {name} must be a torch.Tensor or None, got {type(mask).__name__}")
+        raise TypeError(f"{op}: {name} must be a torch.Tensor or None, got {type_name(mask)}")
     if mask.dtype != torch.bool and mask.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{op}: {name} must be bool (True = may attend) or a floating-point additive "
                         f"mask, got dtype {mask.dtype}")

@@ -365,7 +365,7 @@ def test_numpy_scalars_are_numbers():
     x = torch.randn(4, 8)
     out, _ = fastformer.residual_layer_norm(x, None, None, None, eps=np.float32(1e-5))
     torch.testing.assert_close(out, F.layer_norm(x, (8,), eps=1e-5), atol=1e-5, rtol=1e-4)
-    with pytest.raises(TypeError, match="scale must be a float or None, got bool"):
+    with pytest.raises(TypeError, match=r"scale must be a float or None, got numpy\.bool_? "):  # in full
         fastformer.attention(**inputs, scale=np.bool_(True))
 
 
