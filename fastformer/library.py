@@ -48,6 +48,11 @@ import torch
 from torch import Tensor
 
 from fastformer import dispatch
+# Imported now, not at the first call: forward-mode AD under torch.compile runs the torch backend's
+# functions in the traced code (_pytorch_autograd_now), and Dynamo cannot trace an import.
+from fastformer.torch_backend import attention as _torch_attention  # noqa: F401
+from fastformer.torch_backend import gelu as _torch_gelu  # noqa: F401
+from fastformer.torch_backend import layer_norm as _torch_layer_norm  # noqa: F401
 
 
 def _implementation(backend: str, op: str):
@@ -229,12 +234,20 @@ def attention_output_like(query: Tensor, dim_v: int, like_query: bool = True) ->
 NATIVE_AUTOGRAD = True
 
 
+def _pytorch_autograd_now() -> bool:
+    """Whether a backend's ``eager_<forward>`` function, where it has one, runs under PyTorch's own
+    autograd now: in eager mode (NATIVE_AUTOGRAD); under torch.compile only while forward-mode AD
+    is on (torch.func.jvp inside the compiled function), as the custom ops carry no tangents: Dynamo
+    traces PyTorch's ops, whose tangents are right, where the opaque op would give zeros."""
+    if torch.compiler.is_compiling():
+        return dispatch.forward_mode_ad()
+    return NATIVE_AUTOGRAD
+
+
 def draws_own_dropout(backend: str, op: str, forward_name: str) -> bool:
     """Whether ``op`` on ``backend`` runs its ``eager_<forward_name>`` function under PyTorch's
     autograd now, whose dropout draws from PyTorch's generator: then it needs no seed."""
-    if not NATIVE_AUTOGRAD or torch.compiler.is_compiling():
-        return False
-    return hasattr(_implementation(backend, op), "eager_" + forward_name)
+    return _pytorch_autograd_now() and hasattr(_implementation(backend, op), "eager_" + forward_name)
 
 
 def takes_mixed_dtypes(backend: str, op: str) -> bool:
@@ -245,20 +258,21 @@ def takes_mixed_dtypes(backend: str, op: str) -> bool:
 
 def _eager_or_compiled(function, function_for_transforms, op, public_op, forward_name):
     """The op while torch.compile traces (an opaque node); in eager mode, the backend's PyTorch
-    forward where it has one (native autograd, see NATIVE_AUTOGRAD), else the autograd.Function,
-    in the form torch.func takes while one of its transforms is active."""
+    forward where it has one (native autograd, see NATIVE_AUTOGRAD; under compile too while
+    forward-mode AD is on, :func:`_pytorch_autograd_now`), else the autograd.Function, in the form
+    torch.func takes while one of its transforms is active."""
     def call(*args):
-        if torch.compiler.is_compiling():
-            return op(*args)
-        if NATIVE_AUTOGRAD:
+        if _pytorch_autograd_now():
             name = public_op(*args) if callable(public_op) else public_op
             eager = getattr(_implementation(args[-1], name), "eager_" + forward_name, None)
             if eager is not None:
-                if not torch.autograd._profiler_enabled():
+                if torch.compiler.is_compiling() or not torch.autograd._profiler_enabled():
                     return eager(*args[:-1])
                 # Under a profiler, PyTorch ops composing the forward show under the op's name.
                 with torch.autograd.profiler.record_function(f"fastformer::{name}"):
                     return eager(*args[:-1])
+        if torch.compiler.is_compiling():
+            return op(*args)
         if dispatch.func_transforms_active():
             return function_for_transforms.apply(*args)
         return function.apply(*args)

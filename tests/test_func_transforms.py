@@ -328,6 +328,39 @@ def test_forward_mode_ad_runs_on_the_torch_backend(op, device):
             jvp(restricted(forced), tuple(primals), tuple(tangents[i] for i in argnums))
 
 
+@pytest.mark.parametrize("op", CASES)
+def test_forward_mode_ad_under_compile_is_right_or_raises(op):
+    """jvp inside a compiled function: the tangents are right (PyTorch's ops traced in place of
+    the opaque custom op, which carries none: it gave zeros, silently), or compiling raises where
+    PyTorch cannot compile the jvp of its own op (F.layer_norm, torch 2.14)."""
+    fast, ref, inputs, in_dims, (tol, _) = _case(op, "cpu", torch.float32, None)
+    # Contiguous: a strided primal trips an internal assert of PyTorch's compiled jvp (torch 2.14,
+    # SDPA alone too), after which every compiled jvp of the process fails.
+    sample = tuple(t.contiguous() for t in _sample(inputs, in_dims, 0))
+    argnums = _differentiable(sample)
+    tangents = tuple(torch.randn_like(sample[i]) for i in argnums)
+
+    def restricted(function, dtype=None):
+        def f(*differentiable):
+            args = list(sample if dtype is None else [t.to(dtype) if t.is_floating_point() else t for t in sample])
+            for i, t in zip(argnums, differentiable):
+                args[i] = t
+            return function(*args)
+        return f
+
+    primals = tuple(sample[i] for i in argnums)
+    _, ref_tangent = jvp(restricted(ref, torch.float64), tuple(p.double() for p in primals),
+                         tuple(t.double() for t in tangents))
+    compiled = torch.compile(lambda *p: jvp(restricted(fast), p, tangents)[1], backend="aot_eager",
+                             fullgraph=True)
+    try:
+        tangent_out = compiled(*primals)
+    except torch._dynamo.exc.TorchDynamoException:  # PyTorch cannot compile it: an error, not zeros
+        return
+    for i in range(len(tangent_out)):
+        assert_rel_close(tangent_out[i], ref_tangent[i], tol, f"tangent {i}")
+
+
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_second_order_transforms_of_a_kernel_raise(device, backend):
