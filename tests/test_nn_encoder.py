@@ -595,17 +595,25 @@ def test_deepcopy_keeps_working():
 
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
-def test_jit_trace_matches_eager():
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_jit_trace(training):
     """torch.jit.trace, which users of PyTorch's layer may deploy with, traces the fused layer too
-    (its attention included: SDPA's GQA flag is a plain bool under tracing)."""
-    _, fast = make_pair(False, "gelu")
-    fast.eval()
+    (SDPA's GQA flag is a plain bool under tracing; the dropouts are PyTorch's, which the tracer
+    records, not the CPU's own sampler with its int32 view). In eval mode the traced layer computes
+    what the layer does; in training mode it draws fresh dropout masks at every call."""
+    _, fast = make_pair(False, "gelu", dropout=0.3)
+    fast.train(training)
     x = torch.randn(S, B, D_MODEL, dtype=F64)
     pad = padding_mask()
-    traced = torch.jit.trace(fast, example_kwarg_inputs={"src": x, "src_key_padding_mask": pad})
+    traced = torch.jit.trace(fast, example_kwarg_inputs={"src": x, "src_key_padding_mask": pad},
+                             check_trace=False)
     other = torch.randn(S, B, D_MODEL, dtype=F64)
-    torch.testing.assert_close(traced(src=other, src_key_padding_mask=pad),
-                               fast(other, src_key_padding_mask=pad))
+    if training:
+        assert not torch.equal(traced(src=other, src_key_padding_mask=pad),
+                               traced(src=other, src_key_padding_mask=pad))
+    else:
+        torch.testing.assert_close(traced(src=other, src_key_padding_mask=pad),
+                                   fast(other, src_key_padding_mask=pad))
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

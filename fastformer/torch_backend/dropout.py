@@ -66,12 +66,14 @@ def uses_own_sampler(x: Tensor) -> bool:
 
     Only on the CPU (where ``F.dropout`` spends most of its time in ``bernoulli_``), in float32 /
     float64 (where the scaled mask ``keep / (1 - p)`` in x's dtype is as accurate as PyTorch's
-    scalar scale), outside ``torch.compile`` (whose generated dropout is fused and faster) and
+    scalar scale), outside ``torch.compile`` (whose generated dropout is fused and faster),
     outside torch.func transforms (``F.dropout`` follows vmap's randomness modes; a mask drawn in
-    place into a new tensor cannot). GPUs keep PyTorch's one-pass fused dropout kernel.
+    place into a new tensor cannot) and outside ``torch.jit.trace`` (which cannot record the int32
+    view of the random words). GPUs keep PyTorch's one-pass fused dropout kernel.
     """
     return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-            and not torch.compiler.is_compiling() and not func_transforms_active())
+            and not torch.compiler.is_compiling() and not func_transforms_active()
+            and not torch.jit.is_tracing())
 
 
 def scaled_keep_mask(x: Tensor, dropout_p: float) -> Tensor:
