@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import threading
 from typing import Callable, Iterator
 
 import torch
@@ -69,7 +70,7 @@ def forward_mode_ad() -> bool:
     """Whether forward-mode autodiff is on (``torch.autograd.forward_ad``'s dual level, which
     torch.func.jvp and jacfwd enter too): only PyTorch's own ops carry tangents. torch.compile
     traces none."""
-    return not torch.compiler.is_compiling() and torch.autograd.forward_ad._current_level >= 0
+    return torch.autograd.forward_ad._current_level >= 0
 
 
 class BackendUnavailableError(ValueError):
@@ -200,7 +201,7 @@ _REGISTRY: dict[str, Backend] = {
 
 
 def get_backend(name: str) -> Backend:
-    if name not in _REGISTRY:
+    if not isinstance(name, str) or name not in _REGISTRY:  # (a list is not even hashable)
         raise ValueError(f"backend must be one of {BACKEND_NAMES} or None, got {name!r}")
     return _REGISTRY[name]
 
@@ -287,7 +288,9 @@ def not_supported_reasons(backend: str, call: Call, forced: bool = True) -> tupl
 # --------------------------------------------------------------------------------------------
 # Forcing a backend: argument > use_backend() > FASTFORMER_BACKEND
 # --------------------------------------------------------------------------------------------
-_forced_stack: list[str | None] = []
+_forced_stack: list[str | None] = []  # the open blocks' names, innermost (latest entered) last
+_forced_tokens: list[object] = []  # one per entry of _forced_stack: which block put it there
+_forced_lock = threading.Lock()  # keeps the two lists in step across threads
 
 
 @contextlib.contextmanager
@@ -295,15 +298,22 @@ def use_backend(name: str | None) -> Iterator[None]:
     """Force backend ``name`` for every fastformer op in this block.
 
     ``None`` restores the automatic choice inside the block, even if ``FASTFORMER_BACKEND`` is set.
-    The ``backend=`` argument of an op still wins. Not thread-local: meant for a block of code.
+    The ``backend=`` argument of an op still wins. Not thread-local: the latest block entered and
+    not yet left, in any thread, is in force. A block that ends removes its own entry, so blocks
+    of two threads that overlap without nesting leave each other's setting in place.
     """
     if name is not None:
         get_backend(name)  # validate now, not at the first call
-    _forced_stack.append(name)
+    token = object()
+    with _forced_lock:
+        _forced_stack.append(name)
+        _forced_tokens.append(token)
     try:
         yield
     finally:
-        _forced_stack.pop()
+        with _forced_lock:
+            index = len(_forced_tokens) - 1 - _forced_tokens[::-1].index(token)
+            del _forced_stack[index], _forced_tokens[index]
 
 
 def _env_backend(value: str | None) -> str | None:
@@ -318,7 +328,7 @@ def _env_backend(value: str | None) -> str | None:
 def forced_backend(argument: str | None, op: str = "") -> str | None:
     """The backend the user forced for this call, if any (innermost use_backend(None): none)."""
     if argument is not None:
-        if argument not in _REGISTRY:
+        if not isinstance(argument, str) or argument not in _REGISTRY:
             raise ValueError(f"fastformer.{op}: backend must be one of {BACKEND_NAMES} or None, "
                              f"got {argument!r}")
         return argument

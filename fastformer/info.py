@@ -61,6 +61,16 @@ def _verified() -> dict:
     return {op: record.get(op) for op in dispatch.OPS}
 
 
+def _environment_problems() -> list[str]:
+    """What in the environment the ops would refuse at their first call (a FASTFORMER_BACKEND
+    naming no backend), said here first."""
+    try:
+        dispatch._env_backend(os.environ.get("FASTFORMER_BACKEND"))
+    except ValueError as error:
+        return [str(error)]
+    return []
+
+
 def collect() -> dict:
     """All facts as a JSON-serialisable dict."""
     backends = {}
@@ -82,6 +92,7 @@ def collect() -> dict:
         "triton": _version("triton"),
         "numpy": _version("numpy"),
         "environment": {key: os.environ.get(key) for key in ("FASTFORMER_BACKEND", "TRITON_INTERPRET")},
+        "environment_problems": _environment_problems(),
         "devices": _devices(),
         "cuda_extension": {
             "built": cuda_backend.load_extension() is not None,
@@ -100,6 +111,8 @@ def _print_report(facts: dict) -> None:
           f"triton {facts['triton'] or 'not installed'}, numpy {facts['numpy']}")
     print("  environment: " + ", ".join(f"{k}={v if v is not None else '(unset)'}"
                                         for k, v in facts["environment"].items()))
+    for problem in facts["environment_problems"]:
+        print(f"  problem: {problem}")
     print("devices:")
     for device in facts["devices"]:
         details = ", ".join(f"{k}={v}" for k, v in device.items() if k != "type")

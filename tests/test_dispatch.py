@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,7 @@ def _clean_forcing(monkeypatch):
     yield
     leaked = list(dispatch._forced_stack)
     dispatch._forced_stack.clear()  # so that one failure does not cascade into the next tests
+    dispatch._forced_tokens.clear()
     assert leaked == [], "use_backend() did not restore the forcing stack"
 
 
@@ -360,6 +362,35 @@ def test_use_backend_restores_after_exception(triton_fails):
     assert dispatch.forced_backend(None) is None
 
 
+def test_use_backend_blocks_of_two_threads_that_overlap_keep_each_others_setting():
+    """Global, not thread-local: the latest block entered and not yet left is in force. A enters
+    "torch", B enters "triton", A leaves: B's block, still open, keeps "triton" (leaving once
+    popped the latest entry, whoever's: A's exit took B's); once B leaves too, nothing is forced."""
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def thread_a():
+        with fastformer.use_backend("torch"):
+            a_in.set()
+            b_in.wait(5)
+        a_out.set()
+
+    def thread_b():
+        a_in.wait(5)
+        with fastformer.use_backend("triton"):
+            b_in.set()
+            a_out.wait(5)
+            seen["B after A left"] = dispatch.forced_backend(None)
+
+    threads = [threading.Thread(target=thread_a), threading.Thread(target=thread_b)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert seen == {"B after A left": "triton"}
+    assert dispatch.forced_backend(None) is None
+
+
 def test_use_backend_none_means_automatic(monkeypatch):
     with fastformer.use_backend(None):
         assert fastformer.explain("attention", *qkv()).forced is False
@@ -389,6 +420,8 @@ def test_use_backend_rejects_unknown_name_on_entry():
     assert dispatch._forced_stack == []
     with pytest.raises(ValueError, match="'CUDA'"):
         fastformer.use_backend("CUDA").__enter__()
+    with pytest.raises(ValueError, match=r"\['torch'\]"):  # not Python's "unhashable type"
+        fastformer.use_backend(["torch"]).__enter__()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -534,6 +567,17 @@ def test_info_module_prints_backends():
         assert re.search(rf"^\s*{name}\b.*\b{status}\b", output, re.MULTILINE), (name, status, output)
         for reason in reasons:
             assert reason in output, (reason, output)
+
+
+def test_info_names_a_bad_backend_variable(monkeypatch):
+    """A FASTFORMER_BACKEND that no op would accept is flagged by the report, not first met at
+    the first op call."""
+    from fastformer import info
+
+    monkeypatch.setenv("FASTFORMER_BACKEND", "cuda-graphs")
+    assert any("'cuda-graphs'" in problem for problem in info.collect()["environment_problems"])
+    monkeypatch.setenv("FASTFORMER_BACKEND", "Triton ")
+    assert info.collect()["environment_problems"] == []
 
 
 @cpu_only

@@ -137,6 +137,7 @@ ATTENTION_ERRORS = [
     # backend
     ("backend-unknown", dict(backend="nope"), ValueError, r"backend must be one of.*'nope'"),
     ("backend-empty", dict(backend=""), ValueError, r"backend must be one of.*''"),
+    ("backend-list", dict(backend=["torch"]), ValueError, r"backend must be one of.*\['torch'\]"),
 ]
 
 

@@ -40,8 +40,8 @@ def unavailable_reasons() -> list[str]:
     if importlib.util.find_spec("triton") is None:
         return ["the triton package is not installed (pip install triton)"]
     if not interpreter_enabled() and not torch.cuda.is_available():
-        return ["no CUDA device is visible (set TRITON_INTERPRET=1 to run the kernels on the CPU "
-                "in Triton's interpreter)"]
+        return ["no CUDA device is visible (set TRITON_INTERPRET=1 before importing fastformer to run "
+                "the kernels on the CPU in Triton's interpreter)"]
     if interpreter_enabled():
         import numpy
         import triton
