@@ -850,3 +850,19 @@ def test_gpu_busy_column():
     headers, rows = report.table_rows({"variants": {"torch": gpu, "fastformer": cpu}})
     column = headers.index("GPU busy")
     assert [row[column] for row in rows] == ["40%", "-"]
+
+
+def test_readme_results_table_is_the_results_files():
+    """The README's fine-tuning results table holds, row for row, what the files it names record
+    (report.readme_row): a results file measured again without the table following fails here."""
+    from finetune_lib import report
+
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    header = "| " + " | ".join(report.README_HEADERS) + " |"
+    assert header in readme
+    lines = readme[readme.index(header):].split("\n\n")[0].splitlines()[2:]
+    assert lines, "the table has no row"
+    for line in lines:
+        name = line.split("`")[1]
+        results = json.loads((REPO_ROOT / "benchmarks" / "results" / name).read_text(encoding="utf-8"))
+        assert line == "| " + " | ".join(report.readme_row(results, name)) + " |"

@@ -132,6 +132,31 @@ def table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     return headers, rows
 
 
+# The README's table of fine-tuning results: one row per results file, every cell read from it.
+README_HEADERS = ["run", "device", "date, commit", "tokens/s torch", "tokens/s fastformer", "speedup",
+                  "test accuracy torch / fastformer", "equivalence"]
+
+
+def readme_row(results: dict, file_name: str) -> list[str]:
+    """The README's row for one results JSON (``README_HEADERS``)."""
+    env, config, data = results["environment"], results["config"], results.get("data", {})
+    variants, equivalence = results["variants"], results.get("equivalence") or {}
+    run = f"{config['model']}{' --quick' if config.get('quick') else ''}{' --compile' if config.get('compile') else ''}"
+    reviews = f"{data['train']['reviews']:,} / {data['test']['reviews']:,} reviews" if "train" in data else "-"
+    accuracies = [variants[name].get("test_accuracy") for name in ("torch", "fastformer")]
+    verdict = ("passed" if equivalence.get("passed") else "failed") if equivalence else "not run"
+    if equivalence.get("max_relative_difference") is not None:
+        verdict += f" ({equivalence['max_relative_difference']:.1e})"
+    return [f"`{file_name}`: {run} ({reviews})",
+            f"{env['device']} ({env['device_type']}, {env.get('cpu_threads', '-')} threads)"
+            if env["device_type"] == "cpu" else env["device"],
+            f"{env['date'][:10]}, {env['git_commit']}",
+            *(_fmt(_finite(variants[name].get("tokens_per_s")), ",.0f") for name in ("torch", "fastformer")),
+            _fmt(_finite(results["comparison"].get("speedup_tokens_per_s")), ".2f") + "x",
+            " / ".join("-" if a is None else f"{100 * a:.2f}%" for a in accuracies),
+            verdict]
+
+
 def format_table(headers: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in [headers] + rows) for i in range(len(headers))]
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip(),
