@@ -183,6 +183,16 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(problem)
     if args.minilm_path and args.model != "minilm":
         parser.error("--minilm-path is for --model minilm")
+    if args.model == "minilm" and args.max_length is not None and args.max_length > models.MINILM_MAX_POSITIONS:
+        parser.error(f"--max-length {args.max_length}: MiniLM has position embeddings for "
+                     f"{models.MINILM_MAX_POSITIONS} tokens")
+    if args.device is not None:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError as error:
+            parser.error(f"--device {args.device!r}: {error}")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            parser.error(f"--device {args.device}: no CUDA device is visible")
     if args.threads is not None:
         if args.threads < 1:
             parser.error(f"--threads must be >= 1, got {args.threads}")
@@ -225,6 +235,7 @@ def load_data(args, dist_info):
         strip = True
     else:
         tokenizer_json = None
+        reused = bool(args.tokenizer) and Path(args.tokenizer).exists()  # (before this run writes it)
         if dist_info.main:
             saved = Path(args.tokenizer) if args.tokenizer else None
             if saved is not None and saved.exists():
@@ -250,6 +261,8 @@ def load_data(args, dist_info):
                    "test": data_lib.length_summary(test_enc.lengths),
                    "train_positive_fraction": sum(train_enc.labels) / len(train_enc.labels),
                    "tokenizer": "all-MiniLM-L6-v2 WordPiece" if args.model == "minilm" else
+                   f"WordPiece read from --tokenizer {Path(args.tokenizer).name} (trained by an earlier run), "
+                   f"{tokenizer.get_vocab_size()} tokens" if reused else
                    f"WordPiece trained on the training reviews used, {tokenizer.get_vocab_size()} tokens",
                    "tokenizer_vocab_sha256": data_lib.vocab_digest(tokenizer),
                    "tokenize_seconds": time.perf_counter() - start}
@@ -331,7 +344,9 @@ def write_outputs(args, results: dict, log=print) -> None:
     if args.table and results["variants"]:
         Path(args.table).parent.mkdir(parents=True, exist_ok=True)
         note = report.shares_note(results)
-        Path(args.table).write_text(f"{results['title']}\n\n{report.markdown_table(*report.table_rows(results))}\n"
+        stopped = f"\nInterrupted: {results['interrupted']}.\n" if results.get("interrupted") else ""
+        Path(args.table).write_text(f"{report.heading(results)}\n\n{report.provenance(results)}\n{stopped}\n"
+                                    f"{report.markdown_table(*report.table_rows(results))}\n"
                                     + (f"\n{note}\n" if note else ""), encoding="utf-8")
         log(f"wrote {args.table}")
 
@@ -430,7 +445,8 @@ def main(argv=None) -> int:
     config = train_config(args)
     results = {
         "schema": "fastformer-finetune/1",
-        "title": f"IMDB fine-tuning, {args.model}{' (quick)' if args.quick else ''}"
+        "title": f"{'Synthetic reviews (speed only)' if args.synthetic else 'IMDB'} fine-tuning, {args.model}"
+                 f"{' (quick)' if args.quick else ''}"
                  f"{', torch.compile' if args.compile else ''}",
         "environment": report.environment(device, dist_info.world_size),
         "config": {**{k: v for k, v in vars(args).items() if k not in ("json", "plot", "table")},

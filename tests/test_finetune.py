@@ -146,6 +146,9 @@ def test_missing_or_wrong_data_says_how_to_get_it(tmp_path, monkeypatch):
         data_lib.load_imdb(str(tmp_path))
     monkeypatch.setenv(data_lib.DATA_ENV_VAR, str(tmp_path))
     assert data_lib.resolve_source(None) == str(tmp_path)
+    monkeypatch.setenv(data_lib.DATA_ENV_VAR, str(tmp_path / "nowhere"))  # named as given, not as --data
+    with pytest.raises(data_lib.DataError, match=rf"^{data_lib.DATA_ENV_VAR}=.*nowhere: no such file"):
+        data_lib.resolve_source(None)
 
 
 def test_cli_without_data_exits_with_the_message(tmp_path, monkeypatch, capsys):
@@ -297,7 +300,8 @@ def test_warm_up_kinds_follow_what_the_kernels_compile_for():
     assert kind([34] * 4) != kind([34] * 8)  # 136 tokens (8 | 136) against 272 (16 | 272)
     assert kind([32, 32]) != kind([48, 48]) and kind([32, 32])[1] == kind([48, 48])[1] == 16  # buckets
     assert kind([40, 40]) != kind([40, 39])  # padded or not
-    assert kind([7])[-1] and not kind([7, 7])[-1]  # one review: torch.compile specialises size 1
+    assert kind([7])[-2] and not kind([7, 7])[-2]  # one review: torch.compile specialises size 1
+    assert kind([32] * 32)[-1] and not kind([32] * 31)[-1]  # batch == length: one symbol (duck sizing)
 
 
 def test_kernel_warm_up_runs_one_batch_per_kind_and_changes_nothing():
@@ -552,6 +556,8 @@ def test_a_saved_tokenizer_makes_runs_repeat_exactly(tmp_path):
     assert first["data"]["tokenizer_vocab_sha256"] == data_lib.vocab_digest(
         data_lib.tokenizer_from_json(saved.read_text()))
     assert first["variants"]["torch"]["losses"] == second["variants"]["torch"]["losses"]
+    assert first["data"]["tokenizer"].startswith("WordPiece trained on the training reviews used")
+    assert second["data"]["tokenizer"].startswith("WordPiece read from --tokenizer tokenizer.json")
 
 
 def test_max_steps_bounds_a_run_and_still_evaluates(tmp_path):
@@ -763,6 +769,15 @@ def test_cli_refusals_and_threads(capsys):
         torch.set_num_threads(threads)
     with pytest.raises(SystemExit):
         finetune.parse_args(["--synthetic", "--threads", "0"])
+    # refused when parsed, not after the data are loaded (BERT's embeddings, a CUDA call)
+    refusals = [(["--model", "minilm", "--max-length", "513"], "position embeddings for 512"),
+                (["--device", "gpu0"], "--device 'gpu0'")]
+    if not torch.cuda.is_available():
+        refusals.append((["--device", "cuda"], "no CUDA device is visible"))
+    for flags, why in refusals:
+        with pytest.raises(SystemExit):
+            finetune.parse_args(["--synthetic", *flags])
+        assert why in capsys.readouterr().err
 
 
 def test_an_unusable_backend_is_refused_before_anything_trains(capsys, monkeypatch):
@@ -809,7 +824,12 @@ def test_a_run_stopped_after_one_variant_keeps_that_variant(tmp_path, monkeypatc
     results = json.loads(out.read_text())
     assert list(results["variants"]) == ["torch"] and results["variants"]["torch"]["tokens_per_s"] > 0
     assert "kept the variants that finished (torch)" in results["interrupted"]
-    assert "| torch |" in (tmp_path / "r.md").read_text()
+    table = (tmp_path / "r.md").read_text()
+    assert "| torch |" in table
+    # marked as cut short, named as synthetic, with the run's provenance
+    assert table.startswith("Synthetic reviews (speed only) fine-tuning, scratch (quick) (INTERRUPTED)")
+    assert "Interrupted: stopped by SIGTERM" in table
+    assert results["environment"]["git_commit"] in table and "finetune.py" in table
 
 
 @pytest.mark.parametrize("torch_accuracy, fast_accuracy, reviews, verdict", [

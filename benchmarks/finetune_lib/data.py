@@ -78,6 +78,8 @@ def resolve_source(data: str | None) -> str:
         return data
     env = os.environ.get(DATA_ENV_VAR)
     if env:
+        if env != "hf" and not Path(env).expanduser().exists():  # named as the user gave it
+            raise DataError(f"{DATA_ENV_VAR}={env}: no such file or folder.\n\n{HOW_TO_GET_DATA}")
         return env
     if Path("aclImdb").is_dir():
         return "aclImdb"

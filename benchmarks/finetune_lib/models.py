@@ -23,6 +23,8 @@ import torch
 from torch import nn
 
 KERNELS = ("torch", "fastformer")
+# all-MiniLM-L6-v2's max_position_embeddings: no review may be longer.
+MINILM_MAX_POSITIONS = 512
 
 
 @dataclasses.dataclass

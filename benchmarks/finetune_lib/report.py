@@ -157,6 +157,20 @@ def readme_row(results: dict, file_name: str) -> list[str]:
             verdict]
 
 
+def heading(results: dict) -> str:
+    """The run's title, marked when the run was stopped before its end."""
+    title = results.get("title", "IMDB fine-tuning")
+    return f"{title} (INTERRUPTED)" if results.get("interrupted") else title
+
+
+def provenance(results: dict) -> str:
+    """One line of where the numbers come from: date, device, versions, commit, command."""
+    env = results.get("environment", {})
+    return (f"{env.get('date', '?')}, {env.get('device', '?')}, torch {env.get('torch', '?')}, "
+            f"triton {env.get('triton') or '-'}, fastformer {env.get('git_commit', '?')}: "
+            f"`{env.get('command', '?')}`")
+
+
 def format_table(headers: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in [headers] + rows) for i in range(len(headers))]
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip(),
@@ -289,8 +303,7 @@ def write_plot(path: str | os.PathLike, results: dict) -> bool:
             shares.text(index, 50, textwrap.fill(why, 24), ha="center", va="center", fontsize="small")
     shares.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
     env = results.get("environment", {})
-    figure.suptitle(f"{results.get('title', 'IMDB fine-tuning')} - {env.get('device', '')}, "
-                    f"torch {env.get('torch', '')}")
+    figure.suptitle(f"{heading(results)} - {env.get('device', '')}, torch {env.get('torch', '')}")
     figure.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

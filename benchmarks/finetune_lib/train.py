@@ -379,10 +379,11 @@ def warm_up_kind(lengths: list[int]) -> tuple:
     integer arguments divisible by 16, strides included (the padded length, and so the strides of
     (batch, length, features) activations, and the batch's token count, the rows of the norms and
     GELU: by the power of two, up to 16, dividing each); padded or not; and torch.compile's
-    specialisation of sizes 0 and 1 (a batch of one review)."""
+    specialisation of sizes 0 and 1 (a batch of one review) and its duck sizing (sizes equal at
+    the first compile share one symbol: a batch as many reviews as tokens long, or not)."""
     longest = max(lengths)
     return (1 << max(0, longest - 1).bit_length(), math.gcd(longest, 16), math.gcd(len(lengths) * longest, 16),
-            min(lengths) < longest, len(lengths) == 1)
+            min(lengths) < longest, len(lengths) == 1, len(lengths) == longest)
 
 
 def warm_up_kernels(model: nn.Module, data: data_lib.Encoded, pad: int, config: TrainConfig,
@@ -512,8 +513,8 @@ def _training(kernels: str, base: nn.Module, train_data: data_lib.Encoded, test_
                 scheduler.step()
             synchronize(device)
             elapsed = time.perf_counter() - start
-            if config.compile:
-                graphs_in_steps += _graphs_compiled() - graphs_before
+            compiled_now = _graphs_compiled() - graphs_before if config.compile else 0
+            graphs_in_steps += compiled_now
             if step == 0 and not config.compile:
                 backends = dict(seen)
             if profiler is not None:
@@ -531,7 +532,8 @@ def _training(kernels: str, base: nn.Module, train_data: data_lib.Encoded, test_
                 except Exception as error:  # a measurement must never stop the training
                     shares = {"error": f"{type(error).__name__}: {error}"}
                 profiler = None
-            elif step >= config.warmup_steps and not profile_from <= step < profile_to:
+            elif step >= config.warmup_steps and not profile_from <= step < profile_to and not compiled_now:
+                # (a step that compiled a graph the warm-up did not foresee is left out of the timing)
                 step_ms.append(elapsed * 1e3)
                 useful_tokens.append(n_useful)
                 all_tokens.append(n_all)
@@ -563,7 +565,7 @@ def _training(kernels: str, base: nn.Module, train_data: data_lib.Encoded, test_
 
     if graphs_in_steps and dist_info.main:
         log(f"{kernels}: torch.compile compiled {graphs_in_steps} graph(s) during training steps (after the "
-            f"warm-up): those steps' times include compilation")
+            f"warm-up): those steps are left out of the step times and tokens/s")
     result = {"kernels": kernels, "steps": step, "train_seconds": train_seconds, "epochs": epochs,
               "warm_up_batches": warmed_up, "warm_up_seconds": warm_up_seconds,
               "compile": {"backend": config.compile_backend, "mode": config.compile_mode,
