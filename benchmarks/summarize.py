@@ -238,6 +238,8 @@ def main(argv=None) -> int:
                         help="print the README's headline block (Markdown) instead of writing summary.md")
     args = parser.parse_args(argv)
     out = Path(args.out)
+    if not out.is_dir():  # a mistyped folder: say so, not a traceback from the first file read
+        parser.error(f"no folder {out}")
     if args.readme:
         print(readme_block(out))
         return 0

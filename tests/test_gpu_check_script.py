@@ -362,3 +362,10 @@ def test_a_gpu_run_takes_the_tests_that_run_nowhere_else_first():
              ("test_attention.py", "torch", False): 2, ("test_dispatch.py", None, False): 2}
     for (file, backend, gpu), priority in cases.items():
         assert _gpu_run_priority(item(file, backend, gpu)) == priority, (file, backend, gpu)
+
+
+@pytest.mark.parametrize("extra", [[], ["--readme"]])
+def test_summarize_names_a_missing_folder(tmp_path, capsys, extra):
+    with pytest.raises(SystemExit) as exit_:
+        summarize.main([str(tmp_path / "nowhere"), *extra])
+    assert exit_.value.code == 2 and "no folder" in capsys.readouterr().err
