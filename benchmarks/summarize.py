@@ -1,4 +1,5 @@
-"""Write ``summary.md`` for a folder written by ``benchmarks/gpu_check.sh``.
+"""Write ``summary.md`` for a folder written by ``benchmarks/gpu_check.sh`` (or by the benchmark scripts
+run by hand: without steps.tsv there are no step results, only the results found).
 
     python benchmarks/summarize.py DIR [--cpu-run 0|1]
     python benchmarks/summarize.py DIR --readme     # the README's headline block, from DIR's files
@@ -70,12 +71,13 @@ def _rows(payload) -> list[common.Row]:
     return rows
 
 
-def _steps(out: Path) -> list[dict]:
+def _steps(out: Path) -> list[dict] | None:
+    """steps.tsv's lines; None without the file: not a gpu_check.sh folder, so no step results."""
     try:
         with open(out / "steps.tsv", encoding="utf-8") as f:
             return list(csv.DictReader(f, delimiter="\t"))
     except OSError:
-        return []
+        return None
 
 
 def _pytest_line(out: Path) -> str | None:
@@ -165,25 +167,36 @@ def summarize(out: Path, cpu_run: bool) -> str:
     steps = _steps(out)
     info = _load(out / "info.json")
     payloads = {name: _load(out / f"{name}.json") for name in BENCHMARKS}
-    failed = [s for s in steps if s.get("status") not in ("pass", "skipped")]
-    lines = ["# fastformer GPU check" + (" (CPU-only run)" if cpu_run else ""), ""]
+    gpu_check = steps is not None
+    title = "# fastformer GPU check" if gpu_check else "# fastformer benchmark results"
+    lines = [title + (" (CPU-only run)" if cpu_run else ""), ""]
+    if not gpu_check:  # the benchmark scripts run by hand: nothing says which steps ran or passed
+        lines += ["This folder holds the results of separate runs, not of gpu_check.sh (no steps.tsv): "
+                  "no step results.", ""]
     if cpu_run:
-        lines += ["**No GPU: the GPU steps were skipped and the benchmarks ran on the CPU "
-                  "(GPU kernels not measured).**", ""]
-    lines += [f"Result: **{'all steps passed' if not failed else f'{len(failed)} step(s) not passed'}**"
-              f" ({sum(float(s.get('seconds') or 0) for s in steps):.0f} s).", ""]
-    lines += ["| step | status | seconds | note |", "| --- | --- | ---: | --- |"]
-    for s in steps:
-        status = s.get("status", "?")
-        shown = status if status in ("pass", "skipped") else f"**{status}**"
-        lines.append(f"| {s.get('step')} | {shown} | {s.get('seconds')} | {s.get('note', '')} |")
-    lines.append("")
+        lines += [("**No GPU: the GPU steps were skipped and the benchmarks ran on the CPU " if gpu_check
+                   else "**No GPU: measured on the CPU ") + "(GPU kernels not measured).**", ""]
+    if gpu_check and not steps:  # gpu_check.sh stopped before its first step ended
+        lines += ["Result: **no step recorded** (steps.tsv lists none).", ""]
+    elif gpu_check:
+        failed = [s for s in steps if s.get("status") not in ("pass", "skipped")]
+        lines += [f"Result: **{'all steps passed' if not failed else f'{len(failed)} step(s) not passed'}**"
+                  f" ({sum(float(s.get('seconds') or 0) for s in steps):.0f} s).", ""]
+        lines += ["| step | status | seconds | note |", "| --- | --- | ---: | --- |"]
+        for s in steps:
+            status = s.get("status", "?")
+            shown = status if status in ("pass", "skipped") else f"**{status}**"
+            lines.append(f"| {s.get('step')} | {shown} | {s.get('seconds')} | {s.get('note', '')} |")
+        lines.append("")
     pytest_line = _pytest_line(out)
     if pytest_line:
         lines += [f"pytest: {pytest_line}", ""]
     lines += ["## Environment", ""] + _environment_lines(info, payloads) + [""]
     for name in BENCHMARKS:
-        lines += _benchmark_section(name, payloads[name])
+        if gpu_check or payloads[name] is not None:  # outside gpu_check.sh a missing file is no failure
+            lines += _benchmark_section(name, payloads[name])
+    if not gpu_check and not any(payloads.values()) and not (out / "finetune.json").is_file():
+        lines += ["No benchmark results in this folder.", ""]
     finetune_table = out / "finetune.md"
     if finetune_table.is_file():
         lines += ["## finetune", "", finetune_table.read_text(encoding="utf-8", errors="replace").strip(), ""]

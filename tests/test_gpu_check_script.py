@@ -369,3 +369,19 @@ def test_summarize_names_a_missing_folder(tmp_path, capsys, extra):
     with pytest.raises(SystemExit) as exit_:
         summarize.main([str(tmp_path / "nowhere"), *extra])
     assert exit_.value.code == 2 and "no folder" in capsys.readouterr().err
+
+
+def test_a_folder_without_steps_claims_no_step_result(tmp_path):
+    """Results the benchmark scripts wrote by themselves (no steps.tsv): no step table, no verdict."""
+    out = _folder(tmp_path, on_gpu=False)
+    (out / "steps.tsv").unlink()
+    assert summarize.main([str(out)]) == 0
+    text = (out / "summary.md").read_text()
+    assert "results of separate runs" in text and "GPU kernels not measured" in text
+    for claim in ("GPU check", "steps passed", "| step |", "GPU steps were skipped", "## gelu"):
+        assert claim not in text
+    assert "## attention" in text
+    (out / "steps.tsv").write_text("step\tstatus\tseconds\tnote\n")  # gpu_check.sh cut short at once
+    assert summarize.main([str(out)]) == 0
+    text = (out / "summary.md").read_text()
+    assert "no step recorded" in text and "steps passed" not in text
