@@ -115,6 +115,15 @@ def _environment_lines(info, payloads) -> list[str]:
     return lines
 
 
+def _partial_note(payload, rows) -> str | None:
+    """The scripts rewrite their JSON after each shape with "final": false, and once more at the end with
+    true: a JSON left at false is from a run killed before it finished (older JSONs lack the key)."""
+    if payload.get("final", True) is not False:
+        return None
+    shapes = len({(r.suite, r.shape) for r in rows})
+    return f"Partial: the run ended before finishing ({shapes} shape(s) measured, the rest not)"
+
+
 def _benchmark_section(name: str, payload) -> list[str]:
     lines = [f"## {name}", ""]
     if payload is None:
@@ -128,10 +137,15 @@ def _benchmark_section(name: str, payload) -> list[str]:
                      f"{ceilings['matmul_dtype']} matmul {ceilings['matmul_tflops']:.3g} TFLOP/s.")
     if not payload.get("gpu_kernels_measured", True):
         lines.append("**CPU run: the GPU kernels were not measured.**")
-    if payload.get("stopped_early"):
-        lines.append("**Stopped early (time budget): some shapes were not measured.**")
-    lines.append("")
     rows = _rows(payload)
+    partial = _partial_note(payload, rows)
+    if partial:
+        lines.append(f"**{partial}.**")
+    elif payload.get("stopped_early"):
+        # The JSON does not record why: --max-seconds, SIGTERM / Ctrl-C and a CUDA error all set it.
+        lines.append("**Stopped early: some shapes were not measured** (the time budget, a signal or a "
+                     "device error; see the failures and the log).")
+    lines.append("")
     for op in dict.fromkeys(r.op for r in rows):
         members = [r for r in rows if r.op == op]
         for pass_ in ("fwd+bwd", "fwd"):
@@ -222,7 +236,9 @@ def readme_block(out: Path) -> str:
                          "record of the device): not a headline for the README")
     env = payload.get("environment", {})
     rows = [r for r in _rows(payload) if r.op == "attention" and r.suite == "finetune"]
-    lines = [f"Measured {env.get('date', '?')[:10]} on {env.get('device', '?')} (driver "
+    partial = _partial_note(payload, rows)
+    lines = [f"**{partial}.**", ""] if partial else []
+    lines += [f"Measured {env.get('date', '?')[:10]} on {env.get('device', '?')} (driver "
              f"{env.get('driver', '?')}, torch {env.get('torch', '?')}, triton {env.get('triton', '?')}, "
              f"CUDA {env.get('cuda_runtime', '?')}, commit {env.get('git_commit', '?')}) by "
              f"`{env.get('command', '?')}`; folder `{out.as_posix()}`.", ""]

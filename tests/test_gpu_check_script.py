@@ -385,3 +385,22 @@ def test_a_folder_without_steps_claims_no_step_result(tmp_path):
     assert summarize.main([str(out)]) == 0
     text = (out / "summary.md").read_text()
     assert "no step recorded" in text and "steps passed" not in text
+
+
+def _rewrite(path: Path, **changes) -> None:
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def test_a_killed_run_reads_as_partial_and_a_stop_gets_no_invented_reason(tmp_path, capsys):
+    """"final": false is a JSON last written mid-run; stopped_early does not record why the run stopped."""
+    out = _folder(tmp_path, on_gpu=True)
+    _rewrite(out / "attention.json", final=False, stopped_early=True)
+    assert summarize.main([str(out)]) == 0
+    assert "Partial: the run ended before finishing" in (out / "summary.md").read_text()
+    assert summarize.main([str(out), "--readme"]) == 0
+    assert "Partial: the run ended before finishing" in capsys.readouterr().out
+    _rewrite(out / "attention.json", final=True)
+    assert summarize.main([str(out)]) == 0
+    text = (out / "summary.md").read_text()
+    assert "Partial" not in text and "Stopped early: some shapes were not measured" in text
+    assert "time budget)" not in text  # the old "(time budget)": a SIGTERM sets the same flag
