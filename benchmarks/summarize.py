@@ -7,7 +7,8 @@ run by hand: without steps.tsv there are no step results, only the results found
 Reads DIR/steps.tsv (one line per step: step, status, seconds, note), DIR/info.json, the
 benchmark JSONs (attention.json, layer_norm.json, gelu.json, finetune.json) and DIR/logs/tests.log,
 and writes DIR/summary.md: the pass/fail table of the steps, the environment, the measured
-ceilings and the headline tables (fwd+bwd: median ms and speed-up over the baseline; throughput).
+ceilings and the headline tables (fwd+bwd, else fwd, else bwd: median ms and speed-up over the baseline;
+throughput; the other passes measured are named).
 Whether the folder is a CPU-only run is read from its JSON files (``--cpu-run`` overrides that);
 ``--readme`` refuses a folder whose headline results did not measure the GPU kernels.
 Uses only the standard library and benchmarks/common.py; the numbers are copied from the JSON
@@ -148,7 +149,8 @@ def _benchmark_section(name: str, payload) -> list[str]:
     lines.append("")
     for op in dict.fromkeys(r.op for r in rows):
         members = [r for r in rows if r.op == op]
-        for pass_ in ("fwd+bwd", "fwd"):
+        shown = None
+        for pass_ in ("fwd+bwd", "fwd", "bwd"):  # a --passes bwd run has only the last
             table = common.markdown_pivot(members, pass_, "ms")
             if not table:
                 continue
@@ -157,7 +159,11 @@ def _benchmark_section(name: str, payload) -> list[str]:
                 unit = "TFLOP/s" if any(r.tflops for r in members) else "GB/s"
                 lines += [f"{op}, {pass_}: {unit}", "",
                           common.markdown_pivot(members, pass_, "rate"), ""]
+            shown = pass_
             break  # one pass per op keeps the summary short; the JSON/CSV have all of them
+        others = [p for p in dict.fromkeys(r.pass_ for r in members) if p != shown]
+        if others:  # said, so that a pass left out of the tables does not read as not measured
+            lines += [f"{op}: also measured {', '.join(others)} (not tabulated here: see the JSON/CSV).", ""]
     mismatches = sorted({f"{r.provider} ({r.pass_}, {r.shape})" for r in rows if r.note.startswith("MISMATCH")})
     if mismatches:
         lines += ["**Mismatches against the baseline:** " + "; ".join(mismatches), ""]

@@ -404,3 +404,17 @@ def test_a_killed_run_reads_as_partial_and_a_stop_gets_no_invented_reason(tmp_pa
     text = (out / "summary.md").read_text()
     assert "Partial" not in text and "Stopped early: some shapes were not measured" in text
     assert "time budget)" not in text  # the old "(time budget)": a SIGTERM sets the same flag
+
+
+def test_a_backward_only_run_gets_its_table(tmp_path):
+    """--passes bwd: the section tabulates bwd; the passes not tabulated are named."""
+    out = _folder(tmp_path, on_gpu=True)
+    rows = json.loads((out / "attention.json").read_text())["rows"]
+    _rewrite(out / "attention.json", rows=[r for r in rows if r["pass"] == "bwd"])
+    assert summarize.main([str(out)]) == 0
+    text = (out / "summary.md").read_text()
+    assert "attention, bwd: median ms" in text and "also measured" not in text
+    _rewrite(out / "attention.json", rows=rows)
+    assert summarize.main([str(out)]) == 0
+    text = (out / "summary.md").read_text()
+    assert "attention, fwd+bwd: median ms" in text and "attention: also measured fwd, bwd" in text
