@@ -100,7 +100,8 @@ def _pytest_line(out: Path) -> str | None:
 
 
 def _environment_lines(info, payloads) -> list[str]:
-    env = next((p["environment"] for p in payloads.values() if p and "environment" in p), {})
+    env = next((p["environment"] for p in payloads.values()
+                if isinstance(p, dict) and isinstance(p.get("environment"), dict)), {})
     lines = []
     for key in ("date", "device", "driver", "compute_capability", "gpu_memory_gib", "torch", "triton",
                 "cuda_runtime", "cudnn", "python", "git_commit"):
@@ -116,6 +117,13 @@ def _environment_lines(info, payloads) -> list[str]:
     return lines
 
 
+def _run_line(payload) -> str:
+    """Each run's own command, device, date and commit: the runs of one folder may differ."""
+    env = payload.get("environment") or {}
+    return (f"Command: `{env.get('command', '?')}` on {env.get('device', '?')}, "
+            f"{env.get('date', '?')}, commit {env.get('git_commit', '?')}.")
+
+
 def _partial_note(payload, rows) -> str | None:
     """The scripts rewrite their JSON after each shape with "final": false, and once more at the end with
     true: a JSON left at false is from a run killed before it finished (older JSONs lack the key)."""
@@ -129,9 +137,7 @@ def _benchmark_section(name: str, payload) -> list[str]:
     lines = [f"## {name}", ""]
     if payload is None:
         return lines + ["No results (see the step table and the log).", ""]
-    env = payload.get("environment", {})
-    lines.append(f"Command: `{env.get('command', '?')}` on {env.get('device', '?')}, "
-                 f"{env.get('date', '?')}, commit {env.get('git_commit', '?')}.")
+    lines.append(_run_line(payload))
     ceilings = payload.get("ceilings")
     if ceilings:
         lines.append(f"Ceilings measured in the same run: copy {ceilings['copy_gbps']:.0f} GB/s, "
@@ -211,17 +217,21 @@ def summarize(out: Path, cpu_run: bool) -> str:
     pytest_line = _pytest_line(out)
     if pytest_line:
         lines += [f"pytest: {pytest_line}", ""]
-    lines += ["## Environment", ""] + _environment_lines(info, payloads) + [""]
+    finetune = _load(out / "finetune.json")
+    # finetune.json records the same environment keys: a fine-tuning-only folder has its environment too.
+    lines += ["## Environment", ""] + _environment_lines(info, {**payloads, "finetune": finetune}) + [""]
     for name in BENCHMARKS:
         if gpu_check or payloads[name] is not None:  # outside gpu_check.sh a missing file is no failure
             lines += _benchmark_section(name, payloads[name])
     if not gpu_check and not any(payloads.values()) and not (out / "finetune.json").is_file():
         lines += ["No benchmark results in this folder.", ""]
     finetune_table = out / "finetune.md"
+    run_line = [_run_line(finetune), ""] if isinstance(finetune, dict) else []
     if finetune_table.is_file():
-        lines += ["## finetune", "", finetune_table.read_text(encoding="utf-8", errors="replace").strip(), ""]
+        lines += ["## finetune", "", *run_line,
+                  finetune_table.read_text(encoding="utf-8", errors="replace").strip(), ""]
     elif (out / "finetune.json").is_file():
-        lines += ["## finetune", "", "See finetune.json and logs/finetune.log.", ""]
+        lines += ["## finetune", "", *run_line, "See finetune.json and logs/finetune.log.", ""]
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     lines += ["## Files", ""] + [f"- {f}" for f in files if f != "summary.md"] + [""]
     return "\n".join(lines)

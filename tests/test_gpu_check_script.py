@@ -418,3 +418,16 @@ def test_a_backward_only_run_gets_its_table(tmp_path):
     assert summarize.main([str(out)]) == 0
     text = (out / "summary.md").read_text()
     assert "attention, fwd+bwd: median ms" in text and "attention: also measured fwd, bwd" in text
+
+
+def test_a_finetune_only_folder_has_its_environment(tmp_path):
+    """finetune.json's environment fills the section, and the run's command, date and commit are shown."""
+    for suffix in ("json", "md"):
+        shutil.copy(BENCH / "results" / f"finetune-quick-cpu.{suffix}", tmp_path / f"finetune.{suffix}")
+    env = json.loads((tmp_path / "finetune.json").read_text())["environment"]
+    assert summarize.main([str(tmp_path)]) == 0
+    text = (tmp_path / "summary.md").read_text()
+    environment = text.split("## Environment")[1].split("##")[0]
+    assert f"- date: {env['date']}" in environment and f"- git_commit: {env['git_commit']}" in environment
+    finetune = text.split("## finetune")[1]
+    assert f"`{env['command']}`" in finetune and env["date"] in finetune and env["git_commit"] in finetune
