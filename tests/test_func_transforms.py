@@ -294,6 +294,17 @@ def test_dropout_follows_vmaps_randomness(op, backend, device):
             assert torch.equal(grads == 3.0, out != x.flip(-1))
 
 
+def _of_differentiable(function, sample, argnums, dtype=None):
+    """``function`` of the inputs at ``argnums`` only, the others fixed to ``sample``'s (all cast
+    to ``dtype`` if given): the form jvp takes."""
+    def f(*differentiable):
+        args = list(sample if dtype is None else [t.to(dtype) if t.is_floating_point() else t for t in sample])
+        for i, t in zip(argnums, differentiable):
+            args[i] = t
+        return function(*args)
+    return f
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("op", CASES)
 def test_forward_mode_ad_runs_on_the_torch_backend(op, device):
@@ -306,12 +317,7 @@ def test_forward_mode_ad_runs_on_the_torch_backend(op, device):
     argnums = _differentiable(sample)
 
     def restricted(function, dtype=None):
-        def f(*differentiable):
-            args = list(sample if dtype is None else [t.to(dtype) if t.is_floating_point() else t for t in sample])
-            for i, t in zip(argnums, differentiable):
-                args[i] = t
-            return function(*args)
-        return f
+        return _of_differentiable(function, sample, argnums, dtype)
 
     primals = [sample[i] for i in argnums]
     out, tangent_out = jvp(restricted(fast), tuple(primals), tuple(tangents[i] for i in argnums))
@@ -341,12 +347,7 @@ def test_forward_mode_ad_under_compile_is_right_or_raises(op):
     tangents = tuple(torch.randn_like(sample[i]) for i in argnums)
 
     def restricted(function, dtype=None):
-        def f(*differentiable):
-            args = list(sample if dtype is None else [t.to(dtype) if t.is_floating_point() else t for t in sample])
-            for i, t in zip(argnums, differentiable):
-                args[i] = t
-            return function(*args)
-        return f
+        return _of_differentiable(function, sample, argnums, dtype)
 
     primals = tuple(sample[i] for i in argnums)
     _, ref_tangent = jvp(restricted(ref, torch.float64), tuple(p.double() for p in primals),
