@@ -1215,6 +1215,9 @@ def resolve_common_arguments(parser, args, *, cuda_repeats=(100, 20), cpu_repeat
                              providers: Sequence[str] = ()) -> None:
     """Validate --device and --providers (against ``providers``, every name the script knows),
     apply --threads, fill --dtype / --repeats / --warmup defaults, set args.torch_dtype."""
+    if args.providers is not None and not _selection_parts(args.providers):
+        # An empty list would select nothing but the baseline: a run that compares nothing.
+        parser.error(f"--providers {args.providers!r} names no provider (omit it to run them all)")
     unknown = unmatched_selection(args.providers, providers) if providers else []
     if unknown:
         parser.error(f"--providers: {', '.join(map(repr, unknown))} names no provider of this script "

@@ -458,6 +458,16 @@ def test_a_providers_typo_is_an_error_not_a_baseline_only_run(script):
     assert common.unmatched_selection("triton,sdpa-math", ["fastformer-triton", "sdpa-math"]) == []
 
 
+@pytest.mark.parametrize("selection", ["", ",", " , "])
+@pytest.mark.parametrize("script", ["attention", "layer_norm", "gelu"])
+def test_an_empty_providers_list_is_an_error_not_a_baseline_only_run(script, selection, capsys):
+    module = importlib.import_module(script)
+    with pytest.raises(SystemExit) as exited:
+        module.parse_args(["--device", "cpu", "--providers", selection])
+    assert exited.value.code == 2
+    assert f"--providers {selection!r} names no provider" in capsys.readouterr().err
+
+
 def _row(provider, shape, suite, ms, pass_="fwd"):
     return common.Row(op="attention", provider=provider, shape=shape, dtype="float32", pass_=pass_, ms=ms,
                       spread=0.1, gbps=10.0 * ms, suite=suite, group="g", size=int(ms))
