@@ -45,7 +45,8 @@ default ms / provider ms (> 1 = faster than SDPA's own choice).
 Timing: ``triton.testing.do_bench`` (or CUDA events) with the L2 flushed before each run, median
 and p20-p80 spread; on the CPU ``time.perf_counter`` medians. With no GPU the script runs small
 shapes on the CPU and says that the GPU kernels were not measured; there the torch.compile
-providers run only with ``--compile`` (their compile time would dominate the run).
+providers run only with ``--compile``, and then on the first shape of each suite (their compile
+time would dominate the run).
 
 Exit status: 0, or 1 when a provider that accepted a call failed while running.
 """
@@ -96,11 +97,14 @@ SDPA_BACKENDS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-efficient": "EFFICIENT_A
 PROVIDERS = (BASELINE, *SDPA_BACKENDS, COMPILED, "flash-attn", "xformers",
              *(f"fastformer-{b}" for b in fastformer.dispatch.BACKEND_NAMES),
              MODULE_BASELINE, "fastformer", f"{MODULE_BASELINE}+compile", "fastformer+compile")
-_NO_COMPILE_HERE = {  # why a torch.compile provider is left out of a shape (on CUDA?)
-    True: "--quick: torch.compile providers run on the first shape of each suite only (compile time)",
-    False: "on the CPU torch.compile providers run only with --compile, on the first shape of each "
-           "suite (compile time)",
-}
+
+
+def _not_compiled_here(args) -> str:
+    """Why a torch.compile provider is left out of a shape (see run(): its compile policy)."""
+    if args.device.type != "cuda" and args.compile is None:
+        return "on the CPU torch.compile providers run only with --compile (compile time)"
+    where = "--quick" if args.device.type == "cuda" else "on the CPU"
+    return f"{where}: torch.compile providers run on the first shape of each suite only (compile time)"
 
 
 # --------------------------------------------------------------------------------------------
@@ -365,7 +369,7 @@ def attention_providers(shape: Shape, inputs, args, compile_here: bool, skips: c
         if args.compile is False:
             skips.add(COMPILED, label, "--no-compile")
         elif not compile_here:
-            skips.add(COMPILED, label, _NO_COMPILE_HERE[args.device.type == "cuda"])
+            skips.add(COMPILED, label, _not_compiled_here(args))
         elif too_big:
             skips.add(COMPILED, label, too_big)
         else:
@@ -485,7 +489,7 @@ def bench_modules(shape: ModuleShape, args, compile_here: bool, skips, failures)
             if args.compile is False:
                 skips.add(compiled_name, label, "--no-compile")
             elif not compile_here:
-                skips.add(compiled_name, label, _NO_COMPILE_HERE[args.device.type == "cuda"])
+                skips.add(compiled_name, label, _not_compiled_here(args))
             else:
                 providers[compiled_name] = _module_call(common.compile_fn(module), kind, x, padding)
         # Each provider differentiates w.r.t. x and its own module's parameters (same order).

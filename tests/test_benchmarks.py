@@ -447,6 +447,32 @@ def test_attention_position_bias_gets_its_gradient_checked_against_sdpa(tmp_path
     assert all(row["rel_err"] < 1e-5 for row in rows if row["provider"] != "torch-sdpa")
 
 
+@pytest.mark.parametrize("flag", ["--compile", None])
+def test_attention_says_why_a_compiled_provider_skips_a_cpu_shape(flag, tmp_path, monkeypatch):
+    """On the CPU the torch.compile providers run only with --compile, and then on the first shape
+    of each suite: a later shape's skip says so, not that --compile is missing."""
+    import attention
+    import common
+
+    monkeypatch.setattr(common, "compile_fn", lambda fn, **kwargs: fn)  # the policy, not compile time
+    out = tmp_path / "r.json"
+    args = attention.parse_args(["--device", "cpu", "--no-ceilings", "--quick", "--repeats", "1", "--warmup", "0",
+                                 "--suites", "finetune,modules", "--padding", "no", "-B", "2", "-H", "2",
+                                 "-L", "16,32", "-D", "8", "--passes", "fwd", "--providers", "compile",
+                                 "--json", str(out), *([flag] if flag else [])])
+    assert attention.run(args) == 0
+    payload = json.loads(out.read_text())
+    compiled = {row["shape"] for row in payload["rows"] if "compile" in row["provider"]}
+    reasons = {entry["reason"] for entry in payload["skipped"] if "compile" in entry["provider"]}
+    if flag:
+        assert len(compiled) == 2  # the first shape of each suite
+        assert reasons == {"on the CPU: torch.compile providers run on the first shape of each suite only "
+                           "(compile time)"}
+    else:
+        assert not compiled
+        assert reasons == {"on the CPU torch.compile providers run only with --compile (compile time)"}
+
+
 @pytest.mark.parametrize("script", ["attention", "layer_norm", "gelu"])
 def test_a_providers_typo_is_an_error_not_a_baseline_only_run(script):
     """--providers parts that name no provider of the script (a typo) stop it with the known names;
