@@ -585,6 +585,7 @@ def run(args: argparse.Namespace) -> int:
     with modes:
         return common.run_cases(args, cases, baseline=BASELINE, plot_x_label="sequence length L",
                                 plot_title=f"attention, {{device}}, {args.dtype}", summary_ops={OP},
+                                rate_kind="flops",
                                 timing_note=f"; suites: {', '.join(args.suites)}"
                                             + ("; deterministic algorithms" if args.deterministic else ""))
 

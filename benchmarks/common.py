@@ -1081,13 +1081,22 @@ def optional_import(name: str):
         return None
 
 
-def cpu_notice(device: torch.device) -> str | None:
+# What "% of peak" is against on the CPU, by the kind of rate (rate_fields's ``kind``).
+_CPU_PEAKS = {
+    "bytes": "a large (DRAM) copy, which inputs that stay in the CPU's caches can exceed.",
+    "flops": "a float32 matmul measured in the same run (a reference for this CPU, not a peak: rows "
+             "can exceed it).",
+}
+
+
+def cpu_notice(device: torch.device, rate_kind: str = "bytes") -> str | None:
+    """The warning of a CPU run; ``rate_kind`` ("bytes" or "flops") says what % of peak is against."""
     if torch.device(device).type == "cuda":
         return None
     return ("NOTE: no GPU used: these are CPU timings of the CPU code paths (PyTorch's CPU kernels, "
             "the fastformer torch backend). The GPU kernels (fastformer's Triton and CUDA backends, "
-            "SDPA's flash / efficient / cuDNN kernels) were NOT measured. % of peak is against a "
-            "large (DRAM) copy, which inputs that stay in the CPU's caches can exceed.")
+            "SDPA's flash / efficient / cuDNN kernels) were NOT measured. % of peak is against "
+            + _CPU_PEAKS[rate_kind])
 
 
 # --------------------------------------------------------------------------------------------
@@ -1297,7 +1306,8 @@ def fastformer_backends_for(op, *args, **kwargs) -> tuple[list[str], dict[str, l
 
 
 def finish(rows: Sequence[Row], env: dict[str, Any], args, *, ceilings, skips: Skips,
-           budget: Budget, plot_x_label: str, plot_title: str, failures: dict[str, str]) -> None:
+           budget: Budget, plot_x_label: str, plot_title: str, failures: dict[str, str],
+           rate_kind: str = "bytes") -> None:
     """Print the skipped providers and write --json / --csv / --plot."""
     skips.print()
     for name, error in failures.items():
@@ -1308,7 +1318,7 @@ def finish(rows: Sequence[Row], env: dict[str, Any], args, *, ceilings, skips: S
     if budget.stopped_early:
         print(f"stopped early after {budget.elapsed():.0f} s (--max-seconds, a signal or a CUDA error): "
               "the shapes not reached were not measured")
-    notice = cpu_notice(args.device)
+    notice = cpu_notice(args.device, rate_kind)
     if notice:
         print(notice)
     save_rows(rows, env, args, ceilings=ceilings, skips=skips, budget=budget, failures=failures)
@@ -1344,19 +1354,21 @@ class Case:
 
 
 def run_cases(args, cases: Sequence[Case], *, baseline: str, plot_x_label: str, plot_title: str,
-              summary_ops: set[str] | None = None, timing_note: str = "") -> int:
+              summary_ops: set[str] | None = None, timing_note: str = "",
+              rate_kind: str = "bytes") -> int:
     """Environment and ceilings, then each case under the time budget (a failing case is recorded
     and the run goes on; SIGTERM or Ctrl-C still writes what was measured), a table per op of each
     case, the summary pivots (of ``summary_ops``, or every op), and --json / --csv / --plot.
 
-    ``plot_title`` may name ``{device}``. Returns the exit status: 1 if a case failed, 143 / 130
+    ``plot_title`` may name ``{device}``; ``rate_kind``: the cases' rates, "bytes" (GB/s, % of the
+    copy) or "flops" (TFLOP/s, % of the matmul), for the CPU notice. Returns the exit status: 1 if a case failed, 143 / 130
     after SIGTERM / Ctrl-C (the files are still written).
     """
     install_sigterm_handler()
     budget = Budget(args.max_seconds)
     env = environment(args.device)
     print(format_environment(env))
-    notice = cpu_notice(args.device)
+    notice = cpu_notice(args.device, rate_kind)
     if notice:
         print(notice)
     args.ceilings = None if args.no_ceilings else measure_ceilings(args.device, args.quick)
@@ -1396,5 +1408,5 @@ def run_cases(args, cases: Sequence[Case], *, baseline: str, plot_x_label: str, 
             print(table)
     print()
     finish(rows, env, args, ceilings=args.ceilings, skips=skips, budget=budget, plot_x_label=plot_x_label,
-           failures=failures, plot_title=plot_title.format(device=env["device"]))
+           failures=failures, plot_title=plot_title.format(device=env["device"]), rate_kind=rate_kind)
     return interrupted or (1 if failures else 0)

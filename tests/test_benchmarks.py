@@ -60,6 +60,13 @@ def test_runs_and_says_gpu_not_measured(run):
     assert BASELINES[name] in result.stdout
 
 
+def test_the_cpu_note_says_what_its_percentage_of_peak_is_against(run):
+    name, result, _ = run
+    against = "a float32 matmul" if name == "attention" else "a large (DRAM) copy"  # TFLOP/s or GB/s
+    note = next(line for line in result.stdout.splitlines() if line.startswith("NOTE: no GPU"))
+    assert f"% of peak is against {against}" in note
+
+
 def test_json_schema(run):
     name, result, out = run
     payload = json.loads((out / "r.json").read_text())
