@@ -14,7 +14,8 @@
 - :class:`Row`: one result, with the columns every benchmark script writes.
 - :func:`print_grouped`, :func:`write_json`, :func:`write_csv`, :func:`plot_rows`,
   :func:`markdown_pivot`: the outputs (rich table when rich is installed and stdout is a terminal,
-  plain text otherwise; PNG only with matplotlib).
+  plain text otherwise; PNG only with matplotlib); :func:`check_plot_path`: --plot checked
+  before a run (finetune.py's too).
 
 Conventions: one row per (op, provider, shape, dtype, pass); ``ratio_vs_baseline`` is baseline ms /
 provider ms, so > 1 means faster than the baseline (what users would otherwise run).
@@ -1102,11 +1103,49 @@ def cpu_notice(device: torch.device, rate_kind: str = "bytes") -> str | None:
 # --------------------------------------------------------------------------------------------
 # plots
 # --------------------------------------------------------------------------------------------
+# What matplotlib writes without extras, for checking --plot where it is not importable (the plot is
+# then skipped with a message, but a run on a machine without it must not fail on the name).
+_PLOT_FORMATS = ("eps", "jpeg", "jpg", "pdf", "png", "ps", "raw", "rgba", "svg", "svgz", "tif", "tiff", "webp")
+
+
+def plot_formats() -> list[str]:
+    """The file extensions (formats) matplotlib can write, without the dot."""
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+
+        return sorted(FigureCanvasBase.get_supported_filetypes())
+    except Exception:
+        return list(_PLOT_FORMATS)
+
+
+def check_plot_path(parser, path: str | os.PathLike | None) -> Path | None:
+    """``--plot PATH`` checked when the arguments are parsed, so that a name matplotlib cannot write
+    stops the script before the run rather than after it: ``parser.error`` for a folder or an
+    extension that names no format matplotlib writes. A name without an extension gets ".png"
+    (matplotlib's default format, which it would append itself), so that the name reported is
+    the file written. None stays None. Usage, after ``args = parser.parse_args()``:
+    ``args.plot = common.check_plot_path(parser, args.plot)``.
+    """
+    if path is None:
+        return None
+    plot = Path(path)
+    if str(path).strip() in ("", ".") or plot.is_dir():
+        parser.error(f"--plot {str(path)!r}: expected a file name (e.g. results.png), not a folder")
+    suffix = plot.suffix[1:].lower()
+    if not suffix:
+        return plot.with_name(plot.name + ".png")
+    formats = plot_formats()
+    if suffix not in formats:
+        parser.error(f"--plot {str(path)!r}: matplotlib cannot write .{suffix} files "
+                     f"(extensions it writes: {', '.join(formats)})")
+    return plot
+
+
 def plot_rows(rows: Sequence[Row], path: str | os.PathLike, *, x_label: str, title: str,
               passes: Sequence[str] = ("fwd", "fwd+bwd")) -> bool:
-    """PNG: one panel per (group, pass), rate (TFLOP/s, else GB/s) against ``size``, one line per
-    provider. Rows with no group or no size, or of another pass, are left out. False (and a
-    message) without matplotlib.
+    """A chart (PNG, or the format of ``path``'s extension): one panel per (group, pass), rate
+    (TFLOP/s, else GB/s) against ``size``, one line per provider. Rows with no group or no size,
+    or of another pass, are left out. False (and a message) without matplotlib.
     """
     try:
         import matplotlib
@@ -1211,7 +1250,9 @@ def add_common_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
     parser.add_argument("--json", metavar="PATH", help="write environment, ceilings and rows as JSON")
     parser.add_argument("--csv", metavar="PATH", help="write the rows as CSV")
-    parser.add_argument("--plot", metavar="PATH", help="write a PNG chart (needs matplotlib)")
+    parser.add_argument("--plot", metavar="PATH",
+                        help="write a chart (needs matplotlib) in the format its extension names (.png, "
+                             ".svg, .pdf, ...); a PATH without one is written as PATH.png")
     parser.add_argument("--no-ceilings", action="store_true",
                         help="skip measuring the copy bandwidth and matmul rate (no %% of peak)")
     parser.add_argument("--threads", type=int,
@@ -1222,8 +1263,9 @@ def add_common_arguments(parser) -> None:
 
 def resolve_common_arguments(parser, args, *, cuda_repeats=(100, 20), cpu_repeats=(10, 3),
                              providers: Sequence[str] = ()) -> None:
-    """Validate --device and --providers (against ``providers``, every name the script knows),
-    apply --threads, fill --dtype / --repeats / --warmup defaults, set args.torch_dtype."""
+    """Validate --device, --providers (against ``providers``, every name the script knows) and
+    --plot (:func:`check_plot_path`), apply --threads, fill --dtype / --repeats / --warmup
+    defaults, set args.torch_dtype."""
     if args.providers is not None and not _selection_parts(args.providers):
         # An empty list would select nothing but the baseline: a run that compares nothing.
         parser.error(f"--providers {args.providers!r} names no provider (omit it to run them all)")
@@ -1255,6 +1297,7 @@ def resolve_common_arguments(parser, args, *, cuda_repeats=(100, 20), cpu_repeat
     if args.repeats < 1 or args.warmup < 0:
         parser.error("need --repeats >= 1 and --warmup >= 0")
     args.torch_dtype = DTYPES[args.dtype]
+    args.plot = check_plot_path(parser, args.plot)
 
 
 def _selection_parts(selection: str) -> list[str]:
@@ -1361,8 +1404,8 @@ def run_cases(args, cases: Sequence[Case], *, baseline: str, plot_x_label: str, 
     case, the summary pivots (of ``summary_ops``, or every op), and --json / --csv / --plot.
 
     ``plot_title`` may name ``{device}``; ``rate_kind``: the cases' rates, "bytes" (GB/s, % of the
-    copy) or "flops" (TFLOP/s, % of the matmul), for the CPU notice. Returns the exit status: 1 if a case failed, 143 / 130
-    after SIGTERM / Ctrl-C (the files are still written).
+    copy) or "flops" (TFLOP/s, % of the matmul), for the CPU notice. Returns the exit status: 1 if
+    a case failed, 143 / 130 after SIGTERM / Ctrl-C (the files are still written).
     """
     install_sigterm_handler()
     budget = Budget(args.max_seconds)

@@ -535,6 +535,36 @@ def test_plot_of_a_backward_only_run(tmp_path):
     assert (tmp_path / "bwd.png").stat().st_size > 0
 
 
+@pytest.mark.parametrize("script", ["attention", "layer_norm", "gelu"])
+def test_a_plot_name_is_checked_before_the_run(script, tmp_path, capsys):
+    """An extension matplotlib cannot write stops the script at once (it failed after the whole
+    run); a name without one is the file written, NAME.png, and reported as such."""
+    module = importlib.import_module(script)
+    with pytest.raises(SystemExit) as exited:
+        module.parse_args(["--device", "cpu", "--plot", str(tmp_path / "r.xyz")])
+    assert exited.value.code == 2
+    assert "matplotlib cannot write .xyz files" in capsys.readouterr().err
+    args = module.parse_args(["--device", "cpu", "--plot", str(tmp_path / "r")])
+    assert args.plot == tmp_path / "r.png"
+    assert module.parse_args(["--device", "cpu", "--plot", str(tmp_path / "r.SVG")]).plot == tmp_path / "r.SVG"
+
+
+def test_check_plot_path_for_any_script(tmp_path, capsys):
+    """The check other scripts (finetune.py) call after parse_args: a folder is no file name."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    assert common.check_plot_path(parser, None) is None
+    assert common.check_plot_path(parser, tmp_path / "a.pdf") == tmp_path / "a.pdf"
+    with pytest.raises(SystemExit):
+        common.check_plot_path(parser, tmp_path)
+    assert "not a folder" in capsys.readouterr().err
+    if HAS_MPL:
+        path = common.check_plot_path(parser, str(tmp_path / "noext"))
+        assert common.plot_rows([_row("a", "s1", "x", 2.0), _row("a", "s2", "x", 4.0)], path, x_label="L", title="t")
+        assert [p.name for p in tmp_path.iterdir()] == ["noext.png"]
+
+
 def test_command_under_torchrun_names_the_launcher(monkeypatch):
     monkeypatch.setattr(sys, "argv", [str(BENCH / "finetune.py"), "--quick"])
     assert common.command_line() == "python benchmarks/finetune.py --quick"
