@@ -630,13 +630,21 @@ def _replaced_whole(path: str | os.PathLike):
     os.replace(partial, path)
 
 
-def write_csv(path: str | os.PathLike, rows: Sequence[Row]) -> None:
-    """One line per row, the columns of :class:`Row` (empty cell for None); makes parent dirs."""
+# What the CSV repeats on every row from the environment (the JSON's "environment"), so that a
+# CSV copied on its own still says when, on what and from which commit it was measured.
+CSV_ENVIRONMENT_COLUMNS = ["date", "device", "device_type", "driver", "torch", "triton", "cuda_runtime",
+                           "fastformer", "git_commit", "command"]
+
+
+def write_csv(path: str | os.PathLike, rows: Sequence[Row], env: dict[str, Any] | None = None) -> None:
+    """One line per row, the columns of :class:`Row` then :data:`CSV_ENVIRONMENT_COLUMNS` (the same
+    values on every row, from ``env``); empty cell for None; makes parent dirs."""
+    run = {key: ("" if (env or {}).get(key) is None else env[key]) for key in CSV_ENVIRONMENT_COLUMNS}
     with _replaced_whole(path) as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=COLUMNS + CSV_ENVIRONMENT_COLUMNS)
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: ("" if v is None else _json_value(v)) for k, v in row.as_dict().items()})
+            writer.writerow({**{k: ("" if v is None else _json_value(v)) for k, v in row.as_dict().items()}, **run})
 
 
 def markdown_pivot(rows: Sequence[Row], pass_: str, value: str = "ms") -> str:
@@ -1249,7 +1257,8 @@ def add_common_arguments(parser) -> None:
                              "process (results so far are still printed and written)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
     parser.add_argument("--json", metavar="PATH", help="write environment, ceilings and rows as JSON")
-    parser.add_argument("--csv", metavar="PATH", help="write the rows as CSV")
+    parser.add_argument("--csv", metavar="PATH",
+                        help="write the rows as CSV, each with the run's date, device, versions, commit and command")
     parser.add_argument("--plot", metavar="PATH",
                         help="write a chart (needs matplotlib) in the format its extension names (.png, "
                              ".svg, .pdf, ...); a PATH without one is written as PATH.png")
@@ -1382,7 +1391,7 @@ def save_rows(rows: Sequence[Row], env: dict[str, Any], args, *, ceilings, skips
     if args.json:
         write_json(args.json, rows, env, **extra)
     if args.csv:
-        write_csv(args.csv, rows)
+        write_csv(args.csv, rows, env)
 
 
 # --------------------------------------------------------------------------------------------

@@ -102,14 +102,20 @@ def test_json_schema(run):
 
 
 def test_csv_matches_json(run):
-    _, _, out = run
+    """The rows, and on each the run's date, device, versions, commit and command (a CSV copied
+    without its JSON still says what it measured)."""
+    name, _, out = run
     with open(out / "r.csv", newline="") as f:
         reader = csv.DictReader(f)
         lines = list(reader)
-    assert reader.fieldnames == common.COLUMNS
+    assert reader.fieldnames == common.COLUMNS + common.CSV_ENVIRONMENT_COLUMNS
     payload = json.loads((out / "r.json").read_text())
     assert len(lines) == len(payload["rows"])
     assert [line["provider"] for line in lines] == [r["provider"] for r in payload["rows"]]
+    env = payload["environment"]
+    for key in ("date", "device", "torch", "git_commit", "command"):
+        assert {line[key] for line in lines} == {env[key]}
+    assert lines[0]["command"].startswith(f"python benchmarks/{name}.py")
 
 
 @pytest.mark.skipif(not HAS_MPL, reason="needs matplotlib")
