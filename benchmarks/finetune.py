@@ -140,6 +140,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--from-json", metavar="PATH", help="train nothing: print the table of an earlier --json result and "
                                             "write its --plot / --table")
     args = parser.parse_args(argv)
+    args.plot = common.check_plot_path(parser, args.plot)  # before the run, not after it
     if args.model == "minilm":  # its architecture and tokenizer are the pretrained model's
         given = [f"--{name.replace('_', '-')}" for name in SCRATCH_ONLY if getattr(args, name) is not None]
         if given:

@@ -316,7 +316,7 @@ def test_kernel_warm_up_runs_one_batch_per_kind_and_changes_nothing():
         expected.add(train_lib.warm_up_kind([train_data.lengths[i] for i in indices]))
     weights = {name: p.clone() for name, p in model.state_dict().items()}
     state = torch.get_rng_state()
-    assert any(kind[-1] for kind in expected)  # a batch of one review: a shape of its own for torch.compile
+    assert any(kind[-2] for kind in expected)  # a batch of one review: a shape of its own for torch.compile
     assert train_lib.warm_up_kernels(model, train_data, 0, config, torch.device("cpu")) == len(expected) > 1
     assert torch.equal(torch.get_rng_state(), state)
     assert all(p.grad is None for p in model.parameters())
@@ -769,9 +769,10 @@ def test_cli_refusals_and_threads(capsys):
         torch.set_num_threads(threads)
     with pytest.raises(SystemExit):
         finetune.parse_args(["--synthetic", "--threads", "0"])
-    # refused when parsed, not after the data are loaded (BERT's embeddings, a CUDA call)
+    assert str(finetune.parse_args(["--synthetic", "--plot", "curves"]).plot) == "curves.png"  # the file written
+    # refused when parsed, not after the data are loaded (BERT's embeddings, a CUDA call, the plot)
     refusals = [(["--model", "minilm", "--max-length", "513"], "position embeddings for 512"),
-                (["--device", "gpu0"], "--device 'gpu0'")]
+                (["--device", "gpu0"], "--device 'gpu0'"), (["--plot", "curves.xyz"], "cannot write .xyz")]
     if not torch.cuda.is_available():
         refusals.append((["--device", "cuda"], "no CUDA device is visible"))
     for flags, why in refusals:
