@@ -141,7 +141,7 @@ def readme_row(results: dict, file_name: str) -> list[str]:
     """The README's row for one results JSON (``README_HEADERS``)."""
     env, config, data = results["environment"], results["config"], results.get("data", {})
     variants, equivalence = results["variants"], results.get("equivalence") or {}
-    run = f"{config['model']}{' --quick' if config.get('quick') else ''}{' --compile' if config.get('compile') else ''}"
+    run = " ".join([config["model"]] + [f"--{flag}" for flag in ("quick", "compile") if config.get(flag)])
     reviews = f"{data['train']['reviews']:,} / {data['test']['reviews']:,} reviews" if "train" in data else "-"
     accuracies = [variants[name].get("test_accuracy") for name in ("torch", "fastformer")]
     verdict = ("passed" if equivalence.get("passed") else "failed") if equivalence else "not run"

@@ -77,9 +77,10 @@ class FastTransformerEncoderLayer(nn.TransformerEncoderLayer):
     probabilities of ``self.self_attn.dropout``, ``self.dropout``, ``self.dropout1`` and
     ``self.dropout2``, each where its own module is in training mode, as PyTorch's forward does
     (so Monte Carlo dropout, ``eval()`` then ``train()`` on the dropout modules, keeps working;
-    PyTorch's inference fast path, taken without gradients, skips the dropout modules). On the CPU in float32/float64 the
-    masks are drawn by ``fastformer.torch_backend.dropout`` (32 random bits per element, twice as
-    fast as ``bernoulli_``), so they differ from PyTorch's draws for the same seed.
+    PyTorch's inference fast path, taken without gradients, skips the dropout modules). On the
+    CPU in float32/float64 the masks are drawn by ``fastformer.torch_backend.dropout`` (32 random
+    bits per element, twice as fast as ``bernoulli_``), so they differ from PyTorch's draws for
+    the same seed.
 
     FFN activation: GELU (``"gelu"``, ``F.gelu``, or an ``nn.GELU`` module, exact or tanh) runs
     ``linear1`` without its bias and fuses the bias into ``fastformer.bias_gelu`` (where bias_gelu
