@@ -830,7 +830,9 @@ def test_a_run_stopped_after_one_variant_keeps_that_variant(tmp_path, monkeypatc
     # marked as cut short, named as synthetic, with the run's provenance
     assert table.startswith("Synthetic reviews (speed only) fine-tuning, scratch (quick) (INTERRUPTED)")
     assert "Interrupted: stopped by SIGTERM" in table
-    assert results["environment"]["git_commit"] in table and "finetune.py" in table
+    from finetune_lib import report
+
+    assert report.provenance(results) in table and results["environment"]["git_commit"] in table
 
 
 @pytest.mark.parametrize("torch_accuracy, fast_accuracy, reviews, verdict", [
