@@ -200,8 +200,13 @@ _REGISTRY: dict[str, Backend] = {
 }
 
 
+def is_backend_name(name) -> bool:
+    """Whether ``name`` names a backend (a str first: a list is not even hashable)."""
+    return isinstance(name, str) and name in _REGISTRY
+
+
 def get_backend(name: str) -> Backend:
-    if not isinstance(name, str) or name not in _REGISTRY:  # (a list is not even hashable)
+    if not is_backend_name(name):
         raise ValueError(f"backend must be one of {BACKEND_NAMES} or None, got {name!r}")
     return _REGISTRY[name]
 
@@ -289,7 +294,10 @@ def not_supported_reasons(backend: str, call: Call, forced: bool = True) -> tupl
 # Forcing a backend: argument > use_backend() > FASTFORMER_BACKEND
 # --------------------------------------------------------------------------------------------
 _forced_stack: list[str | None] = []  # the open blocks' names, innermost (latest entered) last
-_forced_tokens: list[object] = []  # one per entry of _forced_stack: which block put it there
+# One per entry of _forced_stack: which block put it there, so that a block ends by removing its own
+# entry. Kept apart from the names, so that what the ops read (and torch.compile guards on) is
+# still the plain list of names.
+_forced_tokens: list[object] = []
 _forced_lock = threading.Lock()  # keeps the two lists in step across threads
 
 
@@ -328,7 +336,7 @@ def _env_backend(value: str | None) -> str | None:
 def forced_backend(argument: str | None, op: str = "") -> str | None:
     """The backend the user forced for this call, if any (innermost use_backend(None): none)."""
     if argument is not None:
-        if not isinstance(argument, str) or argument not in _REGISTRY:
+        if not is_backend_name(argument):
             raise ValueError(f"fastformer.{op}: backend must be one of {BACKEND_NAMES} or None, "
                              f"got {argument!r}")
         return argument
